@@ -1,0 +1,33 @@
+# make demo: set up and run `normkit check` (parity of every op and backend against torch.nn).
+# make test: set up and run the whole test suite (Triton kernels through its CPU interpreter).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.normkit-installed
+
+.PHONY: demo test setup check bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[triton,cli,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/normkit check
+
+check: demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_norms.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

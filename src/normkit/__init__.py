@@ -1,0 +1,64 @@
+"""normkit: normalization layers for PyTorch.
+
+Drop-in twins of torch.nn's normalization modules (``normkit.BatchNorm2d`` is a
+``torch.nn.BatchNorm2d``), computed by the backend of your choice: ``"torch"`` (ATen),
+``"reference"`` (from scratch, the oracle) or ``"triton"`` (fused GPU kernels).
+
+>>> import normkit
+>>> norm = normkit.LayerNorm(512)                  # resolved per call: "auto"
+>>> with normkit.use_backend("reference"):
+...     y = norm(x)
+"""
+
+from . import functional, norms, reference
+from .backends import BackendError, backends, current_backend, use_backend
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FusedAddLayerNorm,
+    FusedAddRMSNorm,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    LazyInstanceNorm1d,
+    LazyInstanceNorm2d,
+    LazyInstanceNorm3d,
+    LocalResponseNorm,
+    RMSNorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FusedAddLayerNorm",
+    "FusedAddRMSNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
+    "LocalResponseNorm",
+    "RMSNorm",
+    "backends",
+    "current_backend",
+    "functional",
+    "norms",
+    "reference",
+    "use_backend",
+]

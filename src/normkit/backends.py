@@ -1,0 +1,184 @@
+"""The backend registry: which implementation computes a normalization call.
+
+A backend is a name plus a table of ops (``"layer_norm"``, ``"batch_norm"``, ...). Each op is an
+:class:`OpImpl`: the function (same arguments as :mod:`normkit.functional`, minus ``backend``),
+an ``unsupported`` check that says why this backend cannot run a given call, and a ``preferred``
+check that says whether ``"auto"`` should pick it for that call.
+
+The backend of a call is resolved when the call runs, never when a module is built:
+
+1. the ``backend=`` argument of the call (or of the module),
+2. else the innermost ``with normkit.use_backend(name):`` block,
+3. else the ``NORMKIT_BACKEND`` environment variable,
+4. else ``"auto"``.
+
+A backend named explicitly either runs the call or raises :class:`BackendError`; it never falls
+back. ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
+the call and is preferred for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+__all__ = [
+    "AUTO_ORDER",
+    "Backend",
+    "BackendError",
+    "OpImpl",
+    "backends",
+    "current_backend",
+    "get_backend",
+    "register_backend",
+    "resolve",
+    "use_backend",
+]
+
+ENV_VAR = "NORMKIT_BACKEND"
+
+# "auto" tries these in order. Triton first: it only claims the calls its benchmark wins
+# (its ``preferred`` check); torch's ATen kernels next, exact and fast wherever they exist;
+# the reference last, for what ATen does not compute.
+AUTO_ORDER: tuple[str, ...] = ("triton", "torch", "reference")
+
+
+class BackendError(NotImplementedError):
+    """A backend was asked for by name but cannot run this call (or does not exist here)."""
+
+
+def _never(*args: Any, **kwargs: Any) -> str | None:
+    return None
+
+
+def _always(*args: Any, **kwargs: Any) -> bool:
+    return True
+
+
+class OpImpl(NamedTuple):
+    """One op of one backend.
+
+    ``unsupported(*args, **kwargs)`` returns ``None`` when the backend can run the call, else
+    a short reason. ``preferred(*args, **kwargs)`` tells ``"auto"`` whether to pick it.
+    Both receive the same arguments as ``fn`` and must not touch the tensors' data.
+    """
+
+    fn: Callable[..., Any]
+    unsupported: Callable[..., str | None] = _never
+    preferred: Callable[..., bool] = _always
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: Mapping[str, OpImpl]
+    is_available: Callable[[], bool] = field(default=lambda: True)
+    description: str = ""
+
+
+_REGISTRY: dict[str, Backend] = {}
+_ACTIVE: list[str] = []  # the stack of use_backend() blocks; a plain list so torch.compile can read it
+# Backends whose module is imported on first use (Triton's import is slow): name -> (probe,
+# loader). The probe is a cheap check, with no import, of whether the backend could be available.
+_LAZY: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add ``backend`` to the registry (replacing one of the same name)."""
+    _REGISTRY[backend.name] = backend
+
+
+def register_lazy_backend(name: str, loader: Callable[[], None], probe: Callable[[], bool]) -> None:
+    """Register ``loader``, which registers backend ``name`` when first needed. ``probe`` says,
+    without importing anything heavy, whether the backend could be available here at all."""
+    _LAZY[name] = (probe, loader)
+    _TRIED.discard(name)
+
+
+_TRIED: set[str] = set()
+
+
+def _lookup(name: str) -> Backend | None:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    probe, loader = _LAZY.get(name, (None, None))
+    if probe is None or name in _TRIED or not probe():
+        return None
+    _TRIED.add(name)
+    loader()
+    return _REGISTRY.get(name)
+
+
+def _known() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY) | {"auto"})
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``; ``ValueError`` for an unknown name."""
+    backend = _lookup(name)
+    if backend is None and name in _LAZY:
+        raise BackendError(f"normkit backend {name!r} is not available on this machine")
+    if backend is None:
+        raise ValueError(f"unknown normkit backend {name!r}; expected one of {_known()}")
+    return backend
+
+
+def backends() -> list[str]:
+    """Names of the backends that can run on this machine, in ``"auto"``'s order."""
+    names = [n for n in AUTO_ORDER if n in _REGISTRY or n in _LAZY]
+    names += sorted(n for n in set(_REGISTRY) | set(_LAZY) if n not in names)
+    found = [(n, _lookup(n)) for n in names]
+    return [n for n, b in found if b is not None and b.is_available()]
+
+
+def current_backend() -> str:
+    """The backend name a call without ``backend=`` would use right now."""
+    if _ACTIVE:
+        return _ACTIVE[-1]
+    return os.environ.get(ENV_VAR) or "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, calls without an explicit ``backend=`` use backend ``name``.
+
+    >>> with normkit.use_backend("reference"):
+    ...     y = model(x)
+    """
+    if name != "auto":
+        get_backend(name)  # fail at the ``with`` line for a misspelt name
+    _ACTIVE.append(name)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """The function that computes ``op`` for this call on the resolved backend."""
+    name = backend if backend is not None else current_backend()
+    if name != "auto":
+        impl = get_backend(name)
+        if not impl.is_available():
+            raise BackendError(f"normkit backend {name!r} is not available on this machine")
+        entry = impl.ops.get(op)
+        if entry is None:
+            raise BackendError(f"normkit backend {name!r} has no {op}")
+        reason = entry.unsupported(*args, **kwargs)
+        if reason is not None:
+            raise BackendError(f"normkit backend {name!r} cannot run this {op} call: {reason}")
+        return entry.fn
+    for candidate in AUTO_ORDER:
+        impl = _lookup(candidate)
+        entry = None if impl is None else impl.ops.get(op)
+        if (
+            entry is not None
+            and impl.is_available()
+            and entry.unsupported(*args, **kwargs) is None
+            and entry.preferred(*args, **kwargs)
+        ):
+            return entry.fn
+    raise BackendError(f"no normkit backend can run this {op} call")

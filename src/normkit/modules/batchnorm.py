@@ -1,0 +1,138 @@
+"""BatchNorm1d/2d/3d and their Lazy variants: drop-ins for torch.nn's, on any normkit backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as NF
+from ._base import BackendMixin
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
+
+
+def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
+    """torch's ``_BatchNorm.forward`` semantics, with one difference: ``num_batches_tracked`` is
+    incremented only after the call succeeds, so a failed call leaves every buffer untouched.
+
+    It is one function of the module (wrapped as a leaf for ``torch.fx`` symbolic tracing,
+    which cannot trace the shape checks and the ``momentum=None`` average).
+    """
+    module._check_input_dim(input)
+    training, tracked = module.training, module.training and module.track_running_stats
+    counter = module.num_batches_tracked if tracked else None
+    if module.momentum is None:  # cumulative average over the batches seen, this one included
+        factor = 1.0 / float(counter + 1) if counter is not None else 0.0
+    else:
+        factor = module.momentum
+    use_batch_stats = training or (module.running_mean is None and module.running_var is None)
+    keep_stats = not training or module.track_running_stats
+    out = NF.batch_norm(
+        input,
+        module.running_mean if keep_stats else None,
+        module.running_var if keep_stats else None,
+        module.weight,
+        module.bias,
+        use_batch_stats,
+        factor,
+        module.eps,
+        backend=module.backend,
+    )
+    if counter is not None:
+        counter.add_(1)
+    return out
+
+
+torch.fx.wrap("batch_norm_forward")
+
+
+class _BatchNormMixin(BackendMixin):
+    def forward(self, input: Tensor) -> Tensor:
+        return batch_norm_forward(self, input)
+
+
+class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` on normkit's backends: (N, C) or (N, C, L), statistics over
+    N (and L) per channel.
+
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias``  (Ioffe & Szegedy, 2015)
+
+    Args: as :class:`torch.nn.BatchNorm1d`, plus keyword-only ``backend`` (``None``: resolved at
+    each call).
+
+    Numerics: statistics in float32 (float64 for float64 input); the biased variance normalizes,
+    the unbiased one updates ``running_var``; ``running = (1 - momentum) * running + momentum *
+    batch``, or with ``momentum=None`` the cumulative average over ``num_batches_tracked``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` on normkit's backends: (N, C, H, W), statistics over
+    (N, H, W) per channel. See :class:`BatchNorm1d` for the formula and numerics."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """:class:`torch.nn.BatchNorm3d` on normkit's backends: (N, C, D, H, W), statistics over
+    (N, D, H, W) per channel. See :class:`BatchNorm1d` for the formula and numerics."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
+    """:class:`torch.nn.LazyBatchNorm1d`: ``num_features`` is read from ``input.size(1)`` at the
+    first call, and the module becomes a normkit :class:`BatchNorm1d`."""
+
+    cls_to_become = BatchNorm1d  # type: ignore[assignment]
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class LazyBatchNorm2d(_BatchNormMixin, nn.LazyBatchNorm2d):
+    """:class:`torch.nn.LazyBatchNorm2d`: becomes a normkit :class:`BatchNorm2d` at the first call."""
+
+    cls_to_become = BatchNorm2d  # type: ignore[assignment]
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class LazyBatchNorm3d(_BatchNormMixin, nn.LazyBatchNorm3d):
+    """:class:`torch.nn.LazyBatchNorm3d`: becomes a normkit :class:`BatchNorm3d` at the first call."""
+
+    cls_to_become = BatchNorm3d  # type: ignore[assignment]
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)

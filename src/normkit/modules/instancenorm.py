@@ -1,0 +1,138 @@
+"""InstanceNorm1d/2d/3d and their Lazy variants: drop-ins for torch.nn's, on any normkit backend."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as NF
+from ._base import BackendMixin
+
+__all__ = [
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
+]
+
+
+def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: Tensor) -> Tensor:
+    """torch's ``_InstanceNorm.forward`` semantics (no-batch-dim input included), as one leaf
+    function for ``torch.fx`` symbolic tracing."""
+    module._check_input_dim(input)
+    feature_dim = input.dim() - module._get_no_batch_dim()
+    if input.size(feature_dim) != module.num_features:
+        if module.affine:
+            raise ValueError(
+                f"expected input's size at dim={feature_dim} to match num_features"
+                f" ({module.num_features}), but got: {input.size(feature_dim)}."
+            )
+        warnings.warn(
+            f"input's size at dim={feature_dim} does not match num_features. "
+            "You can silence this warning by not passing in num_features, "
+            "which is not used because affine=False",
+            stacklevel=3,
+        )
+    unbatched = input.dim() == module._get_no_batch_dim()
+    out = NF.instance_norm(
+        input.unsqueeze(0) if unbatched else input,
+        module.running_mean,
+        module.running_var,
+        module.weight,
+        module.bias,
+        module.training or not module.track_running_stats,
+        module.momentum if module.momentum is not None else 0.0,
+        module.eps,
+        backend=module.backend,
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+torch.fx.wrap("instance_norm_forward")
+
+
+class _InstanceNormMixin(BackendMixin):
+    def forward(self, input: Tensor) -> Tensor:
+        return instance_norm_forward(self, input)
+
+
+class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
+    """:class:`torch.nn.InstanceNorm1d` on normkit's backends: (N, C, L) or (C, L), each
+    (sample, channel) normalized over L.
+
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias``  (Ulyanov et al., 2016)
+
+    Args: as :class:`torch.nn.InstanceNorm1d` (note ``affine=False`` and
+    ``track_running_stats=False`` by default), plus keyword-only ``backend``.
+
+    Numerics: float32 statistics (float64 for float64 input); running statistics, when tracked,
+    move towards the batch average of the per-instance mean and unbiased variance.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class InstanceNorm2d(_InstanceNormMixin, nn.InstanceNorm2d):
+    """:class:`torch.nn.InstanceNorm2d` on normkit's backends: (N, C, H, W) or (C, H, W).
+    See :class:`InstanceNorm1d`."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
+    """:class:`torch.nn.InstanceNorm3d` on normkit's backends: (N, C, D, H, W) or (C, D, H, W).
+    See :class:`InstanceNorm1d`."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class LazyInstanceNorm1d(_InstanceNormMixin, nn.LazyInstanceNorm1d):
+    """:class:`torch.nn.LazyInstanceNorm1d`: becomes a normkit :class:`InstanceNorm1d` at the first call."""
+
+    cls_to_become = InstanceNorm1d  # type: ignore[assignment]
+
+    def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class LazyInstanceNorm2d(_InstanceNormMixin, nn.LazyInstanceNorm2d):
+    """:class:`torch.nn.LazyInstanceNorm2d`: becomes a normkit :class:`InstanceNorm2d` at the first call."""
+
+    cls_to_become = InstanceNorm2d  # type: ignore[assignment]
+
+    def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)
+
+
+class LazyInstanceNorm3d(_InstanceNormMixin, nn.LazyInstanceNorm3d):
+    """:class:`torch.nn.LazyInstanceNorm3d`: becomes a normkit :class:`InstanceNorm3d` at the first call."""
+
+    cls_to_become = InstanceNorm3d  # type: ignore[assignment]
+
+    def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_backend(backend)

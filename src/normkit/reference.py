@@ -1,0 +1,324 @@
+"""From-scratch reference implementation of every norm: the oracle for everything else.
+
+One primitive does the work. :class:`Normalize` reduces a tensor over ``dims``::
+
+    mean  = E[x]                     (over dims; 0 when not centred, as in RMSNorm)
+    var   = E[(x - mean)^2]          (biased, two-pass: never E[x^2] - E[x]^2)
+    rstd  = 1 / sqrt(var + eps)
+    x_hat = (x - mean) * rstd
+    y     = x_hat * weight + bias    (weight, bias broadcast against x)
+
+and its backward is derived by hand. With ``g = dy * weight`` and ``n`` elements per statistic::
+
+    dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))   (centred, batch statistics)
+    dx = rstd * (g - x_hat * mean(g * x_hat))             (not centred)
+    dx = rstd * g                                         (given statistics: eval BatchNorm)
+    dweight = sum(dy * x_hat),  dbias = sum(dy)           (over the broadcast axes)
+
+Every named norm is that primitive on a view chosen by :func:`normkit.norms.layout`.
+
+Numerics: statistics and arithmetic in float32 (float64 for float64 input); the result is cast
+back to the input's dtype. The backward recomputes the statistics from the saved input with
+differentiable torch ops, so the backward itself can be differentiated (``gradgradcheck``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .norms import layout
+
+__all__ = [
+    "Normalize",
+    "add_layer_norm",
+    "add_rms_norm",
+    "batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "local_response_norm",
+    "rms_norm",
+]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _statistics(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor]:
+    if center:
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().mean(dims, keepdim=True)
+    else:
+        mean = torch.zeros((), dtype=x.dtype, device=x.device)
+        var = x.square().mean(dims, keepdim=True)
+    return mean, var
+
+
+class Normalize(torch.autograd.Function):
+    """``y = (x - mean) * rstd * weight + bias`` over ``dims``, with a hand-derived backward.
+
+    Returns ``(y, mean, var)``; ``mean`` and ``var`` (biased, in the accumulation dtype, shaped
+    to broadcast against ``x``) are not differentiable. When ``given_mean``/``given_var`` are
+    passed the statistics are those constants (BatchNorm in eval mode) instead of the batch's.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+        center: bool,
+        given_mean: Tensor | None,
+        given_var: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = acc_dtype(x.dtype)
+        xa = x.to(acc)
+        if given_var is None:
+            mean, var = _statistics(xa, dims, center)
+        else:
+            mean, var = given_mean.to(acc), given_var.to(acc)
+        x_hat = (xa - mean) * torch.rsqrt(var + eps)
+        y = x_hat
+        if weight is not None:
+            y = y * weight.to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+        ctx.save_for_backward(x, weight, bias, given_mean, given_var)
+        ctx.dims, ctx.eps, ctx.center = dims, eps, center
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):  # type: ignore[override]
+        x, weight, bias, given_mean, given_var = ctx.saved_tensors
+        dims, eps, center = ctx.dims, ctx.eps, ctx.center
+        acc = acc_dtype(x.dtype)
+        xa, dy = x.to(acc), dy.to(acc)
+        batch_stats = given_var is None
+        if batch_stats:
+            mean, var = _statistics(xa, dims, center)
+        else:
+            mean, var = given_mean.to(acc), given_var.to(acc)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = (xa - mean) * rstd
+        g = dy * weight.to(acc) if weight is not None else dy
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if not batch_stats:
+                dx = g * rstd
+            elif center:
+                dx = rstd * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
+            else:
+                dx = rstd * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
+            dx = dx.to(x.dtype)
+        dweight = dbias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (dy * x_hat).sum_to_size(weight.shape).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            dbias = dy.sum_to_size(bias.shape).to(bias.dtype)
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def _param(p: Tensor | None, shape: Sequence[int]) -> Tensor | None:
+    return None if p is None else p.reshape(shape)
+
+
+def _normalize(
+    name: str,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    center: bool = True,
+    normalized_ndim: int = 0,
+    num_groups: int = 1,
+    given: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run :class:`Normalize` on the view that the table of norms gives for ``name``."""
+    view, dims, param_view = layout(name, input.shape, normalized_ndim=normalized_ndim, num_groups=num_groups)
+    given_mean, given_var = (None, None) if given is None else (given[0].reshape(param_view), given[1].reshape(param_view))
+    y, mean, var = Normalize.apply(
+        input.reshape(view), _param(weight, param_view), _param(bias, param_view),
+        dims, eps, center, given_mean, given_var,
+    )
+    return y.reshape(input.shape), mean, var
+
+
+def _update_running(running: Tensor | None, batch_value: Tensor, momentum: float) -> None:
+    """running <- (1 - momentum) * running + momentum * batch_value, in place."""
+    if running is None:
+        return
+    with torch.no_grad():
+        running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+
+
+def _unbiased(var: Tensor, n: int) -> Tensor:
+    """Bessel's correction: the running variance is unbiased, the normalizing one is not."""
+    return var * (n / (n - 1)) if n > 1 else var
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    if not training:
+        y, _, _ = _normalize("batch_norm", input, weight, bias, eps, given=(running_mean, running_var))
+        return y
+    y, mean, var = _normalize("batch_norm", input, weight, bias, eps)
+    if input.numel() > 0:  # an empty batch leaves running statistics as they were (as ATen does)
+        n = input.numel() // input.shape[1]
+        _update_running(running_mean, mean.flatten(), momentum)
+        _update_running(running_var, _unbiased(var, n).flatten(), momentum)
+    return y
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    return _normalize("layer_norm", input, weight, bias, eps, normalized_ndim=len(normalized_shape))[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    return _normalize(
+        "rms_norm", input, weight, None, eps, center=False, normalized_ndim=len(normalized_shape)
+    )[0]
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    return _normalize("group_norm", input, weight, bias, eps, num_groups=num_groups)[0]
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    if not use_input_stats:
+        y, _, _ = _normalize("instance_norm", input, weight, bias, eps, given=(running_mean, running_var))
+        return y
+    y, mean, var = _normalize("instance_norm", input, weight, bias, eps)
+    if input.numel() > 0:
+        # Each instance's statistics update the running ones; torch averages them over the batch.
+        n = input[0, 0].numel()
+        _update_running(running_mean, mean.flatten(1).mean(0), momentum)
+        _update_running(running_var, _unbiased(var, n).flatten(1).mean(0), momentum)
+    return y
+
+
+def local_response_norm(
+    input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> Tensor:
+    """``y = x / (k + alpha * mean_window(x^2)) ** beta``, the window spanning ``size`` channels."""
+    if input.numel() == 0:
+        return input
+    return LocalResponseNorm.apply(input, size, alpha, beta, k)
+
+
+def _window_sum(t: Tensor, before: int, after: int) -> Tensor:
+    """Sum over channel windows ``[c - before, c + after]`` (zero beyond the edges)."""
+    channels = t.shape[1]
+    padded = torch.nn.functional.pad(t.movedim(1, -1), (before, after)).movedim(-1, 1)
+    return sum(padded.narrow(1, i, channels) for i in range(before + after + 1))
+
+
+class LocalResponseNorm(torch.autograd.Function):
+    """Local response normalization across channels with a hand-derived backward.
+
+    With ``s = k + alpha/size * window_sum(x^2)`` and ``y = x * s^-beta``::
+
+        dx = dy * s^-beta - (2 alpha beta / size) * x * window_sum^T(dy * x * s^(-beta-1))
+
+    where ``window_sum^T`` (the adjoint) sums over the mirrored window.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.params = (size, alpha, beta, k)
+        xa = x.to(acc_dtype(x.dtype))
+        s = k + alpha / size * _window_sum(xa.square(), size // 2, (size - 1) // 2)
+        return (xa * s.pow(-beta)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k = ctx.params
+        acc = acc_dtype(x.dtype)
+        xa, dy = x.to(acc), dy.to(acc)
+        s = k + alpha / size * _window_sum(xa.square(), size // 2, (size - 1) // 2)
+        u = dy * xa * s.pow(-beta - 1)
+        dx = dy * s.pow(-beta) - (2 * alpha * beta / size) * xa * _window_sum(u, (size - 1) // 2, size // 2)
+        return dx.to(x.dtype), None, None, None, None
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``residual_out = x + residual`` (in ``residual_dtype``), ``y = layer_norm(residual_out)``."""
+    residual_out = _add(x, residual, residual_dtype)
+    return layer_norm(residual_out, normalized_shape, weight, bias, eps).to(x.dtype), residual_out
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``residual_out = x + residual`` (in ``residual_dtype``), ``y = rms_norm(residual_out)``."""
+    residual_out = _add(x, residual, residual_dtype)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
+
+
+def _add(x: Tensor, residual: Tensor | None, residual_dtype: torch.dtype | None) -> Tensor:
+    dtype = residual_dtype or x.dtype
+    out = x.to(dtype)
+    return out if residual is None else out + residual.to(dtype)
