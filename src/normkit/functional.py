@@ -216,6 +216,12 @@ def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, re
     return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 
 
+def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    if input.device.type == "cpu" and input.dim() > 3 and input.dtype in (torch.float16, torch.bfloat16):
+        return f"ATen has no CPU {input.dtype} avg_pool3d, which its local_response_norm uses for 4-D+ input"
+    return None
+
+
 def _reference_local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     if not input.is_floating_point():  # torch's division promotes integer input
         input = input.to(torch.get_default_dtype())
@@ -231,7 +237,7 @@ register_backend(
             "layer_norm": OpImpl(F.layer_norm),
             "rms_norm": OpImpl(F.rms_norm),
             "group_norm": OpImpl(F.group_norm),
-            "local_response_norm": OpImpl(F.local_response_norm),
+            "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
             "add_layer_norm": OpImpl(_torch_add_layer_norm),
             "add_rms_norm": OpImpl(_torch_add_rms_norm),
         },
