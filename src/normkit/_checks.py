@@ -85,11 +85,9 @@ def check_batch_norm(
     training: bool,
     eps: float,
 ) -> None:
-    if input.dim() < 2:
+    if training:
         if input.dim() == 0:
             raise IndexError("tuple index out of range")
-        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
-    if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -97,7 +95,8 @@ def check_batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if input.numel() == 0:  # ATen returns an empty output before looking at the parameters
         return
-    channels = input.shape[1]
+    # ATen reads the channel count as size(1); a 1-D input has none, which it reports as 0.
+    channels = input.shape[1] if input.dim() >= 2 else 0
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is not None:
             _check_num_features(name, channels, stat)
@@ -105,9 +104,11 @@ def check_batch_norm(
             raise RuntimeError(f"{name} must be defined in evaluation mode")
     _check_num_features("weight", channels, weight)
     _check_num_features("bias", channels, bias)
+    if input.dim() < 2:
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     _check_devices(input, weight, bias, running_mean, running_var)
-    _check_dtypes(input, weight, bias, running_mean, running_var)
     _check_floating(input, "batch_norm")
+    _check_dtypes(input, weight, bias, running_mean, running_var)
 
 
 def check_instance_norm(
@@ -132,9 +133,15 @@ def check_instance_norm(
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() * input.shape[0] != rows:
             raise RuntimeError(f"{name} should contain {rows} elements not {t.numel() * input.shape[0]}")
+    for p in (weight, bias):
+        if p is not None and p.dim() > 1:  # ATen repeats the parameters N times along dim 0
+            raise RuntimeError(
+                "Number of dimensions of repeat dims can not be smaller than number of dimensions of tensor"
+            )
     _check_devices(input, weight, bias, running_mean, running_var)
-    _check_dtypes(input, weight, bias, running_mean, running_var)
     _check_floating(input, "batch_norm")
+    # ATen copies the running statistics into the input's dtype, so any float dtype works there.
+    _check_dtypes(input, weight, bias)
 
 
 def _check_normalized_shape(
@@ -152,6 +159,8 @@ def _check_normalized_shape(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                 f"{list(p.shape)} and normalized_shape = {shape}"
             )
+    if rms and input.dim() < len(shape):
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()}")
     if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
         star = "*" if rms else "*, "
         raise RuntimeError(
@@ -184,16 +193,22 @@ def check_group_norm(
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     channels = input.shape[1]
     _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     if channels % num_groups != 0:
         raise RuntimeError(
             "Expected number of channels in input to be divisible by num_groups, but got input of "
             f"shape {list(input.shape)} and num_groups={num_groups}"
         )
+    # ATen's bias message prints the weight's shape ([0] without a weight); kept verbatim.
+    shown = {"weight": weight, "bias": weight}
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.dim() != 1 or p.numel() != channels):
+            other = shown[name]
+            shape = list(other.shape) if other is not None else [0]
             raise RuntimeError(
                 f"Expected {name} to be a vector of size equal to the number of channels in input, "
-                f"but got {name} of shape {list(p.shape)} and input of shape {list(input.shape)}"
+                f"but got {name} of shape {shape} and input of shape {list(input.shape)}"
             )
     _check_devices(input, weight, bias)
     _check_dtypes(input, weight, bias)
@@ -206,6 +221,11 @@ def check_local_response_norm(input: Tensor, size: int) -> None:
         raise ValueError(
             f"Expected 3D or higher dimensionality                          input (got {dim} dimensions)"
         )
-    if size <= 0 and input.numel() > 0:
+    if input.numel() == 0:
+        return
+    if input.dtype == torch.bool:
+        kernel = "avg_pool2d" if dim == 3 else "avg_pool3d_out_frame"
+        raise NotImplementedError(f'"{kernel}" not implemented for \'Bool\'')
+    if size <= 0:
         kernel = f"kH: {size} kW: 1" if dim == 3 else f"kT: {size} kH: 1 kW: 1"
         raise RuntimeError(f"kernel size should be greater than zero, but got {kernel}")

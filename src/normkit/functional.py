@@ -217,15 +217,10 @@ def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, re
 
 
 def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
-    if input.device.type == "cpu" and input.dim() > 3 and input.dtype in (torch.float16, torch.bfloat16):
+    if (input.device.type == "cpu" and input.dim() > 3 and input.numel() > 0
+            and input.dtype in (torch.float16, torch.bfloat16)):
         return f"ATen has no CPU {input.dtype} avg_pool3d, which its local_response_norm uses for 4-D+ input"
     return None
-
-
-def _reference_local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
-    if not input.is_floating_point():  # torch's division promotes integer input
-        input = input.to(torch.get_default_dtype())
-    return reference.local_response_norm(input, size, alpha, beta, k)
 
 
 register_backend(
@@ -254,7 +249,7 @@ register_backend(
             "layer_norm": OpImpl(reference.layer_norm),
             "rms_norm": OpImpl(reference.rms_norm),
             "group_norm": OpImpl(reference.group_norm),
-            "local_response_norm": OpImpl(_reference_local_response_norm),
+            "local_response_norm": OpImpl(reference.local_response_norm),
             "add_layer_norm": OpImpl(reference.add_layer_norm),
             "add_rms_norm": OpImpl(reference.add_rms_norm),
         },

@@ -49,14 +49,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _statistics(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor]:
-    if center:
-        mean = x.mean(dims, keepdim=True)
-        var = (x - mean).square().mean(dims, keepdim=True)
-    else:
-        mean = torch.zeros((), dtype=x.dtype, device=x.device)
-        var = x.square().mean(dims, keepdim=True)
-    return mean, var
+def _centre(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x - mean, mean, var)`` over ``dims``; mean 0 when not centred (RMSNorm).
+
+    The mean is taken of ``x - shift``, with ``shift`` one element of each reduced slice: a
+    large common offset (``1e4 + noise``) then cancels exactly (Sterbenz) before any rounding,
+    and the variance is the two-pass one of the shifted values.
+    """
+    if not center:
+        return x, torch.zeros((), dtype=x.dtype, device=x.device), x.square().mean(dims, keepdim=True)
+    shift = x
+    for d in dims:
+        shift = shift.narrow(d, 0, min(1, x.shape[d]))
+    shifted = x - shift
+    m = shifted.mean(dims, keepdim=True)
+    xc = shifted - m
+    return xc, shift + m, xc.square().mean(dims, keepdim=True)
 
 
 class Normalize(torch.autograd.Function):
@@ -82,10 +90,11 @@ class Normalize(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         xa = x.to(acc)
         if given_var is None:
-            mean, var = _statistics(xa, dims, center)
+            xc, mean, var = _centre(xa, dims, center)
         else:
             mean, var = given_mean.to(acc), given_var.to(acc)
-        x_hat = (xa - mean) * torch.rsqrt(var + eps)
+            xc = xa - mean
+        x_hat = xc * torch.rsqrt(var + eps)
         y = x_hat
         if weight is not None:
             y = y * weight.to(acc)
@@ -104,11 +113,12 @@ class Normalize(torch.autograd.Function):
         xa, dy = x.to(acc), dy.to(acc)
         batch_stats = given_var is None
         if batch_stats:
-            mean, var = _statistics(xa, dims, center)
+            xc, _, var = _centre(xa, dims, center)
         else:
-            mean, var = given_mean.to(acc), given_var.to(acc)
+            var = given_var.to(acc)
+            xc = xa - given_mean.to(acc)
         rstd = torch.rsqrt(var + eps)
-        x_hat = (xa - mean) * rstd
+        x_hat = xc * rstd
         g = dy * weight.to(acc) if weight is not None else dy
 
         dx = None
@@ -177,14 +187,15 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
+    if input.numel() == 0:  # as ATen: an empty batch gives an empty output and updates nothing
+        return input.clone()
     if not training:
         y, _, _ = _normalize("batch_norm", input, weight, bias, eps, given=(running_mean, running_var))
         return y
     y, mean, var = _normalize("batch_norm", input, weight, bias, eps)
-    if input.numel() > 0:  # an empty batch leaves running statistics as they were (as ATen does)
-        n = input.numel() // input.shape[1]
-        _update_running(running_mean, mean.flatten(), momentum)
-        _update_running(running_var, _unbiased(var, n).flatten(), momentum)
+    n = input.numel() // input.shape[1]
+    _update_running(running_mean, mean.flatten(), momentum)
+    _update_running(running_var, _unbiased(var, n).flatten(), momentum)
     return y
 
 
@@ -231,15 +242,16 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
+    if input.numel() == 0:
+        return input.clone()
     if not use_input_stats:
         y, _, _ = _normalize("instance_norm", input, weight, bias, eps, given=(running_mean, running_var))
         return y
     y, mean, var = _normalize("instance_norm", input, weight, bias, eps)
-    if input.numel() > 0:
-        # Each instance's statistics update the running ones; torch averages them over the batch.
-        n = input[0, 0].numel()
-        _update_running(running_mean, mean.flatten(1).mean(0), momentum)
-        _update_running(running_var, _unbiased(var, n).flatten(1).mean(0), momentum)
+    # Each instance's statistics update the running ones; torch averages them over the batch.
+    n = input[0, 0].numel()
+    _update_running(running_mean, mean.flatten(1).mean(0), momentum)
+    _update_running(running_var, _unbiased(var, n).flatten(1).mean(0), momentum)
     return y
 
 
@@ -249,6 +261,11 @@ def local_response_norm(
     """``y = x / (k + alpha * mean_window(x^2)) ** beta``, the window spanning ``size`` channels."""
     if input.numel() == 0:
         return input
+    if not input.is_floating_point():
+        # torch squares and averages integer input in integer arithmetic (the window mean
+        # truncates), and only the final division is in floating point.
+        mean_sq = _window_sum(input * input, size // 2, (size - 1) // 2).div(size, rounding_mode="trunc")
+        return input / (mean_sq * alpha + k).pow(beta)
     return LocalResponseNorm.apply(input, size, alpha, beta, k)
 
 
