@@ -13,7 +13,11 @@ The backend of a call is resolved when the call runs, never when a module is bui
 4. else ``"auto"``.
 
 A backend named explicitly either runs the call or raises :class:`BackendError`; it never falls
-back. ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
+back.
+
+Under ``torch.compile`` the choice is made while tracing: ``use_backend`` blocks and a module's
+``backend`` attribute are guarded (changing them recompiles), but ``NORMKIT_BACKEND`` is read
+once per compiled graph, like the rest of the process environment: set it before compiling. ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
 the call and is preferred for it.
 """
 

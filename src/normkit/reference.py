@@ -17,8 +17,8 @@ and its backward is derived by hand. With ``g = dy * weight`` and ``n`` elements
 
 Every named norm is that primitive on a view chosen by :func:`normkit.norms.layout`.
 
-Numerics: statistics and arithmetic in float32 (float64 for float64 input); the result is cast
-back to the input's dtype. The backward recomputes the statistics from the saved input with
+Numerics: statistics and arithmetic in float32 (float64 for float64 input), the parameter
+gradients summed in float64; results are cast back to the input's (and parameters') dtype. The backward recomputes the statistics from the saved input with
 differentiable torch ops, so the backward itself can be differentiated (``gradgradcheck``).
 """
 
@@ -130,11 +130,13 @@ class Normalize(torch.autograd.Function):
             else:
                 dx = rstd * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
             dx = dx.to(x.dtype)
+        # The parameter gradients sum over every broadcast axis (N x spatial for BatchNorm: up to
+        # millions of terms), so they are summed in float64, as ATen's CPU kernels do for float32.
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = (dy * x_hat).sum_to_size(weight.shape).to(weight.dtype)
+            dweight = (dy * x_hat).double().sum_to_size(weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            dbias = dy.sum_to_size(bias.shape).to(bias.dtype)
+            dbias = dy.double().sum_to_size(bias.shape).to(bias.dtype)
         return dx, dweight, dbias, None, None, None, None, None
 
 
