@@ -108,7 +108,8 @@ def rms_norm(
     backend: str | None = None,
 ) -> Tensor:
     """Root-mean-square normalization over the trailing axes (not centred); ``eps=None`` means
-    ``torch.finfo(input.dtype).eps``. See :class:`torch.nn.RMSNorm`."""
+    machine epsilon of the statistics' dtype (float32 for fp16/bf16 input, as torch computes it).
+    See :class:`torch.nn.RMSNorm`."""
     normalized_shape = _shape(normalized_shape)
     _checks.check_rms_norm(input, normalized_shape, weight, eps)
     args = (input, normalized_shape, weight, eps)
@@ -211,7 +212,7 @@ def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None,
 def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
     residual_out = reference._add(x, residual, residual_dtype)
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = reference.default_rms_eps(x.dtype)
     weight = None if weight is None else weight.to(residual_out.dtype)
     return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 

@@ -33,6 +33,8 @@ from .norms import layout
 
 __all__ = [
     "Normalize",
+    "acc_dtype",
+    "default_rms_eps",
     "add_layer_norm",
     "add_rms_norm",
     "batch_norm",
@@ -47,6 +49,12 @@ __all__ = [
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are accumulated in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """RMSNorm's ``eps=None``: machine epsilon of the dtype the statistics are computed in
+    (float32 for fp16/bf16 input, as torch 2.13 does; its docs say the input's dtype)."""
+    return torch.finfo(acc_dtype(dtype)).eps
 
 
 def _centre(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -218,7 +226,7 @@ def rms_norm(
     eps: float | None = None,
 ) -> Tensor:
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = default_rms_eps(input.dtype)
     return _normalize(
         "rms_norm", input, weight, None, eps, center=False, normalized_ndim=len(normalized_shape)
     )[0]
@@ -333,7 +341,7 @@ def add_rms_norm(
     """``residual_out = x + residual`` (in ``residual_dtype``), ``y = rms_norm(residual_out)``."""
     residual_out = _add(x, residual, residual_dtype)
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = default_rms_eps(x.dtype)
     return rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 
 

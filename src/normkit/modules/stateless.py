@@ -42,8 +42,8 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
     """:class:`torch.nn.RMSNorm` on normkit's backends: ``y = x / sqrt(E[x^2] + eps) * weight``
     over the trailing ``normalized_shape`` axes (Zhang & Sennrich, 2019).
 
-    Args: as :class:`torch.nn.RMSNorm` (``eps=None``: ``torch.finfo(input.dtype).eps``), plus
-    keyword-only ``backend``.
+    Args: as :class:`torch.nn.RMSNorm` (``eps=None``: machine epsilon of float32 for fp16/bf16/fp32
+    input, of float64 for float64), plus keyword-only ``backend``.
     """
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
