@@ -212,7 +212,7 @@ def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None,
 def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
     residual_out = reference._add(x, residual, residual_dtype)
     if eps is None:
-        eps = reference.default_rms_eps(x.dtype)
+        eps = reference.default_rms_eps(residual_out.dtype)
     weight = None if weight is None else weight.to(residual_out.dtype)
     return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 

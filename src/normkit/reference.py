@@ -197,8 +197,14 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    if input.numel() == 0:  # as ATen: an empty batch gives an empty output and updates nothing
-        return input.clone()
+    if input.numel() == 0:
+        # As ATen: an empty batch gives an empty output and updates nothing, whatever the
+        # parameters look like; well-formed parameters still get their (zero) gradients.
+        if input.dim() < 2:
+            return input.clone()
+        channels = input.shape[1]
+        keep = lambda p: p if p is not None and p.numel() == channels else None
+        return _normalize("batch_norm", input, keep(weight), keep(bias), eps)[0]
     if not training:
         y, _, _ = _normalize("batch_norm", input, weight, bias, eps, given=(running_mean, running_var))
         return y
@@ -341,7 +347,7 @@ def add_rms_norm(
     """``residual_out = x + residual`` (in ``residual_dtype``), ``y = rms_norm(residual_out)``."""
     residual_out = _add(x, residual, residual_dtype)
     if eps is None:
-        eps = default_rms_eps(x.dtype)
+        eps = default_rms_eps(residual_out.dtype)
     return rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 
 
