@@ -1,0 +1,1 @@
+"""Kernel backends of normkit; each subpackage is imported only when its backend is used."""

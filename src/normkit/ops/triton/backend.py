@@ -1,0 +1,124 @@
+"""The ``"triton"`` backend entry: which calls the Triton kernels run, and which ``"auto"`` picks.
+
+Importing this module does not import Triton; :func:`register` does, once, when the registry
+first looks the backend up (``normkit.backends.register_lazy_backend("triton", register)``).
+
+* Available: Triton imports and there is a CUDA device, or ``TRITON_INTERPRET=1`` (Triton's
+  CPU interpreter: exact but slow, for tests).
+* Unsupported (with the reason): tensors on a device Triton cannot run on (a CPU tensor
+  without the interpreter), dtypes other than float32/bfloat16/float16 (so no float64), an
+  empty input, ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job).
+* Preferred by ``"auto"``: only CUDA tensors, and only the ops whose kernel is expected to beat
+  ATen's: the trailing-axis norms (one tile per row read once; the backward reduces dw/db in
+  one pass where ATen takes two kernels) and the fused residual adds (no ATen counterpart).
+  GroupNorm/InstanceNorm stay with ATen under ``"auto"`` until ``benchmarks/bench_norms.py``
+  shows the kernel winning on a GPU; ``backend="triton"`` still runs them. Never on CPU: the
+  interpreter is orders of magnitude slower than ATen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from normkit.backends import Backend, OpImpl, register_backend
+
+__all__ = ["DTYPES", "is_available", "register"]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# Looked up once, when the registry first loads this module; find_spec does not import Triton.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_available() -> bool:
+    """Triton is installed and there is something to run it on."""
+    return _TRITON_INSTALLED and (torch.cuda.is_available() or _interpreting())
+
+
+def _tensors_unsupported(x: Tensor, *others: Tensor | None) -> str | None:
+    """Why the kernels cannot take ``x`` and ``others`` (weight, bias, residual), or None."""
+    if x.device.type == "cpu" and not _interpreting():
+        return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before Triton is "
+                "imported, or move the tensors to CUDA")
+    if x.device.type not in ("cuda", "cpu"):
+        return f"Triton kernels run on CUDA tensors; got a {x.device.type} tensor"
+    for t in (x, *others):
+        if t is not None and t.dtype not in DTYPES:
+            return f"dtype {t.dtype} is not supported; expected one of float32, bfloat16, float16"
+    if x.numel() == 0:
+        return "empty input: nothing for a kernel to do"
+    return None
+
+
+def _layer_norm_unsupported(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return _tensors_unsupported(input, weight, bias)
+
+
+def _rms_norm_unsupported(input, normalized_shape, weight=None, eps=None):
+    return _tensors_unsupported(input, weight)
+
+
+def _group_norm_unsupported(input, num_groups, weight=None, bias=None, eps=1e-5):
+    return _tensors_unsupported(input, weight, bias)
+
+
+def _instance_norm_unsupported(input, running_mean=None, running_var=None, weight=None,
+                               bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats:
+        return ("use_input_stats=False normalizes with the running statistics, a per-channel "
+                "affine; use the torch backend")
+    if momentum is None and (running_mean is not None or running_var is not None):
+        return "momentum=None (cumulative average) is not supported; pass a float momentum"
+    return _tensors_unsupported(input, weight, bias)
+
+
+def _add_norm_unsupported(x, residual, normalized_shape, weight=None, bias=None, eps=None,
+                          residual_dtype=None):
+    if residual is not None and residual.shape != x.shape:
+        return f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}"
+    if residual_dtype is not None and residual_dtype not in DTYPES:
+        return f"residual_dtype {residual_dtype} is not supported"
+    return _tensors_unsupported(x, residual, weight, bias)
+
+
+def _add_rms_norm_unsupported(x, residual, normalized_shape, weight=None, eps=None,
+                              residual_dtype=None):
+    return _add_norm_unsupported(x, residual, normalized_shape, weight, None, eps, residual_dtype)
+
+
+def _on_cuda(*args, **kwargs) -> bool:
+    x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+    return x.device.type == "cuda"
+
+
+def _not_yet(*args, **kwargs) -> bool:
+    return False
+
+
+def register() -> None:
+    """Build the ``"triton"`` backend and add it to :mod:`normkit.backends`."""
+    if not _TRITON_INSTALLED:
+        register_backend(Backend("triton", ops={}, is_available=lambda: False,
+                                 description="Triton kernels (Triton is not installed)"))
+        return
+    from normkit.ops.triton import row_norm
+
+    ops = {
+        "layer_norm": OpImpl(row_norm.layer_norm, _layer_norm_unsupported, _on_cuda),
+        "rms_norm": OpImpl(row_norm.rms_norm, _rms_norm_unsupported, _on_cuda),
+        "add_layer_norm": OpImpl(row_norm.add_layer_norm, _add_norm_unsupported, _on_cuda),
+        "add_rms_norm": OpImpl(row_norm.add_rms_norm, _add_rms_norm_unsupported, _on_cuda),
+        "group_norm": OpImpl(row_norm.group_norm, _group_norm_unsupported, _not_yet),
+        "instance_norm": OpImpl(row_norm.instance_norm, _instance_norm_unsupported, _not_yet),
+    }
+    register_backend(Backend("triton", ops=ops, is_available=is_available,
+                             description="Triton row-norm kernels (normkit.ops.triton)"))

@@ -1,0 +1,293 @@
+"""Triton kernels shared by every row norm: LayerNorm, RMSNorm, GroupNorm and InstanceNorm.
+
+Each norm is "reduce a row, normalize it, apply an affine"; what differs is which elements form a
+row and which affine parameter an element uses. A kernel sees ``M`` rows of ``R`` segments of
+``S`` contiguous elements (the row length is ``R * S``) and processes a row in tiles of
+``BLOCK_R x BLOCK_S``:
+
+=============  ====================  ===  ==========  ====================================
+norm           row                   R    S           affine index of element (row, r, s)
+=============  ====================  ===  ==========  ====================================
+LayerNorm      one leading index     1    prod(norm)  ``s``            (``PER_SEGMENT=0``)
+RMSNorm        as LayerNorm, ``IS_RMS``: not centred, no bias
+GroupNorm      (sample, group)       C/G  spatial     ``(row % G) * R + r``  (channel)
+InstanceNorm   (sample, channel)     1    spatial     ``row % C``      (GroupNorm with G=C)
+=============  ====================  ===  ==========  ====================================
+
+A row that fits in one tile (``SINGLE_BLOCK``) is read once and kept in registers. A wider row
+is walked in tiles, twice: the forward merges per-tile mean and centred sum of squares with
+Chan's formula (never ``E[x^2] - E[x]^2``), then normalizes; the backward first computes the two
+row dot products of the input gradient, then the gradients. Statistics are fp32 whatever the
+input dtype.
+
+The backward is deterministic: no atomics. The weight and bias gradients leave the kernel as
+fp32 partial sums in a fixed layout which the launcher sums in a fixed order:
+
+* ``PER_SEGMENT=0`` (one parameter per column): a program owns a contiguous block of rows and
+  writes the column sums over its rows to row ``pid`` of a ``[programs, S]`` buffer.
+* ``PER_SEGMENT=1`` (one parameter per channel): every (row, segment, tile column) writes its sum
+  to ``[M, R, cdiv(S, BLOCK_S)]``, which is tiny (``N * C`` numbers per tile column).
+
+Only APIs present in Triton 3.6 are used.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["row_norm_bwd_kernel", "row_norm_fwd_kernel"]
+
+
+@triton.jit
+def _tile(r0, s0, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Indices, in-row offsets and masks of the tile whose first element is (r0, s0)."""
+    r = r0 + tl.arange(0, BLOCK_R)[:, None]
+    s = s0 + tl.arange(0, BLOCK_S)[None, :]
+    mask_r = r < R
+    mask_s = s < S
+    return r, s, r * S + s, mask_r, mask_s
+
+
+@triton.jit
+def _cast_to(x, P, RNE_BY_HAND: tl.constexpr):
+    """fp32 ``x`` in the element type of pointer ``P``, rounded to nearest even.
+
+    ``RNE_BY_HAND`` (set under ``TRITON_INTERPRET=1`` only): Triton's CPU interpreter truncates
+    fp32 -> bf16 where the GPU rounds to nearest; rounding the bits first makes the truncation
+    exact, so the interpreter's results are the GPU's. On the GPU this code is not compiled."""
+    if RNE_BY_HAND and P.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(P.dtype.element_ty)
+
+
+@triton.jit
+def _load_affine(P, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT: tl.constexpr):
+    """The affine parameter of each tile element, as fp32, broadcastable against the tile."""
+    if PER_SEGMENT:
+        p = tl.load(P + (row % GROUPS) * R + r, mask=mask_r, other=0.0)
+    else:
+        p = tl.load(P + s, mask=mask_s, other=0.0)
+    return p.to(tl.float32)
+
+
+@triton.jit
+def _load_input(X, RESIDUAL, RESIDUAL_OUT, offs, mask, HAS_RESIDUAL: tl.constexpr,
+                STORE_RESIDUAL_OUT: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+    """x (+ residual), rounded to and stored in the residual dtype when asked, as fp32."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(RESIDUAL + offs, mask=mask, other=0.0).to(tl.float32)
+    if STORE_RESIDUAL_OUT:
+        # Normalize the stored value, not the unrounded sum: the backward reads it back as x.
+        x = _cast_to(x, RESIDUAL_OUT, RNE_BY_HAND)
+        tl.store(RESIDUAL_OUT + offs, x, mask=mask)
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_moments(x, mask, count, IS_RMS: tl.constexpr):
+    """(mean, sum of squared deviations) of the ``count`` valid tile elements.
+
+    RMSNorm does not centre: its "mean" is 0 and the sum is of x^2, so the merge below
+    needs no special case."""
+    if IS_RMS:
+        mean = 0.0
+        m2 = tl.sum(x * x)
+    else:
+        mean = tl.sum(x) / count
+        d = tl.where(mask, x - mean, 0.0)
+        m2 = tl.sum(d * d)
+    return mean, m2
+
+
+@triton.jit
+def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R, GROUPS,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr,
+                  RNE_BY_HAND: tl.constexpr):
+    y = (x - mean) * rstd
+    if HAS_WEIGHT:
+        y = y * _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+    if HAS_BIAS:
+        y = y + _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+    tl.store(Y + offs, _cast_to(y, Y, RNE_BY_HAND), mask=mask)
+
+
+@triton.jit
+def row_norm_fwd_kernel(
+    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD,
+    stride_x_row, stride_residual_row,  # Y and RESIDUAL_OUT are contiguous [M, R * S]
+    R, S, GROUPS, eps,
+    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
+    """One program per row: statistics, then ``y = (x - mean) * rstd * w + b``."""
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x_row
+    Y += row * R * S
+    if HAS_RESIDUAL:
+        RESIDUAL += row * stride_residual_row
+    if STORE_RESIDUAL_OUT:
+        RESIDUAL_OUT += row * R * S
+    n = R * S * 1.0  # (not .to(): Triton passes an int argument equal to 1 as a constant)
+
+    if SINGLE_BLOCK:
+        r, s, offs, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
+        mask = mask_r & mask_s
+        x = _load_input(X, RESIDUAL, RESIDUAL_OUT, offs, mask, HAS_RESIDUAL, STORE_RESIDUAL_OUT,
+                        RNE_BY_HAND)
+        mean, m2 = _tile_moments(x, mask, n, IS_RMS)
+        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+        _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R, GROUPS,
+                      HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, RNE_BY_HAND)
+    else:
+        # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width).
+        mean = 0.0
+        m2 = 0.0
+        count = 0.0
+        for r0 in range(0, R, BLOCK_R):
+            for s0 in range(0, S, BLOCK_S):
+                r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                mask = mask_r & mask_s
+                x = _load_input(X, RESIDUAL, RESIDUAL_OUT, offs, mask,
+                                HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
+                n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
+                mean_b, m2_b = _tile_moments(x, mask, n_b, IS_RMS)
+                total = count + n_b
+                delta = mean_b - mean
+                mean += delta * (n_b / total)
+                m2 += m2_b + delta * delta * (count * n_b / total)
+                count = total
+        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+        # Pass 2 re-reads the row: from RESIDUAL_OUT when pass 1 wrote it (one tensor instead
+        # of x and residual, and already rounded). The barrier makes those writes visible.
+        if STORE_RESIDUAL_OUT:
+            tl.debug_barrier()
+        for r0 in range(0, R, BLOCK_R):
+            for s0 in range(0, S, BLOCK_S):
+                r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                mask = mask_r & mask_s
+                if STORE_RESIDUAL_OUT:
+                    x = tl.load(RESIDUAL_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R,
+                              GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, RNE_BY_HAND)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _load_grad_terms(X, DY, MEAN, RSTD, w, row, stride_x_row, stride_dy_row, offs, mask,
+                     HAS_WEIGHT: tl.constexpr):
+    """x_hat, dy and w * dy of one tile of one row, and the row's rstd (all fp32)."""
+    x = tl.load(X + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy_row + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    x_hat = (x - tl.load(MEAN + row)) * rstd  # masked lanes: dy = 0 zeroes every product below
+    if HAS_WEIGHT:
+        wdy = w * dy
+    else:
+        wdy = dy
+    return x_hat, dy, wdy, rstd
+
+
+@triton.jit
+def row_norm_bwd_kernel(
+    X, W, MEAN, RSTD, DY, DX, DRESIDUAL_OUT, DRESIDUAL, DW_PART, DB_PART, ROW_DOTS,
+    stride_x_row, stride_dy_row, stride_dresidual_out_row,  # DX, DRESIDUAL contiguous
+    M, R, S, GROUPS, rows_per_program,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+    PER_SEGMENT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
+    """A program owns rows ``[pid * rows_per_program, ...)``.
+
+    With ``c1 = mean(x_hat * w * dy)`` and ``c2 = mean(w * dy)`` over the row (``c2 = 0`` for
+    RMSNorm): ``dx = rstd * (w * dy - x_hat * c1 - c2)``, ``dw = sum dy * x_hat``,
+    ``db = sum dy``. A wide row first stores (c1, c2) in ``ROW_DOTS[row]``; the gradient pass
+    then walks tile columns outermost so the column sums of dw/db stay in registers across rows.
+    """
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64: row * R * S may pass 2**31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    n = R * S * 1.0
+    num_s_blocks = tl.cdiv(S, BLOCK_S)
+
+    if not SINGLE_BLOCK:
+        for row in range(row_start, row_end):
+            c1 = 0.0
+            c2 = 0.0
+            for r0 in range(0, R, BLOCK_R):
+                for s0 in range(0, S, BLOCK_S):
+                    r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                    w_tile = 1.0
+                    if HAS_WEIGHT:
+                        w_tile = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS,
+                                              PER_SEGMENT)
+                    x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w_tile, row,
+                                                            stride_x_row, stride_dy_row, offs,
+                                                            mask_r & mask_s, HAS_WEIGHT)
+                    c1 += tl.sum(x_hat * wdy)
+                    c2 += tl.sum(wdy)
+            tl.store(ROW_DOTS + 2 * row, c1 / n)
+            tl.store(ROW_DOTS + 2 * row + 1, c2 / n)
+        tl.debug_barrier()
+
+    for r0 in range(0, R, BLOCK_R):
+        for s0 in range(0, S, BLOCK_S):
+            r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+            mask = mask_r & mask_s
+            w_col = 1.0
+            if HAS_WEIGHT and not PER_SEGMENT:  # the same columns for every row: load once
+                w_col = _load_affine(W, 0, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+            dw_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+            db_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+            for row in range(row_start, row_end):
+                w = w_col
+                if HAS_WEIGHT and PER_SEGMENT:
+                    w = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+                x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w, row, stride_x_row,
+                                                        stride_dy_row, offs, mask, HAS_WEIGHT)
+                if SINGLE_BLOCK:
+                    c1 = tl.sum(x_hat * wdy) / n
+                    c2 = tl.sum(wdy) / n
+                else:
+                    c1 = tl.load(ROW_DOTS + 2 * row)
+                    c2 = tl.load(ROW_DOTS + 2 * row + 1)
+                if IS_RMS:
+                    dx = (wdy - x_hat * c1) * rstd
+                else:
+                    dx = (wdy - (x_hat * c1 + c2)) * rstd
+                if HAS_DRESIDUAL_OUT:
+                    dx += tl.load(DRESIDUAL_OUT + row * stride_dresidual_out_row + offs,
+                                  mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row * R * S + offs, _cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+                if STORE_DRESIDUAL:
+                    tl.store(DRESIDUAL + row * R * S + offs, _cast_to(dx, DRESIDUAL, RNE_BY_HAND),
+                             mask=mask)
+                if PER_SEGMENT:
+                    part = (row * R + r) * num_s_blocks + s0 // BLOCK_S
+                    if COMPUTE_DW:
+                        tl.store(DW_PART + part, tl.sum(dy * x_hat, axis=1, keep_dims=True),
+                                 mask=mask_r)
+                    if COMPUTE_DB:
+                        tl.store(DB_PART + part, tl.sum(dy, axis=1, keep_dims=True),
+                                 mask=mask_r)
+                else:
+                    if COMPUTE_DW:
+                        dw_acc += dy * x_hat
+                    if COMPUTE_DB:
+                        db_acc += dy
+            if not PER_SEGMENT:  # R == 1: offs are column indices
+                if COMPUTE_DW:
+                    tl.store(DW_PART + pid * S + offs, dw_acc, mask=mask)
+                if COMPUTE_DB:
+                    tl.store(DB_PART + pid * S + offs, db_acc, mask=mask)

@@ -1,0 +1,423 @@
+"""Launchers, ``torch.library`` custom ops and the public Triton norms.
+
+Every norm here is one call of the two custom ops over a ``(M, R * S)`` row view (see
+:mod:`normkit.ops.triton.kernels` for R and S):
+
+* ``normkit::row_norm_fwd(x, residual, weight, bias, ...) -> (y, residual_out, mean, rstd)``
+* ``normkit::row_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, ...) -> (dx, dresidual, dw, db)``
+
+The backward is attached to the forward with ``torch.library.register_autograd``, and both ops
+have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through a norm
+without a graph break; the kernels stay opaque to the compiler.
+
+The public functions (:func:`layer_norm`, :func:`rms_norm`, :func:`group_norm`,
+:func:`instance_norm`, :func:`add_layer_norm`, :func:`add_rms_norm`) take
+``torch.nn.functional``'s arguments and trust them: :mod:`normkit.functional` validates them
+and the backend's ``unsupported`` check (:mod:`normkit.ops.triton.backend`) has accepted the call.
+
+Tile size: a row of up to :data:`SINGLE_TILE` elements is one tile; a wider row takes the
+chunked two-pass path in tiles of :data:`CHUNK_TILE`. ``block_n=`` on the launchers, or the
+``NORMKIT_TRITON_BLOCK_N`` environment variable read at each launch, sets both (a power of two),
+which is how the tests reach the chunked path with small rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+
+from normkit.ops.triton.kernels import row_norm_bwd_kernel, row_norm_fwd_kernel
+from normkit.reference import default_rms_eps
+
+__all__ = [
+    "BLOCK_ENV_VAR",
+    "CHUNK_TILE",
+    "SINGLE_TILE",
+    "AddNormOutput",
+    "add_layer_norm",
+    "add_rms_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
+    "row_norm_bwd",
+    "row_norm_fwd",
+]
+
+BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
+
+# Tile sizes in elements, chosen so that ptxas (sm_90, Triton 3.9) spills no registers: a row
+# of up to SINGLE_TILE elements is held in registers whole and read once; a wider row streams
+# through CHUNK_TILE-sized tiles and is read twice. The backward keeps five fp32 tiles live
+# (x_hat, dy, w and the dw/db column sums), so it gets half the forward's width, and half again
+# for fp32 inputs (8192 fp32 elements with a residual spilled 1.7 KB per thread).
+SINGLE_TILE = {"fwd": 16384, "bwd": 8192}
+CHUNK_TILE = 4096
+
+
+class AddNormOutput(NamedTuple):
+    y: Tensor  # norm(residual_out), in x's dtype
+    residual_out: Tensor  # x + residual, in residual_dtype
+
+
+class _Blocks(NamedTuple):
+    BLOCK_R: int
+    BLOCK_S: int
+    SINGLE_BLOCK: bool
+    num_warps: int
+
+
+def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | None) -> _Blocks:
+    """Tile shape for rows of R segments of S elements: as much of a segment as fits, then as
+    many segments as fit (GroupNorm with 1x1 spatial gets a tile of channels). ``block_n``
+    (else ``$NORMKIT_TRITON_BLOCK_N``) caps both the single-tile and the chunk size."""
+    if block_n is None and os.environ.get(BLOCK_ENV_VAR):
+        block_n = int(os.environ[BLOCK_ENV_VAR])
+    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 1, got {block_n}")
+    single_tile = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
+    for block in (block_n,) if block_n else (single_tile, CHUNK_TILE):
+        block_s = min(triton.next_power_of_2(S), block)
+        block_r = min(triton.next_power_of_2(R), max(1, block // block_s))
+        single = block_r >= R and block_s >= S
+        if single:
+            break
+    num_warps = min(max(block_r * block_s // 256, 1), 16)
+    return _Blocks(block_r, block_s, single, num_warps)
+
+
+def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _interpreted() -> bool:
+    """Running under Triton's CPU interpreter (see ``_cast_to`` in the kernels)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _inner_contiguous(t: Tensor | None) -> Tensor | None:
+    """Rows may be strided (the kernels take a row stride); elements within a row may not."""
+    if t is not None and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def _program_count(M: int, device: torch.device) -> int:
+    """Programs of the backward: a few per SM (each writes an N-wide row of dw/db partials,
+    so more programs is more partial traffic); on the CPU interpreter, a handful."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    rows_per_program = triton.cdiv(M, min(M, target))
+    return triton.cdiv(M, rows_per_program)
+
+
+def row_norm_fwd(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    segments: int,
+    groups: int,
+    per_channel: bool,
+    eps: float,
+    is_rms: bool,
+    residual_dtype: torch.dtype | None,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize the rows of ``x`` (shape ``(M, L)``, any row stride), ``L = segments * S``.
+
+    ``weight``/``bias`` are per column (shape ``(L,)``) or, with ``per_channel``, per channel
+    (shape ``(groups * segments,)``; the channel of row m, segment r is
+    ``(m % groups) * segments + r``). With ``residual_dtype`` set, ``x (+ residual)`` is stored
+    in that dtype as ``residual_out`` and normalized; otherwise ``residual_out`` is empty.
+
+    Returns ``(y, residual_out, mean, rstd)``; mean and rstd are fp32 of shape ``(M,)``
+    (mean is 0 for RMSNorm).
+    """
+    M, L = x.shape
+    S = L // segments
+    x, residual = _inner_contiguous(x), _inner_contiguous(residual)
+    y = torch.empty((M, L), dtype=x.dtype, device=x.device)
+    store_residual = residual_dtype is not None
+    residual_out = torch.empty((M, L) if store_residual else (0,), dtype=residual_dtype or x.dtype,
+                               device=x.device)
+    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    blocks = _blocks(segments, S, "fwd", x.element_size(), block_n)
+    with _device_of(x):
+        row_norm_fwd_kernel[(M,)](
+            x, residual, y, residual_out, weight, bias, mean, rstd,
+            x.stride(0), residual.stride(0) if residual is not None else 0,
+            segments, S, groups, eps,
+            IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
+            BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+            RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
+        )
+    return y, residual_out, mean, rstd
+
+
+def row_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dresidual_out: Tensor | None,
+    *,
+    segments: int,
+    groups: int,
+    per_channel: bool,
+    is_rms: bool,
+    dx_dtype: torch.dtype,
+    dresidual_dtype: torch.dtype | None,
+    dw_dtype: torch.dtype | None,
+    db_dtype: torch.dtype | None,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`row_norm_fwd`; ``x`` is what was normalized (``residual_out`` for
+    the add-norms) and ``dresidual_out`` the gradient arriving at ``residual_out``.
+
+    Returns ``(dx, dresidual, dw, db)``; a gradient whose dtype is None comes back empty.
+    dw/db are summed from fp32 per-program partials in a fixed order: bit-reproducible.
+    """
+    M, L = x.shape
+    S = L // segments
+    dy, x, dresidual_out = (_inner_contiguous(t) for t in (dy, x, dresidual_out))
+    dev = x.device
+    dx = torch.empty((M, L), dtype=dx_dtype, device=dev)
+    dresidual = torch.empty((M, L) if dresidual_dtype else (0,), dtype=dresidual_dtype or dx_dtype,
+                            device=dev)
+    blocks = _blocks(segments, S, "bwd", x.element_size(), block_n)
+    programs = _program_count(M, dev)
+    if per_channel:
+        part_shape = (M // groups, groups * segments, triton.cdiv(S, blocks.BLOCK_S))
+    else:
+        part_shape = (programs, L)
+    dw_part = torch.empty(part_shape if dw_dtype else (0,), dtype=torch.float32, device=dev)
+    db_part = torch.empty(part_shape if db_dtype else (0,), dtype=torch.float32, device=dev)
+    row_dots = torch.empty((0 if blocks.SINGLE_BLOCK else 2 * M,), dtype=torch.float32, device=dev)
+    with _device_of(x):
+        row_norm_bwd_kernel[(programs,)](
+            x, weight, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
+            x.stride(0), dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0,
+            M, segments, S, groups, triton.cdiv(M, programs),
+            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
+            COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
+            STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
+            BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+            RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
+        )
+    # A fixed-shape torch sum: the same partials give the same bits on every run.
+    reduce_dims = (0, 2) if per_channel else (0,)
+    dw = dw_part.sum(reduce_dims).to(dw_dtype) if dw_dtype else dw_part
+    db = db_part.sum(reduce_dims).to(db_dtype) if db_dtype else db_part
+    return dx, dresidual, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees.
+
+
+@torch.library.custom_op("normkit::row_norm_fwd", mutates_args=())
+def _row_norm_fwd_op(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    segments: int, groups: int, per_channel: bool, eps: float, is_rms: bool,
+    residual_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return row_norm_fwd(x, residual, weight, bias, segments=segments, groups=groups,
+                        per_channel=per_channel, eps=eps, is_rms=is_rms,
+                        residual_dtype=residual_dtype)
+
+
+@_row_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype):
+    M, L = x.shape
+    residual_out = x.new_empty((M, L) if residual_dtype is not None else (0,),
+                               dtype=residual_dtype or x.dtype)
+    stats = (x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+    return x.new_empty((M, L)), residual_out, *stats
+
+
+@torch.library.custom_op("normkit::row_norm_bwd", mutates_args=())
+def _row_norm_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    dresidual_out: Tensor | None, segments: int, groups: int, per_channel: bool, is_rms: bool,
+    dx_dtype: torch.dtype, dresidual_dtype: torch.dtype | None, dw_dtype: torch.dtype | None,
+    db_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return row_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, segments=segments,
+                        groups=groups, per_channel=per_channel, is_rms=is_rms, dx_dtype=dx_dtype,
+                        dresidual_dtype=dresidual_dtype, dw_dtype=dw_dtype, db_dtype=db_dtype)
+
+
+@_row_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms, dx_dtype,
+      dresidual_dtype, dw_dtype, db_dtype):
+    M, L = x.shape
+    n_params = groups * segments if per_channel else L
+
+    def grad(shape: tuple[int, ...], dtype: torch.dtype | None) -> Tensor:
+        return x.new_empty(shape if dtype is not None else (0,), dtype=dtype or torch.float32)
+
+    return (grad((M, L), dx_dtype), grad((M, L), dresidual_dtype), grad((n_params,), dw_dtype),
+            grad((n_params,), db_dtype))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype = inputs
+    _, residual_out, mean, rstd = output
+    # The backward re-reads what was normalized: x, or the stored x + residual.
+    ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight, mean, rstd)
+    ctx.meta = (segments, groups, per_channel, is_rms, residual_dtype is not None)
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype,
+                  None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, dy, dresidual_out, dmean, drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    segments, groups, per_channel, is_rms, has_residual_out = ctx.meta
+    x_dtype, residual_dtype, w_dtype, b_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    if not has_residual_out or dresidual_out is None or dresidual_out.numel() == 0:
+        dresidual_out = None
+    dx, dresidual, dw, db = _row_norm_bwd_op(
+        dy, x, weight, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms, x_dtype,
+        residual_dtype if need[1] else None, w_dtype if need[2] else None,
+        b_dtype if need[3] else None,
+    )
+    return (dx, dresidual if need[1] else None, dw if need[2] else None,
+            db if need[3] else None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("normkit::row_norm_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The norms, with torch.nn.functional's signatures.
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.reshape(-1)
+
+
+def _trailing_norm(
+    x: Tensor, residual: Tensor | None, normalized_shape: int | Sequence[int],
+    weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
+    residual_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    L = math.prod(normalized_shape)
+    # reshape is a view whenever the rows are evenly strided (a padded or sliced batch); it
+    # copies only when no single row stride describes the input.
+    rows = x.reshape(-1, L)
+    res_rows = None if residual is None else residual.reshape(-1, L)
+    y, residual_out, _, _ = _row_norm_fwd_op(rows, res_rows, _flat(weight), _flat(bias), 1, 1,
+                                             False, eps, is_rms, residual_dtype)
+    if residual_dtype is not None:
+        residual_out = residual_out.view(x.shape)
+    return y.view(x.shape), residual_out
+
+
+def layer_norm(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.layer_norm`` in one Triton kernel per direction."""
+    return _trailing_norm(input, None, normalized_shape, weight, bias, eps, False, None)[0]
+
+
+def rms_norm(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """``torch.nn.functional.rms_norm``; ``eps=None`` is, as in torch, the machine epsilon of
+    the dtype statistics are computed in (float32, also for bf16/fp16 input)."""
+    if eps is None:
+        eps = default_rms_eps(input.dtype)
+    return _trailing_norm(input, None, normalized_shape, weight, None, eps, True, None)[0]
+
+
+def add_layer_norm(
+    x: Tensor, residual: Tensor | None, normalized_shape: Sequence[int],
+    weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+    residual_dtype: torch.dtype | None = None,
+) -> AddNormOutput:
+    """``residual_out = x + residual`` (in ``residual_dtype``, default ``x.dtype``) and
+    ``y = layer_norm(residual_out)`` (in ``x.dtype``), reading x and residual once.
+
+    ``residual=None`` stores x itself. The gradient arriving at ``residual_out`` is added to
+    the one through ``y`` and flows into both x and residual."""
+    return AddNormOutput(*_trailing_norm(x, residual, normalized_shape, weight, bias, eps, False,
+                                         residual_dtype or x.dtype))
+
+
+def add_rms_norm(
+    x: Tensor, residual: Tensor | None, normalized_shape: Sequence[int],
+    weight: Tensor | None = None, eps: float | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> AddNormOutput:
+    """As :func:`add_layer_norm` with RMSNorm (``eps=None`` as in :func:`rms_norm`)."""
+    if eps is None:
+        eps = default_rms_eps(x.dtype)
+    return AddNormOutput(*_trailing_norm(x, residual, normalized_shape, weight, None, eps, True,
+                                         residual_dtype or x.dtype))
+
+
+def _channel_norm(input: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
+                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows (sample, group) of an ``(N, C, *)`` input: C/groups channel segments of spatial
+    elements each. A channels-last input is copied to NC* order first."""
+    N, C = input.shape[:2]
+    rows = input.reshape(N * groups, -1)
+    y, _, mean, rstd = _row_norm_fwd_op(rows, None, weight, bias, C // groups, groups, True,
+                                        eps, False, None)
+    return y.view(input.shape), mean, rstd
+
+
+def group_norm(
+    input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.group_norm``: one row per (sample, group)."""
+    return _channel_norm(input, num_groups, weight, bias, eps)[0]
+
+
+def instance_norm(
+    input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, use_input_stats: bool = True,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.instance_norm`` with ``use_input_stats=True``: one row per
+    (sample, channel), i.e. GroupNorm with one channel per group.
+
+    Running statistics, when given, are updated as torch does: ``running = (1 - momentum) *
+    running + momentum * stat``, with stat the mean over the batch of the per-instance mean and
+    of the per-instance *unbiased* variance (recovered from the kernel's fp32 rstd)."""
+    N, C = input.shape[:2]
+    y, mean, rstd = _channel_norm(input, C, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        n = input[0, 0].numel()
+        with torch.no_grad():
+            if running_mean is not None:
+                batch_mean = mean.view(N, C).mean(0)
+                running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype),
+                                                     alpha=momentum)
+            if running_var is not None:
+                unbiased = (rstd.pow(-2) - eps) * (n / (n - 1))
+                batch_var = unbiased.view(N, C).mean(0)
+                running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype),
+                                                    alpha=momentum)
+    return y
