@@ -351,7 +351,9 @@ def test_backend_registration_and_checks(monkeypatch: pytest.MonkeyPatch) -> Non
     for name, op in ops.items():
         args = (image, 2) if name == "group_norm" else (image,) if name == "instance_norm" \
             else (x, None, [8]) if name.startswith("add_") else (x, [8])
-        assert op.preferred(*args) is (DEVICE == "cuda" and name not in ("group_norm", "instance_norm"))
+        assert op.preferred(*args) is (DEVICE == "cuda" and name in triton_backend.MEASURED_FASTER)
+        monkeypatch.setattr(triton_backend, "MEASURED_FASTER", frozenset({name}))
+        assert op.preferred(*args) is (DEVICE == "cuda")
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         assert "TRITON_INTERPRET" in ops["layer_norm"].unsupported(x, [8])
