@@ -31,3 +31,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+
+# make pictures: redraw docs/explain.png and docs/compare.png (compare trains for a few minutes).
+.PHONY: pictures
+pictures: $(STAMP)
+	$(VENV)/bin/normkit explain --png docs/explain.png
+	$(VENV)/bin/normkit compare --png docs/compare.png
