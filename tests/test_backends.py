@@ -43,6 +43,7 @@ def _valid_args(op: str) -> tuple[Any, ...]:
         "local_response_norm": lambda: (r(2, 6, 5), 3, 1.0, 0.75, 1.0),
         "add_layer_norm": lambda: (r(2, 5), r(2, 5), (5,), r(5), r(5), 1e-5),
         "add_rms_norm": lambda: (r(2, 5), r(2, 5), (5,), r(5), None),
+        "normalize": lambda: (r(2, 3, 5), (1,), r(3), r(3), 1e-5),
     }
     return calls[op]()
 

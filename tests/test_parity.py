@@ -59,11 +59,19 @@ _PRECISION_PARAMS = [
     pytest.param(d, p, id=_DTYPE_IDS[d] if d == p else f"{_DTYPE_IDS[d]}-params_{_DTYPE_IDS[p]}")
     for d, p in _PRECISIONS
 ]
-_MODULE_NAMES = sorted(
-    n for n in normkit.__all__ if isinstance(getattr(normkit, n), type) and issubclass(getattr(normkit, n), nn.Module)
-)
 # normkit modules without a torch.nn namesake, and the torch class they extend
 _TWIN = {"FusedAddLayerNorm": "LayerNorm", "FusedAddRMSNorm": "RMSNorm"}
+# The drop-in twins of torch.nn. Layers torch lacks (LayerNorm2d, FrozenBatchNorm2d, ...) have
+# no torch signature, state_dict or repr to match: tests/test_layers.py compares their math.
+_MODULE_NAMES = sorted(
+    n for n in normkit.__all__ if isinstance(getattr(normkit, n), type) and issubclass(getattr(normkit, n), nn.Module)
+    and (hasattr(nn, n) or n in _TWIN)
+)
+# Keyword-only options beyond torch's, after ``backend``.
+_OPTIONS = {"RMSNorm": ["cast", "weight_offset"], "GroupNorm": ["group_size"]}
+# torch's required arguments that normkit lets default to None for an option (GroupNorm's
+# num_groups and num_channels, so that ``GroupNorm(num_channels=64, group_size=16)`` works).
+_NONE_DEFAULTS = {"GroupNorm": {"num_groups", "num_channels"}}
 
 
 def _run(backend: str, fn: Callable[[], Any]) -> Any:
@@ -404,14 +412,19 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 def test_module_signature_is_torchs_plus_backend(name: str) -> None:
     ours = _plain(inspect.signature(getattr(normkit, name).__init__))
     theirs = _plain(inspect.signature(getattr(nn, _TWIN.get(name, name)).__init__))
+    theirs = [(n, k, None if n in _NONE_DEFAULTS.get(name, ()) else d) for n, k, d in theirs]
     extra = ["residual_dtype", "backend"] if name in _TWIN else ["backend"]
-    assert ours == theirs + [(e, _KW, None) for e in extra]
+    options = _OPTIONS.get(name, [])
+    assert ours[:len(ours) - len(options)] == theirs + [(e, _KW, None) for e in extra]
+    assert [(n, k) for n, k, _ in ours[len(ours) - len(options):]] == [(o, _KW) for o in options]
 
 
 @pytest.mark.parametrize("name", NF.__all__)
 def test_functional_signature_is_torchs_plus_backend(name: str) -> None:
     ours = _plain(inspect.signature(getattr(NF, name)))
     assert ours[-1] == ("backend", _KW, None)
+    if name == "normalize":  # no torch twin (F.normalize is the L_p one): tested in test_layers.py
+        return
     if name in ("add_layer_norm", "add_rms_norm"):  # no torch twin: the norm's arguments after (x, residual)
         norm = _plain(inspect.signature(getattr(F, name.removeprefix("add_"))))
         assert ours[:2] == [("x", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
@@ -449,7 +462,7 @@ def test_every_norm_and_module_has_cases() -> None:
     assert set(_MODULE_NAMES) <= covered, f"modules without cases: {sorted(set(_MODULE_NAMES) - covered)}"
     ops = {c.op for c in NORM_CASES} | {c.op for c in FUNCTIONAL_CASES}
     assert set(NORMS) <= ops, f"norms without cases: {sorted(set(NORMS) - ops)}"
-    assert set(NF.__all__) <= ops | {c.op for c in FUSED_ADD_CASES}
+    assert set(NF.__all__) - {"normalize"} <= ops | {c.op for c in FUSED_ADD_CASES}  # normalize: test_layers.py
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,6 +16,9 @@ from .modules import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
     FusedAddLayerNorm,
     FusedAddRMSNorm,
     GroupNorm,
@@ -23,6 +26,7 @@ from .modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    LayerNorm2d,
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
@@ -31,11 +35,27 @@ from .modules import (
     LazyInstanceNorm3d,
     LocalResponseNorm,
     RMSNorm,
+    RMSNorm2d,
+    freeze_batch_norm,
+    unfreeze_batch_norm,
 )
+from .surgery import convert, fuse_conv_bn, recalibrate_batch_norm, register_adapter, to_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "LayerNorm2d",
+    "RMSNorm2d",
+    "convert",
+    "freeze_batch_norm",
+    "fuse_conv_bn",
+    "recalibrate_batch_norm",
+    "register_adapter",
+    "to_torch",
+    "unfreeze_batch_norm",
     "BackendError",
     "BatchNorm1d",
     "BatchNorm2d",

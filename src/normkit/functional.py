@@ -29,6 +29,7 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "local_response_norm",
+    "normalize",
     "rms_norm",
 ]
 
@@ -148,6 +149,85 @@ def local_response_norm(
     return resolve("local_response_norm", backend, *args)(*args)
 
 
+def normalize(
+    input: Tensor,
+    dims: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    center: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """The one primitive behind every norm: normalize ``input`` over any set of ``dims``.
+
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias``, the statistics taken over ``dims``
+    separately for every index of the other axes; ``center=False`` skips the mean
+    (``y = x / sqrt(E[x^2] + eps) * weight + bias``, RMS normalization). ``weight`` and ``bias``
+    have the sizes of the normalized dims *in the order given* (as LayerNorm's
+    ``normalized_shape``): ``dims=(1,)`` on ``(N, C, H, W)`` takes ``(C,)`` parameters.
+
+    Every named norm is a preset of it (for ``x`` of shape ``(N, C, *spatial)``, ``s`` the
+    spatial dims ``2..x.dim()-1``, ``k = len(normalized_shape)``)::
+
+        layer_norm(x, shape, w, b)       == normalize(x, range(-k, 0), w, b)
+        rms_norm(x, shape, w, eps)       == normalize(x, range(-k, 0), w, None, eps, center=False)
+        instance_norm(x) (no affine)     == normalize(x, s)
+        batch_norm(x, training=True)     == normalize(x, (0, *s)) * w[:, None, ...] + b[:, None, ...]
+        group_norm(x, G) (no affine)     == normalize(x.view(N, G, -1), (2,)).view_as(x)
+        LayerNorm2d / RMSNorm2d          == normalize(x, (1,), w, b)  (channels at every pixel)
+
+    (BatchNorm and InstanceNorm have per-channel parameters on a *kept* axis, GroupNorm needs a
+    view: those presets keep their own functions, which also update running statistics.)
+
+    Backends: ``"reference"`` (:class:`normkit.reference.Normalize` over ``dims``) and
+    ``"torch"`` (the dims moved last, then ATen's layer_norm / rms_norm, moved back: a
+    channels_last input gives a channels_last output).
+
+    Numerics: as the named norms: float32 statistics (float64 for float64 input), biased
+    variance, output in the input's dtype.
+    """
+    dims = _check_normalize(input, dims, weight, bias, eps)
+    args = (input, dims, weight, bias, eps, center)
+    return resolve("normalize", backend, *args)(*args)
+
+
+def _check_normalize(
+    input: Tensor, dims: int | Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[int, ...]:
+    """``dims`` as distinct non-negative ints, after checking the call; raises before any work."""
+    if isinstance(dims, (int, Sequence)) and not isinstance(dims, (bool, str)):
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    else:
+        raise TypeError(f"normalize dims must be ints (an int or a sequence of them); got {dims!r}")
+    nd = input.dim()
+    if not dims:
+        raise ValueError("normalize needs at least one dim to reduce over; got dims=()")
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"normalize dims must be ints; got {dims!r}")
+        if not -nd <= d < nd:
+            raise IndexError(f"Dimension out of range (expected to be in range of [{-nd}, {nd - 1}], but got {d})")
+    dims = tuple(d % nd for d in dims)
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"normalize dims must be distinct; got {dims} for an input of {nd} dims")
+    if eps < 0:
+        raise ValueError(f"normalize eps must be non-negative, but got {eps}")
+    shape = [input.shape[d] for d in dims]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and list(p.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} of shape {shape} (the sizes of dims {list(dims)} of the input of "
+                f"shape {list(input.shape)}, in that order), but got {name} of shape {list(p.shape)}"
+            )
+    if not input.is_floating_point():
+        raise NotImplementedError(f"normalize needs a floating-point input; got {input.dtype}")
+    for p in (weight, bias):
+        if p is not None and p.device != input.device:
+            raise RuntimeError(f"Tensor on device {p.device} is not on the expected device {input.device}!")
+    return dims
+
+
 def add_layer_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -217,6 +297,22 @@ def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, re
     return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 
 
+def _torch_normalize(input, dims, weight=None, bias=None, eps=1e-5, center=True):
+    k = len(dims)
+    last = tuple(range(input.dim() - k, input.dim()))
+    moved = input.movedim(dims, last)
+    shape = moved.shape[-k:]
+    if center:
+        y = F.layer_norm(moved, shape, weight, bias, eps)
+    else:
+        # ATen's rms_norm casts a float32 weight to a bf16/fp16 input's dtype; keep the output's
+        # dtype the input's, as layer_norm does.
+        y = F.rms_norm(moved, shape, None if weight is None else weight.to(moved.dtype), eps)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.movedim(last, dims)
+
+
 def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
     if (input.device.type == "cpu" and input.dim() > 3 and input.numel() > 0
             and input.dtype in (torch.float16, torch.bfloat16)):
@@ -236,6 +332,7 @@ register_backend(
             "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
             "add_layer_norm": OpImpl(_torch_add_layer_norm),
             "add_rms_norm": OpImpl(_torch_add_rms_norm),
+            "normalize": OpImpl(_torch_normalize),
         },
         description="PyTorch's own ATen kernels",
     )
@@ -253,6 +350,7 @@ register_backend(
             "local_response_norm": OpImpl(reference.local_response_norm),
             "add_layer_norm": OpImpl(reference.add_layer_norm),
             "add_rms_norm": OpImpl(reference.add_rms_norm),
+            "normalize": OpImpl(reference.normalize),
         },
         description="normkit's from-scratch implementation with hand-derived backward",
     )

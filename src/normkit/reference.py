@@ -42,6 +42,7 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "local_response_norm",
+    "normalize",
     "rms_norm",
 ]
 
@@ -185,6 +186,27 @@ def _update_running(running: Tensor | None, batch_value: Tensor, momentum: float
 def _unbiased(var: Tensor, n: int) -> Tensor:
     """Bessel's correction: the running variance is unbiased, the normalizing one is not."""
     return var * (n / (n - 1)) if n > 1 else var
+
+
+def normalize(
+    input: Tensor,
+    dims: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
+) -> Tensor:
+    """:class:`Normalize` over any ``dims`` (non-negative, no repeats); ``weight`` and ``bias``
+    are shaped like the normalized dims *in the order given*, as ``normalized_shape`` is."""
+    order = sorted(range(len(dims)), key=lambda i: dims[i])
+    param_view = [1] * input.dim()
+    for d in dims:
+        param_view[d] = input.shape[d]
+
+    def view(p: Tensor | None) -> Tensor | None:
+        return None if p is None else p.permute(order).reshape(param_view)
+
+    return Normalize.apply(input, view(weight), view(bias), tuple(sorted(dims)), eps, center, None, None)[0]
 
 
 def batch_norm(

@@ -8,6 +8,14 @@ from .batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .channels_first import LayerNorm2d, RMSNorm2d
+from .frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze_batch_norm,
+    unfreeze_batch_norm,
+)
 from .instancenorm import (
     InstanceNorm1d,
     InstanceNorm2d,
@@ -19,6 +27,13 @@ from .instancenorm import (
 from .stateless import FusedAddLayerNorm, FusedAddRMSNorm, GroupNorm, LayerNorm, LocalResponseNorm, RMSNorm
 
 __all__ = [
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "LayerNorm2d",
+    "RMSNorm2d",
+    "freeze_batch_norm",
+    "unfreeze_batch_norm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

@@ -43,28 +43,83 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
     over the trailing ``normalized_shape`` axes (Zhang & Sennrich, 2019).
 
     Args: as :class:`torch.nn.RMSNorm` (``eps=None``: machine epsilon of float32 for fp16/bf16/fp32
-    input, of float64 for float64), plus keyword-only ``backend``.
+    input, of float64 for float64), plus keyword-only:
+
+    - ``cast``: where a low-precision input is rounded. ``"weight_first"`` (torch's):
+      ``y = round(x_hat * w)``, one rounding, output in the input's dtype. ``"normalize_first"``
+      (HF LLaMA/T5, ``weight * x_hat.to(input_dtype)``): ``y = w * round(x_hat)``, the
+      output dtype promoted from the weight's and the input's (a float32 weight gives float32).
+    - ``weight_offset``: ``y = x_hat * (weight_offset + weight)`` (Gemma: 1.0); the weight
+      is initialised to ``1 - weight_offset``, so the initial scale is 1 whatever the offset.
+    - ``backend``.
     """
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, cast: str = "weight_first", weight_offset: float = 0.0) -> None:
+        if cast not in _CASTS:
+            raise ValueError(f"RMSNorm cast must be one of {_CASTS}; got {cast!r}")
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.cast, self.weight_offset = cast, float(weight_offset)
+        self.reset_parameters()
         self._init_backend(backend)
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight is not None and getattr(self, "weight_offset", 0.0):
+            with torch.no_grad():
+                self.weight.fill_(1.0 - self.weight_offset)
+
+    def _scale(self) -> Tensor | None:
+        if self.weight is None or not self.weight_offset:
+            return self.weight
+        return self.weight + self.weight_offset
+
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+        if self.cast == "normalize_first" and self.weight is not None:
+            return self._scale() * rms_norm(x, self.normalized_shape, None, self.eps, backend=self.backend)
+        return rms_norm(x, self.normalized_shape, self._scale(), self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.cast != "weight_first":
+            text += f", cast={self.cast!r}"
+        if self.weight_offset:
+            text += f", weight_offset={self.weight_offset}"
+        return text
+
+
+_CASTS = ("weight_first", "normalize_first")
 
 
 class GroupNorm(BackendMixin, nn.GroupNorm):
     """:class:`torch.nn.GroupNorm` on normkit's backends: each sample's C channels split into
     ``num_groups`` groups, each normalized over its channels and spatial axes (Wu & He, 2018).
 
-    Args: as :class:`torch.nn.GroupNorm`, plus keyword-only ``backend``.
+    Args: as :class:`torch.nn.GroupNorm`, plus keyword-only ``backend`` and ``group_size``
+    (channels per group), given *instead of* ``num_groups``:
+    ``GroupNorm(num_channels=64, group_size=16)`` is ``GroupNorm(4, 64)``. For that spelling
+    ``num_groups`` and ``num_channels`` default to ``None``; give exactly one of ``num_groups``
+    and ``group_size``. ``num_groups`` is then stored as usual (``state_dict`` and ``repr`` are
+    the plain GroupNorm's).
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None, *, bias: bool = True, backend: str | None = None) -> None:
+    def __init__(self, num_groups: int | None = None, num_channels: int | None = None, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None, group_size: int | None = None) -> None:
+        if num_channels is None:
+            raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(8, 64) or GroupNorm(num_channels=64, group_size=8)")
+        if (num_groups is None) == (group_size is None):
+            raise ValueError(
+                f"give exactly one of num_groups and group_size (channels per group); got num_groups={num_groups}, "
+                f"group_size={group_size}"
+            )
+        if group_size is not None:
+            if group_size <= 0 or num_channels % group_size != 0:
+                raise ValueError(
+                    f"group_size must be a positive divisor of num_channels={num_channels}; got group_size={group_size}"
+                )
+            num_groups = num_channels // group_size
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_backend(backend)
 
