@@ -13,6 +13,13 @@ Drop-in twins of torch.nn's normalization modules (``normkit.BatchNorm2d`` is a
 from . import functional, norms, reference
 from .backends import BackendError, backends, current_backend, use_backend
 from .modules import (
+    BatchNormAct2d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GroupNormAct,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
@@ -44,6 +51,13 @@ from .surgery import convert, fuse_conv_bn, recalibrate_batch_norm, register_ada
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormAct2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GroupNormAct",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

@@ -17,6 +17,9 @@ and its backward is derived by hand. With ``g = dy * weight`` and ``n`` elements
 
 Every named norm is that primitive on a view chosen by :func:`normkit.norms.layout`.
 
+:class:`MaskedNormalize` is the same with statistics over the real elements of a 0/1 mask only
+(padded sequences: :func:`masked_batch_norm`, :func:`masked_instance_norm`).
+
 Numerics: statistics and arithmetic in float32 (float64 for float64 input), the parameter
 gradients summed in float64; results are cast back to the input's (and parameters') dtype. The backward recomputes the statistics from the saved input with
 differentiable torch ops, so the backward itself can be differentiated (``gradgradcheck``).
@@ -32,6 +35,7 @@ from torch import Tensor
 from .norms import layout
 
 __all__ = [
+    "MaskedNormalize",
     "Normalize",
     "acc_dtype",
     "default_rms_eps",
@@ -42,6 +46,8 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "local_response_norm",
+    "masked_batch_norm",
+    "masked_instance_norm",
     "normalize",
     "rms_norm",
 ]
@@ -234,6 +240,143 @@ def batch_norm(
     n = input.numel() // input.shape[1]
     _update_running(running_mean, mean.flatten(), momentum)
     _update_running(running_var, _unbiased(var, n).flatten(), momentum)
+    return y
+
+
+class MaskedNormalize(torch.autograd.Function):
+    """:class:`Normalize` counting only the elements where ``mask`` is 1 (sequences with padding).
+
+    With ``m`` the 0/1 mask broadcast against ``x`` and ``n = sum(m)`` over ``dims``::
+
+        mean  = sum(m * x) / n
+        var   = sum(m * (x - mean)^2) / n          (biased, over the real elements only)
+        x_hat = m * (x - mean) * rstd              (0 at padded positions)
+        y     = m * (x_hat * weight + bias)        (padded outputs are 0)
+
+    Backward, with ``g = m * dy * weight`` (padded upstream gradients are ignored)::
+
+        dx = m * rstd * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)   (batch statistics)
+        dx = m * rstd * g                                               (given statistics)
+        dweight = sum(dy * x_hat),  dbias = sum(m * dy)
+
+    so a padded position gets ``dx = 0`` and enters no sum. Returns ``(y, mean, var)`` as
+    :class:`Normalize` does; ``n`` must be at least 1 for every statistic (checked by callers).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        m: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+        given_mean: Tensor | None,
+        given_var: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = acc_dtype(x.dtype)
+        xa, m = x.to(acc), m.to(acc)
+        mean, var = _masked_stats(xa, m, dims, given_mean, given_var)
+        x_hat = m * (xa - mean) * torch.rsqrt(var + eps)
+        y = x_hat
+        if weight is not None:
+            y = y * weight.to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+        ctx.save_for_backward(x, m, weight, bias, given_mean, given_var)
+        ctx.dims, ctx.eps = dims, eps
+        ctx.mark_non_differentiable(mean, var)
+        return (m * y).to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):  # type: ignore[override]
+        x, m, weight, bias, given_mean, given_var = ctx.saved_tensors
+        dims, eps = ctx.dims, ctx.eps
+        acc = acc_dtype(x.dtype)
+        xa, dy = x.to(acc), m * dy.to(acc)
+        mean, var = _masked_stats(xa, m, dims, given_mean, given_var)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = m * (xa - mean) * rstd
+        g = dy * weight.to(acc) if weight is not None else dy
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if given_var is not None:
+                dx = g * rstd
+            else:
+                n = m.sum(dims, keepdim=True)
+                dx = m * rstd * (g - g.sum(dims, keepdim=True) / n - x_hat * (g * x_hat).sum(dims, keepdim=True) / n)
+            dx = dx.to(x.dtype)
+        dweight = dbias = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            dweight = (dy * x_hat).double().sum_to_size(weight.shape).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            dbias = dy.double().sum_to_size(bias.shape).to(bias.dtype)
+        return dx, None, dweight, dbias, None, None, None, None
+
+
+def _masked_stats(xa: Tensor, m: Tensor, dims: tuple[int, ...], given_mean: Tensor | None,
+                  given_var: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the real elements (two-pass), or the given statistics."""
+    if given_var is not None:
+        return given_mean.to(xa.dtype), given_var.to(xa.dtype)
+    n = m.sum(dims, keepdim=True)
+    mean = (m * xa).sum(dims, keepdim=True) / n
+    return mean, (m * (xa - mean).square()).sum(dims, keepdim=True) / n
+
+
+def masked_batch_norm(
+    input: Tensor,
+    mask: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """BatchNorm of ``(N, C, L)`` over the real tokens only (``mask`` ``(N, L)``, True = real):
+    batch norm of the ``(T, C)`` tokens, running variance unbiased over ``T``; padded outputs 0."""
+    m = mask[:, None, :]
+    view = (1, input.shape[1], 1)
+    given = None if training else (running_mean.reshape(view), running_var.reshape(view))
+    y, mean, var = MaskedNormalize.apply(
+        input, m, _param(weight, view), _param(bias, view), (0, 2), eps, *(given or (None, None))
+    )
+    if training:
+        n = int(mask.sum())
+        _update_running(running_mean, mean.flatten(), momentum)
+        _update_running(running_var, _unbiased(var, n).flatten(), momentum)
+    return y
+
+
+def masked_instance_norm(
+    input: Tensor,
+    mask: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """InstanceNorm of ``(N, C, L)``, each (sample, channel) over its real tokens only; running
+    statistics move towards the batch average of the per-sample mean and unbiased variance (each
+    unbiased over its own real count); padded outputs 0."""
+    m = mask[:, None, :]
+    view = (1, input.shape[1], 1)
+    given = None if use_input_stats else (running_mean.reshape(view), running_var.reshape(view))
+    y, mean, var = MaskedNormalize.apply(
+        input, m, _param(weight, view), _param(bias, view), (2,), eps, *(given or (None, None))
+    )
+    if use_input_stats:
+        n = m.sum(2, keepdim=True).to(var.dtype)
+        unbiased = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
+        _update_running(running_mean, mean.flatten(1).mean(0), momentum)
+        _update_running(running_var, unbiased.flatten(1).mean(0), momentum)
     return y
 
 

@@ -8,6 +8,7 @@ from .batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .batch_variants import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm1d, GhostBatchNorm2d
 from .channels_first import LayerNorm2d, RMSNorm2d
 from .frozen import (
     FrozenBatchNorm1d,
@@ -24,9 +25,17 @@ from .instancenorm import (
     LazyInstanceNorm2d,
     LazyInstanceNorm3d,
 )
+from .norm_act import BatchNormAct2d, GroupNormAct
 from .stateless import FusedAddLayerNorm, FusedAddRMSNorm, GroupNorm, LayerNorm, LocalResponseNorm, RMSNorm
 
 __all__ = [
+    "BatchNormAct2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GroupNormAct",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

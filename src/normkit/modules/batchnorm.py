@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
+from ..masked import masked_batch_norm
 from ._base import BackendMixin
 
 __all__ = [
@@ -18,9 +19,11 @@ __all__ = [
 ]
 
 
-def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
+def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor | None = None) -> Tensor:
     """torch's ``_BatchNorm.forward`` semantics, with one difference: ``num_batches_tracked`` is
     incremented only after the call succeeds, so a failed call leaves every buffer untouched.
+    With a ``mask`` (``(N, L)`` bool, True = real token) the statistics count the real tokens
+    only (:func:`normkit.masked.masked_batch_norm`).
 
     It is one function of the module (wrapped as a leaf for ``torch.fx`` symbolic tracing,
     which cannot trace the shape checks and the ``momentum=None`` average).
@@ -34,8 +37,7 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor) -
         factor = module.momentum
     use_batch_stats = training or (module.running_mean is None and module.running_var is None)
     keep_stats = not training or module.track_running_stats
-    out = NF.batch_norm(
-        input,
+    args = (
         module.running_mean if keep_stats else None,
         module.running_var if keep_stats else None,
         module.weight,
@@ -43,8 +45,11 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor) -
         use_batch_stats,
         factor,
         module.eps,
-        backend=module.backend,
     )
+    if mask is None:
+        out = NF.batch_norm(input, *args, backend=module.backend)
+    else:
+        out = masked_batch_norm(input, mask, *args, backend=module.backend)
     if counter is not None:
         counter.add_(1)
     return out
@@ -67,6 +72,13 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     Args: as :class:`torch.nn.BatchNorm1d`, plus keyword-only ``backend`` (``None``: resolved at
     each call).
 
+    ``forward(x, mask=None)``: for padded sequences, ``mask`` is an ``(N, L)`` bool tensor (True =
+    real token) for ``x`` of shape ``(N, C, L)``. The statistics (and the running statistics,
+    ``running_var`` unbiased over the real count) are those of the real tokens only, exactly
+    BatchNorm of the unpadded tokens; padded outputs and their input gradients are 0. A bad mask
+    (shape, dtype, 2-D input, fewer than 2 real tokens in training) raises ``ValueError`` and
+    changes no buffer. ``mask=None`` is the plain (fx-traceable, compilable) path.
+
     Numerics: statistics in float32 (float64 for float64 input); the biased variance normalizes,
     the unbiased one updates ``running_var``; ``running = (1 - momentum) * running + momentum *
     batch``, or with ``momentum=None`` the cumulative average over ``num_batches_tracked``.
@@ -77,6 +89,9 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
                  backend: str | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_backend(backend)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        return batch_norm_forward(self, input, mask)
 
 
 class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
+from ..masked import masked_instance_norm
 from ._base import BackendMixin
 
 __all__ = [
@@ -20,9 +21,12 @@ __all__ = [
 ]
 
 
-def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: Tensor) -> Tensor:
+def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: Tensor,
+                          mask: Tensor | None = None) -> Tensor:
     """torch's ``_InstanceNorm.forward`` semantics (no-batch-dim input included), as one leaf
-    function for ``torch.fx`` symbolic tracing."""
+    function for ``torch.fx`` symbolic tracing. With a ``mask`` (``(N, L)`` bool, True = real
+    token) each instance's statistics count its real tokens only
+    (:func:`normkit.masked.masked_instance_norm`)."""
     module._check_input_dim(input)
     feature_dim = input.dim() - module._get_no_batch_dim()
     if input.size(feature_dim) != module.num_features:
@@ -36,6 +40,12 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
             "You can silence this warning by not passing in num_features, "
             "which is not used because affine=False",
             stacklevel=3,
+        )
+    if mask is not None:
+        return masked_instance_norm(
+            input, mask, module.running_mean, module.running_var, module.weight, module.bias,
+            module.training or not module.track_running_stats,
+            module.momentum if module.momentum is not None else 0.0, module.eps, backend=module.backend,
         )
     unbatched = input.dim() == module._get_no_batch_dim()
     out = NF.instance_norm(
@@ -71,6 +81,12 @@ class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
 
     Numerics: float32 statistics (float64 for float64 input); running statistics, when tracked,
     move towards the batch average of the per-instance mean and unbiased variance.
+
+    ``forward(x, mask=None)``: for padded sequences, ``mask`` is an ``(N, L)`` bool tensor (True =
+    real token) for ``x`` of shape ``(N, C, L)``; each instance is normalized over its real
+    tokens only (its unbiased variance over its own real count for the running statistics),
+    padded outputs and input gradients are 0. When the input's statistics are used, a sample with
+    no real token raises ``ValueError``; so does a bad mask, with no buffer changed.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
@@ -78,6 +94,9 @@ class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
                  backend: str | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_backend(backend)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        return instance_norm_forward(self, input, mask)
 
 
 class InstanceNorm2d(_InstanceNormMixin, nn.InstanceNorm2d):
