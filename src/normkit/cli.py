@@ -212,29 +212,17 @@ def _replay(args: argparse.Namespace, replays: list[Any]) -> int:
 # --- bench -----------------------------------------------------------------------------------
 
 
-def _benchmarks_engine() -> Any | None:
-    """The repository's engine, ``benchmarks/bench_norms.py`` next to ``src/`` in a source
-    checkout, if it is there and imports; None in an installed package."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_norms.py"
-    spec = importlib.util.spec_from_file_location("bench_norms", path) if path.is_file() else None
-    if spec is None or spec.loader is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        return None
-    return module if callable(getattr(module, "run", None)) and hasattr(module, "PROVIDERS") else None
-
-
-# normkit.bench's provider names -> benchmarks/bench_norms.py's, where they differ
-_BENCHMARKS_NAMES = {"normkit-reference": "reference"}
-
-
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _bench_run(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may run in-process: leave the caller's setting
+
+
+def _bench_run(args: argparse.Namespace) -> int:
     import torch
 
     from . import bench
@@ -257,7 +245,6 @@ def _bench(args: argparse.Namespace) -> int:
     providers = args.provider or bench.providers(device)
     if args.no_compile:
         providers = [p for p in providers if p != "torch.compile"]
-    directions = args.direction or (["fwd"] if device == "cpu" else list(bench.DIRECTIONS))
 
     # The repository's engine (do_bench, L2 flushes, Liger and flash-attn) where asked for, or
     # on a GPU when it is importable; it times the providers it knows, normkit.bench the others
@@ -265,12 +252,15 @@ def _bench(args: argparse.Namespace) -> int:
     # keeps torch.compile within --compile-budget.
     external = None
     if args.engine == "benchmarks" or (args.engine == "auto" and device == "cuda"):
-        external = _benchmarks_engine()
+        external = bench.repository_engine()
         if external is None and args.engine == "benchmarks":
             raise UsageError("--engine benchmarks: benchmarks/bench_norms.py is not importable here "
                              "(it lives in the source checkout, not in the installed package)")
-    theirs = [p for p in providers if external is not None and _BENCHMARKS_NAMES.get(p, p) in external.PROVIDERS]
+    theirs = [p for p in providers if external is not None and bench.REPOSITORY_NAMES.get(p, p) in external.PROVIDERS]
     ours = [p for p in providers if p not in theirs]
+    # forward only by default on the CPU, to be quick; all three where the benchmarks' engine runs
+    # (it always times all three)
+    directions = args.direction or (list(bench.DIRECTIONS) if external or device == "cuda" else ["fwd"])
 
     # The copy the norms are held against: on a GPU a 1 GiB one (the benchmarks' choice); on the
     # CPU one of the largest problem's size, since small problems run from cache and a memory-
@@ -290,38 +280,25 @@ def _bench(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     with _progress(problems * len(providers), "bench") as step:
         if theirs:
-            got = external.run(ops, shapes, dtypes, [_BENCHMARKS_NAMES.get(p, p) for p in theirs], device,
+            got = external.run(ops, shapes, dtypes, [bench.REPOSITORY_NAMES.get(p, p) for p in theirs], device,
                                copy_gbps, log=step)
-            back = {v: k for k, v in _BENCHMARKS_NAMES.items()}
-            rows += [{**r, "provider": back.get(r["provider"], r["provider"]), "engine": "benchmarks/bench_norms.py"}
+            back = {v: k for k, v in bench.REPOSITORY_NAMES.items()}
+            unasked = [f"{d}_{k}" for d in bench.DIRECTIONS if d not in directions for k in ("ms", "GBps", "of_copy")]
+            rows += [{**{k: v for k, v in r.items() if k not in unasked},
+                      "provider": back.get(r["provider"], r["provider"]), "engine": "benchmarks/bench_norms.py"}
                      for r in got]
         if ours:
             got = bench.run(ops, shapes, dtypes, ours, device, copy_gbps, log=step, directions=directions,
                             budget_s=args.budget, compile_budget_s=args.compile_budget)
             rows += [{**r, "engine": "normkit.bench"} for r in got]
+    # both engines' rows in the order asked for: op, shape, dtype, provider
+    shape_order = {"x".join(map(str, shape[:4])): i for kind in ("rows", "images") for i, shape in enumerate(shapes[kind])}
     order = {p: i for i, p in enumerate(providers)}
-    rows.sort(key=lambda r: (ops.index(r["op"]), r["shape"], r["dtype"], order.get(r["provider"], len(order))))
+    rows.sort(key=lambda r: (ops.index(r["op"]), shape_order.get(r["shape"], 0), dtypes.index(getattr(torch, r["dtype"])),
+                             order.get(r["provider"], len(order))))
     bench.add_speedups(rows)
 
-    def num(value: float | None, fmt: str, unit: str = "") -> str:
-        return "-" if value is None else format(value, fmt) + unit
-
-    table, styles, points = [], [], []
-    for r in rows:
-        measured = [d for d in bench.DIRECTIONS if f"{d}_ms" in r]
-        if not measured:
-            table.append((r["op"], r["shape"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-", "-",
-                          r.get("error", "not run")[:60]))
-            styles.append("yellow")
-        for d in measured:
-            table.append((r["op"], r["shape"], r["dtype"], r["provider"], d, num(r[f"{d}_ms"], ".3f"),
-                          num(r[f"{d}_GBps"], ".1f"), num(100 * r[f"{d}_of_copy"], ".0f", "%"),
-                          num(r.get(f"{d}_speedup_vs_torch"), ".2f", "x"),
-                          num(r.get(f"{d}_speedup_vs_compile"), ".2f", "x"),
-                          num(r.get("max_err_vs_torch"), ".1e"), ""))
-            styles.append(None)
-            points.append({"op": r["op"], "dtype": r["dtype"], "direction": d, "provider": r["provider"],
-                           "width": bench.width(r), "gbps": r[f"{d}_GBps"]})
+    table, styles, points = _bench_table(rows)
     _print_table(("op", "shape", "dtype", "provider", "pass", "ms", "GB/s", "of copy", "vs torch", "vs compile",
                   "max err", "error"), table, styles)
     print("GB/s = bytes an ideal kernel moves (fwd: read x, params, write y, stats; bwd: read x, dy, params, "
@@ -337,6 +314,35 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(f"wrote {bench_figure(points, args.png, copy_gbps)}")
     return 0
+
+
+def _bench_table(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, ...]], list[str | None], list[dict[str, Any]]]:
+    """Table rows (one per measured direction, or one with the error), their styles, and the
+    points of the GB/s plot."""
+    from .bench import DIRECTIONS, width
+
+    def num(value: float | None, fmt: str, unit: str = "") -> str:
+        return "-" if value is None else format(value, fmt) + unit
+
+    table: list[tuple[str, ...]] = []
+    styles: list[str | None] = []
+    points: list[dict[str, Any]] = []
+    for r in rows:
+        measured = [d for d in DIRECTIONS if f"{d}_ms" in r]
+        if not measured:
+            table.append((r["op"], r["shape"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-", "-",
+                          r.get("error", "not run")[:60]))
+            styles.append("yellow")
+        for d in measured:
+            table.append((r["op"], r["shape"], r["dtype"], r["provider"], d, num(r[f"{d}_ms"], ".3f"),
+                          num(r[f"{d}_GBps"], ".1f"), num(100 * r[f"{d}_of_copy"], ".0f", "%"),
+                          num(r.get(f"{d}_speedup_vs_torch"), ".2f", "x"),
+                          num(r.get(f"{d}_speedup_vs_compile"), ".2f", "x"),
+                          num(r.get("max_err_vs_torch"), ".1e"), ""))
+            styles.append(None)
+            points.append({"op": r["op"], "dtype": r["dtype"], "direction": d, "provider": r["provider"],
+                           "width": width(r), "gbps": r[f"{d}_GBps"]})
+    return table, styles, points
 
 
 # --- compare ---------------------------------------------------------------------------------

@@ -365,8 +365,13 @@ def _load_triton() -> None:
     register()
 
 
+# Looked up once at import (a file-system search, not an import of Triton): the probe below runs
+# on every "auto" call on a machine where the backend is unavailable.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_could_run() -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -1,0 +1,308 @@
+"""The ``normkit`` command line, end to end on the CPU with small settings: every subcommand
+runs, and what it prints and writes (numbers, JSON, PNG, exit codes) is checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normkit
+from normkit import cli
+from normkit.check import CheckResult
+from normkit.compare import ChannelsLastNorm, _adamw_step, verdict
+from normkit.explain import explain, find_norms, replay_seeds
+from normkit.norms import NORMS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+def run_main(*argv: str) -> int:
+    return cli.main(list(argv))
+
+
+# --- exit codes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["explain", "no_such_norm"],
+    ["explain", "--shape", "2,3"],
+    ["explain", "gn", "--shape", "2,6,3,3", "--groups", "4"],  # parses, but 4 does not divide C = 6
+    ["bench", "--shapes", "128"],
+    ["bench", "--op", "batch_norm"],
+    ["bench", "--dtype", "int8"],
+    ["compare", "--norm", "WeightNorm"],
+    ["compare", "--batch-sizes", "0,4"],
+])
+def test_bad_arguments_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+
+
+def test_check_passes_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    assert run_main("check", "--op", "GroupNorm", "--backend", "reference", "--dtype", "float32",
+                    "--json", str(out)) == 0
+    payload = json.loads(out.read_text())
+    assert payload["torch"] == torch.__version__
+    [row] = payload["results"]
+    assert (row["case"], row["backend"], row["dtype"], row["ok"]) == ("GroupNorm", "reference", "float32", True)
+    assert row["max_error"] <= row["tolerance"]
+
+
+def test_check_failure_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    failing = CheckResult("LayerNorm", "reference", "float32", 1.0, 1e-5, "output", False)
+    monkeypatch.setattr("normkit.check.run_check", lambda *args, **kwargs: [failing])
+    assert run_main("check", "--op", "LayerNorm", "--dtype", "float32") == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+# --- explain -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query, name", [
+    ("batch_norm", "batch_norm"), ("BatchNorm", "batch_norm"), ("bn", "batch_norm"), ("BatchNorm2d", "batch_norm"),
+    ("ln", "layer_norm"), ("LayerNorm", "layer_norm"), ("gn", "group_norm"), ("group", "group_norm"),
+    ("in", "instance_norm"), ("InstanceNorm3d", "instance_norm"), ("rms", "rms_norm"), ("RMSNorm", "rms_norm"),
+])
+def test_norm_names(query: str, name: str) -> None:
+    assert find_norms(query) == [name]
+
+
+# Statistics and elements per statistic for (N, C, H, W) = (2, 6, 4, 5) with G = 2, by hand.
+EXPECTED_COUNTS = {
+    "batch_norm": (6, 2 * 4 * 5),
+    "layer_norm": (2, 6 * 4 * 5),
+    "group_norm": (2 * 2, 3 * 4 * 5),
+    "instance_norm": (2 * 6, 4 * 5),
+    "rms_norm": (2, 6 * 4 * 5),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_explain_counts_and_sets_match_torch(name: str) -> None:
+    shape = (2, 6, 4, 5)
+    e = explain(name, shape, groups=2)
+    assert (e.num_statistics, e.elements_per_statistic) == EXPECTED_COUNTS[name]
+    # torch's own module must normalize exactly the sets the explanation names: within each,
+    # its output has mean 0 (when centred) and variance (or mean square) 1.
+    torch_module = {
+        "batch_norm": lambda: nn.BatchNorm2d(6), "layer_norm": lambda: nn.LayerNorm([6, 4, 5]),
+        "group_norm": lambda: nn.GroupNorm(2, 6), "instance_norm": lambda: nn.InstanceNorm2d(6),
+        "rms_norm": lambda: nn.RMSNorm([6, 4, 5]),
+    }[name]()
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    y = torch_module.double()(x).detach()
+    for k in range(e.num_statistics):
+        values = y[e.statistic_of == k]
+        assert values.numel() == e.elements_per_statistic
+        if NORMS[name].centered:
+            assert abs(values.mean().item()) < 1e-6
+            assert values.var(unbiased=False).item() == pytest.approx(1, abs=1e-3)
+        else:
+            assert values.square().mean().item() == pytest.approx(1, abs=1e-3)
+    assert e.max_diff_vs_torch < 1e-5
+    assert e.running_stats == (name in ("batch_norm", "instance_norm"))
+    assert (e.train_eval_max_diff > 0) == e.running_stats
+
+
+def test_explain_cli_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "explain.json", tmp_path / "explain.png"
+    assert run_main("explain", "--shape", "2,3,4,5", "--json", str(out), "--png", str(png)) == 0
+    text = capsys.readouterr().out
+    assert "3 means and 3 variances, each over 40 elements" in text  # BatchNorm on (2, 3, 4, 5)
+    norms = {n["name"]: n for n in json.loads(out.read_text())["norms"]}
+    assert list(norms) == list(NORMS)
+    bn = norms["batch_norm"]
+    assert bn["reduced_axes"] == ["N", "H", "W"] and bn["kept_axes"] == ["C"]
+    assert bn["parameters"] == {"weight": [3], "bias": [3]}
+    assert norms["rms_norm"]["statistics"] == ["mean square"]
+    assert_png(png)
+
+
+def test_explain_seed_replays_agree_with_torch_and_the_seeds(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "seed.json"
+    assert run_main("explain", "--seed", "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    for printed in ("-1.3574", "-1.2340", "1.8511", "-1.3416", "-0.4472", "0.1401", "1.6730"):
+        assert printed in text
+    replays = json.loads(out.read_text())["replays"]
+    checks = [c for r in replays for c in r["checks"]]
+    assert all(c["ok"] for c in checks)
+    against = {c["against"] for c in checks}
+    assert {"torch.nn.BatchNorm2d", "torch.nn.LayerNorm", "by hand"} <= against
+
+
+def test_seed_replay_numbers_against_torch_directly() -> None:
+    bn = replay_seeds()[0]
+    x = torch.tensor([[[[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[11, 12, 13], [14, 15, 16], [17, 18, 19]]],
+                      [[[11, 13, 15], [17, 19, 21], [23, 25, 27]], [[21, 23, 25], [27, 29, 31], [33, 35, 37]]]],
+                     dtype=torch.float32)
+    m = nn.BatchNorm2d(2)
+    y = m(x).detach()
+    found = {(c.what, c.against): c for c in bn.checks}
+    assert found[("mean", "torch (ATen batch_norm's saved mean)")].normkit == pytest.approx([12.0, 22.0])
+    assert torch.allclose(torch.tensor(found[("y", "torch.nn.BatchNorm2d")].normkit), y, atol=1e-6)
+    assert found[("running_var", "torch.nn.BatchNorm2d")].normkit == pytest.approx(m.running_var.tolist())
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+
+def test_bench_json_png_and_bytes_model(tmp_path: Path) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert run_main("bench", "--op", "layer_norm", "--shapes", "64x128,16x512", "--budget", "0.01", "--no-compile",
+                    "--direction", "fwd", "--direction", "bwd", "--json", str(out), "--png", str(png)) == 0
+    payload = json.loads(out.read_text())
+    copy_gbps = payload["meta"]["copy_GBps"]
+    assert copy_gbps > 0
+    rows = payload["rows"]
+    assert {r["provider"] for r in rows} == {"torch", "normkit-torch", "normkit-reference"}
+    for r in rows:
+        assert "error" not in r and r["max_err_vs_torch"] < 1e-4
+        m, n = map(int, r["shape"].split("x"))
+        # read x, write y, read weight and bias, write fp32 mean and rstd per row
+        fwd_bytes = 2 * m * n * 4 + 2 * n * 4 + m * 8
+        # read x and dy, write dx, read weight, write dweight and dbias, read the statistics
+        bwd_bytes = 3 * m * n * 4 + 3 * n * 4 + m * 8
+        for direction, nbytes in (("fwd", fwd_bytes), ("bwd", bwd_bytes)):
+            assert r[f"{direction}_ms"] > 0
+            assert r[f"{direction}_GBps"] == pytest.approx(nbytes / (r[f"{direction}_ms"] * 1e-3) / 1e9)
+            assert r[f"{direction}_of_copy"] == pytest.approx(r[f"{direction}_GBps"] / copy_gbps)
+            assert f"{direction}_speedup_vs_compile" not in r
+        assert "fwd+bwd_ms" not in r
+    assert all(r["fwd_speedup_vs_torch"] == pytest.approx(1.0) for r in rows if r["provider"] == "torch")
+    assert_png(png)
+
+
+def test_bench_reports_compile_failure_as_an_error_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken_compile(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out = tmp_path / "bench.json"
+    assert run_main("bench", "--op", "rms_norm", "--shapes", "32x64", "--budget", "0.01", "--provider", "torch",
+                    "--provider", "torch.compile", "--json", str(out)) == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["torch"]["fwd_ms"] > 0
+    assert "no C++ compiler" in rows["torch.compile"]["error"] and "fwd_ms" not in rows["torch.compile"]
+
+
+@pytest.mark.skipif(not (Path(cli.__file__).resolve().parents[2] / "benchmarks" / "bench_norms.py").is_file(),
+                    reason="the repository's benchmark engine is only in a source checkout")
+def test_bench_fronts_the_repository_engine(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert run_main("bench", "--engine", "benchmarks", "--op", "rms_norm", "--shapes", "16x64", "--provider", "torch",
+                    "--provider", "normkit-reference", "--provider", "normkit-torch", "--direction", "fwd",
+                    "--json", str(out)) == 0
+    payload = json.loads(out.read_text())
+    assert payload["meta"]["engine"] == "benchmarks/bench_norms.py and normkit.bench"
+    rows = {r["provider"]: r for r in payload["rows"]}
+    assert rows["torch"]["engine"] == rows["normkit-reference"]["engine"] == "benchmarks/bench_norms.py"
+    assert rows["normkit-torch"]["engine"] == "normkit.bench"
+    for r in rows.values():  # the same fields from either engine, only the direction asked for
+        assert r["fwd_ms"] > 0 and r["fwd_GBps"] > 0 and "bwd_ms" not in r
+
+
+# --- compare -----------------------------------------------------------------------------------
+
+
+def test_compare_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "compare.json", tmp_path / "compare.png"
+    assert run_main("compare", "--quick", "--json", str(out), "--png", str(png)) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["batch_sizes"] == [8, 32]
+    assert set(result["accuracy"]) == {"BatchNorm", "GroupNorm", "LayerNorm2d", "InstanceNorm", "RMSNorm2d", "none"}
+    for per_batch in result["accuracy"].values():
+        for cell in per_batch.values():
+            assert 0.0 <= cell["mean"] <= 1.0 and len(cell["runs"]) == 1
+    assert all(len(c["loss"]) > 0 for per in result["loss_curves"].values() for c in per.values())
+    assert result["verdict"]["text"] in text
+    assert result["verdict"]["shows_trend"] in (True, False)
+    # a quick run still learns: well above chance (10%) for the digits
+    assert max(c["mean"] for per in result["accuracy"].values() for c in per.values()) > 0.3
+    assert_png(png)
+
+
+@pytest.mark.parametrize("x_shape", [(48, 6, 6), (48, 3, 6, 6)])
+def test_compare_on_user_data(tmp_path: Path, x_shape: tuple[int, ...]) -> None:
+    gen = np.random.default_rng(0)
+    y = np.arange(48) % 2
+    x = gen.normal(size=x_shape).astype(np.float32) + y.reshape(-1, *[1] * (len(x_shape) - 1))
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    out = tmp_path / "compare.json"
+    assert run_main("compare", "--data", str(path), "--norm", "BatchNorm", "--norm", "GroupNorm", "--batch-sizes",
+                    "4,8", "--seeds", "1", "--epochs", "1", "--workers", "1", "--json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "mine.npz" and result["train_size"] + result["val_size"] == 48
+
+
+def test_verdict_reads_the_numbers() -> None:
+    def cells(values: dict[int, list[float]]) -> dict[str, dict[str, object]]:
+        return {str(b): {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)), "runs": v}
+                for b, v in values.items()}
+
+    gn = cells({2: [0.95, 0.96, 0.95], 64: [0.95, 0.95, 0.96]})
+    degrading = cells({2: [0.80, 0.82, 0.81], 64: [0.96, 0.95, 0.96]})
+    assert verdict({"BatchNorm": degrading, "GroupNorm": gn}, [2, 64])["shows_trend"] is True
+    assert verdict({"BatchNorm": gn, "GroupNorm": gn}, [2, 64])["shows_trend"] is False
+    assert verdict({"BatchNorm": degrading, "GroupNorm": degrading}, [2, 64])["shows_trend"] is False
+    assert verdict({"GroupNorm": gn}, [2, 64])["shows_trend"] is None
+
+
+def test_compare_optimizer_is_torch_adamw() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    opt = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=1e-2)
+    m, v = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        for p, g in zip(theirs, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        _adamw_step(ours, grads, m, v, step, 1e-2, 1e-2)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_channels_last_norms_are_per_pixel() -> None:
+    x = torch.randn(2, 8, 3, 3)
+    ln = ChannelsLastNorm(normkit.LayerNorm(8))
+    expected = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+    rms = ChannelsLastNorm(normkit.RMSNorm(8, eps=1e-6))
+    torch.testing.assert_close(rms(x), x / torch.sqrt(x.square().mean(1, keepdim=True) + 1e-6), atol=1e-5, rtol=1e-5)
+
+
+# --- the console script ------------------------------------------------------------------------
+
+
+def test_console_script_piped_output() -> None:
+    script = shutil.which("normkit", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "normkit.cli"]
+    done = subprocess.run([*command, "explain", "bn", "--shape", "2,3,4,5"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "3 means and 3 variances, each over 40 elements" in done.stdout
+    assert "\x1b[" not in done.stdout  # piped: plain text, no terminal escapes
