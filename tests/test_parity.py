@@ -68,7 +68,9 @@ _MODULE_NAMES = sorted(
     and (hasattr(nn, n) or n in _TWIN)
 )
 # Keyword-only options beyond torch's, after ``backend``.
-_OPTIONS = {"RMSNorm": ["cast", "weight_offset"], "GroupNorm": ["group_size"]}
+# Every module has the precision controls; some have more.
+_PRECISION = ["stats_dtype", "out_dtype"]
+_OPTIONS = {"RMSNorm": _PRECISION + ["cast", "weight_offset"], "GroupNorm": _PRECISION + ["group_size"]}
 # torch's required arguments that normkit lets default to None for an option (GroupNorm's
 # num_groups and num_channels, so that ``GroupNorm(num_channels=64, group_size=16)`` works).
 _NONE_DEFAULTS = {"GroupNorm": {"num_groups", "num_channels"}}
@@ -414,7 +416,7 @@ def test_module_signature_is_torchs_plus_backend(name: str) -> None:
     theirs = _plain(inspect.signature(getattr(nn, _TWIN.get(name, name)).__init__))
     theirs = [(n, k, None if n in _NONE_DEFAULTS.get(name, ()) else d) for n, k, d in theirs]
     extra = ["residual_dtype", "backend"] if name in _TWIN else ["backend"]
-    options = _OPTIONS.get(name, [])
+    options = _OPTIONS.get(name, _PRECISION)
     assert ours[:len(ours) - len(options)] == theirs + [(e, _KW, None) for e in extra]
     assert [(n, k) for n, k, _ in ours[len(ours) - len(options):]] == [(o, _KW) for o in options]
 
@@ -422,6 +424,8 @@ def test_module_signature_is_torchs_plus_backend(name: str) -> None:
 @pytest.mark.parametrize("name", NF.__all__)
 def test_functional_signature_is_torchs_plus_backend(name: str) -> None:
     ours = _plain(inspect.signature(getattr(NF, name)))
+    assert ours[-2:] == [("stats_dtype", _KW, None), ("out_dtype", _KW, None)]  # precision controls
+    ours = ours[:-2]
     assert ours[-1] == ("backend", _KW, None)
     if name == "normalize":  # no torch twin (F.normalize is the L_p one): tested in test_layers.py
         return

@@ -1,8 +1,21 @@
 """``normkit.functional``: torch.nn.functional's normalization ops, on any normkit backend.
 
-Each function has exactly torch.nn.functional's signature and defaults plus a keyword-only
-``backend``. The arguments are checked first (torch's exception types and messages), then the
-backend is resolved for this call (see :mod:`normkit.backends`) and computes the result.
+Each function has exactly torch.nn.functional's signature and defaults plus keyword-only
+``backend``, ``stats_dtype`` and ``out_dtype``. The arguments are checked first (torch's
+exception types and messages), then the backend is resolved for this call (see
+:mod:`normkit.backends`) and computes the result.
+
+Precision controls, on every op and every backend:
+
+* ``stats_dtype``: float32 or float64, the dtype the statistics and the normalization are
+  computed in. ``None`` (default) is float32, float64 for float64 input. Another choice runs
+  the op on the input and parameters cast to it (running statistics are updated in it and
+  written back in their own dtype); only the rounding changes, never the formula (RMSNorm's
+  ``eps=None`` stays the input's default).
+* ``out_dtype``: the dtype of the result (``None``: the input's). The op then runs at the
+  statistics' precision and rounds once to ``out_dtype`` (a bf16 input with
+  ``out_dtype=torch.float32`` gives the unrounded float32 result). For the fused residual ops
+  it applies to ``y``; ``residual_out`` keeps ``residual_dtype``.
 
 Backends here: ``"torch"`` (ATen's kernels), ``"reference"`` (normkit's from-scratch
 implementation, :mod:`normkit.reference`) and, where Triton and a GPU are present, ``"triton"``.
@@ -49,6 +62,8 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Batch normalization over ``(N, *spatial)`` for each channel of ``(N, C, *spatial)``.
 
@@ -59,7 +74,7 @@ def batch_norm(
     """
     _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return resolve("batch_norm", backend, *args)(*args)
+    return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype)
 
 
 def instance_norm(
@@ -73,6 +88,8 @@ def instance_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Instance normalization: each (sample, channel) over its spatial axes.
 
@@ -81,7 +98,7 @@ def instance_norm(
     """
     _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps)
     args = (input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    return resolve("instance_norm", backend, *args)(*args)
+    return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
 
 
 def layer_norm(
@@ -92,12 +109,14 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` axes. See :class:`torch.nn.LayerNorm`."""
     normalized_shape = _shape(normalized_shape)
     _checks.check_layer_norm(input, normalized_shape, weight, bias, eps)
     args = (input, normalized_shape, weight, bias, eps)
-    return resolve("layer_norm", backend, *args)(*args)
+    return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype)
 
 
 def rms_norm(
@@ -107,14 +126,18 @@ def rms_norm(
     eps: float | None = None,
     *,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Root-mean-square normalization over the trailing axes (not centred); ``eps=None`` means
     machine epsilon of the statistics' dtype (float32 for fp16/bf16 input, as torch computes it).
     See :class:`torch.nn.RMSNorm`."""
     normalized_shape = _shape(normalized_shape)
     _checks.check_rms_norm(input, normalized_shape, weight, eps)
+    if eps is None and stats_dtype is not None:  # the formula's eps does not move with the precision
+        eps = reference.default_rms_eps(input.dtype)
     args = (input, normalized_shape, weight, eps)
-    return resolve("rms_norm", backend, *args)(*args)
+    return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
 
 
 def group_norm(
@@ -125,12 +148,14 @@ def group_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Group normalization: each sample's channels split into ``num_groups`` groups, each group
     normalized over its channels and spatial axes. See :class:`torch.nn.GroupNorm`."""
     _checks.check_group_norm(input, num_groups, weight, bias, eps)
     args = (input, num_groups, weight, bias, eps)
-    return resolve("group_norm", backend, *args)(*args)
+    return _dispatch("group_norm", args, backend, stats_dtype, out_dtype)
 
 
 def local_response_norm(
@@ -141,12 +166,14 @@ def local_response_norm(
     k: float = 1.0,
     *,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Local response normalization across ``size`` neighbouring channels.
     See :class:`torch.nn.LocalResponseNorm`."""
     _checks.check_local_response_norm(input, size)
     args = (input, size, alpha, beta, k)
-    return resolve("local_response_norm", backend, *args)(*args)
+    return _dispatch("local_response_norm", args, backend, stats_dtype, out_dtype)
 
 
 def normalize(
@@ -158,6 +185,8 @@ def normalize(
     *,
     center: bool = True,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The one primitive behind every norm: normalize ``input`` over any set of ``dims``.
 
@@ -189,7 +218,7 @@ def normalize(
     """
     dims = _check_normalize(input, dims, weight, bias, eps)
     args = (input, dims, weight, bias, eps, center)
-    return resolve("normalize", backend, *args)(*args)
+    return _dispatch("normalize", args, backend, stats_dtype, out_dtype)
 
 
 def _check_normalize(
@@ -238,6 +267,8 @@ def add_layer_norm(
     *,
     residual_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pre-norm residual step: ``residual_out = x + residual``, ``y = layer_norm(residual_out)``.
 
@@ -250,7 +281,7 @@ def add_layer_norm(
     _check_residual(x, residual)
     _checks.check_layer_norm(x, normalized_shape, weight, bias, eps)
     args = (x, residual, normalized_shape, weight, bias, eps, residual_dtype)
-    return resolve("add_layer_norm", backend, *args)(*args)
+    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype)
 
 
 def add_rms_norm(
@@ -262,13 +293,53 @@ def add_rms_norm(
     *,
     residual_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
     normalized_shape = _shape(normalized_shape)
     _check_residual(x, residual)
     _checks.check_rms_norm(x, normalized_shape, weight, eps)
+    if eps is None and stats_dtype is not None:
+        eps = reference.default_rms_eps(residual_dtype or x.dtype)
     args = (x, residual, normalized_shape, weight, eps, residual_dtype)
-    return resolve("add_rms_norm", backend, *args)(*args)
+    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype)
+
+
+_STATS_DTYPES = (torch.float32, torch.float64)
+# The arguments an op updates in place (the running statistics): written back after a cast call.
+_UPDATED_IN_PLACE = {"batch_norm": (1, 2), "instance_norm": (1, 2)}
+
+
+def _dispatch(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
+              out_dtype: torch.dtype | None):
+    """Resolve the backend for ``op`` and run it, at the precision asked for."""
+    x = args[0]
+    if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype}")
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a floating-point dtype (or None); got {out_dtype}")
+    work = stats_dtype or reference.acc_dtype(x.dtype)
+    asked = stats_dtype is not None or (out_dtype is not None and out_dtype != x.dtype)
+    if not asked:
+        return resolve(op, backend, *args)(*args)
+    if x.dtype == work or not x.is_floating_point():
+        out = resolve(op, backend, *args)(*args)
+        if not x.is_floating_point():  # integer input (local_response_norm): torch's result dtype
+            return out if out_dtype is None else out.to(out_dtype)
+    else:
+        # Run on the input cast to the working dtype (exact when widening), so the result is
+        # rounded once, to its final dtype.
+        cast = tuple(a.to(work) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        out = resolve(op, backend, *cast)(*cast)
+        with torch.no_grad():
+            for i in _UPDATED_IN_PLACE.get(op, ()):
+                if args[i] is not None and cast[i] is not args[i]:
+                    args[i].copy_(cast[i])
+    final = out_dtype or x.dtype
+    if isinstance(out, tuple):  # (y, residual_out): residual_out keeps residual_dtype
+        return out[0].to(final), out[1].to(args[-1] or x.dtype)
+    return out.to(final)
 
 
 def _check_residual(x: Tensor, residual: Tensor | None) -> None:

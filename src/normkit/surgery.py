@@ -139,15 +139,17 @@ def to_torch(model: nn.Module) -> nn.Module:
     """The reverse of :func:`convert` for normkit's torch twins: each becomes its exact torch.nn
     class (same Parameter objects), in place; returns ``model``. Layers with no torch class of
     the same forward (LayerNorm2d, RMSNorm2d, FrozenBatchNorm, fused-add norms, RMSNorm with
-    ``cast``/``weight_offset`` set) stay normkit modules, and adapters are not undone."""
+    ``cast``/``weight_offset`` set, modules with ``stats_dtype``/``out_dtype`` set) stay normkit modules, and adapters are not undone."""
     for m in model.modules():
         cls = _TORCH_OF.get(type(m))
         if cls is None:
             continue
         if isinstance(m, nk.RMSNorm) and (m.cast != "weight_first" or m.weight_offset):
             continue
+        if m.stats_dtype is not None or m.out_dtype is not None:  # torch has no precision controls
+            continue
         m.__class__ = cls
-        for extra in ("backend", "cast", "weight_offset"):
+        for extra in ("backend", "stats_dtype", "out_dtype", "cast", "weight_offset"):
             m.__dict__.pop(extra, None)
     return model
 

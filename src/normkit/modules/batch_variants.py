@@ -86,10 +86,11 @@ class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
 
     def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, backend: str | None = None) -> None:
+                 bias: bool = True, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_virtual(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend)
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.virtual_batch_size = virtual_batch_size
 
 
@@ -98,10 +99,11 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
 
     def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, backend: str | None = None) -> None:
+                 bias: bool = True, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_virtual(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend)
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.virtual_batch_size = virtual_batch_size
 
 
@@ -130,7 +132,7 @@ def batch_renorm_forward(module: _BatchRenorm, input: Tensor) -> Tensor:
     counter = module.num_batches_tracked
     factor = 1.0 / float(counter + 1) if module.momentum is None else module.momentum
     out = NF.batch_norm(input, module.running_mean, module.running_var, weight, bias, True, factor, module.eps,
-                        backend=module.backend)
+                        **module.call_options())
     counter.add_(1)
     return out
 
@@ -204,10 +206,11 @@ class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None) -> None:
+                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_renorm(r_max, d_max, warmup_steps)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend)
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
 
 
@@ -216,10 +219,11 @@ class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None) -> None:
+                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_renorm(r_max, d_max, warmup_steps)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend)
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
 
 
@@ -228,8 +232,9 @@ class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None) -> None:
+                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_renorm(r_max, d_max, warmup_steps)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend)
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)

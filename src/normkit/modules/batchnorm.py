@@ -47,9 +47,9 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
         module.eps,
     )
     if mask is None:
-        out = NF.batch_norm(input, *args, backend=module.backend)
+        out = NF.batch_norm(input, *args, **module.call_options())
     else:
-        out = masked_batch_norm(input, mask, *args, backend=module.backend)
+        out = masked_batch_norm(input, mask, *args, backend=module.call_options(masked=True)["backend"])
     if counter is not None:
         counter.add_(1)
     return out
@@ -86,9 +86,10 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         return batch_norm_forward(self, input, mask)
@@ -100,9 +101,10 @@ class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
@@ -111,9 +113,10 @@ class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
@@ -124,9 +127,10 @@ class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyBatchNorm2d(_BatchNormMixin, nn.LazyBatchNorm2d):
@@ -136,9 +140,10 @@ class LazyBatchNorm2d(_BatchNormMixin, nn.LazyBatchNorm2d):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyBatchNorm3d(_BatchNormMixin, nn.LazyBatchNorm3d):
@@ -148,6 +153,7 @@ class LazyBatchNorm3d(_BatchNormMixin, nn.LazyBatchNorm3d):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)

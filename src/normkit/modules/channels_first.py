@@ -18,8 +18,8 @@ def channels_first_forward(module: LayerNorm2d | RMSNorm2d, input: Tensor) -> Te
     _check_4d(module, input)
     if isinstance(module, RMSNorm2d):
         eps = default_rms_eps(input.dtype) if module.eps is None else module.eps
-        return normalize(input, (1,), module.weight, None, eps, center=False, backend=module.backend)
-    return normalize(input, (1,), module.weight, module.bias, module.eps, backend=module.backend)
+        return normalize(input, (1,), module.weight, None, eps, center=False, **module.call_options())
+    return normalize(input, (1,), module.weight, module.bias, module.eps, **module.call_options())
 
 
 torch.fx.wrap("channels_first_forward")
@@ -55,9 +55,10 @@ class LayerNorm2d(BackendMixin, nn.LayerNorm):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, *, backend: str | None = None) -> None:
+                 device=None, dtype=None, *, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_channels, eps, elementwise_affine, bias, device, dtype)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return channels_first_forward(self, input)
@@ -74,9 +75,10 @@ class RMSNorm2d(BackendMixin, nn.RMSNorm):
     """
 
     def __init__(self, num_channels: int, eps: float | None = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, backend: str | None = None) -> None:
+                 device=None, dtype=None, *, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_channels, eps, elementwise_affine, device, dtype)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return channels_first_forward(self, x)

@@ -26,7 +26,7 @@ def frozen_batch_norm_forward(module: _FrozenBatchNorm, input: Tensor) -> Tensor
         dims = " or ".join(f"{d}D" for d in module._dims)
         raise ValueError(f"expected {dims} input (got {input.dim()}D input)")
     return NF.batch_norm(input, module.running_mean, module.running_var, module.weight, module.bias,
-                         False, 0.0, module.eps, backend=module.backend)
+                         False, 0.0, module.eps, **module.call_options())
 
 
 torch.fx.wrap("frozen_batch_norm_forward")
@@ -52,7 +52,8 @@ class _FrozenBatchNorm(BackendMixin, nn.Module):
     _twin: type[nn.modules.batchnorm._BatchNorm]
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if num_features <= 0:
             raise ValueError(f"num_features must be positive; got {num_features}")
@@ -63,7 +64,7 @@ class _FrozenBatchNorm(BackendMixin, nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -77,8 +78,8 @@ class _FrozenBatchNorm(BackendMixin, nn.Module):
         return frozen_batch_norm_forward(self, input)
 
     def extra_repr(self) -> str:
-        text = f"{self.num_features}, eps={self.eps}"
-        return text if self.backend is None else f"{text}, backend={self.backend!r}"
+        options = BackendMixin.extra_repr(self)
+        return f"{self.num_features}, eps={self.eps}" + (f", {options}" if options else "")
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
@@ -121,7 +122,8 @@ def _frozen(bn: nn.modules.batchnorm._BatchNorm, dim: int) -> _FrozenBatchNorm:
         )
     ref = bn.running_mean
     frozen = _FROZEN_OF[dim](bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype,
-                             backend=getattr(bn, "backend", None))
+                             backend=getattr(bn, "backend", None), stats_dtype=getattr(bn, "stats_dtype", None),
+                             out_dtype=getattr(bn, "out_dtype", None))
     # The same tensors, not copies: freezing moves nothing and costs no memory.
     frozen.running_mean, frozen.running_var = bn.running_mean, bn.running_var
     if bn.weight is not None:
@@ -173,7 +175,7 @@ def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
         if not isinstance(m, _FrozenBatchNorm):
             return None
         ref = m.running_mean
-        bn = m._twin(m.num_features, m.eps, device=ref.device, dtype=ref.dtype, backend=m.backend)
+        bn = m._twin(m.num_features, m.eps, device=ref.device, dtype=ref.dtype, backend=m.backend, stats_dtype=m.stats_dtype, out_dtype=m.out_dtype)
         bn.weight, bn.bias = nn.Parameter(m.weight), nn.Parameter(m.bias)
         bn.running_mean, bn.running_var, bn.num_batches_tracked = m.running_mean, m.running_var, m.num_batches_tracked
         return bn.train(m.training)

@@ -45,7 +45,8 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
         return masked_instance_norm(
             input, mask, module.running_mean, module.running_var, module.weight, module.bias,
             module.training or not module.track_running_stats,
-            module.momentum if module.momentum is not None else 0.0, module.eps, backend=module.backend,
+            module.momentum if module.momentum is not None else 0.0, module.eps,
+            backend=module.call_options(masked=True)["backend"],
         )
     unbatched = input.dim() == module._get_no_batch_dim()
     out = NF.instance_norm(
@@ -57,7 +58,7 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
         module.training or not module.track_running_stats,
         module.momentum if module.momentum is not None else 0.0,
         module.eps,
-        backend=module.backend,
+        **module.call_options(),
     )
     return out.squeeze(0) if unbatched else out
 
@@ -91,9 +92,10 @@ class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         return instance_norm_forward(self, input, mask)
@@ -105,9 +107,10 @@ class InstanceNorm2d(_InstanceNormMixin, nn.InstanceNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
@@ -116,9 +119,10 @@ class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyInstanceNorm1d(_InstanceNormMixin, nn.LazyInstanceNorm1d):
@@ -128,9 +132,10 @@ class LazyInstanceNorm1d(_InstanceNormMixin, nn.LazyInstanceNorm1d):
 
     def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyInstanceNorm2d(_InstanceNormMixin, nn.LazyInstanceNorm2d):
@@ -140,9 +145,10 @@ class LazyInstanceNorm2d(_InstanceNormMixin, nn.LazyInstanceNorm2d):
 
     def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyInstanceNorm3d(_InstanceNormMixin, nn.LazyInstanceNorm3d):
@@ -152,6 +158,7 @@ class LazyInstanceNorm3d(_InstanceNormMixin, nn.LazyInstanceNorm3d):
 
     def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)

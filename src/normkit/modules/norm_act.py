@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -44,10 +45,11 @@ class BatchNormAct2d(BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 act: str | None = "relu", backend: str | None = None) -> None:
+                 act: str | None = "relu", backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_act(act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend)
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.act = act
 
     def extra_repr(self) -> str:
@@ -66,9 +68,10 @@ class GroupNormAct(GroupNorm):
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
-                 dtype=None, *, bias: bool = True, act: str | None = "silu", backend: str | None = None) -> None:
+                 dtype=None, *, bias: bool = True, act: str | None = "silu", backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         _check_act(act)
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias, backend=backend)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias, backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.act = act
 
     def extra_repr(self) -> str:

@@ -30,12 +30,13 @@ class LayerNorm(BackendMixin, nn.LayerNorm):
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, **self.call_options())
 
 
 class RMSNorm(BackendMixin, nn.RMSNorm):
@@ -56,13 +57,14 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
-                 backend: str | None = None, cast: str = "weight_first", weight_offset: float = 0.0) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, cast: str = "weight_first", weight_offset: float = 0.0) -> None:
         if cast not in _CASTS:
             raise ValueError(f"RMSNorm cast must be one of {_CASTS}; got {cast!r}")
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.cast, self.weight_offset = cast, float(weight_offset)
         self.reset_parameters()
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -77,8 +79,11 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.cast == "normalize_first" and self.weight is not None:
-            return self._scale() * rms_norm(x, self.normalized_shape, None, self.eps, backend=self.backend)
-        return rms_norm(x, self.normalized_shape, self._scale(), self.eps, backend=self.backend)
+            options = self.call_options()
+            out_dtype = options.pop("out_dtype")
+            y = self._scale() * rms_norm(x, self.normalized_shape, None, self.eps, **options)
+            return y if out_dtype is None else y.to(out_dtype)
+        return rms_norm(x, self.normalized_shape, self._scale(), self.eps, **self.call_options())
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -106,7 +111,8 @@ class GroupNorm(BackendMixin, nn.GroupNorm):
 
     def __init__(self, num_groups: int | None = None, num_channels: int | None = None, eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None, group_size: int | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, group_size: int | None = None) -> None:
         if num_channels is None:
             raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(8, 64) or GroupNorm(num_channels=64, group_size=8)")
         if (num_groups is None) == (group_size is None):
@@ -121,10 +127,10 @@ class GroupNorm(BackendMixin, nn.GroupNorm):
                 )
             num_groups = num_channels // group_size
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, **self.call_options())
 
 
 class LocalResponseNorm(BackendMixin, nn.LocalResponseNorm):
@@ -133,12 +139,13 @@ class LocalResponseNorm(BackendMixin, nn.LocalResponseNorm):
     (Krizhevsky et al., 2012)."""
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__(size, alpha, beta, k)
-        self._init_backend(backend)
+        self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return local_response_norm(input, self.size, self.alpha, self.beta, self.k, backend=self.backend)
+        return local_response_norm(input, self.size, self.alpha, self.beta, self.k, **self.call_options())
 
 
 class FusedAddLayerNorm(LayerNorm):
@@ -151,13 +158,14 @@ class FusedAddLayerNorm(LayerNorm):
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
-                 residual_dtype: torch.dtype | None = None, backend: str | None = None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend=backend)
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
-                              residual_dtype=self.residual_dtype, backend=self.backend)
+                              residual_dtype=self.residual_dtype, **self.call_options())
 
 
 class FusedAddRMSNorm(RMSNorm):
@@ -165,10 +173,11 @@ class FusedAddRMSNorm(RMSNorm):
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
-                 residual_dtype: torch.dtype | None = None, backend: str | None = None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype, backend=backend)
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype, backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
-                            residual_dtype=self.residual_dtype, backend=self.backend)
+                            residual_dtype=self.residual_dtype, **self.call_options())
