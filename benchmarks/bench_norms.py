@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +28,9 @@ try:
     import normkit  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent / "src"))
+
+# One problem description and bytes-moved model for both engines (normkit.bench is the CPU one).
+from normkit.bench import Problem  # noqa: E402
 
 __all__ = ["FULL_SHAPES", "QUICK_SHAPES", "Problem", "copy_bandwidth", "main", "providers", "run",
            "write_report"]
@@ -45,56 +46,6 @@ FULL_SHAPES = {
     "images": [(8, 320, 64, 64, 32), (16, 512, 32, 32, 32)],
 }
 QUICK_SHAPES = {"rows": [(64, 256), (512, 1024)], "images": [(2, 32, 16, 16, 8)]}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One op on one shape and dtype; parameters share the input's dtype."""
-
-    op: str
-    shape: tuple[int, ...]  # (M, N), or (N, C, H, W) for group_norm
-    dtype: torch.dtype
-    groups: int = 0
-
-    @property
-    def rows(self) -> int:  # rows that get their own statistics
-        return self.shape[0] * self.groups if self.op == "group_norm" else self.shape[0]
-
-    @property
-    def params(self) -> int:  # elements of the weight (and of the bias)
-        return self.shape[1] if self.op == "group_norm" else self.shape[-1]
-
-    def bytes_moved(self, direction: str) -> int:
-        """The traffic an ideal kernel cannot avoid (see README: partial buffers not counted).
-
-        fwd: read x (+ residual), weight (+ bias); write y (+ residual_out), mean/rstd (fp32;
-             rstd only for RMSNorm).
-        bwd: read x (residual_out), dy (+ d residual_out), weight, mean/rstd; write dx
-             (+ d residual), dw (+ db).
-        """
-        if direction == "fwd+bwd":
-            return self.bytes_moved("fwd") + self.bytes_moved("bwd")
-        x = math.prod(self.shape) * self.dtype.itemsize
-        streams = {"fwd": 2, "bwd": 3}[direction] + (2 if self.op.startswith("add_") else 0)
-        has_bias = "layer" in self.op or self.op == "group_norm"
-        param_tensors = {"fwd": 1, "bwd": 2}[direction] + has_bias
-        stats = self.rows * 4 * (1 if "rms" in self.op else 2)
-        return streams * x + param_tensors * self.params * self.dtype.itemsize + stats
-
-    def make(self, device: str) -> dict[str, torch.Tensor]:
-        gen = torch.Generator(device=device).manual_seed(0)
-
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen, device=device, dtype=self.dtype)
-
-        t = {"x": randn(*self.shape), "weight": randn(self.params), "bias": randn(self.params)}
-        if self.op.startswith("add_"):
-            t["residual"] = randn(*self.shape)
-        return {k: v.requires_grad_() for k, v in t.items()}
-
-    def __str__(self) -> str:
-        g = f"/G{self.groups}" if self.groups else ""
-        return f"{self.op} {'x'.join(map(str, self.shape))}{g} {str(self.dtype).removeprefix('torch.')}"
 
 
 # ---- providers: name -> (problem -> callable(tensors) -> outputs, or None if not applicable)

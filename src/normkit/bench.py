@@ -93,6 +93,13 @@ class Problem:
         return self.shape[1] if self.op == "group_norm" else self.shape[-1]
 
     def bytes_moved(self, direction: str) -> int:
+        """The traffic an ideal kernel cannot avoid (partial-sum buffers not counted).
+
+        fwd: read x (+ residual), weight (+ bias); write y (+ residual_out), mean/rstd (fp32;
+             rstd only for RMSNorm).
+        bwd: read x (residual_out), dy (+ d residual_out), weight, mean/rstd; write dx
+             (+ d residual), dw (+ db).
+        """
         if direction == "fwd+bwd":
             return self.bytes_moved("fwd") + self.bytes_moved("bwd")
         x = math.prod(self.shape) * self.dtype.itemsize
@@ -103,15 +110,19 @@ class Problem:
         return streams * x + param_tensors * self.params * self.dtype.itemsize + stats
 
     def make(self, device: str) -> dict[str, Tensor]:
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
 
         def randn(*shape: int) -> Tensor:
-            return torch.randn(*shape, generator=gen, dtype=self.dtype).to(device)
+            return torch.randn(*shape, generator=gen, device=device, dtype=self.dtype)
 
         t = {"x": randn(*self.shape), "weight": randn(self.params), "bias": randn(self.params)}
         if self.op.startswith("add_"):
             t["residual"] = randn(*self.shape)
         return {k: v.requires_grad_() for k, v in t.items()}
+
+    def __str__(self) -> str:
+        g = f"/G{self.groups}" if self.groups else ""
+        return f"{self.op} {'x'.join(map(str, self.shape))}{g} {str(self.dtype).removeprefix('torch.')}"
 
     @property
     def label(self) -> str:

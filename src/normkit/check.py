@@ -189,7 +189,7 @@ def _run_case(case: CheckCase, shape: tuple[int, ...], backend: str, dtype: torc
             return
         grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in runs[0][1]]
         low_ran = runs[1][0][0] is not None
-        for m, (xs, outs) in zip((oracle, low, ours), runs):
+        for m, (_, outs) in zip((oracle, low, ours), runs):
             m.zero_grad()
             if m is not low or low_ran:
                 torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
