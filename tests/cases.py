@@ -338,7 +338,7 @@ class NormCase:
     @property
     def stateful(self) -> bool:
         """Whether the module keeps running statistics (then training steps differ from eval)."""
-        return dict(self.kwargs).get("track_running_stats", self.module.startswith("BatchNorm"))
+        return dict(self.kwargs).get("track_running_stats", self.module.removeprefix("Sync").startswith("BatchNorm"))
 
     def build(self, lib: ModuleType, **extra: Any) -> nn.Module:
         """The module from ``lib`` (``torch.nn`` or ``normkit``); ``extra`` adds keywords (``backend``)."""
@@ -349,7 +349,7 @@ class NormCase:
 
 
 def op_of(module: str) -> str:
-    base = module.removeprefix("Lazy").removeprefix("FusedAdd")
+    base = module.removeprefix("Lazy").removeprefix("FusedAdd").removeprefix("Sync")
     for spec in NORMS.values():
         if base.startswith(spec.module):
             return spec.name
@@ -377,6 +377,10 @@ NORM_CASES: tuple[NormCase, ...] = (
     _c("BatchNorm1d", (3,), (4, 3, 5), track_running_stats=False),
     _c("BatchNorm1d", (3,), (4, 3), bias=False),
     _c("BatchNorm1d", (3,), (0, 3, 5), note="empty"),
+    # SyncBatchNorm outside a process group: BatchNorm (tests/test_syncbn.py runs it distributed).
+    _c("SyncBatchNorm", (3,), (7, 3), note="primes"),
+    _c("SyncBatchNorm", (3,), (2, 3, 4, 5), "channels_last", momentum=None),
+    _c("SyncBatchNorm", (3,), (0, 3, 4), note="empty"),
     # BatchNorm2d
     _c("BatchNorm2d", (3,), (1, 3, 5, 7), note="batch1"),
     _c("BatchNorm2d", (5,), (2, 5, 7, 3), note="primes"),

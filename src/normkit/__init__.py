@@ -43,6 +43,8 @@ from .modules import (
     LocalResponseNorm,
     RMSNorm,
     RMSNorm2d,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
     freeze_batch_norm,
     unfreeze_batch_norm,
 )
@@ -89,7 +91,9 @@ __all__ = [
     "LazyInstanceNorm3d",
     "LocalResponseNorm",
     "RMSNorm",
+    "SyncBatchNorm",
     "backends",
+    "convert_sync_batchnorm",
     "current_backend",
     "functional",
     "norms",

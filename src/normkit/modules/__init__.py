@@ -27,6 +27,7 @@ from .instancenorm import (
 )
 from .norm_act import BatchNormAct2d, GroupNormAct
 from .stateless import FusedAddLayerNorm, FusedAddRMSNorm, GroupNorm, LayerNorm, LocalResponseNorm, RMSNorm
+from .syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "BatchNormAct2d",
@@ -61,4 +62,6 @@ __all__ = [
     "LazyInstanceNorm3d",
     "LocalResponseNorm",
     "RMSNorm",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]
