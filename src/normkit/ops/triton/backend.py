@@ -7,7 +7,8 @@ first looks the backend up (``normkit.backends.register_lazy_backend("triton", r
   CPU interpreter: exact but slow, for tests).
 * Unsupported (with the reason): tensors on a device Triton cannot run on (a CPU tensor
   without the interpreter), dtypes other than float32/bfloat16/float16 (so no float64), an
-  empty input, ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job).
+  empty input (an empty batch included), ``instance_norm(use_input_stats=False)`` (a
+  per-channel affine: ATen's job), ``momentum=None`` with running statistics.
 * Preferred by ``"auto"``: only CUDA tensors, and only the ops listed in
   :data:`MEASURED_FASTER`, those that ``benchmarks/bench_norms.py`` has shown beating ATen (and
   ``torch.compile``) on a GPU, with the result committed under ``benchmarks/results/``. Until
@@ -80,6 +81,13 @@ def _instance_norm_unsupported(input, running_mean=None, running_var=None, weigh
     return _tensors_unsupported(input, weight, bias)
 
 
+def _batch_norm_unsupported(input, running_mean, running_var, weight=None, bias=None,
+                            training=False, momentum=0.1, eps=1e-5):
+    if momentum is None and training and (running_mean is not None or running_var is not None):
+        return "momentum=None (cumulative average) is not supported; pass a float momentum"
+    return _tensors_unsupported(input, running_mean, running_var, weight, bias)
+
+
 def _add_norm_unsupported(x, residual, normalized_shape, weight=None, bias=None, eps=None,
                           residual_dtype=None):
     if residual is not None and residual.shape != x.shape:
@@ -114,7 +122,7 @@ def register() -> None:
         register_backend(Backend("triton", ops={}, is_available=lambda: False,
                                  description="Triton kernels (Triton is not installed)"))
         return
-    from normkit.ops.triton import row_norm
+    from normkit.ops.triton import batch_norm, row_norm
 
     ops = {
         "layer_norm": OpImpl(row_norm.layer_norm, _layer_norm_unsupported, _preferred("layer_norm")),
@@ -123,6 +131,7 @@ def register() -> None:
         "add_rms_norm": OpImpl(row_norm.add_rms_norm, _add_rms_norm_unsupported, _preferred("add_rms_norm")),
         "group_norm": OpImpl(row_norm.group_norm, _group_norm_unsupported, _preferred("group_norm")),
         "instance_norm": OpImpl(row_norm.instance_norm, _instance_norm_unsupported, _preferred("instance_norm")),
+        "batch_norm": OpImpl(batch_norm.batch_norm, _batch_norm_unsupported, _preferred("batch_norm")),
     }
     register_backend(Backend("triton", ops=ops, is_available=is_available,
-                             description="Triton row-norm kernels (normkit.ops.triton)"))
+                             description="Triton row-norm and batch-norm kernels (normkit.ops.triton)"))

@@ -1,0 +1,475 @@
+"""BatchNorm in Triton: kernels, launchers, ``torch.library`` custom ops and autograd.
+
+BatchNorm reduces over every axis but the channel one, so its rows are not the row norms' rows
+(:mod:`normkit.ops.triton.kernels`): here an ``(N, C, *spatial)`` input is viewed as a matrix of
+``M = N * S`` rows (one per sample and spatial position, ``S = prod(spatial)``) and ``C``
+columns, and every statistic is per column. Element ``(m, c)`` lives at::
+
+    (m // S) * stride_n + (m % S) * stride_s + c * stride_c
+
+with the strides of the ``(N, C, S)`` view, so one set of kernels reads both layouts without a
+copy:
+
+=====================  ===========  ===========  ===========  ==================================
+layout                 stride_n     stride_c     stride_s     a channel is
+=====================  ===========  ===========  ===========  ==================================
+NC* contiguous         ``C * S``    ``S``        1            N contiguous segments of S
+channels_last(_3d)     ``S * C``    1            ``C``        a column of an (N*S, C) matrix
+(N, C)                 ``C``        1            (S = 1)      a column
+=====================  ===========  ===========  ===========  ==================================
+
+A sliced input keeps its strides too; only a layout whose spatial axes do not merge into one
+stride (``reshape`` cannot view it) is copied. Outputs take the input's memory format.
+
+Four kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels:
+
+* ``batch_norm_stats_kernel``: a program owns a contiguous block of rows and a block of
+  channels; it merges per-tile (count, mean, M2) with Chan's formula and writes its partial
+  mean and M2 per channel to a ``[P, C]`` buffer (P programs along the rows).
+* ``batch_norm_apply_kernel``: ``y = (x - mean) * scale + shift`` with per-channel fp32 vectors
+  (training: batch mean, ``w * rstd``, b; eval: the same from the running statistics).
+* ``batch_norm_bwd_reduce_kernel``: per-program partial ``sum(dy)`` and ``sum(dy * x_hat)``.
+* ``batch_norm_bwd_apply_kernel``: ``dx = w * rstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``
+  (batch statistics) or ``dx = w * rstd * dy`` (running statistics).
+
+Determinism: no atomics. Partials are merged by fixed-shape torch reductions over the
+``[P, C]`` buffers (P depends only on the shape and the device), so a call gives the same bits
+on every run. The P partial (count, mean, M2) are merged in one step with the k-way form of
+Chan's formula, ``M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)``: deviations are of partial
+means from the global mean, never ``E[x^2] - E[x]^2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from normkit.ops.triton.kernels import _cast_to
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_apply_kernel",
+    "batch_norm_bwd",
+    "batch_norm_bwd_apply_kernel",
+    "batch_norm_bwd_reduce_kernel",
+    "batch_norm_fwd",
+    "batch_norm_stats",
+    "batch_norm_stats_kernel",
+]
+
+# Same override as the row norms (normkit.ops.triton.row_norm.BLOCK_ENV_VAR): caps the tile
+# (BLOCK_M * BLOCK_C elements), which is how the tests reach many tiles and programs.
+BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
+TILE = 4096
+# Channels per tile: a channels-last row of 64 channels is 128-256 contiguous bytes; an NC*
+# channel is contiguous along the rows, so few channels and long row runs.
+BLOCK_C_MAX = {"columns": 64, "segments": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _tile(m0, c0, M, C, S, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row and channel indices of the tile at (m0, c0), its (sample, position) split and mask."""
+    m = m0 + tl.arange(0, BLOCK_M)[:, None]
+    c = c0 + tl.arange(0, BLOCK_C)[None, :]
+    return m // S, m % S, c, (m < M) & (c < C)  # S == 1 is a constant: no division then
+
+
+@triton.jit
+def _offsets(n, s, c, stride_n, stride_c, stride_s):
+    return n * stride_n + s * stride_s + c * stride_c
+
+
+@triton.jit
+def _load_channel(P, c0, C, BLOCK_C: tl.constexpr):
+    """A per-channel fp32 vector, as a (1, BLOCK_C) row of the tile."""
+    c = c0 + tl.arange(0, BLOCK_C)[None, :]
+    return tl.load(P + c, mask=c < C, other=0.0)
+
+
+@triton.jit
+def batch_norm_stats_kernel(
+    X, SHIFT, MEAN_PART, M2_PART,
+    M, C, S, stride_xn, stride_xc, stride_xs, rows_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (p, j): rows ``[p * rows_per_program, ...)``, channels of block j; writes the
+    mean and M2 of its rows of ``x - shift`` to ``MEAN_PART[p, c]``, ``M2_PART[p, c]`` (the
+    count is implied). ``shift`` is one element of the channel: a constant channel is then
+    exactly 0 (zero variance, output exactly the bias), and a large common offset cancels
+    exactly (Sterbenz) before any rounding."""
+    pid_m = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    row_start = pid_m.to(tl.int64) * rows_per_program  # int64: offsets may pass 2**31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    count = 0.0
+    for m0 in range(row_start, row_end, BLOCK_M):
+        n, s, c, mask = _tile(m0, c0, row_end, C, S, BLOCK_M, BLOCK_C)
+        x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
+                    other=0.0).to(tl.float32)
+        x = tl.where(mask, x - _load_channel(SHIFT, c0, C, BLOCK_C), 0.0)
+        n_b = tl.minimum(row_end - m0, BLOCK_M).to(tl.float32)
+        mean_b = tl.sum(x, axis=0) / n_b
+        d = tl.where(mask, x - mean_b[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)
+        # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b).
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
+        count = total
+    c = c0 + tl.arange(0, BLOCK_C)
+    tl.store(MEAN_PART + pid_m * C + c, mean, mask=c < C)
+    tl.store(M2_PART + pid_m * C + c, m2, mask=c < C)
+
+
+@triton.jit
+def batch_norm_apply_kernel(
+    X, Y, MEAN, SCALE, SHIFT,
+    M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+):
+    """One tile per program: ``y = (x - mean) * scale + shift`` (centring first keeps a large
+    common offset from costing precision in ``x * scale``)."""
+    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    c0 = tl.program_id(1) * BLOCK_C
+    n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
+    x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
+                other=0.0).to(tl.float32)
+    y = (x - _load_channel(MEAN, c0, C, BLOCK_C)) * _load_channel(SCALE, c0, C, BLOCK_C)
+    y += _load_channel(SHIFT, c0, C, BLOCK_C)
+    tl.store(Y + _offsets(n, s, c, stride_yn, stride_yc, stride_ys), _cast_to(y, Y, RNE_BY_HAND),
+             mask=mask)
+
+
+@triton.jit
+def batch_norm_bwd_reduce_kernel(
+    X, DY, MEAN, RSTD, SUM_DY_PART, SUM_DY_XHAT_PART,
+    M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
+    rows_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (p, j): fp32 ``sum(dy)`` and ``sum(dy * x_hat)`` over its rows, per channel."""
+    pid_m = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    row_start = pid_m.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    mean = _load_channel(MEAN, c0, C, BLOCK_C)
+    rstd = _load_channel(RSTD, c0, C, BLOCK_C)
+    sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        n, s, c, mask = _tile(m0, c0, row_end, C, S, BLOCK_M, BLOCK_C)
+        x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
+                    other=0.0).to(tl.float32)
+        dy = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
+                     other=0.0).to(tl.float32)
+        sum_dy += tl.sum(dy, axis=0)
+        sum_dy_xhat += tl.sum(dy * ((x - mean) * rstd), axis=0)  # masked lanes: dy = 0
+    c = c0 + tl.arange(0, BLOCK_C)
+    tl.store(SUM_DY_PART + pid_m * C + c, sum_dy, mask=c < C)
+    tl.store(SUM_DY_XHAT_PART + pid_m * C + c, sum_dy_xhat, mask=c < C)
+
+
+@triton.jit
+def batch_norm_bwd_apply_kernel(
+    X, DY, DX, MEAN, RSTD, SCALE, MEAN_DY, MEAN_DY_XHAT,
+    M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
+    stride_dxn, stride_dxc, stride_dxs,
+    BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
+    """``dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` with ``scale = w * rstd``;
+    with running statistics (``BATCH_STATS=0``) mean and rstd are constants: ``dx = scale * dy``."""
+    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    c0 = tl.program_id(1) * BLOCK_C
+    n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
+    g = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
+                other=0.0).to(tl.float32)
+    if BATCH_STATS:
+        x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
+                    other=0.0).to(tl.float32)
+        x_hat = (x - _load_channel(MEAN, c0, C, BLOCK_C)) * _load_channel(RSTD, c0, C, BLOCK_C)
+        g = g - _load_channel(MEAN_DY, c0, C, BLOCK_C) \
+            - x_hat * _load_channel(MEAN_DY_XHAT, c0, C, BLOCK_C)
+    dx = g * _load_channel(SCALE, c0, C, BLOCK_C)
+    tl.store(DX + _offsets(n, s, c, stride_dxn, stride_dxc, stride_dxs),
+             _cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+class _Blocks(NamedTuple):
+    BLOCK_M: int
+    BLOCK_C: int
+    num_warps: int
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _channel_view(t: Tensor) -> Tensor:
+    """``t`` as ``(N, C, S)``: a view for NC*, channels_last(_3d) and sliced inputs alike."""
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def _empty_out(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An output in x's memory format (channels_last stays channels_last), or contiguous when
+    that format's spatial axes do not merge into one stride."""
+    out = torch.empty_like(x, dtype=dtype)
+    try:
+        out.view(x.shape[0], x.shape[1], -1)
+    except RuntimeError:
+        out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+    return out
+
+
+def _strides(t3: Tensor) -> tuple[int, int, int]:
+    return t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def _blocks(x3: Tensor, block_n: int | None) -> _Blocks:
+    N, C, S = x3.shape
+    if block_n is None and os.environ.get(BLOCK_ENV_VAR):
+        block_n = int(os.environ[BLOCK_ENV_VAR])
+    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 1, got {block_n}")
+    tile = block_n or TILE
+    columns = S == 1 or x3.stride(1) < x3.stride(2)  # channels are the fast axis
+    block_c = min(triton.next_power_of_2(C), BLOCK_C_MAX["columns" if columns else "segments"],
+                  tile)
+    block_m = min(triton.next_power_of_2(N * S), max(1, tile // block_c))
+    return _Blocks(block_m, block_c, min(max(block_m * block_c // 512, 1), 8))
+
+
+def _row_split(M: int, blocks: _Blocks, c_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(programs along the rows, rows per program) of the reducing kernels: a few programs
+    per SM in all, each walking whole tiles; on the CPU interpreter, a handful."""
+    if device.type == "cuda":
+        target = max(1, 4 * torch.cuda.get_device_properties(device).multi_processor_count // c_blocks)
+    else:
+        target = 4
+    tiles = triton.cdiv(M, blocks.BLOCK_M)
+    rows_per_program = triton.cdiv(tiles, min(tiles, target)) * blocks.BLOCK_M
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
+def _apply(x3: Tensor, y3: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+           blocks: _Blocks) -> None:
+    N, C, S = x3.shape
+    grid = (triton.cdiv(N * S, blocks.BLOCK_M), triton.cdiv(C, blocks.BLOCK_C))
+    batch_norm_apply_kernel[grid](
+        x3, y3, mean, scale, shift, N * S, C, S, *_strides(x3), *_strides(y3),
+        BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=_interpreted(),
+        num_warps=blocks.num_warps,
+    )
+
+
+def batch_norm_stats(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+    eps: float, block_n: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The batch's per-channel ``(mean, rstd)`` (fp32, shape ``(C,)``); the running
+    statistics, when given, are updated in place."""
+    x3 = _channel_view(x)
+    N, C, S = x3.shape
+    M = N * S
+    dev = x.device
+    blocks = _blocks(x3, block_n)
+    c_blocks = triton.cdiv(C, blocks.BLOCK_C)
+    programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
+    mean_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
+    m2_part = torch.empty_like(mean_part)
+    shift = x3[0, :, 0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    with _device_of(x):
+        batch_norm_stats_kernel[(programs, c_blocks)](
+            x3, shift, mean_part, m2_part, M, C, S, *_strides(x3), rows_per_program,
+            BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
+        )
+    counts = (M - rows_per_program * torch.arange(programs, device=dev)).clamp(
+        max=rows_per_program).to(torch.float32).unsqueeze(1)
+    shifted_mean = (counts * mean_part).sum(0) / M
+    m2 = m2_part.sum(0) + (counts * (mean_part - shifted_mean).square()).sum(0)
+    mean = shift + shifted_mean
+    # As ATen: r = momentum * batch + (1 - momentum) * r in fp32, the unbiased variance.
+    for running, batch in ((running_mean, mean), (running_var, m2 / (M - 1))):
+        if running is not None:
+            running.copy_(momentum * batch + (1 - momentum) * running.float())
+    return mean, torch.rsqrt(m2 / M + eps)
+
+
+def batch_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    block_n: int | None = None,
+) -> Tensor:
+    """``y = (x - mean) * rstd * weight + bias`` in x's memory format."""
+    scale = rstd if weight is None else rstd * weight.float()
+    shift = torch.zeros_like(mean) if bias is None else bias.float()
+    x3 = _channel_view(x)
+    y = _empty_out(x)
+    with _device_of(x):
+        _apply(x3, _channel_view(y), mean, scale, shift, _blocks(x3, block_n))
+    return y
+
+
+def batch_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, batch_stats: bool,
+    need_dx: bool, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)``; one not asked for (``need_dx`` False, dtype None) comes back empty."""
+    x3, dy3 = _channel_view(x), _channel_view(dy)
+    N, C, S = x3.shape
+    M = N * S
+    dev = x.device
+    blocks = _blocks(x3, block_n)
+    c_blocks = triton.cdiv(C, blocks.BLOCK_C)
+
+    def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # fresh: outputs may not alias
+        return torch.empty((0,), dtype=dtype, device=dev)
+
+    sum_dy = sum_dy_xhat = empty()
+    if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
+        programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
+        sum_dy_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
+        sum_dy_xhat_part = torch.empty_like(sum_dy_part)
+        with _device_of(x):
+            batch_norm_bwd_reduce_kernel[(programs, c_blocks)](
+                x3, dy3, mean, rstd, sum_dy_part, sum_dy_xhat_part, M, C, S, *_strides(x3),
+                *_strides(dy3), rows_per_program,
+                BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
+            )
+        # A fixed-shape torch sum: the same partials give the same bits on every run.
+        sum_dy, sum_dy_xhat = sum_dy_part.sum(0), sum_dy_xhat_part.sum(0)
+    dx = empty(x.dtype)
+    if need_dx:
+        dx = _empty_out(x)
+        dx3 = _channel_view(dx)
+        scale = rstd if weight is None else rstd * weight.float()
+        mean_dy, mean_dy_xhat = (sum_dy / M, sum_dy_xhat / M) if batch_stats else (empty(), empty())
+        grid = (triton.cdiv(M, blocks.BLOCK_M), c_blocks)
+        with _device_of(x):
+            batch_norm_bwd_apply_kernel[grid](
+                x3, dy3, dx3, mean, rstd, scale, mean_dy, mean_dy_xhat, M, C, S, *_strides(x3),
+                *_strides(dy3), *_strides(dx3),
+                BATCH_STATS=batch_stats, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
+                RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
+            )
+    # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).
+    dw = sum_dy_xhat.to(dw_dtype, copy=True) if dw_dtype is not None else empty()
+    db = sum_dy.to(db_dtype, copy=True) if db_dtype is not None else empty()
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees. Two forward ops, because a custom op that mutates its
+# inputs cannot carry an autograd formula: ``batch_norm_stats`` (the batch statistics, and the
+# in-place running-statistics update; it sees a detached input) and ``batch_norm_fwd`` (the
+# normalization, differentiable; its backward accounts for the statistics' dependence on x).
+
+
+@torch.library.custom_op("normkit::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def _batch_norm_stats_op(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    return batch_norm_stats(x, running_mean, running_var, momentum, eps)
+
+
+@_batch_norm_stats_op.register_fake
+def _(x, running_mean, running_var, momentum, eps):
+    C = x.shape[1]
+    return x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+
+
+@torch.library.custom_op("normkit::batch_norm_fwd", mutates_args=())
+def _batch_norm_fwd_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    batch_stats: bool,
+) -> Tensor:
+    return batch_norm_fwd(x, weight, bias, mean, rstd)
+
+
+@_batch_norm_fwd_op.register_fake
+def _(x, weight, bias, mean, rstd, batch_stats):
+    return _empty_out(x)
+
+
+@torch.library.custom_op("normkit::batch_norm_bwd", mutates_args=())
+def _batch_norm_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, batch_stats: bool,
+    need_dx: bool, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return batch_norm_bwd(dy, x, weight, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype)
+
+
+@_batch_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype):
+    C = x.shape[1]
+    dx = _empty_out(x) if need_dx else x.new_empty((0,))
+
+    def grad(dtype: torch.dtype | None) -> Tensor:
+        return x.new_empty((C,) if dtype is not None else (0,), dtype=dtype or torch.float32)
+
+    return dx, grad(dw_dtype), grad(db_dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, mean, rstd, batch_stats = inputs
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.batch_stats = batch_stats
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, dy):
+    x, weight, mean, rstd = ctx.saved_tensors
+    w_dtype, b_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    dx, dw, db = _batch_norm_bwd_op(dy, x, weight, mean, rstd, ctx.batch_stats, need[0],
+                                    w_dtype if need[1] else None, b_dtype if need[2] else None)
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_context=_setup_context)
+
+
+def batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` in Triton: statistics per channel over ``(N, *spatial)``.
+
+    Numerics: statistics in fp32 whatever the input dtype (partial Welford merged with Chan's
+    formula); the biased variance normalizes, the unbiased one (``M2 / (n - 1)``) enters
+    ``running_var``; ``running = momentum * batch + (1 - momentum) * running``, computed in fp32
+    and stored in the running statistics' dtype. ``momentum`` is a float (the modules turn
+    ``momentum=None`` into ``1 / (batches + 1)``). Arguments are trusted: validated by
+    :mod:`normkit.functional` and accepted by the backend's ``unsupported`` check.
+    """
+    if training:
+        mean, rstd = _batch_norm_stats_op(input.detach(), running_mean, running_var,
+                                          float(momentum), float(eps))
+    else:
+        mean = running_mean.detach().float()
+        rstd = torch.rsqrt(running_var.detach().float() + eps)
+    return _batch_norm_fwd_op(input, weight, bias, mean, rstd, bool(training))
