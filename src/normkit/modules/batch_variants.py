@@ -197,6 +197,15 @@ class _BatchRenorm:
         text = f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"  # type: ignore[misc]
         return f"{text}, warmup_steps={self.warmup_steps}" if self.warmup_steps else text
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
+        _check_renorm(r_max, d_max, warmup_steps)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
+        self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
+
     def forward(self, input: Tensor) -> Tensor:
         return batch_renorm_forward(self, input)
 
@@ -204,37 +213,10 @@ class _BatchRenorm:
 class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
     __doc__ = _BatchRenorm.__doc__
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_renorm(r_max, d_max, warmup_steps)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
-        self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
-
 
 class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
     __doc__ = _BatchRenorm.__doc__
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_renorm(r_max, d_max, warmup_steps)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
-        self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
-
 
 class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
     __doc__ = _BatchRenorm.__doc__
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_renorm(r_max, d_max, warmup_steps)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
-        self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
