@@ -595,6 +595,14 @@ FUNCTIONAL_CASES: tuple[FunctionalCase, ...] = (
     _f("group_norm", (2, 6, 5), num_groups=3, weight=True, bias=True),
     _f("group_norm", (2, 6, 4, 5), "channels_last", num_groups=2, weight=True, bias=False),
     _f("group_norm", (1, 4, 3), num_groups=1, weight=False, bias=False, eps=1e-3),
+    # norm + activation: the norm's arguments, then act (one pass on the triton backend)
+    _f("batch_norm_act", (2, 3, 4, 5), training=True, stats=True, weight=True, bias=True, act="silu"),
+    _f("batch_norm_act", (2, 3, 4, 5), "channels_last", training=False, stats=True, weight=True, bias=True,
+       act="gelu"),
+    _f("batch_norm_act", (5, 3), training=True, stats=False, weight=False, bias=True, act="relu"),
+    _f("group_norm_act", (2, 6, 5), num_groups=3, weight=True, bias=True, act="silu"),
+    _f("group_norm_act", (2, 6, 4, 5), "channels_last", num_groups=2, weight=True, bias=False, act="gelu"),
+    _f("group_norm_act", (1, 4, 3), num_groups=1, weight=False, bias=False, act="relu"),
     *(
         _f("local_response_norm", shape, size=size, **_LRN_STRONG)
         for size in (1, 2, 3, 5)

@@ -44,6 +44,8 @@ def _valid_args(op: str) -> tuple[Any, ...]:
         "add_layer_norm": lambda: (r(2, 5), r(2, 5), (5,), r(5), r(5), 1e-5),
         "add_rms_norm": lambda: (r(2, 5), r(2, 5), (5,), r(5), None),
         "normalize": lambda: (r(2, 3, 5), (1,), r(3), r(3), 1e-5),
+        "batch_norm_act": lambda: (r(4, 3, 5), r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
+        "group_norm_act": lambda: (r(2, 6, 5), 3, r(6), r(6), 1e-5),
     }
     return calls[op]()
 

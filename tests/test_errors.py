@@ -136,6 +136,9 @@ TORCH_OPS: dict[str, Callable[..., Any]] = {
     **{op: getattr(F, op) for op in NF.__all__ if hasattr(F, op)},
     "add_layer_norm": _add_norm(F.layer_norm),
     "add_rms_norm": _add_norm(F.rms_norm),
+    # norm + activation: the norm's errors (the default activation never raises)
+    "batch_norm_act": lambda *args: F.relu(F.batch_norm(*args)),
+    "group_norm_act": lambda *args: F.silu(F.group_norm(*args)),
 }
 
 
@@ -315,6 +318,12 @@ BAD_CALLS: tuple[Call, ...] = (
     Call("add_rms_norm-empty-shape", "add_rms_norm", lambda r: (r(3, 5), None, ())),
     Call("add_rms_norm-weight-meta", "add_rms_norm", lambda r: (r(3, 5), r(3, 5), (5,), r(5, device="meta"))),
     Call("add_rms_norm-int64", "add_rms_norm", lambda r: (r(3, 5, dtype=_i64), r(3, 5, dtype=_i64), (5,))),
+    # -- norm + activation: the norm's own errors, as torch raises them before the activation
+    Call("bn_act-weight-C+1", "batch_norm_act", _bn(X, weight=C + 1)),
+    Call("bn_act-1xC-train", "batch_norm_act", _bn(_x(1, C))),
+    Call("bn_act-eval-no-stats", "batch_norm_act", _bn(X, stats=None, training=False)),
+    Call("group_norm_act-6-channels-4-groups", "group_norm_act", lambda r: (r(2, 6, 4, 5), 4)),
+    Call("group_norm_act-bias-size", "group_norm_act", lambda r: (r(2, 6, 4, 5), 2, r(6), r(5))),
 )
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import normkit
+import normkit.functional as NF
 from cases import BACKENDS, assert_close_to_reference, randomize_, seed_of, skip_if_declined
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -310,3 +311,15 @@ def test_norm_act_rejects_unknown_activation_and_shows_act() -> None:
         normkit.GroupNormAct(2, 4, act="swish")
     assert "act='silu'" in repr(normkit.GroupNormAct(2, 4))
     assert isinstance(normkit.BatchNormAct2d(4), nn.BatchNorm2d) and isinstance(normkit.GroupNormAct(2, 4), nn.GroupNorm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_norm_act_rejects_unknown_activation_before_any_work(backend: str) -> None:
+    x = torch.randn(4, 3, 5)
+    stats = [torch.randn(3), torch.rand(3) + 0.5]
+    before = [s.clone() for s in stats]
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        NF.batch_norm_act(x, *stats, None, None, True, act="tanh", backend=backend)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        NF.group_norm_act(x, 3, act="swish", backend=backend)
+    assert all(torch.equal(s, b) for s, b in zip(stats, before, strict=True))

@@ -10,6 +10,7 @@ float64 with the self-calibrating bound of ``cases.assert_close_to_reference``.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -269,7 +270,7 @@ def _functional_call(
         t = torch.randn(shape, generator=gen, dtype=torch.float64) if normal else torch.rand(shape, generator=gen, dtype=torch.float64)
         return (t * spread + lo).to(param_dtype)
 
-    op = case.op
+    op = case.op.removesuffix("_act")  # a norm + activation takes its norm's arguments
     pshape = tuple(o["normalized_shape"]) if op in ("layer_norm", "rms_norm") else (case.shape[1],)
     params: dict[str, Tensor | None] = {
         name: rand(pshape).requires_grad_() if o.get(name) else None for name in ("weight", "bias")
@@ -303,17 +304,27 @@ def _functional_call(
     return out
 
 
+def _torch_functional(case: FunctionalCase) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """(torch's spelling, normkit's) of the case's op: F.<op>, or for a norm + activation
+    F.<norm> followed by the activation."""
+    if not case.op.endswith("_act"):
+        return getattr(F, case.op), getattr(NF, case.op)
+    norm, act = getattr(F, case.op.removesuffix("_act")), case.options["act"]
+    return (lambda *args: NF.activate(act, norm(*args))), functools.partial(getattr(NF, case.op), act=act)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_DTYPE_IDS.get)
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in FUNCTIONAL_CASES])
 def test_functional_matches_torch(case: FunctionalCase, dtype: torch.dtype, backend: str) -> None:
     param_dtype = torch.float32 if dtype in LOW_PRECISION else dtype  # bf16/fp16 input, fp32 weight
+    theirs, ours = _torch_functional(case)
     results = {
-        "torch": _functional_call(case, getattr(F, case.op), dtype, param_dtype, False),
-        "normkit": _functional_call(case, getattr(NF, case.op), dtype, param_dtype, False, backend=backend),
+        "torch": _functional_call(case, theirs, dtype, param_dtype, False),
+        "normkit": _functional_call(case, ours, dtype, param_dtype, False, backend=backend),
     }
     if dtype in LOW_PRECISION:
-        results["reference"] = _functional_call(case, getattr(F, case.op), dtype, param_dtype, True)
+        results["reference"] = _functional_call(case, theirs, dtype, param_dtype, True)
     _compare(results, dtype, case.op, backend)
 
 
@@ -428,6 +439,11 @@ def test_functional_signature_is_torchs_plus_backend(name: str) -> None:
     ours = ours[:-2]
     assert ours[-1] == ("backend", _KW, None)
     if name == "normalize":  # no torch twin (F.normalize is the L_p one): tested in test_layers.py
+        return
+    if name.endswith("_act"):  # the norm's signature, then the activation
+        default = {"batch_norm_act": "relu", "group_norm_act": "silu"}[name]
+        norm = _plain(inspect.signature(getattr(F, name.removesuffix("_act"))))
+        assert ours == norm + [("act", _KW, default), ("backend", _KW, None)]
         return
     if name in ("add_layer_norm", "add_rms_norm"):  # no torch twin: the norm's arguments after (x, residual)
         norm = _plain(inspect.signature(getattr(F, name.removeprefix("add_"))))

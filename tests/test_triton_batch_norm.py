@@ -13,6 +13,7 @@ before Triton is imported); shapes are small because the interpreter runs progra
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -51,6 +52,7 @@ class Case(NamedTuple):
     param_dtype: torch.dtype | None = None  # None: the input's dtype
     train_steps: int = 2  # then one eval step when there are running statistics
     block_n: int | None = None  # cap the tile: many tiles and programs on small shapes
+    act: str | None = None  # batch_norm_act: the activation applied in the same pass
 
     def __str__(self) -> str:
         flags = ["x".join(map(str, self.shape)), str(self.dtype).removeprefix("torch."), self.layout]
@@ -59,6 +61,7 @@ class Case(NamedTuple):
         if self.param_dtype:
             flags.append("P=" + str(self.param_dtype).removeprefix("torch."))
         flags += [f"train{self.train_steps}"] + ([f"block{self.block_n}"] if self.block_n else [])
+        flags += [f"act={self.act}"] if self.act else []
         return "-".join(flags)
 
 
@@ -77,7 +80,17 @@ CASES = [
     Case((3, 5, 4), f16, param_dtype=f32, bias=False, stats=False, train_steps=1),
     Case((1, 5, 3, 3), f16, param_dtype=f32, train_steps=0),  # eval with batch 1
     Case((1, 3, 2, 2), train_steps=0, weight=False),
+    # BatchNorm + activation in one pass, training then eval (both backward kernels recompute
+    # the activation's input)
+    Case((2, 5, 3, 4), bf16, param_dtype=f32, act="silu"),
+    Case((2, 3, 4, 5), layout="channels_last", block_n=16, act="gelu"),
+    Case((3, 4, 5), f16, bias=False, act="relu"),
 ]
+
+
+def _then_act(norm, act: str | None):
+    """``act(norm(...))``: the composition the fused kernels must equal."""
+    return lambda *args: functional.activate(act, norm(*args))
 
 
 def make_input(case: Case, gen: torch.Generator) -> torch.Tensor:
@@ -133,9 +146,9 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.block_n is not None:
         monkeypatch.setenv(B.BLOCK_ENV_VAR, str(case.block_n))
-    got = run(B.batch_norm, case)
-    want = run(reference.batch_norm, case, torch.float64)
-    low = run(F.batch_norm, case)
+    got = run(functools.partial(B.batch_norm, act=case.act), case)
+    want = run(_then_act(reference.batch_norm, case.act), case, torch.float64)
+    low = run(_then_act(F.batch_norm, case.act), case)
     assert got.keys() == want.keys()
     for name, oracle in want.items():
         kernel, torch_low = got[name], low[name]
@@ -165,6 +178,22 @@ def test_channel_view_is_not_a_copy(layout: str) -> None:
     shape = (2, 3, 2, 3, 4) if layout == "channels_last_3d" else (2, 3, 4, 5)
     x = make_input(Case(shape, layout=layout), torch.Generator().manual_seed(0))
     assert B._channel_view(x).data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_is_atens(training: bool) -> None:
+    """No elements: an empty output, zero parameter gradients, running statistics unchanged."""
+    x = torch.randn(0, 3, 4, device=DEVICE, requires_grad=True)
+    results = []
+    for impl in (B.batch_norm, F.batch_norm):
+        w, b = (torch.randn(3, device=DEVICE, requires_grad=True) for _ in range(2))
+        stats = [torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5]
+        before = [s.clone() for s in stats]
+        y = impl(x, *stats, w, b, training, MOMENTUM, EPS)
+        grads = torch.autograd.grad(y, [x, w, b], torch.randn_like(y))
+        assert all(torch.equal(s, s0) for s, s0 in zip(stats, before, strict=True))
+        results.append((y.shape, *(g.shape for g in grads), grads[1].abs().sum(), grads[2].abs().sum()))
+    assert results[0] == results[1]
 
 
 def _model(x, running_mean, running_var, w, b):
@@ -198,7 +227,7 @@ def test_backend_registration_and_checks(monkeypatch: pytest.MonkeyPatch) -> Non
     assert op.unsupported(x, *stats, None, None, True) is None
     assert "float64" in op.unsupported(x.double(), None, None, None, None, True)
     assert "float64" in op.unsupported(x, stats[0].double(), stats[1], None, None, False)
-    assert "empty" in op.unsupported(x[:0], *stats, None, None, True)
+    assert op.unsupported(x[:0], *stats, None, None, True) is None  # ATen's empty-batch result
     assert "momentum=None" in op.unsupported(x, *stats, None, None, True, None)
     assert op.preferred(x, *stats) is (DEVICE == "cuda" and "batch_norm" in triton_backend.MEASURED_FASTER)
     monkeypatch.setattr(triton_backend, "MEASURED_FASTER", frozenset({"batch_norm"}))

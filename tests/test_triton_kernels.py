@@ -61,6 +61,15 @@ def _add_norm(norm: Callable, round_residual: Callable, cast_y: bool) -> Callabl
     return add_norm
 
 
+def _then_act(norm: Callable) -> Callable:
+    """``act(norm(x, groups, weight, bias, eps))``: norm + activation composed."""
+
+    def norm_act(x, groups, weight, bias, eps, act):
+        return functional.activate(act, norm(x, groups, weight, bias, eps))
+
+    return norm_act
+
+
 def _stored(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """r rounded to ``dtype`` as the kernel stores it, with an identity gradient."""
     return r + (r.to(dtype).to(r.dtype) - r).detach()
@@ -70,14 +79,14 @@ def _stored(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # here, one entry per op).
 ORACLE = SimpleNamespace(
     layer_norm=F.layer_norm, rms_norm=F.rms_norm, group_norm=F.group_norm,
-    instance_norm=F.instance_norm,
+    instance_norm=F.instance_norm, group_norm_act=_then_act(F.group_norm),
     add_layer_norm=_add_norm(F.layer_norm, _stored, cast_y=False),
     add_rms_norm=_add_norm(F.rms_norm, _stored, cast_y=False),
 )
 # The same ops run by torch in the inputs' own precision: the calibration of the bound.
 LOW_PRECISION = SimpleNamespace(
     layer_norm=F.layer_norm, rms_norm=F.rms_norm, group_norm=F.group_norm,
-    instance_norm=F.instance_norm,
+    instance_norm=F.instance_norm, group_norm_act=_then_act(F.group_norm),
     add_layer_norm=_add_norm(F.layer_norm, torch.Tensor.to, cast_y=True),
     add_rms_norm=_add_norm(F.rms_norm, torch.Tensor.to, cast_y=True),
 )
@@ -93,7 +102,7 @@ def _triton_add_norm(fn: Callable) -> Callable:
 TRITON = SimpleNamespace(
     layer_norm=T.layer_norm, rms_norm=T.rms_norm, group_norm=T.group_norm,
     instance_norm=T.instance_norm, add_layer_norm=_triton_add_norm(T.add_layer_norm),
-    add_rms_norm=_triton_add_norm(T.add_rms_norm),
+    add_rms_norm=_triton_add_norm(T.add_rms_norm), group_norm_act=T.group_norm_act,
 )
 
 
@@ -112,6 +121,7 @@ class Case(NamedTuple):
     groups: int = 1  # group_norm
     channels_last: bool = False
     running_stats: bool = False  # instance_norm
+    act: str | None = None  # group_norm_act
 
     def __str__(self) -> str:
         flags = [self.op, "x".join(map(str, self.shape)), str(self.dtype).removeprefix("torch.")]
@@ -120,7 +130,8 @@ class Case(NamedTuple):
                                   ("stats", self.running_stats)) if on]
         flags += [f"{k}={v}" for k, v in (("P", self.param_dtype), ("R", self.residual_dtype),
                                           ("pad", self.row_pad), ("block", self.block_n),
-                                          ("G", self.groups)) if v not in (None, 0, 1)]
+                                          ("G", self.groups), ("act", self.act))
+                  if v not in (None, 0, 1)]
         return "-".join(str(f).replace("torch.", "") for f in flags)
 
 
@@ -162,6 +173,10 @@ CASES = [
     Case("group_norm", (2, 4, 3, 3), bf16, weight=False, bias=False, groups=2),
     Case("group_norm", (2, 6, 4, 4), groups=3, channels_last=True),
     Case("group_norm", (4, 12), groups=4),  # no spatial axes
+    # GroupNorm + activation in one pass; the backward recomputes the activation's input
+    Case("group_norm_act", (2, 6, 5, 3), groups=3, act="silu"),
+    Case("group_norm_act", (2, 6, 9, 9), bf16, param_dtype=f32, groups=2, block_n=16, act="gelu"),
+    Case("group_norm_act", (3, 8, 1, 1), f16, bias=False, groups=2, act="relu"),
     Case("instance_norm", (2, 3, 5, 5), running_stats=True),
     Case("instance_norm", (3, 5, 7), bf16, param_dtype=f32, running_stats=True),
     Case("instance_norm", (2, 3, 6, 6), f16, weight=False, bias=False, block_n=8),
@@ -210,6 +225,8 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
         return Inputs(args, kwargs, tensors)
     if case.op == "group_norm":
         return Inputs((x, case.groups, weight, bias), {}, tensors)
+    if case.op == "group_norm_act":
+        return Inputs((x, case.groups, weight, bias, 1e-5, case.act), {}, tensors)
     channels = shape[1]
     stats = (rand(channels, dtype=f32), rand(channels, dtype=f32).abs()) if case.running_stats \
         else (None, None)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +38,37 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "batch_norm",
+    "batch_norm_act",
     "group_norm",
+    "group_norm_act",
     "instance_norm",
     "layer_norm",
     "local_response_norm",
     "normalize",
     "rms_norm",
 ]
+
+
+# The activations of the norm + activation ops, by name; None is the identity. "gelu" is the
+# exact (erf) form.
+ACTIVATIONS: dict[str | None, Callable[[Tensor], Tensor] | None] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    None: None,
+}
+
+
+def check_act(act: str | None) -> None:
+    """Raise ValueError unless ``act`` names one of :data:`ACTIVATIONS`."""
+    if not isinstance(act, (str, type(None))) or act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {list(ACTIVATIONS)}")
+
+
+def activate(act: str | None, y: Tensor) -> Tensor:
+    """``act(y)``; the identity for ``act=None``."""
+    fn = ACTIVATIONS[act]
+    return y if fn is None else fn(y)
 
 
 def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -156,6 +180,55 @@ def group_norm(
     _checks.check_group_norm(input, num_groups, weight, bias, eps)
     args = (input, num_groups, weight, bias, eps)
     return _dispatch("group_norm", args, backend, stats_dtype, out_dtype)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    act: str | None = "relu",
+    backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``act(batch_norm(input, ...))``, with ``act`` one of ``"relu"``, ``"silu"``, ``"gelu"``
+    (exact erf form) or ``None``; arguments and running statistics as :func:`batch_norm`.
+
+    The triton backend does it in one pass each way: the activation is applied before the
+    output is stored, and the backward recomputes the activation's input from x and the
+    statistics, so the normalized tensor never goes to memory. The other backends compose
+    the norm and torch's activation (the norm's output rounded to the input's dtype first).
+    """
+    check_act(act)
+    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, act)
+    return _dispatch("batch_norm_act", args, backend, stats_dtype, out_dtype)
+
+
+def group_norm_act(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    act: str | None = "silu",
+    backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``act(group_norm(input, ...))``: as :func:`batch_norm_act`, for :func:`group_norm`
+    (default ``act="silu"``, the diffusion U-Net block's)."""
+    check_act(act)
+    _checks.check_group_norm(input, num_groups, weight, bias, eps)
+    args = (input, num_groups, weight, bias, eps, act)
+    return _dispatch("group_norm_act", args, backend, stats_dtype, out_dtype)
 
 
 def local_response_norm(
@@ -308,7 +381,7 @@ def add_rms_norm(
 
 _STATS_DTYPES = (torch.float32, torch.float64)
 # The arguments an op updates in place (the running statistics): written back after a cast call.
-_UPDATED_IN_PLACE = {"batch_norm": (1, 2), "instance_norm": (1, 2)}
+_UPDATED_IN_PLACE = {"batch_norm": (1, 2), "batch_norm_act": (1, 2), "instance_norm": (1, 2)}
 
 
 def _dispatch(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
@@ -384,6 +457,17 @@ def _torch_normalize(input, dims, weight=None, bias=None, eps=1e-5, center=True)
     return y.movedim(last, dims)
 
 
+def _then_act(norm: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The composition ``activate(act, norm(*args))``, for backends without a fused kernel."""
+
+    def norm_act(*args: object) -> Tensor:
+        *norm_args, act = args
+        return activate(act, norm(*norm_args))  # type: ignore[arg-type]
+
+    norm_act.__name__ = f"{norm.__name__}_act"
+    return norm_act
+
+
 def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
     if (input.device.type == "cpu" and input.dim() > 3 and input.numel() > 0
             and input.dtype in (torch.float16, torch.bfloat16)):
@@ -404,6 +488,8 @@ register_backend(
             "add_layer_norm": OpImpl(_torch_add_layer_norm),
             "add_rms_norm": OpImpl(_torch_add_rms_norm),
             "normalize": OpImpl(_torch_normalize),
+            "batch_norm_act": OpImpl(_then_act(F.batch_norm)),
+            "group_norm_act": OpImpl(_then_act(F.group_norm)),
         },
         description="PyTorch's own ATen kernels",
     )
@@ -422,6 +508,8 @@ register_backend(
             "add_layer_norm": OpImpl(reference.add_layer_norm),
             "add_rms_norm": OpImpl(reference.add_rms_norm),
             "normalize": OpImpl(reference.normalize),
+            "batch_norm_act": OpImpl(_then_act(reference.batch_norm)),
+            "group_norm_act": OpImpl(_then_act(reference.group_norm)),
         },
         description="normkit's from-scratch implementation with hand-derived backward",
     )

@@ -1,5 +1,6 @@
 """normkit's modules: each subclasses its torch.nn twin and adds a keyword-only ``backend``."""
 
+from .batch_variants import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm1d, GhostBatchNorm2d
 from .batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -8,7 +9,6 @@ from .batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
-from .batch_variants import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm1d, GhostBatchNorm2d
 from .channels_first import LayerNorm2d, RMSNorm2d
 from .frozen import (
     FrozenBatchNorm1d,

@@ -19,11 +19,13 @@ __all__ = [
 ]
 
 
-def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor | None = None) -> Tensor:
+def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor | None = None, *,
+                       act: str | None = None) -> Tensor:
     """torch's ``_BatchNorm.forward`` semantics, with one difference: ``num_batches_tracked`` is
     incremented only after the call succeeds, so a failed call leaves every buffer untouched.
     With a ``mask`` (``(N, L)`` bool, True = real token) the statistics count the real tokens
-    only (:func:`normkit.masked.masked_batch_norm`).
+    only (:func:`normkit.masked.masked_batch_norm`); with ``act``, the output is
+    :func:`normkit.functional.batch_norm_act`'s.
 
     It is one function of the module (wrapped as a leaf for ``torch.fx`` symbolic tracing,
     which cannot trace the shape checks and the ``momentum=None`` average).
@@ -46,7 +48,9 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
         factor,
         module.eps,
     )
-    if mask is None:
+    if act is not None:
+        out = NF.batch_norm_act(input, *args, act=act, **module.call_options())
+    elif mask is None:
         out = NF.batch_norm(input, *args, **module.call_options())
     else:
         out = masked_batch_norm(input, mask, *args, backend=module.call_options(masked=True)["backend"])

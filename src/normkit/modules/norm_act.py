@@ -1,37 +1,21 @@
-"""Norm + activation in one module (timm's ``BatchNormAct2d`` / ``GroupNormAct``): the norm on any
-normkit backend, then the activation. The ``state_dict`` is the plain norm's, so checkpoints of
-``BatchNorm2d`` / ``GroupNorm`` (followed by a parameter-free activation) load as they are."""
+"""Norm + activation in one module (timm's ``BatchNormAct2d`` / ``GroupNormAct``). The forward is
+:func:`normkit.functional.batch_norm_act` / :func:`~normkit.functional.group_norm_act`: one pass
+each way on the triton backend, the norm then torch's activation elsewhere. The ``state_dict``
+is the plain norm's, so checkpoints of ``BatchNorm2d`` / ``GroupNorm`` (followed by a
+parameter-free activation) load as they are."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .batchnorm import BatchNorm2d
+from ..functional import ACTIVATIONS, check_act, group_norm_act
+from .batchnorm import BatchNorm2d, batch_norm_forward
 from .stateless import GroupNorm
 
 __all__ = ["ACTIVATIONS", "BatchNormAct2d", "GroupNormAct"]
 
-# The activations by name; None is the identity.
-ACTIVATIONS: dict[str | None, Callable[[Tensor], Tensor] | None] = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    None: None,
-}
-
-
-def _check_act(act: str | None) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; expected one of {list(ACTIVATIONS)}")
-
-
-def _activate(act: str | None, y: Tensor) -> Tensor:
-    fn = ACTIVATIONS[act]
-    return y if fn is None else fn(y)
+torch.fx.wrap("group_norm_act")
 
 
 class BatchNormAct2d(BatchNorm2d):
@@ -39,15 +23,16 @@ class BatchNormAct2d(BatchNorm2d):
 
     Args: as :class:`torch.nn.BatchNorm2d`, plus keyword-only ``bias``, ``act`` (``"silu"``,
     ``"relu"``, ``"gelu"`` (exact erf form) or ``None``; default ``"relu"``) and ``backend``.
-    ``state_dict``: BatchNorm2d's. The norm runs on the resolved backend; the activation is
-    torch's, applied to the norm's output in its dtype.
+    ``state_dict``: BatchNorm2d's. On the triton backend the activation is applied in the
+    norm's kernel (one read and one write of the tensor each way); elsewhere it is torch's,
+    applied to the norm's output in its dtype.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  act: str | None = "relu", backend: str | None = None,
                  stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_act(act)
+        check_act(act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.act = act
@@ -56,7 +41,7 @@ class BatchNormAct2d(BatchNorm2d):
         return f"{super().extra_repr()}, act={self.act!r}"
 
     def forward(self, input: Tensor) -> Tensor:
-        return _activate(self.act, super().forward(input))
+        return batch_norm_forward(self, input, act=self.act)
 
 
 class GroupNormAct(GroupNorm):
@@ -64,19 +49,20 @@ class GroupNormAct(GroupNorm):
 
     Args: as :class:`torch.nn.GroupNorm`, plus keyword-only ``bias``, ``act`` (``"silu"``,
     ``"relu"``, ``"gelu"`` or ``None``; default ``"silu"``) and ``backend``. ``state_dict``:
-    GroupNorm's.
+    GroupNorm's. One pass on the triton backend, as :class:`BatchNormAct2d`.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
                  dtype=None, *, bias: bool = True, act: str | None = "silu", backend: str | None = None,
                  stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_act(act)
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias, backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
+        check_act(act)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias, backend=backend,
+                         stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.act = act
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act!r}"
 
     def forward(self, input: Tensor) -> Tensor:
-        return _activate(self.act, super().forward(input))
-
+        return group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps, act=self.act,
+                              **self.call_options())

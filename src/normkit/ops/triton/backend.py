@@ -7,8 +7,10 @@ first looks the backend up (``normkit.backends.register_lazy_backend("triton", r
   CPU interpreter: exact but slow, for tests).
 * Unsupported (with the reason): tensors on a device Triton cannot run on (a CPU tensor
   without the interpreter), dtypes other than float32/bfloat16/float16 (so no float64), an
-  empty input (an empty batch included), ``instance_norm(use_input_stats=False)`` (a
-  per-channel affine: ATen's job), ``momentum=None`` with running statistics.
+  empty input for the row norms (batch_norm takes it, as ATen: an empty output and no update),
+  ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job), a functional
+  ``momentum=None`` with running statistics (torch's functional ops reject it too; the modules
+  pass the cumulative-average factor as a float).
 * Preferred by ``"auto"``: only CUDA tensors, and only the ops listed in
   :data:`MEASURED_FASTER`, those that ``benchmarks/bench_norms.py`` has shown beating ATen (and
   ``torch.compile``) on a GPU, with the result committed under ``benchmarks/results/``. Until
@@ -44,7 +46,7 @@ def is_available() -> bool:
     return _TRITON_INSTALLED and (torch.cuda.is_available() or _interpreting())
 
 
-def _tensors_unsupported(x: Tensor, *others: Tensor | None) -> str | None:
+def _tensors_unsupported(x: Tensor, *others: Tensor | None, empty_ok: bool = False) -> str | None:
     """Why the kernels cannot take ``x`` and ``others`` (weight, bias, residual), or None."""
     if x.device.type == "cpu" and not _interpreting():
         return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before Triton is "
@@ -54,7 +56,7 @@ def _tensors_unsupported(x: Tensor, *others: Tensor | None) -> str | None:
     for t in (x, *others):
         if t is not None and t.dtype not in DTYPES:
             return f"dtype {t.dtype} is not supported; expected one of float32, bfloat16, float16"
-    if x.numel() == 0:
+    if x.numel() == 0 and not empty_ok:
         return "empty input: nothing for a kernel to do"
     return None
 
@@ -67,7 +69,7 @@ def _rms_norm_unsupported(input, normalized_shape, weight=None, eps=None):
     return _tensors_unsupported(input, weight)
 
 
-def _group_norm_unsupported(input, num_groups, weight=None, bias=None, eps=1e-5):
+def _group_norm_unsupported(input, num_groups, weight=None, bias=None, eps=1e-5, act=None):
     return _tensors_unsupported(input, weight, bias)
 
 
@@ -82,10 +84,10 @@ def _instance_norm_unsupported(input, running_mean=None, running_var=None, weigh
 
 
 def _batch_norm_unsupported(input, running_mean, running_var, weight=None, bias=None,
-                            training=False, momentum=0.1, eps=1e-5):
+                            training=False, momentum=0.1, eps=1e-5, act=None):
     if momentum is None and training and (running_mean is not None or running_var is not None):
         return "momentum=None (cumulative average) is not supported; pass a float momentum"
-    return _tensors_unsupported(input, running_mean, running_var, weight, bias)
+    return _tensors_unsupported(input, running_mean, running_var, weight, bias, empty_ok=True)
 
 
 def _add_norm_unsupported(x, residual, normalized_shape, weight=None, bias=None, eps=None,
@@ -132,6 +134,8 @@ def register() -> None:
         "group_norm": OpImpl(row_norm.group_norm, _group_norm_unsupported, _preferred("group_norm")),
         "instance_norm": OpImpl(row_norm.instance_norm, _instance_norm_unsupported, _preferred("instance_norm")),
         "batch_norm": OpImpl(batch_norm.batch_norm, _batch_norm_unsupported, _preferred("batch_norm")),
+        "batch_norm_act": OpImpl(batch_norm.batch_norm_act, _batch_norm_unsupported, _preferred("batch_norm_act")),
+        "group_norm_act": OpImpl(row_norm.group_norm_act, _group_norm_unsupported, _preferred("group_norm_act")),
     }
     register_backend(Backend("triton", ops=ops, is_available=is_available,
                              description="Triton row-norm and batch-norm kernels (normkit.ops.triton)"))

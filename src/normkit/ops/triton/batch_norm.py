@@ -32,6 +32,10 @@ Four kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels:
 * ``batch_norm_bwd_apply_kernel``: ``dx = w * rstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``
   (batch statistics) or ``dx = w * rstd * dy`` (running statistics).
 
+Norm + activation (``ACT``, as the row norms): the apply kernel applies the activation before
+its store; both backward kernels recompute its input ``z = (x - mean) * scale + shift`` and use
+``dz = dy * act'(z)`` in place of ``dy``.
+
 Determinism: no atomics. Partials are merged by fixed-shape torch reductions over the
 ``[P, C]`` buffers (P depends only on the shape and the device), so a call gives the same bits
 on every run. The P partial (count, mean, M2) are merged in one step with the k-way form of
@@ -50,10 +54,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from normkit.ops.triton.kernels import _cast_to
+from normkit.ops.triton.kernels import ACT_CODES, _activate, _activate_grad, _cast_to
 
 __all__ = [
     "batch_norm",
+    "batch_norm_act",
     "batch_norm_apply_kernel",
     "batch_norm_bwd",
     "batch_norm_bwd_apply_kernel",
@@ -138,35 +143,39 @@ def batch_norm_stats_kernel(
 def batch_norm_apply_kernel(
     X, Y, MEAN, SCALE, SHIFT,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):
-    """One tile per program: ``y = (x - mean) * scale + shift`` (centring first keeps a large
-    common offset from costing precision in ``x * scale``)."""
+    """One tile per program: ``y = act((x - mean) * scale + shift)`` (centring first keeps a
+    large common offset from costing precision in ``x * scale``)."""
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     c0 = tl.program_id(1) * BLOCK_C
     n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
     x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                 other=0.0).to(tl.float32)
     y = (x - _load_channel(MEAN, c0, C, BLOCK_C)) * _load_channel(SCALE, c0, C, BLOCK_C)
-    y += _load_channel(SHIFT, c0, C, BLOCK_C)
+    y = _activate(y + _load_channel(SHIFT, c0, C, BLOCK_C), ACT)
     tl.store(Y + _offsets(n, s, c, stride_yn, stride_yc, stride_ys), _cast_to(y, Y, RNE_BY_HAND),
              mask=mask)
 
 
 @triton.jit
 def batch_norm_bwd_reduce_kernel(
-    X, DY, MEAN, RSTD, SUM_DY_PART, SUM_DY_XHAT_PART,
+    X, DY, MEAN, RSTD, SCALE, SHIFT, SUM_DY_PART, SUM_DY_XHAT_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (p, j): fp32 ``sum(dy)`` and ``sum(dy * x_hat)`` over its rows, per channel."""
+    """Program (p, j): fp32 ``sum(dy)`` and ``sum(dy * x_hat)`` over its rows, per channel
+    (``dy`` the gradient at the activation's input when there is one)."""
     pid_m = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     row_start = pid_m.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     mean = _load_channel(MEAN, c0, C, BLOCK_C)
     rstd = _load_channel(RSTD, c0, C, BLOCK_C)
+    if ACT:
+        scale = _load_channel(SCALE, c0, C, BLOCK_C)
+        shift = _load_channel(SHIFT, c0, C, BLOCK_C)
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -175,6 +184,8 @@ def batch_norm_bwd_reduce_kernel(
                     other=0.0).to(tl.float32)
         dy = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
                      other=0.0).to(tl.float32)
+        if ACT:
+            dy = _activate_grad(dy, (x - mean) * scale + shift, ACT)
         sum_dy += tl.sum(dy, axis=0)
         sum_dy_xhat += tl.sum(dy * ((x - mean) * rstd), axis=0)  # masked lanes: dy = 0
     c = c0 + tl.arange(0, BLOCK_C)
@@ -184,23 +195,29 @@ def batch_norm_bwd_reduce_kernel(
 
 @triton.jit
 def batch_norm_bwd_apply_kernel(
-    X, DY, DX, MEAN, RSTD, SCALE, MEAN_DY, MEAN_DY_XHAT,
+    X, DY, DX, MEAN, RSTD, SCALE, SHIFT, MEAN_DY, MEAN_DY_XHAT,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
-    BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BATCH_STATS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
     """``dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` with ``scale = w * rstd``;
-    with running statistics (``BATCH_STATS=0``) mean and rstd are constants: ``dx = scale * dy``."""
+    with running statistics (``BATCH_STATS=0``) mean and rstd are constants: ``dx = scale * dy``.
+    With an activation, ``dy`` is first ``dy * act'((x - mean) * scale + shift)``."""
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     c0 = tl.program_id(1) * BLOCK_C
     n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
     g = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
                 other=0.0).to(tl.float32)
-    if BATCH_STATS:
+    if BATCH_STATS or ACT:
         x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                     other=0.0).to(tl.float32)
-        x_hat = (x - _load_channel(MEAN, c0, C, BLOCK_C)) * _load_channel(RSTD, c0, C, BLOCK_C)
+        x_c = x - _load_channel(MEAN, c0, C, BLOCK_C)
+    if ACT:
+        z = x_c * _load_channel(SCALE, c0, C, BLOCK_C) + _load_channel(SHIFT, c0, C, BLOCK_C)
+        g = _activate_grad(g, z, ACT)
+    if BATCH_STATS:
+        x_hat = x_c * _load_channel(RSTD, c0, C, BLOCK_C)
         g = g - _load_channel(MEAN_DY, c0, C, BLOCK_C) \
             - x_hat * _load_channel(MEAN_DY_XHAT, c0, C, BLOCK_C)
     dx = g * _load_channel(SCALE, c0, C, BLOCK_C)
@@ -273,12 +290,12 @@ def _row_split(M: int, blocks: _Blocks, c_blocks: int, device: torch.device) -> 
 
 
 def _apply(x3: Tensor, y3: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
-           blocks: _Blocks) -> None:
+           blocks: _Blocks, act: int) -> None:
     N, C, S = x3.shape
     grid = (triton.cdiv(N * S, blocks.BLOCK_M), triton.cdiv(C, blocks.BLOCK_C))
     batch_norm_apply_kernel[grid](
         x3, y3, mean, scale, shift, N * S, C, S, *_strides(x3), *_strides(y3),
-        BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=_interpreted(),
+        ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=_interpreted(),
         num_warps=blocks.num_warps,
     )
 
@@ -316,32 +333,41 @@ def batch_norm_stats(
     return mean, torch.rsqrt(m2 / M + eps)
 
 
-def batch_norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
-    block_n: int | None = None,
-) -> Tensor:
-    """``y = (x - mean) * rstd * weight + bias`` in x's memory format."""
+def _scale_shift(weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                 rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-channel fp32 ``(w * rstd, b)`` of ``y = (x - mean) * scale + shift``."""
     scale = rstd if weight is None else rstd * weight.float()
     shift = torch.zeros_like(mean) if bias is None else bias.float()
+    return scale, shift
+
+
+def batch_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    act: int = 0, block_n: int | None = None,
+) -> Tensor:
+    """``y = act((x - mean) * rstd * weight + bias)`` in x's memory format."""
+    scale, shift = _scale_shift(weight, bias, mean, rstd)
     x3 = _channel_view(x)
     y = _empty_out(x)
     with _device_of(x):
-        _apply(x3, _channel_view(y), mean, scale, shift, _blocks(x3, block_n))
+        _apply(x3, _channel_view(y), mean, scale, shift, _blocks(x3, block_n), act)
     return y
 
 
 def batch_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, batch_stats: bool,
-    need_dx: bool, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None,
-    block_n: int | None = None,
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    rstd: Tensor, batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
+    db_dtype: torch.dtype | None, act: int = 0, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dw, db)``; one not asked for (``need_dx`` False, dtype None) comes back empty."""
+    """``(dx, dw, db)``; one not asked for (``need_dx`` False, dtype None) comes back empty.
+    ``bias`` is read only with an activation ``act``, whose input the kernels recompute."""
     x3, dy3 = _channel_view(x), _channel_view(dy)
     N, C, S = x3.shape
     M = N * S
     dev = x.device
     blocks = _blocks(x3, block_n)
     c_blocks = triton.cdiv(C, blocks.BLOCK_C)
+    scale, shift = _scale_shift(weight, bias, mean, rstd)
 
     def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # fresh: outputs may not alias
         return torch.empty((0,), dtype=dtype, device=dev)
@@ -353,9 +379,9 @@ def batch_norm_bwd(
         sum_dy_xhat_part = torch.empty_like(sum_dy_part)
         with _device_of(x):
             batch_norm_bwd_reduce_kernel[(programs, c_blocks)](
-                x3, dy3, mean, rstd, sum_dy_part, sum_dy_xhat_part, M, C, S, *_strides(x3),
-                *_strides(dy3), rows_per_program,
-                BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
+                x3, dy3, mean, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
+                *_strides(x3), *_strides(dy3), rows_per_program,
+                ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
             )
         # A fixed-shape torch sum: the same partials give the same bits on every run.
         sum_dy, sum_dy_xhat = sum_dy_part.sum(0), sum_dy_xhat_part.sum(0)
@@ -363,14 +389,13 @@ def batch_norm_bwd(
     if need_dx:
         dx = _empty_out(x)
         dx3 = _channel_view(dx)
-        scale = rstd if weight is None else rstd * weight.float()
         mean_dy, mean_dy_xhat = (sum_dy / M, sum_dy_xhat / M) if batch_stats else (empty(), empty())
         grid = (triton.cdiv(M, blocks.BLOCK_M), c_blocks)
         with _device_of(x):
             batch_norm_bwd_apply_kernel[grid](
-                x3, dy3, dx3, mean, rstd, scale, mean_dy, mean_dy_xhat, M, C, S, *_strides(x3),
-                *_strides(dy3), *_strides(dx3),
-                BATCH_STATS=batch_stats, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
+                x3, dy3, dx3, mean, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
+                *_strides(x3), *_strides(dy3), *_strides(dx3),
+                BATCH_STATS=batch_stats, ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
                 RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
             )
     # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).
@@ -403,26 +428,28 @@ def _(x, running_mean, running_var, momentum, eps):
 @torch.library.custom_op("normkit::batch_norm_fwd", mutates_args=())
 def _batch_norm_fwd_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
-    batch_stats: bool,
+    batch_stats: bool, act: int,
 ) -> Tensor:
-    return batch_norm_fwd(x, weight, bias, mean, rstd)
+    return batch_norm_fwd(x, weight, bias, mean, rstd, act)
 
 
 @_batch_norm_fwd_op.register_fake
-def _(x, weight, bias, mean, rstd, batch_stats):
+def _(x, weight, bias, mean, rstd, batch_stats, act):
     return _empty_out(x)
 
 
 @torch.library.custom_op("normkit::batch_norm_bwd", mutates_args=())
 def _batch_norm_bwd_op(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, batch_stats: bool,
-    need_dx: bool, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None,
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    rstd: Tensor, batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
+    db_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return batch_norm_bwd(dy, x, weight, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype)
+    return batch_norm_bwd(dy, x, weight, bias, mean, rstd, batch_stats, need_dx, dw_dtype,
+                          db_dtype, act)
 
 
 @_batch_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype):
+def _(dy, x, weight, bias, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype, act):
     C = x.shape[1]
     dx = _empty_out(x) if need_dx else x.new_empty((0,))
 
@@ -433,20 +460,21 @@ def _(dy, x, weight, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, mean, rstd, batch_stats = inputs
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.batch_stats = batch_stats
+    x, weight, bias, mean, rstd, batch_stats, act = inputs
+    ctx.save_for_backward(x, weight, bias if act else None, mean, rstd)
+    ctx.batch_stats, ctx.act = batch_stats, act
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, dy):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
-    dx, dw, db = _batch_norm_bwd_op(dy, x, weight, mean, rstd, ctx.batch_stats, need[0],
-                                    w_dtype if need[1] else None, b_dtype if need[2] else None)
+    dx, dw, db = _batch_norm_bwd_op(dy, x, weight, bias, mean, rstd, ctx.batch_stats, need[0],
+                                    w_dtype if need[1] else None, b_dtype if need[2] else None,
+                                    ctx.act)
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_context=_setup_context)
@@ -455,7 +483,7 @@ torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_cont
 def batch_norm(
     input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-    momentum: float = 0.1, eps: float = 1e-5,
+    momentum: float = 0.1, eps: float = 1e-5, act: str | None = None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` in Triton: statistics per channel over ``(N, *spatial)``.
 
@@ -465,11 +493,37 @@ def batch_norm(
     and stored in the running statistics' dtype. ``momentum`` is a float (the modules turn
     ``momentum=None`` into ``1 / (batches + 1)``). Arguments are trusted: validated by
     :mod:`normkit.functional` and accepted by the backend's ``unsupported`` check.
+
+    ``act`` (``"relu"``, ``"silu"``, ``"gelu"`` or None) applies an activation in the same pass:
+    ``act(batch_norm(...))`` without storing the normalized tensor (:func:`batch_norm_act`).
     """
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
     if training:
         mean, rstd = _batch_norm_stats_op(input.detach(), running_mean, running_var,
                                           float(momentum), float(eps))
     else:
         mean = running_mean.detach().float()
         rstd = torch.rsqrt(running_var.detach().float() + eps)
-    return _batch_norm_fwd_op(input, weight, bias, mean, rstd, bool(training))
+    return _batch_norm_fwd_op(input, weight, bias, mean, rstd, bool(training), ACT_CODES[act])
+
+
+def batch_norm_act(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5, act: str | None = "relu",
+) -> Tensor:
+    """``act(batch_norm(...))`` in one pass each way (see :func:`batch_norm`)."""
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
+
+
+def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """What ATen gives for an input with no elements: an empty output still connected to the
+    parameters (their gradients are zeros), and no running-statistics update. Like ATen it
+    reads one element of each parameter only (so it checks no shape)."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    return out

@@ -28,6 +28,11 @@ fp32 partial sums in a fixed layout which the launcher sums in a fixed order:
 * ``PER_SEGMENT=1`` (one parameter per channel): every (row, segment, tile column) writes its sum
   to ``[M, R, cdiv(S, BLOCK_S)]``, which is tiny (``N * C`` numbers per tile column).
 
+Norm + activation (``ACT``, see :data:`ACT_CODES`): the forward applies the activation to the
+affine output before its one store; the backward recomputes the pre-activation
+``z = x_hat * w + b`` from x and the saved statistics and continues with ``dz = dy * act'(z)``
+in place of ``dy``, so the normalized tensor is never written to memory.
+
 Only APIs present in Triton 3.6 are used.
 """
 
@@ -36,7 +41,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["row_norm_bwd_kernel", "row_norm_fwd_kernel"]
+__all__ = ["ACT_CODES", "row_norm_bwd_kernel", "row_norm_fwd_kernel"]
+
+# The activations a kernel can apply after the affine, as the ``ACT`` compile-time flag.
+# "gelu" is the exact (erf) form, torch.nn.functional.gelu's default.
+ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
 
 
 @triton.jit
@@ -61,6 +70,32 @@ def _cast_to(x, P, RNE_BY_HAND: tl.constexpr):
         bits += 0x7FFF + ((bits >> 16) & 1)
         x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
     return x.to(P.dtype.element_ty)
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr):
+    """``act(z)`` for the activation coded ``ACT`` (identity for 0)."""
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = z * tl.sigmoid(z)
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+    return z
+
+
+@triton.jit
+def _activate_grad(dy, z, ACT: tl.constexpr):
+    """``dy * act'(z)``: the gradient at the activation's input. relu'(0) = 0, as torch."""
+    if ACT == 1:
+        dy = tl.where(z > 0.0, dy, 0.0)
+    elif ACT == 2:
+        s = tl.sigmoid(z)
+        dy = dy * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        dy = dy * (cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))  # 1/sqrt(2 pi)
+    return dy
 
 
 @triton.jit
@@ -107,12 +142,13 @@ def _tile_moments(x, mask, count, IS_RMS: tl.constexpr):
 @triton.jit
 def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R, GROUPS,
                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr,
-                  RNE_BY_HAND: tl.constexpr):
+                  ACT: tl.constexpr, RNE_BY_HAND: tl.constexpr):
     y = (x - mean) * rstd
     if HAS_WEIGHT:
         y = y * _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
     if HAS_BIAS:
         y = y + _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+    y = _activate(y, ACT)
     tl.store(Y + offs, _cast_to(y, Y, RNE_BY_HAND), mask=mask)
 
 
@@ -122,11 +158,11 @@ def row_norm_fwd_kernel(
     stride_x_row, stride_residual_row,  # Y and RESIDUAL_OUT are contiguous [M, R * S]
     R, S, GROUPS, eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr, ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
-    """One program per row: statistics, then ``y = (x - mean) * rstd * w + b``."""
+    """One program per row: statistics, then ``y = act((x - mean) * rstd * w + b)``."""
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x_row
     Y += row * R * S
@@ -144,7 +180,7 @@ def row_norm_fwd_kernel(
         mean, m2 = _tile_moments(x, mask, n, IS_RMS)
         rstd = 1.0 / tl.sqrt(m2 / n + eps)
         _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R, GROUPS,
-                      HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, RNE_BY_HAND)
+                      HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     else:
         # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width).
         mean = 0.0
@@ -177,19 +213,25 @@ def row_norm_fwd_kernel(
                 else:
                     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
                 _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R,
-                              GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, RNE_BY_HAND)
+                              GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
-def _load_grad_terms(X, DY, MEAN, RSTD, w, row, stride_x_row, stride_dy_row, offs, mask,
-                     HAS_WEIGHT: tl.constexpr):
-    """x_hat, dy and w * dy of one tile of one row, and the row's rstd (all fp32)."""
+def _load_grad_terms(X, DY, MEAN, RSTD, w, b, row, stride_x_row, stride_dy_row, offs, mask,
+                     HAS_WEIGHT: tl.constexpr, ACT: tl.constexpr):
+    """x_hat, dy and w * dy of one tile of one row, and the row's rstd (all fp32). With an
+    activation, "dy" is the gradient at its input, ``dy * act'(x_hat * w + b)``."""
     x = tl.load(X + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + row * stride_dy_row + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + row)
     x_hat = (x - tl.load(MEAN + row)) * rstd  # masked lanes: dy = 0 zeroes every product below
+    if ACT:
+        if HAS_WEIGHT:
+            dy = _activate_grad(dy, x_hat * w + b, ACT)
+        else:
+            dy = _activate_grad(dy, x_hat + b, ACT)
     if HAS_WEIGHT:
         wdy = w * dy
     else:
@@ -199,12 +241,12 @@ def _load_grad_terms(X, DY, MEAN, RSTD, w, row, stride_x_row, stride_dy_row, off
 
 @triton.jit
 def row_norm_bwd_kernel(
-    X, W, MEAN, RSTD, DY, DX, DRESIDUAL_OUT, DRESIDUAL, DW_PART, DB_PART, ROW_DOTS,
+    X, W, B, MEAN, RSTD, DY, DX, DRESIDUAL_OUT, DRESIDUAL, DW_PART, DB_PART, ROW_DOTS,
     stride_x_row, stride_dy_row, stride_dresidual_out_row,  # DX, DRESIDUAL contiguous
     M, R, S, GROUPS, rows_per_program,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
-    PER_SEGMENT: tl.constexpr,
+    PER_SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
@@ -214,6 +256,7 @@ def row_norm_bwd_kernel(
     RMSNorm): ``dx = rstd * (w * dy - x_hat * c1 - c2)``, ``dw = sum dy * x_hat``,
     ``db = sum dy``. A wide row first stores (c1, c2) in ``ROW_DOTS[row]``; the gradient pass
     then walks tile columns outermost so the column sums of dw/db stay in registers across rows.
+    ``B`` is read only with an activation (``HAS_BIAS``), to recompute its input.
     """
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program  # int64: row * R * S may pass 2**31
@@ -232,9 +275,14 @@ def row_norm_bwd_kernel(
                     if HAS_WEIGHT:
                         w_tile = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS,
                                               PER_SEGMENT)
-                    x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w_tile, row,
-                                                            stride_x_row, stride_dy_row, offs,
-                                                            mask_r & mask_s, HAS_WEIGHT)
+                    b_tile = 0.0
+                    if HAS_BIAS:
+                        b_tile = _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS,
+                                              PER_SEGMENT)
+                    x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w_tile, b_tile,
+                                                            row, stride_x_row, stride_dy_row,
+                                                            offs, mask_r & mask_s, HAS_WEIGHT,
+                                                            ACT)
                     c1 += tl.sum(x_hat * wdy)
                     c2 += tl.sum(wdy)
             tl.store(ROW_DOTS + 2 * row, c1 / n)
@@ -246,16 +294,22 @@ def row_norm_bwd_kernel(
             r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
             mask = mask_r & mask_s
             w_col = 1.0
+            b_col = 0.0
             if HAS_WEIGHT and not PER_SEGMENT:  # the same columns for every row: load once
                 w_col = _load_affine(W, 0, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+            if HAS_BIAS and not PER_SEGMENT:
+                b_col = _load_affine(B, 0, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
             dw_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
             db_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
             for row in range(row_start, row_end):
                 w = w_col
+                b = b_col
                 if HAS_WEIGHT and PER_SEGMENT:
                     w = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
-                x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w, row, stride_x_row,
-                                                        stride_dy_row, offs, mask, HAS_WEIGHT)
+                if HAS_BIAS and PER_SEGMENT:
+                    b = _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
+                x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w, b, row, stride_x_row,
+                                                        stride_dy_row, offs, mask, HAS_WEIGHT, ACT)
                 if SINGLE_BLOCK:
                     c1 = tl.sum(x_hat * wdy) / n
                     c2 = tl.sum(wdy) / n

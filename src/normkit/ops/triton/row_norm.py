@@ -4,14 +4,15 @@ Every norm here is one call of the two custom ops over a ``(M, R * S)`` row view
 :mod:`normkit.ops.triton.kernels` for R and S):
 
 * ``normkit::row_norm_fwd(x, residual, weight, bias, ...) -> (y, residual_out, mean, rstd)``
-* ``normkit::row_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, ...) -> (dx, dresidual, dw, db)``
+* ``normkit::row_norm_bwd(dy, x, weight, bias, mean, rstd, dresidual_out, ...) -> (dx, dresidual, dw, db)``
 
 The backward is attached to the forward with ``torch.library.register_autograd``, and both ops
 have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through a norm
 without a graph break; the kernels stay opaque to the compiler.
 
 The public functions (:func:`layer_norm`, :func:`rms_norm`, :func:`group_norm`,
-:func:`instance_norm`, :func:`add_layer_norm`, :func:`add_rms_norm`) take
+:func:`instance_norm`, :func:`add_layer_norm`, :func:`add_rms_norm`, and
+:func:`group_norm_act`, GroupNorm followed by an activation in the same pass) take
 ``torch.nn.functional``'s arguments and trust them: :mod:`normkit.functional` validates them
 and the backend's ``unsupported`` check (:mod:`normkit.ops.triton.backend`) has accepted the call.
 
@@ -33,7 +34,7 @@ import torch
 import triton
 from torch import Tensor
 
-from normkit.ops.triton.kernels import row_norm_bwd_kernel, row_norm_fwd_kernel
+from normkit.ops.triton.kernels import ACT_CODES, row_norm_bwd_kernel, row_norm_fwd_kernel
 from normkit.reference import default_rms_eps
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "group_norm",
+    "group_norm_act",
     "instance_norm",
     "layer_norm",
     "rms_norm",
@@ -133,6 +135,7 @@ def row_norm_fwd(
     eps: float,
     is_rms: bool,
     residual_dtype: torch.dtype | None,
+    act: int = 0,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize the rows of ``x`` (shape ``(M, L)``, any row stride), ``L = segments * S``.
@@ -141,6 +144,7 @@ def row_norm_fwd(
     (shape ``(groups * segments,)``; the channel of row m, segment r is
     ``(m % groups) * segments + r``). With ``residual_dtype`` set, ``x (+ residual)`` is stored
     in that dtype as ``residual_out`` and normalized; otherwise ``residual_out`` is empty.
+    ``act`` (a :data:`~normkit.ops.triton.kernels.ACT_CODES` value) applies an activation to y.
 
     Returns ``(y, residual_out, mean, rstd)``; mean and rstd are fp32 of shape ``(M,)``
     (mean is 0 for RMSNorm).
@@ -162,7 +166,7 @@ def row_norm_fwd(
             segments, S, groups, eps,
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
-            BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+            ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
             RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
         )
     return y, residual_out, mean, rstd
@@ -172,6 +176,7 @@ def row_norm_bwd(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     mean: Tensor,
     rstd: Tensor,
     dresidual_out: Tensor | None,
@@ -184,10 +189,12 @@ def row_norm_bwd(
     dresidual_dtype: torch.dtype | None,
     dw_dtype: torch.dtype | None,
     db_dtype: torch.dtype | None,
+    act: int = 0,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`row_norm_fwd`; ``x`` is what was normalized (``residual_out`` for
-    the add-norms) and ``dresidual_out`` the gradient arriving at ``residual_out``.
+    the add-norms) and ``dresidual_out`` the gradient arriving at ``residual_out``. ``bias``
+    is read only with an activation ``act``, whose input the kernel recomputes.
 
     Returns ``(dx, dresidual, dw, db)``; a gradient whose dtype is None comes back empty.
     dw/db are summed from fp32 per-program partials in a fixed order: bit-reproducible.
@@ -210,13 +217,13 @@ def row_norm_bwd(
     row_dots = torch.empty((0 if blocks.SINGLE_BLOCK else 2 * M,), dtype=torch.float32, device=dev)
     with _device_of(x):
         row_norm_bwd_kernel[(programs,)](
-            x, weight, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
+            x, weight, bias, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
             x.stride(0), dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0,
             M, segments, S, groups, triton.cdiv(M, programs),
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
             COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
             STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
-            BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+            HAS_BIAS=act != 0 and bias is not None, ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
             RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
         )
     # A fixed-shape torch sum: the same partials give the same bits on every run.
@@ -234,15 +241,15 @@ def row_norm_bwd(
 def _row_norm_fwd_op(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
     segments: int, groups: int, per_channel: bool, eps: float, is_rms: bool,
-    residual_dtype: torch.dtype | None,
+    residual_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return row_norm_fwd(x, residual, weight, bias, segments=segments, groups=groups,
                         per_channel=per_channel, eps=eps, is_rms=is_rms,
-                        residual_dtype=residual_dtype)
+                        residual_dtype=residual_dtype, act=act)
 
 
 @_row_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype):
+def _(x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype, act):
     M, L = x.shape
     residual_out = x.new_empty((M, L) if residual_dtype is not None else (0,),
                                dtype=residual_dtype or x.dtype)
@@ -252,19 +259,20 @@ def _(x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, res
 
 @torch.library.custom_op("normkit::row_norm_bwd", mutates_args=())
 def _row_norm_bwd_op(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    dresidual_out: Tensor | None, segments: int, groups: int, per_channel: bool, is_rms: bool,
-    dx_dtype: torch.dtype, dresidual_dtype: torch.dtype | None, dw_dtype: torch.dtype | None,
-    db_dtype: torch.dtype | None,
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    rstd: Tensor, dresidual_out: Tensor | None, segments: int, groups: int, per_channel: bool,
+    is_rms: bool, dx_dtype: torch.dtype, dresidual_dtype: torch.dtype | None,
+    dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return row_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, segments=segments,
+    return row_norm_bwd(dy, x, weight, bias, mean, rstd, dresidual_out, segments=segments,
                         groups=groups, per_channel=per_channel, is_rms=is_rms, dx_dtype=dx_dtype,
-                        dresidual_dtype=dresidual_dtype, dw_dtype=dw_dtype, db_dtype=db_dtype)
+                        dresidual_dtype=dresidual_dtype, dw_dtype=dw_dtype, db_dtype=db_dtype,
+                        act=act)
 
 
 @_row_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms, dx_dtype,
-      dresidual_dtype, dw_dtype, db_dtype):
+def _(dy, x, weight, bias, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms,
+      dx_dtype, dresidual_dtype, dw_dtype, db_dtype, act):
     M, L = x.shape
     n_params = groups * segments if per_channel else L
 
@@ -276,29 +284,32 @@ def _(dy, x, weight, mean, rstd, dresidual_out, segments, groups, per_channel, i
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype = inputs
+    (x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype,
+     act) = inputs
     _, residual_out, mean, rstd = output
-    # The backward re-reads what was normalized: x, or the stored x + residual.
-    ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight, mean, rstd)
-    ctx.meta = (segments, groups, per_channel, is_rms, residual_dtype is not None)
+    # The backward re-reads what was normalized: x, or the stored x + residual (and the bias,
+    # to recompute an activation's input).
+    ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight,
+                          bias if act else None, mean, rstd)
+    ctx.meta = (segments, groups, per_channel, is_rms, residual_dtype is not None, act)
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype,
                   None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, dy, dresidual_out, dmean, drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    segments, groups, per_channel, is_rms, has_residual_out = ctx.meta
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    segments, groups, per_channel, is_rms, has_residual_out, act = ctx.meta
     x_dtype, residual_dtype, w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
     if not has_residual_out or dresidual_out is None or dresidual_out.numel() == 0:
         dresidual_out = None
     dx, dresidual, dw, db = _row_norm_bwd_op(
-        dy, x, weight, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms, x_dtype,
-        residual_dtype if need[1] else None, w_dtype if need[2] else None,
-        b_dtype if need[3] else None,
+        dy, x, weight, bias, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms,
+        x_dtype, residual_dtype if need[1] else None, w_dtype if need[2] else None,
+        b_dtype if need[3] else None, act,
     )
     return (dx, dresidual if need[1] else None, dw if need[2] else None,
-            db if need[3] else None, None, None, None, None, None, None)
+            db if need[3] else None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("normkit::row_norm_fwd", _backward, setup_context=_setup_context)
@@ -325,7 +336,7 @@ def _trailing_norm(
     rows = x.reshape(-1, L)
     res_rows = None if residual is None else residual.reshape(-1, L)
     y, residual_out, _, _ = _row_norm_fwd_op(rows, res_rows, _flat(weight), _flat(bias), 1, 1,
-                                             False, eps, is_rms, residual_dtype)
+                                             False, eps, is_rms, residual_dtype, 0)
     if residual_dtype is not None:
         residual_out = residual_out.view(x.shape)
     return y.view(x.shape), residual_out
@@ -377,13 +388,13 @@ def add_rms_norm(
 
 
 def _channel_norm(input: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
-                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                  eps: float, act: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rows (sample, group) of an ``(N, C, *)`` input: C/groups channel segments of spatial
     elements each. A channels-last input is copied to NC* order first."""
     N, C = input.shape[:2]
     rows = input.reshape(N * groups, -1)
     y, _, mean, rstd = _row_norm_fwd_op(rows, None, weight, bias, C // groups, groups, True,
-                                        eps, False, None)
+                                        eps, False, None, ACT_CODES[act])
     return y.view(input.shape), mean, rstd
 
 
@@ -393,6 +404,16 @@ def group_norm(
 ) -> Tensor:
     """``torch.nn.functional.group_norm``: one row per (sample, group)."""
     return _channel_norm(input, num_groups, weight, bias, eps)[0]
+
+
+def group_norm_act(
+    input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, act: str | None = "silu",
+) -> Tensor:
+    """``act(group_norm(input))`` in one pass each way: the activation is applied before the
+    output is stored, and the backward recomputes its input (``act``: ``"relu"``, ``"silu"``,
+    ``"gelu"`` (erf form) or None)."""
+    return _channel_norm(input, num_groups, weight, bias, eps, act)[0]
 
 
 def instance_norm(
