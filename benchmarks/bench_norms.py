@@ -1,7 +1,8 @@
-"""Benchmark engine for normkit's row norms: every provider on the same problems, in one run.
+"""Benchmark engine for normkit's norms: every provider on the same problems, in one run.
 
     python benchmarks/bench_norms.py                 # CUDA: the full table; CPU: --quick
     python benchmarks/bench_norms.py --quick --ops layer_norm rms_norm --dtypes bf16
+    python benchmarks/bench_norms.py --ops batch_norm batch_norm_act --dtypes bf16 fp32
 
 or from Python: ``rows = run(ops, shapes, dtypes, providers)``. See benchmarks/README.md for the
 bytes-moved model, the timing method and how to read the results.
@@ -38,14 +39,18 @@ __all__ = ["FULL_SHAPES", "QUICK_SHAPES", "Problem", "copy_bandwidth", "main", "
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPS = 1e-6
 ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+BATCH_OPS = ("batch_norm", "batch_norm_act")  # training mode; batch_norm_act: + relu
 
-# (M, N) rows for the trailing-axis norms; (N, C, H, W, groups) for group_norm.
+# (M, N) rows for the trailing-axis norms; (N, C, H, W, groups) for group_norm; (N, C,
+# *spatial) for the BatchNorms, each timed contiguous and channels_last(_3d).
 FULL_SHAPES = {
     "rows": [(140, 4096), (4096, 1024), (8192, 4096), (32768, 4096), (4096, 16384),
              (1024, 65536), (256, 262144)],
     "images": [(8, 320, 64, 64, 32), (16, 512, 32, 32, 32)],
+    "batches": [(32, 64, 112, 112), (32, 256, 56, 56), (32, 2048, 7, 7), (2, 32, 64, 64, 64)],
 }
-QUICK_SHAPES = {"rows": [(64, 256), (512, 1024)], "images": [(2, 32, 16, 16, 8)]}
+QUICK_SHAPES = {"rows": [(64, 256), (512, 1024)], "images": [(2, 32, 16, 16, 8)],
+                "batches": [(4, 16, 8, 8), (2, 4, 4, 4, 4)]}
 
 
 # ---- providers: name -> (problem -> callable(tensors) -> outputs, or None if not applicable)
@@ -61,6 +66,11 @@ def _torch_op(p: Problem) -> Callable | None:
         "add_rms_norm": lambda t: _then(t["x"] + t["residual"],
                                         lambda r: F.rms_norm(r, n, t["weight"], EPS)),
         "group_norm": lambda t: F.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
+        # Training mode without running statistics: repeated calls have no side effect.
+        "batch_norm": lambda t: F.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
+                                             0.1, EPS),
+        "batch_norm_act": lambda t: F.relu(F.batch_norm(t["x"], None, None, t["weight"],
+                                                        t["bias"], True, 0.1, EPS)),
     }.get(p.op)
 
 
@@ -79,6 +89,7 @@ def _compiled_torch_op(p: Problem) -> Callable | None:
 def _normkit_triton(p: Problem) -> Callable | None:
     if not torch.cuda.is_available():
         return None  # the CPU interpreter is a test tool, not a provider
+    from normkit.ops.triton import batch_norm as B
     from normkit.ops.triton import row_norm as T
 
     n = [p.shape[-1]]
@@ -89,6 +100,10 @@ def _normkit_triton(p: Problem) -> Callable | None:
                                                            t["bias"], EPS)),
         "add_rms_norm": lambda t: tuple(T.add_rms_norm(t["x"], t["residual"], n, t["weight"], EPS)),
         "group_norm": lambda t: T.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
+        "batch_norm": lambda t: B.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
+                                             0.1, EPS),
+        "batch_norm_act": lambda t: B.batch_norm_act(t["x"], None, None, t["weight"], t["bias"],
+                                                     True, 0.1, EPS, "relu"),
     }.get(p.op)
 
 
@@ -103,6 +118,8 @@ def _normkit_reference(p: Problem) -> Callable | None:
                                                            t["bias"], EPS)),
         "add_rms_norm": lambda t: tuple(R.add_rms_norm(t["x"], t["residual"], n, t["weight"], EPS)),
         "group_norm": lambda t: R.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
+        "batch_norm": lambda t: R.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
+                                             0.1, EPS),
     }.get(p.op)
 
 
@@ -213,8 +230,9 @@ def run(ops: Sequence[str], shapes: dict[str, list[tuple[int, ...]]], dtypes: Se
         log: Callable[[str], None] = print) -> list[dict]:
     """Time every (op, shape, dtype, provider); one dict per measurement.
 
-    ``shapes`` has ``"rows"`` ((M, N), for the trailing-axis norms) and ``"images"``
-    ((N, C, H, W, groups), for group_norm). Each row carries ms and GB/s of fwd, bwd and
+    ``shapes`` has ``"rows"`` ((M, N), for the trailing-axis norms), ``"images"``
+    ((N, C, H, W, groups), for group_norm) and ``"batches"`` ((N, C, *spatial), for the
+    BatchNorms, each run contiguous and channels_last). Each row carries ms and GB/s of fwd, bwd and
     fwd+bwd, the fraction of the device's copy bandwidth, and the forward's max abs difference
     from torch eager; a provider that fails records its error instead.
     """
@@ -223,17 +241,15 @@ def run(ops: Sequence[str], shapes: dict[str, list[tuple[int, ...]]], dtypes: Se
         copy_gbps = copy_bandwidth(device, 1 << (30 if device == "cuda" else 26))
     rows = []
     for op in ops:
-        for shape in shapes["images" if op == "group_norm" else "rows"]:
+        for problem_of_dtype in _problems(op, shapes):
             for dtype in dtypes:
-                problem = (Problem(op, shape[:4], dtype, shape[4]) if op == "group_norm"
-                           else Problem(op, tuple(shape), dtype))
+                problem = problem_of_dtype(dtype)
                 reference = None
                 for name in providers:
                     fn = PROVIDERS[name](problem)
                     if fn is None:
                         continue
-                    row = {"op": op, "shape": "x".join(map(str, problem.shape)),
-                           "groups": problem.groups, "dtype": str(dtype).removeprefix("torch."),
+                    row = {"op": op, "shape": problem.label, "groups": problem.groups, "dtype": str(dtype).removeprefix("torch."),
                            "provider": name}
                     try:
                         row.update(_measure(problem, fn, device, reference))
@@ -253,8 +269,19 @@ def run(ops: Sequence[str], shapes: dict[str, list[tuple[int, ...]]], dtypes: Se
     return rows
 
 
+def _problems(op: str, shapes: dict[str, list[tuple[int, ...]]]) -> list[Callable[[torch.dtype], Problem]]:
+    """The problems of ``op``, each awaiting its dtype."""
+    if op == "group_norm":
+        return [lambda d, s=s: Problem(op, tuple(s[:4]), d, s[4]) for s in shapes["images"]]
+    if op in BATCH_OPS:
+        return [lambda d, s=s, layout=layout: Problem(op, tuple(s), d, layout=layout)
+                for s in shapes["batches"]
+                for layout in ("contiguous", "channels_last" if len(s) == 4 else "channels_last_3d")]
+    return [lambda d, s=s: Problem(op, tuple(s), d) for s in shapes["rows"]]
+
+
 def _format_row(row: dict) -> str:
-    head = f"{row['op']:15s} {row['shape']:>16s} {row['dtype']:9s} {row['provider']:15s}"
+    head = f"{row['op']:15s} {row['shape']:>30s} {row['dtype']:9s} {row['provider']:15s}"
     if "error" in row:
         return f"{head} error: {row['error']}"
     return head + "".join(f" {d} {row[d + '_ms']:8.3f} ms {row[d + '_of_copy']:5.0%}"
@@ -314,7 +341,7 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path) -> tuple[Path, Pat
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (always on CPU)")
-    parser.add_argument("--ops", nargs="+", default=[*ROW_OPS, "group_norm"])
+    parser.add_argument("--ops", nargs="+", default=[*ROW_OPS, "group_norm", *BATCH_OPS])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS))
     parser.add_argument("--out", type=Path, default=HERE / "results")

@@ -5,6 +5,7 @@ gradients, on every backend, in float32 and bfloat16 (judged by :data:`cases.TOL
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -269,3 +270,31 @@ def test_group_norm_by_group_size_is_group_norm_by_count() -> None:
         normkit.GroupNorm(num_channels=12, group_size=5)
     with pytest.raises(TypeError, match="needs num_channels"):
         normkit.GroupNorm(group_size=4)
+
+
+# ---- memory format ---------------------------------------------------------------------------
+
+# Every module that takes an (N, C, *spatial) input, with constructor arguments for C = 6.
+_SPATIAL_MODULES: dict[str, tuple] = {
+    "BatchNorm2d": (6,), "InstanceNorm2d": (6,), "GroupNorm": (3, 6), "LayerNorm": (5,), "RMSNorm": (5,),
+    "LocalResponseNorm": (3,), "LayerNorm2d": (6,), "RMSNorm2d": (6,), "BatchNormAct2d": (6,),
+    "GroupNormAct": (3, 6), "FrozenBatchNorm2d": (6,), "GhostBatchNorm2d": (6, 1), "BatchRenorm2d": (6,),
+    "SyncBatchNorm": (6,), "BatchNorm3d": (6,), "InstanceNorm3d": (6,), "FrozenBatchNorm3d": (6,),
+}
+
+
+@pytest.mark.parametrize("name", list(_SPATIAL_MODULES))
+@pytest.mark.parametrize("backend", BACKENDS)
+@skip_if_declined
+def test_output_keeps_the_channels_last_layout(backend: str, name: str) -> None:
+    """ATen returns contiguous output for channels_last input to some norms (instance_norm,
+    layer_norm); normkit keeps the input's memory format on every backend."""
+    three_d = name.endswith("3d") and name != "BatchRenorm2d"
+    fmt = torch.channels_last_3d if three_d else torch.channels_last
+    shape = (2, 6, 3, 4, 5) if three_d else (2, 6, 4, 5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed_of("layout", name))).to(memory_format=fmt)
+    module = getattr(normkit, name)(*_SPATIAL_MODULES[name], backend=backend)
+    twin = copy.deepcopy(module)  # the same state for the contiguous call
+    y = module(x)
+    assert y.is_contiguous(memory_format=fmt), f"{name} on {backend}: output strides {y.stride()}"
+    torch.testing.assert_close(y, twin(x.contiguous()))

@@ -171,7 +171,8 @@ CASES = [
     Case("group_norm", (2, 10, 3), groups=2, block_n=8),  # tiles of 2 channels x 4, chunked
     Case("group_norm", (1, 9, 4, 4), f16, param_dtype=f32, groups=3),
     Case("group_norm", (2, 4, 3, 3), bf16, weight=False, bias=False, groups=2),
-    Case("group_norm", (2, 6, 4, 4), groups=3, channels_last=True),
+    Case("group_norm", (2, 6, 4, 4), groups=3, channels_last=True),  # read in place, stride C
+    Case("group_norm", (2, 6, 3, 5), bf16, param_dtype=f32, groups=2, channels_last=True, block_n=8),
     Case("group_norm", (4, 12), groups=4),  # no spatial axes
     # GroupNorm + activation in one pass; the backward recomputes the activation's input
     Case("group_norm_act", (2, 6, 5, 3), groups=3, act="silu"),
@@ -180,6 +181,8 @@ CASES = [
     Case("instance_norm", (2, 3, 5, 5), running_stats=True),
     Case("instance_norm", (3, 5, 7), bf16, param_dtype=f32, running_stats=True),
     Case("instance_norm", (2, 3, 6, 6), f16, weight=False, bias=False, block_n=8),
+    Case("instance_norm", (2, 3, 4, 5), bf16, channels_last=True, running_stats=True),
+    Case("group_norm_act", (2, 6, 3, 4), groups=2, channels_last=True, block_n=8, act="silu"),
 ]
 
 
@@ -285,6 +288,9 @@ def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> 
             f"{name}: error {_err(kernel, oracle):.3g} vs float64 > bound {bound:.3g} "
             f"(torch in {case.dtype}: {_err(torch_low, oracle):.3g})"
         )
+    if case.channels_last:  # the output and the input gradient keep the input's layout
+        for name in ("out0", "dx"):
+            assert got[name].is_contiguous(memory_format=torch.channels_last), name
 
 
 @pytest.mark.parametrize("case", [
@@ -320,9 +326,9 @@ def test_row_strided_input_is_not_copied() -> None:
 
 
 def test_invalid_block_n_is_refused() -> None:
-    x = torch.randn(2, 8, device=DEVICE)
+    x = torch.randn(2, 1, 8, device=DEVICE)
     with pytest.raises(ValueError, match="power of two"):
-        T.row_norm_fwd(x, None, None, None, segments=1, groups=1, per_channel=False, eps=1e-5,
+        T.row_norm_fwd(x, None, None, None, groups=1, per_channel=False, eps=1e-5,
                        is_rms=False, residual_dtype=None, block_n=24)
 
 
@@ -374,3 +380,22 @@ def test_backend_registration_and_checks(monkeypatch: pytest.MonkeyPatch) -> Non
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         assert "TRITON_INTERPRET" in ops["layer_norm"].unsupported(x, [8])
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.channels_last_3d], ids=str)
+def test_channel_norms_read_channels_last_input_in_place(memory_format, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GroupNorm/InstanceNorm hand the kernel a strided (N, C, S) view of the input itself,
+    and allocate the output in the same layout: no copy either way."""
+    seen = []
+    launch = T.row_norm_fwd
+
+    def spy(x, *args, **kwargs):
+        seen.append(x)
+        return launch(x, *args, **kwargs)
+
+    monkeypatch.setattr(T, "row_norm_fwd", spy)
+    shape = (2, 4, 3, 5) if memory_format == torch.channels_last else (2, 4, 2, 3, 2)
+    x = torch.randn(shape, device=DEVICE).contiguous(memory_format=memory_format)
+    for y in (T.group_norm(x, 2), T.instance_norm(x)):
+        assert seen.pop().data_ptr() == x.data_ptr()
+        assert y.is_contiguous(memory_format=memory_format)

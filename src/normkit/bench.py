@@ -80,17 +80,24 @@ class Problem:
     """One op on one shape and dtype; parameters share the input's dtype."""
 
     op: str
-    shape: tuple[int, ...]  # (M, N), or (N, C, H, W) for group_norm
+    shape: tuple[int, ...]  # (M, N); (N, C, H, W) for group_norm; (N, C, *spatial) for batch_norm
     dtype: torch.dtype
     groups: int = 0
+    layout: str = "contiguous"  # or channels_last / channels_last_3d (the (N, C, ...) ops)
 
     @property
-    def rows(self) -> int:  # rows that get their own statistics
+    def channel_op(self) -> bool:  # per-channel parameters on axis 1
+        return self.op in ("group_norm", "batch_norm", "batch_norm_act")
+
+    @property
+    def rows(self) -> int:  # statistics computed (per row; per channel for BatchNorm)
+        if self.op.startswith("batch_norm"):
+            return self.shape[1]
         return self.shape[0] * self.groups if self.op == "group_norm" else self.shape[0]
 
     @property
     def params(self) -> int:  # elements of the weight (and of the bias)
-        return self.shape[1] if self.op == "group_norm" else self.shape[-1]
+        return self.shape[1] if self.channel_op else self.shape[-1]
 
     def bytes_moved(self, direction: str) -> int:
         """The traffic an ideal kernel cannot avoid (partial-sum buffers not counted).
@@ -104,7 +111,7 @@ class Problem:
             return self.bytes_moved("fwd") + self.bytes_moved("bwd")
         x = math.prod(self.shape) * self.dtype.itemsize
         streams = {"fwd": 2, "bwd": 3}[direction] + (2 if self.op.startswith("add_") else 0)
-        has_bias = "layer" in self.op or self.op == "group_norm"
+        has_bias = "layer" in self.op or self.channel_op
         param_tensors = {"fwd": 1, "bwd": 2}[direction] + has_bias
         stats = self.rows * 4 * (1 if "rms" in self.op else 2)
         return streams * x + param_tensors * self.params * self.dtype.itemsize + stats
@@ -115,18 +122,22 @@ class Problem:
         def randn(*shape: int) -> Tensor:
             return torch.randn(*shape, generator=gen, device=device, dtype=self.dtype)
 
-        t = {"x": randn(*self.shape), "weight": randn(self.params), "bias": randn(self.params)}
+        x = randn(*self.shape)
+        if self.layout != "contiguous":
+            x = x.contiguous(memory_format=getattr(torch, self.layout))
+        t = {"x": x, "weight": randn(self.params), "bias": randn(self.params)}
         if self.op.startswith("add_"):
             t["residual"] = randn(*self.shape)
         return {k: v.requires_grad_() for k, v in t.items()}
 
     def __str__(self) -> str:
         g = f"/G{self.groups}" if self.groups else ""
-        return f"{self.op} {'x'.join(map(str, self.shape))}{g} {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.op} {self.label}{g} {str(self.dtype).removeprefix('torch.')}"
 
     @property
     def label(self) -> str:
-        return "x".join(map(str, self.shape))
+        shape = "x".join(map(str, self.shape))
+        return shape if self.layout == "contiguous" else f"{shape} {self.layout}"
 
 
 def _call(op: str, groups: int, fn: Any, t: dict[str, Tensor], **kw: Any) -> Tensor | tuple[Tensor, Tensor]:

@@ -17,6 +17,10 @@ Precision controls, on every op and every backend:
   ``out_dtype=torch.float32`` gives the unrounded float32 result). For the fused residual ops
   it applies to ``y``; ``residual_out`` keeps ``residual_dtype``.
 
+Memory format: every op returns its result in its input's memory format (a channels_last or
+channels_last_3d input gives such an output on every backend; ATen's own ``instance_norm`` and
+``layer_norm`` return contiguous output there).
+
 Backends here: ``"torch"`` (ATen's kernels), ``"reference"`` (normkit's from-scratch
 implementation, :mod:`normkit.reference`) and, where Triton and a GPU are present, ``"triton"``.
 """
@@ -386,7 +390,29 @@ _UPDATED_IN_PLACE = {"batch_norm": (1, 2), "batch_norm_act": (1, 2), "instance_n
 
 def _dispatch(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
               out_dtype: torch.dtype | None):
-    """Resolve the backend for ``op`` and run it, at the precision asked for."""
+    """Resolve the backend for ``op`` and run it, at the precision asked for; the result in
+    the input's memory format."""
+    out = _run_at_precision(op, args, backend, stats_dtype, out_dtype)
+    x = args[0]
+    if isinstance(out, tuple):
+        return tuple(keep_layout(x, t) for t in out)
+    return keep_layout(x, out)
+
+
+def keep_layout(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` in ``x``'s memory format: a channels_last(_3d) input gives a channels_last(_3d)
+    output whatever the backend (ATen's instance_norm and layer_norm return contiguous output
+    for it, and a kernel may have read a copy). Costs a copy only where the layout was lost."""
+    if x.dim() not in (4, 5) or y.shape != x.shape or x.is_contiguous():
+        return y
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt):
+        return y.contiguous(memory_format=fmt)
+    return y
+
+
+def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
+                      out_dtype: torch.dtype | None):
     x = args[0]
     if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
         raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype}")

@@ -43,7 +43,8 @@ def ghost_batch_norm_forward(module: _GhostBatchNorm, input: Tensor) -> Tensor:
             "size whose remainder is not 1, or another virtual_batch_size"
         )
     chunks = input.split(module.virtual_batch_size)
-    return torch.cat([batch_norm_forward(module, chunk) for chunk in chunks])
+    # cat may not see a channels_last layout in chunks of one sample: keep the input's.
+    return NF.keep_layout(input, torch.cat([batch_norm_forward(module, chunk) for chunk in chunks]))
 
 
 torch.fx.wrap("ghost_batch_norm_forward")

@@ -14,6 +14,18 @@ GroupNorm      (sample, group)       C/G  spatial     ``(row % G) * R + r``  (ch
 InstanceNorm   (sample, channel)     1    spatial     ``row % C``      (GroupNorm with G=C)
 =============  ====================  ===  ==========  ====================================
 
+Memory layout: every tensor is addressed as an ``(N, C, S)`` strided view, the convention of
+the BatchNorm kernels. Row ``m`` is group ``m % GROUPS`` of sample ``m // GROUPS`` and element
+``(r, s)`` of it lives at::
+
+    (m // GROUPS) * stride_n + ((m % GROUPS) * R + r) * stride_c + s * stride_s
+
+A LayerNorm/RMSNorm input is ``(M, 1, L)`` (any row stride, unit element stride); a GroupNorm
+or InstanceNorm input is ``(N, C, prod(spatial))``, so contiguous input (``stride_s = 1``) and
+channels_last input (``stride_c = 1``, ``stride_s = C``) are read in place and the outputs are
+written in the input's layout. Triton specializes a stride equal to 1, so the contiguous axis is
+known at compile time and loads along it are vectorized.
+
 A row that fits in one tile (``SINGLE_BLOCK``) is read once and kept in registers. A wider row
 is walked in tiles, twice: the forward merges per-tile mean and centred sum of squares with
 Chan's formula (never ``E[x^2] - E[x]^2``), then normalizes; the backward first computes the two
@@ -49,8 +61,16 @@ ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
 
 
 @triton.jit
+def _row_start(row, R, GROUPS, stride_n, stride_c):
+    """Offset of the first element of row ``row`` (sample ``row // GROUPS``, group
+    ``row % GROUPS``); GROUPS = 1 is specialized, so row norms pay no division."""
+    return (row // GROUPS) * stride_n + (row % GROUPS) * R * stride_c
+
+
+@triton.jit
 def _tile(r0, s0, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Indices, in-row offsets and masks of the tile whose first element is (r0, s0)."""
+    """Indices, in-row positions ``r * S + s`` and masks of the tile whose first element is
+    (r0, s0); memory offsets are ``r * stride_c + s * stride_s``."""
     r = r0 + tl.arange(0, BLOCK_R)[:, None]
     s = s0 + tl.arange(0, BLOCK_S)[None, :]
     mask_r = r < R
@@ -109,16 +129,17 @@ def _load_affine(P, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT: tl.conste
 
 
 @triton.jit
-def _load_input(X, RESIDUAL, RESIDUAL_OUT, offs, mask, HAS_RESIDUAL: tl.constexpr,
+def _load_input(X, RESIDUAL, RESIDUAL_OUT, x_offs, y_offs, mask, HAS_RESIDUAL: tl.constexpr,
                 STORE_RESIDUAL_OUT: tl.constexpr, RNE_BY_HAND: tl.constexpr):
-    """x (+ residual), rounded to and stored in the residual dtype when asked, as fp32."""
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    """x (+ residual), rounded to and stored in the residual dtype when asked, as fp32.
+    RESIDUAL has X's element strides, RESIDUAL_OUT Y's."""
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x += tl.load(RESIDUAL + offs, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(RESIDUAL + x_offs, mask=mask, other=0.0).to(tl.float32)
     if STORE_RESIDUAL_OUT:
         # Normalize the stored value, not the unrounded sum: the backward reads it back as x.
         x = _cast_to(x, RESIDUAL_OUT, RNE_BY_HAND)
-        tl.store(RESIDUAL_OUT + offs, x, mask=mask)
+        tl.store(RESIDUAL_OUT + y_offs, x, mask=mask)
         x = x.to(tl.float32)
     return x
 
@@ -155,7 +176,9 @@ def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s,
 @triton.jit
 def row_norm_fwd_kernel(
     X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD,
-    stride_x_row, stride_residual_row,  # Y and RESIDUAL_OUT are contiguous [M, R * S]
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,  # Y and RESIDUAL_OUT are allocated alike
+    stride_residual_row,  # the add-norms' residual: X's element strides, its own row stride
     R, S, GROUPS, eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr, ACT: tl.constexpr,
@@ -164,22 +187,23 @@ def row_norm_fwd_kernel(
 ):
     """One program per row: statistics, then ``y = act((x - mean) * rstd * w + b)``."""
     row = tl.program_id(0).to(tl.int64)
-    X += row * stride_x_row
-    Y += row * R * S
+    X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
+    Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
     if HAS_RESIDUAL:
         RESIDUAL += row * stride_residual_row
     if STORE_RESIDUAL_OUT:
-        RESIDUAL_OUT += row * R * S
+        RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
     n = R * S * 1.0  # (not .to(): Triton passes an int argument equal to 1 as a constant)
 
     if SINGLE_BLOCK:
-        r, s, offs, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
+        r, s, _, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
         mask = mask_r & mask_s
-        x = _load_input(X, RESIDUAL, RESIDUAL_OUT, offs, mask, HAS_RESIDUAL, STORE_RESIDUAL_OUT,
-                        RNE_BY_HAND)
+        y_offs = r * stride_yc + s * stride_ys
+        x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs, y_offs, mask,
+                        HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
         mean, m2 = _tile_moments(x, mask, n, IS_RMS)
         rstd = 1.0 / tl.sqrt(m2 / n + eps)
-        _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R, GROUPS,
+        _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R, GROUPS,
                       HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     else:
         # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width).
@@ -188,9 +212,10 @@ def row_norm_fwd_kernel(
         count = 0.0
         for r0 in range(0, R, BLOCK_R):
             for s0 in range(0, S, BLOCK_S):
-                r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
                 mask = mask_r & mask_s
-                x = _load_input(X, RESIDUAL, RESIDUAL_OUT, offs, mask,
+                x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs,
+                                r * stride_yc + s * stride_ys, mask,
                                 HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
                 n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
                 mean_b, m2_b = _tile_moments(x, mask, n_b, IS_RMS)
@@ -206,25 +231,28 @@ def row_norm_fwd_kernel(
             tl.debug_barrier()
         for r0 in range(0, R, BLOCK_R):
             for s0 in range(0, S, BLOCK_S):
-                r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
                 mask = mask_r & mask_s
+                y_offs = r * stride_yc + s * stride_ys
                 if STORE_RESIDUAL_OUT:
-                    x = tl.load(RESIDUAL_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(RESIDUAL_OUT + y_offs, mask=mask, other=0.0).to(tl.float32)
                 else:
-                    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-                _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R,
+                    x = tl.load(X + r * stride_xc + s * stride_xs, mask=mask,
+                                other=0.0).to(tl.float32)
+                _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R,
                               GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
-def _load_grad_terms(X, DY, MEAN, RSTD, w, b, row, stride_x_row, stride_dy_row, offs, mask,
+def _load_grad_terms(X_TILE, DY_TILE, MEAN, RSTD, w, b, row, mask,
                      HAS_WEIGHT: tl.constexpr, ACT: tl.constexpr):
-    """x_hat, dy and w * dy of one tile of one row, and the row's rstd (all fp32). With an
-    activation, "dy" is the gradient at its input, ``dy * act'(x_hat * w + b)``."""
-    x = tl.load(X + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * stride_dy_row + offs, mask=mask, other=0.0).to(tl.float32)
+    """x_hat, dy and w * dy of one tile of one row (pointers ``X_TILE``, ``DY_TILE``), and the
+    row's rstd (all fp32). With an activation, "dy" is the gradient at its input,
+    ``dy * act'(x_hat * w + b)``."""
+    x = tl.load(X_TILE, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY_TILE, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + row)
     x_hat = (x - tl.load(MEAN + row)) * rstd  # masked lanes: dy = 0 zeroes every product below
     if ACT:
@@ -242,7 +270,10 @@ def _load_grad_terms(X, DY, MEAN, RSTD, w, b, row, stride_x_row, stride_dy_row, 
 @triton.jit
 def row_norm_bwd_kernel(
     X, W, B, MEAN, RSTD, DY, DX, DRESIDUAL_OUT, DRESIDUAL, DW_PART, DB_PART, ROW_DOTS,
-    stride_x_row, stride_dy_row, stride_dresidual_out_row,  # DX, DRESIDUAL contiguous
+    stride_xn, stride_xc, stride_xs,
+    stride_dyn, stride_dyc, stride_dys,
+    stride_dxn, stride_dxc, stride_dxs,  # DX and DRESIDUAL are allocated alike
+    stride_dresidual_out_row,  # the add-norms' gradient at residual_out: X's element strides
     M, R, S, GROUPS, rows_per_program,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
@@ -270,7 +301,7 @@ def row_norm_bwd_kernel(
             c2 = 0.0
             for r0 in range(0, R, BLOCK_R):
                 for s0 in range(0, S, BLOCK_S):
-                    r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                    r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
                     w_tile = 1.0
                     if HAS_WEIGHT:
                         w_tile = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS,
@@ -279,10 +310,13 @@ def row_norm_bwd_kernel(
                     if HAS_BIAS:
                         b_tile = _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS,
                                               PER_SEGMENT)
-                    x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w_tile, b_tile,
-                                                            row, stride_x_row, stride_dy_row,
-                                                            offs, mask_r & mask_s, HAS_WEIGHT,
-                                                            ACT)
+                    x_tile = (X + _row_start(row, R, GROUPS, stride_xn, stride_xc)
+                              + r * stride_xc + s * stride_xs)
+                    dy_tile = (DY + _row_start(row, R, GROUPS, stride_dyn, stride_dyc)
+                               + r * stride_dyc + s * stride_dys)
+                    x_hat, dy, wdy, rstd = _load_grad_terms(x_tile, dy_tile, MEAN, RSTD, w_tile,
+                                                            b_tile, row, mask_r & mask_s,
+                                                            HAS_WEIGHT, ACT)
                     c1 += tl.sum(x_hat * wdy)
                     c2 += tl.sum(wdy)
             tl.store(ROW_DOTS + 2 * row, c1 / n)
@@ -291,8 +325,11 @@ def row_norm_bwd_kernel(
 
     for r0 in range(0, R, BLOCK_R):
         for s0 in range(0, S, BLOCK_S):
-            r, s, offs, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+            r, s, cols, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
             mask = mask_r & mask_s
+            x_offs = r * stride_xc + s * stride_xs
+            dy_offs = r * stride_dyc + s * stride_dys
+            dx_offs = r * stride_dxc + s * stride_dxs
             w_col = 1.0
             b_col = 0.0
             if HAS_WEIGHT and not PER_SEGMENT:  # the same columns for every row: load once
@@ -308,8 +345,10 @@ def row_norm_bwd_kernel(
                     w = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
                 if HAS_BIAS and PER_SEGMENT:
                     b = _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
-                x_hat, dy, wdy, rstd = _load_grad_terms(X, DY, MEAN, RSTD, w, b, row, stride_x_row,
-                                                        stride_dy_row, offs, mask, HAS_WEIGHT, ACT)
+                x_tile = X + _row_start(row, R, GROUPS, stride_xn, stride_xc) + x_offs
+                dy_tile = DY + _row_start(row, R, GROUPS, stride_dyn, stride_dyc) + dy_offs
+                x_hat, dy, wdy, rstd = _load_grad_terms(x_tile, dy_tile, MEAN, RSTD, w, b, row, mask,
+                                                        HAS_WEIGHT, ACT)
                 if SINGLE_BLOCK:
                     c1 = tl.sum(x_hat * wdy) / n
                     c2 = tl.sum(wdy) / n
@@ -321,11 +360,12 @@ def row_norm_bwd_kernel(
                 else:
                     dx = (wdy - (x_hat * c1 + c2)) * rstd
                 if HAS_DRESIDUAL_OUT:
-                    dx += tl.load(DRESIDUAL_OUT + row * stride_dresidual_out_row + offs,
+                    dx += tl.load(DRESIDUAL_OUT + row * stride_dresidual_out_row + x_offs,
                                   mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row * R * S + offs, _cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+                dx_start = _row_start(row, R, GROUPS, stride_dxn, stride_dxc)
+                tl.store(DX + dx_start + dx_offs, _cast_to(dx, DX, RNE_BY_HAND), mask=mask)
                 if STORE_DRESIDUAL:
-                    tl.store(DRESIDUAL + row * R * S + offs, _cast_to(dx, DRESIDUAL, RNE_BY_HAND),
+                    tl.store(DRESIDUAL + dx_start + dx_offs, _cast_to(dx, DRESIDUAL, RNE_BY_HAND),
                              mask=mask)
                 if PER_SEGMENT:
                     part = (row * R + r) * num_s_blocks + s0 // BLOCK_S
@@ -340,8 +380,8 @@ def row_norm_bwd_kernel(
                         dw_acc += dy * x_hat
                     if COMPUTE_DB:
                         db_acc += dy
-            if not PER_SEGMENT:  # R == 1: offs are column indices
+            if not PER_SEGMENT:  # R == 1: cols are the column indices
                 if COMPUTE_DW:
-                    tl.store(DW_PART + pid * S + offs, dw_acc, mask=mask)
+                    tl.store(DW_PART + pid * S + cols, dw_acc, mask=mask)
                 if COMPUTE_DB:
-                    tl.store(DB_PART + pid * S + offs, db_acc, mask=mask)
+                    tl.store(DB_PART + pid * S + cols, db_acc, mask=mask)

@@ -1,7 +1,9 @@
 """Launchers, ``torch.library`` custom ops and the public Triton norms.
 
-Every norm here is one call of the two custom ops over a ``(M, R * S)`` row view (see
-:mod:`normkit.ops.triton.kernels` for R and S):
+Every norm here is one call of the two custom ops over an ``(N, C, S)`` strided view whose
+rows are (sample, group) pairs of ``R = C / groups`` channels (see
+:mod:`normkit.ops.triton.kernels`): ``(M, 1, L)`` for LayerNorm and RMSNorm, ``(N, C,
+prod(spatial))`` for GroupNorm and InstanceNorm, contiguous or channels_last alike:
 
 * ``normkit::row_norm_fwd(x, residual, weight, bias, ...) -> (y, residual_out, mean, rstd)``
 * ``normkit::row_norm_bwd(dy, x, weight, bias, mean, rstd, dresidual_out, ...) -> (dx, dresidual, dw, db)``
@@ -106,11 +108,22 @@ def _interpreted() -> bool:
 
 
 def _inner_contiguous(t: Tensor | None) -> Tensor | None:
-    """Rows may be strided (the kernels take a row stride); elements within a row may not."""
+    """Rows may be strided (the kernels take a row stride); a row norm's elements within a row
+    may not (the residual and its gradient share x's unit element stride)."""
     if t is not None and t.stride(-1) != 1:
         t = t.contiguous()
     return t
 
+
+def _empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An output for the ``(N, C, S)`` view ``t``: with t's strides when t is dense (so a
+    channels_last input gives a channels_last output), else contiguous (a row-padded input
+    gives packed rows). That is ``empty_like``'s ``preserve_format`` rule for a 3-D tensor."""
+    return torch.empty_like(t, dtype=dtype)
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
 
 def _program_count(M: int, device: torch.device) -> int:
     """Programs of the backward: a few per SM (each writes an N-wide row of dw/db partials,
@@ -129,7 +142,6 @@ def row_norm_fwd(
     weight: Tensor | None,
     bias: Tensor | None,
     *,
-    segments: int,
     groups: int,
     per_channel: bool,
     eps: float,
@@ -138,32 +150,32 @@ def row_norm_fwd(
     act: int = 0,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize the rows of ``x`` (shape ``(M, L)``, any row stride), ``L = segments * S``.
+    """Normalize the rows of ``x``, an ``(N, C, S)`` view (any strides): row ``m`` is the
+    ``R = C / groups`` channels of group ``m % groups`` of sample ``m // groups``.
 
-    ``weight``/``bias`` are per column (shape ``(L,)``) or, with ``per_channel``, per channel
-    (shape ``(groups * segments,)``; the channel of row m, segment r is
-    ``(m % groups) * segments + r``). With ``residual_dtype`` set, ``x (+ residual)`` is stored
-    in that dtype as ``residual_out`` and normalized; otherwise ``residual_out`` is empty.
+    ``weight``/``bias`` are per column (shape ``(S,)``, with C = 1) or, with ``per_channel``,
+    per channel (shape ``(C,)``). With ``residual_dtype`` set, ``x (+ residual)`` (residual:
+    x's shape, unit element stride) is stored in that dtype as ``residual_out`` and
+    normalized; otherwise ``residual_out`` is empty. ``y`` and ``residual_out`` have x's
+    strides when x is dense, else are contiguous.
     ``act`` (a :data:`~normkit.ops.triton.kernels.ACT_CODES` value) applies an activation to y.
 
     Returns ``(y, residual_out, mean, rstd)``; mean and rstd are fp32 of shape ``(M,)``
     (mean is 0 for RMSNorm).
     """
-    M, L = x.shape
-    S = L // segments
-    x, residual = _inner_contiguous(x), _inner_contiguous(residual)
-    y = torch.empty((M, L), dtype=x.dtype, device=x.device)
+    N, C, S = x.shape
+    M, R = N * groups, C // groups
+    y = _empty_like(x)
     store_residual = residual_dtype is not None
-    residual_out = torch.empty((M, L) if store_residual else (0,), dtype=residual_dtype or x.dtype,
-                               device=x.device)
+    residual_out = _empty_like(x, residual_dtype) if store_residual else x.new_empty((0,))
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    blocks = _blocks(segments, S, "fwd", x.element_size(), block_n)
+    blocks = _blocks(R, S, "fwd", x.element_size(), block_n)
     with _device_of(x):
         row_norm_fwd_kernel[(M,)](
             x, residual, y, residual_out, weight, bias, mean, rstd,
-            x.stride(0), residual.stride(0) if residual is not None else 0,
-            segments, S, groups, eps,
+            *_strides(x), *_strides(y), residual.stride(0) if residual is not None else 0,
+            R, S, groups, eps,
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
             ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
@@ -181,7 +193,6 @@ def row_norm_bwd(
     rstd: Tensor,
     dresidual_out: Tensor | None,
     *,
-    segments: int,
     groups: int,
     per_channel: bool,
     is_rms: bool,
@@ -199,27 +210,27 @@ def row_norm_bwd(
     Returns ``(dx, dresidual, dw, db)``; a gradient whose dtype is None comes back empty.
     dw/db are summed from fp32 per-program partials in a fixed order: bit-reproducible.
     """
-    M, L = x.shape
-    S = L // segments
-    dy, x, dresidual_out = (_inner_contiguous(t) for t in (dy, x, dresidual_out))
+    N, C, S = x.shape
+    M, R = N * groups, C // groups
+    dresidual_out = _inner_contiguous(dresidual_out)
     dev = x.device
-    dx = torch.empty((M, L), dtype=dx_dtype, device=dev)
-    dresidual = torch.empty((M, L) if dresidual_dtype else (0,), dtype=dresidual_dtype or dx_dtype,
-                            device=dev)
-    blocks = _blocks(segments, S, "bwd", x.element_size(), block_n)
+    dx = _empty_like(x, dx_dtype)
+    dresidual = _empty_like(x, dresidual_dtype) if dresidual_dtype else dx.new_empty((0,))
+    blocks = _blocks(R, S, "bwd", x.element_size(), block_n)
     programs = _program_count(M, dev)
     if per_channel:
-        part_shape = (M // groups, groups * segments, triton.cdiv(S, blocks.BLOCK_S))
+        part_shape = (N, C, triton.cdiv(S, blocks.BLOCK_S))
     else:
-        part_shape = (programs, L)
+        part_shape = (programs, S)
     dw_part = torch.empty(part_shape if dw_dtype else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty(part_shape if db_dtype else (0,), dtype=torch.float32, device=dev)
     row_dots = torch.empty((0 if blocks.SINGLE_BLOCK else 2 * M,), dtype=torch.float32, device=dev)
     with _device_of(x):
         row_norm_bwd_kernel[(programs,)](
             x, weight, bias, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
-            x.stride(0), dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0,
-            M, segments, S, groups, triton.cdiv(M, programs),
+            *_strides(x), *_strides(dy), *_strides(dx),
+            dresidual_out.stride(0) if dresidual_out is not None else 0,
+            M, R, S, groups, triton.cdiv(M, programs),
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
             COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
             STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
@@ -240,76 +251,72 @@ def row_norm_bwd(
 @torch.library.custom_op("normkit::row_norm_fwd", mutates_args=())
 def _row_norm_fwd_op(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-    segments: int, groups: int, per_channel: bool, eps: float, is_rms: bool,
+    groups: int, per_channel: bool, eps: float, is_rms: bool,
     residual_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return row_norm_fwd(x, residual, weight, bias, segments=segments, groups=groups,
-                        per_channel=per_channel, eps=eps, is_rms=is_rms,
-                        residual_dtype=residual_dtype, act=act)
+    return row_norm_fwd(x, residual, weight, bias, groups=groups, per_channel=per_channel,
+                        eps=eps, is_rms=is_rms, residual_dtype=residual_dtype, act=act)
 
 
 @_row_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype, act):
-    M, L = x.shape
-    residual_out = x.new_empty((M, L) if residual_dtype is not None else (0,),
-                               dtype=residual_dtype or x.dtype)
+def _(x, residual, weight, bias, groups, per_channel, eps, is_rms, residual_dtype, act):
+    M = x.shape[0] * groups
+    residual_out = _empty_like(x, residual_dtype) if residual_dtype is not None else x.new_empty((0,))
     stats = (x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
-    return x.new_empty((M, L)), residual_out, *stats
+    return _empty_like(x), residual_out, *stats
 
 
 @torch.library.custom_op("normkit::row_norm_bwd", mutates_args=())
 def _row_norm_bwd_op(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-    rstd: Tensor, dresidual_out: Tensor | None, segments: int, groups: int, per_channel: bool,
+    rstd: Tensor, dresidual_out: Tensor | None, groups: int, per_channel: bool,
     is_rms: bool, dx_dtype: torch.dtype, dresidual_dtype: torch.dtype | None,
     dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return row_norm_bwd(dy, x, weight, bias, mean, rstd, dresidual_out, segments=segments,
+    return row_norm_bwd(dy, x, weight, bias, mean, rstd, dresidual_out,
                         groups=groups, per_channel=per_channel, is_rms=is_rms, dx_dtype=dx_dtype,
                         dresidual_dtype=dresidual_dtype, dw_dtype=dw_dtype, db_dtype=db_dtype,
                         act=act)
 
 
 @_row_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms,
+def _(dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rms,
       dx_dtype, dresidual_dtype, dw_dtype, db_dtype, act):
-    M, L = x.shape
-    n_params = groups * segments if per_channel else L
+    n_params = x.shape[1] if per_channel else x.shape[2]
 
-    def grad(shape: tuple[int, ...], dtype: torch.dtype | None) -> Tensor:
-        return x.new_empty(shape if dtype is not None else (0,), dtype=dtype or torch.float32)
+    def grad(dtype: torch.dtype | None) -> Tensor:
+        return x.new_empty((n_params,) if dtype is not None else (0,), dtype=dtype or torch.float32)
 
-    return (grad((M, L), dx_dtype), grad((M, L), dresidual_dtype), grad((n_params,), dw_dtype),
-            grad((n_params,), db_dtype))
+    dresidual = _empty_like(x, dresidual_dtype) if dresidual_dtype else x.new_empty((0,), dtype=dx_dtype)
+    return _empty_like(x, dx_dtype), dresidual, grad(dw_dtype), grad(db_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (x, residual, weight, bias, segments, groups, per_channel, eps, is_rms, residual_dtype,
-     act) = inputs
+    x, residual, weight, bias, groups, per_channel, eps, is_rms, residual_dtype, act = inputs
     _, residual_out, mean, rstd = output
     # The backward re-reads what was normalized: x, or the stored x + residual (and the bias,
     # to recompute an activation's input).
     ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight,
                           bias if act else None, mean, rstd)
-    ctx.meta = (segments, groups, per_channel, is_rms, residual_dtype is not None, act)
+    ctx.meta = (groups, per_channel, is_rms, residual_dtype is not None, act)
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype,
                   None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, dy, dresidual_out, dmean, drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    segments, groups, per_channel, is_rms, has_residual_out, act = ctx.meta
+    groups, per_channel, is_rms, has_residual_out, act = ctx.meta
     x_dtype, residual_dtype, w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
     if not has_residual_out or dresidual_out is None or dresidual_out.numel() == 0:
         dresidual_out = None
     dx, dresidual, dw, db = _row_norm_bwd_op(
-        dy, x, weight, bias, mean, rstd, dresidual_out, segments, groups, per_channel, is_rms,
+        dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rms,
         x_dtype, residual_dtype if need[1] else None, w_dtype if need[2] else None,
         b_dtype if need[3] else None, act,
     )
     return (dx, dresidual if need[1] else None, dw if need[2] else None,
-            db if need[3] else None, None, None, None, None, None, None, None)
+            db if need[3] else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("normkit::row_norm_fwd", _backward, setup_context=_setup_context)
@@ -333,9 +340,9 @@ def _trailing_norm(
     L = math.prod(normalized_shape)
     # reshape is a view whenever the rows are evenly strided (a padded or sliced batch); it
     # copies only when no single row stride describes the input.
-    rows = x.reshape(-1, L)
-    res_rows = None if residual is None else residual.reshape(-1, L)
-    y, residual_out, _, _ = _row_norm_fwd_op(rows, res_rows, _flat(weight), _flat(bias), 1, 1,
+    rows = _inner_contiguous(x.reshape(-1, 1, L))
+    res_rows = None if residual is None else _inner_contiguous(residual.reshape(-1, 1, L))
+    y, residual_out, _, _ = _row_norm_fwd_op(rows, res_rows, _flat(weight), _flat(bias), 1,
                                              False, eps, is_rms, residual_dtype, 0)
     if residual_dtype is not None:
         residual_out = residual_out.view(x.shape)
@@ -389,12 +396,12 @@ def add_rms_norm(
 
 def _channel_norm(input: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
                   eps: float, act: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows (sample, group) of an ``(N, C, *)`` input: C/groups channel segments of spatial
-    elements each. A channels-last input is copied to NC* order first."""
-    N, C = input.shape[:2]
-    rows = input.reshape(N * groups, -1)
-    y, _, mean, rstd = _row_norm_fwd_op(rows, None, weight, bias, C // groups, groups, True,
-                                        eps, False, None, ACT_CODES[act])
+    """Rows (sample, group) of an ``(N, C, *)`` input, read through its ``(N, C, S)`` view:
+    contiguous, channels_last(_3d) and sliced inputs without a copy (only a layout whose
+    spatial axes do not merge into one stride is copied); the output keeps the layout."""
+    x3 = input.reshape(input.shape[0], input.shape[1], -1)
+    y, _, mean, rstd = _row_norm_fwd_op(x3, None, weight, bias, groups, True, eps, False, None,
+                                        ACT_CODES[act])
     return y.view(input.shape), mean, rstd
 
 
