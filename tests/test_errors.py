@@ -228,6 +228,11 @@ BAD_CALLS: tuple[Call, ...] = (
     # -- batch_norm: parameters on another device
     Call("bn-weight-meta", "batch_norm", _bn(X, weight=(C, _f32, "meta"))),
     Call("bn-running-stats-meta", "batch_norm", _bn(X, stats=(C, _f32, "meta"))),
+    # -- batch_norm / instance_norm: momentum=None is the modules' cumulative average, not the functional's
+    Call("bn-momentum-None", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), None, None, True, None)),
+    Call("bn-momentum-None-no-stats", "batch_norm", lambda r: (r(4, C, 5), None, None, None, None, True, None)),
+    Call("in-momentum-None", "instance_norm", lambda r: (r(4, C, 5), r(C), r.var(C), None, None, True, None)),
+    Call("bn-momentum-str", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), None, None, True, "0.1")),
     # -- instance_norm
     Call("in-weight-C+1", "instance_norm", _bn(X, stats=None, weight=C + 1)),
     Call("in-bias-C-1", "instance_norm", _bn(X, stats=None, bias=C - 1)),

@@ -76,6 +76,13 @@ def _check_num_features(name: str, expected: int, tensor: Tensor | None) -> None
         raise RuntimeError(f"{name} should contain {expected} elements not {tensor.numel()}")
 
 
+def check_momentum(op: str, momentum: object) -> None:
+    """torch.nn.functional's ``momentum`` is a float (``momentum=None``, the cumulative average,
+    exists only on the modules, which pass the factor ``1 / (batches + 1)``)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{op}(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
+
+
 def check_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,

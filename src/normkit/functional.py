@@ -100,6 +100,7 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
+    _checks.check_momentum("batch_norm", momentum)
     _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype)
@@ -124,6 +125,7 @@ def instance_norm(
     With running statistics and ``use_input_stats``, they are updated with the batch average
     of the per-instance statistics. See :class:`torch.nn.InstanceNorm2d`.
     """
+    _checks.check_momentum("instance_norm", momentum)
     _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps)
     args = (input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
@@ -210,6 +212,7 @@ def batch_norm_act(
     the norm and torch's activation (the norm's output rounded to the input's dtype first).
     """
     check_act(act)
+    _checks.check_momentum("batch_norm", momentum)
     _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps, act)
     return _dispatch("batch_norm_act", args, backend, stats_dtype, out_dtype)

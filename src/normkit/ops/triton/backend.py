@@ -8,9 +8,9 @@ first looks the backend up (``normkit.backends.register_lazy_backend("triton", r
 * Unsupported (with the reason): tensors on a device Triton cannot run on (a CPU tensor
   without the interpreter), dtypes other than float32/bfloat16/float16 (so no float64), an
   empty input for the row norms (batch_norm takes it, as ATen: an empty output and no update),
-  ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job), a functional
-  ``momentum=None`` with running statistics (torch's functional ops reject it too; the modules
-  pass the cumulative-average factor as a float).
+  ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job). ``momentum``
+  is always a float here: normkit.functional rejects None as torch does, and the modules turn
+  ``momentum=None`` into the cumulative-average factor.
 * Preferred by ``"auto"``: only CUDA tensors, and only the ops listed in
   :data:`MEASURED_FASTER`, those that ``benchmarks/bench_norms.py`` has shown beating ATen (and
   ``torch.compile``) on a GPU, with the result committed under ``benchmarks/results/``. Until
@@ -78,15 +78,11 @@ def _instance_norm_unsupported(input, running_mean=None, running_var=None, weigh
     if not use_input_stats:
         return ("use_input_stats=False normalizes with the running statistics, a per-channel "
                 "affine; use the torch backend")
-    if momentum is None and (running_mean is not None or running_var is not None):
-        return "momentum=None (cumulative average) is not supported; pass a float momentum"
     return _tensors_unsupported(input, weight, bias)
 
 
 def _batch_norm_unsupported(input, running_mean, running_var, weight=None, bias=None,
                             training=False, momentum=0.1, eps=1e-5, act=None):
-    if momentum is None and training and (running_mean is not None or running_var is not None):
-        return "momentum=None (cumulative average) is not supported; pass a float momentum"
     return _tensors_unsupported(input, running_mean, running_var, weight, bias, empty_ok=True)
 
 
