@@ -57,11 +57,14 @@ __all__ = [
 
 BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
 
-# Tile sizes in elements, chosen so that ptxas (sm_90, Triton 3.9) spills no registers: a row
-# of up to SINGLE_TILE elements is held in registers whole and read once; a wider row streams
-# through CHUNK_TILE-sized tiles and is read twice. The backward keeps five fp32 tiles live
-# (x_hat, dy, w and the dw/db column sums), so it gets half the forward's width, and half again
-# for fp32 inputs (8192 fp32 elements with a residual spilled 1.7 KB per thread).
+# Tile sizes in elements. A row of up to SINGLE_TILE elements is held in registers whole and
+# read once; a wider row streams through CHUNK_TILE-sized tiles and is read twice. The backward
+# keeps five fp32 tiles live (x_hat, dy, w and the dw/db column sums), so it gets half the
+# forward's width, and half again for fp32 inputs. Not yet tuned on a GPU: compiled for sm_90
+# (Triton 3.9's ptxas, 16 warps) the 16384-element forward tile spills ~50-90 bytes per thread
+# (with a residual or an activation), the 8192-element bf16 backward tile 300-500 bytes
+# (~900 with an activation) and 4096-element tiles nothing. Whether a spill costs more than
+# reading the row twice is for benchmarks/bench_norms.py on a GPU to say.
 SINGLE_TILE = {"fwd": 16384, "bwd": 8192}
 CHUNK_TILE = 4096
 
