@@ -45,8 +45,6 @@ means from the global mean, never ``E[x^2] - E[x]^2``.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import NamedTuple
 
 import torch
@@ -54,9 +52,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from normkit.ops.triton._launch import BLOCK_ENV_VAR, block_override, device_of, interpreted, strides
 from normkit.ops.triton.kernels import ACT_CODES, _activate, _activate_grad, _cast_to
 
 __all__ = [
+    "BLOCK_ENV_VAR",
     "batch_norm",
     "batch_norm_act",
     "batch_norm_apply_kernel",
@@ -68,9 +68,7 @@ __all__ = [
     "batch_norm_stats_kernel",
 ]
 
-# Same override as the row norms (normkit.ops.triton.row_norm.BLOCK_ENV_VAR): caps the tile
-# (BLOCK_M * BLOCK_C elements), which is how the tests reach many tiles and programs.
-BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
+# The tile is BLOCK_M * BLOCK_C elements; BLOCK_ENV_VAR caps it, as for the row norms.
 TILE = 4096
 # Channels per tile: a channels-last row of 64 channels is 128-256 contiguous bytes; an NC*
 # channel is contiguous along the rows, so few channels and long row runs.
@@ -235,14 +233,6 @@ class _Blocks(NamedTuple):
     num_warps: int
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _channel_view(t: Tensor) -> Tensor:
     """``t`` as ``(N, C, S)``: a view for NC*, channels_last(_3d) and sliced inputs alike."""
     return t.reshape(t.shape[0], t.shape[1], -1)
@@ -259,17 +249,9 @@ def _empty_out(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return out
 
 
-def _strides(t3: Tensor) -> tuple[int, int, int]:
-    return t3.stride(0), t3.stride(1), t3.stride(2)
-
-
 def _blocks(x3: Tensor, block_n: int | None) -> _Blocks:
     N, C, S = x3.shape
-    if block_n is None and os.environ.get(BLOCK_ENV_VAR):
-        block_n = int(os.environ[BLOCK_ENV_VAR])
-    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
-        raise ValueError(f"block_n must be a power of two >= 1, got {block_n}")
-    tile = block_n or TILE
+    tile = block_override(block_n) or TILE
     columns = S == 1 or x3.stride(1) < x3.stride(2)  # channels are the fast axis
     block_c = min(triton.next_power_of_2(C), BLOCK_C_MAX["columns" if columns else "segments"],
                   tile)
@@ -294,8 +276,8 @@ def _apply(x3: Tensor, y3: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
     N, C, S = x3.shape
     grid = (triton.cdiv(N * S, blocks.BLOCK_M), triton.cdiv(C, blocks.BLOCK_C))
     batch_norm_apply_kernel[grid](
-        x3, y3, mean, scale, shift, N * S, C, S, *_strides(x3), *_strides(y3),
-        ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=_interpreted(),
+        x3, y3, mean, scale, shift, N * S, C, S, *strides(x3), *strides(y3),
+        ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
         num_warps=blocks.num_warps,
     )
 
@@ -316,9 +298,9 @@ def batch_norm_stats(
     mean_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
     m2_part = torch.empty_like(mean_part)
     shift = x3[0, :, 0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    with _device_of(x):
+    with device_of(x):
         batch_norm_stats_kernel[(programs, c_blocks)](
-            x3, shift, mean_part, m2_part, M, C, S, *_strides(x3), rows_per_program,
+            x3, shift, mean_part, m2_part, M, C, S, *strides(x3), rows_per_program,
             BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
         )
     counts = (M - rows_per_program * torch.arange(programs, device=dev)).clamp(
@@ -349,7 +331,7 @@ def batch_norm_fwd(
     scale, shift = _scale_shift(weight, bias, mean, rstd)
     x3 = _channel_view(x)
     y = _empty_out(x)
-    with _device_of(x):
+    with device_of(x):
         _apply(x3, _channel_view(y), mean, scale, shift, _blocks(x3, block_n), act)
     return y
 
@@ -367,20 +349,21 @@ def batch_norm_bwd(
     dev = x.device
     blocks = _blocks(x3, block_n)
     c_blocks = triton.cdiv(C, blocks.BLOCK_C)
-    scale, shift = _scale_shift(weight, bias, mean, rstd)
 
     def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # fresh: outputs may not alias
         return torch.empty((0,), dtype=dtype, device=dev)
 
     sum_dy = sum_dy_xhat = empty()
+    # The kernels read scale for dx and (with an activation) both, to recompute its input.
+    scale, shift = _scale_shift(weight, bias, mean, rstd) if act or need_dx else (empty(), empty())
     if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
         programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
         sum_dy_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
         sum_dy_xhat_part = torch.empty_like(sum_dy_part)
-        with _device_of(x):
+        with device_of(x):
             batch_norm_bwd_reduce_kernel[(programs, c_blocks)](
                 x3, dy3, mean, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
-                *_strides(x3), *_strides(dy3), rows_per_program,
+                *strides(x3), *strides(dy3), rows_per_program,
                 ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
             )
         # A fixed-shape torch sum: the same partials give the same bits on every run.
@@ -391,12 +374,12 @@ def batch_norm_bwd(
         dx3 = _channel_view(dx)
         mean_dy, mean_dy_xhat = (sum_dy / M, sum_dy_xhat / M) if batch_stats else (empty(), empty())
         grid = (triton.cdiv(M, blocks.BLOCK_M), c_blocks)
-        with _device_of(x):
+        with device_of(x):
             batch_norm_bwd_apply_kernel[grid](
                 x3, dy3, dx3, mean, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
-                *_strides(x3), *_strides(dy3), *_strides(dx3),
+                *strides(x3), *strides(dy3), *strides(dx3),
                 BATCH_STATS=batch_stats, ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
-                RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
+                RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
             )
     # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).
     dw = sum_dy_xhat.to(dw_dtype, copy=True) if dw_dtype is not None else empty()

@@ -26,9 +26,7 @@ which is how the tests reach the chunked path with small rows.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -36,6 +34,7 @@ import torch
 import triton
 from torch import Tensor
 
+from normkit.ops.triton._launch import BLOCK_ENV_VAR, block_override, device_of, interpreted, strides
 from normkit.ops.triton.kernels import ACT_CODES, row_norm_bwd_kernel, row_norm_fwd_kernel
 from normkit.reference import default_rms_eps
 
@@ -55,7 +54,6 @@ __all__ = [
     "row_norm_fwd",
 ]
 
-BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
 
 # Tile sizes in elements. A row of up to SINGLE_TILE elements is held in registers whole and
 # read once; a wider row streams through CHUNK_TILE-sized tiles and is read twice. The backward
@@ -85,10 +83,7 @@ def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | No
     """Tile shape for rows of R segments of S elements: as much of a segment as fits, then as
     many segments as fit (GroupNorm with 1x1 spatial gets a tile of channels). ``block_n``
     (else ``$NORMKIT_TRITON_BLOCK_N``) caps both the single-tile and the chunk size."""
-    if block_n is None and os.environ.get(BLOCK_ENV_VAR):
-        block_n = int(os.environ[BLOCK_ENV_VAR])
-    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
-        raise ValueError(f"block_n must be a power of two >= 1, got {block_n}")
+    block_n = block_override(block_n)
     single_tile = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
     for block in (block_n,) if block_n else (single_tile, CHUNK_TILE):
         block_s = min(triton.next_power_of_2(S), block)
@@ -98,16 +93,6 @@ def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | No
             break
     num_warps = min(max(block_r * block_s // 256, 1), 16)
     return _Blocks(block_r, block_s, single, num_warps)
-
-
-def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interpreted() -> bool:
-    """Running under Triton's CPU interpreter (see ``_cast_to`` in the kernels)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _inner_contiguous(t: Tensor | None) -> Tensor | None:
@@ -124,9 +109,6 @@ def _empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     gives packed rows). That is ``empty_like``'s ``preserve_format`` rule for a 3-D tensor."""
     return torch.empty_like(t, dtype=dtype)
 
-
-def _strides(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
 
 def _program_count(M: int, device: torch.device) -> int:
     """Programs of the backward: a few per SM (each writes an N-wide row of dw/db partials,
@@ -174,15 +156,15 @@ def row_norm_fwd(
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     blocks = _blocks(R, S, "fwd", x.element_size(), block_n)
-    with _device_of(x):
+    with device_of(x):
         row_norm_fwd_kernel[(M,)](
             x, residual, y, residual_out, weight, bias, mean, rstd,
-            *_strides(x), *_strides(y), residual.stride(0) if residual is not None else 0,
+            *strides(x), *strides(y), residual.stride(0) if residual is not None else 0,
             R, S, groups, eps,
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
             ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-            RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
+            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
         )
     return y, residual_out, mean, rstd
 
@@ -228,17 +210,17 @@ def row_norm_bwd(
     dw_part = torch.empty(part_shape if dw_dtype else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty(part_shape if db_dtype else (0,), dtype=torch.float32, device=dev)
     row_dots = torch.empty((0 if blocks.SINGLE_BLOCK else 2 * M,), dtype=torch.float32, device=dev)
-    with _device_of(x):
+    with device_of(x):
         row_norm_bwd_kernel[(programs,)](
             x, weight, bias, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
-            *_strides(x), *_strides(dy), *_strides(dx),
+            *strides(x), *strides(dy), *strides(dx),
             dresidual_out.stride(0) if dresidual_out is not None else 0,
             M, R, S, groups, triton.cdiv(M, programs),
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
             COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
             STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
             HAS_BIAS=act != 0 and bias is not None, ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-            RNE_BY_HAND=_interpreted(), num_warps=blocks.num_warps,
+            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
         )
     # A fixed-shape torch sum: the same partials give the same bits on every run.
     reduce_dims = (0, 2) if per_channel else (0,)
