@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -56,26 +57,49 @@ QUICK_SHAPES = {"rows": [(64, 256), (512, 1024)], "images": [(2, 32, 16, 16, 8)]
 # ---- providers: name -> (problem -> callable(tensors) -> outputs, or None if not applicable)
 
 
-def _torch_op(p: Problem) -> Callable | None:
+def _call(p: Problem, norms: SimpleNamespace | ModuleType) -> Callable | None:
+    """``p``'s call through ``norms``, any namespace with torch.nn.functional's signatures
+    (``add_*``: ``(x, residual, shape, ...) -> (y, residual_out)``; ``batch_norm_act``: the
+    activation last); None where ``norms`` lacks the op."""
+    if not hasattr(norms, p.op):
+        return None
     n = [p.shape[-1]]
     return {
-        "layer_norm": lambda t: F.layer_norm(t["x"], n, t["weight"], t["bias"], EPS),
-        "rms_norm": lambda t: F.rms_norm(t["x"], n, t["weight"], EPS),
-        "add_layer_norm": lambda t: _then(t["x"] + t["residual"],
-                                          lambda r: F.layer_norm(r, n, t["weight"], t["bias"], EPS)),
-        "add_rms_norm": lambda t: _then(t["x"] + t["residual"],
-                                        lambda r: F.rms_norm(r, n, t["weight"], EPS)),
-        "group_norm": lambda t: F.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
+        "layer_norm": lambda t: norms.layer_norm(t["x"], n, t["weight"], t["bias"], EPS),
+        "rms_norm": lambda t: norms.rms_norm(t["x"], n, t["weight"], EPS),
+        "add_layer_norm": lambda t: tuple(norms.add_layer_norm(t["x"], t["residual"], n, t["weight"],
+                                                               t["bias"], EPS)),
+        "add_rms_norm": lambda t: tuple(norms.add_rms_norm(t["x"], t["residual"], n, t["weight"],
+                                                           EPS)),
+        "group_norm": lambda t: norms.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
         # Training mode without running statistics: repeated calls have no side effect.
-        "batch_norm": lambda t: F.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
-                                             0.1, EPS),
-        "batch_norm_act": lambda t: F.relu(F.batch_norm(t["x"], None, None, t["weight"],
-                                                        t["bias"], True, 0.1, EPS)),
-    }.get(p.op)
+        "batch_norm": lambda t: norms.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
+                                                 0.1, EPS),
+        "batch_norm_act": lambda t: norms.batch_norm_act(t["x"], None, None, t["weight"],
+                                                         t["bias"], True, 0.1, EPS, "relu"),
+    }[p.op]
 
 
-def _then(residual_out: torch.Tensor, norm: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    return norm(residual_out), residual_out
+def _add_then(norm: Callable) -> Callable:
+    """torch's spelling of a residual-add norm: ``(norm(x + residual), x + residual)``."""
+
+    def add_norm(x, residual, *args):
+        residual_out = x + residual
+        return norm(residual_out, *args), residual_out
+
+    return add_norm
+
+
+# torch eager: F itself, the add-norms and the norm + activation composed.
+TORCH = SimpleNamespace(
+    layer_norm=F.layer_norm, rms_norm=F.rms_norm, group_norm=F.group_norm, batch_norm=F.batch_norm,
+    add_layer_norm=_add_then(F.layer_norm), add_rms_norm=_add_then(F.rms_norm),
+    batch_norm_act=lambda *args: F.relu(F.batch_norm(*args[:-1])),
+)
+
+
+def _torch_op(p: Problem) -> Callable | None:
+    return _call(p, TORCH)
 
 
 def _compiled_torch_op(p: Problem) -> Callable | None:
@@ -92,35 +116,18 @@ def _normkit_triton(p: Problem) -> Callable | None:
     from normkit.ops.triton import batch_norm as B
     from normkit.ops.triton import row_norm as T
 
-    n = [p.shape[-1]]
-    return {
-        "layer_norm": lambda t: T.layer_norm(t["x"], n, t["weight"], t["bias"], EPS),
-        "rms_norm": lambda t: T.rms_norm(t["x"], n, t["weight"], EPS),
-        "add_layer_norm": lambda t: tuple(T.add_layer_norm(t["x"], t["residual"], n, t["weight"],
-                                                           t["bias"], EPS)),
-        "add_rms_norm": lambda t: tuple(T.add_rms_norm(t["x"], t["residual"], n, t["weight"], EPS)),
-        "group_norm": lambda t: T.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
-        "batch_norm": lambda t: B.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
-                                             0.1, EPS),
-        "batch_norm_act": lambda t: B.batch_norm_act(t["x"], None, None, t["weight"], t["bias"],
-                                                     True, 0.1, EPS, "relu"),
-    }.get(p.op)
+    return _call(p, SimpleNamespace(
+        layer_norm=T.layer_norm, rms_norm=T.rms_norm, add_layer_norm=T.add_layer_norm,
+        add_rms_norm=T.add_rms_norm, group_norm=T.group_norm, batch_norm=B.batch_norm,
+        batch_norm_act=B.batch_norm_act))
 
 
 def _normkit_reference(p: Problem) -> Callable | None:
     from normkit import reference as R
 
-    n = [p.shape[-1]]
-    return {
-        "layer_norm": lambda t: R.layer_norm(t["x"], n, t["weight"], t["bias"], EPS),
-        "rms_norm": lambda t: R.rms_norm(t["x"], n, t["weight"], EPS),
-        "add_layer_norm": lambda t: tuple(R.add_layer_norm(t["x"], t["residual"], n, t["weight"],
-                                                           t["bias"], EPS)),
-        "add_rms_norm": lambda t: tuple(R.add_rms_norm(t["x"], t["residual"], n, t["weight"], EPS)),
-        "group_norm": lambda t: R.group_norm(t["x"], p.groups, t["weight"], t["bias"], EPS),
-        "batch_norm": lambda t: R.batch_norm(t["x"], None, None, t["weight"], t["bias"], True,
-                                             0.1, EPS),
-    }.get(p.op)
+    return _call(p, SimpleNamespace(
+        layer_norm=R.layer_norm, rms_norm=R.rms_norm, add_layer_norm=R.add_layer_norm,
+        add_rms_norm=R.add_rms_norm, group_norm=R.group_norm, batch_norm=R.batch_norm))
 
 
 def _liger(p: Problem) -> Callable | None:
