@@ -4,7 +4,7 @@ Each case trains for a few steps (new input and random upstream gradient each st
 statistics carried over), then runs one eval step, and compares every step's output, input /
 weight / bias gradients and running statistics with :func:`normkit.reference.batch_norm` in
 float64. Accuracy is the self-calibrating bound of STYLE.md: at most twice the error of
-``torch.nn.functional.batch_norm`` run in the case's own precision, plus ``ATOL[dtype]`` times
+``torch.nn.functional.batch_norm`` run in the case's own precision, plus ``kernel_bound.ATOL[dtype]`` times
 the magnitude of the result.
 
 Runs on CUDA when there is a device, else under Triton's interpreter (``TRITON_INTERPRET=1``
@@ -26,6 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+from kernel_bound import assert_within_bound  # noqa: E402
 from normkit import functional, reference  # noqa: E402
 from normkit.backends import get_backend  # noqa: E402
 from normkit.ops.triton import backend as triton_backend  # noqa: E402
@@ -33,12 +34,6 @@ from normkit.ops.triton import batch_norm as B  # noqa: E402
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
-# Slack on top of twice the low-precision reference's error, relative to max(1, |oracle|).
-ATOL = {
-    f32: 1e-5,  # fp32 sums in another order than ATen's; on tiny batches ATen's error is ~0
-    bf16: 2**-8,  # half an ulp: kernel and torch may round the same fp32 value either way
-    f16: 2**-11,
-}
 MOMENTUM, EPS = 0.1, 1e-5
 
 
@@ -138,10 +133,6 @@ def run(impl, case: Case, dtype: torch.dtype | None = None) -> dict[str, torch.T
     return results
 
 
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.block_n is not None:
@@ -149,17 +140,10 @@ def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> 
     got = run(functools.partial(B.batch_norm, act=case.act), case)
     want = run(_then_act(reference.batch_norm, case.act), case, torch.float64)
     low = run(_then_act(F.batch_norm, case.act), case)
-    assert got.keys() == want.keys()
-    for name, oracle in want.items():
-        kernel, torch_low = got[name], low[name]
-        assert (kernel.dtype, kernel.shape) == (torch_low.dtype, oracle.shape), name
-        bound = 2 * _err(torch_low, oracle) + ATOL[kernel.dtype] * max(1.0, oracle.abs().max().item())
-        assert _err(kernel, oracle) <= bound, (
-            f"{name}: error {_err(kernel, oracle):.3g} vs float64 > bound {bound:.3g} "
-            f"(torch in {case.dtype}: {_err(torch_low, oracle):.3g})"
-        )
-        if case.layout.startswith("channels_last") and name.endswith(("y", "dx")):
-            assert kernel.is_contiguous(memory_format=getattr(torch, case.layout)), name
+    assert_within_bound(got, want, low)
+    if case.layout.startswith("channels_last"):
+        for name in (n for n in got if n.endswith(("y", "dx"))):
+            assert got[name].is_contiguous(memory_format=getattr(torch, case.layout)), name
 
 
 @pytest.mark.parametrize("case", [

@@ -6,7 +6,7 @@ because the interpreter runs every program in Python.
 
 Accuracy is the self-calibrating bound of STYLE.md: the kernel's max error against the float64
 oracle may be at most twice the error of torch's own op run in the same (low) precision, plus
-``ATOL[dtype]`` times the output's magnitude.
+``kernel_bound.ATOL[dtype]`` times the output's magnitude.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+from kernel_bound import assert_within_bound  # noqa: E402
 from normkit import functional  # noqa: E402
 from normkit.backends import get_backend  # noqa: E402
 from normkit.ops.triton import backend as triton_backend  # noqa: E402
@@ -35,15 +36,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
-# Slack on top of twice the low-precision reference's error, relative to max(1, |oracle|).
-ATOL = {
-    f32: 1e-5,  # summation order differs from ATen's; on tiny rows ATen's own fp32 error is ~0
-    # Half an ulp of the low-precision output at its largest magnitude (2**-8 relative for bf16,
-    # 2**-11 for fp16): kernel and torch round nearly the same fp32 value, and a rounding that
-    # goes the other way on the largest element need not coincide with torch's largest error.
-    bf16: 2**-8,
-    f16: 2**-11,
-}
 
 
 def _add_norm(norm: Callable, round_residual: Callable, cast_y: bool) -> Callable:
@@ -267,10 +259,6 @@ def run(impl: SimpleNamespace, case: Case, inputs: Inputs, dtype: torch.dtype | 
     return results
 
 
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.block_n is not None:
@@ -279,15 +267,7 @@ def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> 
     got = run(TRITON, case, inputs)
     want = run(ORACLE, case, inputs, torch.float64)
     low = run(LOW_PRECISION, case, inputs)
-    assert got.keys() == want.keys()
-    for name, oracle in want.items():
-        kernel, torch_low = got[name], low[name]
-        assert (kernel.dtype, kernel.shape) == (torch_low.dtype, oracle.shape), name
-        bound = 2 * _err(torch_low, oracle) + ATOL[torch_low.dtype] * max(1.0, oracle.abs().max().item())
-        assert _err(kernel, oracle) <= bound, (
-            f"{name}: error {_err(kernel, oracle):.3g} vs float64 > bound {bound:.3g} "
-            f"(torch in {case.dtype}: {_err(torch_low, oracle):.3g})"
-        )
+    assert_within_bound(got, want, low)
     if case.channels_last:  # the output and the input gradient keep the input's layout
         for name in ("out0", "dx"):
             assert got[name].is_contiguous(memory_format=torch.channels_last), name
