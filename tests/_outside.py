@@ -1,0 +1,117 @@
+"""Helpers for the tests that run material nobody on this project wrote: torch's ``module_db``
+and OpInfo samples, hypothesis strategies, and the tooling matrix.
+
+torch's test database (``torch.testing._internal``) imports ``expecttest`` at module level only
+to subclass its ``TestCase``; nothing these tests read touches it. Where ``expecttest`` is not
+installed, a stand-in with the one name it needs is put in ``sys.modules`` before the import, so
+the suite does not gain a dependency for an unused base class.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import types
+import unittest
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from cases import LOW_PRECISION, TOLERANCES, assert_close_to_reference
+
+__all__ = [
+    "assert_same_error",
+    "assert_same_numbers",
+    "clone_tree",
+    "module_db",
+    "op_db",
+    "raised",
+]
+
+
+def _import_torch_testing() -> None:
+    if "expecttest" not in sys.modules and importlib.util.find_spec("expecttest") is None:
+        stand_in = types.ModuleType("expecttest")
+        stand_in.TestCase = unittest.TestCase  # type: ignore[attr-defined]
+        stand_in.ACCEPT = False  # type: ignore[attr-defined]
+        sys.modules["expecttest"] = stand_in
+
+
+@functools.cache
+def module_db() -> list[Any]:
+    """torch's ``ModuleInfo`` database (imported once: it takes ~2 s)."""
+    _import_torch_testing()
+    from torch.testing._internal.common_modules import module_db as db
+
+    return list(db)
+
+
+@functools.cache
+def op_db() -> list[Any]:
+    """torch's ``OpInfo`` database."""
+    _import_torch_testing()
+    from torch.testing._internal.common_methods_invocations import op_db as db
+
+    return list(db)
+
+
+def clone_tree(obj: Any, dtype: torch.dtype | None = None) -> Any:
+    """A deep copy of the tensors in ``obj`` (tuples, lists, dicts), each a fresh leaf that keeps
+    ``requires_grad``, cast to ``dtype`` when given (floating tensors only)."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().clone()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.requires_grad_(obj.requires_grad)
+    if isinstance(obj, tuple):
+        return tuple(clone_tree(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [clone_tree(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: clone_tree(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def raised(fn: Callable[[], Any]) -> BaseException | None:
+    """The exception ``fn()`` raises, or None."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
+        return e
+    return None
+
+
+def assert_same_error(theirs: BaseException, ours: BaseException | None, what: str) -> None:
+    """normkit raised what torch raised: the same type and the same message."""
+    assert ours is not None, f"{what}: torch raises {type(theirs).__name__}({theirs}), normkit raises nothing"
+    assert type(ours) is type(theirs) and str(ours) == str(theirs), (
+        f"{what}: torch raises {type(theirs).__name__}({theirs!s}); normkit raises {type(ours).__name__}({ours!s})"
+    )
+
+
+def assert_same_numbers(actual: Tensor | None, expected: Tensor | None, reference: Tensor | None,
+                        dtype: torch.dtype, what: str) -> None:
+    """``actual`` (normkit in ``dtype``) against torch's ``expected`` in the same dtype, by the
+    table of tolerances; low precision against the float64 ``reference`` with the 2x-torch-error
+    bound. NaN where torch has NaN (OpInfo samples include eps < 0) counts as equal."""
+    if expected is None and actual is None:
+        return
+    assert actual is not None and expected is not None, f"{what}: normkit gives {actual is not None}, torch {expected is not None}"
+    if dtype in LOW_PRECISION:
+        if reference is not None and not reference.isfinite().all():
+            pytest.skip(f"{what}: the float64 result is not finite; no accuracy bound applies")
+        assert_close_to_reference(actual, expected, reference, dtype=dtype, name=what)
+        return
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{what}: normkit {tuple(actual.shape)} {actual.dtype}, torch {tuple(expected.shape)} {expected.dtype}"
+    )
+    if not actual.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: {actual} != torch's {expected}"
+        return
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol.rtol, atol=tol.atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
