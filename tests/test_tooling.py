@@ -4,12 +4,15 @@
 ``torch.export``, ``torch.fx.symbolic_trace``, ``copy.deepcopy`` and ``pickle`` must all give
 the numbers of the eager model, in training mode too, where BatchNorm's and InstanceNorm's
 running statistics must move exactly as they do eagerly. Backend switches made after tracing
-or compiling still take effect (dispatch happens at call time). ``torch.jit`` is not supported.
+or compiling still take effect (dispatch happens at call time). Every module class traces with
+``torch.fx`` inside a model and as the traced root; ``torch.jit.script`` raises an error that says
+what to do instead.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -280,3 +283,161 @@ def test_pickled_unmaterialized_lazy_modules_materialize_like_the_original() -> 
     assert type(copied[1]) is normkit.InstanceNorm1d and copied[1].backend is None
     _assert_same_state(copied, lazy, "after the first call")
 
+
+
+# ---- every module class: fx (as the traced root and inside a model), TorchScript -------------
+
+# Every public module class -> (constructor args, keyword args, input shape), for C = 4.
+MODULE_ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] = {
+    "BatchNorm1d": ((4,), {}, (3, 4, 5)),
+    "BatchNorm2d": ((4,), {"momentum": None}, (3, 4, 3, 2)),
+    "BatchNorm3d": ((4,), {}, (2, 4, 2, 3, 2)),
+    "LazyBatchNorm1d": ((), {}, (3, 4, 5)),
+    "LazyBatchNorm2d": ((), {}, (3, 4, 3, 2)),
+    "LazyBatchNorm3d": ((), {}, (2, 4, 2, 3, 2)),
+    "SyncBatchNorm": ((4,), {}, (3, 4, 3, 2)),
+    "InstanceNorm1d": ((4,), {"affine": True, "track_running_stats": True}, (3, 4, 5)),
+    "InstanceNorm2d": ((4,), {"affine": True}, (3, 4, 3, 2)),
+    "InstanceNorm3d": ((4,), {"track_running_stats": True}, (2, 4, 2, 3, 2)),
+    "LazyInstanceNorm1d": ((), {}, (3, 4, 5)),
+    "LazyInstanceNorm2d": ((), {}, (3, 4, 3, 2)),
+    "LazyInstanceNorm3d": ((), {}, (2, 4, 2, 3, 2)),
+    "GroupNorm": ((2, 4), {}, (3, 4, 3, 2)),
+    "GroupNormAct": ((2, 4), {}, (3, 4, 3, 2)),
+    "BatchNormAct2d": ((4,), {"act": "silu"}, (3, 4, 3, 2)),
+    "LayerNorm": ((2,), {}, (3, 4, 3, 2)),
+    "RMSNorm": ((2,), {"weight_offset": 1.0}, (3, 4, 3, 2)),
+    "LayerNorm2d": ((4,), {}, (3, 4, 3, 2)),
+    "RMSNorm2d": ((4,), {}, (3, 4, 3, 2)),
+    "LocalResponseNorm": ((3,), {"alpha": 1.0}, (3, 4, 3, 2)),
+    "FusedAddLayerNorm": ((2,), {}, (3, 4, 3, 2)),
+    "FusedAddRMSNorm": ((2,), {"residual_dtype": torch.float64}, (3, 4, 3, 2)),
+    "FrozenBatchNorm1d": ((4,), {}, (3, 4, 5)),
+    "FrozenBatchNorm2d": ((4,), {}, (3, 4, 3, 2)),
+    "FrozenBatchNorm3d": ((4,), {}, (2, 4, 2, 3, 2)),
+    "GhostBatchNorm1d": ((4, 2), {}, (5, 4, 3)),
+    "GhostBatchNorm2d": ((4, 2), {}, (5, 4, 2, 2)),
+    "BatchRenorm1d": ((4,), {"r_max": 1.5, "d_max": 0.5}, (3, 4, 5)),
+    "BatchRenorm2d": ((4,), {"r_max": 1.5, "d_max": 0.5}, (3, 4, 3, 2)),
+    "BatchRenorm3d": ((4,), {"r_max": 1.5, "d_max": 0.5}, (2, 4, 2, 3, 2)),
+}
+MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))
+
+
+def test_module_rows_cover_every_module_class() -> None:
+    assert set(MODULE_ROWS) == set(MODULE_CLASSES)
+
+
+def _built(name: str) -> nn.Module:
+    args, kwargs, shape = MODULE_ROWS[name]
+    module = getattr(normkit, name)(*args, **kwargs)
+    if name.startswith("Lazy"):  # materialize: a lazy module has nothing to trace yet
+        module(torch.zeros(shape))
+    return randomize_(module, seed_of("every class", name))
+
+
+class _Host(nn.Module):
+    """A model holding the norm as a submodule, as users trace it."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm, (normkit.FusedAddLayerNorm, normkit.FusedAddRMSNorm)):
+            y, residual = self.norm(x, x.flip(0))
+            return y * residual
+        return self.norm(x) * 2.0
+
+
+def _root_call(module: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
+    """The norm ``name`` (or its graph traced as the root), called like :class:`_Host` calls it."""
+    if name.startswith("FusedAdd"):
+        return lambda x: (lambda out: out[0] * out[1])(module(x, x.flip(0)))
+    return lambda x: module(x) * 2.0
+
+
+def _compare_steps(name: str, eager: Callable[[Tensor], Tensor], traced: Callable[[Tensor], Tensor],
+                   eager_module: nn.Module, traced_module: nn.Module, modes: list[bool]) -> None:
+    shape = MODULE_ROWS[name][2]
+    for i, training in enumerate(modes):
+        eager_module.train(training)
+        traced_module.train(training)
+        x = make_input(shape, torch.float32, seed_of("every class x", name, i))
+        x_traced = x.detach().clone().requires_grad_()
+        expected, actual = eager(x), traced(x_traced)
+        _assert_close(actual, expected, f"{name} step {i}: output")
+        dy = torch.randn_like(expected)
+        expected.backward(dy)
+        actual.backward(dy)
+        _assert_close(x_traced.grad, x.grad, f"{name} step {i}: input gradient")
+        for (p_name, p), q in zip(eager_module.named_parameters(), traced_module.parameters(), strict=True):
+            _assert_close(q.grad, p.grad, f"{name} step {i}: gradient of {p_name}")
+            p.grad = q.grad = None
+        _assert_same_state(traced_module, eager_module, f"{name} step {i}")
+
+
+@pytest.mark.parametrize("name", MODULE_ROWS)
+def test_fx_traces_every_module_class_inside_a_model(name: str) -> None:
+    """The graph calls the module's forward as one leaf: its live ``training`` flag, statistics
+    and backend are read when the graph runs (train, train, eval, as eager)."""
+    eager = _Host(_built(name))
+    traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    _compare_steps(name, eager, traced, eager, traced, [True, True, False])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", MODULE_ROWS)
+def test_fx_traces_every_module_class_as_the_root(name: str, training: bool) -> None:
+    """Traced as the root, the module's Python attributes (``training`` among them) are
+    constants of the graph, as for torch's own modules; parameters and buffers stay live."""
+    eager = _built(name).train(training)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    _compare_steps(name, _root_call(eager, name), _root_call(traced, name), eager, traced, [training, training])
+    copied = copy.deepcopy(traced)
+    _compare_steps(name, _root_call(eager, name), _root_call(copied, name), eager, copied, [training])
+
+
+@pytest.fixture
+def reference_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ops the reference backend runs, in order."""
+    log: list[str] = []
+    backend = _REGISTRY["reference"]
+
+    def spy(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            log.append(op)
+            return fn(*args, **kwargs)
+
+        return run
+
+    ops = {op: impl._replace(fn=spy(op, impl.fn)) for op, impl in backend.ops.items()}
+    monkeypatch.setitem(_REGISTRY, "reference", dataclasses.replace(backend, ops=ops))
+    return log
+
+
+@pytest.mark.parametrize("name", MODULE_ROWS)
+def test_fx_graph_of_every_module_class_resolves_the_backend_when_it_runs(
+    name: str, reference_calls: list[str]
+) -> None:
+    x = make_input(MODULE_ROWS[name][2], torch.float32, seed_of("every class dispatch", name), requires_grad=False)
+    for call in (torch.fx.symbolic_trace(_Host(_built(name))), _root_call(torch.fx.symbolic_trace(_built(name)), name)):
+        call(x)
+        assert reference_calls == []
+        with normkit.use_backend("reference"):
+            call(x)
+        assert reference_calls, f"{name}: the traced graph did not run the backend of the use_backend block"
+        reference_calls.clear()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", MODULE_ROWS)
+def test_jit_script_of_every_module_class_says_what_to_do(name: str) -> None:
+    """TorchScript cannot compile call-time dispatch: a clear error naming the way out."""
+    model = nn.Sequential(nn.Identity(), _built(name))
+    with pytest.raises(RuntimeError, match=rf"torch\.jit\.script cannot compile normkit\.\w+.*torch\.compile"):
+        torch.jit.script(model)
+    twin = getattr(nn, type(model[1]).__name__, None)
+    if twin is not None and type(model[1]).__name__ not in ("SyncBatchNorm",):
+        with pytest.raises(RuntimeError, match=r"normkit\.to_torch\(model\)"):
+            torch.jit.script(model)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..backends import get_backend
+from ._tracing import refuse_scripting
 
 _STATS_DTYPES = (torch.float32, torch.float64)
 
@@ -36,6 +37,10 @@ class BackendMixin:
         if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
             raise ValueError(f"out_dtype must be a floating-point torch.dtype (or None); got {out_dtype}")
         self.backend, self.stats_dtype, self.out_dtype = backend, stats_dtype, out_dtype
+
+    # torch.jit.script calls this on every submodule first: a clear error instead of
+    # TorchScript's opaque one about the annotations.
+    __prepare_scriptable__ = refuse_scripting
 
     def call_options(self, *, masked: bool = False) -> dict[str, Any]:
         """The keyword arguments this module passes to :mod:`normkit.functional`."""

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import functional as NF
 from ..reference import acc_dtype
+from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
 # ---- Ghost BatchNorm ---------------------------------------------------------------------------
 
 
+@module_leaf
 def ghost_batch_norm_forward(module: _GhostBatchNorm, input: Tensor) -> Tensor:
     """BatchNorm of each chunk of ``virtual_batch_size`` samples in turn (one ``torch.fx`` leaf)."""
     if not (module.training or module.running_mean is None):
@@ -46,8 +48,6 @@ def ghost_batch_norm_forward(module: _GhostBatchNorm, input: Tensor) -> Tensor:
     # cat may not see a channels_last layout in chunks of one sample: keep the input's.
     return NF.keep_layout(input, torch.cat([batch_norm_forward(module, chunk) for chunk in chunks]))
 
-
-torch.fx.wrap("ghost_batch_norm_forward")
 
 
 def _check_virtual(virtual_batch_size: int) -> None:
@@ -111,6 +111,7 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
 # ---- Batch Renormalization ---------------------------------------------------------------------
 
 
+@module_leaf
 def batch_renorm_forward(module: _BatchRenorm, input: Tensor) -> Tensor:
     """Batch Renormalization in training, BatchNorm otherwise (one ``torch.fx`` leaf).
 
@@ -137,8 +138,6 @@ def batch_renorm_forward(module: _BatchRenorm, input: Tensor) -> Tensor:
     counter.add_(1)
     return out
 
-
-torch.fx.wrap("batch_renorm_forward")
 
 
 def _check_renorm(r_max: float, d_max: float, warmup_steps: int) -> None:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from ..masked import masked_batch_norm
 from ._base import BackendMixin
+from ._tracing import module_leaf
 
 __all__ = [
     "BatchNorm1d",
@@ -19,6 +20,7 @@ __all__ = [
 ]
 
 
+@module_leaf
 def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor | None = None, *,
                        act: str | None = None) -> Tensor:
     """torch's ``_BatchNorm.forward`` semantics, with one difference: ``num_batches_tracked`` is
@@ -58,8 +60,6 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
         counter.add_(1)
     return out
 
-
-torch.fx.wrap("batch_norm_forward")
 
 
 class _BatchNormMixin(BackendMixin):

@@ -9,9 +9,11 @@ from torch import Tensor, nn
 from ..functional import normalize
 from ..reference import default_rms_eps
 from ._base import BackendMixin
+from ._tracing import module_leaf
 
 __all__ = ["LayerNorm2d", "RMSNorm2d"]
 
+@module_leaf
 def channels_first_forward(module: LayerNorm2d | RMSNorm2d, input: Tensor) -> Tensor:
     """Check the input, then normalize dim 1: one leaf function for ``torch.fx`` symbolic
     tracing (the checks read shapes, which a Proxy cannot)."""
@@ -21,8 +23,6 @@ def channels_first_forward(module: LayerNorm2d | RMSNorm2d, input: Tensor) -> Te
         return normalize(input, (1,), module.weight, None, eps, center=False, **module.call_options())
     return normalize(input, (1,), module.weight, module.bias, module.eps, **module.call_options())
 
-
-torch.fx.wrap("channels_first_forward")
 
 
 def _check_4d(module: nn.Module, input: Tensor) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from ._base import BackendMixin
+from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
 ]
 
 
+@module_leaf
 def frozen_batch_norm_forward(module: _FrozenBatchNorm, input: Tensor) -> Tensor:
     """Eval-mode batch norm whatever ``module.training`` says (one ``torch.fx`` leaf)."""
     if input.dim() not in module._dims:
@@ -28,8 +30,6 @@ def frozen_batch_norm_forward(module: _FrozenBatchNorm, input: Tensor) -> Tensor
     return NF.batch_norm(input, module.running_mean, module.running_var, module.weight, module.bias,
                          False, 0.0, module.eps, **module.call_options())
 
-
-torch.fx.wrap("frozen_batch_norm_forward")
 
 
 class _FrozenBatchNorm(BackendMixin, nn.Module):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from ..masked import masked_instance_norm
 from ._base import BackendMixin
+from ._tracing import module_leaf
 
 __all__ = [
     "InstanceNorm1d",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 
+@module_leaf
 def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: Tensor,
                           mask: Tensor | None = None) -> Tensor:
     """torch's ``_InstanceNorm.forward`` semantics (no-batch-dim input included), as one leaf
@@ -62,8 +64,6 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
     )
     return out.squeeze(0) if unbatched else out
 
-
-torch.fx.wrap("instance_norm_forward")
 
 
 class _InstanceNormMixin(BackendMixin):

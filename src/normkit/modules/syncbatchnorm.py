@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from ..reference import _unbiased, _update_running, acc_dtype
 from ._base import BackendMixin
+from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -178,6 +179,9 @@ class SyncBatchNorm(BackendMixin, nn.SyncBatchNorm):
         return (group, world_size) if world_size > 1 else None
 
     def forward(self, input: Tensor) -> Tensor:
+        return sync_batch_norm_forward(self, input)
+
+    def _synced_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         sync = self._sync_group()
@@ -202,6 +206,14 @@ class SyncBatchNorm(BackendMixin, nn.SyncBatchNorm):
         if counter is not None:
             counter.add_(1)
         return out
+
+
+@module_leaf
+def sync_batch_norm_forward(module: SyncBatchNorm, input: Tensor) -> Tensor:
+    """The forward of :class:`SyncBatchNorm`, one ``torch.fx`` leaf (it reads shapes and the
+    process group, which a Proxy cannot): in a traced model the group is looked up when the
+    graph runs, as torch's SyncBatchNorm, a leaf module for fx, does."""
+    return module._synced_forward(input)
 
 
 # The classes whose forward is plain BatchNorm: converting them changes only the statistics.
