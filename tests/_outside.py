@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cases import LOW_PRECISION, TOLERANCES, assert_close_to_reference
+from kernel_bound import ATOL
 
 __all__ = [
     "assert_same_error",
@@ -97,7 +98,8 @@ def assert_same_numbers(actual: Tensor | None, expected: Tensor | None, referenc
                         dtype: torch.dtype, what: str) -> None:
     """``actual`` (normkit in ``dtype``) against torch's ``expected`` in the same dtype, by the
     table of tolerances; low precision against the float64 ``reference`` with the 2x-torch-error
-    bound. NaN where torch has NaN (OpInfo samples include eps < 0) counts as equal."""
+    bound; float32 results that differ from torch's are judged by that bound too (when given a
+    reference). NaN where torch has NaN (OpInfo samples include eps < 0) counts as equal."""
     if expected is None and actual is None:
         return
     assert actual is not None and expected is not None, f"{what}: normkit gives {actual is not None}, torch {expected is not None}"
@@ -113,5 +115,15 @@ def assert_same_numbers(actual: Tensor | None, expected: Tensor | None, referenc
         assert torch.equal(actual, expected), f"{what}: {actual} != torch's {expected}"
         return
     tol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, rtol=tol.rtol, atol=tol.atol, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    error = raised(lambda: torch.testing.assert_close(actual, expected, rtol=tol.rtol, atol=tol.atol, equal_nan=True,
+                                                      msg=lambda m: f"{what}: {m}"))
+    if error is None:
+        return
+    if reference is None or not reference.isfinite().all():
+        raise error
+    # Far from torch's float32 can still be closer to the truth: torch's float32 input gradient
+    # of a one-element layer_norm is 6e-5, the exact value 0. Judge by float64 then.
+    ref = reference.detach().double()
+    err, err_torch = (float((t.detach().double() - ref).abs().max()) for t in (actual, expected))
+    bound = 2 * err_torch + ATOL[dtype] * max(1.0, float(ref.abs().max()))
+    assert err <= bound, f"{error}\nand vs float64: error {err:.3g} > {bound:.3g} (torch's error {err_torch:.3g})"
