@@ -323,6 +323,88 @@ BAD_CALLS: tuple[Call, ...] = (
     Call("add_rms_norm-empty-shape", "add_rms_norm", lambda r: (r(3, 5), None, ())),
     Call("add_rms_norm-weight-meta", "add_rms_norm", lambda r: (r(3, 5), r(3, 5), (5,), r(5, device="meta"))),
     Call("add_rms_norm-int64", "add_rms_norm", lambda r: (r(3, 5, dtype=_i64), r(3, 5, dtype=_i64), (5,))),
+    # -- ATen's own checks, enforced before any backend (issue 10, part 2): running statistics
+    # that require grad, one of the two in training, a running statistic that is not a vector
+    # (the reference backend used to scale it before failing), C = 0 with parameters, complex LRN
+    Call("bn-running_mean-requires-grad", "batch_norm", lambda r: (r(4, C, 5), r(C).requires_grad_(), r.var(C), None, None, True)),
+    Call("bn-running_var-requires-grad-eval", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C).requires_grad_(), None, None, False)),
+    Call("bn-running-requires-grad-int", "batch_norm", lambda r: (r(4, C, 5, dtype=_i64), r(C).requires_grad_(), r.var(C), None, None, True)),
+    Call("in-running_mean-requires-grad", "instance_norm", lambda r: (r(4, C, 5), r(C).requires_grad_(), r.var(C))),
+    Call("in-running_var-requires-grad-eval", "instance_norm", lambda r: (r(4, C, 5), r(C), r.var(C).requires_grad_(), None, None, False)),
+    Call("bn-only-running_mean-train", "batch_norm", lambda r: (r(4, C, 5), r(C), None, r(C), r(C), True)),
+    Call("bn-only-running_var-train", "batch_norm", lambda r: (r(4, C, 5), None, r.var(C), None, None, True)),
+    Call("bn-only-running_mean-2d-train", "batch_norm", lambda r: (r(4, C, 5), r(C, 1), None, None, None, True)),
+    Call("bn-running_mean-Cx1-train", "batch_norm", lambda r: (r(4, C, 5), r(C, 1), r.var(C), r(C), r(C), True)),
+    Call("bn-running_mean-1xC-train", "batch_norm", lambda r: (r(4, C, 5), r(1, C), r.var(C), r(C), r(C), True)),
+    Call("bn-running_var-1x1xC-train", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(1, 1, C), None, None, True)),
+    Call("bn-running_var-1xC-eval", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(1, C), None, None, False)),
+    Call("bn-running-0d-C1-train", "batch_norm", lambda r: (r(4, 1, 5), r(), r.var(), None, None, True)),
+    Call("bn_act-running_mean-1xC-train", "batch_norm_act", lambda r: (r(4, C, 5), r(1, C), r.var(C), r(C), r(C), True)),
+    Call("in-running_mean-1xC", "instance_norm", lambda r: (r(4, C, 5), r(1, C), r.var(1, C))),
+    Call("bn-C0-weight-train", "batch_norm", _bn(_x(4, 0, 5), stats=0, weight=0, bias=0)),
+    Call("bn-C0-bias-eval", "batch_norm", _bn(_x(4, 0, 5), stats=0, weight=None, bias=0, training=False)),
+    Call("in-C0-weight", "instance_norm", _bn(_x(4, 0, 5), stats=None, weight=0, bias=None)),
+    Call("lrn-complex-3d", "local_response_norm", lambda r: (r(2, 6, 4).to(torch.complex64), 2)),
+    Call("lrn-complex-4d", "local_response_norm", lambda r: (r(2, 6, 4, 3).to(torch.complex128), 2)),
+    # -- argument types, as torch's argument parser (and torch.nn.functional's Python) reject them
+    # (issue 10, part 8)
+    *(
+        Call(f"{op}-normalized_shape-{name}", op, lambda r, v=v: (r(2, 4, 5), v))
+        for op in ("layer_norm", "rms_norm")
+        for name, v in (("int", 5), ("float-element", (5.0,)), ("bool-element", (True,)), ("None", None),
+                        ("str", "5"), ("second-element-str", [4, "5"]), ("tensor", torch.tensor([5])),
+                        ("None-element", (None,)))
+    ),
+    *(
+        Call(f"{op}-{arg}-{type(v).__name__}", op, lambda r, op=op, i=i, v=v: (
+            *((r(2, 4, 5), (5,), r(5), r(5), 1e-5) if op == "layer_norm" else (r(2, 4, 5), (5,), r(5), 1e-5))[:i],
+            v,
+            *((r(2, 4, 5), (5,), r(5), r(5), 1e-5) if op == "layer_norm" else (r(2, 4, 5), (5,), r(5), 1e-5))[i + 1:],
+        ))
+        for op, positions in (("layer_norm", {"input": 0, "weight": 2, "bias": 3, "eps": 4}),
+                              ("rms_norm", {"input": 0, "weight": 2, "eps": 3}))
+        for arg, i in positions.items()
+        for v in (("a", [1.0] * 5) if arg != "eps" else ("a", torch.tensor([1e-5]), 1j) + ((None,) if op == "layer_norm" else ()))
+    ),
+    Call("layer_norm-two-bad-arguments", "layer_norm", lambda r: (r(2, 4, 5), 5, None, None, None)),
+    *(
+        Call(f"{op}-{arg}-{label}", op, lambda r, op=op, i=i, v=v, train=train: (
+            *(r(4, C, 5), r(C), r.var(C), r(C), r(C), train, 0.1, 1e-5)[:i], v,
+            *(r(4, C, 5), r(C), r.var(C), r(C), r(C), train, 0.1, 1e-5)[i + 1:],
+        ))
+        for op in ("batch_norm", "instance_norm", "batch_norm_act")
+        for train in (True, False)
+        for arg, i, label, v in (
+            ("input", 0, "list", [[1.0]]), ("running_mean", 1, "list", [0.0] * C), ("weight", 3, "ndarray-like", "w"),
+            ("training", 5, "None", None), ("training", 5, "int", 1), ("training", 5, "tensor", torch.tensor(True)),
+            ("momentum", 6, "str", "0.1"), ("momentum", 6, "1d-tensor", torch.ones(1)),
+            ("momentum", 6, "requires-grad", torch.tensor(0.1, requires_grad=True)), ("momentum", 6, "complex", 1j),
+            ("eps", 7, "None", None), ("eps", 7, "str", "a"),
+        )
+        if not (arg == "training" and not train)
+    ),
+    *(
+        Call(f"{op}-{arg}-{label}", op, lambda r, i=i, v=v: (
+            *(r(2, 6, 4), 2, r(6), r(6), 1e-5)[:i], v, *(r(2, 6, 4), 2, r(6), r(6), 1e-5)[i + 1:]))
+        for op in ("group_norm", "group_norm_act")
+        for arg, i, label, v in (
+            ("num_groups", 1, "float", 2.0), ("num_groups", 1, "str", "2"), ("num_groups", 1, "None", None),
+            ("num_groups", 1, "bool", True), ("num_groups", 1, "float-tensor", torch.tensor(2.0)),
+            ("weight", 2, "list", [1.0] * 6), ("bias", 3, "float", 1.0), ("eps", 4, "None", None), ("eps", 4, "str", "a"),
+            ("input", 0, "list", [[1.0]]),
+        )
+    ),
+    *(
+        Call(f"lrn-{arg}-{label}-{dim}d", "local_response_norm", lambda r, i=i, v=v, dim=dim: (
+            *(r(2, 6, 4, *(3,) * (dim - 3)), 2, 1e-4, 0.75, 1.0)[:i], v,
+            *(r(2, 6, 4, *(3,) * (dim - 3)), 2, 1e-4, 0.75, 1.0)[i + 1:]))
+        for dim in (3, 4)
+        for arg, i, label, v in (
+            ("size", 1, "float", 2.0), ("size", 1, "None", None), ("size", 1, "str", "2"), ("size", 1, "bool", True),
+            ("alpha", 2, "None", None), ("alpha", 2, "str", "a"), ("beta", 3, "None", None), ("beta", 3, "str", "a"),
+            ("k", 4, "None", None), ("k", 4, "list", [1.0]), ("input", 0, "list", [[1.0]]),
+        )
+    ),
     # -- norm + activation: the norm's own errors, as torch raises them before the activation
     Call("bn_act-weight-C+1", "batch_norm_act", _bn(X, weight=C + 1)),
     Call("bn_act-1xC-train", "batch_norm_act", _bn(_x(1, C))),
@@ -388,6 +470,23 @@ LOOKALIKES: tuple[Call, ...] = (
          lambda r: (r.small(4, 64, dtype=torch.float16), (64,), r(64, dtype=torch.float16))),
     Call("add_rms_norm-bf16-eps-default", "add_rms_norm",
          lambda r: (r.small(4, 64, dtype=_bf16), r.small(4, 64, dtype=_bf16), (64,))),
+    # C = 0 without parameters runs in ATen (an empty output), on every normkit backend too
+    Call("bn-C0-train", "batch_norm", _bn(_x(4, 0, 5), stats=0, weight=None, bias=None)),
+    Call("bn-C0-eval", "batch_norm", _bn(_x(4, 0, 5), stats=0, weight=None, bias=None, training=False)),
+    Call("in-C0", "instance_norm", _bn(_x(4, 0, 5), stats=None, weight=None, bias=None)),
+    Call("group_norm-C0", "group_norm", lambda r: (r(4, 0, 5), 1)),
+    Call("lrn-C0", "local_response_norm", lambda r: (r(4, 0, 5), 2)),
+    # argument types torch's parser accepts: numbers of any kind, 0-dim tensors, sequences of ints
+    Call("bn-momentum-0d-tensor", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, torch.tensor(0.3))),
+    Call("bn-eps-0d-tensor", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, 0.1, torch.tensor(1e-3))),
+    Call("bn-momentum-int", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, 1)),
+    Call("in-momentum-0d-tensor", "instance_norm", lambda r: (r(4, C, 5), r(C), r.var(C), None, None, True, torch.tensor(0.3))),
+    Call("layer_norm-shape-list", "layer_norm", lambda r: (r(2, 4, 5), [4, 5], r(4, 5), r(4, 5))),
+    Call("layer_norm-shape-size", "layer_norm", lambda r: (r(2, 4, 5), torch.Size([5]), r(5), r(5))),
+    Call("layer_norm-shape-0d-tensor-element", "layer_norm", lambda r: (r(2, 4, 5), (torch.tensor(5),), r(5), r(5))),
+    Call("layer_norm-eps-int", "layer_norm", lambda r: (r(2, 4, 5), (5,), r(5), r(5), 1)),
+    Call("layer_norm-eps-0d-tensor", "layer_norm", lambda r: (r(2, 4, 5), (5,), r(5), r(5), torch.tensor(1e-2))),
+    Call("rms_norm-eps-0d-tensor", "rms_norm", lambda r: (r(2, 4, 5), (5,), r(5), torch.tensor(1e-2))),
 )
 
 
@@ -714,3 +813,45 @@ def test_triton_on_cpu_without_interpreter_raises_backend_error() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("BackendError"), done.stdout + done.stderr
 
+
+
+# ---- argument types of the ops without a torch twin, and the precision options ---------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_residual_ops_argument_types_name_the_op_and_its_positions(backend: str) -> None:
+    """add_layer_norm / add_rms_norm take ``residual`` at position 2: their argument-type errors
+    are torch's TypeError, naming them and their own positions."""
+    x = torch.randn(3, 5)
+    cases = {
+        ("add_layer_norm", "normalized_shape"): ((x, x, 5), "add_layer_norm(): argument 'normalized_shape' (position 3) must be tuple of ints, not int"),
+        ("add_layer_norm", "eps"): ((x, x, (5,), None, None, None), "add_layer_norm(): argument 'eps' (position 6) must be float, not NoneType"),
+        ("add_rms_norm", "residual"): ((x, [1.0], (5,)), "add_rms_norm(): argument 'residual' (position 2) must be Tensor, not list"),
+        ("add_rms_norm", "weight"): ((x, x, (5,), "w"), "add_rms_norm(): argument 'weight' (position 4) must be Tensor, not str"),
+    }
+    for (op, _), (args, message) in cases.items():
+        with pytest.raises(TypeError) as info:
+            getattr(NF, op)(*args, backend=backend)
+        assert str(info.value) == message
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("option", ["out_dtype", "stats_dtype", "residual_dtype"])
+def test_dtype_option_given_as_a_string_is_a_value_error(option: str, backend: str) -> None:
+    """``out_dtype="float32"`` used to fail with AttributeError deep in the dispatch."""
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=rf"{option} must be .*torch\.float32.*got 'float32'"):
+        NF.add_layer_norm(x, x, (5,), **{option: "float32"}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_running_statistics_that_require_grad_are_fine_outside_autograd(backend: str) -> None:
+    """ATen refuses them only while grad mode is on: under no_grad the update runs, as torch's."""
+    x = torch.randn(4, C, 5)
+    stats = {lib: (torch.zeros(C, requires_grad=True), torch.ones(C, requires_grad=True)) for lib in ("torch", "nk")}
+    with torch.no_grad():
+        expected = F.batch_norm(x, *stats["torch"], training=True)
+        actual = NF.batch_norm(x, *stats["nk"], training=True, backend=backend)
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(stats["nk"], stats["torch"], strict=True):
+        torch.testing.assert_close(a, e)

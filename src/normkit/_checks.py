@@ -8,6 +8,7 @@ text here are torch's, so code that catches torch's errors keeps working.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -67,8 +68,69 @@ def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:
-    if math.prod(size[2:]) * size[0] == 1:
+    # size[0] first, as torch.nn.functional does: a 0-dim input is its IndexError
+    if size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+# ---- argument types, as torch's Python argument parser checks them ---------------------------
+
+
+def _type_name(value: object) -> str:
+    """The name torch's argument parser prints for a value's type (CPython's ``tp_name``)."""
+    cls = type(value)
+    if isinstance(value, Tensor):
+        return "Tensor"
+    return f"numpy.{cls.__name__}" if cls.__module__ == "numpy" else cls.__name__
+
+
+def _is_float(value: object) -> bool:
+    # A float argument takes Python and NumPy numbers and a 0-dim tensor outside autograd.
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.requires_grad and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_args(op: str, *args: tuple[str, str, object]) -> None:
+    """Check ``(name, kind, value)`` positional arguments of ``op`` in order, as torch's argument
+    parser does, raising its TypeError for the first that does not fit. Kinds: ``Tensor``,
+    ``Tensor?`` (or None), ``bool`` (exactly a bool), ``int``, ``float``, ``float?``, ``int[]``."""
+    for pos, (name, kind, value) in enumerate(args, 1):
+        optional = kind.endswith("?")
+        if optional and value is None:
+            continue
+        base = kind.rstrip("?")
+        prefix = f"{op}(): argument '{name}' (position {pos}) must be"
+        if base == "int[]":
+            _check_int_list(op, name, pos, value)
+            continue
+        ok = {"Tensor": lambda v: isinstance(v, Tensor), "bool": lambda v: type(v) is bool,
+              "int": _is_int, "float": _is_float}[base](value)
+        if not ok:
+            raise TypeError(f"{prefix} {base}, not {_type_name(value)}")
+
+
+def _check_int_list(op: str, name: str, pos: int, value: object) -> None:
+    prefix = f"{op}(): argument '{name}' (position {pos}) must be tuple of ints"
+    if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
+        raise TypeError(f"{prefix}, not {_type_name(value)}")
+    # The parser looks at the first element to choose the overload (its message says pos 0),
+    # then unpacks the rest (counting from 1).
+    for i, item in enumerate(value):
+        if not _is_int(item):
+            if i == 0:
+                raise TypeError(f"{prefix}, but found element of type {_type_name(item)} at pos 0")
+            raise TypeError(
+                f"{op}(): argument '{name}' failed to unpack the object at pos {i + 1} with error "
+                f'"type must be tuple of ints,but got {_type_name(item)}"'
+            )
 
 
 def _check_num_features(name: str, expected: int, tensor: Tensor | None) -> None:
@@ -76,11 +138,24 @@ def _check_num_features(name: str, expected: int, tensor: Tensor | None) -> None
         raise RuntimeError(f"{name} should contain {expected} elements not {tensor.numel()}")
 
 
-def check_momentum(op: str, momentum: object) -> None:
-    """torch.nn.functional's ``momentum`` is a float (``momentum=None``, the cumulative average,
-    exists only on the modules, which pass the factor ``1 / (batches + 1)``)."""
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"{op}(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
+def _check_no_grad_stats(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """ATen's autograd wrapper refuses running statistics that require grad (outside no_grad)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and stat.requires_grad:
+            raise RuntimeError(
+                f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
+
+
+def _batch_norm_args(op: str, input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+    # torch.batch_norm / torch.instance_norm put the parameters before the running statistics
+    check_args(op, ("input", "Tensor", input), ("weight", "Tensor?", weight), ("bias", "Tensor?", bias),
+               ("running_mean", "Tensor?", running_mean), ("running_var", "Tensor?", running_var),
+               ("training" if op == "batch_norm" else "use_input_stats", "bool", training),
+               ("momentum", "float", momentum), ("eps", "float", eps))
 
 
 def check_batch_norm(
@@ -91,16 +166,23 @@ def check_batch_norm(
     bias: Tensor | None,
     training: bool,
     eps: float,
+    momentum: float = 0.1,
 ) -> None:
+    """torch.nn.functional.batch_norm's checks in its order: its Python checks, the argument
+    types, then ATen's (channel counts, autograd, devices, dtypes, running-statistics rank)."""
     if training:
-        if input.dim() == 0:
-            raise IndexError("tuple index out of range")
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
+    elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if input.numel() == 0:  # ATen returns an empty output before looking at the parameters
+    _batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.numel() == 0:
+        # ATen returns `input.clone() * weight[0] + bias[0]` before any other check: an empty
+        # weight (C = 0) is its IndexError, raised here by the same indexing.
+        for p in (weight, bias):
+            if p is not None:
+                p.select(0, 0)
         return
     # ATen reads the channel count as size(1); a 1-D input has none, which it reports as 0.
     channels = input.shape[1] if input.dim() >= 2 else 0
@@ -113,9 +195,17 @@ def check_batch_norm(
     _check_num_features("bias", channels, bias)
     if input.dim() < 2:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+    _check_no_grad_stats(running_mean, running_var)
     _check_devices(input, weight, bias, running_mean, running_var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     _check_floating(input, "batch_norm")
     _check_dtypes(input, weight, bias, running_mean, running_var)
+    # The running statistics are written in place: a (1, C) or (C, 1) one must fail before any
+    # backend scales it (ATen's CPU kernel accesses them as vectors).
+    for stat in (running_mean, running_var):
+        if stat is not None and stat.dim() != 1:
+            raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {stat.dim()}")
 
 
 def check_instance_norm(
@@ -126,27 +216,36 @@ def check_instance_norm(
     bias: Tensor | None,
     use_input_stats: bool,
     eps: float,
+    momentum: float = 0.1,
 ) -> None:
-    if use_input_stats and math.prod(input.shape[2:]) == 1:
+    if use_input_stats and math.prod(input.size()[2:]) == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    _batch_norm_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not use_input_stats and running_mean is None:
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     if input.numel() == 0:
+        # ATen repeats the parameters N times and reads element 0 of the result: with N > 0 and
+        # C = 0 that is its IndexError. (With N = 0 normkit returns the empty output instead.)
+        if input.dim() >= 2 and input.shape[0] > 0 and input.shape[1] == 0:
+            for p in (weight, bias):
+                if p is not None:
+                    p.select(0, 0)
         return
     # ATen runs instance norm as batch norm over (1, N * C, *spatial): hence N * C in the message.
     rows = input.shape[0] * input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() * input.shape[0] != rows:
             raise RuntimeError(f"{name} should contain {rows} elements not {t.numel() * input.shape[0]}")
-    for p in (weight, bias):
-        if p is not None and p.dim() > 1:  # ATen repeats the parameters N times along dim 0
+    for p in (weight, bias, running_mean, running_var):
+        if p is not None and p.dim() > 1:  # ATen repeats them N times along dim 0
             raise RuntimeError(
                 "Number of dimensions of repeat dims can not be smaller than number of dimensions of tensor"
             )
-    _check_devices(input, weight, bias, running_mean, running_var)
     _check_floating(input, "batch_norm")
+    _check_no_grad_stats(running_mean, running_var)
+    _check_devices(input, weight, bias, running_mean, running_var)
     # ATen copies the running statistics into the input's dtype, so any float dtype works there.
     _check_dtypes(input, weight, bias)
 
@@ -176,9 +275,25 @@ def _check_normalized_shape(
         )
 
 
+NOT_ADD = object()  # check_layer_norm / check_rms_norm's residual when checking the plain op
+
+
+def _leading(op: str, input: object, residual: object) -> tuple:
+    """The op's name and its leading tensor arguments: ``input``, or ``x, residual`` for the
+    residual-add twin."""
+    if residual is NOT_ADD:
+        return op, ("input", "Tensor", input)
+    return f"add_{op}", ("x", "Tensor", input), ("residual", "Tensor?", residual)
+
+
 def check_layer_norm(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float,
+    *, residual: object = NOT_ADD,
 ) -> None:
+    """``residual`` given (a tensor or None): the checks of ``add_layer_norm(x, residual, ...)``,
+    whose argument-type messages name it and count the residual as position 2."""
+    check_args(*_leading("layer_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
+               ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
     _check_normalized_shape(input, normalized_shape, weight, bias, rms=False)
     _check_devices(input, weight, bias)
     _check_dtypes(input, weight, bias)
@@ -186,8 +301,11 @@ def check_layer_norm(
 
 
 def check_rms_norm(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None,
+    *, residual: object = NOT_ADD,
 ) -> None:
+    check_args(*_leading("rms_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
+               ("weight", "Tensor?", weight), ("eps", "float?", eps))
     _check_normalized_shape(input, normalized_shape, weight, None, rms=True)
     _check_devices(input, weight)
     _check_floating(input, "rms_norm")
@@ -199,7 +317,11 @@ def check_group_norm(
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     channels = input.shape[1]
+    # torch.nn.functional's own arithmetic first (a str or None num_groups fails in it), then
+    # the argument types.
     _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
+    check_args("group_norm", ("input", "Tensor", input), ("num_groups", "int", num_groups),
+               ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
     if num_groups <= 0:
         raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     if channels % num_groups != 0:
@@ -222,7 +344,10 @@ def check_group_norm(
     _check_floating(input, "GroupNormKernelImpl")
 
 
-def check_local_response_norm(input: Tensor, size: int) -> None:
+def check_local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                              k: float = 1.0) -> None:
+    """torch.nn.functional.local_response_norm is Python over pad, avg_pool and arithmetic: its
+    errors are theirs, in that order."""
     dim = input.dim()
     if dim < 3:
         raise ValueError(
@@ -230,9 +355,28 @@ def check_local_response_norm(input: Tensor, size: int) -> None:
         )
     if input.numel() == 0:
         return
-    if input.dtype == torch.bool:
+    pad = (0, 0) * (1 if dim == 3 else 2) + (size // 2, (size - 1) // 2)
+    for i, p in enumerate(pad):
+        if not _is_int(p):
+            raise TypeError(
+                f"pad(): argument 'pad' failed to unpack the object at pos {i + 1} with error "
+                f'"type must be tuple of ints,but got {_type_name(p)}"'
+            )
+    pool = "avg_pool2d" if dim == 3 else "avg_pool3d"
+    if not _is_int(size):
+        raise TypeError(f"{pool}(): argument 'kernel_size' (position 2) must be tuple of ints, but found element "
+                        f"of type {_type_name(size)} at pos 0")
+    if input.dtype == torch.bool or input.is_complex():
         kernel = "avg_pool2d" if dim == 3 else "avg_pool3d_out_frame"
-        raise NotImplementedError(f'"{kernel}" not implemented for \'Bool\'')
+        raise NotImplementedError(f'"{kernel}" not implemented for \'{_aten_name(input.dtype)}\'')
     if size <= 0:
         kernel = f"kH: {size} kW: 1" if dim == 3 else f"kT: {size} kH: 1 kW: 1"
         raise RuntimeError(f"kernel size should be greater than zero, but got {kernel}")
+    for method, value in (("mul", alpha), ("add", k)):
+        if not isinstance(value, (numbers.Number, Tensor)):
+            raise TypeError(f"{method}(): argument 'other' (position 1) must be Tensor, not {_type_name(value)}")
+    if not isinstance(beta, (numbers.Number, Tensor)):
+        name = _type_name(beta)
+        mismatch = f"      didn't match because some of the arguments have invalid types: (!{name}!)\n"
+        raise TypeError(f"pow() received an invalid combination of arguments - got ({name}), but expected one of:\n"
+                        f" * (Tensor exponent)\n{mismatch} * (Number exponent)\n{mismatch}")

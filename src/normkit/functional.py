@@ -75,8 +75,10 @@ def activate(act: str | None, y: Tensor) -> Tensor:
     return y if fn is None else fn(y)
 
 
-def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
+    """A checked ``normalized_shape`` (ints, NumPy ints or 0-dim integer tensors) as ints. A bare
+    int is torch's TypeError, raised by the checks before this."""
+    return tuple(int(d) for d in normalized_shape)
 
 
 def batch_norm(
@@ -100,9 +102,8 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
-    _checks.check_momentum("batch_norm", momentum)
-    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
-    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
+    args = (input, running_mean, running_var, weight, bias, training, float(momentum), float(eps))
     return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -125,9 +126,12 @@ def instance_norm(
     With running statistics and ``use_input_stats``, they are updated with the batch average
     of the per-instance statistics. See :class:`torch.nn.InstanceNorm2d`.
     """
-    _checks.check_momentum("instance_norm", momentum)
-    _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps)
-    args = (input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps, momentum)
+    args = (input, running_mean, running_var, weight, bias, use_input_stats, float(momentum), float(eps))
+    if input.numel() > 0 and input.shape[0] == 0:
+        # An empty batch: the empty output, running statistics untouched, on every backend (ATen
+        # averages no instances into them, writing NaN, and fails on affine parameters).
+        backend = "reference"
     return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -143,9 +147,8 @@ def layer_norm(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` axes. See :class:`torch.nn.LayerNorm`."""
-    normalized_shape = _shape(normalized_shape)
     _checks.check_layer_norm(input, normalized_shape, weight, bias, eps)
-    args = (input, normalized_shape, weight, bias, eps)
+    args = (input, _shape(normalized_shape), weight, bias, float(eps))
     return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -162,11 +165,10 @@ def rms_norm(
     """Root-mean-square normalization over the trailing axes (not centred); ``eps=None`` means
     machine epsilon of the statistics' dtype (float32 for fp16/bf16 input, as torch computes it).
     See :class:`torch.nn.RMSNorm`."""
-    normalized_shape = _shape(normalized_shape)
     _checks.check_rms_norm(input, normalized_shape, weight, eps)
     if eps is None and stats_dtype is not None:  # the formula's eps does not move with the precision
         eps = reference.default_rms_eps(input.dtype)
-    args = (input, normalized_shape, weight, eps)
+    args = (input, _shape(normalized_shape), weight, None if eps is None else float(eps))
     return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -184,7 +186,7 @@ def group_norm(
     """Group normalization: each sample's channels split into ``num_groups`` groups, each group
     normalized over its channels and spatial axes. See :class:`torch.nn.GroupNorm`."""
     _checks.check_group_norm(input, num_groups, weight, bias, eps)
-    args = (input, num_groups, weight, bias, eps)
+    args = (input, int(num_groups), weight, bias, float(eps))
     return _dispatch("group_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -212,9 +214,8 @@ def batch_norm_act(
     the norm and torch's activation (the norm's output rounded to the input's dtype first).
     """
     check_act(act)
-    _checks.check_momentum("batch_norm", momentum)
-    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
-    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, act)
+    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
+    args = (input, running_mean, running_var, weight, bias, training, float(momentum), float(eps), act)
     return _dispatch("batch_norm_act", args, backend, stats_dtype, out_dtype)
 
 
@@ -234,7 +235,7 @@ def group_norm_act(
     (default ``act="silu"``, the diffusion U-Net block's)."""
     check_act(act)
     _checks.check_group_norm(input, num_groups, weight, bias, eps)
-    args = (input, num_groups, weight, bias, eps, act)
+    args = (input, int(num_groups), weight, bias, float(eps), act)
     return _dispatch("group_norm_act", args, backend, stats_dtype, out_dtype)
 
 
@@ -251,8 +252,8 @@ def local_response_norm(
 ) -> Tensor:
     """Local response normalization across ``size`` neighbouring channels.
     See :class:`torch.nn.LocalResponseNorm`."""
-    _checks.check_local_response_norm(input, size)
-    args = (input, size, alpha, beta, k)
+    _checks.check_local_response_norm(input, size, alpha, beta, k)
+    args = (input, int(size), alpha, beta, k)
     return _dispatch("local_response_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -357,10 +358,10 @@ def add_layer_norm(
     ``x.dtype``. ``residual=None`` means a zero residual. Gradients reach ``x`` and
     ``residual``. The triton backend does it in one pass; the others compose the two steps.
     """
-    normalized_shape = _shape(normalized_shape)
+    _checks.check_layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
     _check_residual(x, residual)
-    _checks.check_layer_norm(x, normalized_shape, weight, bias, eps)
-    args = (x, residual, normalized_shape, weight, bias, eps, residual_dtype)
+    _check_dtype_option("residual_dtype", residual_dtype)
+    args = (x, residual, _shape(normalized_shape), weight, bias, float(eps), residual_dtype)
     return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -377,12 +378,12 @@ def add_rms_norm(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
-    normalized_shape = _shape(normalized_shape)
+    _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
     _check_residual(x, residual)
-    _checks.check_rms_norm(x, normalized_shape, weight, eps)
+    _check_dtype_option("residual_dtype", residual_dtype)
     if eps is None and stats_dtype is not None:
         eps = reference.default_rms_eps(residual_dtype or x.dtype)
-    args = (x, residual, normalized_shape, weight, eps, residual_dtype)
+    args = (x, residual, _shape(normalized_shape), weight, None if eps is None else float(eps), residual_dtype)
     return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype)
 
 
@@ -418,9 +419,8 @@ def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: to
                       out_dtype: torch.dtype | None):
     x = args[0]
     if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
-        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype}")
-    if out_dtype is not None and not out_dtype.is_floating_point:
-        raise ValueError(f"out_dtype must be a floating-point dtype (or None); got {out_dtype}")
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype!r}")
+    _check_dtype_option("out_dtype", out_dtype)
     work = stats_dtype or reference.acc_dtype(x.dtype)
     asked = stats_dtype is not None or (out_dtype is not None and out_dtype != x.dtype)
     if not asked:
@@ -442,6 +442,13 @@ def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: to
     if isinstance(out, tuple):  # (y, residual_out): residual_out keeps residual_dtype
         return out[0].to(final), out[1].to(args[-1] or x.dtype)
     return out.to(final)
+
+
+def _check_dtype_option(name: str, dtype: object) -> None:
+    """``out_dtype`` / ``residual_dtype``: a floating-point torch.dtype or None (a string such
+    as ``"float32"`` is not one: pass ``torch.float32``)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name} must be a floating-point torch.dtype such as torch.float32 (or None); got {dtype!r}")
 
 
 def _check_residual(x: Tensor, residual: Tensor | None) -> None:

@@ -46,7 +46,7 @@ def masked_batch_norm(
     moves towards their variance unbiased over ``T`` (``T >= 2`` is required, as torch requires
     more than one value per channel). Padded outputs are 0.
     """
-    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
     check_mask(input, mask, "BatchNorm1d")
     if training and int(mask.sum()) < 2:
         raise ValueError(
@@ -72,7 +72,7 @@ def masked_instance_norm(
 ) -> Tensor:
     """:func:`normkit.functional.instance_norm` of ``(N, C, L)``, each (sample, channel) over its
     real tokens only. With ``use_input_stats`` every sample needs at least one real token."""
-    _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps)
+    _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps, momentum)
     check_mask(input, mask, "InstanceNorm1d")
     if use_input_stats:
         empty = (~mask.any(1)).nonzero().flatten().tolist()
