@@ -83,16 +83,28 @@ def _centre(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Ten
 
 
 class Normalize(torch.autograd.Function):
-    """``y = (x - mean) * rstd * weight + bias`` over ``dims``, with a hand-derived backward.
+    """``y = (x - mean) * rstd * weight + bias`` over ``dims``, with a hand-derived backward and
+    forward-mode derivative.
 
     Returns ``(y, mean, var)``; ``mean`` and ``var`` (biased, in the accumulation dtype, shaped
     to broadcast against ``x``) are not differentiable. When ``given_mean``/``given_var`` are
     passed the statistics are those constants (BatchNorm in eval mode) instead of the batch's.
+
+    Forward mode (``jvp``), with ``dx, dw, db`` the input tangents::
+
+        dx_hat = rstd * (dx - mean(dx) - x_hat * mean(dx * x_hat))   (centred, batch statistics)
+        dx_hat = rstd * (dx - x_hat * mean(dx * x_hat))              (not centred)
+        dx_hat = rstd * dx                                           (given statistics)
+        dy     = dx_hat * weight + x_hat * dw + db
+
+    The forward is plain tensor code and ``setup_context`` holds the bookkeeping, so torch.func
+    transforms work (``vmap`` by the generated rule: the function is run on the per-sample view).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -107,7 +119,8 @@ class Normalize(torch.autograd.Function):
         if given_var is None:
             xc, mean, var = _centre(xa, dims, center)
         else:
-            mean, var = given_mean.to(acc), given_var.to(acc)
+            # copies: an output that is a saved input as-is is refused with setup_context
+            mean, var = given_mean.to(acc, copy=True), given_var.to(acc, copy=True)
             xc = xa - mean
         x_hat = xc * torch.rsqrt(var + eps)
         y = x_hat
@@ -115,25 +128,46 @@ class Normalize(torch.autograd.Function):
             y = y * weight.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
-        ctx.save_for_backward(x, weight, bias, given_mean, given_var)
-        ctx.dims, ctx.eps, ctx.center = dims, eps, center
-        ctx.mark_non_differentiable(mean, var)
         return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias, dims, eps, center, given_mean, given_var = inputs
+        ctx.save_for_backward(x, weight, bias, given_mean, given_var)
+        ctx.save_for_forward(x, weight, bias, given_mean, given_var)
+        ctx.dims, ctx.eps, ctx.center = dims, eps, center
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_):  # type: ignore[override]
+        x, weight, bias, given_mean, given_var = ctx.saved_tensors
+        dims, eps, center = ctx.dims, ctx.eps, ctx.center
+        acc = acc_dtype(x.dtype)
+        x_hat, rstd = _x_hat(x.to(acc), dims, eps, center, given_mean, given_var)
+        dy = torch.zeros_like(x_hat)
+        if dx is not None:
+            dxa = dx.to(acc)
+            if given_var is not None:  # the statistics are constants: y is affine in x
+                dx_hat = rstd * dxa
+            elif center:
+                dx_hat = rstd * (dxa - dxa.mean(dims, keepdim=True) - x_hat * (dxa * x_hat).mean(dims, keepdim=True))
+            else:
+                dx_hat = rstd * (dxa - x_hat * (dxa * x_hat).mean(dims, keepdim=True))
+            dy = dy + (dx_hat * weight.to(acc) if weight is not None else dx_hat)
+        if dweight is not None:
+            dy = dy + x_hat * dweight.to(acc)
+        if dbias is not None:
+            dy = dy + dbias.to(acc)
+        return dy.to(x.dtype), None, None
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):  # type: ignore[override]
         x, weight, bias, given_mean, given_var = ctx.saved_tensors
         dims, eps, center = ctx.dims, ctx.eps, ctx.center
         acc = acc_dtype(x.dtype)
-        xa, dy = x.to(acc), dy.to(acc)
+        dy = dy.to(acc)
         batch_stats = given_var is None
-        if batch_stats:
-            xc, _, var = _centre(xa, dims, center)
-        else:
-            var = given_var.to(acc)
-            xc = xa - given_mean.to(acc)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = xc * rstd
+        x_hat, rstd = _x_hat(x.to(acc), dims, eps, center, given_mean, given_var)
         g = dy * weight.to(acc) if weight is not None else dy
 
         dx = None
@@ -153,6 +187,19 @@ class Normalize(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             dbias = dy.double().sum_to_size(bias.shape).to(bias.dtype)
         return dx, dweight, dbias, None, None, None, None, None
+
+
+def _x_hat(xa: Tensor, dims: tuple[int, ...], eps: float, center: bool, given_mean: Tensor | None,
+           given_var: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(x_hat, rstd)`` recomputed from the saved input, with differentiable ops (the backward
+    and the jvp are themselves differentiable)."""
+    if given_var is None:
+        xc, _, var = _centre(xa, dims, center)
+    else:
+        var = given_var.to(xa.dtype)
+        xc = xa - given_mean.to(xa.dtype)
+    rstd = torch.rsqrt(var + eps)
+    return xc * rstd, rstd
 
 
 def _param(p: Tensor | None, shape: Sequence[int]) -> Tensor | None:
@@ -182,11 +229,48 @@ def _normalize(
 
 
 def _update_running(running: Tensor | None, batch_value: Tensor, momentum: float) -> None:
-    """running <- (1 - momentum) * running + momentum * batch_value, in place."""
-    if running is None:
-        return
+    """running <- (1 - momentum) * running + momentum * batch_value, in place (one statistic)."""
+    _update_running_stats(running, None, batch_value, batch_value, momentum)
+
+
+def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, batch_mean: Tensor,
+                          batch_var: Tensor, momentum: float) -> None:
+    """running <- (1 - momentum) * running + momentum * batch, for both statistics, in place.
+
+    Both new values are computed before either is written, so a failure (a shape that does not
+    broadcast, a batched input under vmap) leaves both untouched.
+    """
+    pairs = [(r, b) for r, b in ((running_mean, batch_mean), (running_var, batch_var)) if r is not None]
     with torch.no_grad():
-        running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+        new = [r.mul(1.0 - momentum).add_(b.to(r.dtype), alpha=momentum) for r, b in pairs]
+        for (r, _), value in zip(pairs, new):
+            r.copy_(value)
+
+
+_UNBATCHED_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched.\nIf you are using a module and do not need eval mode, please set "
+    "`track_running_stats` to be False.If you are using a prebuilt module and do not need eval mode, please see "
+    "the functorch website for resources on how to patch your module to work with vmap"
+)
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a ``torch.func.vmap`` at any level (under its grad wrappers)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _check_vmap_running(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """Under vmap, unbatched running statistics cannot take a per-sample update: torch's batch
+    rule for batch_norm raises this, before any write; so does the reference."""
+    stats = [t for t in (running_mean, running_var) if t is not None]
+    if stats and _is_batched(input) and not all(_is_batched(t) for t in stats):
+        raise RuntimeError(_UNBATCHED_RUNNING_STATS)
 
 
 def _unbiased(var: Tensor, n: int) -> Tensor:
@@ -236,10 +320,10 @@ def batch_norm(
     if not training:
         y, _, _ = _normalize("batch_norm", input, weight, bias, eps, given=(running_mean, running_var))
         return y
+    _check_vmap_running(input, running_mean, running_var)
     y, mean, var = _normalize("batch_norm", input, weight, bias, eps)
     n = input.numel() // input.shape[1]
-    _update_running(running_mean, mean.flatten(), momentum)
-    _update_running(running_var, _unbiased(var, n).flatten(), momentum)
+    _update_running_stats(running_mean, running_var, mean.flatten(), _unbiased(var, n).flatten(), momentum)
     return y
 
 
@@ -259,13 +343,21 @@ class MaskedNormalize(torch.autograd.Function):
         dx = m * rstd * g                                               (given statistics)
         dweight = sum(dy * x_hat),  dbias = sum(m * dy)
 
-    so a padded position gets ``dx = 0`` and enters no sum. Returns ``(y, mean, var)`` as
-    :class:`Normalize` does; ``n`` must be at least 1 for every statistic (checked by callers).
+    so a padded position gets ``dx = 0`` and enters no sum. Forward mode, with ``dx, dw, db``
+    the tangents (the mask has none)::
+
+        dx_hat = m * rstd * (dx - sum(m * dx) / n - x_hat * sum(x_hat * dx) / n)   (batch statistics)
+        dx_hat = m * rstd * dx                                                     (given statistics)
+        dy     = m * (dx_hat * weight + x_hat * dw + db)
+
+    Returns ``(y, mean, var)`` as :class:`Normalize` does; ``n`` must be at least 1 for every
+    statistic (checked by callers).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
         x: Tensor,
         m: Tensor,
         weight: Tensor | None,
@@ -284,10 +376,39 @@ class MaskedNormalize(torch.autograd.Function):
             y = y * weight.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
-        ctx.save_for_backward(x, m, weight, bias, given_mean, given_var)
-        ctx.dims, ctx.eps = dims, eps
-        ctx.mark_non_differentiable(mean, var)
         return (m * y).to(x.dtype), mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, m, weight, bias, dims, eps, given_mean, given_var = inputs
+        ctx.save_for_backward(x, m, weight, bias, given_mean, given_var)
+        ctx.save_for_forward(x, m, weight, bias, given_mean, given_var)
+        ctx.dims, ctx.eps = dims, eps
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, _dm: None, dweight: Tensor | None, dbias: Tensor | None, *_):  # type: ignore[override]
+        x, m, weight, bias, given_mean, given_var = ctx.saved_tensors
+        dims, eps = ctx.dims, ctx.eps
+        acc = acc_dtype(x.dtype)
+        xa, m = x.to(acc), m.to(acc)
+        mean, var = _masked_stats(xa, m, dims, given_mean, given_var)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = m * (xa - mean) * rstd
+        dy = torch.zeros_like(x_hat)
+        if dx is not None:
+            dxa = m * dx.to(acc)
+            if given_var is not None:
+                dx_hat = rstd * dxa
+            else:
+                n = m.sum(dims, keepdim=True)
+                dx_hat = m * rstd * (dxa - dxa.sum(dims, keepdim=True) / n - x_hat * (x_hat * dxa).sum(dims, keepdim=True) / n)
+            dy = dy + (dx_hat * weight.to(acc) if weight is not None else dx_hat)
+        if dweight is not None:
+            dy = dy + x_hat * dweight.to(acc)
+        if dbias is not None:
+            dy = dy + m * dbias.to(acc)
+        return dy.to(x.dtype), None, None
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):  # type: ignore[override]
@@ -320,7 +441,7 @@ def _masked_stats(xa: Tensor, m: Tensor, dims: tuple[int, ...], given_mean: Tens
                   given_var: Tensor | None) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of the real elements (two-pass), or the given statistics."""
     if given_var is not None:
-        return given_mean.to(xa.dtype), given_var.to(xa.dtype)
+        return given_mean.to(xa.dtype, copy=True), given_var.to(xa.dtype, copy=True)  # never an input as-is
     n = m.sum(dims, keepdim=True)
     mean = (m * xa).sum(dims, keepdim=True) / n
     return mean, (m * (xa - mean).square()).sum(dims, keepdim=True) / n
@@ -347,8 +468,7 @@ def masked_batch_norm(
     )
     if training:
         n = int(mask.sum())
-        _update_running(running_mean, mean.flatten(), momentum)
-        _update_running(running_var, _unbiased(var, n).flatten(), momentum)
+        _update_running_stats(running_mean, running_var, mean.flatten(), _unbiased(var, n).flatten(), momentum)
     return y
 
 
@@ -375,8 +495,7 @@ def masked_instance_norm(
     if use_input_stats:
         n = m.sum(2, keepdim=True).to(var.dtype)
         unbiased = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
-        _update_running(running_mean, mean.flatten(1).mean(0), momentum)
-        _update_running(running_var, unbiased.flatten(1).mean(0), momentum)
+        _update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased.flatten(1).mean(0), momentum)
     return y
 
 
@@ -428,11 +547,11 @@ def instance_norm(
     if not use_input_stats:
         y, _, _ = _normalize("instance_norm", input, weight, bias, eps, given=(running_mean, running_var))
         return y
+    _check_vmap_running(input, running_mean, running_var)
     y, mean, var = _normalize("instance_norm", input, weight, bias, eps)
     # Each instance's statistics update the running ones; torch averages them over the batch.
     n = input[0, 0].numel()
-    _update_running(running_mean, mean.flatten(1).mean(0), momentum)
-    _update_running(running_var, _unbiased(var, n).flatten(1).mean(0), momentum)
+    _update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), _unbiased(var, n).flatten(1).mean(0), momentum)
     return y
 
 
@@ -464,16 +583,36 @@ class LocalResponseNorm(torch.autograd.Function):
 
         dx = dy * s^-beta - (2 alpha beta / size) * x * window_sum^T(dy * x * s^(-beta-1))
 
-    where ``window_sum^T`` (the adjoint) sums over the mirrored window.
+    where ``window_sum^T`` (the adjoint) sums over the mirrored window. Forward mode:
+    ``dy = dx * s^-beta - beta * x * s^(-beta-1) * ds`` with ``ds = 2 alpha/size * window_sum(x * dx)``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.params = (size, alpha, beta, k)
+    def forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:  # type: ignore[override]
         xa = x.to(acc_dtype(x.dtype))
         s = k + alpha / size * _window_sum(xa.square(), size // 2, (size - 1) // 2)
         return (xa * s.pow(-beta)).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, size, alpha, beta, k = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.params = (size, alpha, beta, k)
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor, *_) -> Tensor:  # type: ignore[override]
+        """``dy = dx * s^-beta - beta * x * s^(-beta-1) * (2 alpha / size) * window_sum(x * dx)``."""
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k = ctx.params
+        acc = acc_dtype(x.dtype)
+        xa, dxa = x.to(acc), dx.to(acc)
+        before, after = size // 2, (size - 1) // 2
+        s = k + alpha / size * _window_sum(xa.square(), before, after)
+        ds = 2 * alpha / size * _window_sum(xa * dxa, before, after)
+        return (dxa * s.pow(-beta) - beta * xa * s.pow(-beta - 1) * ds).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
