@@ -8,7 +8,9 @@ check that says whether ``"auto"`` should pick it for that call.
 The backend of a call is resolved when the call runs, never when a module is built:
 
 1. the ``backend=`` argument of the call (or of the module),
-2. else the innermost ``with normkit.use_backend(name):`` block,
+2. else the innermost ``with normkit.use_backend(name):`` block of this thread and asyncio task
+   (a :class:`contextvars.ContextVar`: a block in one thread or task never changes what another
+   runs; a thread starts outside every block, a task starts in the blocks it was created in),
 3. else the ``NORMKIT_BACKEND`` environment variable,
 4. else ``"auto"``.
 
@@ -17,17 +19,28 @@ back.
 
 Under ``torch.compile`` the choice is made while tracing: ``use_backend`` blocks and a module's
 ``backend`` attribute are guarded (changing them recompiles), but ``NORMKIT_BACKEND`` is read
-once per compiled graph, like the rest of the process environment: set it before compiling. ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
+once per compiled graph, like the rest of the process environment: set it before compiling.
+Dynamo cannot read a ContextVar, so compiled code reads a per-thread copy of the block stack
+(a ``threading.local``, which dynamo guards per thread). Threads are exact under compile too.
+asyncio tasks are exact in eager code; a compiled model called from tasks whose blocks overlap
+in one thread (a task enters a block while another task's block is still open) cannot tell
+them apart, so it raises :class:`BackendError` instead of guessing: pass ``backend=`` there.
+
+``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
 the call and is preferred for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+import torch
 
 __all__ = [
     "AUTO_ORDER",
@@ -84,7 +97,22 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_ACTIVE: list[str] = []  # the stack of use_backend() blocks; a plain list so torch.compile can read it
+# The stack of use_backend() blocks of this thread and asyncio task: the truth, read in eager code.
+_ACTIVE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("normkit_use_backend", default=())
+
+
+class _ThreadBlocks(threading.local):
+    """What compiled code reads instead of :data:`_ACTIVE` (dynamo reads and guards a
+    ``threading.local`` per thread, but cannot read a ContextVar): this thread's stack, or
+    :data:`_OVERLAP` while use_backend blocks of several asyncio tasks (contexts) overlap here."""
+
+    def __init__(self) -> None:  # runs once in each thread that touches it
+        self.stack: tuple[str, ...] | None = ()
+        self.open = 0  # blocks open in this thread, over all its contexts
+
+
+_THREAD = _ThreadBlocks()
+_OVERLAP = None  # the stack of no single context: compiled code must not guess
 # Backends whose module is imported on first use (Triton's import is slow): name -> (probe,
 # loader). The probe is a cheap check, with no import, of whether the backend could be available.
 _LAZY: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = {}
@@ -138,10 +166,25 @@ def backends() -> list[str]:
     return [n for n, b in found if b is not None and b.is_available()]
 
 
+def _blocks() -> tuple[str, ...]:
+    if not torch.compiler.is_compiling():
+        return _ACTIVE.get()
+    stack = _THREAD.stack
+    if stack is None:
+        raise BackendError(
+            "torch.compile sees use_backend() per thread, and use_backend blocks of several asyncio "
+            "tasks overlap in this thread: pass backend= to the modules (or functions) called from "
+            "compiled code in these tasks, or keep each task's block from spanning an await"
+        )
+    return stack
+
+
 def current_backend() -> str:
-    """The backend name a call without ``backend=`` would use right now."""
-    if _ACTIVE:
-        return _ACTIVE[-1]
+    """The backend name a call without ``backend=`` would use right now, in this thread and
+    asyncio task."""
+    stack = _blocks()
+    if stack:
+        return stack[-1]
     return os.environ.get(ENV_VAR) or "auto"
 
 
@@ -154,11 +197,28 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if name != "auto":
         get_backend(name)  # fail at the ``with`` line for a misspelt name
-    _ACTIVE.append(name)
+    outer = _ACTIVE.get()
+    token = _ACTIVE.set((*outer, name))
+    _sync_thread(outer, _ACTIVE.get())
     try:
         yield
     finally:
-        _ACTIVE.pop()
+        inner = _ACTIVE.get()
+        _ACTIVE.reset(token)
+        _THREAD.open -= 1
+        _sync_thread(inner, outer, opened=0)
+
+
+def _sync_thread(before: tuple[str, ...], after: tuple[str, ...], *, opened: int = 1) -> None:
+    """Move this thread's copy of the stack from ``before`` to ``after`` (this context's
+    stacks), or mark it ambiguous when another context in this thread moved it in between."""
+    _THREAD.open += opened
+    if _THREAD.open == 0:
+        _THREAD.stack = ()  # no block open anywhere in this thread: unambiguous again
+    elif _THREAD.stack == before:
+        _THREAD.stack = after
+    else:
+        _THREAD.stack = _OVERLAP
 
 
 def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:
