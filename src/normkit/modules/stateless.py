@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..functional import add_layer_norm, add_rms_norm, group_norm, layer_norm, local_response_norm, rms_norm
 from ._base import BackendMixin
+from ._tracing import module_leaf
 
 __all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm"]
 
@@ -78,12 +79,7 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
         return self.weight + self.weight_offset
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cast == "normalize_first" and self.weight is not None:
-            options = self.call_options()
-            out_dtype = options.pop("out_dtype")
-            y = self._scale() * rms_norm(x, self.normalized_shape, None, self.eps, **options)
-            return y if out_dtype is None else y.to(out_dtype)
-        return rms_norm(x, self.normalized_shape, self._scale(), self.eps, **self.call_options())
+        return rms_norm_forward(self, x)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -95,6 +91,18 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
 
 
 _CASTS = ("weight_first", "normalize_first")
+
+
+@module_leaf
+def rms_norm_forward(module: RMSNorm, x: Tensor) -> Tensor:
+    """The forward of :class:`RMSNorm`: one ``torch.fx`` leaf, as it reads the weight's dtype
+    and the ``cast``/``weight_offset`` options."""
+    if module.cast == "normalize_first" and module.weight is not None:
+        options = module.call_options()
+        out_dtype = options.pop("out_dtype")
+        y = module._scale() * rms_norm(x, module.normalized_shape, None, module.eps, **options)
+        return y if out_dtype is None else y.to(out_dtype)
+    return rms_norm(x, module.normalized_shape, module._scale(), module.eps, **module.call_options())
 
 
 class GroupNorm(BackendMixin, nn.GroupNorm):
