@@ -8,7 +8,17 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK_ENV_VAR", "block_override", "device_of", "interpreted", "strides"]
+__all__ = [
+    "BLOCK_ENV_VAR",
+    "block_override",
+    "device_of",
+    "first_order",
+    "interpreted",
+    "refuse_forward_ad",
+    "strides",
+    "update_running",
+    "vmap_by_loop",
+]
 
 # Caps a launcher's tile, in elements (a power of two): how the tests reach the chunked paths
 # and many programs with small shapes. Read at each launch; ``block_n=`` on a launcher wins.
@@ -37,3 +47,73 @@ def interpreted() -> bool:
 def strides(t3: Tensor) -> tuple[int, int, int]:
     """The strides of an ``(N, C, S)`` view, as the kernels take them."""
     return t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def vmap_by_loop(op) -> None:
+    """Give the custom op ``op`` a batching rule for ``torch.func.vmap``: one call per batch
+    element, the results stacked. Exact (each call is an ordinary call of the op), and what
+    per-sample gradients (``vmap(grad(...))``) and ``jacrev`` need: a backward run per
+    cotangent sums the weight gradient over that cotangent's rows only. It costs one launch
+    per batch element; the forward of a row norm folds the batch into its rows instead."""
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], Tensor):
+            return torch.stack(outs), 0
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
+
+    torch.library.register_vmap(op, rule)
+
+
+def refuse_forward_ad(ctx, *tangents) -> None:
+    """The ``jvp`` of the autograd Functions around the kernels: no forward-derivative formula,
+    so an error instead of the zero tangents a custom op alone would give."""
+    raise RuntimeError(
+        "forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
+        "supported by normkit's triton kernels, which have a backward formula only; use "
+        "backend='torch' (or 'reference') for forward-mode derivatives, or reverse mode "
+        "(torch.func.grad, vjp, jacrev)"
+    )
+
+
+def update_running(pairs: list[tuple[Tensor | None, Tensor]], momentum: float) -> None:
+    """``running = momentum * batch + (1 - momentum) * running`` (fp32, stored in running's
+    dtype) for each ``(running, batch)`` pair, computed first and written after, so that no
+    statistic is written unless every one can be. Running statistics that are inference
+    tensors are updated as ATen does (its kernels write them even outside inference mode)."""
+    new = [(r, momentum * b + (1 - momentum) * r.float()) for r, b in pairs if r is not None]
+    inference = not torch.compiler.is_compiling() and any(r.is_inference() for r, _ in new)
+    with torch.no_grad(), torch.inference_mode() if inference else contextlib.nullcontext():
+        for running, value in new:
+            running.copy_(value)
+
+
+def first_order(op) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` that calls the backward custom op ``op``: usable inside
+    ``torch.func`` transforms (a bare custom op without an autograd formula is not), and
+    differentiating it again raises an error instead of silently dropping the term."""
+
+    class FirstOrder(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"second-order gradients through normkit's triton kernels ({op._namespace}::{op._name}) are not "
+                "supported: the backward kernels have no derivative; use backend='torch' "
+                "(or 'reference') for double backward, Hessians or gradient penalties"
+            )
+
+        jvp = staticmethod(refuse_forward_ad)
+
+    FirstOrder.__name__ = FirstOrder.__qualname__ = f"FirstOrder_{op._name}"
+    return FirstOrder

@@ -52,7 +52,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from normkit.ops.triton._launch import BLOCK_ENV_VAR, block_override, device_of, interpreted, strides
+from normkit.ops.triton._launch import (
+    BLOCK_ENV_VAR,
+    block_override,
+    device_of,
+    first_order,
+    interpreted,
+    refuse_forward_ad,
+    strides,
+    update_running,
+    vmap_by_loop,
+)
 from normkit.ops.triton.kernels import ACT_CODES, _activate, _activate_grad, _cast_to
 
 __all__ = [
@@ -309,9 +319,7 @@ def batch_norm_stats(
     m2 = m2_part.sum(0) + (counts * (mean_part - shifted_mean).square()).sum(0)
     mean = shift + shifted_mean
     # As ATen: r = momentum * batch + (1 - momentum) * r in fp32, the unbiased variance.
-    for running, batch in ((running_mean, mean), (running_var, m2 / (M - 1))):
-        if running is not None:
-            running.copy_(momentum * batch + (1 - momentum) * running.float())
+    update_running([(running_mean, mean), (running_var, m2 / (M - 1))], momentum)
     return mean, torch.rsqrt(m2 / M + eps)
 
 
@@ -453,14 +461,51 @@ def _backward(ctx, dy):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
-    dx, dw, db = _batch_norm_bwd_op(dy, x, weight, bias, mean, rstd, ctx.batch_stats, need[0],
-                                    w_dtype if need[1] else None, b_dtype if need[2] else None,
-                                    ctx.act)
+    dx, dw, db = _BatchNormBackward.apply(dy, x, weight, bias, mean, rstd, ctx.batch_stats,
+                                          need[0], w_dtype if need[1] else None,
+                                          b_dtype if need[2] else None, ctx.act)
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
             None, None, None, None)
 
 
 torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_context=_setup_context)
+vmap_by_loop(_batch_norm_fwd_op)
+vmap_by_loop(_batch_norm_bwd_op)
+_BatchNormBackward = first_order(_batch_norm_bwd_op)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """``batch_norm_fwd`` with its backward, in the form ``torch.func`` accepts (see
+    :class:`normkit.ops.triton.row_norm._RowNorm`)."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(_batch_norm_fwd_op)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+    jvp = staticmethod(refuse_forward_ad)
+
+
+def _batch_norm_stats_vmap(info, in_dims, x, running_mean, running_var, momentum, eps):
+    """vmap of the statistics: each batch element's own, as torch; running statistics are
+    updated per element only when they are batched too (torch's rule and message)."""
+    x_dim, mean_dim, var_dim = in_dims[:3]
+    if x_dim is not None and any(r is not None and d is None for r, d in
+                                 ((running_mean, mean_dim), (running_var, var_dim))):
+        raise RuntimeError(
+            "Batch norm got a batched tensor as input while the running_mean or running_var, "
+            "which will be updated in place, were not batched.\nIf you are using a module and do "
+            "not need eval mode, please set `track_running_stats` to be False.If you are using a "
+            "prebuilt module and do not need eval mode, please see the functorch website for "
+            "resources on how to patch your module to work with vmap")
+    out = []
+    for i in range(info.batch_size):
+        pick = lambda t, d: t if t is None or d is None else t.select(d, i)  # noqa: E731
+        out.append(_batch_norm_stats_op(pick(x, x_dim), pick(running_mean, mean_dim),
+                                        pick(running_var, var_dim), momentum, eps))
+    return tuple(torch.stack(o) for o in zip(*out, strict=True)), (0, 0)
+
+
+torch.library.register_vmap(_batch_norm_stats_op, _batch_norm_stats_vmap)
 
 
 def batch_norm(
@@ -488,7 +533,7 @@ def batch_norm(
     else:
         mean = running_mean.detach().float()
         rstd = torch.rsqrt(running_var.detach().float() + eps)
-    return _batch_norm_fwd_op(input, weight, bias, mean, rstd, bool(training), ACT_CODES[act])
+    return _BatchNorm.apply(input, weight, bias, mean, rstd, bool(training), ACT_CODES[act])
 
 
 def batch_norm_act(

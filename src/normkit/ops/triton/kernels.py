@@ -32,6 +32,25 @@ Chan's formula (never ``E[x^2] - E[x]^2``), then normalizes; the backward first 
 row dot products of the input gradient, then the gradients. Statistics are fp32 whatever the
 input dtype.
 
+Numerics:
+
+* Shift: a centred norm takes its statistics of ``x - pivot``, with ``pivot`` the row's first
+  element (the reference's choice), and the forward and backward both form
+  ``x_hat = ((x - pivot) - mean) * rstd``: a large common offset (``1e4 + noise``) cancels
+  exactly (Sterbenz) before any rounding, and a constant row has exactly zero variance. So
+  ``MEAN`` holds the mean of ``x - pivot`` (0 for RMSNorm, which does not centre); the launcher
+  adds the pivot back where the true mean is needed.
+* ``VAR`` is the biased variance itself (InstanceNorm's running variance), never recovered
+  from rstd (``rstd^-2 - eps`` cancels to a negative number on a constant input).
+* ``rstd = 1 / sqrt(var + eps)`` with IEEE-rounded square root and division (``sqrt_rn``,
+  ``div_rn``: not the approximate forms a GPU compiles ``1.0 / tl.sqrt`` to), and ``rstd = 0``
+  when ``var + eps == 0`` (``eps=0`` on a constant row), ATen's batch/instance-norm rule: the
+  output is then the bias and the input gradient 0, not ``0 * inf = NaN``.
+* Variance overflow (``|x| ~ 1e20`` in fp32) gives ``var = inf`` and ``rstd = 0``, as ATen,
+  never NaN: the Chan merge multiplies ``delta * (delta * weight)``, so its first step (weight
+  0) is exactly 0 however large the tile mean.
+* relu propagates NaN as torch's does (``relu(NaN) = NaN``, and its gradient passes dy).
+
 The backward is deterministic: no atomics. The weight and bias gradients leave the kernel as
 fp32 partial sums in a fixed layout which the launcher sums in a fixed order:
 
@@ -53,7 +72,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACT_CODES", "row_norm_bwd_kernel", "row_norm_fwd_kernel"]
+__all__ = ["ACT_CODES", "row_norm_bwd_kernel", "row_norm_fwd_kernel", "rstd_of"]
 
 # The activations a kernel can apply after the affine, as the ``ACT`` compile-time flag.
 # "gelu" is the exact (erf) form, torch.nn.functional.gelu's default.
@@ -96,7 +115,7 @@ def _cast_to(x, P, RNE_BY_HAND: tl.constexpr):
 def _activate(z, ACT: tl.constexpr):
     """``act(z)`` for the activation coded ``ACT`` (identity for 0)."""
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum (maxnum: relu(NaN) would be 0)
     elif ACT == 2:
         z = z * tl.sigmoid(z)
     elif ACT == 3:
@@ -106,9 +125,10 @@ def _activate(z, ACT: tl.constexpr):
 
 @triton.jit
 def _activate_grad(dy, z, ACT: tl.constexpr):
-    """``dy * act'(z)``: the gradient at the activation's input. relu'(0) = 0, as torch."""
+    """``dy * act'(z)``: the gradient at the activation's input. As torch's threshold_backward,
+    relu passes dy unless z <= 0 (so relu'(0) = 0 and a NaN input keeps its gradient)."""
     if ACT == 1:
-        dy = tl.where(z > 0.0, dy, 0.0)
+        dy = tl.where(z <= 0.0, 0.0, dy)
     elif ACT == 2:
         s = tl.sigmoid(z)
         dy = dy * (s * (1.0 + z * (1.0 - s)))
@@ -145,8 +165,32 @@ def _load_input(X, RESIDUAL, RESIDUAL_OUT, x_offs, y_offs, mask, HAS_RESIDUAL: t
 
 
 @triton.jit
+def _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL: tl.constexpr,
+           STORE_RESIDUAL_OUT: tl.constexpr, IS_RMS: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+    """The row's first element as normalized (x + residual, rounded as stored), fp32: the shift
+    of a centred norm's statistics. 0 for RMSNorm. X and RESIDUAL point at the row."""
+    if IS_RMS:
+        pivot = 0.0
+    else:
+        pivot = tl.load(X).to(tl.float32)
+        if HAS_RESIDUAL:
+            pivot += tl.load(RESIDUAL).to(tl.float32)
+        if STORE_RESIDUAL_OUT:
+            pivot = _cast_to(pivot, RESIDUAL_OUT, RNE_BY_HAND).to(tl.float32)
+    return pivot
+
+
+@triton.jit
+def rstd_of(var, eps):
+    """``1 / sqrt(var + eps)``, IEEE-rounded; 0 where ``var + eps == 0`` (ATen's rule)."""
+    v = var + eps
+    return tl.where(v == 0.0, 0.0, tl.math.div_rn(1.0, tl.math.sqrt_rn(v)))
+
+
+@triton.jit
 def _tile_moments(x, mask, count, IS_RMS: tl.constexpr):
-    """(mean, sum of squared deviations) of the ``count`` valid tile elements.
+    """(mean, sum of squared deviations) of the ``count`` valid elements of the shifted tile
+    ``x`` (masked lanes hold 0).
 
     RMSNorm does not centre: its "mean" is 0 and the sum is of x^2, so the merge below
     needs no special case."""
@@ -164,7 +208,7 @@ def _tile_moments(x, mask, count, IS_RMS: tl.constexpr):
 def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s, R, GROUPS,
                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr,
                   ACT: tl.constexpr, RNE_BY_HAND: tl.constexpr):
-    y = (x - mean) * rstd
+    y = (x - mean) * rstd  # x is shifted by the row's pivot, as mean
     if HAS_WEIGHT:
         y = y * _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
     if HAS_BIAS:
@@ -175,7 +219,7 @@ def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s,
 
 @triton.jit
 def row_norm_fwd_kernel(
-    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD,
+    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,  # Y and RESIDUAL_OUT are allocated alike
     stride_residual_row,  # the add-norms' residual: X's element strides, its own row stride
@@ -185,7 +229,8 @@ def row_norm_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
-    """One program per row: statistics, then ``y = act((x - mean) * rstd * w + b)``."""
+    """One program per row: statistics, then ``y = act((x - mean) * rstd * w + b)``; stores the
+    row's mean of ``x - pivot``, its rstd and its biased variance."""
     row = tl.program_id(0).to(tl.int64)
     X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
     Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
@@ -194,6 +239,7 @@ def row_norm_fwd_kernel(
     if STORE_RESIDUAL_OUT:
         RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
     n = R * S * 1.0  # (not .to(): Triton passes an int argument equal to 1 as a constant)
+    pivot = _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL, STORE_RESIDUAL_OUT, IS_RMS, RNE_BY_HAND)
 
     if SINGLE_BLOCK:
         r, s, _, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
@@ -201,8 +247,10 @@ def row_norm_fwd_kernel(
         y_offs = r * stride_yc + s * stride_ys
         x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs, y_offs, mask,
                         HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
+        x = tl.where(mask, x - pivot, 0.0)
         mean, m2 = _tile_moments(x, mask, n, IS_RMS)
-        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+        var = m2 / n
+        rstd = rstd_of(var, eps)
         _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R, GROUPS,
                       HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     else:
@@ -217,14 +265,16 @@ def row_norm_fwd_kernel(
                 x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs,
                                 r * stride_yc + s * stride_ys, mask,
                                 HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
+                x = tl.where(mask, x - pivot, 0.0)
                 n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
                 mean_b, m2_b = _tile_moments(x, mask, n_b, IS_RMS)
                 total = count + n_b
                 delta = mean_b - mean
                 mean += delta * (n_b / total)
-                m2 += m2_b + delta * delta * (count * n_b / total)
+                m2 += m2_b + delta * (delta * (count * n_b / total))
                 count = total
-        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+        var = m2 / n
+        rstd = rstd_of(var, eps)
         # Pass 2 re-reads the row: from RESIDUAL_OUT when pass 1 wrote it (one tensor instead
         # of x and residual, and already rounded). The barrier makes those writes visible.
         if STORE_RESIDUAL_OUT:
@@ -239,19 +289,23 @@ def row_norm_fwd_kernel(
                 else:
                     x = tl.load(X + r * stride_xc + s * stride_xs, mask=mask,
                                 other=0.0).to(tl.float32)
+                x -= pivot
                 _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R,
                               GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
+    tl.store(VAR + row, var)
 
 
 @triton.jit
-def _load_grad_terms(X_TILE, DY_TILE, MEAN, RSTD, w, b, row, mask,
-                     HAS_WEIGHT: tl.constexpr, ACT: tl.constexpr):
-    """x_hat, dy and w * dy of one tile of one row (pointers ``X_TILE``, ``DY_TILE``), and the
+def _load_grad_terms(X_ROW, x_offs, DY_TILE, MEAN, RSTD, w, b, row, mask,
+                     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACT: tl.constexpr):
+    """x_hat, dy and w * dy of one tile of one row (``X_ROW + x_offs``, ``DY_TILE``), and the
     row's rstd (all fp32). With an activation, "dy" is the gradient at its input,
-    ``dy * act'(x_hat * w + b)``."""
-    x = tl.load(X_TILE, mask=mask, other=0.0).to(tl.float32)
+    ``dy * act'(x_hat * w + b)``. x_hat is formed as in the forward, from ``x - pivot``."""
+    x = tl.load(X_ROW + x_offs, mask=mask, other=0.0).to(tl.float32)
+    if not IS_RMS:
+        x -= tl.load(X_ROW).to(tl.float32)
     dy = tl.load(DY_TILE, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + row)
     x_hat = (x - tl.load(MEAN + row)) * rstd  # masked lanes: dy = 0 zeroes every product below
@@ -310,12 +364,12 @@ def row_norm_bwd_kernel(
                     if HAS_BIAS:
                         b_tile = _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS,
                                               PER_SEGMENT)
-                    x_tile = (X + _row_start(row, R, GROUPS, stride_xn, stride_xc)
-                              + r * stride_xc + s * stride_xs)
+                    x_row = X + _row_start(row, R, GROUPS, stride_xn, stride_xc)
                     dy_tile = (DY + _row_start(row, R, GROUPS, stride_dyn, stride_dyc)
                                + r * stride_dyc + s * stride_dys)
-                    x_hat, dy, wdy, rstd = _load_grad_terms(x_tile, dy_tile, MEAN, RSTD, w_tile,
-                                                            b_tile, row, mask_r & mask_s,
+                    x_hat, dy, wdy, rstd = _load_grad_terms(x_row, r * stride_xc + s * stride_xs,
+                                                            dy_tile, MEAN, RSTD, w_tile, b_tile,
+                                                            row, mask_r & mask_s, IS_RMS,
                                                             HAS_WEIGHT, ACT)
                     c1 += tl.sum(x_hat * wdy)
                     c2 += tl.sum(wdy)
@@ -345,10 +399,10 @@ def row_norm_bwd_kernel(
                     w = _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
                 if HAS_BIAS and PER_SEGMENT:
                     b = _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
-                x_tile = X + _row_start(row, R, GROUPS, stride_xn, stride_xc) + x_offs
+                x_row = X + _row_start(row, R, GROUPS, stride_xn, stride_xc)
                 dy_tile = DY + _row_start(row, R, GROUPS, stride_dyn, stride_dyc) + dy_offs
-                x_hat, dy, wdy, rstd = _load_grad_terms(x_tile, dy_tile, MEAN, RSTD, w, b, row, mask,
-                                                        HAS_WEIGHT, ACT)
+                x_hat, dy, wdy, rstd = _load_grad_terms(x_row, x_offs, dy_tile, MEAN, RSTD, w, b,
+                                                        row, mask, IS_RMS, HAS_WEIGHT, ACT)
                 if SINGLE_BLOCK:
                     c1 = tl.sum(x_hat * wdy) / n
                     c2 = tl.sum(wdy) / n

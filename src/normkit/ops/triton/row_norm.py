@@ -5,12 +5,15 @@ rows are (sample, group) pairs of ``R = C / groups`` channels (see
 :mod:`normkit.ops.triton.kernels`): ``(M, 1, L)`` for LayerNorm and RMSNorm, ``(N, C,
 prod(spatial))`` for GroupNorm and InstanceNorm, contiguous or channels_last alike:
 
-* ``normkit::row_norm_fwd(x, residual, weight, bias, ...) -> (y, residual_out, mean, rstd)``
+* ``normkit::row_norm_fwd(x, residual, weight, bias, ...) -> (y, residual_out, mean, rstd, var)``
 * ``normkit::row_norm_bwd(dy, x, weight, bias, mean, rstd, dresidual_out, ...) -> (dx, dresidual, dw, db)``
 
-The backward is attached to the forward with ``torch.library.register_autograd``, and both ops
-have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through a norm
-without a graph break; the kernels stay opaque to the compiler.
+Both ops have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
+a norm without a graph break; the kernels stay opaque to the compiler. The norms call the
+forward through :class:`_RowNorm`, an ``autograd.Function`` whose backward is the second op:
+unlike ``torch.library.register_autograd`` alone, it works under ``torch.func`` (``grad``,
+``vjp``, ``jacrev``; ``vmap`` through the ops' batching rules) and refuses forward-mode AD
+with an error where a bare custom op would return zero tangents.
 
 The public functions (:func:`layer_norm`, :func:`rms_norm`, :func:`group_norm`,
 :func:`instance_norm`, :func:`add_layer_norm`, :func:`add_rms_norm`, and
@@ -34,7 +37,17 @@ import torch
 import triton
 from torch import Tensor
 
-from normkit.ops.triton._launch import BLOCK_ENV_VAR, block_override, device_of, interpreted, strides
+from normkit.ops.triton._launch import (
+    BLOCK_ENV_VAR,
+    block_override,
+    device_of,
+    first_order,
+    interpreted,
+    refuse_forward_ad,
+    strides,
+    update_running,
+    vmap_by_loop,
+)
 from normkit.ops.triton.kernels import ACT_CODES, row_norm_bwd_kernel, row_norm_fwd_kernel
 from normkit.reference import default_rms_eps
 
@@ -134,7 +147,7 @@ def row_norm_fwd(
     residual_dtype: torch.dtype | None,
     act: int = 0,
     block_n: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize the rows of ``x``, an ``(N, C, S)`` view (any strides): row ``m`` is the
     ``R = C / groups`` channels of group ``m % groups`` of sample ``m // groups``.
 
@@ -145,8 +158,9 @@ def row_norm_fwd(
     strides when x is dense, else are contiguous.
     ``act`` (a :data:`~normkit.ops.triton.kernels.ACT_CODES` value) applies an activation to y.
 
-    Returns ``(y, residual_out, mean, rstd)``; mean and rstd are fp32 of shape ``(M,)``
-    (mean is 0 for RMSNorm).
+    Returns ``(y, residual_out, mean, rstd, var)``, the statistics fp32 of shape ``(M,)``:
+    ``mean`` is that of ``x - pivot`` with pivot the row's first element (0 for RMSNorm), and
+    ``var`` the biased variance (see :mod:`normkit.ops.triton.kernels`, "Numerics").
     """
     N, C, S = x.shape
     M, R = N * groups, C // groups
@@ -155,10 +169,11 @@ def row_norm_fwd(
     residual_out = _empty_like(x, residual_dtype) if store_residual else x.new_empty((0,))
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
+    var = torch.empty_like(mean)
     blocks = _blocks(R, S, "fwd", x.element_size(), block_n)
     with device_of(x):
         row_norm_fwd_kernel[(M,)](
-            x, residual, y, residual_out, weight, bias, mean, rstd,
+            x, residual, y, residual_out, weight, bias, mean, rstd, var,
             *strides(x), *strides(y), residual.stride(0) if residual is not None else 0,
             R, S, groups, eps,
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
@@ -166,7 +181,7 @@ def row_norm_fwd(
             ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
             RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
         )
-    return y, residual_out, mean, rstd
+    return y, residual_out, mean, rstd, var
 
 
 def row_norm_bwd(
@@ -238,7 +253,7 @@ def _row_norm_fwd_op(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
     groups: int, per_channel: bool, eps: float, is_rms: bool,
     residual_dtype: torch.dtype | None, act: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return row_norm_fwd(x, residual, weight, bias, groups=groups, per_channel=per_channel,
                         eps=eps, is_rms=is_rms, residual_dtype=residual_dtype, act=act)
 
@@ -247,7 +262,7 @@ def _row_norm_fwd_op(
 def _(x, residual, weight, bias, groups, per_channel, eps, is_rms, residual_dtype, act):
     M = x.shape[0] * groups
     residual_out = _empty_like(x, residual_dtype) if residual_dtype is not None else x.new_empty((0,))
-    stats = (x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+    stats = [x.new_empty((M,), dtype=torch.float32) for _ in range(3)]
     return _empty_like(x), residual_out, *stats
 
 
@@ -278,7 +293,7 @@ def _(dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rm
 
 def _setup_context(ctx, inputs, output) -> None:
     x, residual, weight, bias, groups, per_channel, eps, is_rms, residual_dtype, act = inputs
-    _, residual_out, mean, rstd = output
+    _, residual_out, mean, rstd, _ = output
     # The backward re-reads what was normalized: x, or the stored x + residual (and the bias,
     # to recompute an activation's input).
     ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight,
@@ -288,14 +303,14 @@ def _setup_context(ctx, inputs, output) -> None:
                   None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
-def _backward(ctx, dy, dresidual_out, dmean, drstd):
+def _backward(ctx, dy, dresidual_out, dmean, drstd, dvar):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     groups, per_channel, is_rms, has_residual_out, act = ctx.meta
     x_dtype, residual_dtype, w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
     if not has_residual_out or dresidual_out is None or dresidual_out.numel() == 0:
         dresidual_out = None
-    dx, dresidual, dw, db = _row_norm_bwd_op(
+    dx, dresidual, dw, db = _RowNormBackward.apply(
         dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rms,
         x_dtype, residual_dtype if need[1] else None, w_dtype if need[2] else None,
         b_dtype if need[3] else None, act,
@@ -305,6 +320,20 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
 
 
 torch.library.register_autograd("normkit::row_norm_fwd", _backward, setup_context=_setup_context)
+vmap_by_loop(_row_norm_fwd_op)
+vmap_by_loop(_row_norm_bwd_op)
+_RowNormBackward = first_order(_row_norm_bwd_op)
+
+
+class _RowNorm(torch.autograd.Function):
+    """``row_norm_fwd`` with its backward, in the form ``torch.func`` accepts (a separate
+    ``setup_context``; batching rules generated from the ops' own)."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(_row_norm_fwd_op)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+    jvp = staticmethod(refuse_forward_ad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +356,8 @@ def _trailing_norm(
     # copies only when no single row stride describes the input.
     rows = _inner_contiguous(x.reshape(-1, 1, L))
     res_rows = None if residual is None else _inner_contiguous(residual.reshape(-1, 1, L))
-    y, residual_out, _, _ = _row_norm_fwd_op(rows, res_rows, _flat(weight), _flat(bias), 1,
-                                             False, eps, is_rms, residual_dtype, 0)
+    y, residual_out, *_ = _RowNorm.apply(rows, res_rows, _flat(weight), _flat(bias), 1, False,
+                                         eps, is_rms, residual_dtype, 0)
     if residual_dtype is not None:
         residual_out = residual_out.view(x.shape)
     return y.view(x.shape), residual_out
@@ -380,14 +409,16 @@ def add_rms_norm(
 
 
 def _channel_norm(input: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
-                  eps: float, act: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  eps: float, act: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows (sample, group) of an ``(N, C, *)`` input, read through its ``(N, C, S)`` view:
     contiguous, channels_last(_3d) and sliced inputs without a copy (only a layout whose
-    spatial axes do not merge into one stride is copied); the output keeps the layout."""
+    spatial axes do not merge into one stride is copied); the output keeps the layout.
+    Returns ``(y, x3, mean, var)``: the ``(N, C, S)`` view and the kernel's statistics (mean of
+    ``x - pivot``, biased variance)."""
     x3 = input.reshape(input.shape[0], input.shape[1], -1)
-    y, _, mean, rstd = _row_norm_fwd_op(x3, None, weight, bias, groups, True, eps, False, None,
+    y, _, mean, _, var = _RowNorm.apply(x3, None, weight, bias, groups, True, eps, False, None,
                                         ACT_CODES[act])
-    return y.view(input.shape), mean, rstd
+    return y.view(input.shape), x3, mean, var
 
 
 def group_norm(
@@ -418,19 +449,15 @@ def instance_norm(
 
     Running statistics, when given, are updated as torch does: ``running = (1 - momentum) *
     running + momentum * stat``, with stat the mean over the batch of the per-instance mean and
-    of the per-instance *unbiased* variance (recovered from the kernel's fp32 rstd)."""
+    of the per-instance *unbiased* variance (the kernel's fp32 variance itself, so a constant
+    instance adds exactly 0), computed in fp32; nothing is written unless both can be."""
     N, C = input.shape[:2]
-    y, mean, rstd = _channel_norm(input, C, weight, bias, eps)
+    y, x3, mean, var = _channel_norm(input, C, weight, bias, eps)
     if running_mean is not None or running_var is not None:
-        n = input[0, 0].numel()
+        n = x3.shape[2]
         with torch.no_grad():
-            if running_mean is not None:
-                batch_mean = mean.view(N, C).mean(0)
-                running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype),
-                                                     alpha=momentum)
-            if running_var is not None:
-                unbiased = (rstd.pow(-2) - eps) * (n / (n - 1))
-                batch_var = unbiased.view(N, C).mean(0)
-                running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype),
-                                                    alpha=momentum)
+            pivot = x3[:, :, 0].float()  # the kernel's mean is of x - pivot
+            batch_mean = (mean.view(N, C) + pivot).mean(0)
+            batch_var = (var.view(N, C) * (n / (n - 1))).mean(0)
+            update_running([(running_mean, batch_mean), (running_var, batch_var)], momentum)
     return y
