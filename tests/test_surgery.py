@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 import normkit
-from cases import seed_of
+from cases import make_input, randomize_, seed_of
+from normkit import surgery
 
 
 def _outputs_and_grads(model: nn.Module, make_inputs: Callable[[], dict], seed: int) -> dict[str, Tensor]:
@@ -107,7 +108,9 @@ def test_convert_swaps_exact_torch_classes_only_and_keeps_state() -> None:
     model = model.double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     expected = model(x)
-    normkit.convert(model, backend="torch")
+    report = normkit.ConvertReport()
+    normkit.convert(model, backend="torch", report=report)
+    assert [x.name for x in report.left] == ["2"] and "differs" in report.left[0].reason  # MyNorm's * 2
     assert [type(m) for m in model] == [nn.Linear, normkit.BatchNorm1d, MyNorm, normkit.GroupNorm, normkit.LayerNorm]
     assert model[1].backend == "torch" and not model[4].weight.requires_grad and model[1].weight.dtype == torch.float64
     torch.testing.assert_close(model(x), expected)
@@ -119,7 +122,7 @@ def test_convert_swaps_exact_torch_classes_only_and_keeps_state() -> None:
         normkit.convert(nn.Sequential(nn.LayerNorm(3)), backend="tritno")
 
 
-def test_register_adapter_for_a_third_party_class() -> None:
+def test_register_adapter_for_a_third_party_class(monkeypatch: pytest.MonkeyPatch) -> None:
     class ScaleNorm(nn.Module):  # someone's RMSNorm: x / rms(x) * g
         def __init__(self, n: int) -> None:
             super().__init__()
@@ -133,6 +136,7 @@ def test_register_adapter_for_a_third_party_class() -> None:
         new.weight = m.weight
         return new
 
+    monkeypatch.setattr(surgery, "_ADAPTERS", [])  # registration is global: keep it to this test
     normkit.register_adapter(ScaleNorm, adapt)
     model = nn.Sequential(nn.Linear(5, 5), ScaleNorm(5))
     x = torch.randn(2, 5)
@@ -194,3 +198,315 @@ def test_recalibrate_batch_norm_is_the_average_over_all_batches() -> None:
     with pytest.raises(ValueError, match="at least one batch"):
         normkit.recalibrate_batch_norm(model, [])
     torch.testing.assert_close(bn.running_mean, means.mean(0))
+
+
+# ---- class swaps: every torch.nn norm class x every constructor option ------------------------
+
+_BN = [{}, {"affine": False}, {"bias": False}, {"track_running_stats": False}, {"momentum": None},
+       {"eps": 1e-3, "momentum": 0.3}, {"affine": False, "track_running_stats": False}]
+_IN = [{}, {"affine": True}, {"affine": True, "bias": False}, {"track_running_stats": True},
+       {"track_running_stats": True, "momentum": None}, {"eps": 1e-3, "momentum": 0.3, "affine": True}]
+_LN = [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}]
+# (torch.nn class name, positional args, the option sets, input shape)
+TORCH_NORMS = [
+    ("BatchNorm1d", (5,), _BN, (4, 5, 3)),
+    ("BatchNorm1d", (5,), [{}], (4, 5)),
+    ("BatchNorm2d", (5,), _BN, (3, 5, 4, 3)),
+    ("BatchNorm3d", (5,), _BN, (2, 5, 3, 2, 2)),
+    ("SyncBatchNorm", (5,), _BN, (3, 5, 4, 3)),  # no process group: BatchNorm
+    ("InstanceNorm1d", (5,), _IN, (3, 5, 7)),
+    ("InstanceNorm1d", (5,), [{}], (5, 7)),  # no batch dim
+    ("InstanceNorm2d", (5,), _IN, (3, 5, 4, 3)),
+    ("InstanceNorm3d", (5,), _IN, (2, 5, 3, 2, 2)),
+    ("LayerNorm", (6,), _LN, (3, 4, 6)),
+    ("LayerNorm", ((3, 6),), _LN[:2], (2, 3, 6)),
+    ("GroupNorm", (2, 6), [{}, {"affine": False}, {"bias": False}, {"eps": 1e-3}], (3, 6, 5)),
+    ("RMSNorm", (6,), [{}, {"eps": 1e-3}, {"elementwise_affine": False}], (3, 4, 6)),
+    ("RMSNorm", ((3, 6),), [{}], (2, 3, 6)),
+    ("LocalResponseNorm", (3,), [{}, {"alpha": 1e-2, "beta": 0.5, "k": 2.0}], (2, 5, 4, 3)),
+    ("LazyBatchNorm2d", (), [{}, {"momentum": None}, {"affine": False}], (3, 5, 4, 3)),
+    ("LazyInstanceNorm1d", (), [{}, {"affine": False, "track_running_stats": False}], (3, 5, 7)),
+]
+TORCH_NORM_CASES = [(name, args, options, shape) for name, args, table, shape in TORCH_NORMS for options in table]
+
+
+def _case_id(case: tuple) -> str:
+    name, args, options, shape = case
+    return f"{name}{list(args)}-{','.join(f'{k}={v}' for k, v in options.items()) or 'defaults'}-{list(shape)}"
+
+
+def _assert_same_function(a: nn.Module, b: nn.Module, shape: tuple[int, ...], seed: int, where: str) -> None:
+    """``b`` computes what ``a`` computes in train and eval mode: output, input and parameter
+    gradients for a random upstream gradient, and the buffers the call leaves."""
+    for training in (True, False):
+        a.train(training)
+        b.train(training)
+        runs = []
+        for m in (a, b):
+            x = make_input(shape, torch.float32, seed)
+            y = m(x)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+            params = [p for p in m.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(y, [x, *params], dy)
+            runs.append((y, grads, [t.clone() for t in m.buffers()]))
+        (ya, ga, ba), (yb, gb, bb) = runs
+        mode = "train" if training else "eval"
+        torch.testing.assert_close(yb, ya, msg=lambda m: f"{where} {mode} output: {m}")
+        assert len(ga) == len(gb) and len(ba) == len(bb), where
+        for i, (u, v) in enumerate(zip(ga, gb, strict=True)):
+            torch.testing.assert_close(v, u, msg=lambda m, i=i: f"{where} {mode} gradient {i}: {m}")
+        for i, (u, v) in enumerate(zip(ba, bb, strict=True)):
+            torch.testing.assert_close(v, u, msg=lambda m, i=i: f"{where} {mode} buffer {i}: {m}")
+
+
+@pytest.mark.parametrize("case", TORCH_NORM_CASES, ids=_case_id)
+def test_convert_and_to_torch_every_torch_norm_class_and_option(case: tuple) -> None:
+    name, args, options, shape = case
+    torch_cls, twin = getattr(nn, name), getattr(normkit, name)
+    seed = seed_of("swap", _case_id(case))
+    original = torch_cls(*args, **options)
+    if name.startswith("Lazy"):  # uninitialized: nothing to randomize, and no deepcopy
+        model = nn.Sequential(torch_cls(*args, **options))
+    else:
+        model = nn.Sequential(copy.deepcopy(randomize_(original, seed)))
+    report = normkit.ConvertReport()
+    assert normkit.convert(model, strict=True, report=report) is model
+    converted = model[0]
+    assert type(converted) is twin and [c.after for c in report.converted] == [name] and not report.left
+    # Every attribute normkit's __init__ sets is there, with __init__'s default: the swapped
+    # module is indistinguishable from one built as normkit's (once 'cast' was missing).
+    fresh = twin(*args, **options)
+    assert set(vars(converted)) == set(vars(fresh))
+    for key in twin.init_attributes():
+        assert getattr(converted, key) == getattr(fresh, key), key
+    _assert_same_function(original, converted, shape, seed, f"{name} converted")
+    assert type(converted) is getattr(normkit, name.removeprefix("Lazy"))  # a Lazy twin materializes as normkit's
+    normkit.to_torch(model)
+    assert type(model[0]) is type(original) and not set(twin.init_attributes()) & set(vars(model[0]))
+    _assert_same_function(original, model[0], shape, seed, f"{name} back to torch")
+
+
+def _torch_base_args(cls: type) -> tuple[tuple, dict]:
+    base = cls.torch_base()
+    if issubclass(base, nn.GroupNorm):
+        return (2, 4), {}
+    if issubclass(base, nn.LocalResponseNorm):
+        return (2,), {}
+    if issubclass(base, nn.modules.lazy.LazyModuleMixin):
+        return (), {}
+    return (4,), {}
+
+
+_NORMKIT_CLASSES = sorted(
+    (c for c in vars(normkit).values()
+     if isinstance(c, type) and issubclass(c, normkit.modules._base.BackendMixin) and c.torch_base() is not nn.Module),
+    key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", _NORMKIT_CLASSES, ids=lambda c: c.__name__)
+def test_adopt_sets_what_init_sets_for_every_normkit_class(cls: type) -> None:
+    args, _ = _torch_base_args(cls)
+    required = {"virtual_batch_size": 2} if "Ghost" in cls.__name__ else {}
+    built = cls(*args, **required)
+    swapped = cls.adopt(cls.torch_base()(*args), **required)
+    assert type(swapped) is cls
+    assert set(vars(swapped)) == set(vars(built))
+    for key, value in vars(built).items():
+        if not key.startswith("_") and not isinstance(value, torch.Tensor):
+            assert vars(swapped)[key] == value, key
+    with pytest.raises(TypeError, match="unknown attributes"):
+        cls.adopt(cls.torch_base()(*args), colour="red", **required)
+    with pytest.raises(ValueError, match="unknown normkit backend"):
+        cls.adopt(cls.torch_base()(*args), backend="tritno", **required)
+
+
+def test_adopt_needs_the_attributes_init_requires() -> None:
+    bn = nn.BatchNorm2d(4)
+    with pytest.raises(TypeError, match=r"needs \['virtual_batch_size'\]"):
+        normkit.GhostBatchNorm2d.adopt(bn)
+    assert type(bn) is nn.BatchNorm2d and "backend" not in vars(bn)
+    with pytest.raises(TypeError, match="takes a LayerNorm"):
+        normkit.LayerNorm.adopt(nn.RMSNorm(4))
+
+
+# ---- the report, strict, and the probe --------------------------------------------------------
+
+
+class _TwiceLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass whose forward is not LayerNorm's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 2
+
+
+class _ScaleNorm(nn.Module):
+    """x / ||x|| * g (Nguyen & Salazar, 2019): norm-like by name and structure, no normkit twin."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(n)), 1e-5
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps) * self.weight
+
+
+def _mixed_model() -> nn.Sequential:
+    torch.manual_seed(seed_of("mixed"))
+    return randomize_(nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), _TwiceLayerNorm(6), _ScaleNorm(6),
+                                    nn.Sequential(nn.RMSNorm(6))), seed_of("mixed"))
+
+
+def test_convert_reports_what_it_converted_and_what_it_left() -> None:
+    model = _mixed_model()
+    x = torch.randn(3, 6)
+    expected = model(x)
+    report = normkit.ConvertReport()
+    normkit.convert(model, report=report)
+    assert [(c.name, c.before, c.after) for c in report.converted] == [("1", "LayerNorm", "LayerNorm"),
+                                                                        ("4.0", "RMSNorm", "RMSNorm")]
+    assert all(c.check.startswith("probe agrees") for c in report.converted)
+    assert [(x.name, x.kind) for x in report.left] == [("2", "_TwiceLayerNorm"), ("3", "_ScaleNorm")]
+    assert "output differs" in report.left[0].reason and "no normkit module agrees" in report.left[1].reason
+    assert "left 2 norm-like" in str(report) and "4.0: RMSNorm -> RMSNorm" in str(report)
+    assert type(model[2]) is _TwiceLayerNorm and type(model[3]) is _ScaleNorm
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_convert_without_a_report_warns_about_leftovers() -> None:
+    with pytest.warns(UserWarning, match=r"left 2 norm-like module\(s\) unconverted: 2 \(_TwiceLayerNorm\), 3"):
+        normkit.convert(_mixed_model())
+
+
+def test_convert_strict_raises_and_changes_nothing() -> None:
+    model = _mixed_model()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(RuntimeError, match=r"strict=True.*2 norm-like.*unchanged(.|\n)*_ScaleNorm"):
+        normkit.convert(model, strict=True)
+    assert [type(m) for m in model.modules()] == before
+    assert "backend" not in vars(model[1])
+
+
+def test_a_wrong_adapter_is_refused_by_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forgets_the_bias(m: nn.LayerNorm) -> nn.Module:
+        new = normkit.LayerNorm(m.normalized_shape, m.eps, bias=False)
+        new.weight = m.weight
+        return new
+
+    monkeypatch.setattr(surgery, "_ADAPTERS", [])
+    normkit.register_adapter(_TwiceLayerNorm, forgets_the_bias)
+    model = randomize_(nn.Sequential(_TwiceLayerNorm(6)), 0)
+    report = normkit.ConvertReport()
+    normkit.convert(model, report=report)
+    assert type(model[0]) is _TwiceLayerNorm and "forgets_the_bias: output differs" in report.left[0].reason
+
+
+def test_a_failing_twin_is_left_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulate a wrong twin: convert must keep torch's module and say why.
+    monkeypatch.setitem(surgery.TWINS, nn.GroupNorm, normkit.GroupNormAct)
+    model = randomize_(nn.Sequential(nn.GroupNorm(2, 6)), 0)
+    report = normkit.ConvertReport()
+    normkit.convert(model, report=report)
+    assert type(model[0]) is nn.GroupNorm and "twin fails the probe: output differs" in report.left[0].reason
+    assert "act" not in vars(model[0])
+
+
+def test_the_probe_changes_no_state() -> None:
+    model = randomize_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=None), nn.Dropout(0.5),
+                                     _TwiceLayerNorm(5)), 1).train()
+    calls = []
+    model[1].register_forward_hook(lambda *a: calls.append("hook"))
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    normkit.convert(model, report=normkit.ConvertReport())
+    assert type(model[1]) is normkit.BatchNorm2d and calls == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_convert_on_the_meta_device_says_it_did_not_probe() -> None:
+    class HalfRMSNorm(nn.Module):  # Gemma's: weight initialized to 0, scale 1 + weight
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.zeros(n)), 1e-6
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * (1.0 + self.weight.float())).type_as(x)
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.BatchNorm2d(4), HalfRMSNorm(8))
+    report = normkit.ConvertReport()
+    normkit.convert(model, strict=True, report=report)
+    assert type(model[0]) is normkit.BatchNorm2d and model[0].weight.is_meta
+    assert type(model[1]) is normkit.RMSNorm and model[1].weight_offset == 1.0 and model[1].cast == "weight_first"
+    assert [c.check for c in report.converted] == [
+        "not probed: on the meta device", "probed on a random copy on the CPU (the model is on the meta device)"]
+
+
+# ---- fuse_conv_bn keeps what follows the normalization ------------------------------------------
+
+
+class _TimmStyleBatchNormAct2d(nn.BatchNorm2d):
+    """Written from timm's documented BatchNormAct2d: a BatchNorm2d whose forward applies the
+    batch norm, then its ``drop`` module, then its ``act`` module."""
+
+    def __init__(self, num_features: int, act: nn.Module, drop: nn.Module | None = None) -> None:
+        super().__init__(num_features)
+        self.drop = drop or nn.Identity()
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class _ScaledBatchNorm2d(nn.BatchNorm2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize("make, after", [
+    (lambda: normkit.BatchNormAct2d(6, act="silu"), nn.SiLU),
+    (lambda: normkit.BatchNormAct2d(6, act="gelu"), nn.GELU),
+    (lambda: normkit.BatchNormAct2d(6, act=None), nn.Identity),
+    (lambda: _TimmStyleBatchNormAct2d(6, nn.ReLU6()), nn.ReLU6),
+    (lambda: _TimmStyleBatchNormAct2d(6, nn.Hardswish(), nn.Dropout(0.2)), nn.Sequential),
+    (lambda: normkit.GhostBatchNorm2d(6, 2), nn.Identity),
+    (lambda: normkit.BatchRenorm2d(6), nn.Identity),
+], ids=["normkit-silu", "normkit-gelu", "normkit-none", "timm-relu6", "timm-drop-hardswish", "ghost", "renorm"])
+def test_fuse_conv_bn_keeps_the_activation_of_norm_act_layers(make: Callable[[], nn.Module], after: type) -> None:
+    torch.manual_seed(seed_of("fuse-act"))
+    model = randomize_(nn.Sequential(nn.Conv2d(3, 6, 3), make()), seed_of("fuse-act", after.__name__)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64) * 3
+    expected = model(x)
+    normkit.fuse_conv_bn(model)
+    assert type(model[1]) is after
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fuse_conv_bn_refuses_a_batch_norm_subclass_with_another_forward() -> None:
+    model = randomize_(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1),
+                                     _ScaledBatchNorm2d(6)), 2).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"cannot fold 3 \(_ScaledBatchNorm2d\): its forward is not BatchNorm"):
+        normkit.fuse_conv_bn(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, _ScaledBatchNorm2d]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- RMSNorm weight_offset: Gemma's 1 + weight in float32 ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_rms_norm_weight_offset_adds_in_float32_as_gemma(dtype: torch.dtype, backend: str) -> None:
+    gen = torch.Generator().manual_seed(seed_of("gemma-offset", str(dtype)))
+    weight = (torch.randn(64, generator=gen) * 0.02).to(dtype)  # small: 1 + w in bf16 would round it away
+    x = (torch.randn(3, 5, 64, generator=gen) * 3 + 1).to(dtype)
+    norm = normkit.RMSNorm(64, 1e-6, weight_offset=1.0, dtype=dtype, backend=backend)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    # Gemma: x_hat in float32, times (1 + weight.float()), rounded once to the input dtype.
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + weight.float())).to(dtype)
+    assert torch.equal(norm(x), expected)

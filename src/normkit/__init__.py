@@ -48,12 +48,13 @@ from .modules import (
     freeze_batch_norm,
     unfreeze_batch_norm,
 )
-from .surgery import convert, fuse_conv_bn, recalibrate_batch_norm, register_adapter, to_torch
+from .surgery import ConvertReport, convert, fuse_conv_bn, recalibrate_batch_norm, register_adapter, to_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormAct2d",
+    "ConvertReport",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",

@@ -4,41 +4,109 @@ BatchNorm into the convolution before it, and recalibrate BatchNorm statistics.
 Every function works in place and returns the model. Where the model itself is the module to
 replace by another object (an adapter's result at the root), the return value is the new
 module: always use it (``model = normkit.convert(model)``).
+
+Nothing is replaced on trust: each replacement first runs beside the module it replaces on a
+small random input (:mod:`normkit._probe`) and is kept only if both agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from . import modules as nk
+from ._probe import Outcome, compare, probe_input, probe_shape, random_copy, tensor_home
 from .backends import get_backend
-from .modules.frozen import _swap
+from .modules._base import BackendMixin
 
-__all__ = ["convert", "fuse_conv_bn", "recalibrate_batch_norm", "register_adapter", "to_torch"]
+__all__ = [
+    "ConvertReport",
+    "Converted",
+    "Left",
+    "convert",
+    "fuse_conv_bn",
+    "recalibrate_batch_norm",
+    "register_adapter",
+    "to_torch",
+]
 
-# torch.nn class -> its normkit twin. A twin subclasses its torch class and adds only the plain
-# ``backend`` attribute, so converting is a class swap, as torch's own Lazy modules become their
-# non-lazy class (``cls_to_become``): the same Parameter and buffer objects, device, dtype,
-# requires_grad, training mode and hooks, with nothing copied.
-TWINS: dict[type[nn.Module], type[nn.Module]] = {
+# torch.nn class -> its normkit twin. A twin subclasses its torch class and adds only plain
+# attributes (BackendMixin.init_attributes), so converting is a class swap, as torch's own Lazy
+# modules become their non-lazy class (``cls_to_become``): the same Parameter and buffer
+# objects, device, dtype, requires_grad, training mode and hooks, with nothing copied.
+TWINS: dict[type[nn.Module], type[BackendMixin]] = {
     nn.BatchNorm1d: nk.BatchNorm1d,
     nn.BatchNorm2d: nk.BatchNorm2d,
     nn.BatchNorm3d: nk.BatchNorm3d,
+    nn.LazyBatchNorm1d: nk.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: nk.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: nk.LazyBatchNorm3d,
+    nn.SyncBatchNorm: nk.SyncBatchNorm,
     nn.InstanceNorm1d: nk.InstanceNorm1d,
     nn.InstanceNorm2d: nk.InstanceNorm2d,
     nn.InstanceNorm3d: nk.InstanceNorm3d,
+    nn.LazyInstanceNorm1d: nk.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d: nk.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d: nk.LazyInstanceNorm3d,
     nn.LayerNorm: nk.LayerNorm,
     nn.GroupNorm: nk.GroupNorm,
     nn.RMSNorm: nk.RMSNorm,
     nn.LocalResponseNorm: nk.LocalResponseNorm,
 }
-# normkit class -> torch.nn class, for to_torch. LayerNorm2d, RMSNorm2d, the Frozen, fused-add
-# and other normkit-only layers have no torch class with their forward: to_torch leaves them.
+# normkit twin -> torch.nn class, for to_torch.
 _TORCH_OF = {twin: cls for cls, twin in TWINS.items()}
+
+# normkit's activation names and the torch modules that compute them (GELU: the exact erf form).
+_ACT_MODULES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A module :func:`convert` replaced: its name in the model (``""``: the model itself), its
+    class and its replacement's, and how the replacement was checked."""
+
+    name: str
+    before: str
+    after: str
+    check: str
+
+
+@dataclass(frozen=True)
+class Left:
+    """A norm-like module :func:`convert` left in place, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did: ``converted`` and ``left`` (norm-like modules it kept: a
+    class name containing "norm", running statistics, or a ``weight`` with an ``eps``).
+    ``str(report)`` is a readable summary."""
+
+    converted: list[Converted] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} module(s), left {len(self.left)} norm-like module(s)"]
+        lines += [f"  {c.name or '(model)'}: {c.before} -> {c.after} ({c.check})" for c in self.converted]
+        lines += [f"  left {x.name or '(model)'} ({x.kind}): {x.reason}" for x in self.left]
+        return "\n".join(lines)
+
+
+# ---- adapters -------------------------------------------------------------------------------
 
 Adapter = Callable[[nn.Module], nn.Module]
 _ADAPTERS: list[tuple[Callable[[nn.Module], bool], Adapter]] = []
@@ -48,140 +116,484 @@ def register_adapter(match: type[nn.Module] | Callable[[nn.Module], bool], fn: A
     """Teach :func:`convert` a third-party norm class: for a module ``m`` that ``match``es (an
     exact class, ``type(m) is match``, or a predicate ``match(m) -> bool``), ``fn(m)`` returns
     the normkit module with the same semantics, sharing ``m``'s parameters. Adapters registered
-    later are tried first."""
+    later are tried first, and before the built-in ones; an adapter's module is kept only if it
+    passes the probe (see :func:`convert`)."""
     if isinstance(match, type):
         cls = match
         match = lambda m: type(m) is cls
     _ADAPTERS.insert(0, (match, fn))
 
 
-def _named(module_path: str, class_name: str) -> Callable[[nn.Module], bool]:
-    """Match a class by module path and name, so its package need not be installed."""
-    return lambda m: type(m).__name__ == class_name and type(m).__module__ == module_path
+class _Candidate(NamedTuple):
+    label: str
+    build: Adapter
 
 
-def _share(new: nn.Module, old: nn.Module, *names: str) -> nn.Module:
-    """``new`` with ``old``'s Parameter objects under ``names`` and ``old``'s training mode."""
+def _eps(m: nn.Module) -> tuple[bool, float | None]:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(m, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+    found = isinstance(m, nn.RMSNorm)  # torch's eps=None (machine epsilon)
+    return found, None
+
+
+def _tensor(m: nn.Module, name: str) -> Tensor | None:
+    value = getattr(m, name, None)
+    return value if isinstance(value, Tensor) else None
+
+
+def _share(new: nn.Module, old: nn.Module, names: Iterable[str]) -> nn.Module:
+    """``new`` holding ``old``'s tensors under ``names`` (Parameters as parameters, buffers as
+    buffers) and ``old``'s training mode."""
     for name in names:
-        setattr(new, name, getattr(old, name))
+        value = _tensor(old, name)
+        if name in new._parameters:
+            if value is not None and not isinstance(value, nn.Parameter):
+                raise TypeError(f"{name} is a buffer in {type(old).__name__}, a parameter in {type(new).__name__}")
+            setattr(new, name, value)
+        elif name in new._buffers and value is not None:
+            setattr(new, name, value)
     return new.train(old.training)
 
 
-def _like(p: torch.Tensor) -> dict[str, Any]:
-    return {"device": p.device, "dtype": p.dtype}
+def _like(m: nn.Module) -> dict[str, Any]:
+    device, dtype = tensor_home(m)
+    return {"device": device, "dtype": dtype}
 
 
-def _llama_rms_norm(m: nn.Module) -> nn.Module:
-    # weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype), statistics in float32.
-    new = nk.RMSNorm(m.weight.shape, m.variance_epsilon, cast="normalize_first", **_like(m.weight))
-    return _share(new, m, "weight")
+def _act_name(m: nn.Module) -> tuple[list[str | None], str | None]:
+    """The normkit activation names ``m``'s ``act`` (and ``drop``) submodules may compute
+    (timm's norm+act layers: norm, then ``drop``, then ``act``), or why there is none."""
+    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+    if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+        return [], f"its drop layer {type(drop).__name__} has no normkit equivalent"
+    if act is None or isinstance(act, nn.Identity):
+        return [None], None
+    if not isinstance(act, nn.Module):
+        return [], f"its act attribute is a {type(act).__name__}, not a module"
+    names = [name for name, cls in _ACT_MODULES.items() if type(act) is cls]
+    if not names or getattr(act, "approximate", "none") != "none":
+        return [], f"its activation {act!r} has no fused normkit equivalent"
+    return names, None
 
 
-def _t5_layer_norm(m: nn.Module) -> nn.Module:
-    # T5 rounds x_hat to the weight's dtype when that is fp16/bf16, then multiplies: exactly
-    # normalize_first when the weight and input dtypes agree (a float32 weight with bf16 input
-    # keeps x_hat in float32 in T5 and is rounded once more here).
-    new = nk.RMSNorm(m.weight.shape, m.variance_epsilon, cast="normalize_first", **_like(m.weight))
-    return _share(new, m, "weight")
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _channels_first_layer_norm(m: nn.Module) -> nn.Module:
-    """HF ConvNextLayerNorm / timm LayerNorm2d: nn.LayerNorm subclasses that permute around it."""
-    channels_first = getattr(m, "data_format", "channels_first") == "channels_first"
-    ref = m.weight if m.weight is not None else torch.empty(0)
-    if channels_first:
-        new = nk.LayerNorm2d(m.normalized_shape[0], m.eps, m.elementwise_affine, m.bias is not None, **_like(ref))
-    else:
-        new = nk.LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine, m.bias is not None, **_like(ref))
-    return _share(new, m, "weight", "bias")
+def _batch_norm_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
+    acts, reason = _act_name(m)
+    if reason is not None:
+        return [], reason
+    weight = _tensor(m, "weight")
+    channels = getattr(m, "num_features", None) or (len(m.running_mean) if _tensor(m, "running_mean") is not None
+                                                    else None)
+    found, eps = _eps(m)
+    if channels is None or not found:
+        return [], "it has running statistics but no num_features or eps"
+    if weight is not None and not isinstance(weight, nn.Parameter) and _tensor(m, "running_mean") is not None:
+        if acts != [None]:
+            return [], "normkit has no frozen BatchNorm with an activation"
+        frozen = [nk.FrozenBatchNorm2d, nk.FrozenBatchNorm1d, nk.FrozenBatchNorm3d]
+        return [_Candidate(cls.__name__, lambda m, cls=cls: _share(cls(channels, eps, **_like(m)), m, _BN_STATE))
+                for cls in frozen], None
+    momentum = getattr(m, "momentum", 0.1)
+    options = {"affine": weight is not None, "track_running_stats": _tensor(m, "running_mean") is not None}
+    bias = {"bias": _tensor(m, "bias") is not None} if weight is not None else {}
+
+    def make(cls: type[nn.Module], **extra: Any) -> Adapter:
+        return lambda m: _share(cls(channels, eps, momentum, **options, **bias, **extra, **_like(m)), m, _BN_STATE)
+
+    if acts != [None]:
+        return [_Candidate(f"BatchNormAct2d(act={a!r})", make(nk.BatchNormAct2d, act=a)) for a in acts], None
+    dims = [cls for base, cls in ((nn.BatchNorm1d, nk.BatchNorm1d), (nn.BatchNorm2d, nk.BatchNorm2d),
+                                  (nn.BatchNorm3d, nk.BatchNorm3d)) if isinstance(m, base)]
+    return [_Candidate(cls.__name__, make(cls)) for cls in dims or (nk.BatchNorm2d, nk.BatchNorm1d, nk.BatchNorm3d)], None
 
 
-register_adapter(_named("transformers.models.t5.modeling_t5", "T5LayerNorm"), _t5_layer_norm)
-register_adapter(_named("transformers.models.llama.modeling_llama", "LlamaRMSNorm"), _llama_rms_norm)
-register_adapter(_named("transformers.models.convnext.modeling_convnext", "ConvNextLayerNorm"),
-                 _channels_first_layer_norm)
-register_adapter(lambda m: type(m).__name__ == "LayerNorm2d" and type(m).__module__.startswith("timm."),
-                 _channels_first_layer_norm)
+def _group_norm_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
+    acts, reason = _act_name(m)
+    found, eps = _eps(m)
+    if reason is not None or not found:
+        return [], reason or "it has num_groups but no eps"
+    weight = _tensor(m, "weight")
+    channels = getattr(m, "num_channels", None) or (len(weight) if weight is not None else None)
+    if channels is None:
+        return [], "it has num_groups but no num_channels"
+    options = {"affine": weight is not None, "bias": _tensor(m, "bias") is not None or weight is None}
+
+    def make(cls: type[nn.Module], **extra: Any) -> Adapter:
+        return lambda m: _share(cls(m.num_groups, channels, eps, **options, **extra, **_like(m)), m, ("weight", "bias"))
+
+    if acts != [None]:
+        return [_Candidate(f"GroupNormAct(act={a!r})", make(nk.GroupNormAct, act=a)) for a in acts], None
+    return [_Candidate("GroupNorm", make(nk.GroupNorm))], None
 
 
-def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Replace, in place, every normalization layer of ``model`` by its normkit twin; returns it.
+def _row_norm_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
+    """LayerNorm and RMSNorm over the last axes or over the channels of (N, C, H, W)."""
+    acts, reason = _act_name(m)
+    found, eps = _eps(m)
+    if reason is not None or acts != [None]:
+        return [], reason or "its activation has no fused normkit row norm"
+    if not found:
+        return [], "it has no eps, variance_epsilon or epsilon attribute"
+    weight, bias = _tensor(m, "weight"), _tensor(m, "bias")
+    shape = getattr(m, "normalized_shape", None) or (tuple(weight.shape) if weight is not None else None)
+    if shape is None:
+        return [], "it has neither normalized_shape nor a weight"
+    shape = tuple(shape)
+    fmt = getattr(m, "data_format", None)
+    layer_norms = {"channels_first": ["2d"], "channels_last": ["last"]}.get(fmt, ["last", "2d"])
+    flat = len(shape) == 1
+    names = ("weight", "bias")
+    found_ln = [
+        _Candidate("LayerNorm" if where == "last" else "LayerNorm2d",
+                   lambda m, where=where: _share(
+                       (nk.LayerNorm(shape, eps, weight is not None, bias is not None, **_like(m)) if where == "last"
+                        else nk.LayerNorm2d(shape[0], eps, weight is not None, bias is not None, **_like(m))), m, names))
+        for where in layer_norms if where == "last" or flat
+    ]
+    if bias is not None or isinstance(m, nn.LayerNorm):
+        return found_ln, None
+    rms = [
+        _Candidate(f"RMSNorm(cast={cast!r}, weight_offset={offset})",
+                   lambda m, cast=cast, offset=offset: _share(
+                       nk.RMSNorm(shape, eps, weight is not None, cast=cast, weight_offset=offset, **_like(m)), m, names))
+        for cast in ("normalize_first", "weight_first") for offset in (0.0, 1.0)
+        if weight is not None or (cast, offset) == ("weight_first", 0.0)
+    ]
+    if flat and fmt != "channels_last":
+        rms.append(_Candidate("RMSNorm2d", lambda m: _share(nk.RMSNorm2d(shape[0], eps, weight is not None, **_like(m)),
+                                                            m, names)))
+    return rms + found_ln, None
 
-    - Exact torch.nn classes (``type(m) is nn.BatchNorm2d``, ...; see :data:`TWINS`) become
-      their twin by a class swap: the same Parameter and buffer objects, hooks, training mode.
-      Subclasses (they may have their own ``forward``) and SyncBatchNorm are left alone.
-    - Third-party classes with a registered adapter (:func:`register_adapter`; built in:
-      HF ``LlamaRMSNorm``, ``T5LayerNorm``, ``ConvNextLayerNorm``, timm ``LayerNorm2d``) are
-      replaced by the adapter's normkit module, sharing their parameters.
 
-    ``backend`` is set on every module converted (``None``: resolved at each call).
+def _structural_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
+    """The normkit modules that may compute what ``m`` computes, judged from its attributes
+    (the probe decides), or why there are none."""
+    if _tensor(m, "running_mean") is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return _batch_norm_candidates(m)
+    if isinstance(getattr(m, "num_groups", None), int):
+        return _group_norm_candidates(m)
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or _tensor(m, "weight") is not None or \
+            getattr(m, "normalized_shape", None) is not None:
+        return _row_norm_candidates(m)
+    return [], "no normkit module matches its attributes (no weight, normalized_shape or running statistics)"
+
+
+_NORM_MODULES = ("torch.nn.modules.normalization", "torch.nn.modules.batchnorm", "torch.nn.modules.instancenorm")
+
+
+def _norm_like(m: nn.Module) -> bool:
+    cls = type(m)
+    if cls.__module__ in ("torch.nn.utils.parametrizations", "torch.nn.utils.parametrize"):
+        return False  # weight/spectral norm reparametrize weights; they normalize no activations
+    if next(m.children(), None) is not None and not (m._parameters or m._buffers):
+        return False  # a block holding norms (timm's ConvNormAct, NormMlpClassifierHead): its children are seen
+    return ("norm" in cls.__name__.lower() or cls.__module__ in _NORM_MODULES
+            or _tensor(m, "running_mean") is not None
+            or (_tensor(m, "weight") is not None and _eps(m)[0]))
+
+
+# ---- convert --------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    module: nn.Module
+    name: str
+    new: nn.Module | None  # None: a class swap to ``twin``
+    twin: type[BackendMixin] | None
+    check: str
+
+
+def _check_text(outcome: Outcome) -> str:
+    return f"probe agrees to {outcome.error:.1g}"
+
+
+def _probe_swap(m: nn.Module, twin: type[BackendMixin], backend: str | None) -> str | Outcome:
+    """Check text for a class swap of ``m`` to ``twin``, or the failed probe's Outcome."""
+    device, dtype = tensor_home(m)
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin):  # it becomes its cls_to_become when first called
+        return "not probed: a Lazy module has no shape before its first call"
+    if device.type == "meta":
+        return "not probed: on the meta device"
+    if isinstance(m, nn.SyncBatchNorm) and m.training and dist.is_available() and dist.is_initialized():
+        return "not probed: a training SyncBatchNorm would run a collective"
+    shadow = twin.adopt(copy.copy(m), backend=backend)  # shares m's parameter and buffer dicts
+    x = probe_input(probe_shape(m), device, dtype)
+    outcome = compare(m.forward, shadow.forward, x, dict(m.named_parameters()), dict(m.named_buffers()))
+    return outcome if outcome.reason is not None else _check_text(outcome)
+
+
+def _try(m: nn.Module, build: Adapter, backend: str | None, gradients: bool = True) -> tuple[nn.Module | None, Outcome]:
+    try:
+        new = build(m)
+        if isinstance(new, BackendMixin):
+            new.backend = backend
+        x = probe_input(probe_shape(new), *tensor_home(m))
+    except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is refused
+        return None, Outcome(float("inf"), f"cannot build or probe it: {type(exc).__name__}: {exc}")
+    return new, compare(m.forward, new.forward, x, dict(m.named_parameters()), dict(m.named_buffers()),
+                        gradients=gradients)
+
+
+def _signature(m: nn.Module) -> tuple[Any, ...]:
+    """Modules with equal signatures compute the same function of their tensors: one choice
+    of replacement serves them all (a model repeats one norm per layer)."""
+    plain = tuple(sorted((k, v) for k, v in vars(m).items()
+                         if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, type(None)))))
+    tensors = tuple((n, tuple(t.shape), t.dtype, isinstance(t, nn.Parameter))
+                    for n, t in (*m.named_parameters(), *m.named_buffers()))
+    children = tuple((n, type(c), repr(c)) for n, c in m.named_children())
+    return type(m), plain, tensors, children
+
+
+def _choose(m: nn.Module, backend: str | None) -> tuple[_Candidate | None, str]:
+    """The replacement that agrees with ``m`` on probes, or None and why."""
+    user = [_Candidate(getattr(fn, "__name__", "adapter"), fn) for match, fn in _ADAPTERS if match(m)]
+    built_in, reason = _structural_candidates(m)
+    if not user and not built_in:
+        return None, reason or "no candidate"
+    # Choose on a copy with random parameters, in the model's dtype and in bfloat16: at the
+    # initial weights, or in float32, candidates that differ in a cast order or an offset agree.
+    sample = random_copy(m)
+    low = random_copy(m).to(torch.bfloat16) if tensor_home(sample)[1] != torch.bfloat16 else None
+    scored, refusals = [], []
+    for order, candidate in enumerate(user + built_in):
+        _, outcome = _try(sample, candidate.build, backend, gradients=False)
+        if outcome.reason is not None:
+            refusals.append(f"{candidate.label}: {outcome.reason}")
+            continue
+        tie = _try(low, candidate.build, backend, gradients=False)[1].error if low is not None else 0.0
+        # A user's adapter that agrees wins; among the built-in ones the closest does.
+        scored.append(((order if order < len(user) else len(user), tie, outcome.error, order), candidate))
+    if not scored:
+        return None, "no normkit module agrees with it on a probe; " + "; ".join(refusals)
+    return min(scored, key=lambda s: s[0])[1], ""
+
+
+def _adapt(m: nn.Module, backend: str | None, chosen: dict[Any, tuple[_Candidate | None, str]]
+           ) -> tuple[nn.Module | None, str]:
+    """The verified replacement of a third-party norm ``m`` and its check text, or None and why."""
+    try:
+        key: Any = _signature(m)
+        hash(key)
+    except TypeError:
+        key = id(m)
+    if key not in chosen:
+        chosen[key] = _choose(m, backend)
+    best, reason = chosen[key]
+    if best is None:
+        return None, reason
+    if tensor_home(m)[0].type == "meta":
+        new = best.build(m)
+        if isinstance(new, BackendMixin):
+            new.backend = backend
+        return new, "probed on a random copy on the CPU (the model is on the meta device)"
+    new, outcome = _try(m, best.build, backend)
+    if outcome.reason is not None or new is None:
+        return None, f"{best.label} agreed on random parameters but not on the module's own: {outcome.reason}"
+    return new, _check_text(outcome)
+
+
+def _plan(model: nn.Module, backend: str | None) -> tuple[list[_Plan], list[Left]]:
+    plans: list[_Plan] = []
+    left: list[Left] = []
+    seen: set[int] = set()
+    chosen: dict[Any, tuple[_Candidate | None, str]] = {}
+
+    def visit(name: str, m: nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        cls = type(m)
+        if not cls.__module__.startswith("normkit."):
+            twin = TWINS.get(cls)
+            if twin is not None:
+                check = _probe_swap(m, twin, backend)
+                if isinstance(check, Outcome):
+                    left.append(Left(name, cls.__name__, f"its normkit twin fails the probe: {check.reason}"))
+                else:
+                    plans.append(_Plan(m, name, None, twin, check))
+                return
+            if _norm_like(m) or any(match(m) for match, _ in _ADAPTERS):
+                new, text = _adapt(m, backend, chosen)
+                if new is None:
+                    left.append(Left(name, cls.__name__, text))
+                else:
+                    plans.append(_Plan(m, name, new, None, text))
+                    return  # its submodules (timm's act, drop) go with it
+        for child_name, child in m.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return plans, left
+
+
+def convert(model: nn.Module, backend: str | None = None, *, strict: bool = False,
+            report: ConvertReport | None = None) -> nn.Module:
+    """Replace, in place, every normalization layer of ``model`` by its normkit twin; returns
+    the model (``model = normkit.convert(model)``: a norm at the root is replaced too).
+
+    - Exact torch.nn classes (``type(m) is nn.BatchNorm2d``, ...; see :data:`TWINS`, Lazy and
+      SyncBatchNorm included) become their twin by a class swap
+      (:meth:`~normkit.modules._base.BackendMixin.adopt`): the same Parameter and buffer
+      objects, hooks, training mode.
+    - Any other norm-like module (a class name containing "norm", running statistics, or a
+      ``weight`` with an ``eps``) is matched by its structure: its attributes (``weight``,
+      ``bias``, ``eps``/``variance_epsilon``, ``normalized_shape``, ``data_format``,
+      ``num_groups``, running statistics, timm's ``act``/``drop`` submodules) name the normkit
+      modules that may compute the same thing (LayerNorm, LayerNorm2d, RMSNorm with each
+      ``cast`` and ``weight_offset``, RMSNorm2d, GroupNorm(Act), BatchNorm(Act), Frozen
+      BatchNorm), and the probe picks the one that agrees. This covers HF's per-model RMSNorm
+      copies (LLaMA, Mistral, Qwen2/3, T5; Gemma's ``1 + weight``), ConvNeXt(V2)'s LayerNorm,
+      timm's LayerNorm, LayerNorm2d, GroupNorm, GroupNormAct, BatchNormAct2d and torchvision's
+      FrozenBatchNorm2d, and torch.nn subclasses whose forward is their parent's. Adapters
+      from :func:`register_adapter` are tried first. The replacement shares the module's
+      Parameters.
+
+    Every replacement is verified before it sticks: it runs beside the module on a small random
+    input (output, input and parameter gradients, running-statistic updates, compared within a
+    few roundings of the dtype) and is dropped, the original kept, if they differ. Probes change
+    no buffer, gradient or random state and skip hooks. Not probed, and said so in the report:
+    class swaps of uninitialized Lazy modules and of modules on the meta device (structural
+    matches of those are still chosen on a random CPU copy).
+
+    ``backend`` is set on every module converted (``None``: resolved at each call); the probe
+    runs on it. ``report``: a :class:`ConvertReport` to fill with what was converted and every
+    norm-like module left, with the reason. ``strict=True`` raises ``RuntimeError``, changing
+    nothing, if any norm-like module would be left. Otherwise leftovers, when no ``report`` is
+    passed, give one ``UserWarning``: convert never skips a norm silently.
     """
     if backend is not None and backend != "auto":
         get_backend(backend)  # a misspelt name fails before anything changes
-    def make(m: nn.Module) -> nn.Module | None:
-        for match, fn in _ADAPTERS:
-            if match(m):
-                new = fn(m)
-                new.backend = backend
-                return new
-        return None
-
-    model = _swap(model, make)
-    for m in model.modules():
-        twin = TWINS.get(type(m))
-        if twin is not None:
-            m.__class__ = twin
-            m.backend = backend
-    return model
+    plans, left = _plan(model, backend)
+    if strict and left:
+        summary = ConvertReport([], left)
+        raise RuntimeError(f"convert(strict=True): {len(left)} norm-like module(s) have no verified normkit "
+                           f"replacement; the model is unchanged.\n{summary}")
+    if report is not None:
+        report.converted.extend(Converted(p.name, type(p.module).__name__, type(p.new).__name__ if p.new is not None
+                                          else p.twin.__name__, p.check) for p in plans)
+        report.left.extend(left)
+    elif left and not strict:
+        names = ", ".join(f"{x.name or '(model)'} ({x.kind})" for x in left[:5])
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        warnings.warn(f"normkit.convert left {len(left)} norm-like module(s) unconverted: {names}{more}. Pass "
+                      "report=normkit.ConvertReport() to see why, or strict=True to make this an error.",
+                      UserWarning, stacklevel=2)
+    replacements = {id(p.module): p.new for p in plans if p.new is not None}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            new = replacements.get(id(child))
+            if new is not None:
+                setattr(parent, child_name, new)
+    for p in plans:
+        if p.twin is not None:
+            p.twin.adopt(p.module, backend=backend)
+    return replacements.get(id(model), model)
 
 
 def to_torch(model: nn.Module) -> nn.Module:
-    """The reverse of :func:`convert` for normkit's torch twins: each becomes its exact torch.nn
-    class (same Parameter objects), in place; returns ``model``. Layers with no torch class of
-    the same forward (LayerNorm2d, RMSNorm2d, FrozenBatchNorm, fused-add norms, RMSNorm with
-    ``cast``/``weight_offset`` set, modules with ``stats_dtype``/``out_dtype`` set) stay normkit modules, and adapters are not undone."""
+    """The exact inverse of :func:`convert`'s class swaps: each normkit twin of a torch.nn class
+    becomes that class again (same Parameter objects, the attributes normkit added removed), in
+    place; returns ``model``. A twin whose options change its forward (RMSNorm ``cast`` or
+    ``weight_offset``, ``stats_dtype``/``out_dtype``) stays normkit, as do layers with no torch
+    class of the same forward (LayerNorm2d, RMSNorm2d, FrozenBatchNorm, norm+act, fused-add),
+    and adapters' replacements are not undone."""
     for m in model.modules():
         cls = _TORCH_OF.get(type(m))
         if cls is None:
             continue
-        if isinstance(m, nk.RMSNorm) and (m.cast != "weight_first" or m.weight_offset):
-            continue
-        if m.stats_dtype is not None or m.out_dtype is not None:  # torch has no precision controls
+        attributes = type(m).init_attributes()
+        # A twin's __init__ defaults are torch's forward; ``backend`` only picks where it runs.
+        if any(getattr(m, name) != default for name, default in attributes.items() if name != "backend"):
             continue
         m.__class__ = cls
-        for extra in ("backend", "stats_dtype", "out_dtype", "cast", "weight_offset"):
-            m.__dict__.pop(extra, None)
+        for name in attributes:
+            m.__dict__.pop(name, None)
     return model
 
 
+# ---- fuse_conv_bn ---------------------------------------------------------------------------
+
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Classes whose eval-mode forward is exactly BatchNorm with the running statistics: folded into
+# Identity without a doubt. Any other BatchNorm subclass is folded only as its probe allows.
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                      nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d, nk.SyncBatchNorm)
+
+
+def _after_fold(bn: nn.Module) -> nn.Module:
+    """What is left of ``bn`` once its affine is folded away: its activation (normkit's
+    ``act=`` name, or timm's ``drop`` and ``act`` submodules, applied in that order)."""
+    if type(bn) in _PLAIN_BATCH_NORMS:
+        return nn.Identity()
+    act = getattr(bn, "act", None)
+    if isinstance(act, str):
+        return _ACT_MODULES[act]()
+    rest = [m for m in (getattr(bn, "drop", None), act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    return rest[0] if len(rest) == 1 else nn.Sequential(*rest) if rest else nn.Identity()
+
+
+def _layer_input(layer: nn.Module) -> tuple[int, ...]:
+    if isinstance(layer, nn.Linear):
+        return (3, layer.in_features)
+    spatial = (d * (k - 1) + 3 for d, k in zip(layer.dilation, layer.kernel_size, strict=True))
+    return (2, layer.in_channels, *spatial)
+
+
+def _check_fold(name: str, layer: nn.Module, bn: nn.Module, post: nn.Module) -> None:
+    """Raise unless ``post(folded layer)`` computes ``bn(layer)``, on a random float64 copy."""
+    pair = random_copy(nn.ModuleList([layer, bn])).double().eval()
+    folded = copy.deepcopy(pair[0])
+    with torch.no_grad():
+        _fold(folded, pair[1])
+    if isinstance(pair[1], BackendMixin):
+        pair[1].backend = None
+    tail = _after_fold(pair[1]).double()
+    x = probe_input(_layer_input(layer), torch.device("cpu"), torch.float64)
+    outcome = compare(lambda x: pair[1].forward(pair[0].forward(x)), lambda x: tail.forward(folded.forward(x)), x,
+                      {}, {})
+    if outcome.reason is not None:
+        raise RuntimeError(
+            f"fuse_conv_bn cannot fold {name} ({type(bn).__name__}): its forward is not BatchNorm followed by "
+            f"{post!r} ({outcome.reason}); the model is unchanged. Fold it by hand, or convert it "
+            "(normkit.convert) or replace it by a plain BatchNorm first"
+        )
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
     """Fold each eval-mode BatchNorm into the Conv1d/2d/3d or Linear just before it, in place.
 
-    Wherever a BatchNorm1d/2d/3d directly follows such a layer among its parent's
-    ``named_children`` (a Sequential-like chain), the layer's weight and bias absorb it::
+    Wherever a BatchNorm1d/2d/3d (any subclass) directly follows such a layer among its
+    parent's ``named_children`` (a Sequential-like chain), the layer's weight and bias absorb it::
 
         s = bn.weight / sqrt(running_var + eps);   W <- W * s;   b <- (b - running_mean) * s + bn.bias
 
-    and the BatchNorm becomes ``nn.Identity()``. Computed in float64, stored in the layer's
+    and the BatchNorm is replaced by what its forward applies after the normalization:
+    ``nn.Identity()`` for a plain BatchNorm, the activation of a norm+act layer (normkit's
+    ``BatchNormAct2d(act="silu")`` becomes ``nn.SiLU()``; timm's ``BatchNormAct2d`` becomes its
+    own ``act`` module, after its ``drop`` if that is not Identity). Every fold except those of
+    plain BatchNorm classes is first checked on a random float64 copy of the pair; a BatchNorm
+    subclass whose forward is something else raises. Computed in float64, stored in the layer's
     dtype. Only children order is read, not the forward: a model whose forward uses its
     children out of order (or the conv's output elsewhere too) must not be fused.
 
-    Raises ``RuntimeError``, changing nothing, if a BatchNorm to fold is in training mode or
-    has no running statistics.
+    Raises ``RuntimeError``, changing nothing, if a BatchNorm to fold is in training mode, has
+    no running statistics, or is a subclass whose forward the fold would not keep.
     """
     pairs = []
     for parent in model.modules():
         children = list(parent.named_children())
         for (_, layer), (name, bn) in zip(children, children[1:], strict=False):
-            if isinstance(layer, _FOLDABLE) and isinstance(bn, _BATCH_NORMS):
+            if isinstance(layer, _FOLDABLE) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
                 if out == bn.num_features:
                     pairs.append((parent, layer, name, bn))
-    for _, _, name, bn in pairs:
+    posts = []
+    for _, layer, name, bn in pairs:
         if bn.training:
             raise RuntimeError(
                 f"fuse_conv_bn folds running statistics, but {name} ({type(bn).__name__}) is in training "
@@ -189,10 +601,14 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
             )
         if bn.running_mean is None:
             raise RuntimeError(f"fuse_conv_bn: {name} has track_running_stats=False, so nothing to fold")
+        post = _after_fold(bn)
+        if type(bn) not in _PLAIN_BATCH_NORMS:
+            _check_fold(name, layer, bn, post)
+        posts.append(post)
     with torch.no_grad():
-        for parent, layer, name, bn in pairs:
+        for (parent, layer, name, bn), post in zip(pairs, posts, strict=True):
             _fold(layer, bn)
-            setattr(parent, name, nn.Identity())
+            setattr(parent, name, post)
     return model
 
 
@@ -212,6 +628,9 @@ def _fold(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
     else:
         layer.bias.copy_(new_bias)
+
+
+# ---- recalibrate_batch_norm -----------------------------------------------------------------
 
 
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
@@ -260,6 +679,6 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any]) -> nn.Modul
 _EMPTY = object()
 
 
-def _chain(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
+def _chain(first: Any, rest: Iterable[Any]) -> Iterator[Any]:
     yield first
     yield from rest

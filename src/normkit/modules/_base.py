@@ -3,14 +3,27 @@ precision controls."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..backends import get_backend
 from ._tracing import refuse_scripting
 
 _STATS_DTYPES = (torch.float32, torch.float64)
+
+# The default of an attribute that __init__ requires (no default): adopt() must be given it.
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+
+def _check_options(backend: str | None, stats_dtype: torch.dtype | None, out_dtype: torch.dtype | None) -> None:
+    if backend is not None and backend != "auto":
+        get_backend(backend)  # a misspelt name fails at construction, not at the first call
+    if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype (or None); got {out_dtype}")
 
 
 class BackendMixin:
@@ -22,20 +35,61 @@ class BackendMixin:
     normkit.
     """
 
-    # Class-level defaults, for modules that become normkit ones by a class swap (Lazy modules,
-    # normkit.convert) without running __init__.
+    # Class-level fallbacks for an instance made by a bare ``__class__`` assignment; adopt()
+    # (normkit.convert) sets them, and every other init attribute, on the instance.
     backend: str | None = None
     stats_dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
 
+    # Every attribute __init__ sets beyond the torch.nn class, with __init__'s default. A subclass
+    # that adds one declares its own dict (only its additions; init_attributes() merges the
+    # MRO), so a class swap sets exactly what __init__ would: a swapped module never lacks an
+    # attribute its forward reads (normkit.convert of torch.nn.RMSNorm once lacked ``cast``).
+    _init_attributes: ClassVar[dict[str, Any]] = {"backend": None, "stats_dtype": None, "out_dtype": None}
+
+    @classmethod
+    def init_attributes(cls) -> dict[str, Any]:
+        """The attributes ``cls.__init__`` sets beyond its torch.nn base class, with their
+        defaults (:data:`REQUIRED` where ``__init__`` has none)."""
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("_init_attributes", {}))
+        return merged
+
+    @classmethod
+    def torch_base(cls) -> type[nn.Module]:
+        """The torch.nn class this normkit class extends (``nn.Module`` for normkit-only ones)."""
+        return next(k for k in cls.__mro__ if k.__module__.startswith("torch.") and issubclass(k, nn.Module))
+
+    @classmethod
+    def adopt(cls, module: nn.Module, **attributes: Any) -> nn.Module:
+        """Turn ``module``, an instance of :meth:`torch_base`, into an instance of ``cls`` in
+        place, as torch turns a Lazy module into its ``cls_to_become``: the same Parameter and
+        buffer objects, hooks and training mode, with nothing copied. Sets every attribute
+        ``cls.__init__`` would set (:meth:`init_attributes`), from ``attributes`` or the
+        defaults; returns ``module``. Raises ``TypeError``, changing nothing, for an unknown or
+        a missing required attribute or a module of another class, and ``__init__``'s
+        ``ValueError`` for a bad ``backend``/``stats_dtype``/``out_dtype``."""
+        defaults = cls.init_attributes()
+        unknown = sorted(set(attributes) - set(defaults))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.adopt() got unknown attributes {unknown}; it sets {sorted(defaults)}")
+        values = {**defaults, **attributes}
+        missing = sorted(name for name, value in values.items() if value is REQUIRED)
+        if missing:
+            raise TypeError(f"{cls.__name__}.adopt() needs {missing} (its __init__ has no default for them)")
+        base = cls.torch_base()
+        if base is nn.Module or not isinstance(module, base):
+            raise TypeError(f"{cls.__name__}.adopt() takes a {base.__name__}; got {type(module).__name__}")
+        _check_options(values["backend"], values["stats_dtype"], values["out_dtype"])
+        module.__class__ = cls
+        for name, value in values.items():
+            setattr(module, name, value)
+        return module
+
     def _init_backend(self, backend: str | None, stats_dtype: torch.dtype | None = None,
                       out_dtype: torch.dtype | None = None) -> None:
-        if backend is not None and backend != "auto":
-            get_backend(backend)  # a misspelt name fails at construction, not at the first call
-        if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
-            raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype}")
-        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-            raise ValueError(f"out_dtype must be a floating-point torch.dtype (or None); got {out_dtype}")
+        _check_options(backend, stats_dtype, out_dtype)
         self.backend, self.stats_dtype, self.out_dtype = backend, stats_dtype, out_dtype
 
     # torch.jit.script calls this on every submodule first: a clear error instead of

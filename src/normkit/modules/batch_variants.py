@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import functional as NF
 from ..reference import acc_dtype
 from ._tracing import module_leaf
+from ._base import REQUIRED
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
 
 __all__ = [
@@ -74,6 +75,7 @@ class _GhostBatchNorm:
     """
 
     virtual_batch_size: int
+    _init_attributes = {"virtual_batch_size": REQUIRED}  # see BackendMixin.adopt
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"  # type: ignore[misc]
@@ -173,6 +175,7 @@ class _BatchRenorm:
     r_max: float
     d_max: float
     warmup_steps: int
+    _init_attributes = {"r_max": 3.0, "d_max": 5.0, "warmup_steps": 0}  # see BackendMixin.adopt
 
     def renorm_limits(self) -> tuple[Tensor, Tensor]:
         """The ``(r_max, d_max)`` in force now (after warm-up: the constructor's), as tensors."""

@@ -28,6 +28,8 @@ class BatchNormAct2d(BatchNorm2d):
     applied to the norm's output in its dtype.
     """
 
+    _init_attributes = {"act": "relu"}  # see BackendMixin.adopt
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  act: str | None = "relu", backend: str | None = None,
@@ -51,6 +53,8 @@ class GroupNormAct(GroupNorm):
     ``"relu"``, ``"gelu"`` or ``None``; default ``"silu"``) and ``backend``. ``state_dict``:
     GroupNorm's. One pass on the triton backend, as :class:`BatchNormAct2d`.
     """
+
+    _init_attributes = {"act": "silu"}  # see BackendMixin.adopt
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
                  dtype=None, *, bias: bool = True, act: str | None = "silu", backend: str | None = None,

@@ -56,6 +56,8 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
     - ``backend``.
     """
 
+    _init_attributes = {"cast": "weight_first", "weight_offset": 0.0}  # see BackendMixin.adopt
+
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
                  backend: str | None = None,
@@ -76,6 +78,10 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
     def _scale(self) -> Tensor | None:
         if self.weight is None or not self.weight_offset:
             return self.weight
+        if self.cast == "weight_first" and self.weight.dtype in (torch.float16, torch.bfloat16):
+            # In float32, as Gemma's ``1 + weight.float()``: in bf16, 1 + w rounds a small w
+            # to a multiple of 2^-7. The product x_hat * scale is still rounded once.
+            return self.weight.float() + self.weight_offset
         return self.weight + self.weight_offset
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,6 +170,8 @@ class FusedAddLayerNorm(LayerNorm):
     stores the residual stream at another precision (e.g. ``torch.float32``).
     """
 
+    _init_attributes = {"residual_dtype": None}  # see BackendMixin.adopt
+
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
                  residual_dtype: torch.dtype | None = None, backend: str | None = None,
@@ -178,6 +186,8 @@ class FusedAddLayerNorm(LayerNorm):
 
 class FusedAddRMSNorm(RMSNorm):
     """:class:`FusedAddLayerNorm` with RMS normalization; same ``state_dict`` as :class:`RMSNorm`."""
+
+    _init_attributes = {"residual_dtype": None}  # see BackendMixin.adopt
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,

@@ -1,0 +1,219 @@
+"""Probes for model surgery: before :func:`normkit.convert` or :func:`normkit.fuse_conv_bn`
+replaces a module, both the module and its replacement run on one small random input and must
+agree (output, input and parameter gradients for a random upstream gradient, and the buffers
+the call updates). A wrong adapter then leaves the model as it was instead of changing it.
+
+A probe changes nothing: buffers (running statistics, counters) are restored in place after
+each run, the random number generator is forked (dropout draws the same mask in both runs and
+the caller's stream is restored), gradients come from ``torch.autograd.grad`` (no ``.grad`` is
+written), and forwards are called without the modules' hooks (``module.forward``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TOLERANCE", "Outcome", "compare", "probe_input", "random_copy", "tensor_home"]
+
+# Largest accepted difference, relative to the largest magnitude of the tensor compared.
+# Replacements compute the same formula in another order, so they differ by a few roundings of
+# the output dtype; a wrong replacement (a dropped activation, a missing 1 + weight, another
+# axis) differs by O(1). float32 allows reductions in another order over a few thousand terms.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+class Outcome(NamedTuple):
+    """``error``: the largest relative difference found (``inf`` when they disagree in kind);
+    ``reason``: why the replacement was refused, ``None`` when it agrees within tolerance."""
+
+    error: float
+    reason: str | None
+
+
+def tensor_home(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of ``module``'s first floating parameter or buffer (the
+    default dtype on the CPU for a module without any)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device, torch.get_default_dtype()
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _spatial(channels: int, dims: int) -> tuple[int, ...]:
+    # Small, and never equal to the channel count, so an input laid out the wrong way round
+    # (channels-last for a channels-first norm) fails instead of passing by coincidence.
+    sizes = (3, 2, 2) if channels not in (2, 3) else (5, 4, 4)
+    return sizes[:dims]
+
+
+def probe_shape(module: nn.Module) -> tuple[int, ...]:
+    """A small input shape that ``module`` (a normkit module, or a torch.nn norm) accepts."""
+    from .modules import LayerNorm2d, RMSNorm2d
+    from .modules.frozen import _FrozenBatchNorm
+
+    if isinstance(module, (LayerNorm2d, RMSNorm2d)):
+        channels = module.normalized_shape[0]
+        return (2, channels, *_spatial(channels, 2))
+    if isinstance(module, nn.LocalResponseNorm):
+        return (2, 5, 3, 3)
+    if isinstance(module, nn.GroupNorm):
+        return (2, module.num_channels, 5)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return (2, 3, *module.normalized_shape)
+    channels = module.num_features
+    if isinstance(module, _FrozenBatchNorm):
+        dims = max(module._dims) - 2
+    elif isinstance(module, (nn.BatchNorm1d, nn.InstanceNorm1d)):
+        return (4, channels, 3)  # N * L > 1 values per channel, as training-mode BatchNorm needs
+    elif isinstance(module, (nn.BatchNorm3d, nn.InstanceNorm3d)):
+        dims = 3
+    else:  # 2d, SyncBatchNorm
+        dims = 2
+    return (2, channels, *_spatial(channels, dims))
+
+
+def probe_input(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int = 0) -> Tensor:
+    """Random input with a non-zero mean (a norm that fails to centre shows it)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(device=device, dtype=dtype)
+
+
+def random_copy(module: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of ``module`` with random floating parameters and buffers (variances in
+    [0.5, 1.5)), on the CPU if ``module`` is on the meta device. Probing the copy tells
+    replacements apart that agree only at the initial weights (LLaMA's and torch's cast orders
+    at weight 1, an offset of 1 at weight 0)."""
+    twin = copy.deepcopy(module)
+    if any(t.is_meta for t in (*twin.parameters(), *twin.buffers())):
+        twin = twin.to_empty(device="cpu")
+        for t in twin.buffers():
+            if not t.is_floating_point():
+                t.zero_()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in (*twin.named_parameters(), *twin.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.rsplit(".", 1)[-1] == "running_var":
+                fresh = torch.rand(t.shape, generator=gen) + 0.5
+            else:
+                fresh = torch.randn(t.shape, generator=gen) * 0.5 + 0.5
+            t.copy_(fresh)
+    return twin
+
+
+class _Run(NamedTuple):
+    out: Tensor
+    grads: list[Tensor | None]
+    buffers: list[Tensor]
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _run(forward: Callable[[Tensor], Tensor], x: Tensor, params: list[Tensor], buffers: list[Tensor],
+         seed: int, gradients: bool) -> _Run:
+    before = [b.detach().clone() for b in buffers]
+    try:
+        with torch.enable_grad():
+            grad_mode = gradients and not torch.is_inference_mode_enabled()
+            xi = x.detach().clone().requires_grad_(grad_mode)
+            out = forward(xi)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"returned a {type(out).__name__}, not a Tensor")
+            wrt = [xi, *(p for p in params if p.requires_grad)]
+            if grad_mode and out.requires_grad and out.is_floating_point():
+                gen = torch.Generator().manual_seed(seed + 1)
+                dy = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+                grads = list(torch.autograd.grad(out, wrt, dy, allow_unused=True))
+            else:
+                grads = [None] * len(wrt)
+            after = [b.detach().clone() for b in buffers]
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(buffers, before, strict=True):
+                b.copy_(saved)
+    return _Run(out.detach(), grads, after)
+
+
+def _difference(expected: Tensor | None, actual: Tensor | None, what: str) -> Outcome:
+    if expected is None or actual is None:
+        if expected is None and actual is None:
+            return Outcome(0.0, None)
+        missing = "the original" if expected is None else "the replacement"
+        return Outcome(float("inf"), f"{what}: {missing} gives none")
+    if expected.shape != actual.shape or expected.dtype != actual.dtype:
+        return Outcome(float("inf"), f"{what}: {list(actual.shape)} {actual.dtype} where the original gives "
+                                     f"{list(expected.shape)} {expected.dtype}")
+    if not expected.is_floating_point():
+        same = torch.equal(expected, actual)
+        return Outcome(0.0 if same else float("inf"), None if same else f"{what} differs")
+    e, a = expected.double(), actual.double()
+    if not torch.equal(e.isnan(), a.isnan()):
+        return Outcome(float("inf"), f"{what}: NaN where the original has none, or the reverse")
+    finite = e.isfinite() & a.isfinite()
+    if not torch.equal(e[~finite], a[~finite]):
+        return Outcome(float("inf"), f"{what}: infinities differ")
+    e, a = e[finite], a[finite]
+    if e.numel() == 0:
+        return Outcome(0.0, None)
+    scale = e.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    error = ((e - a).abs().max() / scale).item()
+    tol = TOLERANCE.get(expected.dtype, 1e-5)
+    if error > tol:
+        return Outcome(error, f"{what} differs by {error:.3g} of its largest magnitude (tolerance {tol:g})")
+    return Outcome(error, None)
+
+
+def compare(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor], Tensor], x: Tensor,
+            params: dict[str, Tensor], buffers: dict[str, Tensor], seed: int = 0, *,
+            gradients: bool = True) -> Outcome:
+    """Run both forwards on ``x`` and compare the outputs, the gradients of the input and of
+    ``params`` (which both must use) for one random upstream gradient (``gradients=False``:
+    not), and the values the calls leave in ``buffers`` (restored afterwards). Both runs start
+    from the caller's random state (dropout draws the same mask), which is restored after. An
+    exception of the original or of the replacement is a refusal with its message."""
+    names, tensors = list(params), list(params.values())
+    buffer_names, buffer_list = list(buffers), list(buffers.values())
+    state = _rng_state(x.device)
+    try:
+        try:
+            ref = _run(original, x, tensors, buffer_list, seed, gradients)
+        except Exception as exc:  # noqa: BLE001 - any failure means the probe cannot vouch for it
+            return Outcome(float("inf"), f"the original fails on a probe input of shape {list(x.shape)}: "
+                                         f"{type(exc).__name__}: {exc}")
+        _set_rng_state(x.device, state)
+        try:
+            new = _run(replacement, x, tensors, buffer_list, seed, gradients)
+        except Exception as exc:  # noqa: BLE001
+            return Outcome(float("inf"), f"the replacement fails on a probe input of shape {list(x.shape)}: "
+                                         f"{type(exc).__name__}: {exc}")
+    finally:
+        _set_rng_state(x.device, state)
+    worst = _difference(ref.out, new.out, "output")
+    if worst.reason is not None:
+        return worst
+    labels = ["input gradient", *(f"gradient of {n}" for n, t in zip(names, tensors, strict=True) if t.requires_grad)]
+    pairs = [*zip(ref.grads, new.grads, labels, strict=True),
+             *zip(ref.buffers, new.buffers, [f"{n} after the call" for n in buffer_names], strict=True)]
+    for expected, actual, what in pairs:
+        outcome = _difference(expected, actual, what)
+        if outcome.reason is not None:
+            return outcome
+        worst = max(worst, outcome, key=lambda o: o.error)
+    return worst
