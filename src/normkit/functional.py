@@ -254,7 +254,23 @@ def local_response_norm(
     See :class:`torch.nn.LocalResponseNorm`."""
     _checks.check_local_response_norm(input, size, alpha, beta, k)
     args = (input, int(size), alpha, beta, k)
+    if out_dtype is None:
+        out_dtype = _lrn_dtype_under_autocast(input)
     return _dispatch("local_response_norm", args, backend, stats_dtype, out_dtype)
+
+
+def _lrn_dtype_under_autocast(input: Tensor) -> torch.dtype | None:
+    """The dtype torch's local_response_norm gives ``input`` under the autocast in force, where
+    it is not the input's (else None). CPU autocast runs avg_pool3d, which it uses for 4-D+
+    input, in float32, so a bf16/fp16 input gives a float32 result. Asked of torch itself, on a
+    one-element input of the same rank, so it follows torch's autocast policy on any device;
+    every backend then computes in that dtype (the input widened exactly) and rounds once."""
+    if not input.is_floating_point() or input.device.type == "meta":
+        return None
+    if not torch.is_autocast_enabled(input.device.type):
+        return None
+    dtype = F.local_response_norm(input.new_zeros((1,) * input.dim()), 1).dtype
+    return None if dtype == input.dtype else dtype
 
 
 def normalize(

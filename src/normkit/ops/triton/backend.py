@@ -6,11 +6,17 @@ first looks the backend up (``normkit.backends.register_lazy_backend("triton", r
 * Available: Triton imports and there is a CUDA device, or ``TRITON_INTERPRET=1`` (Triton's
   CPU interpreter: exact but slow, for tests).
 * Unsupported (with the reason): tensors on a device Triton cannot run on (a CPU tensor
-  without the interpreter), dtypes other than float32/bfloat16/float16 (so no float64), an
-  empty input for the row norms (batch_norm takes it, as ATen: an empty output and no update),
-  ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job). ``momentum``
-  is always a float here: normkit.functional rejects None as torch does, and the modules turn
-  ``momentum=None`` into the cumulative-average factor.
+  without the interpreter), dtypes other than float32/bfloat16/float16 (so no float64 input
+  and no ``stats_dtype=torch.float64``: the kernels accumulate in float32), an empty input for
+  the row norms (batch_norm takes it, as ATen: an empty output and no update),
+  ``instance_norm(use_input_stats=False)`` (a per-channel affine: ATen's job), and
+  ``local_response_norm`` (no kernel). ``momentum`` is always a float here: normkit.functional
+  rejects None as torch does, and the modules turn ``momentum=None`` into the
+  cumulative-average factor. :func:`declared_ops` gives these checks without importing Triton,
+  so ``normkit.support_matrix()`` shows what the kernels take on any machine.
+* ``normalize`` (LayerNorm2d, RMSNorm2d and any other dims) moves the normalized dims last
+  (a view), runs the layer_norm / rms_norm kernels (which copy only a layout whose rows are not
+  evenly strided) and moves them back.
 * Preferred by ``"auto"``: only CUDA tensors, and only the ops listed in
   :data:`MEASURED_FASTER`, those that ``benchmarks/bench_norms.py`` has shown beating ATen (and
   ``torch.compile``) on a GPU, with the result committed under ``benchmarks/results/``. Until
@@ -28,7 +34,7 @@ from torch import Tensor
 
 from normkit.backends import Backend, OpImpl, register_backend
 
-__all__ = ["DTYPES", "MEASURED_FASTER", "is_available", "register"]
+__all__ = ["DTYPES", "MEASURED_FASTER", "declared_ops", "is_available", "normalize", "register"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,6 +61,9 @@ def _tensors_unsupported(x: Tensor, *others: Tensor | None, empty_ok: bool = Fal
         return f"Triton kernels run on CUDA tensors; got a {x.device.type} tensor"
     for t in (x, *others):
         if t is not None and t.dtype not in DTYPES:
+            if t.dtype == torch.float64:
+                return ("float64 is not supported (the kernels accumulate in float32): for float64 input or "
+                        "stats_dtype=torch.float64 use backend='torch' or 'reference'")
             return f"dtype {t.dtype} is not supported; expected one of float32, bfloat16, float16"
     if x.numel() == 0 and not empty_ok:
         return "empty input: nothing for a kernel to do"
@@ -86,6 +95,32 @@ def _batch_norm_unsupported(input, running_mean, running_var, weight=None, bias=
     return _tensors_unsupported(input, running_mean, running_var, weight, bias, empty_ok=True)
 
 
+def _normalize_unsupported(input, dims, weight=None, bias=None, eps=1e-5, center=True):
+    # Any dims: moved last, they are the trailing rows the layer_norm / rms_norm kernels take.
+    return _tensors_unsupported(input, weight, bias)
+
+
+def normalize(input: Tensor, dims: tuple[int, ...], weight: Tensor | None = None,
+              bias: Tensor | None = None, eps: float = 1e-5, center: bool = True) -> Tensor:
+    """``normkit.functional.normalize`` on the row kernels: ``dims`` moved last (a view; a
+    channels_last input's channels are then already unit-stride rows, read in place), the
+    layer_norm (``center``) or rms_norm kernel over them, moved back. RMS with a bias adds it
+    afterwards, as the torch backend does."""
+    from normkit.ops.triton import row_norm
+
+    k = len(dims)
+    last = tuple(range(input.dim() - k, input.dim()))
+    moved = input.movedim(dims, last)
+    shape = tuple(moved.shape[-k:])
+    if center:
+        y = row_norm.layer_norm(moved, shape, weight, bias, eps)
+    else:
+        y = row_norm.rms_norm(moved, shape, weight, eps)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.movedim(last, dims)
+
+
 def _add_norm_unsupported(x, residual, normalized_shape, weight=None, bias=None, eps=None,
                           residual_dtype=None):
     if residual is not None and residual.shape != x.shape:
@@ -114,6 +149,27 @@ def _preferred(op: str):
     return preferred
 
 
+# op -> (where its function lives, the check of what it cannot run). No Triton import here.
+_OPS: dict[str, tuple[str, object]] = {
+    "layer_norm": ("row_norm", _layer_norm_unsupported),
+    "rms_norm": ("row_norm", _rms_norm_unsupported),
+    "add_layer_norm": ("row_norm", _add_norm_unsupported),
+    "add_rms_norm": ("row_norm", _add_rms_norm_unsupported),
+    "group_norm": ("row_norm", _group_norm_unsupported),
+    "instance_norm": ("row_norm", _instance_norm_unsupported),
+    "batch_norm": ("batch_norm", _batch_norm_unsupported),
+    "batch_norm_act": ("batch_norm", _batch_norm_unsupported),
+    "group_norm_act": ("row_norm", _group_norm_unsupported),
+    "normalize": ("backend", _normalize_unsupported),
+}
+
+
+def declared_ops() -> dict[str, object]:
+    """``{op: unsupported check}`` of the triton backend, importable without Triton (for
+    :func:`normkit.support_matrix`). The checks are the registered backend's own."""
+    return {op: check for op, (_, check) in _OPS.items()}
+
+
 def register() -> None:
     """Build the ``"triton"`` backend and add it to :mod:`normkit.backends`."""
     if not _TRITON_INSTALLED:
@@ -122,16 +178,10 @@ def register() -> None:
         return
     from normkit.ops.triton import batch_norm, row_norm
 
-    ops = {
-        "layer_norm": OpImpl(row_norm.layer_norm, _layer_norm_unsupported, _preferred("layer_norm")),
-        "rms_norm": OpImpl(row_norm.rms_norm, _rms_norm_unsupported, _preferred("rms_norm")),
-        "add_layer_norm": OpImpl(row_norm.add_layer_norm, _add_norm_unsupported, _preferred("add_layer_norm")),
-        "add_rms_norm": OpImpl(row_norm.add_rms_norm, _add_rms_norm_unsupported, _preferred("add_rms_norm")),
-        "group_norm": OpImpl(row_norm.group_norm, _group_norm_unsupported, _preferred("group_norm")),
-        "instance_norm": OpImpl(row_norm.instance_norm, _instance_norm_unsupported, _preferred("instance_norm")),
-        "batch_norm": OpImpl(batch_norm.batch_norm, _batch_norm_unsupported, _preferred("batch_norm")),
-        "batch_norm_act": OpImpl(batch_norm.batch_norm_act, _batch_norm_unsupported, _preferred("batch_norm_act")),
-        "group_norm_act": OpImpl(row_norm.group_norm_act, _group_norm_unsupported, _preferred("group_norm_act")),
-    }
+    homes = {"row_norm": row_norm, "batch_norm": batch_norm, "backend": globals()}
+    ops = {}
+    for op, (home, check) in _OPS.items():
+        fn = homes[home][op] if home == "backend" else getattr(homes[home], op)
+        ops[op] = OpImpl(fn, check, _preferred(op))  # type: ignore[arg-type]
     register_backend(Backend("triton", ops=ops, is_available=is_available,
                              description="Triton row-norm and batch-norm kernels (normkit.ops.triton)"))
