@@ -205,3 +205,11 @@ def test_timm_and_torchvision_shaped_layers_convert_by_structure(case: tuple) ->
             torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
         for name in ba:  # normkit's frozen norm adds num_batches_tracked, never incremented
             torch.testing.assert_close(bb[name], ba[name], rtol=1e-5, atol=1e-6)
+
+
+def test_convert_replaces_an_adapted_module_at_the_root() -> None:
+    original = _random_state_(TimmLayerNorm2d(6), 5)
+    converted = normkit.convert(copy.deepcopy(original), strict=True)
+    assert type(converted) is normkit.LayerNorm2d
+    x = make_input((2, 6, 3, 2), torch.float32, 5)
+    torch.testing.assert_close(converted(x), original(x))

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from .. import functional as NF
 from ..reference import acc_dtype
-from ._tracing import module_leaf
 from ._base import REQUIRED
+from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
 
 __all__ = [
