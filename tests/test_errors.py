@@ -855,3 +855,43 @@ def test_running_statistics_that_require_grad_are_fine_outside_autograd(backend:
     torch.testing.assert_close(actual, expected)
     for a, e in zip(stats["nk"], stats["torch"], strict=True):
         torch.testing.assert_close(a, e)
+
+
+# ---- Lazy modules: a failed first call materializes nothing -----------------------------------
+
+
+LAZY_BAD_FIRST_CALLS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
+    ("LazyBatchNorm1d", (2, C, 4, 5), _f32),  # wrong rank
+    ("LazyBatchNorm1d", (1, C), _f32),  # one value per channel in training
+    ("LazyBatchNorm2d", (2, C, 4), _f32),
+    ("LazyBatchNorm2d", (2, 0, 4, 4), _f32),  # no channels: ATen's IndexError on the empty weight
+    ("LazyBatchNorm3d", (2, C, 2, 2, 2), _i64),  # integer input
+    ("LazyInstanceNorm1d", (2, C, 4, 5), _f32),
+    ("LazyInstanceNorm2d", (2, C, 4, 5), _i64),
+    ("LazyInstanceNorm3d", (2, C, 1, 1, 1), _f32),  # one spatial element
+)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("name", "shape", "dtype"), LAZY_BAD_FIRST_CALLS,
+                         ids=[f"{n}-{'x'.join(map(str, s))}-{str(d)[6:]}" for n, s, d in LAZY_BAD_FIRST_CALLS])
+def test_lazy_module_failed_first_call_materializes_nothing(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                                                            backend: str) -> None:
+    """torch materializes a Lazy module in a pre-hook, before its forward checks the input: a bad
+    first call leaves it sized by the bad input. normkit raises torch's error and leaves the
+    module lazy, so the next (good) call sizes it and runs as torch's first good call."""
+    bad = Rand(seed_of(name, "bad"))(*shape, dtype=dtype)
+    expected = torch_error(lambda: getattr(nn, name)()(bad))
+    module = getattr(normkit, name)(backend=backend)
+    assert_same_error(expected, lambda: module(bad))
+    assert type(module) is getattr(normkit, name)
+    assert module.has_uninitialized_params() and module.num_features == 0
+    assert hasattr(module, "_initialize_hook") and len(module._forward_pre_hooks) == 1
+    good = Rand(seed_of(name, "good"))(2, 4, *(5,) * int(name[-2]))  # the rank the module takes
+    reference = getattr(nn, name)()
+    expected_y = reference(good)
+    y = module(good)
+    assert type(module).__name__ == name.removeprefix("Lazy") and module.num_features == 4
+    torch.testing.assert_close(y, expected_y)
+    for (key, value), (_, ref) in zip(module.state_dict().items(), reference.state_dict().items(), strict=True):
+        torch.testing.assert_close(value, ref, msg=key)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from ..masked import masked_batch_norm
 from ._base import BackendMixin
+from ._lazy import MaterializeOnSuccess
 from ._tracing import module_leaf
 
 __all__ = [
@@ -123,7 +124,7 @@ class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
         self._init_backend(backend, stats_dtype, out_dtype)
 
 
-class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
+class LazyBatchNorm1d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm1d):
     """:class:`torch.nn.LazyBatchNorm1d`: ``num_features`` is read from ``input.size(1)`` at the
     first call, and the module becomes a normkit :class:`BatchNorm1d`."""
 
@@ -137,7 +138,7 @@ class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
         self._init_backend(backend, stats_dtype, out_dtype)
 
 
-class LazyBatchNorm2d(_BatchNormMixin, nn.LazyBatchNorm2d):
+class LazyBatchNorm2d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm2d):
     """:class:`torch.nn.LazyBatchNorm2d`: becomes a normkit :class:`BatchNorm2d` at the first call."""
 
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
@@ -150,7 +151,7 @@ class LazyBatchNorm2d(_BatchNormMixin, nn.LazyBatchNorm2d):
         self._init_backend(backend, stats_dtype, out_dtype)
 
 
-class LazyBatchNorm3d(_BatchNormMixin, nn.LazyBatchNorm3d):
+class LazyBatchNorm3d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm3d):
     """:class:`torch.nn.LazyBatchNorm3d`: becomes a normkit :class:`BatchNorm3d` at the first call."""
 
     cls_to_become = BatchNorm3d  # type: ignore[assignment]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from ..masked import masked_instance_norm
 from ._base import BackendMixin
+from ._lazy import MaterializeOnSuccess
 from ._tracing import module_leaf
 
 __all__ = [
@@ -125,7 +126,7 @@ class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
         self._init_backend(backend, stats_dtype, out_dtype)
 
 
-class LazyInstanceNorm1d(_InstanceNormMixin, nn.LazyInstanceNorm1d):
+class LazyInstanceNorm1d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstanceNorm1d):
     """:class:`torch.nn.LazyInstanceNorm1d`: becomes a normkit :class:`InstanceNorm1d` at the first call."""
 
     cls_to_become = InstanceNorm1d  # type: ignore[assignment]
@@ -138,7 +139,7 @@ class LazyInstanceNorm1d(_InstanceNormMixin, nn.LazyInstanceNorm1d):
         self._init_backend(backend, stats_dtype, out_dtype)
 
 
-class LazyInstanceNorm2d(_InstanceNormMixin, nn.LazyInstanceNorm2d):
+class LazyInstanceNorm2d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstanceNorm2d):
     """:class:`torch.nn.LazyInstanceNorm2d`: becomes a normkit :class:`InstanceNorm2d` at the first call."""
 
     cls_to_become = InstanceNorm2d  # type: ignore[assignment]
@@ -151,7 +152,7 @@ class LazyInstanceNorm2d(_InstanceNormMixin, nn.LazyInstanceNorm2d):
         self._init_backend(backend, stats_dtype, out_dtype)
 
 
-class LazyInstanceNorm3d(_InstanceNormMixin, nn.LazyInstanceNorm3d):
+class LazyInstanceNorm3d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstanceNorm3d):
     """:class:`torch.nn.LazyInstanceNorm3d`: becomes a normkit :class:`InstanceNorm3d` at the first call."""
 
     cls_to_become = InstanceNorm3d  # type: ignore[assignment]
