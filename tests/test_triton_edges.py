@@ -99,3 +99,67 @@ def test_function_transforms_give_torchs_result_or_refuse(op: str, transform: st
         return
     got = run()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---- a failed call changes nothing -------------------------------------------------------------
+
+
+def _inference(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return make()
+
+
+# (input is an inference tensor, running statistics are, weight requires grad, call inside
+# inference_mode)
+INFERENCE_CASES = [
+    (True, False, True, False),  # autograd would save an inference input: refused
+    (False, True, True, False),  # ... or inference running statistics (ATen saves them)
+    (True, False, False, False),
+    (False, True, False, False),  # no autograd: BatchNorm updates them as ATen does
+    (False, False, True, True),
+    (True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=str)
+def test_inference_tensors_as_torch_and_no_write_on_failure(op: str, case: tuple) -> None:
+    """Inference tensors in a training call: torch's result or torch's error, and a failed
+    call leaves the running statistics as they were (the triton BatchNorm used to update
+    them, then raise)."""
+    x_inf, stats_inf, w_grad, in_mode = case
+    results = {}
+    for backend in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(0)
+        make_x = lambda: torch.randn(2, 3, 4, generator=gen).to(DEVICE)  # noqa: E731
+        make_stats = lambda: (torch.randn(3, generator=gen).to(DEVICE),  # noqa: E731
+                              torch.rand(3, generator=gen).to(DEVICE) + 0.5)
+        x = _inference(make_x) if x_inf else make_x()
+        stats = _inference(make_stats) if stats_inf else make_stats()
+        before = [s.clone() for s in stats]
+        w = torch.randn(3, generator=gen).to(DEVICE).requires_grad_(w_grad)
+        call = getattr(functional, op)
+        try:
+            with torch.inference_mode(in_mode):
+                y = call(x, *stats, w, None, True, 0.1, 1e-5, backend=backend)
+            results[backend] = (None, y.detach().clone(), [s.clone() for s in stats])
+        except RuntimeError as e:
+            if backend == "triton":
+                for s, s0 in zip(stats, before, strict=True):
+                    assert torch.equal(s, s0), "a failed call wrote the running statistics"
+            results[backend] = (str(e), None, None)
+    (want_err, want_y, want_stats), (err, y, got_stats) = results["torch"], results["triton"]
+    assert err == want_err
+    if err is None:
+        torch.testing.assert_close(y, want_y)
+        torch.testing.assert_close(got_stats, want_stats)
+
+
+def test_running_statistics_of_wrong_size_are_not_half_written() -> None:
+    """The launcher checks every running statistic before writing any (direct callers of
+    normkit.ops.triton skip normkit.functional's checks)."""
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(4, device=DEVICE)
+    with pytest.raises(RuntimeError):
+        B.batch_norm(x, running_mean, running_var, None, None, True, 0.1, 1e-5)
+    assert torch.equal(running_mean, torch.zeros(3, device=DEVICE))

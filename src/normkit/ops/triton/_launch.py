@@ -11,6 +11,7 @@ from torch import Tensor
 __all__ = [
     "BLOCK_ENV_VAR",
     "block_override",
+    "check_saveable",
     "device_of",
     "first_order",
     "interpreted",
@@ -77,13 +78,28 @@ def refuse_forward_ad(ctx, *tangents) -> None:
     )
 
 
-def update_running(pairs: list[tuple[Tensor | None, Tensor]], momentum: float) -> None:
+def update_running(pairs: list[tuple[Tensor | None, Tensor]], momentum: float, *,
+                   inference_ok: bool) -> None:
     """``running = momentum * batch + (1 - momentum) * running`` (fp32, stored in running's
     dtype) for each ``(running, batch)`` pair, computed first and written after, so that no
-    statistic is written unless every one can be. Running statistics that are inference
-    tensors are updated as ATen does (its kernels write them even outside inference mode)."""
+    statistic is written unless every one can be.
+
+    Running statistics that are inference tensors, outside inference mode: with
+    ``inference_ok`` they are updated as ATen's batch_norm does (its kernel writes them);
+    otherwise the in-place error torch's instance_norm gives is raised, before any write
+    (torch's own writes the mean first)."""
     new = [(r, momentum * b + (1 - momentum) * r.float()) for r, b in pairs if r is not None]
-    inference = not torch.compiler.is_compiling() and any(r.is_inference() for r, _ in new)
+    for running, value in new:
+        if running.numel() != value.numel():
+            raise RuntimeError(f"running statistics should contain {value.numel()} elements "
+                               f"not {running.numel()}")
+    inference = (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+                 and any(r.is_inference() for r, _ in new))
+    if inference and not inference_ok:
+        raise RuntimeError(
+            "Inplace update to inference tensor outside InferenceMode is not allowed.You can make "
+            "a clone to get a normal tensor before doing inplace update.See "
+            "https://github.com/pytorch/rfcs/pull/17 for more details.")
     with torch.no_grad(), torch.inference_mode() if inference else contextlib.nullcontext():
         for running, value in new:
             running.copy_(value)
@@ -117,3 +133,19 @@ def first_order(op) -> type[torch.autograd.Function]:
 
     FirstOrder.__name__ = FirstOrder.__qualname__ = f"FirstOrder_{op._name}"
     return FirstOrder
+
+
+def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None, ...]) -> None:
+    """Raise autograd's error, before anything is computed or written, when autograd will
+    record this call (grad mode, an input requiring grad) and a tensor it saves for the
+    backward is an inference tensor: ATen's norms check this before they update running
+    statistics, and a launcher that only met it at ``save_for_backward`` would already have."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return
+    if any(t is not None and t.requires_grad for t in inputs) and any(
+            t is not None and t.is_inference() for t in saved):
+        raise RuntimeError(
+            "Inference tensors cannot be saved for backward. Please do not use Tensors created in "
+            "inference mode in computation tracked by autograd. To work around this, you can make "
+            "a clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` "
+            "instead of `torch.inference_mode()`.")

@@ -55,6 +55,7 @@ from torch import Tensor
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     block_override,
+    check_saveable,
     device_of,
     first_order,
     interpreted,
@@ -110,22 +111,43 @@ def _load_channel(P, c0, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _centred(x, CENTRE, c0, C, BLOCK_C: tl.constexpr):
+    """``(x - pivot) - mean`` with ``CENTRE = [pivot; mean]`` (2, C): the batch's shift and the
+    mean of ``x - pivot`` (so a large offset cancels exactly first, as in the statistics), or
+    the running mean and 0."""
+    return (x - _load_channel(CENTRE, c0, C, BLOCK_C)) - _load_channel(CENTRE + C, c0, C, BLOCK_C)
+
+
+@triton.jit
+def _pow2_floor(a):
+    """The largest power of two <= ``a`` (> 0, normal), exactly: a's exponent bits; 1 for 0
+    or a subnormal (whose squares vanish in fp32 anyway)."""
+    p = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p == 0.0, 1.0, p)
+
+
+@triton.jit
 def batch_norm_stats_kernel(
-    X, SHIFT, MEAN_PART, M2_PART,
+    X, SHIFT, MEAN_PART, M2_PART, SCALE_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, rows_per_program,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (p, j): rows ``[p * rows_per_program, ...)``, channels of block j; writes the
-    mean and M2 of its rows of ``x - shift`` to ``MEAN_PART[p, c]``, ``M2_PART[p, c]`` (the
-    count is implied). ``shift`` is one element of the channel: a constant channel is then
-    exactly 0 (zero variance, output exactly the bias), and a large common offset cancels
-    exactly (Sterbenz) before any rounding."""
+    mean and M2 of its rows of ``x - shift`` to ``MEAN_PART[p, c]`` and, in units of
+    ``SCALE_PART[p, c]^2``, ``M2_PART[p, c]`` (the count is implied).
+
+    ``shift`` is one element of the channel: a constant channel is then exactly 0 (zero
+    variance, output exactly the bias), and a large common offset cancels exactly (Sterbenz)
+    before any rounding. The scale, a power of two near the largest ``|x - shift|`` seen, keeps
+    the squares in range: at ``|x| ~ 1e20`` they would overflow fp32 (1e40), and the M2 of a
+    channel may exceed fp32 while its rstd does not. Scaling by a power of two is exact."""
     pid_m = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     row_start = pid_m.to(tl.int64) * rows_per_program  # int64: offsets may pass 2**31
     row_end = tl.minimum(row_start + rows_per_program, M)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # in units of scale^2
+    scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
     count = 0.0
     for m0 in range(row_start, row_end, BLOCK_M):
         n, s, c, mask = _tile(m0, c0, row_end, C, S, BLOCK_M, BLOCK_C)
@@ -133,23 +155,32 @@ def batch_norm_stats_kernel(
                     other=0.0).to(tl.float32)
         x = tl.where(mask, x - _load_channel(SHIFT, c0, C, BLOCK_C), 0.0)
         n_b = tl.minimum(row_end - m0, BLOCK_M).to(tl.float32)
-        mean_b = tl.sum(x, axis=0) / n_b
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
-        # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b).
+        scale_b = _pow2_floor(tl.max(tl.abs(x), axis=0))
+        xs = x * (1.0 / scale_b)[None, :]  # |xs| < 2
+        mean_bs = tl.sum(xs, axis=0) / n_b
+        d = tl.where(mask, xs - mean_bs[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)  # in units of scale_b^2
+        # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b), both
+        # brought to the larger scale first.
+        new_scale = tl.maximum(scale, scale_b)
+        r_old = scale / new_scale
+        r_b = scale_b / new_scale
         total = count + n_b
-        delta = mean_b - mean
-        mean += delta * (n_b / total)
-        m2 += m2_b + delta * delta * (count * n_b / total)
+        mean_b = mean_bs * scale_b
+        delta = (mean_b - mean) / new_scale
+        m2 = m2 * (r_old * r_old) + m2_b * (r_b * r_b) + delta * (delta * (count * n_b / total))
+        mean += (mean_b - mean) * (n_b / total)
+        scale = new_scale
         count = total
     c = c0 + tl.arange(0, BLOCK_C)
     tl.store(MEAN_PART + pid_m * C + c, mean, mask=c < C)
     tl.store(M2_PART + pid_m * C + c, m2, mask=c < C)
+    tl.store(SCALE_PART + pid_m * C + c, scale, mask=c < C)
 
 
 @triton.jit
 def batch_norm_apply_kernel(
-    X, Y, MEAN, SCALE, SHIFT,
+    X, Y, CENTRE, SCALE, SHIFT,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):
@@ -160,7 +191,7 @@ def batch_norm_apply_kernel(
     n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
     x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                 other=0.0).to(tl.float32)
-    y = (x - _load_channel(MEAN, c0, C, BLOCK_C)) * _load_channel(SCALE, c0, C, BLOCK_C)
+    y = _centred(x, CENTRE, c0, C, BLOCK_C) * _load_channel(SCALE, c0, C, BLOCK_C)
     y = _activate(y + _load_channel(SHIFT, c0, C, BLOCK_C), ACT)
     tl.store(Y + _offsets(n, s, c, stride_yn, stride_yc, stride_ys), _cast_to(y, Y, RNE_BY_HAND),
              mask=mask)
@@ -168,7 +199,7 @@ def batch_norm_apply_kernel(
 
 @triton.jit
 def batch_norm_bwd_reduce_kernel(
-    X, DY, MEAN, RSTD, SCALE, SHIFT, SUM_DY_PART, SUM_DY_XHAT_PART,
+    X, DY, CENTRE, RSTD, SCALE, SHIFT, SUM_DY_PART, SUM_DY_XHAT_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     rows_per_program,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -179,7 +210,6 @@ def batch_norm_bwd_reduce_kernel(
     c0 = tl.program_id(1) * BLOCK_C
     row_start = pid_m.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    mean = _load_channel(MEAN, c0, C, BLOCK_C)
     rstd = _load_channel(RSTD, c0, C, BLOCK_C)
     if ACT:
         scale = _load_channel(SCALE, c0, C, BLOCK_C)
@@ -192,10 +222,11 @@ def batch_norm_bwd_reduce_kernel(
                     other=0.0).to(tl.float32)
         dy = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
                      other=0.0).to(tl.float32)
+        x_c = _centred(x, CENTRE, c0, C, BLOCK_C)
         if ACT:
-            dy = _activate_grad(dy, (x - mean) * scale + shift, ACT)
+            dy = _activate_grad(dy, x_c * scale + shift, ACT)
         sum_dy += tl.sum(dy, axis=0)
-        sum_dy_xhat += tl.sum(dy * ((x - mean) * rstd), axis=0)  # masked lanes: dy = 0
+        sum_dy_xhat += tl.sum(dy * (x_c * rstd), axis=0)  # masked lanes: dy = 0
     c = c0 + tl.arange(0, BLOCK_C)
     tl.store(SUM_DY_PART + pid_m * C + c, sum_dy, mask=c < C)
     tl.store(SUM_DY_XHAT_PART + pid_m * C + c, sum_dy_xhat, mask=c < C)
@@ -203,7 +234,7 @@ def batch_norm_bwd_reduce_kernel(
 
 @triton.jit
 def batch_norm_bwd_apply_kernel(
-    X, DY, DX, MEAN, RSTD, SCALE, SHIFT, MEAN_DY, MEAN_DY_XHAT,
+    X, DY, DX, CENTRE, RSTD, SCALE, SHIFT, MEAN_DY, MEAN_DY_XHAT,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
     BATCH_STATS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -220,7 +251,7 @@ def batch_norm_bwd_apply_kernel(
     if BATCH_STATS or ACT:
         x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                     other=0.0).to(tl.float32)
-        x_c = x - _load_channel(MEAN, c0, C, BLOCK_C)
+        x_c = _centred(x, CENTRE, c0, C, BLOCK_C)
     if ACT:
         z = x_c * _load_channel(SCALE, c0, C, BLOCK_C) + _load_channel(SHIFT, c0, C, BLOCK_C)
         g = _activate_grad(g, z, ACT)
@@ -281,12 +312,12 @@ def _row_split(M: int, blocks: _Blocks, c_blocks: int, device: torch.device) -> 
     return triton.cdiv(M, rows_per_program), rows_per_program
 
 
-def _apply(x3: Tensor, y3: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
            blocks: _Blocks, act: int) -> None:
     N, C, S = x3.shape
     grid = (triton.cdiv(N * S, blocks.BLOCK_M), triton.cdiv(C, blocks.BLOCK_C))
     batch_norm_apply_kernel[grid](
-        x3, y3, mean, scale, shift, N * S, C, S, *strides(x3), *strides(y3),
+        x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3),
         ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
         num_warps=blocks.num_warps,
     )
@@ -296,8 +327,9 @@ def batch_norm_stats(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
     eps: float, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The batch's per-channel ``(mean, rstd)`` (fp32, shape ``(C,)``); the running
-    statistics, when given, are updated in place."""
+    """The batch's per-channel ``(centre, rstd)``, fp32: ``centre`` is ``[pivot; mean]`` of
+    shape ``(2, C)`` (a pivot element of each channel and the mean of ``x - pivot``), ``rstd``
+    of shape ``(C,)``; the running statistics, when given, are updated in place."""
     x3 = _channel_view(x)
     N, C, S = x3.shape
     M = N * S
@@ -307,45 +339,55 @@ def batch_norm_stats(
     programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
     mean_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
     m2_part = torch.empty_like(mean_part)
+    scale_part = torch.empty_like(mean_part)
     shift = x3[0, :, 0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     with device_of(x):
         batch_norm_stats_kernel[(programs, c_blocks)](
-            x3, shift, mean_part, m2_part, M, C, S, *strides(x3), rows_per_program,
+            x3, shift, mean_part, m2_part, scale_part, M, C, S, *strides(x3), rows_per_program,
             BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
         )
     counts = (M - rows_per_program * torch.arange(programs, device=dev)).clamp(
         max=rows_per_program).to(torch.float32).unsqueeze(1)
-    shifted_mean = (counts * mean_part).sum(0) / M
-    m2 = m2_part.sum(0) + (counts * (mean_part - shifted_mean).square()).sum(0)
+    # The k-way Chan merge in units of the largest partial scale (powers of two: exact).
+    scale = scale_part.amax(0)
+    shifted_mean = (counts * (mean_part / scale)).sum(0) / M * scale
+    m2 = ((m2_part * (scale_part / scale).square()).sum(0)
+          + (counts * ((mean_part - shifted_mean) / scale).square()).sum(0))
     mean = shift + shifted_mean
-    # As ATen: r = momentum * batch + (1 - momentum) * r in fp32, the unbiased variance.
-    update_running([(running_mean, mean), (running_var, m2 / (M - 1))], momentum)
-    return mean, torch.rsqrt(m2 / M + eps)
+    # The variance itself may exceed fp32 (|x| ~ 1e20) where rstd does not: scaled back in
+    # float64 (C numbers), rstd then rounded once to fp32.
+    var = m2.double() * scale.double().square()
+    # As ATen: r = momentum * batch + (1 - momentum) * r, the unbiased variance.
+    update_running([(running_mean, mean), (running_var, (var / (M - 1)).float())], momentum,
+                   inference_ok=True)
+    rstd = torch.rsqrt(var / M + eps)
+    return torch.stack([shift, shifted_mean]), torch.where(var / M + eps == 0, 0.0, rstd).float()
 
 
-def _scale_shift(weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+def _scale_shift(weight: Tensor | None, bias: Tensor | None,
                  rstd: Tensor) -> tuple[Tensor, Tensor]:
     """The per-channel fp32 ``(w * rstd, b)`` of ``y = (x - mean) * scale + shift``."""
     scale = rstd if weight is None else rstd * weight.float()
-    shift = torch.zeros_like(mean) if bias is None else bias.float()
+    shift = torch.zeros_like(rstd) if bias is None else bias.float()
     return scale, shift
 
 
 def batch_norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor, rstd: Tensor,
     act: int = 0, block_n: int | None = None,
 ) -> Tensor:
-    """``y = act((x - mean) * rstd * weight + bias)`` in x's memory format."""
-    scale, shift = _scale_shift(weight, bias, mean, rstd)
+    """``y = act((x - mean) * rstd * weight + bias)`` in x's memory format, with ``x - mean``
+    formed as ``(x - centre[0]) - centre[1]`` (see :func:`batch_norm_stats`)."""
+    scale, shift = _scale_shift(weight, bias, rstd)
     x3 = _channel_view(x)
     y = _empty_out(x)
     with device_of(x):
-        _apply(x3, _channel_view(y), mean, scale, shift, _blocks(x3, block_n), act)
+        _apply(x3, _channel_view(y), centre, scale, shift, _blocks(x3, block_n), act)
     return y
 
 
 def batch_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor,
     rstd: Tensor, batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
     db_dtype: torch.dtype | None, act: int = 0, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -363,14 +405,14 @@ def batch_norm_bwd(
 
     sum_dy = sum_dy_xhat = empty()
     # The kernels read scale for dx and (with an activation) both, to recompute its input.
-    scale, shift = _scale_shift(weight, bias, mean, rstd) if act or need_dx else (empty(), empty())
+    scale, shift = _scale_shift(weight, bias, rstd) if act or need_dx else (empty(), empty())
     if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
         programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
         sum_dy_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
         sum_dy_xhat_part = torch.empty_like(sum_dy_part)
         with device_of(x):
             batch_norm_bwd_reduce_kernel[(programs, c_blocks)](
-                x3, dy3, mean, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
+                x3, dy3, centre, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
                 *strides(x3), *strides(dy3), rows_per_program,
                 ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
             )
@@ -384,7 +426,7 @@ def batch_norm_bwd(
         grid = (triton.cdiv(M, blocks.BLOCK_M), c_blocks)
         with device_of(x):
             batch_norm_bwd_apply_kernel[grid](
-                x3, dy3, dx3, mean, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
+                x3, dy3, dx3, centre, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
                 *strides(x3), *strides(dy3), *strides(dx3),
                 BATCH_STATS=batch_stats, ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
                 RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
@@ -413,15 +455,15 @@ def _batch_norm_stats_op(
 @_batch_norm_stats_op.register_fake
 def _(x, running_mean, running_var, momentum, eps):
     C = x.shape[1]
-    return x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+    return x.new_empty((2, C), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
 
 @torch.library.custom_op("normkit::batch_norm_fwd", mutates_args=())
 def _batch_norm_fwd_op(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor, rstd: Tensor,
     batch_stats: bool, act: int,
 ) -> Tensor:
-    return batch_norm_fwd(x, weight, bias, mean, rstd, act)
+    return batch_norm_fwd(x, weight, bias, centre, rstd, act)
 
 
 @_batch_norm_fwd_op.register_fake
@@ -431,11 +473,11 @@ def _(x, weight, bias, mean, rstd, batch_stats, act):
 
 @torch.library.custom_op("normkit::batch_norm_bwd", mutates_args=())
 def _batch_norm_bwd_op(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor,
     rstd: Tensor, batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
     db_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return batch_norm_bwd(dy, x, weight, bias, mean, rstd, batch_stats, need_dx, dw_dtype,
+    return batch_norm_bwd(dy, x, weight, bias, centre, rstd, batch_stats, need_dx, dw_dtype,
                           db_dtype, act)
 
 
@@ -461,7 +503,7 @@ def _backward(ctx, dy):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
-    dx, dw, db = _BatchNormBackward.apply(dy, x, weight, bias, mean, rstd, ctx.batch_stats,
+    dx, dw, db = _batch_norm_backward(dy, x, weight, bias, mean, rstd, ctx.batch_stats,
                                           need[0], w_dtype if need[1] else None,
                                           b_dtype if need[2] else None, ctx.act)
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
@@ -483,6 +525,16 @@ class _BatchNorm(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
     jvp = staticmethod(refuse_forward_ad)
+
+
+# Compiled code calls the custom ops, whose registered autograd Dynamo traces (it cannot trace
+# an autograd.Function with a custom jvp); eager code calls the Functions, which torch.func needs.
+def _batch_norm(*args):
+    return _batch_norm_fwd_op(*args) if torch.compiler.is_compiling() else _BatchNorm.apply(*args)
+
+
+def _batch_norm_backward(*args):
+    return _batch_norm_bwd_op(*args) if torch.compiler.is_compiling() else _BatchNormBackward.apply(*args)
 
 
 def _batch_norm_stats_vmap(info, in_dims, x, running_mean, running_var, momentum, eps):
@@ -527,13 +579,16 @@ def batch_norm(
     """
     if input.numel() == 0:
         return _empty_batch(input, weight, bias)
+    # What ATen's batch_norm saves for its backward, checked before the running update.
+    check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
     if training:
-        mean, rstd = _batch_norm_stats_op(input.detach(), running_mean, running_var,
-                                          float(momentum), float(eps))
+        centre, rstd = _batch_norm_stats_op(input.detach(), running_mean, running_var,
+                                            float(momentum), float(eps))
     else:
         mean = running_mean.detach().float()
+        centre = torch.stack([mean, torch.zeros_like(mean)])
         rstd = torch.rsqrt(running_var.detach().float() + eps)
-    return _BatchNorm.apply(input, weight, bias, mean, rstd, bool(training), ACT_CODES[act])
+    return _batch_norm(input, weight, bias, centre, rstd, bool(training), ACT_CODES[act])
 
 
 def batch_norm_act(

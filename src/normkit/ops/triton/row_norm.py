@@ -310,7 +310,7 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd, dvar):
     need = ctx.needs_input_grad
     if not has_residual_out or dresidual_out is None or dresidual_out.numel() == 0:
         dresidual_out = None
-    dx, dresidual, dw, db = _RowNormBackward.apply(
+    dx, dresidual, dw, db = _row_norm_backward(
         dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rms,
         x_dtype, residual_dtype if need[1] else None, w_dtype if need[2] else None,
         b_dtype if need[3] else None, act,
@@ -336,6 +336,16 @@ class _RowNorm(torch.autograd.Function):
     jvp = staticmethod(refuse_forward_ad)
 
 
+# Compiled code calls the custom ops, whose registered autograd Dynamo traces (it cannot trace
+# an autograd.Function with a custom jvp); eager code calls the Functions, which torch.func needs.
+def _row_norm(*args):
+    return _row_norm_fwd_op(*args) if torch.compiler.is_compiling() else _RowNorm.apply(*args)
+
+
+def _row_norm_backward(*args):
+    return _row_norm_bwd_op(*args) if torch.compiler.is_compiling() else _RowNormBackward.apply(*args)
+
+
 # ---------------------------------------------------------------------------------------------
 # The norms, with torch.nn.functional's signatures.
 
@@ -356,7 +366,7 @@ def _trailing_norm(
     # copies only when no single row stride describes the input.
     rows = _inner_contiguous(x.reshape(-1, 1, L))
     res_rows = None if residual is None else _inner_contiguous(residual.reshape(-1, 1, L))
-    y, residual_out, *_ = _RowNorm.apply(rows, res_rows, _flat(weight), _flat(bias), 1, False,
+    y, residual_out, *_ = _row_norm(rows, res_rows, _flat(weight), _flat(bias), 1, False,
                                          eps, is_rms, residual_dtype, 0)
     if residual_dtype is not None:
         residual_out = residual_out.view(x.shape)
@@ -416,7 +426,7 @@ def _channel_norm(input: Tensor, groups: int, weight: Tensor | None, bias: Tenso
     Returns ``(y, x3, mean, var)``: the ``(N, C, S)`` view and the kernel's statistics (mean of
     ``x - pivot``, biased variance)."""
     x3 = input.reshape(input.shape[0], input.shape[1], -1)
-    y, _, mean, _, var = _RowNorm.apply(x3, None, weight, bias, groups, True, eps, False, None,
+    y, _, mean, _, var = _row_norm(x3, None, weight, bias, groups, True, eps, False, None,
                                         ACT_CODES[act])
     return y.view(input.shape), x3, mean, var
 
@@ -459,5 +469,6 @@ def instance_norm(
             pivot = x3[:, :, 0].float()  # the kernel's mean is of x - pivot
             batch_mean = (mean.view(N, C) + pivot).mean(0)
             batch_var = (var.view(N, C) * (n / (n - 1))).mean(0)
-            update_running([(running_mean, batch_mean), (running_var, batch_var)], momentum)
+            update_running([(running_mean, batch_mean), (running_var, batch_var)], momentum,
+                           inference_ok=False)
     return y
