@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from . import modules as nk
 from ._probe import Outcome, compare, probe_input, probe_shape, random_copy, tensor_home
+from ._structure import ACT_MODULES, Adapter, Candidate, norm_like, structural_candidates
 from .backends import get_backend
 from .modules._base import BackendMixin
 
@@ -62,9 +63,6 @@ TWINS: dict[type[nn.Module], type[BackendMixin]] = {
 }
 # normkit twin -> torch.nn class, for to_torch.
 _TORCH_OF = {twin: cls for cls, twin in TWINS.items()}
-
-# normkit's activation names and the torch modules that compute them (GELU: the exact erf form).
-_ACT_MODULES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
 # ---- the report -----------------------------------------------------------------------------
@@ -108,7 +106,6 @@ class ConvertReport:
 
 # ---- adapters -------------------------------------------------------------------------------
 
-Adapter = Callable[[nn.Module], nn.Module]
 _ADAPTERS: list[tuple[Callable[[nn.Module], bool], Adapter]] = []
 
 
@@ -122,178 +119,6 @@ def register_adapter(match: type[nn.Module] | Callable[[nn.Module], bool], fn: A
         cls = match
         match = lambda m: type(m) is cls
     _ADAPTERS.insert(0, (match, fn))
-
-
-class _Candidate(NamedTuple):
-    label: str
-    build: Adapter
-
-
-def _eps(m: nn.Module) -> tuple[bool, float | None]:
-    for name in ("eps", "variance_epsilon", "epsilon"):
-        value = getattr(m, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-    found = isinstance(m, nn.RMSNorm)  # torch's eps=None (machine epsilon)
-    return found, None
-
-
-def _tensor(m: nn.Module, name: str) -> Tensor | None:
-    value = getattr(m, name, None)
-    return value if isinstance(value, Tensor) else None
-
-
-def _share(new: nn.Module, old: nn.Module, names: Iterable[str]) -> nn.Module:
-    """``new`` holding ``old``'s tensors under ``names`` (Parameters as parameters, buffers as
-    buffers) and ``old``'s training mode."""
-    for name in names:
-        value = _tensor(old, name)
-        if name in new._parameters:
-            if value is not None and not isinstance(value, nn.Parameter):
-                raise TypeError(f"{name} is a buffer in {type(old).__name__}, a parameter in {type(new).__name__}")
-            setattr(new, name, value)
-        elif name in new._buffers and value is not None:
-            setattr(new, name, value)
-    return new.train(old.training)
-
-
-def _like(m: nn.Module) -> dict[str, Any]:
-    device, dtype = tensor_home(m)
-    return {"device": device, "dtype": dtype}
-
-
-def _act_name(m: nn.Module) -> tuple[list[str | None], str | None]:
-    """The normkit activation names ``m``'s ``act`` (and ``drop``) submodules may compute
-    (timm's norm+act layers: norm, then ``drop``, then ``act``), or why there is none."""
-    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
-    if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
-        return [], f"its drop layer {type(drop).__name__} has no normkit equivalent"
-    if act is None or isinstance(act, nn.Identity):
-        return [None], None
-    if not isinstance(act, nn.Module):
-        return [], f"its act attribute is a {type(act).__name__}, not a module"
-    names = [name for name, cls in _ACT_MODULES.items() if type(act) is cls]
-    if not names or getattr(act, "approximate", "none") != "none":
-        return [], f"its activation {act!r} has no fused normkit equivalent"
-    return names, None
-
-
-_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _batch_norm_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
-    acts, reason = _act_name(m)
-    if reason is not None:
-        return [], reason
-    weight = _tensor(m, "weight")
-    channels = getattr(m, "num_features", None) or (len(m.running_mean) if _tensor(m, "running_mean") is not None
-                                                    else None)
-    found, eps = _eps(m)
-    if channels is None or not found:
-        return [], "it has running statistics but no num_features or eps"
-    if weight is not None and not isinstance(weight, nn.Parameter) and _tensor(m, "running_mean") is not None:
-        if acts != [None]:
-            return [], "normkit has no frozen BatchNorm with an activation"
-        frozen = [nk.FrozenBatchNorm2d, nk.FrozenBatchNorm1d, nk.FrozenBatchNorm3d]
-        return [_Candidate(cls.__name__, lambda m, cls=cls: _share(cls(channels, eps, **_like(m)), m, _BN_STATE))
-                for cls in frozen], None
-    momentum = getattr(m, "momentum", 0.1)
-    options = {"affine": weight is not None, "track_running_stats": _tensor(m, "running_mean") is not None}
-    bias = {"bias": _tensor(m, "bias") is not None} if weight is not None else {}
-
-    def make(cls: type[nn.Module], **extra: Any) -> Adapter:
-        return lambda m: _share(cls(channels, eps, momentum, **options, **bias, **extra, **_like(m)), m, _BN_STATE)
-
-    if acts != [None]:
-        return [_Candidate(f"BatchNormAct2d(act={a!r})", make(nk.BatchNormAct2d, act=a)) for a in acts], None
-    dims = [cls for base, cls in ((nn.BatchNorm1d, nk.BatchNorm1d), (nn.BatchNorm2d, nk.BatchNorm2d),
-                                  (nn.BatchNorm3d, nk.BatchNorm3d)) if isinstance(m, base)]
-    return [_Candidate(cls.__name__, make(cls)) for cls in dims or (nk.BatchNorm2d, nk.BatchNorm1d, nk.BatchNorm3d)], None
-
-
-def _group_norm_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
-    acts, reason = _act_name(m)
-    found, eps = _eps(m)
-    if reason is not None or not found:
-        return [], reason or "it has num_groups but no eps"
-    weight = _tensor(m, "weight")
-    channels = getattr(m, "num_channels", None) or (len(weight) if weight is not None else None)
-    if channels is None:
-        return [], "it has num_groups but no num_channels"
-    options = {"affine": weight is not None, "bias": _tensor(m, "bias") is not None or weight is None}
-
-    def make(cls: type[nn.Module], **extra: Any) -> Adapter:
-        return lambda m: _share(cls(m.num_groups, channels, eps, **options, **extra, **_like(m)), m, ("weight", "bias"))
-
-    if acts != [None]:
-        return [_Candidate(f"GroupNormAct(act={a!r})", make(nk.GroupNormAct, act=a)) for a in acts], None
-    return [_Candidate("GroupNorm", make(nk.GroupNorm))], None
-
-
-def _row_norm_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
-    """LayerNorm and RMSNorm over the last axes or over the channels of (N, C, H, W)."""
-    acts, reason = _act_name(m)
-    found, eps = _eps(m)
-    if reason is not None or acts != [None]:
-        return [], reason or "its activation has no fused normkit row norm"
-    if not found:
-        return [], "it has no eps, variance_epsilon or epsilon attribute"
-    weight, bias = _tensor(m, "weight"), _tensor(m, "bias")
-    shape = getattr(m, "normalized_shape", None) or (tuple(weight.shape) if weight is not None else None)
-    if shape is None:
-        return [], "it has neither normalized_shape nor a weight"
-    shape = tuple(shape)
-    fmt = getattr(m, "data_format", None)
-    layer_norms = {"channels_first": ["2d"], "channels_last": ["last"]}.get(fmt, ["last", "2d"])
-    flat = len(shape) == 1
-    names = ("weight", "bias")
-    found_ln = [
-        _Candidate("LayerNorm" if where == "last" else "LayerNorm2d",
-                   lambda m, where=where: _share(
-                       (nk.LayerNorm(shape, eps, weight is not None, bias is not None, **_like(m)) if where == "last"
-                        else nk.LayerNorm2d(shape[0], eps, weight is not None, bias is not None, **_like(m))), m, names))
-        for where in layer_norms if where == "last" or flat
-    ]
-    if bias is not None or isinstance(m, nn.LayerNorm):
-        return found_ln, None
-    rms = [
-        _Candidate(f"RMSNorm(cast={cast!r}, weight_offset={offset})",
-                   lambda m, cast=cast, offset=offset: _share(
-                       nk.RMSNorm(shape, eps, weight is not None, cast=cast, weight_offset=offset, **_like(m)), m, names))
-        for cast in ("normalize_first", "weight_first") for offset in (0.0, 1.0)
-        if weight is not None or (cast, offset) == ("weight_first", 0.0)
-    ]
-    if flat and fmt != "channels_last":
-        rms.append(_Candidate("RMSNorm2d", lambda m: _share(nk.RMSNorm2d(shape[0], eps, weight is not None, **_like(m)),
-                                                            m, names)))
-    return rms + found_ln, None
-
-
-def _structural_candidates(m: nn.Module) -> tuple[list[_Candidate], str | None]:
-    """The normkit modules that may compute what ``m`` computes, judged from its attributes
-    (the probe decides), or why there are none."""
-    if _tensor(m, "running_mean") is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return _batch_norm_candidates(m)
-    if isinstance(getattr(m, "num_groups", None), int):
-        return _group_norm_candidates(m)
-    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or _tensor(m, "weight") is not None or \
-            getattr(m, "normalized_shape", None) is not None:
-        return _row_norm_candidates(m)
-    return [], "no normkit module matches its attributes (no weight, normalized_shape or running statistics)"
-
-
-_NORM_MODULES = ("torch.nn.modules.normalization", "torch.nn.modules.batchnorm", "torch.nn.modules.instancenorm")
-
-
-def _norm_like(m: nn.Module) -> bool:
-    cls = type(m)
-    if cls.__module__ in ("torch.nn.utils.parametrizations", "torch.nn.utils.parametrize"):
-        return False  # weight/spectral norm reparametrize weights; they normalize no activations
-    if next(m.children(), None) is not None and not (m._parameters or m._buffers):
-        return False  # a block holding norms (timm's ConvNormAct, NormMlpClassifierHead): its children are seen
-    return ("norm" in cls.__name__.lower() or cls.__module__ in _NORM_MODULES
-            or _tensor(m, "running_mean") is not None
-            or (_tensor(m, "weight") is not None and _eps(m)[0]))
 
 
 # ---- convert --------------------------------------------------------------------------------
@@ -349,10 +174,10 @@ def _signature(m: nn.Module) -> tuple[Any, ...]:
     return type(m), plain, tensors, children
 
 
-def _choose(m: nn.Module, backend: str | None) -> tuple[_Candidate | None, str]:
+def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
     """The replacement that agrees with ``m`` on probes, or None and why."""
-    user = [_Candidate(getattr(fn, "__name__", "adapter"), fn) for match, fn in _ADAPTERS if match(m)]
-    built_in, reason = _structural_candidates(m)
+    user = [Candidate(getattr(fn, "__name__", "adapter"), fn) for match, fn in _ADAPTERS if match(m)]
+    built_in, reason = structural_candidates(m)
     if not user and not built_in:
         return None, reason or "no candidate"
     # Choose on a copy with random parameters, in the model's dtype and in bfloat16: at the
@@ -373,7 +198,7 @@ def _choose(m: nn.Module, backend: str | None) -> tuple[_Candidate | None, str]:
     return min(scored, key=lambda s: s[0])[1], ""
 
 
-def _adapt(m: nn.Module, backend: str | None, chosen: dict[Any, tuple[_Candidate | None, str]]
+def _adapt(m: nn.Module, backend: str | None, chosen: dict[Any, tuple[Candidate | None, str]]
            ) -> tuple[nn.Module | None, str]:
     """The verified replacement of a third-party norm ``m`` and its check text, or None and why."""
     try:
@@ -401,7 +226,7 @@ def _plan(model: nn.Module, backend: str | None) -> tuple[list[_Plan], list[Left
     plans: list[_Plan] = []
     left: list[Left] = []
     seen: set[int] = set()
-    chosen: dict[Any, tuple[_Candidate | None, str]] = {}
+    chosen: dict[Any, tuple[Candidate | None, str]] = {}
 
     def visit(name: str, m: nn.Module) -> None:
         if id(m) in seen:
@@ -417,7 +242,7 @@ def _plan(model: nn.Module, backend: str | None) -> tuple[list[_Plan], list[Left
                 else:
                     plans.append(_Plan(m, name, None, twin, check))
                 return
-            if _norm_like(m) or any(match(m) for match, _ in _ADAPTERS):
+            if norm_like(m) or any(match(m) for match, _ in _ADAPTERS):
                 new, text = _adapt(m, backend, chosen)
                 if new is None:
                     left.append(Left(name, cls.__name__, text))
@@ -532,7 +357,7 @@ def _after_fold(bn: nn.Module) -> nn.Module:
         return nn.Identity()
     act = getattr(bn, "act", None)
     if isinstance(act, str):
-        return _ACT_MODULES[act]()
+        return ACT_MODULES[act]()
     rest = [m for m in (getattr(bn, "drop", None), act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
     return rest[0] if len(rest) == 1 else nn.Sequential(*rest) if rest else nn.Identity()
 
