@@ -510,3 +510,25 @@ def test_rms_norm_weight_offset_adds_in_float32_as_gemma(dtype: torch.dtype, bac
     xf = x.float()
     expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + weight.float())).to(dtype)
     assert torch.equal(norm(x), expected)
+
+
+def test_odd_norm_like_modules_are_left_with_a_reason_not_an_error() -> None:
+    class IntShapeNorm(nn.Module):  # normalized_shape as a bare int
+        def __init__(self) -> None:
+            super().__init__()
+            self.normalized_shape, self.eps = 4, 1e-5
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    class LockedNorm(nn.LayerNorm):  # holds state deepcopy refuses
+        def __init__(self) -> None:
+            super().__init__(4)
+            self.lock = __import__("threading").Lock()
+
+    report = normkit.ConvertReport()
+    model = nn.Sequential(IntShapeNorm(), LockedNorm())
+    normkit.convert(model, report=report)
+    assert [type(m) for m in model] == [IntShapeNorm, LockedNorm]
+    assert "reading its attributes failed" in report.left[0].reason
+    assert "cannot be copied to probe" in report.left[1].reason

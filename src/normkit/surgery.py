@@ -177,13 +177,19 @@ def _signature(m: nn.Module) -> tuple[Any, ...]:
 def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
     """The replacement that agrees with ``m`` on probes, or None and why."""
     user = [Candidate(getattr(fn, "__name__", "adapter"), fn) for match, fn in _ADAPTERS if match(m)]
-    built_in, reason = structural_candidates(m)
+    try:
+        built_in, reason = structural_candidates(m)
+    except Exception as exc:  # noqa: BLE001 - odd attributes (an int normalized_shape): no match
+        built_in, reason = [], f"reading its attributes failed: {type(exc).__name__}: {exc}"
     if not user and not built_in:
         return None, reason or "no candidate"
     # Choose on a copy with random parameters, in the model's dtype and in bfloat16: at the
     # initial weights, or in float32, candidates that differ in a cast order or an offset agree.
-    sample = random_copy(m)
-    low = random_copy(m).to(torch.bfloat16) if tensor_home(sample)[1] != torch.bfloat16 else None
+    try:
+        sample = random_copy(m)
+        low = random_copy(m).to(torch.bfloat16) if tensor_home(sample)[1] != torch.bfloat16 else None
+    except Exception as exc:  # noqa: BLE001 - state deepcopy cannot copy (a lock, a process group)
+        return None, f"it cannot be copied to probe: {type(exc).__name__}: {exc}"
     scored, refusals = [], []
     for order, candidate in enumerate(user + built_in):
         _, outcome = _try(sample, candidate.build, backend, gradients=False)
@@ -281,7 +287,7 @@ def convert(model: nn.Module, backend: str | None = None, *, strict: bool = Fals
     Every replacement is verified before it sticks: it runs beside the module on a small random
     input (output, input and parameter gradients, running-statistic updates, compared within a
     few roundings of the dtype) and is dropped, the original kept, if they differ. Probes change
-    no buffer, gradient or random state and skip hooks. Not probed, and said so in the report:
+    no buffer, gradient or random state, and skip the module's own hooks. Not probed, and said so in the report:
     class swaps of uninitialized Lazy modules and of modules on the meta device (structural
     matches of those are still chosen on a random CPU copy).
 
