@@ -41,3 +41,9 @@ clean:
 pictures: $(STAMP)
 	$(VENV)/bin/normkit explain --png docs/explain.png
 	$(VENV)/bin/normkit compare --png docs/compare.png
+
+# make support-matrix: regenerate the README's table of what each backend runs (normkit.support_matrix(),
+# between its marker lines); tests/test_support.py fails until it is rerun after a backend changes.
+.PHONY: support-matrix
+support-matrix: $(STAMP)
+	$(PY) -c "import normkit.support as s; print('README.md', 'updated' if s.update_readme('README.md') else 'unchanged')"

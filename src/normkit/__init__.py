@@ -48,6 +48,7 @@ from .modules import (
     freeze_batch_norm,
     unfreeze_batch_norm,
 )
+from .support import SupportMatrix, support_matrix
 from .surgery import ConvertReport, convert, fuse_conv_bn, recalibrate_batch_norm, register_adapter, to_torch
 
 __version__ = "0.1.0"
@@ -94,6 +95,8 @@ __all__ = [
     "RMSNorm",
     "SyncBatchNorm",
     "backends",
+    "SupportMatrix",
+    "support_matrix",
     "convert_sync_batchnorm",
     "current_backend",
     "functional",

@@ -50,6 +50,7 @@ __all__ = [
     "backends",
     "current_backend",
     "get_backend",
+    "probing",
     "register_backend",
     "resolve",
     "use_backend",
@@ -64,7 +65,25 @@ AUTO_ORDER: tuple[str, ...] = ("triton", "torch", "reference")
 
 
 class BackendError(NotImplementedError):
-    """A backend was asked for by name but cannot run this call (or does not exist here)."""
+    """A backend was asked for by name but cannot run this call (or does not exist here).
+    ``reason`` is the backend's own reason for declining, where it gave one."""
+
+    reason: str | None = None
+
+
+def _declined(message: str, reason: str | None = None) -> BackendError:
+    error = BackendError(message)
+    error.reason = reason
+    return error
+
+
+class WouldRun(Exception):  # noqa: N818 (not an error: the answer of a probe)
+    """Raised by :func:`resolve` inside :func:`probing` instead of returning: the call would
+    run ``op`` of ``backend``."""
+
+    def __init__(self, backend: str, op: str) -> None:
+        super().__init__(f"{backend} would run {op}")
+        self.backend, self.op = backend, op
 
 
 def _never(*args: Any, **kwargs: Any) -> str | None:
@@ -116,6 +135,11 @@ _OVERLAP = None  # the stack of no single context: compiled code must not guess
 # Backends whose module is imported on first use (Triton's import is slow): name -> (probe,
 # loader). The probe is a cheap check, with no import, of whether the backend could be available.
 _LAZY: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = {}
+# Lazy backends' ``{op: unsupported}`` checks, importable without their dependencies: what
+# probing() asks, so normkit.support_matrix() is the same on machines with and without them.
+_DECLARED: dict[str, Callable[[], Mapping[str, Callable[..., str | None]]]] = {}
+# Inside probing(): resolve() answers with WouldRun / BackendError and nothing runs.
+_PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("normkit_probing", default=False)
 
 
 def register_backend(backend: Backend) -> None:
@@ -123,10 +147,17 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def register_lazy_backend(name: str, loader: Callable[[], None], probe: Callable[[], bool]) -> None:
+def register_lazy_backend(
+    name: str, loader: Callable[[], None], probe: Callable[[], bool],
+    declared: Callable[[], Mapping[str, Callable[..., str | None]]] | None = None,
+) -> None:
     """Register ``loader``, which registers backend ``name`` when first needed. ``probe`` says,
-    without importing anything heavy, whether the backend could be available here at all."""
+    without importing anything heavy, whether the backend could be available here at all.
+    ``declared`` returns its ops' ``unsupported`` checks without importing its dependencies
+    (for :func:`probing`; else probing loads the backend where it can)."""
     _LAZY[name] = (probe, loader)
+    if declared is not None:
+        _DECLARED[name] = declared
     _TRIED.discard(name)
 
 
@@ -221,19 +252,55 @@ def _sync_thread(before: tuple[str, ...], after: tuple[str, ...], *, opened: int
         _THREAD.stack = _OVERLAP
 
 
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """Within the block, a call naming a backend is checked but never run: :func:`resolve`
+    raises :class:`WouldRun` where the backend would run it, :class:`BackendError` (with its
+    ``reason``) where it declines. Availability on this machine is not asked, and lazy
+    backends answer with their declared checks, so the answer is the same on every machine.
+    Stand-in tensors (meta, or ones that report another device) are enough: checks read
+    shapes, dtypes, strides and devices, never data. For :func:`normkit.support_matrix`."""
+    token = _PROBING.set(True)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
+
+
+def _declared_checks(name: str) -> Mapping[str, Callable[..., str | None]]:
+    if name in _DECLARED:
+        return _DECLARED[name]()
+    backend = get_backend(name)
+    return {op: impl.unsupported for op, impl in backend.ops.items()}
+
+
+def _probe(op: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if name == "auto":
+        raise BackendError("probing() answers for a backend named explicitly, not for 'auto'")
+    check = _declared_checks(name).get(op)
+    if check is None:
+        raise _declined(f"normkit backend {name!r} has no {op}", f"no {op} op")
+    reason = check(*args, **kwargs)
+    if reason is not None:
+        raise _declined(f"normkit backend {name!r} cannot run this {op} call: {reason}", reason)
+    raise WouldRun(name, op)
+
+
 def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:
     """The function that computes ``op`` for this call on the resolved backend."""
     name = backend if backend is not None else current_backend()
+    if not torch.compiler.is_compiling() and _PROBING.get():  # dynamo cannot read a ContextVar
+        _probe(op, name, args, kwargs)
     if name != "auto":
         impl = get_backend(name)
         if not impl.is_available():
             raise BackendError(f"normkit backend {name!r} is not available on this machine")
         entry = impl.ops.get(op)
         if entry is None:
-            raise BackendError(f"normkit backend {name!r} has no {op}")
+            raise _declined(f"normkit backend {name!r} has no {op}", f"no {op} op")
         reason = entry.unsupported(*args, **kwargs)
         if reason is not None:
-            raise BackendError(f"normkit backend {name!r} cannot run this {op} call: {reason}")
+            raise _declined(f"normkit backend {name!r} cannot run this {op} call: {reason}", reason)
         return entry.fn
     for candidate in AUTO_ORDER:
         impl = _lookup(candidate)

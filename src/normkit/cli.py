@@ -1,6 +1,7 @@
 """The ``normkit`` command line: ``check`` (parity against torch.nn), ``explain`` (what each
 norm reduces and computes, and the tutorials' worked examples), ``bench`` (timings on this
-machine) and ``compare`` (a small CNN trained with each norm at each batch size).
+machine), ``compare`` (a small CNN trained with each norm at each batch size) and ``support``
+(what each backend runs, :func:`normkit.support_matrix`).
 
 Every subcommand prints a table (rich on a terminal, plain text when piped), can save its
 results as JSON and, where it has one, its picture as PNG. The heavy modules are imported by
@@ -133,6 +134,28 @@ def _check(args: argparse.Namespace) -> int:
 
 
 # --- explain ---------------------------------------------------------------------------------
+
+
+def _support(args: argparse.Namespace) -> int:
+    from .support import support_matrix
+
+    matrix = support_matrix()
+    if args.markdown:
+        print(matrix.to_markdown(), end="")
+        return 0
+    header, rows, notes = matrix.table()
+    styles = [None if all(c == "all" for c in row[2:]) else "yellow" for row in rows]
+    _print_table(header, rows, styles)
+    print()
+    for i, note in enumerate(notes, 1):
+        print(f"[{i}] {note}")
+    print()
+    print("\n".join(matrix.availability()))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(matrix.to_json())
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _statistics_sentence(e: Any) -> str:
@@ -506,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     compare.add_argument("--png", metavar="FILE", help="plot accuracy against batch size and the loss curves")
     compare.set_defaults(run=_compare)
+
+    support = sub.add_parser(
+        "support", help="what each backend runs: ops x calls x dtypes x devices",
+        description="The support matrix (normkit.support_matrix()): for each op and representative call, "
+                    "the dtypes each backend runs, from the backends' own checks, without computing anything. "
+                    "The cells are the same on every machine; the last lines say which backends this one has.")
+    support.add_argument("--markdown", action="store_true", help="print the README's markdown table instead")
+    support.add_argument("--json", metavar="FILE", help="also write every cell as JSON")
+    support.set_defaults(run=_support)
     return parser
 
 

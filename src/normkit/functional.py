@@ -587,4 +587,10 @@ def _triton_could_run() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-register_lazy_backend("triton", _load_triton, _triton_could_run)
+def _triton_declared():
+    from .ops.triton.backend import declared_ops  # imports no Triton
+
+    return declared_ops()
+
+
+register_lazy_backend("triton", _load_triton, _triton_could_run, declared=_triton_declared)
