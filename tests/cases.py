@@ -484,9 +484,9 @@ LAZY_CASES: tuple[NormCase, ...] = (
     _c("LazyInstanceNorm1d", (), (2, 3, 7)),
     _c("LazyInstanceNorm2d", (), (2, 3, 4, 5)),
     _c("LazyInstanceNorm3d", (), (2, 3, 2, 3, 4)),
-    # torch's lazy instance norms read num_features from dim 1 even for unbatched input, so this
-    # raises torch's ValueError at every call (after materializing): normkit must do the same
-    _c("LazyInstanceNorm2d", (), (3, 4, 5), note="unbatched"),
+    # (torch's lazy instance norms read num_features from dim 1 even for unbatched input, so an
+    # unbatched first call raises after materializing; normkit raises the same error without
+    # materializing: tests/test_stricter.py.)
     # no parameters to materialize: num_features stays 0 and torch warns at every call
     _c("LazyInstanceNorm1d", (), (2, 3, 7), affine=False, track_running_stats=False),
 )
