@@ -77,14 +77,11 @@ def test_cpu_cells_of_the_builtin_backends_are_what_runs(matrix: support.Support
         for variant, build in variants:
             for dtype in support.DTYPES:
                 args, kwargs = _real_call(op, build, dtype)
-                claim = matrix.runs(backend, op, variant, dtype, device="cpu")
-                where = f"{backend}: {op} {variant} {dtype}"
-                if claim:
+                if matrix.runs(backend, op, variant, dtype, device="cpu"):
                     getattr(NF, op)(*args, backend=backend, **kwargs)  # must not raise
                 else:
                     with pytest.raises(BackendError):
                         getattr(NF, op)(*args, backend=backend, **kwargs)
-                    assert where  # declined, as the matrix says
 
 
 class _Reached(Exception):

@@ -83,12 +83,13 @@ class NotScriptableError(RuntimeError):
 def refuse_scripting(module: nn.Module) -> nn.Module:
     """``__prepare_scriptable__`` of every normkit module: TorchScript cannot compile normkit's
     call-time backend dispatch (nor the Triton ops), so say what works instead."""
+    from ..surgery import TWINS  # torch.nn class -> normkit twin: what to_torch turns back
+
     name = type(module).__name__
-    twin = next((c for c in type(module).__mro__[1:]
-                 if c.__module__.startswith("torch.nn") and c.__name__ == name), None)
-    if twin is not None:
-        instead = (f"convert the model back to torch.nn modules before scripting "
-                   f"(model = normkit.to_torch(model) turns it into torch.nn.{name}, same parameters), or ")
+    if type(module) in TWINS.values():
+        instead = ("convert the model back to torch.nn modules before scripting "
+                   "(model = normkit.to_torch(model) turns each normkit module with torch's options back "
+                   "into its torch.nn class, same parameters), or ")
     else:
         instead = f"normkit.{name} has no torch.nn twin to convert back to: "
     raise NotScriptableError(
