@@ -275,3 +275,32 @@ def test_module_with_running_stats_under_vmap_fails_and_counts_nothing(backend: 
         vmap(module)(xs)
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("backend", TRANSFORM_BACKENDS)
+@pytest.mark.parametrize("transform", ["grad", "jvp"])
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_running_stats_update_under_grad_and_jvp_as_torch(op: str, transform: str, backend: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    """Under grad/jvp (no vmap) torch updates captured running statistics in its kernel; normkit
+    too, with torch's values, and the gradients or tangents are torch's. (The triton InstanceNorm
+    writes its running statistics with copy_, which grad refuses.)"""
+    _known_triton_failure(request, backend, "" if op == "instance_norm" else transform)
+    gen = torch.Generator().manual_seed(seed_of("running under", op, transform))
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((4, 3, 5), (3,), (3,)))
+    upstream, tangent = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64), torch.randn(4, 3, 5, generator=gen,
+                                                                                             dtype=torch.float64)
+    results = []
+    for fn, dt, kw in ((getattr(F, op), torch.float64, {}), (getattr(NF, op), dtype, {"backend": backend})):
+        stats = (torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt))
+
+        def f(x: Tensor, fn: Callable[..., Tensor] = fn, stats: tuple[Tensor, Tensor] = stats, kw: dict = kw) -> Tensor:
+            return fn(x, *stats, w.to(x.dtype), b.to(x.dtype), True, 0.1, EPS, **kw)
+
+        if transform == "grad":
+            out = grad(lambda x, f=f: (f(x) * upstream.to(x.dtype)).sum())(x.to(dt))
+        else:
+            out = jvp(f, (x.to(dt),), (tangent.to(dt),))
+        results.append((out, stats))
+    _assert_close(results[1], results[0], dtype)

@@ -27,6 +27,7 @@ differentiable torch ops, so the backward itself can be differentiated (``gradgr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -202,6 +203,11 @@ def _x_hat(xa: Tensor, dims: tuple[int, ...], eps: float, center: bool, given_me
     return xc * rstd, rstd
 
 
+def _normalize_apply(*args: object):
+    """:class:`Normalize` (under torch.compile its twin without jvp: see :func:`_without_jvp`)."""
+    return (_NormalizeTraced if torch.compiler.is_compiling() else Normalize).apply(*args)
+
+
 def _param(p: Tensor | None, shape: Sequence[int]) -> Tensor | None:
     return None if p is None else p.reshape(shape)
 
@@ -221,7 +227,7 @@ def _normalize(
     """Run :class:`Normalize` on the view that the table of norms gives for ``name``."""
     view, dims, param_view = layout(name, input.shape, normalized_ndim=normalized_ndim, num_groups=num_groups)
     given_mean, given_var = (None, None) if given is None else (given[0].reshape(param_view), given[1].reshape(param_view))
-    y, mean, var = Normalize.apply(
+    y, mean, var = _normalize_apply(
         input.reshape(view), _param(weight, param_view), _param(bias, param_view),
         dims, eps, center, given_mean, given_var,
     )
@@ -238,13 +244,27 @@ def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | Non
     """running <- (1 - momentum) * running + momentum * batch, for both statistics, in place.
 
     Both new values are computed before either is written, so a failure (a shape that does not
-    broadcast, a batched input under vmap) leaves both untouched.
+    broadcast) leaves both untouched. Under torch.func's ``grad``/``jvp`` the running statistics
+    are tensors captured from outside the transform, which it refuses to let anything write; the
+    update is done below the transforms on the plain values, as ATen's kernels write them (the
+    statistics carry no gradient).
     """
     pairs = [(r, b) for r, b in ((running_mean, batch_mean), (running_var, batch_var)) if r is not None]
-    with torch.no_grad():
+    below = not torch.compiler.is_compiling() and not any(_is_batched(r) for r, _ in pairs)
+    if below:
+        pairs = [(r, _without_grad_wrappers(b)) for r, b in pairs]
+    with torch.no_grad(), (torch._C._DisableFuncTorch() if below else contextlib.nullcontext()):
         new = [r.mul(1.0 - momentum).add_(b.to(r.dtype), alpha=momentum) for r, b in pairs]
         for (r, _), value in zip(pairs, new):
             r.copy_(value)
+
+
+def _without_grad_wrappers(t: Tensor) -> Tensor:
+    """``t`` without torch.func's grad/jvp wrappers (a vmap level is kept)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 _UNBATCHED_RUNNING_STATS = (
@@ -257,6 +277,8 @@ _UNBATCHED_RUNNING_STATS = (
 
 def _is_batched(t: Tensor) -> bool:
     """Whether ``t`` is batched by a ``torch.func.vmap`` at any level (under its grad wrappers)."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the functorch queries; it sees no vmap here
+        return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
@@ -296,7 +318,7 @@ def normalize(
     def view(p: Tensor | None) -> Tensor | None:
         return None if p is None else p.permute(order).reshape(param_view)
 
-    return Normalize.apply(input, view(weight), view(bias), tuple(sorted(dims)), eps, center, None, None)[0]
+    return _normalize_apply(input, view(weight), view(bias), tuple(sorted(dims)), eps, center, None, None)[0]
 
 
 def batch_norm(
@@ -463,7 +485,7 @@ def masked_batch_norm(
     m = mask[:, None, :]
     view = (1, input.shape[1], 1)
     given = None if training else (running_mean.reshape(view), running_var.reshape(view))
-    y, mean, var = MaskedNormalize.apply(
+    y, mean, var = (_MaskedNormalizeTraced if torch.compiler.is_compiling() else MaskedNormalize).apply(
         input, m, _param(weight, view), _param(bias, view), (0, 2), eps, *(given or (None, None))
     )
     if training:
@@ -489,7 +511,7 @@ def masked_instance_norm(
     m = mask[:, None, :]
     view = (1, input.shape[1], 1)
     given = None if use_input_stats else (running_mean.reshape(view), running_var.reshape(view))
-    y, mean, var = MaskedNormalize.apply(
+    y, mean, var = (_MaskedNormalizeTraced if torch.compiler.is_compiling() else MaskedNormalize).apply(
         input, m, _param(weight, view), _param(bias, view), (2,), eps, *(given or (None, None))
     )
     if use_input_stats:
@@ -566,7 +588,8 @@ def local_response_norm(
         # truncates), and only the final division is in floating point.
         mean_sq = _window_sum(input * input, size // 2, (size - 1) // 2).div(size, rounding_mode="trunc")
         return input / (mean_sq * alpha + k).pow(beta)
-    return LocalResponseNorm.apply(input, size, alpha, beta, k)
+    lrn = _LocalResponseNormTraced if torch.compiler.is_compiling() else LocalResponseNorm
+    return lrn.apply(input, size, alpha, beta, k)
 
 
 def _window_sum(t: Tensor, before: int, after: int) -> Tensor:
@@ -659,3 +682,14 @@ def _add(x: Tensor, residual: Tensor | None, residual_dtype: torch.dtype | None)
     dtype = residual_dtype or x.dtype
     out = x.to(dtype)
     return out if residual is None else out + residual.to(dtype)
+
+
+def _without_jvp(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """``fn`` without its jvp, for torch.compile: dynamo refuses to trace an autograd Function
+    that defines one (forward-mode AD stays eager-only there)."""
+    return type(fn.__name__, (fn,), {"jvp": torch.autograd.Function.jvp, "__doc__": fn.__doc__})
+
+
+_NormalizeTraced = _without_jvp(Normalize)
+_MaskedNormalizeTraced = _without_jvp(MaskedNormalize)
+_LocalResponseNormTraced = _without_jvp(LocalResponseNorm)
