@@ -93,8 +93,8 @@ BLOCK_C_MAX = {"columns": 64, "segments": 4}
 @triton.jit
 def _tile(m0, c0, M, C, S, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row and channel indices of the tile at (m0, c0), its (sample, position) split and mask."""
-    m = m0 + tl.arange(0, BLOCK_M)[:, None]
-    c = c0 + tl.arange(0, BLOCK_C)[None, :]
+    m = m0 + tl.arange(0, BLOCK_M)[:, None]  # m0 is int64
+    c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]  # c * stride_c may pass 2**31
     return m // S, m % S, c, (m < M) & (c < C)  # S == 1 is a constant: no division then
 
 

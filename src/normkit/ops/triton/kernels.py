@@ -89,9 +89,10 @@ def _row_start(row, R, GROUPS, stride_n, stride_c):
 @triton.jit
 def _tile(r0, s0, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Indices, in-row positions ``r * S + s`` and masks of the tile whose first element is
-    (r0, s0); memory offsets are ``r * stride_c + s * stride_s``."""
-    r = r0 + tl.arange(0, BLOCK_R)[:, None]
-    s = s0 + tl.arange(0, BLOCK_S)[None, :]
+    (r0, s0); memory offsets are ``r * stride_c + s * stride_s``. int64: within one sample a
+    channels_last row reaches ``C * S`` elements, which may pass 2**31."""
+    r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    s = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)[None, :]
     mask_r = r < R
     mask_s = s < S
     return r, s, r * S + s, mask_r, mask_s
@@ -436,6 +437,6 @@ def row_norm_bwd_kernel(
                         db_acc += dy
             if not PER_SEGMENT:  # R == 1: cols are the column indices
                 if COMPUTE_DW:
-                    tl.store(DW_PART + pid * S + cols, dw_acc, mask=mask)
+                    tl.store(DW_PART + pid.to(tl.int64) * S + cols, dw_acc, mask=mask)
                 if COMPUTE_DB:
-                    tl.store(DB_PART + pid * S + cols, db_acc, mask=mask)
+                    tl.store(DB_PART + pid.to(tl.int64) * S + cols, db_acc, mask=mask)
