@@ -77,13 +77,7 @@ TOOLS = ("compile", "export", "fx", "deepcopy", "pickle", "grad", "vmap", "jvp",
 _F32 = TOLERANCES[torch.float32]
 
 # Cells that fail today: (module, backend, tool) -> the defect. Each is removed by its fix.
-_IN_CAPTURED = ("reference InstanceNorm with track_running_stats in training writes running statistics with "
-                "copy_ into a captured tensor: torch.func {} raises where torch's InstanceNorm runs")
-KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {
-    (name, "reference", tool): _IN_CAPTURED.format(tool)
-    for name in ("InstanceNorm1d", "InstanceNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d")
-    for tool in ("grad", "jvp")
-}
+KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {}
 
 
 def test_rows_cover_every_module_class() -> None:
