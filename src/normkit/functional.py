@@ -128,9 +128,10 @@ def instance_norm(
     """
     _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps, momentum)
     args = (input, running_mean, running_var, weight, bias, use_input_stats, float(momentum), float(eps))
-    if input.numel() > 0 and input.shape[0] == 0:
-        # An empty batch: the empty output, running statistics untouched, on every backend (ATen
-        # averages no instances into them, writing NaN, and fails on affine parameters).
+    if input.numel() == 0:
+        # An empty input: the empty output, running statistics untouched, on every backend (on
+        # an empty batch ATen averages no instances into them, writing NaN, and fails on affine
+        # parameters).
         backend = "reference"
     return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
 

@@ -1,0 +1,136 @@
+"""Where normkit is stricter or more exact than torch: one test per documented difference.
+
+Each test asserts what normkit does and what torch 2.13 does for the same input, so a change on
+either side shows up here (the README table "Where normkit differs from torch" lists them). The
+numerical ones are properties of normkit's own arithmetic (the reference backend; the torch
+backend is ATen itself); the state ones hold on every backend that runs CPU calls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normkit
+import normkit.functional as NF
+from cases import seed_of
+from test_errors import CPU_BACKENDS
+
+
+def _rand(*shape: int, seed: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed)), dtype=torch.float64).to(dtype)
+
+
+# ---- numerics (the reference backend) ----------------------------------------------------------
+
+CHANNEL_NORMS = {
+    "batch_norm": (lambda x, b, **kw: NF.batch_norm(x, None, None, None, b, True, **kw),
+                   lambda x, b: F.batch_norm(x, None, None, None, b, True)),
+    "group_norm": (lambda x, b, **kw: NF.group_norm(x, 3, None, b, **kw), lambda x, b: F.group_norm(x, 3, None, b)),
+    "instance_norm": (lambda x, b, **kw: NF.instance_norm(x, bias=b, **kw), lambda x, b: F.instance_norm(x, bias=b)),
+}
+
+
+@pytest.mark.parametrize("op", list(CHANNEL_NORMS))
+def test_constant_input_gives_exactly_the_bias(op: str) -> None:
+    """A constant channel has variance 0 and x - mean = 0: the output is the bias, exactly.
+    normkit subtracts one element of each reduced slice before the mean (the sum then cancels
+    exactly); torch's float32 kernels leave a rounding residue (about 2e-6 here)."""
+    nk, tf = CHANNEL_NORMS[op]
+    x, bias = torch.full((2, 3, 7), 0.3), _rand(3, seed="constant bias")
+    expected = bias[:, None].expand(2, 3, 7)
+    assert torch.equal(nk(x, bias, backend="reference"), expected)
+    assert not torch.equal(tf(x, bias), expected)  # torch: bias + ~2e-6
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "group_norm", "batch_norm", "instance_norm"])
+def test_huge_common_offset_stays_finite_and_accurate(op: str) -> None:
+    """float32 input at 1e20 with a spread of 1e14: torch's LayerNorm and GroupNorm return NaN
+    (its float32 sums of squares overflow) and its BatchNorm/InstanceNorm are off by 1e-2;
+    normkit's reference stays within 1e-6 of the float64 result. A constant input at 1e30 is
+    exactly 0 in normkit, NaN (LayerNorm, GroupNorm) or about 2e24 (BatchNorm) in torch."""
+    fns = {
+        "layer_norm": (lambda x, **kw: NF.layer_norm(x, (8,), **kw), lambda x: F.layer_norm(x, (8,))),
+        "group_norm": (lambda x, **kw: NF.group_norm(x, 3, **kw), lambda x: F.group_norm(x, 3)),
+        "batch_norm": (lambda x, **kw: NF.batch_norm(x, None, None, training=True, **kw),
+                       lambda x: F.batch_norm(x, None, None, training=True)),
+        "instance_norm": (lambda x, **kw: NF.instance_norm(x, **kw), lambda x: F.instance_norm(x)),
+    }
+    nk, tf = fns[op]
+    x = (1e20 + _rand(4, 3, 8, seed=f"offset {op}", dtype=torch.float64) * 1e14).float()
+    truth = tf(x.double())
+    assert (nk(x, backend="reference").double() - truth).abs().max() < 1e-6
+    torch_error = (tf(x).double() - truth).abs().max()
+    assert torch_error.isnan() or torch_error > 1e-2
+    constant = torch.full((4, 3, 8), 1e30)
+    assert torch.equal(nk(constant, backend="reference"), torch.zeros_like(constant))
+    torch_constant = tf(constant)
+    assert torch_constant.isnan().any() or torch_constant.abs().max() > 1e20
+
+
+def test_group_norm_with_bias_but_no_weight_has_gradients() -> None:
+    """GroupNorm(weight=None, bias=b): torch computes the forward but its backward raises
+    ``RuntimeError: tensor does not have a device``; normkit's gives the bias gradient (the sum of
+    dy over each channel) and the input gradient of the unweighted norm."""
+    x, bias = _rand(2, 4, 5, seed="gn x").requires_grad_(), _rand(4, seed="gn bias").requires_grad_()
+    dy = _rand(2, 4, 5, seed="gn dy")
+    y = NF.group_norm(x, 2, None, bias, backend="reference")
+    dx, dbias = torch.autograd.grad(y, (x, bias), dy)
+    torch.testing.assert_close(dbias, dy.sum((0, 2)))
+    torch.testing.assert_close(dx, torch.autograd.grad(F.group_norm(x, 2), x, dy)[0])
+    with pytest.raises(RuntimeError, match="tensor does not have a device"):
+        torch.autograd.grad(F.group_norm(x, 2, None, bias), (x, bias), dy)
+
+
+# ---- state: every backend ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_instance_norm_of_an_empty_batch_keeps_running_stats(backend: str) -> None:
+    """InstanceNorm on N = 0: torch averages no instances into the running statistics (NaN) and,
+    with affine parameters, raises IndexError; normkit returns the empty output and changes
+    nothing."""
+    x = torch.randn(0, 3, 5)
+    torch_stats = (torch.zeros(3), torch.ones(3))
+    F.instance_norm(x, *torch_stats)
+    assert torch_stats[0].isnan().all() and torch_stats[1].isnan().all()
+    stats = (torch.zeros(3), torch.ones(3))
+    assert NF.instance_norm(x, *stats, backend=backend).shape == (0, 3, 5)
+    assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
+
+    with pytest.raises(IndexError):
+        nn.InstanceNorm1d(3, affine=True, track_running_stats=True)(x)
+    module = normkit.InstanceNorm1d(3, affine=True, track_running_stats=True, backend=backend)
+    assert module(x).shape == (0, 3, 5)
+    assert torch.equal(module.running_mean, torch.zeros(3)) and torch.equal(module.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_failed_batch_norm_call_does_not_count_a_batch(backend: str) -> None:
+    """torch's BatchNorm increments num_batches_tracked before ATen checks the input, so a call
+    that raises still counts; normkit counts only calls that succeed."""
+    x = torch.randn(2, 4, 3, 3)  # 4 channels for a 3-channel module
+    torch_module, module = nn.BatchNorm2d(3), normkit.BatchNorm2d(3, backend=backend)
+    for m in (torch_module, module):
+        with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
+            m(x)
+    assert torch_module.num_batches_tracked.item() == 1
+    assert module.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lazy_module_is_not_materialized_by_a_failed_call(backend: str) -> None:
+    """torch's Lazy modules materialize in a pre-hook, before the forward checks the input: an
+    unbatched (C, H, W) input to LazyInstanceNorm2d sizes it by H (dim 1) and then raises, and
+    stays so. normkit raises the same error and stays lazy, so a good call still sizes it."""
+    bad, good = torch.randn(3, 4, 5), torch.randn(2, 3, 4, 5)
+    torch_module, module = nn.LazyInstanceNorm2d(), normkit.LazyInstanceNorm2d(backend=backend)
+    for m in (torch_module, module):
+        with pytest.raises(ValueError, match="expected input's size at dim=0 to match num_features"):
+            m(bad)
+    assert type(torch_module) is nn.InstanceNorm2d and torch_module.num_features == 4
+    assert type(module) is normkit.LazyInstanceNorm2d and module.has_uninitialized_params()
+    module(good)
+    assert type(module) is normkit.InstanceNorm2d and module.num_features == 3
