@@ -64,7 +64,14 @@ from normkit.ops.triton._launch import (
     update_running,
     vmap_by_loop,
 )
-from normkit.ops.triton.kernels import ACT_CODES, _activate, _activate_grad, _cast_to
+from normkit.ops.triton.kernels import (
+    ACT_CODES,
+    _activate,
+    _activate_grad,
+    _cast_to,
+    _merge,
+    pow2_floor,
+)
 
 __all__ = [
     "BLOCK_ENV_VAR",
@@ -119,14 +126,6 @@ def _centred(x, CENTRE, c0, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _pow2_floor(a):
-    """The largest power of two <= ``a`` (> 0, normal), exactly: a's exponent bits; 1 for 0
-    or a subnormal (whose squares vanish in fp32 anyway)."""
-    p = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.where(p == 0.0, 1.0, p)
-
-
-@triton.jit
 def batch_norm_stats_kernel(
     X, SHIFT, MEAN_PART, M2_PART, SCALE_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, rows_per_program,
@@ -155,23 +154,12 @@ def batch_norm_stats_kernel(
                     other=0.0).to(tl.float32)
         x = tl.where(mask, x - _load_channel(SHIFT, c0, C, BLOCK_C), 0.0)
         n_b = tl.minimum(row_end - m0, BLOCK_M).to(tl.float32)
-        scale_b = _pow2_floor(tl.max(tl.abs(x), axis=0))
+        scale_b = pow2_floor(tl.max(tl.abs(x), axis=0))
         xs = x * (1.0 / scale_b)[None, :]  # |xs| < 2
         mean_bs = tl.sum(xs, axis=0) / n_b
         d = tl.where(mask, xs - mean_bs[None, :], 0.0)
         m2_b = tl.sum(d * d, axis=0)  # in units of scale_b^2
-        # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b), both
-        # brought to the larger scale first.
-        new_scale = tl.maximum(scale, scale_b)
-        r_old = scale / new_scale
-        r_b = scale_b / new_scale
-        total = count + n_b
-        mean_b = mean_bs * scale_b
-        delta = (mean_b - mean) / new_scale
-        m2 = m2 * (r_old * r_old) + m2_b * (r_b * r_b) + delta * (delta * (count * n_b / total))
-        mean += (mean_b - mean) * (n_b / total)
-        scale = new_scale
-        count = total
+        mean, m2, scale, count = _merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
     c = c0 + tl.arange(0, BLOCK_C)
     tl.store(MEAN_PART + pid_m * C + c, mean, mask=c < C)
     tl.store(M2_PART + pid_m * C + c, m2, mask=c < C)

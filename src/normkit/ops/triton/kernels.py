@@ -46,9 +46,11 @@ Numerics:
   ``div_rn``: not the approximate forms a GPU compiles ``1.0 / tl.sqrt`` to), and ``rstd = 0``
   when ``var + eps == 0`` (``eps=0`` on a constant row), ATen's batch/instance-norm rule: the
   output is then the bias and the input gradient 0, not ``0 * inf = NaN``.
-* Variance overflow (``|x| ~ 1e20`` in fp32) gives ``var = inf`` and ``rstd = 0``, as ATen,
-  never NaN: the Chan merge multiplies ``delta * (delta * weight)``, so its first step (weight
-  0) is exactly 0 however large the tile mean.
+* Scale: moments are taken of ``(x - pivot) / scale``, with ``scale`` a power of two near the
+  largest ``|x - pivot|`` (per tile, merged to the row's largest), so squares neither overflow
+  (``|x| ~ 1e20``: 1e40 is beyond fp32, though rstd = 1e-20 is not) nor underflow. Scaling by a
+  power of two commutes with rounding: in the ordinary range the results are bit for bit those
+  of the unscaled formulas. ``VAR`` is inf where the variance itself exceeds fp32.
 * relu propagates NaN as torch's does (``relu(NaN) = NaN``, and its gradient passes dy).
 
 The backward is deterministic: no atomics. The weight and bias gradients leave the kernel as
@@ -72,7 +74,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACT_CODES", "row_norm_bwd_kernel", "row_norm_fwd_kernel", "rstd_of"]
+__all__ = ["ACT_CODES", "pow2_floor", "row_norm_bwd_kernel", "row_norm_fwd_kernel", "rstd_of"]
 
 # The activations a kernel can apply after the affine, as the ``ACT`` compile-time flag.
 # "gelu" is the exact (erf) form, torch.nn.functional.gelu's default.
@@ -182,10 +184,39 @@ def _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL: tl.constexpr,
 
 
 @triton.jit
-def rstd_of(var, eps):
-    """``1 / sqrt(var + eps)``, IEEE-rounded; 0 where ``var + eps == 0`` (ATen's rule)."""
-    v = var + eps
-    return tl.where(v == 0.0, 0.0, tl.math.div_rn(1.0, tl.math.sqrt_rn(v)))
+def pow2_floor(a):
+    """The largest power of two <= ``a`` (> 0, normal), exactly: a's exponent bits; 1 for 0
+    or a subnormal (whose squares vanish in fp32 anyway)."""
+    p = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p == 0.0, 1.0, p)
+
+
+@triton.jit
+def rstd_of(var_s, scale, eps):
+    """``1 / sqrt(var + eps)`` for ``var = var_s * scale^2`` (scale a power of two), without
+    forming var where it would overflow; IEEE-rounded square root and division; 0 where
+    ``var + eps == 0`` (ATen's rule)."""
+    inv = tl.math.div_rn(1.0, scale)
+    big = scale >= 1.0
+    v = tl.where(big, var_s + (eps * inv) * inv, var_s * scale * scale + eps)
+    rstd = tl.math.div_rn(tl.where(big, inv, 1.0), tl.math.sqrt_rn(v))
+    return tl.where(v == 0.0, 0.0, rstd)
+
+
+@triton.jit
+def _merge(mean, m2, scale, count, mean_bs, m2_bs, scale_b, n_b):
+    """Chan's merge of the running ``(count, mean, m2 in units of scale^2)`` with a tile's
+    ``(n_b, mean_bs * scale_b, m2_bs * scale_b^2)``, at the larger of the two scales.
+    ``delta * (delta * w)``: the first merge (count 0) adds exactly 0."""
+    new_scale = tl.maximum(scale, scale_b)
+    r_old = scale / new_scale
+    r_b = scale_b / new_scale
+    total = count + n_b
+    mean_b = mean_bs * scale_b
+    delta = (mean_b - mean) / new_scale
+    m2 = m2 * (r_old * r_old) + m2_bs * (r_b * r_b) + delta * (delta * (count * n_b / total))
+    mean += (mean_b - mean) * (n_b / total)
+    return mean, m2, new_scale, total
 
 
 @triton.jit
@@ -249,15 +280,18 @@ def row_norm_fwd_kernel(
         x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs, y_offs, mask,
                         HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
         x = tl.where(mask, x - pivot, 0.0)
-        mean, m2 = _tile_moments(x, mask, n, IS_RMS)
-        var = m2 / n
-        rstd = rstd_of(var, eps)
+        scale = pow2_floor(tl.max(tl.abs(x)))
+        mean_s, m2 = _tile_moments(x * (1.0 / scale), mask, n, IS_RMS)
+        mean = mean_s * scale
+        var_s = m2 / n
+        rstd = rstd_of(var_s, scale, eps)
         _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R, GROUPS,
                       HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     else:
         # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width).
         mean = 0.0
-        m2 = 0.0
+        m2 = 0.0  # in units of scale^2
+        scale = 0.0
         count = 0.0
         for r0 in range(0, R, BLOCK_R):
             for s0 in range(0, S, BLOCK_S):
@@ -268,14 +302,11 @@ def row_norm_fwd_kernel(
                                 HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
                 x = tl.where(mask, x - pivot, 0.0)
                 n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
-                mean_b, m2_b = _tile_moments(x, mask, n_b, IS_RMS)
-                total = count + n_b
-                delta = mean_b - mean
-                mean += delta * (n_b / total)
-                m2 += m2_b + delta * (delta * (count * n_b / total))
-                count = total
-        var = m2 / n
-        rstd = rstd_of(var, eps)
+                scale_b = pow2_floor(tl.max(tl.abs(x)))
+                mean_bs, m2_b = _tile_moments(x * (1.0 / scale_b), mask, n_b, IS_RMS)
+                mean, m2, scale, count = _merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
+        var_s = m2 / n
+        rstd = rstd_of(var_s, scale, eps)
         # Pass 2 re-reads the row: from RESIDUAL_OUT when pass 1 wrote it (one tensor instead
         # of x and residual, and already rounded). The barrier makes those writes visible.
         if STORE_RESIDUAL_OUT:
@@ -295,7 +326,7 @@ def row_norm_fwd_kernel(
                               GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
-    tl.store(VAR + row, var)
+    tl.store(VAR + row, var_s * scale * scale)
 
 
 @triton.jit
