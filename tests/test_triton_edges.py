@@ -22,9 +22,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 import torch.func as tf  # noqa: E402
 
 from kernel_bound import assert_within_bound  # noqa: E402
-from normkit import functional, reference  # noqa: E402
+from normkit import functional  # noqa: E402
 from normkit.ops.triton import batch_norm as B  # noqa: E402
-from normkit.ops.triton import row_norm as T  # noqa: E402
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 

@@ -24,10 +24,13 @@ stride (``reshape`` cannot view it) is copied. Outputs take the input's memory f
 Four kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels:
 
 * ``batch_norm_stats_kernel``: a program owns a contiguous block of rows and a block of
-  channels; it merges per-tile (count, mean, M2) with Chan's formula and writes its partial
-  mean and M2 per channel to a ``[P, C]`` buffer (P programs along the rows).
-* ``batch_norm_apply_kernel``: ``y = (x - mean) * scale + shift`` with per-channel fp32 vectors
-  (training: batch mean, ``w * rstd``, b; eval: the same from the running statistics).
+  channels; it merges per-tile (count, mean, M2) of ``x - pivot`` (pivot: one element of the
+  channel) with Chan's formula, M2 in units of a power-of-two scale, and writes its partial
+  mean, M2 and scale per channel to ``[P, C]`` buffers (P programs along the rows).
+* ``batch_norm_apply_kernel``: ``y = ((x - pivot) - mean) * scale + shift`` with per-channel
+  fp32 vectors (training: the batch's pivot and mean of ``x - pivot``, ``w * rstd``, b; eval:
+  the running mean and 0, and the same from the running variance). Every kernel centres x
+  this way (``centre = [pivot; mean]``), so a large common offset cancels exactly first.
 * ``batch_norm_bwd_reduce_kernel``: per-program partial ``sum(dy)`` and ``sum(dy * x_hat)``.
 * ``batch_norm_bwd_apply_kernel``: ``dx = w * rstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``
   (batch statistics) or ``dx = w * rstd * dy`` (running statistics).
@@ -40,7 +43,9 @@ Determinism: no atomics. Partials are merged by fixed-shape torch reductions ove
 ``[P, C]`` buffers (P depends only on the shape and the device), so a call gives the same bits
 on every run. The P partial (count, mean, M2) are merged in one step with the k-way form of
 Chan's formula, ``M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)``: deviations are of partial
-means from the global mean, never ``E[x^2] - E[x]^2``.
+means from the global mean, never ``E[x^2] - E[x]^2``. The merge runs in units of the largest
+partial scale; the variance is scaled back in float64 (C numbers), since at ``|x| ~ 1e20`` it
+exceeds fp32 while rstd does not.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from torch import Tensor
 
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
+    FP_FUSION,
     block_override,
     check_saveable,
     device_of,
@@ -307,7 +313,7 @@ def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     batch_norm_apply_kernel[grid](
         x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3),
         ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
-        num_warps=blocks.num_warps,
+        num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -333,6 +339,7 @@ def batch_norm_stats(
         batch_norm_stats_kernel[(programs, c_blocks)](
             x3, shift, mean_part, m2_part, scale_part, M, C, S, *strides(x3), rows_per_program,
             BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     counts = (M - rows_per_program * torch.arange(programs, device=dev)).clamp(
         max=rows_per_program).to(torch.float32).unsqueeze(1)
@@ -403,6 +410,7 @@ def batch_norm_bwd(
                 x3, dy3, centre, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
                 *strides(x3), *strides(dy3), rows_per_program,
                 ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
+                enable_fp_fusion=FP_FUSION,
             )
         # A fixed-shape torch sum: the same partials give the same bits on every run.
         sum_dy, sum_dy_xhat = sum_dy_part.sum(0), sum_dy_xhat_part.sum(0)
@@ -417,7 +425,7 @@ def batch_norm_bwd(
                 x3, dy3, dx3, centre, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
                 *strides(x3), *strides(dy3), *strides(dx3),
                 BATCH_STATS=batch_stats, ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
-                RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
+                RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
     # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).
     dw = sum_dy_xhat.to(dw_dtype, copy=True) if dw_dtype is not None else empty()
@@ -537,11 +545,12 @@ def _batch_norm_stats_vmap(info, in_dims, x, running_mean, running_var, momentum
             "not need eval mode, please set `track_running_stats` to be False.If you are using a "
             "prebuilt module and do not need eval mode, please see the functorch website for "
             "resources on how to patch your module to work with vmap")
-    out = []
-    for i in range(info.batch_size):
-        pick = lambda t, d: t if t is None or d is None else t.select(d, i)  # noqa: E731
-        out.append(_batch_norm_stats_op(pick(x, x_dim), pick(running_mean, mean_dim),
-                                        pick(running_var, var_dim), momentum, eps))
+    def pick(t: Tensor | None, d: int | None, i: int) -> Tensor | None:
+        return t if t is None or d is None else t.select(d, i)
+
+    out = [_batch_norm_stats_op(pick(x, x_dim, i), pick(running_mean, mean_dim, i),
+                                pick(running_var, var_dim, i), momentum, eps)
+           for i in range(info.batch_size)]
     return tuple(torch.stack(o) for o in zip(*out, strict=True)), (0, 0)
 
 
@@ -555,10 +564,15 @@ def batch_norm(
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` in Triton: statistics per channel over ``(N, *spatial)``.
 
-    Numerics: statistics in fp32 whatever the input dtype (partial Welford merged with Chan's
-    formula); the biased variance normalizes, the unbiased one (``M2 / (n - 1)``) enters
-    ``running_var``; ``running = momentum * batch + (1 - momentum) * running``, computed in fp32
-    and stored in the running statistics' dtype. ``momentum`` is a float (the modules turn
+    Numerics: statistics in fp32 whatever the input dtype (partial Welford of ``x - pivot`` in
+    power-of-two scaled units, merged with Chan's formula); the biased variance normalizes, the
+    unbiased one (``M2 / (n - 1)``) enters ``running_var``; ``running = momentum * batch +
+    (1 - momentum) * running``, computed in fp32 and stored in the running statistics' dtype
+    (inf where the variance exceeds fp32, as ATen; never NaN for finite input). ``rstd = 0``
+    where ``var + eps == 0``. Nothing is written unless the whole call can succeed: the
+    running statistics are written last, all or none, and an inference tensor that autograd
+    would have to save raises autograd's error first (inference-tensor running statistics are
+    otherwise updated, as ATen's kernel does). ``momentum`` is a float (the modules turn
     ``momentum=None`` into ``1 / (batches + 1)``). Arguments are trusted: validated by
     :mod:`normkit.functional` and accepted by the backend's ``unsupported`` check.
 

@@ -52,6 +52,9 @@ Numerics:
   power of two commutes with rounding: in the ordinary range the results are bit for bit those
   of the unscaled formulas. ``VAR`` is inf where the variance itself exceeds fp32.
 * relu propagates NaN as torch's does (``relu(NaN) = NaN``, and its gradient passes dy).
+* Launches pin ``enable_fp_fusion=False`` (``_launch.FP_FUSION``): no FMA contraction, every
+  product and sum rounds as written, as under the interpreter the tests run on.
+* Offsets within a row are int64 (``_tile``), as are row starts and the partial-sum rows.
 
 The backward is deterministic: no atomics. The weight and bias gradients leave the kernel as
 fp32 partial sums in a fixed layout which the launcher sums in a fixed order:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
+    FP_FUSION,
     block_override,
     device_of,
     first_order,
@@ -179,7 +180,7 @@ def row_norm_fwd(
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
             ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
+            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
         )
     return y, residual_out, mean, rstd, var
 
@@ -235,7 +236,7 @@ def row_norm_bwd(
             COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
             STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
             HAS_BIAS=act != 0 and bias is not None, ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps,
+            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
         )
     # A fixed-shape torch sum: the same partials give the same bits on every run.
     reduce_dims = (0, 2) if per_channel else (0,)
