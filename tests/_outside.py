@@ -149,5 +149,5 @@ def assert_same_numbers(actual: Tensor | None, expected: Tensor | None, referenc
     # of a one-element layer_norm is 6e-5, the exact value 0. Judge by float64 then.
     ref = reference.detach().double()
     err, err_torch = (float((t.detach().double() - ref).abs().max()) for t in (actual, expected))
-    bound = 2 * err_torch + ATOL[dtype] * max(1.0, float(ref.abs().max()))
+    bound = 2 * err_torch + ATOL.get(dtype, tol.atol) * max(1.0, float(ref.abs().max()))
     assert err <= bound, f"{error}\nand vs float64: error {err:.3g} > {bound:.3g} (torch's error {err_torch:.3g})"

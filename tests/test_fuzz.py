@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import normkit
-from _outside import assert_same_error, assert_same_numbers
+from _outside import assert_same_error, assert_same_numbers, raised
 from cases import (
     BACKENDS,
     LOW_PRECISION,
@@ -184,6 +184,34 @@ def _check(case: Case, backend: str) -> None:
         return  # the torch backend is ATen: it fails as torch does
     if isinstance(result, BaseException):
         raise AssertionError(f"{case}: torch runs it, normkit raises {result!r}") from result
+    try:
+        _compare(case, result, oracle, baseline, state)
+    except AssertionError:
+        # torch's float64 is not always the truth: a one-element group at |x| ~ 1e20 gets
+        # x - mean != 0 in ATen (GroupNorm's output off by 2e5, LayerNorm's weight gradient by
+        # 2e4 where both are exactly the bias and 0). There normkit's float64 reference, which
+        # centres exactly, is the oracle; a result must match one of the two.
+        ours64 = case.build(normkit, backend="reference").double()
+        ours64.load_state_dict(state)
+        second = _run(ours64, case, torch.float64)
+        if (isinstance(second, BaseException) or not _finite_where(second, oracle)
+                or raised(lambda: _compare(case, result, second, baseline, state))):
+            raise
+
+
+def _tensors(run: Any) -> list[Tensor]:
+    y, x, module = run
+    grads = [p.grad for p in module.parameters()]
+    return [t for t in (y, x.grad, *grads, *module.buffers()) if t is not None and t.is_floating_point()]
+
+
+def _finite_where(candidate: Any, oracle: Any) -> bool:
+    """The second oracle may not excuse itself with NaN: finite wherever torch's float64 is."""
+    return all(bool(c.isfinite()[o.isfinite()].all()) for c, o in zip(_tensors(candidate), _tensors(oracle)))
+
+
+def _compare(case: Case, result: Any, oracle: Any, baseline: Any, state: dict[str, Tensor]) -> None:
+    dtype = case.dtype
     y, x, module = result
     y64, x64, module64 = oracle
     # no torch baseline where torch has no low-precision CPU kernel (avg_pool3d for bf16 LRN)
