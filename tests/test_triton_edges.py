@@ -119,6 +119,21 @@ def test_function_transforms_give_torchs_result_or_refuse(op: str, transform: st
 
 
 
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_grad_updates_running_statistics_as_torch(op: str) -> None:
+    """torch.func.grad through a training norm updates captured running statistics, as ATen's
+    kernels do (InstanceNorm's update was a copy_ that grad refuses)."""
+    gen = torch.Generator().manual_seed(10)
+    x, dy = (torch.randn(3, 4, 5, generator=gen).to(DEVICE) for _ in range(2))
+    results = []
+    for backend in ("torch", "triton"):
+        stats = [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)]
+        call = getattr(functional, op)
+        dx = tf.grad(lambda x: (call(x, *stats, None, None, True, backend=backend) * dy).sum())(x)
+        results.append((dx, stats))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
 def test_forward_ad_and_second_order_are_refused() -> None:
     """Plain forward-mode AD and double backward raise (the backward kernels have no
     derivative): never zero tangents or a silently dropped second-order term."""
@@ -136,16 +151,17 @@ def test_forward_ad_and_second_order_are_refused() -> None:
 
 
 @pytest.mark.parametrize("batched_stats", [False, True])
-def test_vmap_batch_norm_with_running_statistics_as_torch(batched_stats: bool) -> None:
-    """vmap over a training BatchNorm: per-element running statistics when they are batched
-    too; torch's error, and nothing written, when they are shared."""
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_vmap_with_running_statistics_as_torch(op: str, batched_stats: bool) -> None:
+    """vmap over a training BatchNorm/InstanceNorm: per-element running statistics when they
+    are batched too; torch's error, and nothing written, when they are shared."""
     gen = torch.Generator().manual_seed(9)
     xs = torch.randn(3, 2, 4, 5, generator=gen).to(DEVICE)
     shape = (3, 4) if batched_stats else (4,)
     results = []
     for backend in ("torch", "triton"):
         stats = [torch.zeros(shape, device=DEVICE), torch.ones(shape, device=DEVICE)]
-        f = lambda x, m, v: functional.batch_norm(x, m, v, None, None, True, backend=backend)  # noqa: E731
+        f = lambda x, m, v: getattr(functional, op)(x, m, v, None, None, True, backend=backend)  # noqa: E731
         in_dims = (0, 0, 0) if batched_stats else (0, None, None)
         try:
             results.append((tf.vmap(f, in_dims=in_dims)(xs, *stats), None, stats))

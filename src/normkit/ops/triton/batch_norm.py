@@ -60,6 +60,7 @@ from torch import Tensor
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
+    VMAP_SHARED_RUNNING_STATS,
     block_override,
     check_saveable,
     device_of,
@@ -539,12 +540,7 @@ def _batch_norm_stats_vmap(info, in_dims, x, running_mean, running_var, momentum
     x_dim, mean_dim, var_dim = in_dims[:3]
     if x_dim is not None and any(r is not None and d is None for r, d in
                                  ((running_mean, mean_dim), (running_var, var_dim))):
-        raise RuntimeError(
-            "Batch norm got a batched tensor as input while the running_mean or running_var, "
-            "which will be updated in place, were not batched.\nIf you are using a module and do "
-            "not need eval mode, please set `track_running_stats` to be False.If you are using a "
-            "prebuilt module and do not need eval mode, please see the functorch website for "
-            "resources on how to patch your module to work with vmap")
+        raise RuntimeError(VMAP_SHARED_RUNNING_STATS)
     def pick(t: Tensor | None, d: int | None, i: int) -> Tensor | None:
         return t if t is None or d is None else t.select(d, i)
 

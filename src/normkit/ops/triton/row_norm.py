@@ -40,6 +40,7 @@ from torch import Tensor
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
+    VMAP_SHARED_RUNNING_STATS,
     block_override,
     device_of,
     first_order,
@@ -347,6 +348,38 @@ def _row_norm_backward(*args):
     return _row_norm_bwd_op(*args) if torch.compiler.is_compiling() else _RowNormBackward.apply(*args)
 
 
+@torch.library.custom_op("normkit::update_running_stats", mutates_args=("running_mean", "running_var"))
+def _update_running_op(running_mean: Tensor | None, running_var: Tensor | None, batch_mean: Tensor,
+                       batch_var: Tensor, momentum: float) -> None:
+    """InstanceNorm's running update, as an op: below torch.func's transforms, like ATen's
+    kernel write (``copy_`` of a grad-tracked value into a captured tensor is refused)."""
+    update_running([(running_mean, batch_mean), (running_var, batch_var)], momentum,
+                   inference_ok=False)
+
+
+@_update_running_op.register_fake
+def _(running_mean, running_var, batch_mean, batch_var, momentum):
+    return None
+
+
+def _update_running_vmap(info, in_dims, running_mean, running_var, batch_mean, batch_var, momentum):
+    """Per batch element when the running statistics are batched too; torch's error when not."""
+    shared = any(r is not None and d is None for r, d in zip((running_mean, running_var), in_dims))
+    if shared and (in_dims[2] is not None or in_dims[3] is not None):
+        raise RuntimeError(VMAP_SHARED_RUNNING_STATS)
+
+    def pick(t: Tensor | None, d: int | None, i: int) -> Tensor | None:
+        return t if t is None or d is None else t.select(d, i)
+
+    for i in range(info.batch_size):
+        args = (running_mean, running_var, batch_mean, batch_var)
+        _update_running_op(*(pick(t, d, i) for t, d in zip(args, in_dims, strict=False)), momentum)
+    return None, None
+
+
+torch.library.register_vmap(_update_running_op, _update_running_vmap)
+
+
 # ---------------------------------------------------------------------------------------------
 # The norms, with torch.nn.functional's signatures.
 
@@ -470,6 +503,5 @@ def instance_norm(
             pivot = x3[:, :, 0].float()  # the kernel's mean is of x - pivot
             batch_mean = (mean.view(N, C) + pivot).mean(0)
             batch_var = (var.view(N, C) * (n / (n - 1))).mean(0)
-            update_running([(running_mean, batch_mean), (running_var, batch_var)], momentum,
-                           inference_ok=False)
+            _update_running_op(running_mean, running_var, batch_mean, batch_var, float(momentum))
     return y
