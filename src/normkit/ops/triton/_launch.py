@@ -70,7 +70,8 @@ def vmap_by_loop(op) -> None:
     element, the results stacked. Exact (each call is an ordinary call of the op), and what
     per-sample gradients (``vmap(grad(...))``) and ``jacrev`` need: a backward run per
     cotangent sums the weight gradient over that cotangent's rows only. It costs one launch
-    per batch element; the forward of a row norm folds the batch into its rows instead."""
+    per batch element; the row norms' forward folds the batch into its rows instead
+    (``row_norm._row_norm_fwd_vmap``)."""
 
     def rule(info, in_dims, *args):
         outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))

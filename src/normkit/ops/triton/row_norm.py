@@ -322,8 +322,39 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd, dvar):
 
 
 torch.library.register_autograd("normkit::row_norm_fwd", _backward, setup_context=_setup_context)
-vmap_by_loop(_row_norm_fwd_op)
 vmap_by_loop(_row_norm_bwd_op)
+
+
+def _row_norm_fwd_vmap(info, in_dims, x, residual, weight, bias, *flags):
+    """vmap of the forward: rows are independent, so a batch of inputs sharing the weight and
+    bias is one launch over ``B * N`` samples (exact, as one call each); batched parameters
+    take one call per element."""
+    if in_dims[2] is not None or in_dims[3] is not None:
+        outs = [_row_norm_fwd_op(*(a if d is None else a.select(d, i)
+                                   for a, d in zip((x, residual, weight, bias), in_dims, strict=False)),
+                                 *flags) for i in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * 5
+    B = info.batch_size
+
+    def fold(t: Tensor | None, d: int | None) -> Tensor | None:
+        if t is None:
+            return None
+        t = t.expand(B, *t.shape) if d is None else t.movedim(d, 0)
+        return _inner_contiguous(t.reshape(B * t.shape[1], *t.shape[2:]))
+
+    y, residual_out, mean, rstd, var = _row_norm_fwd_op(fold(x, in_dims[0]), fold(residual, in_dims[1]),
+                                                        weight, bias, *flags)
+    residual_dtype = flags[4]
+    if residual_dtype is None:  # empty, not batched
+        out_dims = (0, None, 0, 0, 0)
+    else:
+        residual_out = residual_out.view(B, -1, *residual_out.shape[1:])
+        out_dims = (0,) * 5
+    stats = (t.view(B, -1) for t in (mean, rstd, var))
+    return (y.view(B, -1, *y.shape[1:]), residual_out, *stats), out_dims
+
+
+torch.library.register_vmap(_row_norm_fwd_op, _row_norm_fwd_vmap)
 _RowNormBackward = first_order(_row_norm_bwd_op)
 
 
