@@ -43,7 +43,7 @@ SIZES = st.sampled_from([1, 2, 3, 5, 7])
 # The Triton interpreter runs ~5 ms per program (row): few, small cases. NORMKIT_FUZZ_EXAMPLES
 # multiplies the counts for a deeper run by hand (CI keeps these).
 _DEPTH = int(os.environ.get("NORMKIT_FUZZ_EXAMPLES", "1"))
-EXAMPLES = {"triton": 8 * _DEPTH}
+EXAMPLES = {"triton": 6 * _DEPTH}
 DEFAULT_EXAMPLES = 20 * _DEPTH
 
 
