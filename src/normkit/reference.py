@@ -65,22 +65,45 @@ def default_rms_eps(dtype: torch.dtype) -> float:
     return torch.finfo(acc_dtype(dtype)).eps
 
 
-def _centre(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x - mean, mean, var)`` over ``dims``; mean 0 when not centred (RMSNorm).
+def _centre(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor]:
+    """``(x - mean, mean)`` over ``dims``; mean 0 when not centred (RMSNorm).
 
     The mean is taken of ``x - shift``, with ``shift`` one element of each reduced slice: a
-    large common offset (``1e4 + noise``) then cancels exactly (Sterbenz) before any rounding,
-    and the variance is the two-pass one of the shifted values.
+    large common offset (``1e4 + noise``) then cancels exactly (Sterbenz) before any rounding.
     """
     if not center:
-        return x, torch.zeros((), dtype=x.dtype, device=x.device), x.square().mean(dims, keepdim=True)
+        return x, torch.zeros((), dtype=x.dtype, device=x.device)
     shift = x
     for d in dims:
         shift = shift.narrow(d, 0, min(1, x.shape[d]))
     shifted = x - shift
     m = shifted.mean(dims, keepdim=True)
-    xc = shifted - m
-    return xc, shift + m, xc.square().mean(dims, keepdim=True)
+    return shifted - m, shift + m
+
+
+def _moments(xc: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_hat, rstd, var)`` of centred values: the two-pass biased variance, ``rstd = 1 /
+    sqrt(var + eps)`` and ``x_hat = xc * rstd``.
+
+    Two guards keep finite input finite, where ``xc.square()`` alone would not:
+
+    * a slice whose largest ``|xc|`` passes the fourth root of the dtype's max (2**32 in
+      float32) is divided by a power of two near it first (exact), so its squares cannot
+      overflow: float32 input at ``1e20`` normalizes as exactly as at ``1``. ``var`` itself is
+      then ``inf`` where it passes the dtype's range (as torch's running variance is);
+    * ``rstd = 0`` where ``var + eps == 0`` (a constant slice with ``eps=0``), ATen's rule for
+      its batch and instance norm: the output is then the bias, not ``0 * inf = NaN``.
+
+    In the ordinary range the scale is 1 and every value is bit-identical to the plain formula.
+    """
+    safe = torch.finfo(xc.dtype).max ** 0.25
+    amax = xc.detach().abs().amax(dims, keepdim=True) if xc.numel() else xc.detach().abs()
+    scale = torch.where(amax > safe, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
+    u = xc / scale
+    var_u = u.square().mean(dims, keepdim=True)
+    v = var_u + eps / scale / scale
+    rstd_u = torch.where(v == 0, torch.zeros_like(v), torch.rsqrt(v))
+    return u * rstd_u, rstd_u / scale, var_u * scale * scale
 
 
 class Normalize(torch.autograd.Function):
@@ -118,12 +141,12 @@ class Normalize(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         xa = x.to(acc)
         if given_var is None:
-            xc, mean, var = _centre(xa, dims, center)
+            xc, mean = _centre(xa, dims, center)
+            x_hat, _, var = _moments(xc, dims, eps)
         else:
             # copies: an output that is a saved input as-is is refused with setup_context
             mean, var = given_mean.to(acc, copy=True), given_var.to(acc, copy=True)
-            xc = xa - mean
-        x_hat = xc * torch.rsqrt(var + eps)
+            x_hat = (xa - mean) * torch.rsqrt(var + eps)
         y = x_hat
         if weight is not None:
             y = y * weight.to(acc)
@@ -195,12 +218,10 @@ def _x_hat(xa: Tensor, dims: tuple[int, ...], eps: float, center: bool, given_me
     """``(x_hat, rstd)`` recomputed from the saved input, with differentiable ops (the backward
     and the jvp are themselves differentiable)."""
     if given_var is None:
-        xc, _, var = _centre(xa, dims, center)
-    else:
-        var = given_var.to(xa.dtype)
-        xc = xa - given_mean.to(xa.dtype)
-    rstd = torch.rsqrt(var + eps)
-    return xc * rstd, rstd
+        x_hat, rstd, _ = _moments(_centre(xa, dims, center)[0], dims, eps)
+        return x_hat, rstd
+    rstd = torch.rsqrt(given_var.to(xa.dtype) + eps)
+    return (xa - given_mean.to(xa.dtype)) * rstd, rstd
 
 
 def _normalize_apply(*args: object):
