@@ -138,13 +138,14 @@ def _assert_close(actual: Any, expected: Any, dtype: torch.dtype) -> None:
     torch.testing.assert_close(actual, expected, check_dtype=False, **tol)
 
 
-# Known failures of the triton backend (forward mode: no jvp rule on its custom ops yet).
-TRITON_XFAIL_TRANSFORMS = {"jvp", "jacfwd"}
+# The triton kernels have no forward-mode rule: they refuse it with this error rather than give
+# zero tangents (the torch and reference backends compute it).
+TRITON_FORWARD_MODE = {"jvp", "jacfwd"}
+FORWARD_MODE_ERROR = "forward-mode AD .* is not supported by normkit's triton kernels"
 
 
-def _known_triton_failure(request: pytest.FixtureRequest, backend: str, transform: str = "") -> None:
-    if backend == "triton" and (transform in TRITON_XFAIL_TRANSFORMS or not transform):
-        request.applymarker(pytest.mark.xfail(reason="triton transforms: other helper", strict=False))
+def _refused(backend: str, transform: str) -> bool:
+    return backend == "triton" and transform in TRITON_FORWARD_MODE
 
 
 def _run(fn: Callable[[], Any], backend: str) -> Any:
@@ -164,16 +165,18 @@ def test_transform_matches_torch(name: str, transform: str, backend: str, reques
     if backend == "triton" and transform == "jacrev":
         pytest.skip("jacrev on triton: vmap runs the custom backward once per output element, minutes in the "
                     "interpreter; vmap over the backward is covered by vmap(grad)")
-    _known_triton_failure(request, backend, transform)
     op = OPS[name]
     gen = torch.Generator().manual_seed(seed_of(name, transform))
     primal = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in (op.shape, op.param, op.param))
     apply = _transforms(gen, op)[transform]
     expected = apply(op.torch, primal)
     dtype = torch.float32 if backend == "triton" else torch.float64
-    actual = _run(lambda: apply(lambda x, w, b: op.normkit(x, w, b, backend), tuple(p.to(dtype) for p in primal)),
-                  backend)
-    _assert_close(actual, expected, dtype)
+    run = lambda: apply(lambda x, w, b: op.normkit(x, w, b, backend), tuple(p.to(dtype) for p in primal))
+    if _refused(backend, transform):
+        with pytest.raises(RuntimeError, match=FORWARD_MODE_ERROR):
+            _run(run, backend)
+        return
+    _assert_close(_run(run, backend), expected, dtype)
 
 
 # ---- running statistics under vmap -------------------------------------------------------------
@@ -228,7 +231,7 @@ def test_per_sample_gradients_through_functional_call(name: str, backend: str, r
     xs = torch.randn(B, 2, *shape, generator=gen, dtype=torch.float64)
     upstream = torch.randn(2, *shape, generator=gen, dtype=torch.float64)
     results = []
-    for lib, extra in ((nn, {}), (normkit, {"backend": backend})):
+    for lib in (nn, normkit):
         module = build(lib) if lib is nn else build(lib)
         if lib is normkit:
             module.backend = backend
@@ -283,9 +286,8 @@ def test_module_with_running_stats_under_vmap_fails_and_counts_nothing(backend: 
 def test_running_stats_update_under_grad_and_jvp_as_torch(op: str, transform: str, backend: str,
                                                           request: pytest.FixtureRequest) -> None:
     """Under grad/jvp (no vmap) torch updates captured running statistics in its kernel; normkit
-    too, with torch's values, and the gradients or tangents are torch's. (The triton InstanceNorm
-    writes its running statistics with copy_, which grad refuses.)"""
-    _known_triton_failure(request, backend, "" if op == "instance_norm" else transform)
+    too, with torch's values, and the gradients or tangents are torch's (triton refuses jvp, with
+    the running statistics untouched)."""
     gen = torch.Generator().manual_seed(seed_of("running under", op, transform))
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((4, 3, 5), (3,), (3,)))
@@ -300,6 +302,11 @@ def test_running_stats_update_under_grad_and_jvp_as_torch(op: str, transform: st
 
         if transform == "grad":
             out = grad(lambda x, f=f: (f(x) * upstream.to(x.dtype)).sum())(x.to(dt))
+        elif kw and _refused(backend, transform):
+            with pytest.raises(RuntimeError, match=FORWARD_MODE_ERROR):
+                jvp(f, (x.to(dt),), (tangent.to(dt),))
+            assert torch.equal(stats[0], torch.zeros(3, dtype=dt)) and torch.equal(stats[1], torch.ones(3, dtype=dt))
+            return
         else:
             out = jvp(f, (x.to(dt),), (tangent.to(dt),))
         results.append((out, stats))

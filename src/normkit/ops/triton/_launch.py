@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 __all__ = [
@@ -92,6 +93,16 @@ def refuse_forward_ad(ctx, *tangents) -> None:
         "backend='torch' (or 'reference') for forward-mode derivatives, or reverse mode "
         "(torch.func.grad, vjp, jacrev)"
     )
+
+
+def refuse_forward_ad_early(*tensors: Tensor | None) -> None:
+    """:func:`refuse_forward_ad` before any work, for a launcher that writes running statistics
+    before its autograd Function runs: a tensor carrying a forward-mode tangent (``jvp``,
+    ``jacfwd``, ``forward_ad.make_dual``) would otherwise meet the error only after the write."""
+    if torch.compiler.is_compiling():
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        refuse_forward_ad(None)
 
 
 def update_running(pairs: list[tuple[Tensor | None, Tensor]], momentum: float, *,

@@ -67,6 +67,7 @@ from normkit.ops.triton._launch import (
     first_order,
     interpreted,
     refuse_forward_ad,
+    refuse_forward_ad_early,
     strides,
     update_running,
     vmap_by_loop,
@@ -580,6 +581,7 @@ def batch_norm(
     # What ATen's batch_norm saves for its backward, checked before the running update.
     check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
     if training:
+        refuse_forward_ad_early(input, weight, bias)
         centre, rstd = _batch_norm_stats_op(input.detach(), running_mean, running_var,
                                             float(momentum), float(eps))
     else:
