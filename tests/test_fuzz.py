@@ -291,14 +291,7 @@ def _fuzz(family: str, backend: str) -> Any:
 
 
 # Defects the fuzz finds today, by (family, backend); each entry is removed by the fix.
-_HUGE = ("{} of float32/bf16 input at |x| ~ 1e20 returns 0 on the reference backend (statistics overflow "
-         "float32), a silent wrong value: the truth is O(1); torch gives NaN, triton the right values")
-KNOWN_DEFECTS = {
-    ("GroupNorm", "reference"): _HUGE.format("GroupNorm"),
-    ("LayerNorm", "reference"): _HUGE.format("LayerNorm"),
-    ("InstanceNorm", "reference"): "InstanceNorm with eps=0 on a constant instance gives NaN output and input "
-                                   "gradient on the reference backend; torch (and triton) give the bias and 0",
-}
+KNOWN_DEFECTS: dict[tuple[str, str], str] = {}
 
 
 def _cells() -> list[Any]:
