@@ -14,6 +14,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[triton,cli,dev]"
+	# timm for the surgery tests on real timm models; --no-deps: its torchvision pin would pull a CUDA torch
+	$(PY) -m pip install -q --no-deps "timm==1.0.31"
 	touch $(STAMP)
 
 setup: $(STAMP)
