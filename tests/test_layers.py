@@ -264,12 +264,15 @@ def test_group_norm_by_group_size_is_group_norm_by_count() -> None:
     torch.testing.assert_close(by_size(x), F.group_norm(x, 3, by_size.weight, by_size.bias))
     with pytest.raises(ValueError, match="exactly one of num_groups and group_size"):
         normkit.GroupNorm(3, 12, group_size=4)
-    with pytest.raises(ValueError, match="exactly one of num_groups and group_size"):
-        normkit.GroupNorm(num_channels=12)
     with pytest.raises(ValueError, match="positive divisor of num_channels=12"):
         normkit.GroupNorm(num_channels=12, group_size=5)
-    with pytest.raises(TypeError, match="needs num_channels"):
-        normkit.GroupNorm(group_size=4)
+    # a missing argument is torch's TypeError, word for word (group_size stands for num_groups)
+    for kwargs in ({"num_channels": 12}, {"group_size": 4}, {"num_groups": 3}):
+        with pytest.raises(TypeError) as expected:
+            nn.GroupNorm(**{("num_groups" if k == "group_size" else k): v for k, v in kwargs.items()})
+        with pytest.raises(TypeError) as actual:
+            normkit.GroupNorm(**kwargs)
+        assert str(actual.value) == str(expected.value), kwargs
 
 
 # ---- memory format ---------------------------------------------------------------------------

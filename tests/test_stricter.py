@@ -134,3 +134,46 @@ def test_lazy_module_is_not_materialized_by_a_failed_call(backend: str) -> None:
     assert type(module) is normkit.LazyInstanceNorm2d and module.has_uninitialized_params()
     module(good)
     assert type(module) is normkit.InstanceNorm2d and module.num_features == 3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("no_grad", [False, True], ids=["grad", "no_grad"])
+def test_module_built_in_inference_mode_fails_before_any_write(backend: str, no_grad: bool) -> None:
+    """A BatchNorm built under torch.inference_mode() and trained outside it cannot update its
+    buffers: torch's module raises at its counter increment, first thing; normkit raises the
+    same error before any work (its counter is incremented last), so nothing is written."""
+    x = _rand(2, 3, 2, 2, seed="inference module")
+    with torch.inference_mode():
+        torch_module, module = nn.BatchNorm2d(3), normkit.BatchNorm2d(3, backend=backend)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for m in (torch_module, module):
+        with torch.no_grad() if no_grad else torch.enable_grad():
+            with pytest.raises(RuntimeError, match="^Inplace update to inference tensor outside InferenceMode"):
+                m(x)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_running_stats_rounded_once(backend: str, dtype: torch.dtype) -> None:
+    """fp16/bf16 running statistics are updated in float32 and rounded once, as ATen does: within
+    twice torch's own error against float64 (three roundings in the statistics' dtype gave
+    17x torch's error in fp16)."""
+    x = _rand(4, 3, 5, 5, seed="running low precision", dtype=torch.float64) * 3 + 5
+    truth = nn.BatchNorm2d(3).double()
+    truth(x)
+    errors = []
+    for m in (nn.BatchNorm2d(3).to(dtype), normkit.BatchNorm2d(3, backend=backend).to(dtype)):
+        m(x.to(dtype))
+        errors.append(max((m.running_mean.double() - truth.running_mean).abs().max().item(),
+                          (m.running_var.double() - truth.running_var).abs().max().item()))
+    torch_error, error = errors
+    assert error <= 2 * torch_error + torch.finfo(dtype).eps, (error, torch_error)
+
+
+def test_rms_norm_with_an_infinite_element_is_torch_s() -> None:
+    """An inf in a row makes its mean square inf: torch gives NaN at the inf and 0 elsewhere;
+    the reference's overflow guard leaves such a row to the plain formula, so it agrees."""
+    x = torch.tensor([[float("inf"), 1.0, 2.0, 3.0], [1.0, -2.0, 3.0, 0.5]])
+    torch.testing.assert_close(NF.rms_norm(x, (4,), backend="reference"), F.rms_norm(x, (4,)), equal_nan=True)

@@ -133,6 +133,22 @@ def _check_int_list(op: str, name: str, pos: int, value: object) -> None:
             )
 
 
+INFERENCE_INPLACE = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get "
+    "a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+
+def check_counter_writable(counter: Tensor | None) -> None:
+    """torch's error for ``num_batches_tracked.add_(1)`` on a module built under
+    ``torch.inference_mode()`` and called outside it, raised before any work: torch's module
+    meets it first too, but normkit increments the counter last (only calls that succeed count),
+    so without this check the running statistics would already be written."""
+    if (counter is not None and not torch.compiler.is_compiling() and counter.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        raise RuntimeError(INFERENCE_INPLACE)
+
+
 def _check_num_features(name: str, expected: int, tensor: Tensor | None) -> None:
     if tensor is not None and tensor.numel() != expected:
         raise RuntimeError(f"{name} should contain {expected} elements not {tensor.numel()}")

@@ -98,7 +98,9 @@ def _moments(xc: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Ten
     """
     safe = torch.finfo(xc.dtype).max ** 0.25
     amax = xc.detach().abs().amax(dims, keepdim=True) if xc.numel() else xc.detach().abs()
-    scale = torch.where(amax > safe, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
+    # (an inf in the slice is left to the plain formula: torch's NaN there and 0 elsewhere)
+    huge = (amax > safe) & amax.isfinite()
+    scale = torch.where(huge, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
     u = xc / scale
     var_u = u.square().mean(dims, keepdim=True)
     v = var_u + eps / scale / scale
@@ -274,10 +276,16 @@ def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | Non
     below = not torch.compiler.is_compiling() and not any(_is_batched(r) for r, _ in pairs)
     if below:
         pairs = [(r, _without_grad_wrappers(b)) for r, b in pairs]
+    # Running statistics built under torch.inference_mode() are written as ATen's kernel writes
+    # them (the module-level counter check raises torch's error before a module gets here).
+    inference = below and not torch.is_inference_mode_enabled() and any(r.is_inference() for r, _ in pairs)
     with torch.no_grad(), (torch._C._DisableFuncTorch() if below else contextlib.nullcontext()):
-        new = [r.mul(1.0 - momentum).add_(b.to(r.dtype), alpha=momentum) for r, b in pairs]
-        for (r, _), value in zip(pairs, new):
-            r.copy_(value)
+        # In the accumulation dtype, rounded once to the statistics' own dtype (ATen's order).
+        new = [(b.to(acc_dtype(r.dtype)) * momentum + r.to(acc_dtype(r.dtype)) * (1.0 - momentum)).to(r.dtype)
+               for r, b in pairs]
+        with torch.inference_mode() if inference else contextlib.nullcontext():
+            for (r, _), value in zip(pairs, new):
+                r.copy_(value)
 
 
 def _without_grad_wrappers(t: Tensor) -> Tensor:

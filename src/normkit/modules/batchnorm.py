@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import _checks
 from .. import functional as NF
 from ..masked import masked_batch_norm
 from ._base import BackendMixin
@@ -36,6 +37,7 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
     module._check_input_dim(input)
     training, tracked = module.training, module.training and module.track_running_stats
     counter = module.num_batches_tracked if tracked else None
+    _checks.check_counter_writable(counter)
     if module.momentum is None:  # cumulative average over the batches seen, this one included
         factor = 1.0 / float(counter + 1) if counter is not None else 0.0
     else:

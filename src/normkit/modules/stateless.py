@@ -127,9 +127,13 @@ class GroupNorm(BackendMixin, nn.GroupNorm):
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
                  backend: str | None = None,
                  stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, group_size: int | None = None) -> None:
+        # torch's TypeErrors for a missing argument (both are required there); group_size is
+        # the one spelling that replaces num_groups
         if num_channels is None:
-            raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(8, 64) or GroupNorm(num_channels=64, group_size=8)")
-        if (num_groups is None) == (group_size is None):
+            raise TypeError("GroupNorm.__init__() missing 1 required positional argument: 'num_channels'")
+        if num_groups is None and group_size is None:
+            raise TypeError("GroupNorm.__init__() missing 1 required positional argument: 'num_groups'")
+        if num_groups is not None and group_size is not None:
             raise ValueError(
                 f"give exactly one of num_groups and group_size (channels per group); got num_groups={num_groups}, "
                 f"group_size={group_size}"

@@ -9,6 +9,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from normkit._checks import INFERENCE_INPLACE
+
 __all__ = [
     "BLOCK_ENV_VAR",
     "FP_FUSION",
@@ -123,10 +125,7 @@ def update_running(pairs: list[tuple[Tensor | None, Tensor]], momentum: float, *
     inference = (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
                  and any(r.is_inference() for r, _ in new))
     if inference and not inference_ok:
-        raise RuntimeError(
-            "Inplace update to inference tensor outside InferenceMode is not allowed.You can make "
-            "a clone to get a normal tensor before doing inplace update.See "
-            "https://github.com/pytorch/rfcs/pull/17 for more details.")
+        raise RuntimeError(INFERENCE_INPLACE)
     with torch.no_grad(), torch.inference_mode() if inference else contextlib.nullcontext():
         for running, value in new:
             running.copy_(value)
