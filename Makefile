@@ -26,7 +26,7 @@ demo: $(STAMP)
 check: demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_norms.py
