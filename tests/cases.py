@@ -38,6 +38,8 @@ from normkit.norms import NORMS
 
 __all__ = [
     "BACKENDS",
+    "MODULE_CLASSES",
+    "MODULE_ROWS",
     "DTYPES",
     "FUNCTIONAL_CASES",
     "FUSED_ADD_CASES",
@@ -611,3 +613,41 @@ FUNCTIONAL_CASES: tuple[FunctionalCase, ...] = (
     _f("local_response_norm", (2, 5, 4, 6), size=3),  # torch's default alpha, beta, k
     _f("local_response_norm", (2, 5, 6), size=4, alpha=0.5, beta=0.5, k=2.0),
 )
+
+
+# Every public module class -> one representative (constructor args, keywords, input shape), for
+# the tests that walk every class (tooling, fx, TorchScript); small inputs, few rows for the interpreter.
+MODULE_ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] = {
+    "BatchNorm1d": ((3,), {}, (4, 3, 2)),
+    "BatchNorm2d": ((3,), {"momentum": None}, (2, 3, 2, 3)),
+    "BatchNorm3d": ((3,), {}, (2, 3, 2, 1, 2)),
+    "LazyBatchNorm1d": ((), {}, (4, 3, 2)),
+    "LazyBatchNorm2d": ((), {}, (2, 3, 2, 3)),
+    "LazyBatchNorm3d": ((), {}, (2, 3, 2, 1, 2)),
+    "SyncBatchNorm": ((3,), {}, (2, 3, 2, 3)),
+    "InstanceNorm1d": ((3,), {"affine": True, "track_running_stats": True}, (2, 3, 5)),
+    "InstanceNorm2d": ((3,), {"affine": True}, (2, 3, 2, 3)),
+    "InstanceNorm3d": ((3,), {"track_running_stats": True}, (2, 3, 2, 1, 2)),
+    "LazyInstanceNorm1d": ((), {}, (2, 3, 5)),
+    "LazyInstanceNorm2d": ((), {}, (2, 3, 2, 3)),
+    "LazyInstanceNorm3d": ((), {}, (2, 3, 2, 1, 2)),
+    "GroupNorm": ((2, 4), {}, (2, 4, 3)),
+    "GroupNormAct": ((2, 4), {}, (2, 4, 3)),
+    "BatchNormAct2d": ((3,), {"act": "silu"}, (2, 3, 2, 3)),
+    "LayerNorm": ((5,), {}, (2, 3, 5)),
+    "RMSNorm": ((5,), {"weight_offset": 1.0}, (2, 3, 5)),
+    "LayerNorm2d": ((3,), {}, (2, 3, 2, 2)),
+    "RMSNorm2d": ((3,), {}, (2, 3, 2, 2)),
+    "LocalResponseNorm": ((3,), {"alpha": 1.0}, (2, 5, 3)),
+    "FusedAddLayerNorm": ((5,), {}, (2, 3, 5)),
+    "FusedAddRMSNorm": ((5,), {"residual_dtype": torch.float32}, (2, 3, 5)),
+    "FrozenBatchNorm1d": ((3,), {}, (4, 3, 2)),
+    "FrozenBatchNorm2d": ((3,), {}, (2, 3, 2, 3)),
+    "FrozenBatchNorm3d": ((3,), {}, (2, 3, 2, 1, 2)),
+    "GhostBatchNorm1d": ((3, 2), {}, (4, 3, 2)),
+    "GhostBatchNorm2d": ((3, 2), {}, (4, 3, 2, 2)),
+    "BatchRenorm1d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (4, 3, 2)),
+    "BatchRenorm2d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 3)),
+    "BatchRenorm3d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 1, 2)),
+}
+MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))

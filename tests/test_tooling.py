@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import normkit
-from cases import BACKENDS, MUST_RUN, TOLERANCES, make_input, randomize_, seed_of
+from cases import BACKENDS, MODULE_CLASSES, MODULE_ROWS, MUST_RUN, TOLERANCES, make_input, randomize_, seed_of
 from normkit.backends import _REGISTRY, ENV_VAR, Backend, OpImpl
 
 CPU_BACKENDS = [b for b in BACKENDS if b in MUST_RUN]
@@ -287,41 +287,6 @@ def test_pickled_unmaterialized_lazy_modules_materialize_like_the_original() -> 
 
 # ---- every module class: fx (as the traced root and inside a model), TorchScript -------------
 
-# Every public module class -> (constructor args, keyword args, input shape), for C = 4.
-MODULE_ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] = {
-    "BatchNorm1d": ((4,), {}, (3, 4, 5)),
-    "BatchNorm2d": ((4,), {"momentum": None}, (3, 4, 3, 2)),
-    "BatchNorm3d": ((4,), {}, (2, 4, 2, 3, 2)),
-    "LazyBatchNorm1d": ((), {}, (3, 4, 5)),
-    "LazyBatchNorm2d": ((), {}, (3, 4, 3, 2)),
-    "LazyBatchNorm3d": ((), {}, (2, 4, 2, 3, 2)),
-    "SyncBatchNorm": ((4,), {}, (3, 4, 3, 2)),
-    "InstanceNorm1d": ((4,), {"affine": True, "track_running_stats": True}, (3, 4, 5)),
-    "InstanceNorm2d": ((4,), {"affine": True}, (3, 4, 3, 2)),
-    "InstanceNorm3d": ((4,), {"track_running_stats": True}, (2, 4, 2, 3, 2)),
-    "LazyInstanceNorm1d": ((), {}, (3, 4, 5)),
-    "LazyInstanceNorm2d": ((), {}, (3, 4, 3, 2)),
-    "LazyInstanceNorm3d": ((), {}, (2, 4, 2, 3, 2)),
-    "GroupNorm": ((2, 4), {}, (3, 4, 3, 2)),
-    "GroupNormAct": ((2, 4), {}, (3, 4, 3, 2)),
-    "BatchNormAct2d": ((4,), {"act": "silu"}, (3, 4, 3, 2)),
-    "LayerNorm": ((2,), {}, (3, 4, 3, 2)),
-    "RMSNorm": ((2,), {"weight_offset": 1.0}, (3, 4, 3, 2)),
-    "LayerNorm2d": ((4,), {}, (3, 4, 3, 2)),
-    "RMSNorm2d": ((4,), {}, (3, 4, 3, 2)),
-    "LocalResponseNorm": ((3,), {"alpha": 1.0}, (3, 4, 3, 2)),
-    "FusedAddLayerNorm": ((2,), {}, (3, 4, 3, 2)),
-    "FusedAddRMSNorm": ((2,), {"residual_dtype": torch.float64}, (3, 4, 3, 2)),
-    "FrozenBatchNorm1d": ((4,), {}, (3, 4, 5)),
-    "FrozenBatchNorm2d": ((4,), {}, (3, 4, 3, 2)),
-    "FrozenBatchNorm3d": ((4,), {}, (2, 4, 2, 3, 2)),
-    "GhostBatchNorm1d": ((4, 2), {}, (5, 4, 3)),
-    "GhostBatchNorm2d": ((4, 2), {}, (5, 4, 2, 2)),
-    "BatchRenorm1d": ((4,), {"r_max": 1.5, "d_max": 0.5}, (3, 4, 5)),
-    "BatchRenorm2d": ((4,), {"r_max": 1.5, "d_max": 0.5}, (3, 4, 3, 2)),
-    "BatchRenorm3d": ((4,), {"r_max": 1.5, "d_max": 0.5}, (2, 4, 2, 3, 2)),
-}
-MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))
 
 
 def test_module_rows_cover_every_module_class() -> None:

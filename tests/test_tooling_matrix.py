@@ -30,44 +30,20 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import normkit
 from _outside import raised
-from cases import BACKENDS, MUST_RUN, TOLERANCES, make_input, randomize_, seed_of, skip_if_declined
+from cases import (
+    BACKENDS,
+    MODULE_CLASSES,
+    MODULE_ROWS,
+    MUST_RUN,
+    TOLERANCES,
+    make_input,
+    randomize_,
+    seed_of,
+    skip_if_declined,
+)
 from normkit.backends import _REGISTRY, BackendError
 
-# name -> (constructor args, keywords, input shape). Small inputs: few rows for the interpreter.
-ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] = {
-    "BatchNorm1d": ((3,), {}, (4, 3, 2)),
-    "BatchNorm2d": ((3,), {"momentum": None}, (2, 3, 2, 3)),
-    "BatchNorm3d": ((3,), {}, (2, 3, 2, 1, 2)),
-    "LazyBatchNorm1d": ((), {}, (4, 3, 2)),
-    "LazyBatchNorm2d": ((), {}, (2, 3, 2, 3)),
-    "LazyBatchNorm3d": ((), {}, (2, 3, 2, 1, 2)),
-    "SyncBatchNorm": ((3,), {}, (2, 3, 2, 3)),
-    "InstanceNorm1d": ((3,), {"affine": True, "track_running_stats": True}, (2, 3, 5)),
-    "InstanceNorm2d": ((3,), {"affine": True}, (2, 3, 2, 3)),
-    "InstanceNorm3d": ((3,), {"track_running_stats": True}, (2, 3, 2, 1, 2)),
-    "LazyInstanceNorm1d": ((), {}, (2, 3, 5)),
-    "LazyInstanceNorm2d": ((), {}, (2, 3, 2, 3)),
-    "LazyInstanceNorm3d": ((), {}, (2, 3, 2, 1, 2)),
-    "GroupNorm": ((2, 4), {}, (2, 4, 3)),
-    "GroupNormAct": ((2, 4), {}, (2, 4, 3)),
-    "BatchNormAct2d": ((3,), {"act": "silu"}, (2, 3, 2, 3)),
-    "LayerNorm": ((5,), {}, (2, 3, 5)),
-    "RMSNorm": ((5,), {"weight_offset": 1.0}, (2, 3, 5)),
-    "LayerNorm2d": ((3,), {}, (2, 3, 2, 2)),
-    "RMSNorm2d": ((3,), {}, (2, 3, 2, 2)),
-    "LocalResponseNorm": ((3,), {"alpha": 1.0}, (2, 5, 3)),
-    "FusedAddLayerNorm": ((5,), {}, (2, 3, 5)),
-    "FusedAddRMSNorm": ((5,), {"residual_dtype": torch.float32}, (2, 3, 5)),
-    "FrozenBatchNorm1d": ((3,), {}, (4, 3, 2)),
-    "FrozenBatchNorm2d": ((3,), {}, (2, 3, 2, 3)),
-    "FrozenBatchNorm3d": ((3,), {}, (2, 3, 2, 1, 2)),
-    "GhostBatchNorm1d": ((3, 2), {}, (4, 3, 2)),
-    "GhostBatchNorm2d": ((3, 2), {}, (4, 3, 2, 2)),
-    "BatchRenorm1d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (4, 3, 2)),
-    "BatchRenorm2d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 3)),
-    "BatchRenorm3d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 1, 2)),
-}
-MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))
+ROWS = MODULE_ROWS
 # One module per Triton kernel family (BatchNorm, row norms, the fused activation and residual),
 # with the tools whose path differs per backend (custom ops, fake kernels, transform rules):
 # copies and fx traces hold the module, not the kernel, and the interpreter is slow.
