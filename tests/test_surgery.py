@@ -397,7 +397,8 @@ def test_a_wrong_adapter_is_refused_by_the_probe(monkeypatch: pytest.MonkeyPatch
     model = randomize_(nn.Sequential(_TwiceLayerNorm(6)), 0)
     report = normkit.ConvertReport()
     normkit.convert(model, report=report)
-    assert type(model[0]) is _TwiceLayerNorm and "forgets_the_bias: output differs" in report.left[0].reason
+    assert type(model[0]) is _TwiceLayerNorm
+    assert "forgets_the_bias: on probe input [2, 6] of ordinary values: output differs" in report.left[0].reason
 
 
 def test_a_failing_twin_is_left_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -406,7 +407,8 @@ def test_a_failing_twin_is_left_in_place(monkeypatch: pytest.MonkeyPatch) -> Non
     model = randomize_(nn.Sequential(nn.GroupNorm(2, 6)), 0)
     report = normkit.ConvertReport()
     normkit.convert(model, report=report)
-    assert type(model[0]) is nn.GroupNorm and "twin fails the probe: output differs" in report.left[0].reason
+    assert type(model[0]) is nn.GroupNorm
+    assert "twin fails the probe: on probe input [2, 6] of ordinary values: output differs" in report.left[0].reason
     assert "act" not in vars(model[0])
 
 
@@ -532,3 +534,79 @@ def test_odd_norm_like_modules_are_left_with_a_reason_not_an_error() -> None:
     assert [type(m) for m in model] == [IntShapeNorm, LockedNorm]
     assert "reading its attributes failed" in report.left[0].reason
     assert "cannot be copied to probe" in report.left[1].reason
+
+
+# ---- the probe is adversarial: outliers, offsets, tiny values, every input rank -----------------
+
+
+class _ClampedRMSNorm(nn.Module):
+    """LLaMA's RMSNorm with a clamp after it: ordinary inputs never reach the clamp."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        y = self.weight * (x.float() * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+        return y.clamp(-2.6, 2.6)
+
+
+class _RankDependentLayerNorm(nn.Module):
+    """A LayerNorm over dim 1 of a 4-D input and over the last dim of any other."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = 1e-6
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            mean = x.mean(1, keepdim=True)
+            x = (x - mean) / torch.sqrt((x - mean).pow(2).mean(1, keepdim=True) + self.eps)
+            return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
+def test_a_norm_that_clamps_its_outliers_is_left() -> None:
+    model = nn.Sequential(_ClampedRMSNorm(8))
+    x = torch.randn(2, 8)
+    x[0, 0] = 50.0
+    expected = model(x)
+    report = normkit.ConvertReport()
+    normkit.convert(model, report=report)
+    assert type(model[0]) is _ClampedRMSNorm and "with outliers: output differs" in report.left[0].reason
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_a_replacement_must_take_every_input_rank_the_original_takes() -> None:
+    model = nn.Sequential(_RankDependentLayerNorm(8))
+    report = normkit.ConvertReport()
+    normkit.convert(model, report=report)
+    assert type(model[0]) is _RankDependentLayerNorm
+    assert "LayerNorm: on probe input [2, 8, 3, 4] of ordinary values: the replacement fails" in report.left[0].reason
+    assert model(torch.randn(2, 8, 3, 3)).shape == (2, 8, 3, 3)
+
+
+@pytest.mark.parametrize("label", ["with outliers", "offset by 64", "of magnitude 1e-3"])
+def test_each_kind_of_probe_input_catches_a_norm_ordinary_inputs_miss(label: str) -> None:
+    class Odd(nn.Module):  # an RMSNorm that departs from RMSNorm only on one kind of input
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+            self.eps = 1e-6
+
+        def forward(self, x: Tensor) -> Tensor:
+            rms = x.pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
+            y = self.weight * x * rms
+            if label == "with outliers":
+                return y.clamp(-2.6, 2.6)
+            if label == "offset by 64":
+                return torch.where(x.mean(-1, keepdim=True) > 30, 0.5 * y, y)  # a large mean
+            return y * (x.abs().amax(-1, keepdim=True) > 1e-2)  # gives 0 below a threshold
+
+    report = normkit.ConvertReport()
+    normkit.convert(nn.Sequential(Odd()), report=report)
+    assert f"{label}: output differs" in report.left[0].reason

@@ -1,7 +1,14 @@
 """Probes for model surgery: before :func:`normkit.convert` or :func:`normkit.fuse_conv_bn`
-replaces a module, both the module and its replacement run on one small random input and must
-agree (output, input and parameter gradients for a random upstream gradient, and the buffers
-the call updates). A wrong adapter then leaves the model as it was instead of changing it.
+replaces a module, both the module and its replacement run on small inputs and must agree
+(output, input and parameter gradients for a random upstream gradient, and the buffers the call
+updates). A wrong adapter then leaves the model as it was instead of changing it.
+
+:func:`probe_inputs` is adversarial for norms: every input rank a norm plausibly takes (2-D,
+3-D and 4-D with the features last, 3-D to 5-D with the features at dim 1), each with ordinary
+values, rows with outliers (normalized values near sqrt(n): a clamp or a saturation shows), a
+large common offset (a norm that does not centre, or centres carelessly) and tiny magnitudes
+(where ``eps`` dominates). :func:`compare_inputs` requires that the replacement accepts every
+input the original maps to an output of the same shape, and agrees on all of them.
 
 A probe changes nothing: buffers (running statistics, counters) are restored in place after
 each run, the random number generator is forked (dropout draws the same mask in both runs and
@@ -12,13 +19,15 @@ written), and forwards are called without the modules' hooks (``module.forward``
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TOLERANCE", "Outcome", "compare", "probe_input", "random_copy", "tensor_home"]
+__all__ = ["TOLERANCE", "Outcome", "compare", "compare_inputs", "difference", "probe_input", "probe_inputs",
+           "random_copy", "tensor_home"]
 
 # Largest accepted difference, relative to the largest magnitude of the tensor compared.
 # Replacements compute the same formula in another order, so they differ by a few roundings of
@@ -46,37 +55,52 @@ def tensor_home(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _spatial(channels: int, dims: int) -> tuple[int, ...]:
-    # Small, and never equal to the channel count, so an input laid out the wrong way round
-    # (channels-last for a channels-first norm) fails instead of passing by coincidence.
-    sizes = (3, 2, 2) if channels not in (2, 3) else (5, 4, 4)
-    return sizes[:dims]
-
-
-def probe_shape(module: nn.Module) -> tuple[int, ...]:
-    """A small input shape that ``module`` (a normkit module, or a torch.nn norm) accepts."""
+def _features(module: nn.Module) -> int | tuple[int, ...]:
+    """The feature count of a normkit module or torch.nn norm (a tuple: LayerNorm/RMSNorm over
+    several trailing axes)."""
     from .modules import LayerNorm2d, RMSNorm2d
-    from .modules.frozen import _FrozenBatchNorm
 
     if isinstance(module, (LayerNorm2d, RMSNorm2d)):
-        channels = module.normalized_shape[0]
-        return (2, channels, *_spatial(channels, 2))
+        return module.normalized_shape[0]
     if isinstance(module, nn.LocalResponseNorm):
-        return (2, 5, 3, 3)
+        return 5
     if isinstance(module, nn.GroupNorm):
-        return (2, module.num_channels, 5)
+        return module.num_channels
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return (2, 3, *module.normalized_shape)
-    channels = module.num_features
-    if isinstance(module, _FrozenBatchNorm):
-        dims = max(module._dims) - 2
-    elif isinstance(module, (nn.BatchNorm1d, nn.InstanceNorm1d)):
-        return (4, channels, 3)  # N * L > 1 values per channel, as training-mode BatchNorm needs
-    elif isinstance(module, (nn.BatchNorm3d, nn.InstanceNorm3d)):
-        dims = 3
-    else:  # 2d, SyncBatchNorm
-        dims = 2
-    return (2, channels, *_spatial(channels, dims))
+        shape = tuple(module.normalized_shape)
+        return shape[0] if len(shape) == 1 else shape
+    return module.num_features
+
+
+def probe_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    """Every input layout a norm with ``module``'s feature count plausibly takes: (N, C),
+    (N, L, C), (N, H, W, C) and (N, C, L), (N, C, H, W), (N, C, D, H, W). The other sizes are
+    small and never the feature count, so a norm applied to the wrong axis fails to broadcast
+    instead of passing by coincidence."""
+    n = _features(module)
+    if isinstance(n, tuple):
+        return [(2, *n), (2, 3, *n)]
+    b, s, t, u = [k for k in (2, 3, 4, 5, 6) if k != n][:4]
+    return [(b, n), (b, s, n), (b, s, t, n), (b, n, s), (b, n, s, t), (b, n, t, s, u)]
+
+
+def probe_inputs(module: nn.Module, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> list[tuple[str, Tensor]]:
+    """Labelled probe inputs for a norm with ``module``'s feature count: every layout of
+    :func:`probe_shapes`, each with ordinary values (non-zero mean), outliers of +-50 in the
+    first and last rows (one value dominates its row: it normalizes to about sqrt(n)), a
+    common offset of 64, and magnitudes of 1e-3 (where ``eps`` matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    found = []
+    for shape in probe_shapes(module):
+        base = torch.randn(shape, generator=gen, dtype=torch.float64)
+        outliers = base * 2 + 0.5
+        rows = outliers.view(shape[0], -1)
+        rows[0, 0], rows[-1, -1] = 50.0, -50.0
+        for label, x in (("of ordinary values", base * 2 + 0.5), ("with outliers", outliers),
+                         ("offset by 64", base + 64), ("of magnitude 1e-3", base * 1e-3)):
+            found.append((f"{list(shape)} {label}", x.to(device=device, dtype=dtype)))
+    return found
 
 
 def probe_input(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int = 0) -> Tensor:
@@ -151,7 +175,7 @@ def _run(forward: Callable[[Tensor], Tensor], x: Tensor, params: list[Tensor], b
     return _Run(out.detach(), grads, after)
 
 
-def _difference(expected: Tensor | None, actual: Tensor | None, what: str) -> Outcome:
+def difference(expected: Tensor | None, actual: Tensor | None, what: str) -> Outcome:
     if expected is None or actual is None:
         if expected is None and actual is None:
             return Outcome(0.0, None)
@@ -205,15 +229,48 @@ def compare(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor]
                                          f"{type(exc).__name__}: {exc}")
     finally:
         _set_rng_state(x.device, state)
-    worst = _difference(ref.out, new.out, "output")
+    worst = difference(ref.out, new.out, "output")
     if worst.reason is not None:
         return worst
     labels = ["input gradient", *(f"gradient of {n}" for n, t in zip(names, tensors, strict=True) if t.requires_grad)]
     pairs = [*zip(ref.grads, new.grads, labels, strict=True),
              *zip(ref.buffers, new.buffers, [f"{n} after the call" for n in buffer_names], strict=True)]
     for expected, actual, what in pairs:
-        outcome = _difference(expected, actual, what)
+        outcome = difference(expected, actual, what)
         if outcome.reason is not None:
             return outcome
         worst = max(worst, outcome, key=lambda o: o.error)
+    return worst
+
+
+def compare_inputs(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor], Tensor],
+                   inputs: Sequence[tuple[str, Tensor]], params: dict[str, Tensor], buffers: dict[str, Tensor],
+                   seed: int = 0, *, gradients: bool = True) -> Outcome:
+    """:func:`compare` on each labelled input that ``original`` takes (maps to a tensor of the
+    input's shape, as every norm does; an input it refuses, or broadcasts to another shape, is
+    not one its model can feed it). The replacement must take every one of those and agree on
+    all; the worst agreement is returned, or the first disagreement, naming the input. Warnings
+    the inputs provoke (a rank torch only warns about) are the probe's, not the caller's: they
+    are silenced."""
+    worst, first_failure = None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, x in inputs:
+            state = _rng_state(x.device)
+            try:
+                accepted = _run(original, x, [], list(buffers.values()), seed, False).out.shape == x.shape
+            except Exception as exc:  # noqa: BLE001 - an input the original refuses says nothing
+                accepted = False
+                first_failure = first_failure or f"{type(exc).__name__}: {exc}"
+            finally:
+                _set_rng_state(x.device, state)
+            if not accepted:
+                continue
+            outcome = compare(original, replacement, x, params, buffers, seed, gradients=gradients)
+            if outcome.reason is not None:
+                return Outcome(outcome.error, f"on probe input {label}: {outcome.reason}")
+            worst = outcome if worst is None else max(worst, outcome, key=lambda o: o.error)
+    if worst is None:
+        return Outcome(float("inf"), "the original takes none of the probe inputs"
+                                     + (f" (first error: {first_failure})" if first_failure else ""))
     return worst

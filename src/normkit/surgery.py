@@ -5,8 +5,9 @@ Every function works in place and returns the model. Where the model itself is t
 replace by another object (an adapter's result at the root), the return value is the new
 module: always use it (``model = normkit.convert(model)``).
 
-Nothing is replaced on trust: each replacement first runs beside the module it replaces on a
-small random input (:mod:`normkit._probe`) and is kept only if both agree.
+Nothing is replaced on trust: each replacement first runs beside the module it replaces on
+small adversarial inputs of every rank the module takes (:mod:`normkit._probe`) and is kept
+only if it takes them all and both agree.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ import torch.distributed as dist
 from torch import nn
 
 from . import modules as nk
-from ._probe import Outcome, compare, probe_input, probe_shape, random_copy, tensor_home
+from ._probe import (
+    Outcome,
+    compare,
+    compare_inputs,
+    probe_input,
+    probe_inputs,
+    random_copy,
+    tensor_home,
+)
 from ._structure import ACT_MODULES, Adapter, Candidate, norm_like, structural_candidates
 from .backends import get_backend
 from .modules._base import BackendMixin
@@ -146,8 +155,8 @@ def _probe_swap(m: nn.Module, twin: type[BackendMixin], backend: str | None) -> 
     if isinstance(m, nn.SyncBatchNorm) and m.training and dist.is_available() and dist.is_initialized():
         return "not probed: a training SyncBatchNorm would run a collective"
     shadow = twin.adopt(copy.copy(m), backend=backend)  # shares m's parameter and buffer dicts
-    x = probe_input(probe_shape(m), device, dtype)
-    outcome = compare(m.forward, shadow.forward, x, dict(m.named_parameters()), dict(m.named_buffers()))
+    outcome = compare_inputs(m.forward, shadow.forward, probe_inputs(m, device, dtype), dict(m.named_parameters()),
+                             dict(m.named_buffers()))
     return outcome if outcome.reason is not None else _check_text(outcome)
 
 
@@ -156,11 +165,13 @@ def _try(m: nn.Module, build: Adapter, backend: str | None, gradients: bool = Tr
         new = build(m)
         if isinstance(new, BackendMixin):
             new.backend = backend
-        x = probe_input(probe_shape(new), *tensor_home(m))
+        # The inputs come from the candidate's feature count: every candidate of one module
+        # gets the same layouts, and must take each one the module takes.
+        inputs = probe_inputs(new, *tensor_home(m))
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is refused
         return None, Outcome(float("inf"), f"cannot build or probe it: {type(exc).__name__}: {exc}")
-    return new, compare(m.forward, new.forward, x, dict(m.named_parameters()), dict(m.named_buffers()),
-                        gradients=gradients)
+    return new, compare_inputs(m.forward, new.forward, inputs, dict(m.named_parameters()), dict(m.named_buffers()),
+                               gradients=gradients)
 
 
 def _signature(m: nn.Module) -> tuple[Any, ...]:
@@ -284,9 +295,11 @@ def convert(model: nn.Module, backend: str | None = None, *, strict: bool = Fals
       from :func:`register_adapter` are tried first. The replacement shares the module's
       Parameters.
 
-    Every replacement is verified before it sticks: it runs beside the module on a small random
-    input (output, input and parameter gradients, running-statistic updates, compared within a
-    few roundings of the dtype) and is dropped, the original kept, if they differ. Probes change
+    Every replacement is verified before it sticks: it runs beside the module on small inputs
+    (:func:`normkit._probe.probe_inputs`: 2-D to 5-D with the features last or at dim 1, each
+    with ordinary values, outliers, a large offset and tiny magnitudes) and is dropped, the
+    original kept, if it refuses an input the module takes or differs on one (output, input and
+    parameter gradients, running-statistic updates, compared within a few roundings of the dtype). Probes change
     no buffer, gradient or random state, and skip the module's own hooks. Not probed, and said so in the report:
     class swaps of uninitialized Lazy modules and of modules on the meta device (structural
     matches of those are still chosen on a random CPU copy).
