@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -175,3 +177,29 @@ def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None
             "inference mode in computation tracked by autograd. To work around this, you can make "
             "a clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` "
             "instead of `torch.inference_mode()`.")
+
+
+def eager_and_compiled(fwd_op, setup, bwd, bwd_op) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The forward and backward calls of a kernel pair: an ``autograd.Function`` around the
+    custom op ``fwd_op`` (``setup``/``bwd`` its autograd formula, vmap rules generated from the
+    ops' own, forward mode refused) and :func:`first_order` around ``bwd_op``, which torch.func
+    needs in eager code; compiled code calls the custom ops themselves, whose registered
+    autograd Dynamo traces (it cannot trace an ``autograd.Function`` with a custom ``jvp``)."""
+
+    class Kernel(torch.autograd.Function):
+        generate_vmap_rule = True
+        forward = staticmethod(fwd_op)
+        setup_context = staticmethod(setup)
+        backward = staticmethod(bwd)
+        jvp = staticmethod(refuse_forward_ad)
+
+    Kernel.__name__ = Kernel.__qualname__ = f"Kernel_{fwd_op._name}"
+    backward = first_order(bwd_op)
+
+    def forward_call(*args):
+        return fwd_op(*args) if torch.compiler.is_compiling() else Kernel.apply(*args)
+
+    def backward_call(*args):
+        return bwd_op(*args) if torch.compiler.is_compiling() else backward.apply(*args)
+
+    return forward_call, backward_call

@@ -64,9 +64,8 @@ from normkit.ops.triton._launch import (
     block_override,
     check_saveable,
     device_of,
-    first_order,
+    eager_and_compiled,
     interpreted,
-    refuse_forward_ad,
     refuse_forward_ad_early,
     strides,
     update_running,
@@ -511,28 +510,8 @@ def _backward(ctx, dy):
 torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_context=_setup_context)
 vmap_by_loop(_batch_norm_fwd_op)
 vmap_by_loop(_batch_norm_bwd_op)
-_BatchNormBackward = first_order(_batch_norm_bwd_op)
-
-
-class _BatchNorm(torch.autograd.Function):
-    """``batch_norm_fwd`` with its backward, in the form ``torch.func`` accepts (see
-    :class:`normkit.ops.triton.row_norm._RowNorm`)."""
-
-    generate_vmap_rule = True
-    forward = staticmethod(_batch_norm_fwd_op)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-    jvp = staticmethod(refuse_forward_ad)
-
-
-# Compiled code calls the custom ops, whose registered autograd Dynamo traces (it cannot trace
-# an autograd.Function with a custom jvp); eager code calls the Functions, which torch.func needs.
-def _batch_norm(*args):
-    return _batch_norm_fwd_op(*args) if torch.compiler.is_compiling() else _BatchNorm.apply(*args)
-
-
-def _batch_norm_backward(*args):
-    return _batch_norm_bwd_op(*args) if torch.compiler.is_compiling() else _BatchNormBackward.apply(*args)
+_batch_norm, _batch_norm_backward = eager_and_compiled(_batch_norm_fwd_op, _setup_context, _backward,
+                                                       _batch_norm_bwd_op)
 
 
 def _batch_norm_stats_vmap(info, in_dims, x, running_mean, running_var, momentum, eps):

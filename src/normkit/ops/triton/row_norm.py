@@ -10,7 +10,7 @@ prod(spatial))`` for GroupNorm and InstanceNorm, contiguous or channels_last ali
 
 Both ops have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
 a norm without a graph break; the kernels stay opaque to the compiler. The norms call the
-forward through :class:`_RowNorm`, an ``autograd.Function`` whose backward is the second op:
+forward through an ``autograd.Function`` (``_launch.eager_and_compiled``) whose backward is the second op:
 unlike ``torch.library.register_autograd`` alone, it works under ``torch.func`` (``grad``,
 ``vjp``, ``jacrev``; ``vmap`` through the ops' batching rules) and refuses forward-mode AD
 with an error where a bare custom op would return zero tangents.
@@ -43,9 +43,8 @@ from normkit.ops.triton._launch import (
     VMAP_SHARED_RUNNING_STATS,
     block_override,
     device_of,
-    first_order,
+    eager_and_compiled,
     interpreted,
-    refuse_forward_ad,
     strides,
     update_running,
     vmap_by_loop,
@@ -355,28 +354,7 @@ def _row_norm_fwd_vmap(info, in_dims, x, residual, weight, bias, *flags):
 
 
 torch.library.register_vmap(_row_norm_fwd_op, _row_norm_fwd_vmap)
-_RowNormBackward = first_order(_row_norm_bwd_op)
-
-
-class _RowNorm(torch.autograd.Function):
-    """``row_norm_fwd`` with its backward, in the form ``torch.func`` accepts (a separate
-    ``setup_context``; batching rules generated from the ops' own)."""
-
-    generate_vmap_rule = True
-    forward = staticmethod(_row_norm_fwd_op)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-    jvp = staticmethod(refuse_forward_ad)
-
-
-# Compiled code calls the custom ops, whose registered autograd Dynamo traces (it cannot trace
-# an autograd.Function with a custom jvp); eager code calls the Functions, which torch.func needs.
-def _row_norm(*args):
-    return _row_norm_fwd_op(*args) if torch.compiler.is_compiling() else _RowNorm.apply(*args)
-
-
-def _row_norm_backward(*args):
-    return _row_norm_bwd_op(*args) if torch.compiler.is_compiling() else _RowNormBackward.apply(*args)
+_row_norm, _row_norm_backward = eager_and_compiled(_row_norm_fwd_op, _setup_context, _backward, _row_norm_bwd_op)
 
 
 @torch.library.custom_op("normkit::update_running_stats", mutates_args=("running_mean", "running_var"))
