@@ -162,7 +162,7 @@ def test_fuse_conv_bn_folds_and_keeps_outputs() -> None:
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     expected = model(x)
     weight = model[0].weight
-    assert normkit.fuse_conv_bn(model) is model
+    assert normkit.fuse_conv_bn(model, example_inputs=(x,)) is model
     assert [type(m) for m in model][:4] == [nn.Conv2d, nn.Identity, nn.ReLU, nn.Sequential]
     assert type(model[3][1]) is nn.Identity and type(model[6]) is nn.Identity
     assert model[0].weight is weight and model[0].bias is not None
@@ -610,3 +610,90 @@ def test_each_kind_of_probe_input_catches_a_norm_ordinary_inputs_miss(label: str
     report = normkit.ConvertReport()
     normkit.convert(nn.Sequential(Odd()), report=report)
     assert f"{label}: output differs" in report.left[0].reason
+
+
+# ---- fuse_conv_bn folds only what the forward feeds to the BatchNorm alone ----------------------
+
+
+class _ConvOutputUsedTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class _OperationInBetween(_ConvOutputUsedTwice):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x) + 1)
+
+
+class _Untraceable(_ConvOutputUsedTwice):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x)) if x.sum() > -1e9 else x
+
+
+class _ConvBnAct(_ConvOutputUsedTwice):  # HF ResNet's and timm's blocks: not a Sequential, one chain
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("cls, why", [
+    (_ConvOutputUsedTwice, "conv's output is used elsewhere too"),
+    (_OperationInBetween, "its input is not conv's output alone"),
+    (_Untraceable, "its parent's forward cannot be traced by torch.fx"),
+])
+def test_fuse_conv_bn_leaves_a_pair_the_forward_does_not_chain(cls: type, why: str) -> None:
+    model = randomize_(cls(), seed_of("fuse-chain", cls.__name__)).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=rf"fuse_conv_bn left 1 BatchNorm\(s\) unfolded: bn: {why}"):
+        normkit.fuse_conv_bn(model)
+    assert type(model.bn) is nn.BatchNorm2d
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_fuse_conv_bn_folds_a_traced_chain_outside_a_sequential() -> None:
+    model = randomize_(nn.Sequential(_ConvBnAct(), nn.Conv2d(4, 4, 1)), seed_of("fuse-traced")).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = model(x)
+    normkit.fuse_conv_bn(model)
+    assert type(model[0].bn) is nn.Identity
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fuse_conv_bn_folds_every_pair_of_hf_resnet() -> None:
+    build, inputs, _ = _tiny_models()["resnet"]
+    model = build().eval()
+    _random_norm_params_(model, seed_of("fuse-resnet"))
+    expected = model(**inputs()).last_hidden_state
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6
+    normkit.fuse_conv_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    y = model(**inputs()).last_hidden_state
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_fuse_conv_bn_folds_linear_batch_norm_only_where_example_inputs_confirm_it() -> None:
+    model = randomize_(nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6)), seed_of("fuse-linear")).eval()
+    x = torch.randn(3, 6, 4)  # BatchNorm1d normalizes dim 1; the fold would scale the Linear's last dim
+    expected = model(x)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="1: a Linear \\+ BatchNorm1d pair is folded only when example_inputs"):
+        normkit.fuse_conv_bn(model)
+    assert type(model[1]) is nn.BatchNorm1d
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+    with pytest.raises(RuntimeError, match=r"changed the model's output on example_inputs .*restored. Pairs folded: 1"):
+        normkit.fuse_conv_bn(model, example_inputs=(x,))
+    assert type(model[1]) is nn.BatchNorm1d and model[0].bias is None
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+    flat = torch.randn(5, 4)
+    expected = model(flat)
+    normkit.fuse_conv_bn(model, example_inputs=flat)
+    assert type(model[1]) is nn.Identity
+    torch.testing.assert_close(model(flat), expected)
