@@ -163,14 +163,16 @@ def _probe_swap(m: nn.Module, twin: type[BackendMixin], backend: str | None) -> 
     return outcome if outcome.reason is not None else _check_text(outcome)
 
 
-def _try(m: nn.Module, build: Adapter, backend: str | None, gradients: bool = True) -> tuple[nn.Module | None, Outcome]:
+def _try(m: nn.Module, build: Adapter, backend: str | None, gradients: bool = True,
+         first: int | None = None) -> tuple[nn.Module | None, Outcome]:
+    """Build a candidate for ``m`` and probe it (on the ``first`` probe inputs only, if given)."""
     try:
         new = build(m)
         if isinstance(new, BackendMixin):
             new.backend = backend
         # The inputs come from the candidate's feature count: every candidate of one module
         # gets the same layouts, and must take each one the module takes.
-        inputs = probe_inputs(new, *tensor_home(m))
+        inputs = probe_inputs(new, *tensor_home(m))[:first]
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is refused
         return None, Outcome(float("inf"), f"cannot build or probe it: {type(exc).__name__}: {exc}")
     return new, compare_inputs(m.forward, new.forward, inputs, dict(m.named_parameters()), dict(m.named_buffers()),
@@ -210,7 +212,8 @@ def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
         if outcome.reason is not None:
             refusals.append(f"{candidate.label}: {outcome.reason}")
             continue
-        tie = _try(low, candidate.build, backend, gradients=False)[1].error if low is not None else 0.0
+        # The tie-break measures an error, not a refusal: the ordinary 2-D inputs suffice.
+        tie = _try(low, candidate.build, backend, gradients=False, first=4)[1].error if low is not None else 0.0
         # A user's adapter that agrees wins; among the built-in ones the closest does.
         scored.append(((order if order < len(user) else len(user), tie, outcome.error, order), candidate))
     if not scored:
