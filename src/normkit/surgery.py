@@ -164,15 +164,15 @@ def _probe_swap(m: nn.Module, twin: type[BackendMixin], backend: str | None) -> 
 
 
 def _try(m: nn.Module, build: Adapter, backend: str | None, gradients: bool = True,
-         first: int | None = None) -> tuple[nn.Module | None, Outcome]:
-    """Build a candidate for ``m`` and probe it (on the ``first`` probe inputs only, if given)."""
+         which: slice = slice(None)) -> tuple[nn.Module | None, Outcome]:
+    """Build a candidate for ``m`` and probe it (on the ``which`` slice of the probe inputs)."""
     try:
         new = build(m)
         if isinstance(new, BackendMixin):
             new.backend = backend
         # The inputs come from the candidate's feature count: every candidate of one module
         # gets the same layouts, and must take each one the module takes.
-        inputs = probe_inputs(new, *tensor_home(m))[:first]
+        inputs = probe_inputs(new, *tensor_home(m))[which]
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is refused
         return None, Outcome(float("inf"), f"cannot build or probe it: {type(exc).__name__}: {exc}")
     return new, compare_inputs(m.forward, new.forward, inputs, dict(m.named_parameters()), dict(m.named_buffers()),
@@ -212,8 +212,10 @@ def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
         if outcome.reason is not None:
             refusals.append(f"{candidate.label}: {outcome.reason}")
             continue
-        # The tie-break measures an error, not a refusal: the ordinary 2-D inputs suffice.
-        tie = _try(low, candidate.build, backend, gradients=False, first=4)[1].error if low is not None else 0.0
+        # The tie-break measures an error, not a refusal: the ordinary input of each layout
+        # (every fourth, see probe_inputs) suffices.
+        tie = _try(low, candidate.build, backend, gradients=False, which=slice(None, None, 4))[1].error \
+            if low is not None else 0.0
         # A user's adapter that agrees wins; among the built-in ones the closest does.
         scored.append(((order if order < len(user) else len(user), tie, outcome.error, order), candidate))
     if not scored:
