@@ -697,3 +697,18 @@ def test_fuse_conv_bn_folds_linear_batch_norm_only_where_example_inputs_confirm_
     normkit.fuse_conv_bn(model, example_inputs=flat)
     assert type(model[1]) is nn.Identity
     torch.testing.assert_close(model(flat), expected)
+
+
+def test_a_norm_that_takes_the_absolute_weight_is_left() -> None:
+    class AbsWeightRMSNorm(nn.Module):  # agrees with RMSNorm wherever the weight is positive
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2))  # two values: random ones may both be positive
+            self.eps = 1e-6
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.weight.abs() * x * x.pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
+
+    report = normkit.ConvertReport()
+    normkit.convert(nn.Sequential(AbsWeightRMSNorm()), report=report)
+    assert report.converted == [] and "output differs" in report.left[0].reason

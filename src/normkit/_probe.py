@@ -111,9 +111,10 @@ def probe_input(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
 
 def random_copy(module: nn.Module, seed: int = 0) -> nn.Module:
     """A deep copy of ``module`` with random floating parameters and buffers (variances in
-    [0.5, 1.5)), on the CPU if ``module`` is on the meta device. Probing the copy tells
-    replacements apart that agree only at the initial weights (LLaMA's and torch's cast orders
-    at weight 1, an offset of 1 at weight 0)."""
+    [0.5, 1.5); every other tensor of two or more values has a negative one), on the CPU if
+    ``module`` is on the meta device. Probing the copy tells replacements apart that agree only
+    at the initial weights (LLaMA's and torch's cast orders at weight 1, an offset of 1 at
+    weight 0, a ``weight.abs()``)."""
     twin = copy.deepcopy(module)
     if any(t.is_meta for t in (*twin.parameters(), *twin.buffers())):
         twin = twin.to_empty(device="cpu")
@@ -129,6 +130,8 @@ def random_copy(module: nn.Module, seed: int = 0) -> nn.Module:
                 fresh = torch.rand(t.shape, generator=gen) + 0.5
             else:
                 fresh = torch.randn(t.shape, generator=gen) * 0.5 + 0.5
+                if fresh.numel() > 1:  # at least one negative value: a norm that takes |weight| shows
+                    fresh.view(-1)[-1] = -fresh.view(-1)[-1].abs() - 0.25
             t.copy_(fresh)
     return twin
 
