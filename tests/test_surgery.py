@@ -663,6 +663,7 @@ def test_fuse_conv_bn_folds_a_traced_chain_outside_a_sequential() -> None:
     torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("error:fuse_conv_bn left")  # every pair folded: its blocks trace
 def test_fuse_conv_bn_folds_every_pair_of_hf_resnet() -> None:
     build, inputs, _ = _tiny_models()["resnet"]
     model = build().eval()

@@ -101,6 +101,7 @@ def _model(name: str) -> nn.Module:
     return _randomize_norms_(timm.create_model(name, pretrained=False, num_classes=5), seed_of("timm-norms", name))
 
 
+@pytest.mark.filterwarnings("error:fuse_conv_bn left")  # every pair folded: its blocks trace
 def test_fuse_conv_bn_keeps_efficientnet_activations() -> None:
     # The case: BatchNormAct2d folded as a plain BatchNorm dropped its SiLU (output moved by 36.7).
     model = _model("efficientnet_b0").eval()
