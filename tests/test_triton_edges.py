@@ -21,6 +21,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch.func as tf  # noqa: E402
 
+from cases import seed_of  # noqa: E402
 from kernel_bound import assert_within_bound  # noqa: E402
 from normkit import functional  # noqa: E402
 from normkit.ops.triton import batch_norm as B  # noqa: E402
@@ -370,3 +371,50 @@ def test_large_offsets_and_magnitudes_in_tiles(op: str, kind: str,
     tiles (the chunked path of wide rows and of many-program BatchNorm)."""
     monkeypatch.setenv(B.BLOCK_ENV_VAR, "4")
     test_large_offsets_and_magnitudes_within_bound(op, kind)
+
+
+# ---- parameters that are views with another stride ---------------------------------------------
+
+# op -> f(x (2, 4, 5), weight (4,), bias (4,)) on a backend
+VIEW_PARAM_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "layer_norm": lambda x, w, b, **kw: functional.layer_norm(x.transpose(1, 2), (4,), w, b, **kw),
+    "rms_norm": lambda x, w, b, **kw: functional.rms_norm(x.transpose(1, 2), (4,), w, **kw),
+    "add_rms_norm": lambda x, w, b, **kw: functional.add_rms_norm(x.transpose(1, 2), None, (4,), w, **kw)[0],
+    "group_norm": lambda x, w, b, **kw: functional.group_norm(x, 2, w, b, **kw),
+    "group_norm_act": lambda x, w, b, **kw: functional.group_norm_act(x, 2, w, b, act="silu", **kw),
+    "instance_norm": lambda x, w, b, **kw: functional.instance_norm(x, weight=w, bias=b, **kw),
+    "batch_norm": lambda x, w, b, **kw: functional.batch_norm(x, None, None, w, b, True, **kw),
+    "batch_norm eval": lambda x, w, b, **kw: functional.batch_norm(
+        x, torch.full((4,), 0.5, device=x.device), torch.full((4,), 2.0, device=x.device), w, b, False, **kw),
+    "normalize": lambda x, w, b, **kw: functional.normalize(x, (1,), w, b, **kw),
+}
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+@pytest.mark.parametrize("op", list(VIEW_PARAM_OPS))
+def test_parameters_that_are_strided_views(op: str, view: str) -> None:
+    """A weight or bias that is a view with another stride (a column ``W[:, 0]``, an expanded
+    scalar, a vmapped slice) is read through its strides: the kernels take dense parameters,
+    so the launchers make them so (they once read such views as if dense: errors of order 1)."""
+    gen = torch.Generator().manual_seed(seed_of("view params", op, view))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(DEVICE)
+
+    x = rand(2, 4, 5)
+    if view == "strided":
+        w_leaf, b_leaf = rand(4, 3).requires_grad_(), rand(4, 3).requires_grad_()
+        w, b = w_leaf[:, 1], b_leaf[:, 2]
+    else:
+        w_leaf, b_leaf = rand(1).requires_grad_(), rand(1).requires_grad_()
+        w, b = w_leaf.expand(4), b_leaf.expand(4)
+    upstream = None
+    fn = VIEW_PARAM_OPS[op]
+    outs = []
+    for kw in ({"backend": "torch"}, {"backend": "triton"}):
+        w_leaf.grad = b_leaf.grad = None
+        y = fn(x, w, b, **kw)
+        upstream = rand(*y.shape) if upstream is None else upstream
+        y.backward(upstream)
+        outs.append((y.detach(), w_leaf.grad.clone(), None if b_leaf.grad is None else b_leaf.grad.clone()))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -65,6 +65,13 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dense(t: Tensor | None) -> Tensor | None:
+    """``t`` with unit stride (a copy only for a strided or expanded view): the kernels read
+    weights and biases as ``P + offsets``, so a parameter that is a view with another stride
+    (``W[:, 0]``, ``w.expand(C)``, a vmapped slice) must be made dense before the launch."""
+    return None if t is None else t.contiguous()
+
+
 def strides(t3: Tensor) -> tuple[int, int, int]:
     """The strides of an ``(N, C, S)`` view, as the kernels take them."""
     return t3.stride(0), t3.stride(1), t3.stride(2)

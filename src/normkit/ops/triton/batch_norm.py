@@ -362,10 +362,11 @@ def batch_norm_stats(
 
 def _scale_shift(weight: Tensor | None, bias: Tensor | None,
                  rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """The per-channel fp32 ``(w * rstd, b)`` of ``y = (x - mean) * scale + shift``."""
+    """The per-channel fp32 ``(w * rstd, b)`` of ``y = (x - mean) * scale + shift``, dense (the
+    kernels read them at unit stride; a parameter may be a strided or expanded view)."""
     scale = rstd if weight is None else rstd * weight.float()
     shift = torch.zeros_like(rstd) if bias is None else bias.float()
-    return scale, shift
+    return scale.contiguous(), shift.contiguous()
 
 
 def batch_norm_fwd(

@@ -42,6 +42,7 @@ from normkit.ops.triton._launch import (
     FP_FUSION,
     VMAP_SHARED_RUNNING_STATS,
     block_override,
+    dense,
     device_of,
     eager_and_compiled,
     interpreted,
@@ -165,6 +166,7 @@ def row_norm_fwd(
     """
     N, C, S = x.shape
     M, R = N * groups, C // groups
+    weight, bias = dense(weight), dense(bias)
     y = _empty_like(x)
     store_residual = residual_dtype is not None
     residual_out = _empty_like(x, residual_dtype) if store_residual else x.new_empty((0,))
@@ -213,6 +215,7 @@ def row_norm_bwd(
     """
     N, C, S = x.shape
     M, R = N * groups, C // groups
+    weight, bias = dense(weight), dense(bias)
     dresidual_out = _inner_contiguous(dresidual_out)
     dev = x.device
     dx = _empty_like(x, dx_dtype)
