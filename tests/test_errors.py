@@ -405,6 +405,8 @@ BAD_CALLS: tuple[Call, ...] = (
             ("k", 4, "None", None), ("k", 4, "list", [1.0]), ("input", 0, "list", [[1.0]]),
         )
     ),
+    # torch.Size is a C type: torch's parser prints its module ("not torch.Size")
+    Call("layer_norm-weight-torch.Size", "layer_norm", lambda r: (r(2, 5), (5,), torch.Size([5]))),
     # -- norm + activation: the norm's own errors, as torch raises them before the activation
     Call("bn_act-weight-C+1", "batch_norm_act", _bn(X, weight=C + 1)),
     Call("bn_act-1xC-train", "batch_norm_act", _bn(_x(1, C))),

@@ -177,3 +177,34 @@ def test_rms_norm_with_an_infinite_element_is_torch_s() -> None:
     the reference's overflow guard leaves such a row to the plain formula, so it agrees."""
     x = torch.tensor([[float("inf"), 1.0, 2.0, 3.0], [1.0, -2.0, 3.0, 0.5]])
     torch.testing.assert_close(NF.rms_norm(x, (4,), backend="reference"), F.rms_norm(x, (4,)), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batch_norm_under_grad_transform_fails_before_any_write(backend: str) -> None:
+    """torch.func.grad refuses in-place writes to tensors captured from outside it, such as a
+    training BatchNorm's buffers: torch's module raises at its counter increment, first thing;
+    normkit raises the same error before its running statistics are written."""
+    x = _rand(3, 4, 5, seed="grad captured buffers")
+    torch_module, module = nn.BatchNorm1d(4), normkit.BatchNorm1d(4, backend=backend)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for m in (torch_module, module):
+        with pytest.raises(RuntimeError, match="^During a grad .* mutate a captured Tensor"):
+            torch.func.grad(lambda x, m=m: m(x).square().sum())(x)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm"])
+def test_eps_zero_on_subnormal_input_is_exact(op: str) -> None:
+    """With eps=0 the variance of float32 input below 1e-19 underflows: torch divides by it
+    (inf), and without a guard it would be 0 (silent zeros); the reference rescales the slice by
+    a power of two first, so 1e-38 normalizes as exactly as 1."""
+    x = torch.tensor([[1e-38, -1e-38, 2e-38, -3e-38]])
+    call = {
+        "layer_norm": lambda t, **kw: (NF if kw else F).layer_norm(t, (4,), eps=0.0, **kw),
+        "rms_norm": lambda t, **kw: (NF if kw else F).rms_norm(t, (4,), eps=0.0, **kw),
+        "group_norm": lambda t, **kw: (NF if kw else F).group_norm(t[:, :, None], 1, eps=0.0, **kw),
+    }[op]
+    truth = call(x.double())
+    torch.testing.assert_close(call(x, backend="reference").double(), truth, rtol=1e-6, atol=1e-6)
+    assert not torch.isfinite(call(x)).all()  # torch: inf

@@ -81,6 +81,8 @@ def _type_name(value: object) -> str:
     cls = type(value)
     if isinstance(value, Tensor):
         return "Tensor"
+    if cls is torch.Size:  # a C type whose tp_name carries its module
+        return "torch.Size"
     return f"numpy.{cls.__name__}" if cls.__module__ == "numpy" else cls.__name__
 
 
@@ -140,13 +142,14 @@ INFERENCE_INPLACE = (
 
 
 def check_counter_writable(counter: Tensor | None) -> None:
-    """torch's error for ``num_batches_tracked.add_(1)`` on a module built under
-    ``torch.inference_mode()`` and called outside it, raised before any work: torch's module
-    meets it first too, but normkit increments the counter last (only calls that succeed count),
-    so without this check the running statistics would already be written."""
-    if (counter is not None and not torch.compiler.is_compiling() and counter.is_inference()
-            and not torch.is_inference_mode_enabled()):
-        raise RuntimeError(INFERENCE_INPLACE)
+    """Raise, before any work, what torch's ``num_batches_tracked.add_(1)`` raises: torch's
+    module increments first, normkit last (only calls that succeed count), so without this the
+    running statistics would be written before the error. The counter is written with its own
+    value, which raises exactly where the increment would: a module built under
+    ``torch.inference_mode()`` called outside it, or a buffer captured by a ``torch.func.grad`` /
+    ``jvp`` transform (in-place writes to captured tensors are refused there)."""
+    if counter is not None and not torch.compiler.is_compiling():
+        counter.add_(0)
 
 
 def _check_num_features(name: str, expected: int, tensor: Tensor | None) -> None:

@@ -88,19 +88,22 @@ def _moments(xc: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Ten
     Two guards keep finite input finite, where ``xc.square()`` alone would not:
 
     * a slice whose largest ``|xc|`` passes the fourth root of the dtype's max (2**32 in
-      float32) is divided by a power of two near it first (exact), so its squares cannot
-      overflow: float32 input at ``1e20`` normalizes as exactly as at ``1``. ``var`` itself is
-      then ``inf`` where it passes the dtype's range (as torch's running variance is);
+      float32), or with ``eps=0`` falls below the square root of its smallest normal (1e-19),
+      is divided by a power of two near it first (exact), so its squares neither overflow nor
+      underflow: float32 input at ``1e20`` (or ``1e-38`` with ``eps=0``) normalizes as exactly
+      as at ``1``. ``var`` itself is then ``inf`` (``0``) where it leaves the dtype's range;
     * ``rstd = 0`` where ``var + eps == 0`` (a constant slice with ``eps=0``), ATen's rule for
       its batch and instance norm: the output is then the bias, not ``0 * inf = NaN``.
 
     In the ordinary range the scale is 1 and every value is bit-identical to the plain formula.
     """
-    safe = torch.finfo(xc.dtype).max ** 0.25
+    info = torch.finfo(xc.dtype)
     amax = xc.detach().abs().amax(dims, keepdim=True) if xc.numel() else xc.detach().abs()
     # (an inf in the slice is left to the plain formula: torch's NaN there and 0 elsewhere)
-    huge = (amax > safe) & amax.isfinite()
-    scale = torch.where(huge, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
+    rescale = (amax > info.max ** 0.25) & amax.isfinite()
+    if eps == 0:  # only without eps can an underflowing variance (|x| < 1e-19 in float32) matter
+        rescale |= (amax < info.tiny ** 0.5) & (amax > 0)
+    scale = torch.where(rescale, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
     u = xc / scale
     var_u = u.square().mean(dims, keepdim=True)
     v = var_u + eps / scale / scale
