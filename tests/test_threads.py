@@ -11,6 +11,7 @@ Which backend ran shows in the numbers: the ``negated`` backend's layer_norm is 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 import normkit
 from cases import make_input, randomize_, seed_of
-from normkit.backends import _REGISTRY, ENV_VAR, Backend, BackendError, OpImpl
+from normkit.backends import _REGISTRY, _THREAD, ENV_VAR, Backend, BackendError, OpImpl
 
 TIMEOUT = 60.0  # seconds for a barrier or a join: a deadlock fails instead of hanging CI
 
@@ -216,3 +217,18 @@ def test_compiled_model_in_asyncio_tasks(layer_norm: normkit.LayerNorm) -> None:
 
     asyncio.run(overlapping())
     assert _which(compiled, plain) == "auto"  # every block closed: unambiguous again
+
+
+def test_block_closed_from_another_context_is_released() -> None:
+    """A generator holding a block, advanced in a copied context and closed from this one:
+    ContextVar.reset refuses the foreign token, but the block is still released for this
+    thread (compiled code reads the thread's copy, which must not stay on the closed block)."""
+    def hold() -> Iterator[int]:
+        with normkit.use_backend("reference"):
+            yield 1
+
+    gen = hold()
+    contextvars.copy_context().run(next, gen)
+    gen.close()
+    assert _THREAD.open == 0 and _THREAD.stack == ()
+    assert normkit.current_backend() == "auto"

@@ -22,9 +22,11 @@ Under ``torch.compile`` the choice is made while tracing: ``use_backend`` blocks
 once per compiled graph, like the rest of the process environment: set it before compiling.
 Dynamo cannot read a ContextVar, so compiled code reads a per-thread copy of the block stack
 (a ``threading.local``, which dynamo guards per thread). Threads are exact under compile too.
-asyncio tasks are exact in eager code; a compiled model called from tasks whose blocks overlap
-in one thread (a task enters a block while another task's block is still open) cannot tell
-them apart, so it raises :class:`BackendError` instead of guessing: pass ``backend=`` there.
+asyncio tasks are exact in eager code only: compiled code sees the blocks open in its thread,
+whichever task opened them (a task without a block, running while another task's block is open
+across an ``await``, sees that block; a task created inside a block that has since closed does
+not see it), and raises :class:`BackendError` where blocks of several tasks overlap. In async
+code that runs compiled models, pass ``backend=`` to the modules instead of ``use_backend``.
 
 ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
 the call and is preferred for it.
@@ -235,9 +237,15 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         inner = _ACTIVE.get()
-        _ACTIVE.reset(token)
         _THREAD.open -= 1
         _sync_thread(inner, outer, opened=0)
+        try:
+            _ACTIVE.reset(token)
+        except ValueError:
+            # Closed from another context (a generator holding the block closed elsewhere): that
+            # context never entered this block, so its stack has nothing to undo; the thread's
+            # count above is what compiled code reads, and it is already down.
+            pass
 
 
 def _sync_thread(before: tuple[str, ...], after: tuple[str, ...], *, opened: int = 1) -> None:
