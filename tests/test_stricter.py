@@ -208,3 +208,24 @@ def test_eps_zero_on_subnormal_input_is_exact(op: str) -> None:
     truth = call(x.double())
     torch.testing.assert_close(call(x, backend="reference").double(), truth, rtol=1e-6, atol=1e-6)
     assert not torch.isfinite(call(x)).all()  # torch: inf
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+@pytest.mark.parametrize("op", ["layer_norm", "group_norm"])
+def test_eps_zero_on_a_constant_row_gives_the_bias(op: str, backend: str) -> None:
+    """eps=0 on a constant row is 0/0: torch's LayerNorm and GroupNorm give NaN, its BatchNorm
+    and InstanceNorm the bias (rstd = 0 where var + eps == 0); normkit's kernels apply that one
+    rule to every norm, so a constant row gives the bias and a zero input gradient."""
+    x = torch.full((2, 4, 3), 1.5, requires_grad=True)
+    b = _rand(4, seed="eps0 bias") if op == "group_norm" else _rand(3, seed="eps0 bias")
+    w = torch.ones_like(b)
+    if op == "layer_norm":
+        y, y_torch = NF.layer_norm(x, (3,), w, b, 0.0, backend=backend), F.layer_norm(x, (3,), w, b, 0.0)
+        expected = b.expand(2, 4, 3)
+    else:
+        y, y_torch = NF.group_norm(x, 2, w, b, 0.0, backend=backend), F.group_norm(x, 2, w, b, 0.0)
+        expected = b[:, None].expand(2, 4, 3)
+    assert torch.isnan(y_torch).all()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert torch.equal(dx, torch.zeros_like(dx))
