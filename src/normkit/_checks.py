@@ -67,6 +67,18 @@ def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
             )
 
 
+def _check_mixed_dtypes(input: Tensor, *params: Tensor | None) -> None:
+    """ATen's CPU mixed-dtype rule as layer_norm applies it: when any parameter's dtype is not
+    the input's, every parameter must be float32 and the input bf16/fp16."""
+    defined = [p for p in params if p is not None]
+    if not defined or defined[0].dtype == input.dtype:
+        return
+    if any(p.dtype != torch.float32 for p in defined):
+        raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+    if input.dtype not in _REDUCED:
+        raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+
+
 def _verify_batch_size(size: Sequence[int]) -> None:
     # size[0] first, as torch.nn.functional does: a 0-dim input is its IndexError
     if size[0] * math.prod(size[2:]) == 1:
@@ -148,7 +160,14 @@ def check_counter_writable(counter: Tensor | None) -> None:
     value, which raises exactly where the increment would: a module built under
     ``torch.inference_mode()`` called outside it, or a buffer captured by a ``torch.func.grad`` /
     ``jvp`` transform (in-place writes to captured tensors are refused there)."""
-    if counter is not None and not torch.compiler.is_compiling():
+    if counter is None or torch.compiler.is_compiling():
+        return
+    if counter.is_inference():  # no version counter to keep
+        counter.add_(0)
+        return
+    # The probe is not a write: keep the version counter where it was (a failed call must
+    # leave every buffer's version as it found it).
+    with torch.autograd._unsafe_preserve_version_counter(counter):
         counter.add_(0)
 
 
@@ -313,10 +332,14 @@ def check_layer_norm(
     whose argument-type messages name it and count the residual as position 2."""
     check_args(*_leading("layer_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
                ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
+    if input.device.type == "cpu":
+        # ATen's CPU layer_norm checks mixed dtypes before the shapes (an integer weight of the
+        # wrong shape is its dtype error)
+        _check_mixed_dtypes(input, weight, bias)
     _check_normalized_shape(input, normalized_shape, weight, bias, rms=False)
     _check_devices(input, weight, bias)
-    _check_dtypes(input, weight, bias)
     _check_floating(input, "LayerNormKernelImpl")
+    _check_dtypes(input, weight, bias)
 
 
 def check_rms_norm(
@@ -327,7 +350,8 @@ def check_rms_norm(
                ("weight", "Tensor?", weight), ("eps", "float?", eps))
     _check_normalized_shape(input, normalized_shape, weight, None, rms=True)
     _check_devices(input, weight)
-    _check_floating(input, "rms_norm")
+    if not input.is_complex():  # ATen's rms_norm is composite: complex input runs there
+        _check_floating(input, "rms_norm")
 
 
 def check_group_norm(
@@ -399,3 +423,21 @@ def check_local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, bet
         mismatch = f"      didn't match because some of the arguments have invalid types: (!{name}!)\n"
         raise TypeError(f"pow() received an invalid combination of arguments - got ({name}), but expected one of:\n"
                         f" * (Tensor exponent)\n{mismatch} * (Number exponent)\n{mismatch}")
+    # Tensor alpha / beta / k: torch computes `div.mul(alpha).add(k).pow(beta)` with div of the
+    # input's shape (then `input / div`, which always broadcasts); a shape that does not
+    # broadcast is its error there, operands in that order (the backends compute in another).
+    shape = list(input.shape)
+    for v in (alpha, k, beta):
+        if isinstance(v, Tensor):
+            shape = _broadcast(shape, list(v.shape))
+
+
+def _broadcast(a: list[int], b: list[int]) -> list[int]:
+    """The shape of ``a op b``, or ATen's error (``infer_size``) when they do not broadcast."""
+    ndim = max(len(a), len(b))
+    a, b = [1] * (ndim - len(a)) + a, [1] * (ndim - len(b)) + b
+    for i, (size_a, size_b) in enumerate(zip(a, b)):
+        if size_a != size_b and 1 not in (size_a, size_b):
+            raise RuntimeError(f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
+                               f"at non-singleton dimension {i}")
+    return [sa if sb == 1 else sb for sa, sb in zip(a, b)]

@@ -27,9 +27,12 @@ implementation, :mod:`normkit.reference`) and, where Triton and a GPU are presen
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +78,32 @@ def activate(act: str | None, y: Tensor) -> Tensor:
     return y if fn is None else fn(y)
 
 
+def _torch_arity(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` raising Python's too-many-positional TypeError as torch's twin words it: torch's
+    functions have no keyword-only arguments, so Python's message for them never adds the
+    "(and 1 keyword-only argument)" that ``backend=`` would add here."""
+    params = inspect.signature(fn).parameters.values()
+    positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    most = len(positional)
+    least = sum(p.default is inspect.Parameter.empty for p in positional)
+    takes = f"{least}" if least == most else f"from {least} to {most}"
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > most:
+            raise TypeError(f"{fn.__name__}() takes {takes} positional arguments but {len(args)} were given")
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
     """A checked ``normalized_shape`` (ints, NumPy ints or 0-dim integer tensors) as ints. A bare
     int is torch's TypeError, raised by the checks before this."""
     return tuple(int(d) for d in normalized_shape)
 
 
+@_torch_arity
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -107,6 +130,7 @@ def batch_norm(
     return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -136,6 +160,7 @@ def instance_norm(
     return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def layer_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -153,6 +178,7 @@ def layer_norm(
     return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def rms_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -173,6 +199,7 @@ def rms_norm(
     return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def group_norm(
     input: Tensor,
     num_groups: int,
@@ -191,6 +218,7 @@ def group_norm(
     return _dispatch("group_norm", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -220,6 +248,7 @@ def batch_norm_act(
     return _dispatch("batch_norm_act", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def group_norm_act(
     input: Tensor,
     num_groups: int,
@@ -240,6 +269,7 @@ def group_norm_act(
     return _dispatch("group_norm_act", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def local_response_norm(
     input: Tensor,
     size: int,
@@ -274,6 +304,7 @@ def _lrn_dtype_under_autocast(input: Tensor) -> torch.dtype | None:
     return None if dtype == input.dtype else dtype
 
 
+@_torch_arity
 def normalize(
     input: Tensor,
     dims: int | Sequence[int],
@@ -355,6 +386,7 @@ def _check_normalize(
     return dims
 
 
+@_torch_arity
 def add_layer_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -382,6 +414,7 @@ def add_layer_norm(
     return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype)
 
 
+@_torch_arity
 def add_rms_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -528,6 +561,14 @@ def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
     return None
 
 
+def _reference_complex_unsupported(*args, **kwargs):
+    # torch's rms_norm is composite, so complex input runs there; the reference's statistics
+    # are real (it would drop the imaginary part), so it declines rather than be wrong.
+    if any(isinstance(a, Tensor) and a.is_complex() for a in (*args, *kwargs.values())):
+        return "complex input: the reference computes real statistics only; use backend='torch'"
+    return None
+
+
 register_backend(
     Backend(
         "torch",
@@ -555,11 +596,11 @@ register_backend(
             "batch_norm": OpImpl(reference.batch_norm),
             "instance_norm": OpImpl(reference.instance_norm),
             "layer_norm": OpImpl(reference.layer_norm),
-            "rms_norm": OpImpl(reference.rms_norm),
+            "rms_norm": OpImpl(reference.rms_norm, _reference_complex_unsupported),
             "group_norm": OpImpl(reference.group_norm),
             "local_response_norm": OpImpl(reference.local_response_norm),
             "add_layer_norm": OpImpl(reference.add_layer_norm),
-            "add_rms_norm": OpImpl(reference.add_rms_norm),
+            "add_rms_norm": OpImpl(reference.add_rms_norm, _reference_complex_unsupported),
             "normalize": OpImpl(reference.normalize),
             "batch_norm_act": OpImpl(_then_act(reference.batch_norm)),
             "group_norm_act": OpImpl(_then_act(reference.group_norm)),
