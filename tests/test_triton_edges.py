@@ -418,3 +418,85 @@ def test_parameters_that_are_strided_views(op: str, view: str) -> None:
         y.backward(upstream)
         outs.append((y.detach(), w_leaf.grad.clone(), None if b_leaf.grad is None else b_leaf.grad.clone()))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- an inf in an RMS row; eps=0 on tiny input ------------------------------------------------
+
+# op -> f(x (2, 4, 6), weight, bias, eps, backend): RMS normalization over the last axis
+RMS_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "rms_norm": lambda x, w, b, eps, be: functional.rms_norm(x, (6,), w, eps, backend=be),
+    "add_rms_norm": lambda x, w, b, eps, be: functional.add_rms_norm(
+        x, torch.zeros_like(x), (6,), w, eps, backend=be)[0],
+    "normalize": lambda x, w, b, eps, be: functional.normalize(
+        x, (-1,), w, b, 1e-5 if eps is None else eps, center=False, backend=be),
+}
+
+
+@pytest.mark.parametrize("tiles", [None, "2"])
+@pytest.mark.parametrize("dtype", [f32, bf16, f16], ids=str)
+@pytest.mark.parametrize("op", list(RMS_OPS))
+def test_rms_row_with_an_inf_as_torch(op: str, dtype: torch.dtype, tiles: str | None,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inf in a row: ``x * rsqrt(inf)`` is 0 at its finite elements and NaN at the inf, as
+    torch and the reference give (the kernels scaled the row by its largest element, inf, and
+    gave NaN everywhere). Other rows are untouched."""
+    if tiles:
+        monkeypatch.setenv(B.BLOCK_ENV_VAR, tiles)
+    gen = torch.Generator().manual_seed(seed_of("rms inf", op, str(dtype)))
+    x = torch.randn(2, 4, 6, generator=gen).to(DEVICE, dtype)
+    x[0, 1, 2] = float("inf")
+    x[1, 3, 5] = -float("inf")
+    w, b = (torch.randn(6, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    got = RMS_OPS[op](x, w, b, None, "triton")
+    want = RMS_OPS[op](x, w, b, None, "reference")
+    rows = (torch.tensor([0, 1]), torch.tensor([1, 3]))  # 0 * w (+ b) besides the NaN: exact
+    torch.testing.assert_close(got[rows], want[rows], equal_nan=True, rtol=0, atol=0)
+    assert got[rows].isnan().sum() == 2
+    # the other rows as before; bf16/fp16 outputs near 0 (the bias cancelling) round coarsely
+    low = dtype != f32
+    torch.testing.assert_close(got, want, equal_nan=True, atol=1e-2 if low else 1e-5,
+                               rtol=1.6e-2 if low else 1.3e-6)
+
+
+# op -> f(x (2, 4, 6), weight (6,), bias (6,), backend) with eps=0
+TINY_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "layer_norm": lambda x, w, b, be: functional.layer_norm(x, (6,), w, b, 0.0, backend=be),
+    "rms_norm": lambda x, w, b, be: functional.rms_norm(x, (6,), w, 0.0, backend=be),
+    "group_norm": lambda x, w, b, be: functional.group_norm(x, 2, w[:4], b[:4], 0.0, backend=be),
+    "instance_norm": lambda x, w, b, be: functional.instance_norm(
+        x, None, None, w[:4], b[:4], True, 0.1, 0.0, backend=be),
+}
+
+
+@pytest.mark.parametrize("tiles", [None, "4"])
+@pytest.mark.parametrize("op", list(TINY_OPS))
+def test_eps_zero_on_tiny_float32_as_float64(op: str, tiles: str | None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eps=0`` on float32 input of order 1e-36: the variance (1e-72) underflows fp32, yet
+    the output and gradients are those of float64 (the kernels gave silent zeros: rstd was 0
+    where var + eps == 0). Errors are relative to the largest value of each result."""
+    if tiles:
+        monkeypatch.setenv(B.BLOCK_ENV_VAR, tiles)
+    gen = torch.Generator().manual_seed(seed_of("eps0 tiny", op))
+    x = (1e-36 * torch.randn(2, 4, 6, generator=gen)).to(DEVICE)
+    w, b = (torch.randn(6, generator=gen).to(DEVICE) for _ in range(2))
+    dy = torch.randn(2, 4, 6, generator=gen).to(DEVICE)
+    results = []
+    for backend, dtype in (("triton", f32), ("torch", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        y = TINY_OPS[op](*leaves, backend)
+        grads = torch.autograd.grad(y, leaves, dy.to(dtype), allow_unused=True)
+        results.append([t.detach() for t in (y, *grads) if t is not None])
+    for got, want in zip(*results, strict=True):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 1e-5, (op, err)
+
+
+def test_eps_zero_on_the_reported_tiny_row() -> None:
+    """The reported row, 1e-38 (below fp32's smallest normal): LayerNorm and RMSNorm as float64."""
+    x = torch.tensor([[1e-38, -1e-38, 2e-38, -2e-38]], device=DEVICE)
+    for norm in (functional.layer_norm, functional.rms_norm):
+        got = norm(x, (4,), None, eps=0.0, backend="triton") if norm is functional.rms_norm \
+            else norm(x, (4,), None, None, 0.0, backend="triton")
+        want = torch.tensor([[0.6324555, -0.6324555, 1.2649111, -1.2649111]], device=DEVICE)
+        torch.testing.assert_close(got, want)

@@ -189,18 +189,25 @@ def _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL: tl.constexpr,
 @triton.jit
 def pow2_floor(a):
     """The largest power of two <= ``a`` (> 0, normal), exactly: a's exponent bits; 1 for 0
-    or a subnormal (whose squares vanish in fp32 anyway)."""
+    or a subnormal (whose squares vanish in fp32 anyway), and 1 for inf or NaN: a tile holding
+    an inf is left unscaled, as torch computes it (``x / inf`` would turn its finite elements
+    into ``inf * 0 = NaN``, where RMSNorm gives ``x * rsqrt(inf) = 0``)."""
     p = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.where(p == 0.0, 1.0, p)
+    return tl.where((p == 0.0) | (p == float("inf")), 1.0, p)
 
 
 @triton.jit
 def rstd_of(var_s, scale, eps):
     """``1 / sqrt(var + eps)`` for ``var = var_s * scale^2`` (scale a power of two), without
     forming var where it would overflow; IEEE-rounded square root and division; 0 where
-    ``var + eps == 0`` (ATen's rule)."""
+    ``var + eps == 0`` (ATen's rule).
+
+    With ``eps=0`` var is never formed either: below ``|x| ~ 1e-19`` it underflows fp32 (to 0,
+    and the rule above would give silent zeros). Then ``rstd = (1 / scale) / sqrt(var_s)``,
+    which in the ordinary range is bit for bit ``1 / sqrt(var_s * scale^2)`` (power-of-two
+    scaling commutes with the rounded square root and division)."""
     inv = tl.math.div_rn(1.0, scale)
-    big = scale >= 1.0
+    big = (scale >= 1.0) | (eps == 0.0)
     v = tl.where(big, var_s + (eps * inv) * inv, var_s * scale * scale + eps)
     rstd = tl.math.div_rn(tl.where(big, inv, 1.0), tl.math.sqrt_rn(v))
     return tl.where(v == 0.0, 0.0, rstd)
