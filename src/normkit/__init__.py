@@ -12,6 +12,7 @@ Drop-in twins of torch.nn's normalization modules (``normkit.BatchNorm2d`` is a
 
 from . import functional, norms, reference
 from .backends import BackendError, backends, current_backend, use_backend
+from .folding import fuse_conv_bn, recalibrate_batch_norm
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -49,7 +50,7 @@ from .modules import (
     unfreeze_batch_norm,
 )
 from .support import SupportMatrix, support_matrix
-from .surgery import ConvertReport, convert, fuse_conv_bn, recalibrate_batch_norm, register_adapter, to_torch
+from .surgery import ConvertReport, convert, register_adapter, to_torch
 
 __version__ = "0.1.0"
 
