@@ -50,7 +50,12 @@ Numerics:
   largest ``|x - pivot|`` (per tile, merged to the row's largest), so squares neither overflow
   (``|x| ~ 1e20``: 1e40 is beyond fp32, though rstd = 1e-20 is not) nor underflow. Scaling by a
   power of two commutes with rounding: in the ordinary range the results are bit for bit those
-  of the unscaled formulas. ``VAR`` is inf where the variance itself exceeds fp32.
+  of the unscaled formulas. ``VAR`` is inf where the variance itself exceeds fp32. With
+  ``eps=0`` rstd is taken from the scaled variance too, so float32 input below ``1e-19``
+  (variance below fp32's range) normalizes as float64 does, not to silent zeros; rstd itself
+  is inf (as torch's) where it passes fp32's max (a row of zeros and one ``1e-38``, 16+ long).
+  A tile whose largest element is inf or NaN is not scaled (``x / inf`` would make the whole
+  row NaN): RMSNorm of a row holding an inf is then torch's 0 at the finite elements.
 * relu propagates NaN as torch's does (``relu(NaN) = NaN``, and its gradient passes dy).
 * Launches pin ``enable_fp_fusion=False`` (``_launch.FP_FUSION``): no FMA contraction, every
   product and sum rounds as written, as under the interpreter the tests run on.
