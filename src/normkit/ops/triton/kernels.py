@@ -197,8 +197,8 @@ def pow2_floor(a):
     or a subnormal (whose squares vanish in fp32 anyway), and 1 for inf or NaN: a tile holding
     an inf is left unscaled, as torch computes it (``x / inf`` would turn its finite elements
     into ``inf * 0 = NaN``, where RMSNorm gives ``x * rsqrt(inf) = 0``)."""
-    p = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.where((p == 0.0) | (p == float("inf")), 1.0, p)
+    e = a.to(tl.int32, bitcast=True) & 0x7F800000
+    return tl.where((e == 0) | (e == 0x7F800000), 1.0, e.to(tl.float32, bitcast=True))
 
 
 @triton.jit
