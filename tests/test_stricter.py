@@ -199,14 +199,15 @@ def test_eps_zero_on_subnormal_input_is_exact(op: str) -> None:
     """With eps=0 the variance of float32 input below 1e-19 underflows: torch divides by it
     (inf), and without a guard it would be 0 (silent zeros); the reference rescales the slice by
     a power of two first, so 1e-38 normalizes as exactly as 1."""
-    x = torch.tensor([[1e-38, -1e-38, 2e-38, -3e-38]])
+    x = torch.tensor([[1e-38, -1e-38, 2e-38, -3e-38], [1e-40, -1e-40, 2e-40, -3e-40]])  # normal, subnormal
     call = {
         "layer_norm": lambda t, **kw: (NF if kw else F).layer_norm(t, (4,), eps=0.0, **kw),
         "rms_norm": lambda t, **kw: (NF if kw else F).rms_norm(t, (4,), eps=0.0, **kw),
         "group_norm": lambda t, **kw: (NF if kw else F).group_norm(t[:, :, None], 1, eps=0.0, **kw),
     }[op]
     truth = call(x.double())
-    torch.testing.assert_close(call(x, backend="reference").double(), truth, rtol=1e-6, atol=1e-6)
+    # 1e-4: a subnormal float32 carries about 17 significant bits, and its mean is rounded there
+    torch.testing.assert_close(call(x, backend="reference").double(), truth, rtol=1e-4, atol=1e-4)
     assert not torch.isfinite(call(x)).all()  # torch: inf
 
 

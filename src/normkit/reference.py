@@ -106,7 +106,8 @@ def _moments(xc: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Ten
     scale = torch.where(rescale, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
     u = xc / scale
     var_u = u.square().mean(dims, keepdim=True)
-    v = var_u + eps / scale / scale
+    # (no eps term when eps is 0: a subnormal scale's reciprocal is inf, and 0 * inf is NaN)
+    v = var_u if eps == 0 else var_u + eps / scale / scale
     rstd_u = torch.where(v == 0, torch.zeros_like(v), torch.rsqrt(v))
     return u * rstd_u, rstd_u / scale, var_u * scale * scale
 
