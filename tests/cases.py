@@ -38,6 +38,7 @@ from normkit.norms import NORMS
 
 __all__ = [
     "BACKENDS",
+    "Host",
     "MODULE_CLASSES",
     "MODULE_ROWS",
     "DTYPES",
@@ -651,3 +652,18 @@ MODULE_ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] 
     "BatchRenorm3d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 1, 2)),
 }
 MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))
+
+
+class Host(nn.Module):
+    """A model holding a norm as a submodule, as users hold and trace it (the fused-add norms
+    get a residual and return ``y * residual_out``)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm, (normkit.FusedAddLayerNorm, normkit.FusedAddRMSNorm)):
+            y, residual = self.norm(x, x.flip(0))
+            return y * residual
+        return self.norm(x) * 2.0

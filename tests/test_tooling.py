@@ -23,7 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import normkit
-from cases import BACKENDS, MODULE_CLASSES, MODULE_ROWS, MUST_RUN, TOLERANCES, make_input, randomize_, seed_of
+from cases import (
+    BACKENDS,
+    MODULE_CLASSES,
+    MODULE_ROWS,
+    MUST_RUN,
+    TOLERANCES,
+    Host,
+    make_input,
+    randomize_,
+    seed_of,
+)
 from normkit.backends import _REGISTRY, ENV_VAR, Backend, OpImpl
 
 CPU_BACKENDS = [b for b in BACKENDS if b in MUST_RUN]
@@ -301,22 +311,8 @@ def _built(name: str) -> nn.Module:
     return randomize_(module, seed_of("every class", name))
 
 
-class _Host(nn.Module):
-    """A model holding the norm as a submodule, as users trace it."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.norm, (normkit.FusedAddLayerNorm, normkit.FusedAddRMSNorm)):
-            y, residual = self.norm(x, x.flip(0))
-            return y * residual
-        return self.norm(x) * 2.0
-
-
 def _root_call(module: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
-    """The norm ``name`` (or its graph traced as the root), called like :class:`_Host` calls it."""
+    """The norm ``name`` (or its graph traced as the root), called like :class:`cases.Host` calls it."""
     if name.startswith("FusedAdd"):
         return lambda x: (lambda out: out[0] * out[1])(module(x, x.flip(0)))
     return lambda x: module(x) * 2.0
@@ -346,7 +342,7 @@ def _compare_steps(name: str, eager: Callable[[Tensor], Tensor], traced: Callabl
 def test_fx_traces_every_module_class_inside_a_model(name: str) -> None:
     """The graph calls the module's forward as one leaf: its live ``training`` flag, statistics
     and backend are read when the graph runs (train, train, eval, as eager)."""
-    eager = _Host(_built(name))
+    eager = Host(_built(name))
     traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
     _compare_steps(name, eager, traced, eager, traced, [True, True, False])
 
@@ -386,7 +382,7 @@ def test_fx_graph_of_every_module_class_resolves_the_backend_when_it_runs(
     name: str, reference_calls: list[str]
 ) -> None:
     x = make_input(MODULE_ROWS[name][2], torch.float32, seed_of("every class dispatch", name), requires_grad=False)
-    for call in (torch.fx.symbolic_trace(_Host(_built(name))), _root_call(torch.fx.symbolic_trace(_built(name)), name)):
+    for call in (torch.fx.symbolic_trace(Host(_built(name))), _root_call(torch.fx.symbolic_trace(_built(name)), name)):
         call(x)
         assert reference_calls == []
         with normkit.use_backend("reference"):

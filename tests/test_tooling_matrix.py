@@ -36,6 +36,7 @@ from cases import (
     MODULE_ROWS,
     MUST_RUN,
     TOLERANCES,
+    Host,
     make_input,
     randomize_,
     seed_of,
@@ -58,20 +59,6 @@ KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {}
 
 def test_rows_cover_every_module_class() -> None:
     assert set(ROWS) == set(MODULE_CLASSES), "add a row for each new module class"
-
-
-class Host(nn.Module):
-    """A model holding the norm as a submodule, as users hold it."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.norm, (normkit.FusedAddLayerNorm, normkit.FusedAddRMSNorm)):
-            y, residual = self.norm(x, x.flip(0))
-            return y * residual
-        return self.norm(x) * 2.0
 
 
 def _host(name: str, backend: str) -> Host:
