@@ -49,3 +49,15 @@ pictures: $(STAMP)
 .PHONY: support-matrix
 support-matrix: $(STAMP)
 	$(PY) -c "import normkit.support as s; print('README.md', 'updated' if s.update_readme('README.md') else 'unchanged')"
+
+# make gpu-check: on a CUDA machine, with that machine's own torch and Triton (no venv): the
+# Triton tests natively (no interpreter), then the GPU benchmark engine (device, versions,
+# commit and tables under benchmarks/results/, copied to $$OUT when the device tool sets it).
+GPU_PY ?= python3
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=src timeout 330 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
+		tests/test_triton_kernels.py tests/test_triton_batch_norm.py tests/test_triton_edges.py \
+		tests/test_parity.py tests/test_transforms.py tests/test_support.py || true
+	PYTHONPATH=src timeout 150 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
+	if [ -n "$$OUT" ]; then cp benchmarks/results/* "$$OUT"/ 2>/dev/null || true; fi
