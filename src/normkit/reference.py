@@ -261,11 +261,6 @@ def _normalize(
     return y.reshape(input.shape), mean, var
 
 
-def _update_running(running: Tensor | None, batch_value: Tensor, momentum: float) -> None:
-    """running <- (1 - momentum) * running + momentum * batch_value, in place (one statistic)."""
-    _update_running_stats(running, None, batch_value, batch_value, momentum)
-
-
 def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, batch_mean: Tensor,
                           batch_var: Tensor, momentum: float) -> None:
     """running <- (1 - momentum) * running + momentum * batch, for both statistics, in place.

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..reference import _unbiased, _update_running, acc_dtype
+from ..reference import _unbiased, _update_running_stats, acc_dtype
 from ._base import BackendMixin
 from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
@@ -99,8 +99,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y = NF.batch_norm(cast(x), mean, var, cast(weight), cast(bias), False, 0.0, eps,
                           backend=options["backend"], stats_dtype=options["stats_dtype"],
                           out_dtype=options["out_dtype"] or x.dtype)
-        _update_running(running_mean, mean, momentum)  # only once nothing can fail any more
-        _update_running(running_var, unbiased, momentum)
+        # only once nothing can fail any more
+        _update_running_stats(running_mean, running_var, mean, unbiased, momentum)
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.count, ctx.group = n, group
         ctx.bias_dtype = None if bias is None else bias.dtype
