@@ -147,6 +147,14 @@ def _check_int_list(op: str, name: str, pos: int, value: object) -> None:
             )
 
 
+# torch.func's batch rule for a training norm whose running statistics are not batched.
+VMAP_SHARED_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched.\nIf you are using a module and do not need eval mode, please set "
+    "`track_running_stats` to be False.If you are using a prebuilt module and do not need eval mode, please see "
+    "the functorch website for resources on how to patch your module to work with vmap"
+)
+
 INFERENCE_INPLACE = (
     "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get "
     "a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details."

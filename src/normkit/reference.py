@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._checks import VMAP_SHARED_RUNNING_STATS
 from .norms import layout
 
 __all__ = [
@@ -295,14 +296,6 @@ def _without_grad_wrappers(t: Tensor) -> Tensor:
     return t
 
 
-_UNBATCHED_RUNNING_STATS = (
-    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
-    "place, were not batched.\nIf you are using a module and do not need eval mode, please set "
-    "`track_running_stats` to be False.If you are using a prebuilt module and do not need eval mode, please see "
-    "the functorch website for resources on how to patch your module to work with vmap"
-)
-
-
 def _is_batched(t: Tensor) -> bool:
     """Whether ``t`` is batched by a ``torch.func.vmap`` at any level (under its grad wrappers)."""
     if torch.compiler.is_compiling():  # dynamo cannot trace the functorch queries; it sees no vmap here
@@ -320,7 +313,7 @@ def _check_vmap_running(input: Tensor, running_mean: Tensor | None, running_var:
     rule for batch_norm raises this, before any write; so does the reference."""
     stats = [t for t in (running_mean, running_var) if t is not None]
     if stats and _is_batched(input) and not all(_is_batched(t) for t in stats):
-        raise RuntimeError(_UNBATCHED_RUNNING_STATS)
+        raise RuntimeError(VMAP_SHARED_RUNNING_STATS)
 
 
 def _unbiased(var: Tensor, n: int) -> Tensor:

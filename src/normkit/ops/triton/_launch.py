@@ -16,13 +16,15 @@ from normkit._checks import INFERENCE_INPLACE
 __all__ = [
     "BLOCK_ENV_VAR",
     "FP_FUSION",
-    "VMAP_SHARED_RUNNING_STATS",
     "block_override",
     "check_saveable",
+    "dense",
     "device_of",
+    "eager_and_compiled",
     "first_order",
     "interpreted",
     "refuse_forward_ad",
+    "refuse_forward_ad_early",
     "strides",
     "update_running",
     "vmap_by_loop",
@@ -32,13 +34,6 @@ __all__ = [
 # and many programs with small shapes. Read at each launch; ``block_n=`` on a launcher wins.
 BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
 
-# torch's error for vmap over a training norm whose running statistics are not batched.
-VMAP_SHARED_RUNNING_STATS = (
-    "Batch norm got a batched tensor as input while the running_mean or running_var, which will "
-    "be updated in place, were not batched.\nIf you are using a module and do not need eval mode, "
-    "please set `track_running_stats` to be False.If you are using a prebuilt module and do not "
-    "need eval mode, please see the functorch website for resources on how to patch your module "
-    "to work with vmap")
 
 # Every launch passes enable_fp_fusion=FP_FUSION: no multiply-add contraction into FMA, so each
 # product and sum rounds as written, as under the CPU interpreter the tests run on. Pinned

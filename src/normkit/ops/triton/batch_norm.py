@@ -57,10 +57,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from normkit._checks import VMAP_SHARED_RUNNING_STATS
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
-    VMAP_SHARED_RUNNING_STATS,
     block_override,
     check_saveable,
     device_of,

@@ -37,10 +37,10 @@ import torch
 import triton
 from torch import Tensor
 
+from normkit._checks import VMAP_SHARED_RUNNING_STATS
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
-    VMAP_SHARED_RUNNING_STATS,
     block_override,
     dense,
     device_of,
