@@ -57,6 +57,7 @@ __all__ = [
     "assert_close_to_reference",
     "make_input",
     "randomize_",
+    "run_or_skip",
     "seed_of",
     "skip_if_declined",
     "torch_rms_eps",
@@ -79,18 +80,23 @@ STEPS = 3
 
 
 
+def run_or_skip(backend: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``; a BackendError from an optional backend (one that declines CPU calls, e.g.
+    triton) skips the test, from the built-in ones it fails."""
+    try:
+        return fn()
+    except BackendError as e:
+        if backend in MUST_RUN:
+            raise
+        pytest.skip(f"backend {backend!r} declines this call: {e}")
+
+
 def skip_if_declined(test: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a test taking a ``backend`` argument: a BackendError from an optional backend
-    (one that declines CPU calls, e.g. triton) skips the test; from the built-in ones it fails."""
+    """Decorate a test taking a ``backend`` argument with :func:`run_or_skip`."""
 
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return test(*args, **kwargs)
-        except BackendError as e:
-            if kwargs.get("backend") in MUST_RUN:
-                raise
-            pytest.skip(f"backend {kwargs.get('backend')!r} declines this call: {e}")
+        return run_or_skip(kwargs.get("backend"), lambda: test(*args, **kwargs))
 
     return run
 

@@ -39,6 +39,7 @@ from cases import (
     assert_close_to_reference,
     make_input,
     randomize_,
+    run_or_skip,
     seed_of,
     torch_rms_eps,
 )
@@ -75,16 +76,6 @@ _OPTIONS = {"RMSNorm": _PRECISION + ["cast", "weight_offset"], "GroupNorm": _PRE
 # torch's required arguments that normkit lets default to None for an option (GroupNorm's
 # num_groups and num_channels, so that ``GroupNorm(num_channels=64, group_size=16)`` works).
 _NONE_DEFAULTS = {"GroupNorm": {"num_groups", "num_channels"}}
-
-
-def _run(backend: str, fn: Callable[[], Any]) -> Any:
-    """``fn()``, skipping the test when a backend other than the built-in CPU ones declines it."""
-    try:
-        return fn()
-    except BackendError as e:
-        if backend in MUST_RUN:
-            raise
-        pytest.skip(f"backend {backend!r} declines this call: {e}")
 
 
 def _declined(backend: str, actual: object, expected: object, where: str) -> bool:
@@ -398,7 +389,7 @@ def _fused_add(
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in FUSED_ADD_CASES])
 def test_fused_add_norm_matches_unfused_torch(case: FusedAddCase, dtype: torch.dtype, api: str, backend: str) -> None:
     expected = _fused_add(case, dtype, api, None)
-    actual = _run(backend, lambda: _fused_add(case, dtype, api, backend))
+    actual = run_or_skip(backend, lambda: _fused_add(case, dtype, api, backend))
     reference = _fused_add(case, dtype, api, None, float64=True) if dtype in LOW_PRECISION else None
     res_dtype = case.residual_dtype or dtype
     assert actual["out"].dtype == dtype and actual["residual_out"].dtype == res_dtype
@@ -496,7 +487,7 @@ def test_training_batch_of_one_raises_like_torch_and_keeps_buffers(name: str, sh
     with pytest.raises(ValueError) as expected:
         theirs(x)
     with pytest.raises(ValueError) as actual:
-        _run(backend, lambda: ours(x))
+        run_or_skip(backend, lambda: ours(x))
     assert str(actual.value) == str(expected.value)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a failed call"

@@ -25,8 +25,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 import normkit
 import normkit.functional as NF
-from cases import BACKENDS, MUST_RUN, seed_of
-from normkit.backends import BackendError
+from cases import BACKENDS, run_or_skip, seed_of
 
 TRANSFORM_BACKENDS = [b for b in BACKENDS if b in ("torch", "reference", "triton")]
 EPS = 1e-3
@@ -148,16 +147,6 @@ def _refused(backend: str, transform: str) -> bool:
     return backend == "triton" and transform in TRITON_FORWARD_MODE
 
 
-def _run(fn: Callable[[], Any], backend: str) -> Any:
-    """A backend without the op raises BackendError, a clear error: nothing to compare."""
-    try:
-        return fn()
-    except BackendError as e:
-        if backend in MUST_RUN:
-            raise
-        pytest.skip(f"backend {backend!r} declines this call: {e}")
-
-
 @pytest.mark.parametrize("backend", TRANSFORM_BACKENDS)
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev", "jacfwd", "jvp", "vmap(grad)"])
 @pytest.mark.parametrize("name", list(OPS))
@@ -174,9 +163,9 @@ def test_transform_matches_torch(name: str, transform: str, backend: str, reques
     run = lambda: apply(lambda x, w, b: op.normkit(x, w, b, backend), tuple(p.to(dtype) for p in primal))
     if _refused(backend, transform):
         with pytest.raises(RuntimeError, match=FORWARD_MODE_ERROR):
-            _run(run, backend)
+            run_or_skip(backend, run)
         return
-    _assert_close(_run(run, backend), expected, dtype)
+    _assert_close(run_or_skip(backend, run), expected, dtype)
 
 
 # ---- running statistics under vmap -------------------------------------------------------------
