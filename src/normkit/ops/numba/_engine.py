@@ -1,0 +1,243 @@
+"""What every numba kernel of normkit shares: compilation, threads, dtypes and autograd plumbing.
+
+API (for the kernel files of :mod:`normkit.ops.numba`):
+
+* :func:`jit` / :func:`pjit`: ``numba.njit`` with normkit's options (on-disk cache, no GIL,
+  strict IEEE arithmetic: no ``fastmath``, so every sum rounds as written); ``pjit`` adds
+  ``parallel=True`` (loops over ``numba.prange``).
+* :func:`launch` ``(kernel, *arrays_and_scalars)``: runs a compiled parallel kernel on
+  :func:`threads` threads, one launch at a time in the process (see Threads below).
+* :func:`as_array` ``(tensor)``: the NumPy view of a contiguous CPU tensor, no copy; bfloat16
+  comes as ``uint16`` (its bits). :func:`acc_np_dtype` is the statistics dtype for an input
+  dtype (float64 for float64, else float32); :func:`param` gives a weight/bias as a
+  contiguous array in that dtype (a 0-length one for None).
+* Inside kernels: ``decode(row, buf)`` returns ``row`` itself when it is float, else fills
+  ``buf`` (the statistics dtype) from bf16 bits and returns it; ``staging(row, buf)`` is where
+  to write a result that ``encode(buf, row)`` then stores (round to nearest even for bf16, a
+  no-op when ``row`` is float and already the staging array).
+* :func:`batch_by_loop` ``(op)``: a ``torch.func.vmap`` rule for a custom op, one call per
+  batch element.
+* :func:`autograd_pair` ``(fwd_op, setup_context, backward, bwd_op)``: an autograd.Function
+  around a ``torch.library`` forward op, its backward op wrapped for ``torch.func``; compiled
+  code calls the custom ops directly (their fake implementations keep ``fullgraph=True``).
+
+Threads: a kernel uses ``min(torch.get_num_threads(), numba's pool)`` threads, read at each
+call, so ``torch.set_num_threads`` governs both libraries and the two pools never run at
+once. numba's threading layer is pinned to ``workqueue`` (present in every wheel; an OpenMP
+layer would be a second OpenMP runtime beside torch's) unless ``NUMBA_THREADING_LAYER`` is
+set. ``workqueue`` aborts the process when two Python threads launch parallel kernels at the
+same time, so every launch holds one process-wide lock: concurrent calls are serialised
+(each already uses every thread it is given).
+
+Numerics: no kernel's result depends on the thread count: work is split into fixed blocks of
+rows (sized from the shape alone), every reduction runs in a fixed order, and partial sums
+across rows are kept per block and summed in block order.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from numba import types
+from numba.extending import overload
+from torch import Tensor
+
+__all__ = [
+    "LANES",
+    "acc_np_dtype",
+    "as_array",
+    "autograd_pair",
+    "batch_by_loop",
+    "decode",
+    "encode",
+    "jit",
+    "launch",
+    "param",
+    "pjit",
+    "staging",
+    "threads",
+]
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+# Options of every kernel: compiled once per signature and cached on disk (__pycache__, or
+# NUMBA_CACHE_DIR), GIL released, IEEE arithmetic (no reassociation: sums round in the
+# order written, which is what makes results reproducible and batch-invariant).
+jit = functools.partial(numba.njit, cache=True, nogil=True, fastmath=False, error_model="numpy")
+pjit = functools.partial(jit, parallel=True)
+
+# Reductions along a row accumulate in LANES interleaved partial sums (element j goes to
+# lane j % LANES), combined in a fixed tree at the end: SIMD-friendly, and the order depends
+# on the row length only.
+LANES = 8
+
+_LAUNCH = threading.Lock()
+
+
+def threads() -> int:
+    """Threads a kernel launched now may use: torch's count, capped by numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def launch(kernel: Callable[..., Any], *args: Any) -> Any:
+    """``kernel(*args)`` on :func:`threads` threads, one launch at a time in the process."""
+    n = threads()
+    with _LAUNCH:
+        numba.set_num_threads(n)
+        return kernel(*args)
+
+
+def acc_np_dtype(dtype: torch.dtype) -> type:
+    """NumPy dtype of the statistics for input of ``dtype``: float64 for float64, else float32."""
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def as_array(t: Tensor) -> np.ndarray:
+    """The NumPy array sharing ``t``'s memory (``t`` a contiguous CPU tensor); bfloat16 as its
+    ``uint16`` bit patterns, which the kernels decode."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def param(t: Tensor | None, dtype: type) -> np.ndarray:
+    """A weight or bias as a contiguous array of the statistics ``dtype`` (exact widening of
+    bf16/fp32 parameters); a 0-length array for None."""
+    if t is None:
+        return np.empty(0, dtype)
+    return t.detach().reshape(-1).to(_TORCH_DTYPE[dtype]).contiguous().numpy()
+
+
+_TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+# ---- dtype codecs, resolved at compile time ----------------------------------------------
+
+
+def decode(row, buf):  # pragma: no cover - replaced by the overload inside kernels
+    """``row`` in the statistics dtype: itself when float, else bf16 bits widened into ``buf``."""
+
+
+def staging(row, buf):  # pragma: no cover
+    """Where a kernel writes results bound for ``row``: ``row`` when float, else ``buf``."""
+
+
+def encode(buf, row):  # pragma: no cover
+    """Store ``buf`` into ``row``: round to nearest even for bf16; nothing when float."""
+
+
+@overload(decode, inline="always")
+def _decode(row, buf):
+    if isinstance(row.dtype, types.Float):
+        return lambda row, buf: row
+
+    def widen(row, buf):
+        bits = buf.view(np.uint32)
+        for j in range(row.shape[0]):
+            bits[j] = np.uint32(row[j]) << np.uint32(16)
+        return buf
+
+    return widen
+
+
+@overload(staging, inline="always")
+def _staging(row, buf):
+    if isinstance(row.dtype, types.Float):
+        return lambda row, buf: row
+    return lambda row, buf: buf
+
+
+@overload(encode, inline="always")
+def _encode(buf, row):
+    if isinstance(row.dtype, types.Float):
+        return lambda buf, row: None
+
+    def narrow(buf, row):
+        bits = buf.view(np.uint32)
+        for j in range(row.shape[0]):
+            b = bits[j]
+            if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it quiet
+                row[j] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+            else:
+                row[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
+                                   >> np.uint32(16))
+
+    return narrow
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+
+def _refuse_forward_ad(ctx, *tangents):
+    raise RuntimeError(
+        "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not supported by "
+        "normkit's numba kernels, which have a backward formula only; use backend='torch' (or "
+        "'reference') for forward-mode derivatives, or reverse mode (torch.func.grad, vjp, jacrev)"
+    )
+
+
+def batch_by_loop(op) -> None:
+    """A ``torch.func.vmap`` rule for the custom op ``op``: one call per batch element, stacked
+    (exact: each is an ordinary call; per-sample gradients need the backward this way)."""
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
+                for i in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
+
+    torch.library.register_vmap(op, rule)
+
+
+def autograd_pair(fwd_op, setup, backward, bwd_op) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(forward_call, backward_call)`` for a pair of custom ops: eager code goes through an
+    ``autograd.Function`` (works under torch.func; forward mode raises; a second derivative
+    raises instead of silently dropping terms), compiled code calls the ops, whose autograd
+    formula is registered with ``torch.library.register_autograd``."""
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup)
+
+    class Forward(torch.autograd.Function):
+        generate_vmap_rule = True
+        forward = staticmethod(fwd_op)
+        setup_context = staticmethod(setup)
+        jvp = staticmethod(_refuse_forward_ad)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    class Backward(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return bwd_op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"second-order gradients through normkit's numba kernels ({bwd_op._name}) are not "
+                "supported; use backend='torch' (or 'reference') for double backward"
+            )
+
+        jvp = staticmethod(_refuse_forward_ad)
+
+    def forward_call(*args):
+        return fwd_op(*args) if torch.compiler.is_compiling() else Forward.apply(*args)
+
+    def backward_call(*args):
+        return bwd_op(*args) if torch.compiler.is_compiling() else Backward.apply(*args)
+
+    return forward_call, backward_call
