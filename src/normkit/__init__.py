@@ -49,6 +49,7 @@ from .modules import (
     freeze_batch_norm,
     unfreeze_batch_norm,
 )
+from .ops import builtin as _builtin  # noqa: F401  (registers the built-in backends)
 from .support import SupportMatrix, support_matrix
 from .surgery import ConvertReport, convert, register_adapter, to_torch
 

@@ -60,10 +60,11 @@ __all__ = [
 
 ENV_VAR = "NORMKIT_BACKEND"
 
-# "auto" tries these in order. Triton first: it only claims the calls its benchmark wins
-# (its ``preferred`` check); torch's ATen kernels next, exact and fast wherever they exist;
-# the reference last, for what ATen does not compute.
-AUTO_ORDER: tuple[str, ...] = ("triton", "torch", "reference")
+# "auto" tries these in order. The kernel backends first: each claims only the calls its
+# committed benchmark shows it winning (its ``preferred`` check), Triton on CUDA tensors, numba
+# on CPU tensors; torch's ATen kernels next, exact and fast wherever they exist; the reference
+# last, for what ATen does not compute.
+AUTO_ORDER: tuple[str, ...] = ("triton", "numba", "torch", "reference")
 
 
 class BackendError(NotImplementedError):

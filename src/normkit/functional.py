@@ -28,9 +28,7 @@ implementation, :mod:`normkit.reference`) and, where Triton and a GPU are presen
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, reference
-from .backends import Backend, OpImpl, register_backend, register_lazy_backend, resolve
+from . import _checks, numerics
+from .backends import resolve
 
 __all__ = [
     "add_layer_norm",
@@ -193,8 +191,8 @@ def rms_norm(
     machine epsilon of the statistics' dtype (float32 for fp16/bf16 input, as torch computes it).
     See :class:`torch.nn.RMSNorm`."""
     _checks.check_rms_norm(input, normalized_shape, weight, eps)
-    if eps is None and stats_dtype is not None:  # the formula's eps does not move with the precision
-        eps = reference.default_rms_eps(input.dtype)
+    if stats_dtype is not None:  # the formula's eps does not move with the precision
+        eps = numerics.rms_eps(eps, input.dtype)
     args = (input, _shape(normalized_shape), weight, None if eps is None else float(eps))
     return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
 
@@ -431,8 +429,8 @@ def add_rms_norm(
     _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
     _check_residual(x, residual)
     _check_dtype_option("residual_dtype", residual_dtype)
-    if eps is None and stats_dtype is not None:
-        eps = reference.default_rms_eps(residual_dtype or x.dtype)
+    if stats_dtype is not None:
+        eps = numerics.rms_eps(eps, residual_dtype or x.dtype)
     args = (x, residual, _shape(normalized_shape), weight, None if eps is None else float(eps), residual_dtype)
     return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype)
 
@@ -471,7 +469,7 @@ def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: to
     if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
         raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype!r}")
     _check_dtype_option("out_dtype", out_dtype)
-    work = stats_dtype or reference.acc_dtype(x.dtype)
+    work = stats_dtype or numerics.acc_dtype(x.dtype)
     asked = stats_dtype is not None or (out_dtype is not None and out_dtype != x.dtype)
     if not asked:
         return resolve(op, backend, *args)(*args)
@@ -507,132 +505,3 @@ def _check_residual(x: Tensor, residual: Tensor | None) -> None:
             f"residual must have the shape of x: got x of shape {list(x.shape)} and residual of "
             f"shape {list(residual.shape)}; broadcast or reshape the residual first"
         )
-
-
-# ---- the built-in backends --------------------------------------------------------------------
-
-
-def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, residual_dtype=None):
-    residual_out = reference._add(x, residual, residual_dtype)
-    dt = residual_out.dtype  # normalize the residual stream at its own precision
-    weight, bias = (None if p is None else p.to(dt) for p in (weight, bias))
-    return F.layer_norm(residual_out, normalized_shape, weight, bias, eps).to(x.dtype), residual_out
-
-
-def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
-    residual_out = reference._add(x, residual, residual_dtype)
-    if eps is None:
-        eps = reference.default_rms_eps(residual_out.dtype)
-    weight = None if weight is None else weight.to(residual_out.dtype)
-    return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
-
-
-def _torch_normalize(input, dims, weight=None, bias=None, eps=1e-5, center=True):
-    k = len(dims)
-    last = tuple(range(input.dim() - k, input.dim()))
-    moved = input.movedim(dims, last)
-    shape = moved.shape[-k:]
-    if center:
-        y = F.layer_norm(moved, shape, weight, bias, eps)
-    else:
-        # ATen's rms_norm casts a float32 weight to a bf16/fp16 input's dtype; keep the output's
-        # dtype the input's, as layer_norm does.
-        y = F.rms_norm(moved, shape, None if weight is None else weight.to(moved.dtype), eps)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-    return y.movedim(last, dims)
-
-
-def _then_act(norm: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The composition ``activate(act, norm(*args))``, for backends without a fused kernel."""
-
-    def norm_act(*args: object) -> Tensor:
-        *norm_args, act = args
-        return activate(act, norm(*norm_args))  # type: ignore[arg-type]
-
-    norm_act.__name__ = f"{norm.__name__}_act"
-    return norm_act
-
-
-def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
-    if (input.device.type == "cpu" and input.dim() > 3 and input.numel() > 0
-            and input.dtype in (torch.float16, torch.bfloat16)):
-        return f"ATen has no CPU {input.dtype} avg_pool3d, which its local_response_norm uses for 4-D+ input"
-    return None
-
-
-def _reference_complex_unsupported(*args, **kwargs):
-    # torch's rms_norm is composite, so complex input runs there; the reference's statistics
-    # are real (it would drop the imaginary part), so it declines rather than be wrong.
-    if any(isinstance(a, Tensor) and a.is_complex() for a in (*args, *kwargs.values())):
-        return "complex input: the reference computes real statistics only; use backend='torch'"
-    return None
-
-
-register_backend(
-    Backend(
-        "torch",
-        {
-            "batch_norm": OpImpl(F.batch_norm),
-            "instance_norm": OpImpl(F.instance_norm),
-            "layer_norm": OpImpl(F.layer_norm),
-            "rms_norm": OpImpl(F.rms_norm),
-            "group_norm": OpImpl(F.group_norm),
-            "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
-            "add_layer_norm": OpImpl(_torch_add_layer_norm),
-            "add_rms_norm": OpImpl(_torch_add_rms_norm),
-            "normalize": OpImpl(_torch_normalize),
-            "batch_norm_act": OpImpl(_then_act(F.batch_norm)),
-            "group_norm_act": OpImpl(_then_act(F.group_norm)),
-        },
-        description="PyTorch's own ATen kernels",
-    )
-)
-
-register_backend(
-    Backend(
-        "reference",
-        {
-            "batch_norm": OpImpl(reference.batch_norm),
-            "instance_norm": OpImpl(reference.instance_norm),
-            "layer_norm": OpImpl(reference.layer_norm),
-            "rms_norm": OpImpl(reference.rms_norm, _reference_complex_unsupported),
-            "group_norm": OpImpl(reference.group_norm),
-            "local_response_norm": OpImpl(reference.local_response_norm),
-            "add_layer_norm": OpImpl(reference.add_layer_norm),
-            "add_rms_norm": OpImpl(reference.add_rms_norm, _reference_complex_unsupported),
-            "normalize": OpImpl(reference.normalize),
-            "batch_norm_act": OpImpl(_then_act(reference.batch_norm)),
-            "group_norm_act": OpImpl(_then_act(reference.group_norm)),
-        },
-        description="normkit's from-scratch implementation with hand-derived backward",
-    )
-)
-
-
-def _load_triton() -> None:
-    try:
-        from .ops.triton.backend import register
-    except ImportError:  # Triton not installed: the backend is simply not there
-        return
-    register()
-
-
-# Looked up once at import (a file-system search, not an import of Triton): the probe below runs
-# on every "auto" call on a machine where the backend is unavailable.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def _triton_could_run() -> bool:
-    if not _TRITON_INSTALLED:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_declared():
-    from .ops.triton.backend import declared_ops  # imports no Triton
-
-    return declared_ops()
-
-
-register_lazy_backend("triton", _load_triton, _triton_could_run, declared=_triton_declared)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, reference
+from . import _checks, numerics, reference
 from .backends import BackendError, current_backend, get_backend
 
 __all__ = ["masked_batch_norm", "masked_instance_norm"]
@@ -113,17 +113,14 @@ def _torch_masked_batch_norm(input, mask, running_mean, running_var, weight=None
 
 def _torch_masked_instance_norm(input, mask, running_mean=None, running_var=None, weight=None, bias=None,
                                 use_input_stats=True, momentum=0.1, eps=1e-5):
-    acc = reference.acc_dtype(input.dtype)
+    acc = numerics.acc_dtype(input.dtype)
     x, m = input.to(acc), mask[:, None, :].to(acc)
     if use_input_stats:
         n = m.sum(2, keepdim=True)
         mean = (m * x).sum(2, keepdim=True) / n
         var = (m * (x - mean).square()).sum(2, keepdim=True) / n
-        with torch.no_grad():
-            unbiased = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
-            for running, batch in ((running_mean, mean), (running_var, unbiased)):
-                if running is not None:
-                    running.lerp_(batch.flatten(1).mean(0).to(running.dtype), momentum)
+        numerics.update_running_stats(running_mean, running_var, mean.flatten(1).mean(0),
+                                      numerics.unbiased(var, n).flatten(1).mean(0), momentum)
     else:
         mean, var = running_mean.to(acc)[:, None], running_var.to(acc)[:, None]
     y = (x - mean) * torch.rsqrt(var + eps)

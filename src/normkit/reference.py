@@ -27,7 +27,6 @@ differentiable torch ops, so the backward itself can be differentiated (``gradgr
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from ._checks import VMAP_SHARED_RUNNING_STATS
 from .norms import layout
+from .numerics import _is_batched, acc_dtype, default_rms_eps, rms_eps, unbiased, update_running_stats
 
 __all__ = [
     "MaskedNormalize",
@@ -53,17 +53,6 @@ __all__ = [
     "normalize",
     "rms_norm",
 ]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are accumulated in: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def default_rms_eps(dtype: torch.dtype) -> float:
-    """RMSNorm's ``eps=None``: machine epsilon of the dtype the statistics are computed in
-    (float32 for fp16/bf16 input, as torch 2.13 does; its docs say the input's dtype)."""
-    return torch.finfo(acc_dtype(dtype)).eps
 
 
 def _centre(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor]:
@@ -262,63 +251,12 @@ def _normalize(
     return y.reshape(input.shape), mean, var
 
 
-def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, batch_mean: Tensor,
-                          batch_var: Tensor, momentum: float) -> None:
-    """running <- (1 - momentum) * running + momentum * batch, for both statistics, in place.
-
-    Both new values are computed before either is written, so a failure (a shape that does not
-    broadcast) leaves both untouched. Under torch.func's ``grad``/``jvp`` the running statistics
-    are tensors captured from outside the transform, which it refuses to let anything write; the
-    update is done below the transforms on the plain values, as ATen's kernels write them (the
-    statistics carry no gradient).
-    """
-    pairs = [(r, b) for r, b in ((running_mean, batch_mean), (running_var, batch_var)) if r is not None]
-    below = not torch.compiler.is_compiling() and not any(_is_batched(r) for r, _ in pairs)
-    if below:
-        pairs = [(r, _without_grad_wrappers(b)) for r, b in pairs]
-    # Running statistics built under torch.inference_mode() are written as ATen's kernel writes
-    # them (the module-level counter check raises torch's error before a module gets here).
-    inference = below and not torch.is_inference_mode_enabled() and any(r.is_inference() for r, _ in pairs)
-    with torch.no_grad(), (torch._C._DisableFuncTorch() if below else contextlib.nullcontext()):
-        # In the accumulation dtype, rounded once to the statistics' own dtype (ATen's order).
-        new = [(b.to(acc_dtype(r.dtype)) * momentum + r.to(acc_dtype(r.dtype)) * (1.0 - momentum)).to(r.dtype)
-               for r, b in pairs]
-        with torch.inference_mode() if inference else contextlib.nullcontext():
-            for (r, _), value in zip(pairs, new):
-                r.copy_(value)
-
-
-def _without_grad_wrappers(t: Tensor) -> Tensor:
-    """``t`` without torch.func's grad/jvp wrappers (a vmap level is kept)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
-
-
-def _is_batched(t: Tensor) -> bool:
-    """Whether ``t`` is batched by a ``torch.func.vmap`` at any level (under its grad wrappers)."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace the functorch queries; it sees no vmap here
-        return False
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
-
-
 def _check_vmap_running(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
     """Under vmap, unbatched running statistics cannot take a per-sample update: torch's batch
     rule for batch_norm raises this, before any write; so does the reference."""
     stats = [t for t in (running_mean, running_var) if t is not None]
     if stats and _is_batched(input) and not all(_is_batched(t) for t in stats):
         raise RuntimeError(VMAP_SHARED_RUNNING_STATS)
-
-
-def _unbiased(var: Tensor, n: int) -> Tensor:
-    """Bessel's correction: the running variance is unbiased, the normalizing one is not."""
-    return var * (n / (n - 1)) if n > 1 else var
 
 
 def normalize(
@@ -366,7 +304,7 @@ def batch_norm(
     _check_vmap_running(input, running_mean, running_var)
     y, mean, var = _normalize("batch_norm", input, weight, bias, eps)
     n = input.numel() // input.shape[1]
-    _update_running_stats(running_mean, running_var, mean.flatten(), _unbiased(var, n).flatten(), momentum)
+    update_running_stats(running_mean, running_var, mean.flatten(), unbiased(var, n).flatten(), momentum)
     return y
 
 
@@ -511,7 +449,7 @@ def masked_batch_norm(
     )
     if training:
         n = int(mask.sum())
-        _update_running_stats(running_mean, running_var, mean.flatten(), _unbiased(var, n).flatten(), momentum)
+        update_running_stats(running_mean, running_var, mean.flatten(), unbiased(var, n).flatten(), momentum)
     return y
 
 
@@ -537,8 +475,8 @@ def masked_instance_norm(
     )
     if use_input_stats:
         n = m.sum(2, keepdim=True).to(var.dtype)
-        unbiased = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
-        _update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased.flatten(1).mean(0), momentum)
+        update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0),
+                             momentum)
     return y
 
 
@@ -558,8 +496,7 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
 ) -> Tensor:
-    if eps is None:
-        eps = default_rms_eps(input.dtype)
+    eps = rms_eps(eps, input.dtype)
     return _normalize(
         "rms_norm", input, weight, None, eps, center=False, normalized_ndim=len(normalized_shape)
     )[0]
@@ -594,7 +531,7 @@ def instance_norm(
     y, mean, var = _normalize("instance_norm", input, weight, bias, eps)
     # Each instance's statistics update the running ones; torch averages them over the batch.
     n = input[0, 0].numel()
-    _update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), _unbiased(var, n).flatten(1).mean(0), momentum)
+    update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0), momentum)
     return y
 
 
@@ -694,8 +631,6 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """``residual_out = x + residual`` (in ``residual_dtype``), ``y = rms_norm(residual_out)``."""
     residual_out = _add(x, residual, residual_dtype)
-    if eps is None:
-        eps = default_rms_eps(residual_out.dtype)
     return rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
 
 

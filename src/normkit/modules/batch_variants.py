@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as NF
-from ..reference import acc_dtype
+from ..numerics import acc_dtype, momentum_factor
 from ._base import REQUIRED
 from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
@@ -134,7 +134,7 @@ def batch_renorm_forward(module: _BatchRenorm, input: Tensor) -> Tensor:
     if module.bias is not None:
         bias = bias + module.bias
     counter = module.num_batches_tracked
-    factor = 1.0 / float(counter + 1) if module.momentum is None else module.momentum
+    factor = momentum_factor(module.momentum, counter)
     out = NF.batch_norm(input, module.running_mean, module.running_var, weight, bias, True, factor, module.eps,
                         **module.call_options())
     counter.add_(1)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .. import _checks
 from .. import functional as NF
 from ..masked import masked_batch_norm
+from ..numerics import momentum_factor
 from ._base import BackendMixin
 from ._lazy import MaterializeOnSuccess
 from ._tracing import module_leaf
@@ -38,10 +39,7 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
     training, tracked = module.training, module.training and module.track_running_stats
     counter = module.num_batches_tracked if tracked else None
     _checks.check_counter_writable(counter)
-    if module.momentum is None:  # cumulative average over the batches seen, this one included
-        factor = 1.0 / float(counter + 1) if counter is not None else 0.0
-    else:
-        factor = module.momentum
+    factor = momentum_factor(module.momentum, counter)
     use_batch_stats = training or (module.running_mean is None and module.running_var is None)
     keep_stats = not training or module.track_running_stats
     args = (

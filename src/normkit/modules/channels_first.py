@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import normalize
-from ..reference import default_rms_eps
+from ..numerics import rms_eps
 from ._base import BackendMixin
 from ._tracing import module_leaf
 
@@ -19,7 +19,7 @@ def channels_first_forward(module: LayerNorm2d | RMSNorm2d, input: Tensor) -> Te
     tracing (the checks read shapes, which a Proxy cannot)."""
     _check_4d(module, input)
     if isinstance(module, RMSNorm2d):
-        eps = default_rms_eps(input.dtype) if module.eps is None else module.eps
+        eps = rms_eps(module.eps, input.dtype)
         return normalize(input, (1,), module.weight, None, eps, center=False, **module.call_options())
     return normalize(input, (1,), module.weight, module.bias, module.eps, **module.call_options())
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..reference import _unbiased, _update_running_stats, acc_dtype
+from ..numerics import acc_dtype, momentum_factor, unbiased, update_running_stats
 from ._base import BackendMixin
 from ._tracing import module_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
@@ -90,7 +90,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n, mean, var = _merge(torch.stack(gathered))
         if n <= 1:  # every rank sees the same n, so every rank raises: no rank is left waiting
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {n}")
-        unbiased = _unbiased(var, n)
+        var_unbiased = unbiased(var, n)
         mean, var = mean.to(work), var.to(work)
         # Normalizing with given statistics is BatchNorm in eval mode: the backend does it, in the
         # working dtype (the statistics are not rounded to a bf16 input's or weight's dtype), and
@@ -100,7 +100,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                           backend=options["backend"], stats_dtype=options["stats_dtype"],
                           out_dtype=options["out_dtype"] or x.dtype)
         # only once nothing can fail any more
-        _update_running_stats(running_mean, running_var, mean, unbiased, momentum)
+        update_running_stats(running_mean, running_var, mean, var_unbiased, momentum)
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.count, ctx.group = n, group
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -193,10 +193,7 @@ class SyncBatchNorm(BackendMixin, nn.SyncBatchNorm):
         if self.eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         counter = self.num_batches_tracked if self.track_running_stats else None
-        if self.momentum is None:
-            factor = 1.0 / float(counter + 1) if counter is not None else 0.0
-        else:
-            factor = self.momentum
+        factor = momentum_factor(self.momentum, counter)
         keep = self.track_running_stats
         out = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias,

@@ -11,7 +11,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from normkit._checks import INFERENCE_INPLACE
+from normkit.ops.triton.backend import interpreting as interpreted
 
 __all__ = [
     "BLOCK_ENV_VAR",
@@ -26,7 +26,6 @@ __all__ = [
     "refuse_forward_ad",
     "refuse_forward_ad_early",
     "strides",
-    "update_running",
     "vmap_by_loop",
 ]
 
@@ -53,11 +52,6 @@ def block_override(block_n: int | None) -> int | None:
 def device_of(t: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def interpreted() -> bool:
-    """Running under Triton's CPU interpreter (see ``_cast_to`` in the kernels)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dense(t: Tensor | None) -> Tensor | None:
@@ -109,30 +103,6 @@ def refuse_forward_ad_early(*tensors: Tensor | None) -> None:
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         refuse_forward_ad(None)
-
-
-def update_running(pairs: list[tuple[Tensor | None, Tensor]], momentum: float, *,
-                   inference_ok: bool) -> None:
-    """``running = momentum * batch + (1 - momentum) * running`` (fp32, stored in running's
-    dtype) for each ``(running, batch)`` pair, computed first and written after, so that no
-    statistic is written unless every one can be.
-
-    Running statistics that are inference tensors, outside inference mode: with
-    ``inference_ok`` they are updated as ATen's batch_norm does (its kernel writes them);
-    otherwise the in-place error torch's instance_norm gives is raised, before any write
-    (torch's own writes the mean first)."""
-    new = [(r, momentum * b + (1 - momentum) * r.float()) for r, b in pairs if r is not None]
-    for running, value in new:
-        if running.numel() != value.numel():
-            raise RuntimeError(f"running statistics should contain {value.numel()} elements "
-                               f"not {running.numel()}")
-    inference = (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
-                 and any(r.is_inference() for r, _ in new))
-    if inference and not inference_ok:
-        raise RuntimeError(INFERENCE_INPLACE)
-    with torch.no_grad(), torch.inference_mode() if inference else contextlib.nullcontext():
-        for running, value in new:
-            running.copy_(value)
 
 
 def first_order(op) -> type[torch.autograd.Function]:

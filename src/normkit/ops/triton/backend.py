@@ -34,7 +34,7 @@ from torch import Tensor
 
 from normkit.backends import Backend, OpImpl, register_backend
 
-__all__ = ["DTYPES", "MEASURED_FASTER", "declared_ops", "is_available", "normalize", "register"]
+__all__ = ["DTYPES", "MEASURED_FASTER", "declared_ops", "interpreting", "is_available", "normalize", "register"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,18 +43,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``), read at each call."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def is_available() -> bool:
     """Triton is installed and there is something to run it on."""
-    return _TRITON_INSTALLED and (torch.cuda.is_available() or _interpreting())
+    return _TRITON_INSTALLED and (torch.cuda.is_available() or interpreting())
 
 
 def _tensors_unsupported(x: Tensor, *others: Tensor | None, empty_ok: bool = False) -> str | None:
     """Why the kernels cannot take ``x`` and ``others`` (weight, bias, residual), or None."""
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not interpreting():
         return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before Triton is "
                 "imported, or move the tensors to CUDA")
     if x.device.type not in ("cuda", "cpu"):

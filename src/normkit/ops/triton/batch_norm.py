@@ -58,6 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
+from normkit.numerics import unbiased, update_running_stats
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -68,7 +69,6 @@ from normkit.ops.triton._launch import (
     interpreted,
     refuse_forward_ad_early,
     strides,
-    update_running,
     vmap_by_loop,
 )
 from normkit.ops.triton.kernels import (
@@ -354,8 +354,7 @@ def batch_norm_stats(
     # float64 (C numbers), rstd then rounded once to fp32.
     var = m2.double() * scale.double().square()
     # As ATen: r = momentum * batch + (1 - momentum) * r, the unbiased variance.
-    update_running([(running_mean, mean), (running_var, (var / (M - 1)).float())], momentum,
-                   inference_ok=True)
+    update_running_stats(running_mean, running_var, mean, unbiased(var / M, M).float(), momentum)
     rstd = torch.rsqrt(var / M + eps)
     return torch.stack([shift, shifted_mean]), torch.where(var / M + eps == 0, 0.0, rstd).float()
 

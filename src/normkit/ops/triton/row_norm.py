@@ -38,6 +38,7 @@ import triton
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
+from normkit.numerics import rms_eps, unbiased, update_running_stats
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -47,11 +48,9 @@ from normkit.ops.triton._launch import (
     eager_and_compiled,
     interpreted,
     strides,
-    update_running,
     vmap_by_loop,
 )
 from normkit.ops.triton.kernels import ACT_CODES, row_norm_bwd_kernel, row_norm_fwd_kernel
-from normkit.reference import default_rms_eps
 
 __all__ = [
     "BLOCK_ENV_VAR",
@@ -365,8 +364,7 @@ def _update_running_op(running_mean: Tensor | None, running_var: Tensor | None, 
                        batch_var: Tensor, momentum: float) -> None:
     """InstanceNorm's running update, as an op: below torch.func's transforms, like ATen's
     kernel write (``copy_`` of a grad-tracked value into a captured tensor is refused)."""
-    update_running([(running_mean, batch_mean), (running_var, batch_var)], momentum,
-                   inference_ok=False)
+    update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, inference_ok=False)
 
 
 @_update_running_op.register_fake
@@ -433,8 +431,7 @@ def rms_norm(
 ) -> Tensor:
     """``torch.nn.functional.rms_norm``; ``eps=None`` is, as in torch, the machine epsilon of
     the dtype statistics are computed in (float32, also for bf16/fp16 input)."""
-    if eps is None:
-        eps = default_rms_eps(input.dtype)
+    eps = rms_eps(eps, input.dtype)
     return _trailing_norm(input, None, normalized_shape, weight, None, eps, True, None)[0]
 
 
@@ -458,8 +455,7 @@ def add_rms_norm(
     residual_dtype: torch.dtype | None = None,
 ) -> AddNormOutput:
     """As :func:`add_layer_norm` with RMSNorm (``eps=None`` as in :func:`rms_norm`)."""
-    if eps is None:
-        eps = default_rms_eps(x.dtype)
+    eps = rms_eps(eps, x.dtype)
     return AddNormOutput(*_trailing_norm(x, residual, normalized_shape, weight, None, eps, True,
                                          residual_dtype or x.dtype))
 
@@ -514,6 +510,6 @@ def instance_norm(
         with torch.no_grad():
             pivot = x3[:, :, 0].float()  # the kernel's mean is of x - pivot
             batch_mean = (mean.view(N, C) + pivot).mean(0)
-            batch_var = (var.view(N, C) * (n / (n - 1))).mean(0)
+            batch_var = unbiased(var.view(N, C), n).mean(0)
             _update_running_op(running_mean, running_var, batch_mean, batch_var, float(momentum))
     return y

@@ -1,0 +1,138 @@
+"""The backends normkit ships, registered with :mod:`normkit.backends`.
+
+* ``"torch"``: ATen's kernels, with the compositions ATen lacks (the fused residual ops, the
+  norm + activation ops, ``normalize`` over any dims) written in torch ops.
+* ``"reference"``: :mod:`normkit.reference`, the from-scratch implementation.
+* ``"triton"`` and ``"numba"``: kernel backends, loaded on first use. Each backend's own module
+  (``normkit.ops.<name>.backend``) imports nothing heavy; it says whether the backend could run
+  here (``is_available``), which calls it declines (``declared_ops``) and registers the kernels
+  (``register``) when the registry first looks the backend up.
+
+:mod:`normkit` imports this module once, after :mod:`normkit.functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import numerics, reference
+from ..backends import Backend, OpImpl, register_backend, register_lazy_backend
+from ..functional import activate
+
+__all__: list[str] = []
+
+
+def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, residual_dtype=None):
+    residual_out = reference._add(x, residual, residual_dtype)
+    dt = residual_out.dtype  # normalize the residual stream at its own precision
+    weight, bias = (None if p is None else p.to(dt) for p in (weight, bias))
+    return F.layer_norm(residual_out, normalized_shape, weight, bias, eps).to(x.dtype), residual_out
+
+
+def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
+    residual_out = reference._add(x, residual, residual_dtype)
+    eps = numerics.rms_eps(eps, residual_out.dtype)
+    weight = None if weight is None else weight.to(residual_out.dtype)
+    return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
+
+
+def _torch_normalize(input, dims, weight=None, bias=None, eps=1e-5, center=True):
+    k = len(dims)
+    last = tuple(range(input.dim() - k, input.dim()))
+    moved = input.movedim(dims, last)
+    shape = moved.shape[-k:]
+    if center:
+        y = F.layer_norm(moved, shape, weight, bias, eps)
+    else:
+        # ATen's rms_norm casts a float32 weight to a bf16/fp16 input's dtype; keep the output's
+        # dtype the input's, as layer_norm does.
+        y = F.rms_norm(moved, shape, None if weight is None else weight.to(moved.dtype), eps)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.movedim(last, dims)
+
+
+def _then_act(norm: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The composition ``activate(act, norm(*args))``, for backends without a fused kernel."""
+
+    def norm_act(*args: object) -> Tensor:
+        *norm_args, act = args
+        return activate(act, norm(*norm_args))  # type: ignore[arg-type]
+
+    norm_act.__name__ = f"{norm.__name__}_act"
+    return norm_act
+
+
+def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    if (input.device.type == "cpu" and input.dim() > 3 and input.numel() > 0
+            and input.dtype in (torch.float16, torch.bfloat16)):
+        return f"ATen has no CPU {input.dtype} avg_pool3d, which its local_response_norm uses for 4-D+ input"
+    return None
+
+
+def _reference_complex_unsupported(*args, **kwargs):
+    # torch's rms_norm is composite, so complex input runs there; the reference's statistics
+    # are real (it would drop the imaginary part), so it declines rather than be wrong.
+    if any(isinstance(a, Tensor) and a.is_complex() for a in (*args, *kwargs.values())):
+        return "complex input: the reference computes real statistics only; use backend='torch'"
+    return None
+
+
+register_backend(
+    Backend(
+        "torch",
+        {
+            "batch_norm": OpImpl(F.batch_norm),
+            "instance_norm": OpImpl(F.instance_norm),
+            "layer_norm": OpImpl(F.layer_norm),
+            "rms_norm": OpImpl(F.rms_norm),
+            "group_norm": OpImpl(F.group_norm),
+            "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
+            "add_layer_norm": OpImpl(_torch_add_layer_norm),
+            "add_rms_norm": OpImpl(_torch_add_rms_norm),
+            "normalize": OpImpl(_torch_normalize),
+            "batch_norm_act": OpImpl(_then_act(F.batch_norm)),
+            "group_norm_act": OpImpl(_then_act(F.group_norm)),
+        },
+        description="PyTorch's own ATen kernels",
+    )
+)
+
+register_backend(
+    Backend(
+        "reference",
+        {
+            "batch_norm": OpImpl(reference.batch_norm),
+            "instance_norm": OpImpl(reference.instance_norm),
+            "layer_norm": OpImpl(reference.layer_norm),
+            "rms_norm": OpImpl(reference.rms_norm, _reference_complex_unsupported),
+            "group_norm": OpImpl(reference.group_norm),
+            "local_response_norm": OpImpl(reference.local_response_norm),
+            "add_layer_norm": OpImpl(reference.add_layer_norm),
+            "add_rms_norm": OpImpl(reference.add_rms_norm, _reference_complex_unsupported),
+            "normalize": OpImpl(reference.normalize),
+            "batch_norm_act": OpImpl(_then_act(reference.batch_norm)),
+            "group_norm_act": OpImpl(_then_act(reference.group_norm)),
+        },
+        description="normkit's from-scratch implementation with hand-derived backward",
+    )
+)
+
+
+def _register_kernels(name: str) -> None:
+    """The lazy registration of kernel backend ``name`` (its ``backend`` module imports none of
+    its dependencies: those are imported by its ``register``, on first use)."""
+    import importlib  # noqa: PLC0415
+
+    entry = importlib.import_module(f"normkit.ops.{name}.backend")
+    register_lazy_backend(name, entry.register, entry.is_available, declared=entry.declared_ops)
+
+
+_register_kernels("triton")
+if (Path(__file__).parent / "numba" / "backend.py").exists():  # being written: see issue 12
+    _register_kernels("numba")
