@@ -8,8 +8,9 @@ Every test file reads these tables instead of inventing its own shapes and bound
   ``channels_last`` / ``channels_last_3d`` inputs, 1d/2d/3d variants, inputs without a batch dim
   and empty batches. :data:`LAZY_CASES`, :data:`FUSED_ADD_CASES` and :data:`FUNCTIONAL_CASES`
   are the same idea for the lazy modules, the residual-add norms and ``normkit.functional``.
-- :data:`TOLERANCES`: every bound a test may use, each with the reason for its number (QuACK's
-  ``TOLERANCES``), and :func:`assert_close_to_reference`, which applies them.
+- :data:`TOLERANCES` (:mod:`normkit.testing`'s, the library's one table): every bound a test may
+  use, each with the reason for its number (QuACK's ``TOLERANCES``), and
+  :func:`assert_close_to_reference`, which applies them.
 - :data:`BACKENDS` (``normkit.backends()`` at import) and :data:`DTYPES`: tests parametrize over
   them, so a new backend or dtype is tested without editing any test.
 
@@ -26,7 +27,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 import normkit
 from normkit.backends import BackendError
 from normkit.norms import NORMS
+from normkit.testing import LOW_PRECISION, TOLERANCES, Tolerance, assert_close_to_reference
 
 __all__ = [
     "BACKENDS",
@@ -73,7 +75,6 @@ BACKENDS: list[str] = normkit.backends()
 MUST_RUN = frozenset({"torch", "reference"})
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-LOW_PRECISION: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 # Training steps per stateful test: enough for running statistics to mix several batches
 # (and for momentum=None's cumulative average to differ from a plain exponential one).
 STEPS = 3
@@ -102,132 +103,8 @@ def skip_if_declined(test: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---- tolerances --------------------------------------------------------------------------------
-
-
-class Tolerance(NamedTuple):
-    """``rtol``/``atol`` for a direct comparison (``torch.testing.assert_close``); ``factor`` > 0
-    marks the self-calibrating bound ``err(normkit) <= factor * err(torch) + atol * max(1,
-    max|reference|)`` on max abs errors against float64 (atol per unit of the result's magnitude).
-    ``"no_baseline"`` counts its atol in units of ``eps(dtype)`` per unit of magnitude."""
-
-    rtol: float
-    atol: float
-    reason: str
-    factor: float = 0.0
-
-
-TOLERANCES: dict[Any, Tolerance] = {
-    torch.float64: Tolerance(
-        1e-10, 1e-10,
-        "float64 against torch float64: only summation order differs, ~1e-15 relative per op; "
-        "1e-10 leaves room for sums over thousands of elements and still catches any formula "
-        "error (a wrong eps, biased vs unbiased variance, a missing term) by many orders.",
-    ),
-    torch.float32: Tolerance(
-        2e-5, 2e-5,
-        "float32 against torch float32: ATen reduces with vectorized/Welford sums, the reference "
-        "two-pass; each is within ~log2(N) * 6e-8 relative of the truth, so a few 1e-6 apart for "
-        "N up to 4099 and gradients that are sums over the batch. 2e-5 is ~100x that, still far "
-        "below any real bug (a wrong variance estimator shifts results by 1/N >= 2.4e-4).",
-    ),
-    torch.bfloat16: Tolerance(
-        0.0, 2.0**-7,
-        "bfloat16 against float64 torch: at most twice torch's own bf16 error (flash-attn's bound), "
-        "plus one bf16 ulp (eps = 2^-7) at the magnitude of the result, for the elements torch "
-        "happens to round exactly where normkit rounds the other way.",
-        factor=2.0,
-    ),
-    torch.float16: Tolerance(
-        0.0, 2.0**-10,
-        "float16 against float64 torch: at most twice torch's own fp16 error, plus one fp16 ulp "
-        "(eps = 2^-10) at the magnitude of the result.",
-        factor=2.0,
-    ),
-    "no_baseline": Tolerance(
-        0.0, 2.0,
-        "low precision where torch itself cannot run the call on the CPU (local_response_norm of "
-        "bf16/fp16 4-D/5-D input: no avg_pool3d kernel): a result computed in fp32 and rounded once "
-        "is within half an ulp; allow atol ulps (eps(dtype) each) at the magnitude of the result.",
-    ),
-    "oracle": Tolerance(
-        1e-10, 1e-10,
-        "normkit.reference in float64 against torch in float64: two independent exact-arithmetic "
-        "oracles must agree to float64 rounding, or one of them is wrong.",
-    ),
-    "seed_printed": Tolerance(
-        0.0, 1e-4,
-        "a seed's printed output has 4 decimals (rounding error <= 5e-5) of a float32 computation.",
-    ),
-    "seed_printed_input": Tolerance(
-        0.0, 1e-3,
-        "seed 003 prints its random input with 4 decimals too; re-feeding the printed input moves "
-        "the output by up to |weight| / std * 5e-5 * (1 + 1/sqrt(N)) plus the output's own rounding.",
-    ),
-    "seed_allclose": Tolerance(
-        1e-5, 1e-6,
-        "seed 001 compares its from-scratch models with torch.allclose(..., atol=1e-6) and the "
-        "default rtol=1e-5, and prints True.",
-    ),
-    "seed_allclose_grad": Tolerance(
-        1e-5, 1e-5,
-        "gradients of seed 001's from-scratch models (autograd through mean/var in float32) against "
-        "normkit's: outputs are O(1) and gradients O(1) sums, float32 rounding ~1e-6.",
-    ),
-}
-
-
-def _max_abs(t: Tensor) -> float:
-    return t.abs().max().item() if t.numel() else 0.0
-
-
-def assert_close_to_reference(
-    actual: Tensor,
-    expected: Tensor | None,
-    reference: Tensor | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    name: str = "",
-) -> None:
-    """Judge ``actual`` (normkit, computed in ``dtype``) by the table of tolerances.
-
-    ``expected`` is torch's result for the same call in the same dtype, or ``None`` where torch
-    cannot run it; ``reference`` the same call in float64 (needed for low precision). ``dtype``
-    is the compute dtype, default ``actual.dtype`` (pass the input's dtype for float32 weight
-    gradients of a bf16 input).
-
-    float64/float32: ``actual`` equals ``expected`` within ``TOLERANCES[dtype]``.
-    bf16/fp16: ``max|actual - reference| <= 2 * max|expected - reference| + ulp * max(1, max|reference|)``.
-    """
-    dtype = dtype or actual.dtype
-    label = f"{name} ({dtype})" if name else str(dtype)
-    if expected is not None:
-        assert actual.shape == expected.shape, f"{label}: shape {tuple(actual.shape)} != torch's {tuple(expected.shape)}"
-        assert actual.dtype == expected.dtype, f"{label}: dtype {actual.dtype} != torch's {expected.dtype}"
-    if not dtype.is_floating_point:  # counters (num_batches_tracked): exactly
-        assert expected is not None and torch.equal(actual, expected), f"{label}: {actual} != torch's {expected}"
-        return
-    if dtype not in LOW_PRECISION:
-        if expected is None:
-            raise ValueError(f"{label}: a {dtype} result is compared with torch's; got expected=None")
-        tol = TOLERANCES[dtype]
-        torch.testing.assert_close(actual, expected, rtol=tol.rtol, atol=tol.atol, msg=lambda m: f"{label}: {m}")
-        return
-    if reference is None:
-        raise ValueError(f"{label}: low precision is judged against a float64 reference; got reference=None")
-    assert actual.shape == reference.shape, f"{label}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"
-    ref = reference.detach().double()
-    scale = max(1.0, _max_abs(ref))
-    err = _max_abs(actual.detach().double() - ref)
-    eps = torch.finfo(dtype).eps
-    if expected is None:
-        bound = TOLERANCES["no_baseline"].atol * eps * scale
-        how = f"{TOLERANCES['no_baseline'].atol:g} ulp * {scale:.3g}"
-    else:
-        tol = TOLERANCES[dtype]
-        err_torch = _max_abs(expected.detach().double() - ref)
-        bound = tol.factor * err_torch + tol.atol * scale
-        how = f"{tol.factor:g} * torch's error {err_torch:.3g} + {tol.atol:.3g} * {scale:.3g}"
-    assert err <= bound, f"{label}: max abs error {err:.3g} vs float64 exceeds {bound:.3g} = {how}"
+# One table for the library, check and the tests: normkit.testing (TOLERANCES, the self-calibrating
+# bound, assert_close_to_reference), re-exported here under the names the tests import.
 
 
 def torch_rms_eps(dtype: torch.dtype) -> float:

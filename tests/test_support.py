@@ -205,7 +205,7 @@ def test_local_response_norm_under_cpu_autocast_matches_torch(
 
 
 def test_cli_support_prints_the_matrix(matrix: support.SupportMatrix, capsys: pytest.CaptureFixture[str]) -> None:
-    from normkit.cli import main
+    from normkit.tools.cli import main
 
     assert main(["support"]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,8 @@ For each (op, backend, dtype) a torch module and its normkit twin start from the
 parameters. Three training steps (random input, random upstream gradient) compare the output
 and the input/parameter gradients; then the running statistics; then an eval-mode forward.
 Errors are measured against torch run in float64 (the oracle), and each must stay within
-``2 * (torch's own error in that dtype) + atol``: normkit may be as inexact as torch, twice
+:func:`normkit.testing.bound`, ``2 * (torch's own error in that dtype) + atol * max(1, |oracle|)``
+with the floor of :data:`normkit.testing.TOLERANCES`: normkit may be as inexact as torch, twice
 over, never more.
 """
 
@@ -19,23 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import modules as nkm
-from .backends import BackendError, backends, get_backend
-from .norms import NORMS
+from .. import modules as nkm
+from ..backends import BackendError, backends, get_backend
+from ..norms import NORMS
+from ..testing import bound
 
 __all__ = ["CASES", "DTYPES", "CheckCase", "CheckResult", "run_check"]
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-# Floor of the tolerance per dtype, for values where torch's own error happens to be ~0: a few
-# units in the last place at the magnitudes of a normalized output (|y| up to ~5).
-ATOL: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.bfloat16: 3e-2,
-    torch.float16: 4e-3,
-}
-
 
 @dataclass(frozen=True)
 class CheckCase:
@@ -131,10 +123,10 @@ def _materialize(shape: tuple[int, ...], module: nn.Module) -> nn.Module:
 
 
 class _Tracker:
-    """Keeps, per quantity, the error of normkit and the tolerance it is held to."""
+    """Keeps the quantity closest to its bound (:func:`normkit.testing.bound`)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
-        self.atol = ATOL[dtype]
+        self.dtype = dtype
         self.worst: tuple[float, float, float, str] = (-1.0, 0.0, 0.0, "")
 
     def add(self, name: str, ours: Tensor | None, torch_low: Tensor | None, oracle: Tensor | None) -> None:
@@ -143,13 +135,10 @@ class _Tracker:
         if ours is None or oracle is None:
             self.worst = (math.inf, math.inf, 0.0, f"{name} (missing)")
             return
-        oracle = oracle.double()
-        err = (ours.double() - oracle).abs().max().item() if oracle.numel() else 0.0
-        base = (torch_low.double() - oracle).abs().max().item() if oracle.numel() else 0.0
-        tol = 2 * base + self.atol
-        ratio = err / tol if math.isfinite(err) else math.inf
+        b = bound(ours, oracle, torch_low, self.dtype)
+        ratio = b.ratio if math.isfinite(b.error) else math.inf
         if ratio > self.worst[0]:
-            self.worst = (ratio, err, tol, name)
+            self.worst = (ratio, b.error, b.limit, name)
 
 
 def _run_case(case: CheckCase, shape: tuple[int, ...], backend: str, dtype: torch.dtype, steps: int,

@@ -39,7 +39,6 @@ from torch import Tensor, nn
 __all__ = [
     "BATCH_SIZES",
     "NORMS",
-    "ChannelsLastNorm",
     "Data",
     "Setup",
     "SmallCNN",
@@ -56,18 +55,6 @@ BATCH_SIZES: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
 CHANNELS_PER_GROUP = 4
 
 
-class ChannelsLastNorm(nn.Module):
-    """A norm over the last axis applied to ``(N, C, H, W)`` at every pixel: LayerNorm2d /
-    RMSNorm2d (ConvNeXt's channels-first LayerNorm), by permuting C to the end and back."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 def make_norm(kind: str, channels: int) -> nn.Module:
     """The normkit module for ``kind`` (one of :data:`NORMS`) over ``channels`` channels."""
     import normkit
@@ -78,10 +65,10 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return normkit.GroupNorm(max(1, channels // CHANNELS_PER_GROUP), channels)
     if kind == "InstanceNorm":
         return normkit.InstanceNorm2d(channels, affine=True)
-    if kind == "LayerNorm2d":  # normkit.LayerNorm2d where it exists (another issue adds it)
-        return normkit.LayerNorm2d(channels) if hasattr(normkit, "LayerNorm2d") else ChannelsLastNorm(normkit.LayerNorm(channels))
+    if kind == "LayerNorm2d":
+        return normkit.LayerNorm2d(channels)
     if kind == "RMSNorm2d":
-        return normkit.RMSNorm2d(channels) if hasattr(normkit, "RMSNorm2d") else ChannelsLastNorm(normkit.RMSNorm(channels))
+        return normkit.RMSNorm2d(channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; choose from {', '.join(NORMS)}")

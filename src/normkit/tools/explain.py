@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import modules as nkm
-from .norms import NORMS, NormSpec, layout
-from .reference import Normalize
+from .. import modules as nkm
+from ..norms import NORMS, NormSpec, layout
+from ..reference import Normalize
 
 __all__ = [
     "Check",

@@ -39,6 +39,15 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _label(ax: Any, xlabel: str, ylabel: str, title: str, *, legend_size: int = 8) -> None:
+    """Axis labels, a title, a light grid and a legend: every line plot here has them."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def explain_figure(explanations: Sequence[Explanation], path: str | Path) -> Path:
     """One cube per norm, axes N (depth), C (across) and the spatial axes flattened (up), with
     the elements that one statistic is computed over shaded (Wu & He, 2018, Fig. 2)."""
@@ -85,11 +94,8 @@ def bench_figure(points: Sequence[dict[str, Any]], path: str | Path, copy_gbps: 
         if copy_gbps:
             ax.axhline(copy_gbps, color="grey", linestyle="--", linewidth=1, label="copy bandwidth")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("width (elements per statistic)")
-        ax.set_ylabel("GB/s (bytes-moved model)")
-        ax.set_title(f"{op} {direction}, {dtype}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "width (elements per statistic)", "GB/s (bytes-moved model)", f"{op} {direction}, {dtype}",
+               legend_size=7)
     return _save(fig, path)
 
 
@@ -108,12 +114,8 @@ def compare_figure(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.invert_xaxis()  # as Wu & He's Fig. 1: batch size shrinking to the right
-    ax.set_xlabel("batch size (images per worker)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{result['dataset']}: accuracy vs batch size\n(BatchNorm evaluated with running statistics)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "batch size (images per worker)", "validation accuracy (%)",
+           f"{result['dataset']}: accuracy vs batch size\n(BatchNorm evaluated with running statistics)")
     lows = [m - s for norm in norms for b in batch_sizes
             for m, s in [(result["accuracy"][norm][str(b)]["mean"] * 100, result["accuracy"][norm][str(b)]["std"] * 100)]]
     ax.set_ylim(max(0.0, math.floor(min(lows) / 5) * 5), 100.5)
@@ -124,9 +126,5 @@ def compare_figure(result: dict[str, Any], path: str | Path) -> Path:
             curve = result["loss_curves"][norm][str(batch)]
             ax.plot(curve["samples"], curve["loss"], label=norm, color=colors[norm])
         ax.set_yscale("log")
-        ax.set_xlabel("training samples seen")
-        ax.set_ylabel("training loss (mean over seeds)")
-        ax.set_title(f"training loss, batch size {batch}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label(ax, "training samples seen", "training loss (mean over seeds)", f"training loss, batch size {batch}")
     return _save(fig, path)

@@ -101,7 +101,7 @@ def _check(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .backends import backends, get_backend
+    from ..backends import backends, get_backend
     from .check import CASES, DTYPES, run_check
 
     # torch's own note that a bf16 input with fp32 weight takes its unfused RMSNorm path
@@ -137,7 +137,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _support(args: argparse.Namespace) -> int:
-    from .support import support_matrix
+    from ..support import support_matrix
 
     matrix = support_matrix()
     if args.markdown:
@@ -253,10 +253,6 @@ def _bench_run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device here")
-    if device == "cpu":
-        # One thread by default: with several, on a shared machine, an OpenMP worker waiting for
-        # a busy core turns microseconds into a scheduler time slice.
-        torch.set_num_threads(args.threads or 1)
     ops = list(bench.OPS) if "all" in (args.op or []) else (args.op or ["layer_norm", "rms_norm"])
     unknown = sorted(set(ops) - set(bench.OPS))
     if unknown:
@@ -266,71 +262,50 @@ def _bench_run(args: argparse.Namespace) -> int:
         shapes["rows"] = args.shapes
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32"])]
     providers = args.provider or bench.providers(device)
+    known = bench.provider_names()
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        raise UsageError(f"unknown --provider {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.no_compile:
         providers = [p for p in providers if p != "torch.compile"]
+    directions = args.direction or (list(bench.DIRECTIONS) if device == "cuda" else ["fwd"])
+    problems = bench.problems(ops, shapes, dtypes)
+    # One thread by default on the CPU: with several, on a shared machine, an OpenMP worker
+    # waiting for a busy core turns microseconds into a scheduler time slice.
+    thread_counts = (args.threads or [1]) if device == "cpu" else [None]
 
-    # The repository's engine (do_bench, L2 flushes, Liger and flash-attn) where asked for, or
-    # on a GPU when it is importable; it times the providers it knows, normkit.bench the others
-    # (normkit-torch). On the CPU normkit.bench does all: its timer suits small problems, and it
-    # keeps torch.compile within --compile-budget.
-    external = None
-    if args.engine == "benchmarks" or (args.engine == "auto" and device == "cuda"):
-        external = bench.repository_engine()
-        if external is None and args.engine == "benchmarks":
-            raise UsageError("--engine benchmarks: benchmarks/bench_norms.py is not importable here "
-                             "(it lives in the source checkout, not in the installed package)")
-    theirs = [p for p in providers if external is not None and bench.REPOSITORY_NAMES.get(p, p) in external.PROVIDERS]
-    ours = [p for p in providers if p not in theirs]
-    # forward only by default on the CPU, to be quick; all three where the benchmarks' engine runs
-    # (it always times all three)
-    directions = args.direction or (list(bench.DIRECTIONS) if external or device == "cuda" else ["fwd"])
+    # The copy the norms are held against: on a GPU a 1 GiB one; on the CPU one of the largest
+    # problem's size, since small problems run from cache and a memory-sized copy would put them
+    # above 100%. The memory-sized figure is printed too.
+    with bench.threads(thread_counts[0]):
+        if device == "cuda":
+            copy_bytes = 1 << 30
+            copy_gbps = memory_gbps = bench.copy_bandwidth(device, copy_bytes)
+        else:
+            copy_bytes = bench.largest_input_bytes(problems)
+            copy_gbps, memory_gbps = bench.copy_bandwidth(device, copy_bytes), bench.copy_bandwidth(device, 1 << 26)
+    from .bench_report import machine
 
-    # The copy the norms are held against: on a GPU a 1 GiB one (the benchmarks' choice); on the
-    # CPU one of the largest problem's size, since small problems run from cache and a memory-
-    # sized copy would put them above 100%. The memory-sized figure is printed too.
-    threads = f", {torch.get_num_threads()} thread(s)" if device == "cpu" else ""
-    engines = " and ".join(n for n, ps in (("benchmarks/bench_norms.py", theirs), ("normkit.bench", ours)) if ps)
-    if device == "cuda":
-        copy_bytes = 1 << 30
-        copy_gbps = memory_gbps = bench.copy_bandwidth(device, copy_bytes)
-    else:
-        copy_bytes = bench.largest_input_bytes(ops, shapes, dtypes)
-        copy_gbps, memory_gbps = bench.copy_bandwidth(device, copy_bytes), bench.copy_bandwidth(device, 1 << 26)
-    print(f"device {device}{threads}; engine {engines}; copy bandwidth (y.copy_(x), read + write): "
-          f"{copy_gbps:.1f} GB/s at {copy_bytes / 2**20:.0f} MiB, the reference for 'of copy'"
+    meta = {**machine(device), "copy_GBps": copy_gbps, "copy_bytes": copy_bytes, "memory_copy_GBps": memory_gbps,
+            "threads": thread_counts if device == "cpu" else None, "directions": directions, "repeats": args.repeats}
+    threads = f", {'/'.join(map(str, thread_counts))} thread(s)" if device == "cpu" else ""
+    print(f"{meta['device']} ({device}{threads}); torch {torch.__version__}; copy bandwidth (y.copy_(x), read + "
+          f"write): {copy_gbps:.1f} GB/s at {copy_bytes / 2**20:.0f} MiB, the reference for 'of copy'"
           + (f"; {memory_gbps:.1f} GB/s at 64 MiB" if device == "cpu" else ""))
-    problems = sum(len(shapes["images" if op == "group_norm" else "rows"]) for op in ops) * len(dtypes)
-    rows: list[dict[str, Any]] = []
-    with _progress(problems * len(providers), "bench") as step:
-        if theirs:
-            got = external.run(ops, shapes, dtypes, [bench.REPOSITORY_NAMES.get(p, p) for p in theirs], device,
-                               copy_gbps, log=step)
-            back = {v: k for k, v in bench.REPOSITORY_NAMES.items()}
-            unasked = [f"{d}_{k}" for d in bench.DIRECTIONS if d not in directions for k in ("ms", "GBps", "of_copy")]
-            rows += [{**{k: v for k, v in r.items() if k not in unasked},
-                      "provider": back.get(r["provider"], r["provider"]), "engine": "benchmarks/bench_norms.py"}
-                     for r in got]
-        if ours:
-            got = bench.run(ops, shapes, dtypes, ours, device, copy_gbps, log=step, directions=directions,
-                            budget_s=args.budget, compile_budget_s=args.compile_budget)
-            rows += [{**r, "engine": "normkit.bench"} for r in got]
-    # both engines' rows in the order asked for: op, shape, dtype, provider
-    shape_order = {"x".join(map(str, shape[:4])): i for kind in ("rows", "images") for i, shape in enumerate(shapes[kind])}
-    order = {p: i for i, p in enumerate(providers)}
-    rows.sort(key=lambda r: (ops.index(r["op"]), shape_order.get(r["shape"], 0), dtypes.index(getattr(torch, r["dtype"])),
-                             order.get(r["provider"], len(order))))
+    with _progress(len(problems) * len(providers) * len(thread_counts), "bench") as step:
+        rows = bench.run(problems, providers, device=device, directions=directions, thread_counts=thread_counts,
+                         repeats=args.repeats, budget_s=args.budget, copy_gbps=copy_gbps,
+                         compile_budget_s=args.compile_budget, log=step)
     bench.add_speedups(rows)
 
     table, styles, points = _bench_table(rows)
-    _print_table(("op", "shape", "dtype", "provider", "pass", "ms", "GB/s", "of copy", "vs torch", "vs compile",
-                  "max err", "error"), table, styles)
-    print("GB/s = bytes an ideal kernel moves (fwd: read x, params, write y, stats; bwd: read x, dy, params, "
-          "stats, write dx, grads) / median time; 'of copy' = that / the copy bandwidth; vs torch / vs "
-          "compile = their time / this one (above 1: faster)")
+    _print_table(("op", "shape", "dtype", "threads", "provider", "pass", "ms (median)", "spread", "GB/s", "of copy",
+                  "vs torch", "vs compile", "max err", "error"), table, styles)
+    print(f"times: median of {args.repeats} interleaved samples, spread = min-max; GB/s = bytes an ideal kernel "
+          "moves (fwd: read x, params, write y, stats; bwd: read x, dy, params, stats, write dx, grads) / median "
+          "time; 'of copy' = that / the copy bandwidth; vs torch / vs compile = their median / this one, "
+          "with '~' where the two spreads overlap (no speedup can be claimed)")
     if args.json:
-        meta = {"device": device, "torch": torch.__version__, "copy_GBps": copy_gbps, "copy_bytes": copy_bytes,
-                "memory_copy_GBps": memory_gbps, "engine": engines,
-                "threads": torch.get_num_threads() if device == "cpu" else None, "directions": directions}
         _write_json(args.json, {"meta": meta, "rows": rows})
     if args.png:
         from .plots import bench_figure
@@ -347,20 +322,27 @@ def _bench_table(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, ...]], lis
     def num(value: float | None, fmt: str, unit: str = "") -> str:
         return "-" if value is None else format(value, fmt) + unit
 
+    def speedup(r: dict[str, Any], d: str, base: str) -> str:
+        value = r.get(f"{d}_speedup_vs_{base}")
+        if value is None:
+            return "-"
+        return f"{value:.2f}x" + (" ~" if r[f"{d}_verdict_vs_{base}"] == "within spread" else "")
+
     table: list[tuple[str, ...]] = []
     styles: list[str | None] = []
     points: list[dict[str, Any]] = []
     for r in rows:
+        threads = str(r["threads"] or "-")
         measured = [d for d in DIRECTIONS if f"{d}_ms" in r]
         if not measured:
-            table.append((r["op"], r["shape"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-", "-",
+            table.append((r["op"], r["shape"], r["dtype"], threads, r["provider"], *["-"] * 8,
                           r.get("error", "not run")[:60]))
             styles.append("yellow")
         for d in measured:
-            table.append((r["op"], r["shape"], r["dtype"], r["provider"], d, num(r[f"{d}_ms"], ".3f"),
+            table.append((r["op"], r["shape"], r["dtype"], threads, r["provider"], d, num(r[f"{d}_ms"], ".3f"),
+                          f"{r[f'{d}_ms_min']:.3f}-{r[f'{d}_ms_max']:.3f}",
                           num(r[f"{d}_GBps"], ".1f"), num(100 * r[f"{d}_of_copy"], ".0f", "%"),
-                          num(r.get(f"{d}_speedup_vs_torch"), ".2f", "x"),
-                          num(r.get(f"{d}_speedup_vs_compile"), ".2f", "x"),
+                          speedup(r, d, "torch"), speedup(r, d, "compile"),
                           num(r.get("max_err_vs_torch"), ".1e"), ""))
             styles.append(None)
             points.append({"op": r["op"], "dtype": r["dtype"], "direction": d, "provider": r["provider"],
@@ -443,14 +425,20 @@ def _bench_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def _norm_name(text: str) -> str:
+    from ..norms import NORMS
     from .explain import find_norms
-    from .norms import NORMS
 
     if not find_norms(text):
         raise argparse.ArgumentTypeError(
             f"no norm {text!r}; choose from {', '.join(NORMS)} (or BatchNorm, bn, LayerNorm, ln, GroupNorm, gn, "
             "InstanceNorm, in, RMSNorm, rms)")
     return text
+
+
+def _outputs(parser: argparse.ArgumentParser, what: str, png: str | None = None) -> None:
+    parser.add_argument("--json", metavar="FILE", help=f"also write {what} as JSON")
+    if png:
+        parser.add_argument("--png", metavar="FILE", help=png)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--op", action="append", help="only cases whose name contains this (repeatable)")
     check.add_argument("--backend", action="append", help="only this backend (repeatable)")
     check.add_argument("--dtype", action="append", help="only this dtype, e.g. float32 (repeatable)")
-    check.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _outputs(check, "the results")
     check.set_defaults(run=_check)
 
     explain = sub.add_parser(
@@ -476,10 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="GroupNorm's number of groups (default: smallest divisor of C above 1)")
     explain.add_argument("--normalized-ndim", type=int, metavar="K",
                          help="LayerNorm/RMSNorm normalize the last K axes (default: all but N, as in Wu & He)")
-    explain.add_argument("--png", metavar="FILE", help="draw the N x C x (H, W) cube of each norm, reduced set shaded")
     explain.add_argument("--seed", action="store_true",
                          help="replay the seeds' worked examples (BatchNorm2d, LayerNorm) step by step")
-    explain.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    _outputs(explain, "the numbers", "draw the N x C x (H, W) cube of each norm, reduced set shaded")
     explain.set_defaults(run=_explain)
 
     bench = sub.add_parser("bench", help="time each norm per provider: ms, GB/s, speedups; table, JSON, PNG")
@@ -491,21 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", action="append", choices=["float32", "float64", "bfloat16", "float16"],
                        help="(repeatable; default float32)")
     bench.add_argument("--provider", action="append", metavar="NAME",
-                       help="torch, torch.compile, normkit-torch, normkit-reference, normkit-triton; with "
-                            "--engine benchmarks also liger, flash-attn (repeatable; default: all that run here)")
+                       help="torch, torch.compile, normkit-<backend> (normkit-auto, normkit-torch, "
+                            "normkit-reference, ...), liger, flash-attn (repeatable; default: all that run here)")
     bench.add_argument("--direction", action="append", choices=["fwd", "bwd", "fwd+bwd"],
                        help="(repeatable; default fwd on the CPU, all three on a GPU)")
     bench.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    bench.add_argument("--engine", choices=["auto", "normkit", "benchmarks"], default="auto",
-                       help="benchmarks: the repository's benchmarks/bench_norms.py (default on a GPU when "
-                            "importable); normkit: normkit.bench (default on the CPU)")
-    bench.add_argument("--threads", type=int, help="CPU threads (default 1: steadier timings on a shared machine)")
-    bench.add_argument("--budget", type=float, default=0.2, metavar="S", help="seconds of timing per measurement")
+    bench.add_argument("--threads", type=_int_list, metavar="T[,T...]",
+                       help="CPU thread counts, each a run of its own (default 1: steadier timings on a shared machine)")
+    bench.add_argument("--repeats", type=int, default=5, metavar="K",
+                       help="interleaved samples per measurement: the median and the spread (min-max) come from them")
+    bench.add_argument("--budget", type=float, default=0.2, metavar="S", help="seconds of timing per measurement, over all its repeats")
     bench.add_argument("--compile-budget", type=float, default=60.0, metavar="S",
                        help="stop compiling once torch.compile has taken this long in all; the rest is an error row")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    bench.add_argument("--png", metavar="FILE", help="plot GB/s against width per provider")
+    _outputs(bench, "the results", "plot GB/s against width per provider")
     bench.set_defaults(run=_bench)
 
     compare = sub.add_parser(
@@ -526,8 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--workers", type=int, help="parallel processes (default min(2, CPUs)), one thread each")
     compare.add_argument("--quick", action="store_true",
                          help="seconds: 256 training images, batch sizes 8 and 32, one seed, three epochs, one process")
-    compare.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    compare.add_argument("--png", metavar="FILE", help="plot accuracy against batch size and the loss curves")
+    _outputs(compare, "the results", "plot accuracy against batch size and the loss curves")
     compare.set_defaults(run=_compare)
 
     support = sub.add_parser(
@@ -536,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the dtypes each backend runs, from the backends' own checks, without computing anything. "
                     "The cells are the same on every machine; the last lines say which backends this one has.")
     support.add_argument("--markdown", action="store_true", help="print the README's markdown table instead")
-    support.add_argument("--json", metavar="FILE", help="also write every cell as JSON")
+    _outputs(support, "every cell")
     support.set_defaults(run=_support)
     return parser
 
