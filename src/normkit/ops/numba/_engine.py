@@ -5,6 +5,9 @@ API (for the kernel files of :mod:`normkit.ops.numba`):
 * :func:`jit` / :func:`pjit`: ``numba.njit`` with normkit's options (on-disk cache, no GIL,
   strict IEEE arithmetic: no ``fastmath``, so every sum rounds as written); ``pjit`` adds
   ``parallel=True`` (loops over ``numba.prange``).
+* :func:`sum_jit`: :func:`jit` for a function holding only a reduction loop, which may be
+  reassociated (vectorized): see the comment at its definition for why it stays
+  deterministic and batch-invariant. ~10x faster than :data:`LANES`-style strict sums.
 * :func:`launch` ``(kernel, *arrays_and_scalars)``: runs a compiled parallel kernel on
   :func:`threads` threads, one launch at a time in the process (see Threads below).
 * :func:`as_array` ``(tensor)``: the NumPy view of a contiguous CPU tensor, no copy; bfloat16
@@ -62,6 +65,7 @@ __all__ = [
     "param",
     "pjit",
     "staging",
+    "sum_jit",
     "threads",
 ]
 
@@ -74,10 +78,18 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 jit = functools.partial(numba.njit, cache=True, nogil=True, fastmath=False, error_model="numpy")
 pjit = functools.partial(jit, parallel=True)
 
-# Reductions along a row accumulate in LANES interleaved partial sums (element j goes to
-# lane j % LANES), combined in a fixed tree at the end: SIMD-friendly, and the order depends
-# on the row length only.
+# Reductions along a row written with LANES interleaved partial sums (element j to lane
+# j % LANES, folded in a fixed tree) have their order fixed by the source; numba/LLVM keeps
+# such lanes in memory, so they run scalar.
 LANES = 8
+
+# For a plain loop ``acc += f(v[j])`` that is a reduction: reassociation allowed, so LLVM
+# vectorizes it (measured 12x faster than strict order for a float32 row sum). The order it
+# picks is fixed in the compiled code and depends on the trip count only (no alignment
+# peeling on the CPU targets numba compiles for): the same for every row, batch and thread
+# count on a machine (not across CPUs of other vector widths). Keep such sums in their own
+# small functions: the flag then covers only them, and elementwise arithmetic stays strict.
+sum_jit = functools.partial(jit, fastmath={"reassoc"})
 
 _LAUNCH = threading.Lock()
 
@@ -109,11 +121,12 @@ def as_array(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def param(t: Tensor | None, dtype: type) -> np.ndarray:
+def param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
     """A weight or bias as a contiguous array of the statistics ``dtype`` (exact widening of
-    bf16/fp32 parameters); a 0-length array for None."""
+    bf16/fp32 parameters); for None, ``n`` copies of ``fill`` (1 for a weight, 0 for a bias:
+    ``h * 1 + 0`` is ``h`` exactly, so a kernel needs no branch for a missing parameter)."""
     if t is None:
-        return np.empty(0, dtype)
+        return np.full(n, fill, dtype)
     return t.detach().reshape(-1).to(_TORCH_DTYPE[dtype]).contiguous().numpy()
 
 

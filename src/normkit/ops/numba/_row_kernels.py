@@ -3,7 +3,7 @@
 Every tensor is an ``(M, L)`` C-contiguous array: ``M`` rows normalized over their ``L``
 elements. One forward and one backward kernel serve every norm; what differs is passed as
 data: ``is_rms`` (not centred, no bias), a 0-row ``res``/``rout``/``dres`` array for "no
-residual", a 0-length ``w``/``b`` for "no affine". ``w`` and ``b`` are always in the
+residual", ones/zeros for a missing weight/bias. ``w`` and ``b`` are always in the
 statistics dtype (float32, float64 for float64 input), which also types the kernels' scratch
 rows, so one specialisation is compiled per input dtype (float32, float64, bf16 bits).
 
@@ -12,8 +12,10 @@ Numerics (the same for every row, whatever the batch or the thread count):
 * a centred row is shifted by its first element (``d = x - x[0]``: a large common offset
   cancels exactly, a constant row has variance exactly 0), then two passes: ``mean`` of ``d``,
   then the biased variance ``sum((d - mean)^2) / L``, never ``E[x^2] - E[x]^2``;
-* every row sum goes through :func:`_lane_sums`: element ``j`` into lane ``j % LANES``, the
-  lanes folded in a fixed tree, so the order of additions depends on ``L`` only;
+* the row sums (:func:`_row_sum` and its twins) may be reassociated by the compiler, which
+  vectorizes them: the order of additions is fixed in the compiled code and depends on ``L``
+  only (not on the row's address, the batch or the threads); elementwise arithmetic rounds
+  as written;
 * ``rstd = 1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (``eps=0`` on a constant
   row: output the bias, input gradient 0);
 * the backward recomputes ``x_hat`` from x and the saved (shifted) mean and rstd; the weight
@@ -27,52 +29,56 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normkit.ops.numba._engine import LANES, decode, encode, jit, pjit, staging
+from normkit.ops.numba._engine import decode, encode, pjit, staging, sum_jit
 
 __all__ = ["row_bwd", "row_fwd", "sum_blocks"]
 
 
-@jit(inline="always")
-def _fold(lanes):
-    half = LANES // 2
-    while half > 0:
-        for k in range(half):
-            lanes[k] = lanes[k] + lanes[k + half]
-        half //= 2
-    return lanes[0]
+@sum_jit
+def _row_sum(v, shift):
+    """``sum(v - shift)``."""
+    acc = shift - shift
+    for j in range(v.shape[0]):
+        acc += v[j] - shift
+    return acc
 
 
-@jit(inline="always")
-def _lane_sums(v, shift, centre, lanes, sq):
-    """``sum(v - shift - centre)`` (``sq`` False) or ``sum((v - shift - centre)^2)``, in
-    :data:`LANES` interleaved partial sums folded in a fixed tree."""
-    L = v.shape[0]
-    for k in range(LANES):
-        lanes[k] = 0.0
-    full = L - L % LANES
-    for j0 in range(0, full, LANES):
-        for k in range(LANES):
-            d = v[j0 + k] - shift - centre
-            lanes[k] += d * d if sq else d
-    for j in range(full, L):
+@sum_jit
+def _row_sumsq(v, shift, centre):
+    """``sum((v - shift - centre)^2)``."""
+    acc = shift - shift
+    for j in range(v.shape[0]):
         d = v[j] - shift - centre
-        lanes[j - full] += d * d if sq else d
-    return _fold(lanes)
+        acc += d * d
+    return acc
+
+
+@sum_jit
+def _row_dots(v, g, w, shift, mu, r_std):
+    """``(sum(g * w), sum(g * w * x_hat))``."""
+    acc_g = shift - shift
+    acc_gx = shift - shift
+    for j in range(v.shape[0]):
+        gw = g[j] * w[j]
+        acc_g += gw
+        acc_gx += gw * ((v[j] - shift - mu) * r_std)
+    return acc_g, acc_gx
 
 
 @pjit
 def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, block):
     """``y = x_hat * w + b`` of each row of ``x`` (or of ``rout = x + res``, stored, when
-    ``rout`` has rows); ``mean`` (of the shifted row; 0 for RMS) and ``rstd`` per row."""
+    ``rout`` has rows; ``res`` with no rows: a zero residual); ``mean`` (of the shifted row;
+    0 for RMS) and ``rstd`` per row. ``w``/``b`` are ones/zeros where the norm has none
+    (``h * 1 + 0`` is ``h`` exactly)."""
     M, L = x.shape
     has_res, store_r = res.shape[0] > 0, rout.shape[0] > 0
-    has_w, has_b = w.shape[0] > 0, b.shape[0] > 0
-    zero = w.dtype.type(0.0)
+    # Every scalar in the statistics dtype (an int or a Python float would widen float32 to float64).
+    zero, one, n, eps_ = w.dtype.type(0.0), w.dtype.type(1.0), w.dtype.type(L), w.dtype.type(eps)
     for blk in prange((M + block - 1) // block):
         xbuf = np.empty(L, w.dtype)
         rbuf = np.empty(L, w.dtype)
         ybuf = np.empty(L, w.dtype)
-        lanes = np.empty(LANES, w.dtype)
         for i in range(blk * block, min(M, (blk + 1) * block)):
             v = decode(x[i], xbuf)
             if store_r:
@@ -82,71 +88,52 @@ def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, block):
                     for j in range(L):
                         s[j] = v[j] + r[j]
                 else:
-                    for j in range(L):
-                        s[j] = v[j]
+                    s[:] = v
                 encode(s, rout[i])
                 v = decode(rout[i], rbuf)  # the rounded sum is what is normalized
             shift = zero if is_rms else v[0]
-            mu = zero if is_rms else _lane_sums(v, shift, zero, lanes, False) / L
-            var = _lane_sums(v, shift, mu, lanes, True) / L
-            r_std = zero if var + eps == 0 else 1 / np.sqrt(var + w.dtype.type(eps))
+            mu = zero if is_rms else _row_sum(v, shift) / n
+            var = _row_sumsq(v, shift, mu) / n
+            r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
             mean[i] = mu
             rstd[i] = r_std
             out = staging(y[i], ybuf)
             for j in range(L):
-                h = (v[j] - shift - mu) * r_std
-                if has_w:
-                    h = h * w[j]
-                if has_b:
-                    h = h + b[j]
-                out[j] = h
+                out[j] = (v[j] - shift - mu) * r_std * w[j] + b[j]
             encode(out, y[i])
 
 
 @pjit
 def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block):
     """``dx`` of :func:`row_fwd` (plus ``dres``, the gradient reaching the stored residual,
-    when it has rows) from ``x`` (what was normalized) and the saved ``mean``/``rstd``;
-    per-block partial sums of ``dy * x_hat`` and ``dy`` into rows of ``dwp`` and ``dbp``
-    (0-row arrays: not wanted)."""
+    when it has rows) from ``x`` (what was normalized) and the saved ``mean``/``rstd``
+    (``w``: ones where the norm has none); per-block partial sums of ``dy * x_hat`` and ``dy``
+    into rows ``dwp[blk]`` and ``dbp[blk]``, in row order."""
     M, L = x.shape
-    has_w, has_dres = w.shape[0] > 0, dres.shape[0] > 0
-    want_dw, want_db = dwp.shape[0] > 0, dbp.shape[0] > 0
-    zero = w.dtype.type(0.0)
+    has_dres = dres.shape[0] > 0
+    zero, n = w.dtype.type(0.0), w.dtype.type(L)
     for blk in prange((M + block - 1) // block):
         xbuf = np.empty(L, w.dtype)
         gbuf = np.empty(L, w.dtype)
         obuf = np.empty(L, w.dtype)
-        lanes_g = np.empty(LANES, w.dtype)
-        lanes_gx = np.empty(LANES, w.dtype)
-        if want_dw:
-            dwp[blk, :] = 0
-        if want_db:
-            dbp[blk, :] = 0
+        dw = dwp[blk]
+        db = dbp[blk]
+        dw[:] = 0
+        db[:] = 0
         for i in range(blk * block, min(M, (blk + 1) * block)):
             v = decode(x[i], xbuf)
             g = decode(dy[i], gbuf)
             shift = zero if is_rms else v[0]
             mu, r_std = mean[i], rstd[i]
-            for k in range(LANES):
-                lanes_g[k] = 0.0
-                lanes_gx[k] = 0.0
-            for j in range(L):
-                h = (v[j] - shift - mu) * r_std
-                gj = g[j] * w[j] if has_w else g[j]
-                lanes_g[j % LANES] += gj
-                lanes_gx[j % LANES] += gj * h
-                if want_dw:
-                    dwp[blk, j] += g[j] * h
-                if want_db:
-                    dbp[blk, j] += g[j]
-            c_g = zero if is_rms else _fold(lanes_g) / L
-            c_gx = _fold(lanes_gx) / L
+            sum_g, sum_gx = _row_dots(v, g, w, shift, mu, r_std)
+            c_g = zero if is_rms else sum_g / n
+            c_gx = sum_gx / n
             out = staging(dx[i], obuf)
             for j in range(L):
                 h = (v[j] - shift - mu) * r_std
-                gj = g[j] * w[j] if has_w else g[j]
-                out[j] = r_std * ((gj - c_g) - h * c_gx)
+                dw[j] += g[j] * h
+                db[j] += g[j]
+                out[j] = r_std * ((g[j] * w[j] - c_g) - h * c_gx)
             if has_dres:
                 r = decode(dres[i], gbuf)
                 for j in range(L):

@@ -86,7 +86,7 @@ def _row_fwd_impl(x: Tensor, residual: Tensor | None, weight: Tensor | None, bia
     rstd = torch.empty(M, dtype=stat_dtype)
     xa = as_array(x)
     res = as_array(residual) if residual is not None else _none_rows(xa)
-    launch(k.row_fwd, xa, res, as_array(residual_out), param(weight, acc), param(bias, acc),
+    launch(k.row_fwd, xa, res, as_array(residual_out), param(weight, acc, L, 1), param(bias, acc, L, 0),
            float(eps), is_rms, as_array(y), mean.numpy(), rstd.numpy(), _fwd_block(M))
     return y, residual_out, mean, rstd
 
@@ -101,11 +101,11 @@ def _row_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rs
     block = _bwd_block(M)
     blocks = -(-M // block)
     part_dtype = mean.dtype
-    dwp = torch.empty((blocks if want_dw else 0, L), dtype=part_dtype)
-    dbp = torch.empty((blocks if want_db else 0, L), dtype=part_dtype)
+    dwp = torch.empty((blocks, L), dtype=part_dtype)
+    dbp = torch.empty((blocks, L), dtype=part_dtype)
     xa = as_array(x)
     dres = as_array(dresidual_out.to(x.dtype).contiguous()) if dresidual_out is not None else _none_rows(xa)
-    launch(k.row_bwd, as_array(dy), xa, param(weight, acc), mean.numpy(), rstd.numpy(), is_rms, dres,
+    launch(k.row_bwd, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(), rstd.numpy(), is_rms, dres,
            as_array(dx), dwp.numpy(), dbp.numpy(), block)
     sums = []
     for part, want in ((dwp, want_dw), (dbp, want_db)):
