@@ -22,7 +22,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from cases import LOW_PRECISION, Tolerance, seed_of
 from normkit import reference as R
-from normkit.norms import NORMS, layout
+from normkit.norms import NORMS, Sizes, layout
 
 # Local to this file until cases.TOLERANCES has a row for it.
 STABILITY = Tolerance(
@@ -118,43 +118,37 @@ def test_gradgradcheck(fn: Callable[..., Any], shapes: tuple[tuple[int, ...], ..
 
 # ---- numerical stability in float32 ------------------------------------------------------------
 
-# name -> (function of (x, weight, bias) for torch.nn.functional or normkit.reference, x shape, param shape)
-STABILITY_OPS: dict[str, tuple[Callable[[Any, Tensor, Tensor, Tensor], Tensor], tuple[int, ...], tuple[int, ...]]] = {
-    "batch_norm": (lambda m, x, w, b: m.batch_norm(x, None, None, w, b, True, 0.1, 1e-5), (16, 4, 5, 5), (4,)),
-    "layer_norm": (lambda m, x, w, b: m.layer_norm(x, (64,), w, b, 1e-5), (8, 64), (64,)),
-    "group_norm": (lambda m, x, w, b: m.group_norm(x, 2, w, b, 1e-5), (4, 6, 5, 5), (6,)),
-    "instance_norm": (lambda m, x, w, b: m.instance_norm(x, None, None, w, b, True, 0.1, 1e-5), (4, 3, 7, 7), (3,)),
-    "rms_norm": (lambda m, x, w, b: m.rms_norm(x, (64,), w, 1e-5), (8, 64), (64,)),
-}
+def _oracle(name: str) -> Any:
+    """The functions a norm is judged against: torch.nn.functional where the norm has a torch
+    twin, else the reference itself (in float64, where it is exact to ~1e-16)."""
+    return F if NORMS[name].twin is not None else R
 
 
-def _forward_and_grads(module: Any, op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor,
+def _forward_and_grads(module: Any, op: str, x: Tensor, params: list[Tensor], dy: Tensor,
                        dtype: torch.dtype) -> dict[str, Tensor]:
-    fn = STABILITY_OPS[op][0]
-    x, w, b = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
-    y = fn(module, x, w, b)
-    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy.to(dtype), allow_unused=True)
-    results = {"y": y, "dx": dx, "dweight": dw, "dbias": db}
+    call = NORMS[op].example(Sizes(tuple(x.shape), NORMS[op].sizes.normalized_ndim, NORMS[op].sizes.num_groups)).call
+    x, *params = (t.detach().to(dtype).requires_grad_() for t in (x, *params))
+    y = call(module, x, *params)
+    dx, *dparams = torch.autograd.grad(y, (x, *params), dy.to(dtype), allow_unused=True)
+    results = {"y": y, "dx": dx, **{f"d{name}": d for name, d in zip(NORMS[op].affine, dparams, strict=True)}}
     return {k: v.detach().double() for k, v in results.items() if v is not None}
-
-
-def test_every_norm_has_a_stability_case() -> None:
-    assert set(STABILITY_OPS) == set(NORMS)
 
 
 @pytest.mark.parametrize("draw", range(8))
 @pytest.mark.parametrize("offset", [1e4, 1e5], ids=["1e4", "1e5"])
-@pytest.mark.parametrize("op", list(STABILITY_OPS))
+@pytest.mark.parametrize("op", list(NORMS))
 def test_float32_stability_with_a_large_offset(op: str, offset: float, draw: int) -> None:
-    """Several draws: one draw's error is a max over a few hundred roundings, noisy by ~2x."""
-    _, shape, param_shape = STABILITY_OPS[op]
+    """Several draws: one draw's error is a max over a few hundred roundings, noisy by ~2x.
+    ("torch" is the norm's oracle: torch's twin, or the reference itself where torch has none.)"""
+    example = NORMS[op].example()
     gen = _gen("stability", op, offset, draw)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) + offset).float()  # exact in float32
-    w, b = _randn(gen, *param_shape, grad=False).float(), _randn(gen, *param_shape, grad=False).float()
-    dy = _randn(gen, *shape, grad=False).float()
-    truth = _forward_and_grads(F, op, x, w, b, dy, torch.float64)
-    torch32 = _forward_and_grads(F, op, x, w, b, dy, torch.float32)
-    ours = _forward_and_grads(R, op, x, w, b, dy, torch.float32)
+    x = (torch.randn(example.shape, generator=gen, dtype=torch.float64) + offset).float()  # exact in float32
+    params = [_randn(gen, *example.param_shape, grad=False).float() for _ in NORMS[op].affine]
+    dy = _randn(gen, *example.shape, grad=False).float()
+    oracle = _oracle(op)
+    truth = _forward_and_grads(oracle, op, x, params, dy, torch.float64)
+    torch32 = _forward_and_grads(oracle, op, x, params, dy, torch.float32)
+    ours = _forward_and_grads(R, op, x, params, dy, torch.float32)
     failures = []
     for key, exact in truth.items():
         scale = max(1.0, exact.abs().max().item())
@@ -187,18 +181,11 @@ def test_statistics_dtype(name: str, dtype: torch.dtype) -> None:
 
 
 def _low_precision_call(name: str, gen: torch.Generator, dtype: torch.dtype) -> tuple[Callable[..., Tensor], list[Tensor]]:
-    """A call of the reference op ``name`` and its tensors (input, weight, bias) in ``dtype``."""
-    x = _randn(gen, 3, 4, 5, 6, dtype=dtype)
-    w4, b4 = _randn(gen, 4, dtype=dtype), _randn(gen, 4, dtype=dtype)
-    w6, b6 = _randn(gen, 5, 6, dtype=dtype), _randn(gen, 5, 6, dtype=dtype)
-    calls: dict[str, tuple[Callable[..., Tensor], list[Tensor]]] = {
-        "batch_norm": (lambda x, w, b: R.batch_norm(x, None, None, w, b, True), [x, w4, b4]),
-        "instance_norm": (lambda x, w, b: R.instance_norm(x, None, None, w, b), [x, w4, b4]),
-        "group_norm": (lambda x, w, b: R.group_norm(x, 2, w, b), [x, w4, b4]),
-        "layer_norm": (lambda x, w, b: R.layer_norm(x, (5, 6), w, b), [x, w6, b6]),
-        "rms_norm": (lambda x, w: R.rms_norm(x, (5, 6), w, 1e-5), [x, w6]),
-    }
-    return calls[name]
+    """A call of the reference op ``name`` and its tensors (input and parameters) in ``dtype``."""
+    example = NORMS[name].example(Sizes((3, 4, 5, 6), normalized_ndim=2, num_groups=2))
+    x = _randn(gen, *example.shape, dtype=dtype)
+    params = [_randn(gen, *example.param_shape, dtype=dtype) for _ in NORMS[name].affine]
+    return (lambda *tensors: example.call(R, *tensors)), [x, *params]
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=lambda d: str(d).removeprefix("torch."))

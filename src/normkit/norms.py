@@ -1,58 +1,224 @@
-"""The table of norms: every normalization in normkit is one row of it.
+"""The table of norms: every normalization in normkit is one row of it, and the row generates.
 
-Each norm is the same three steps: choose the axes to reduce over, compute statistics over them,
-normalize and apply a per-feature affine. A row says, for an input laid out as
-``(N, C, *spatial)`` (or ``(*, *normalized_shape)`` for the trailing-axis norms), which axes are
-reduced and which are kept, whether the statistics are centred, what the affine parameters look
-like and whether running statistics are kept. :func:`layout` turns a row into concrete reduction
-dims for a tensor: GroupNorm, for instance, is a view ``(N, G, C/G, *spatial)`` reduced over
-everything after ``G``. The reference implementation, the modules' docs, the CLI and the tests
-all read this table.
+Each norm is the same three steps: choose the axes to reduce over, compute a statistic over them,
+normalize and apply the affine parameters. A :class:`NormSpec` row says each step as data:
+
+* ``reduce`` (:class:`Reduce`): which axes keep their own statistics. For a channel-first input
+  ``(N, C, *spatial)`` the kept axes are named (``("C",)`` for BatchNorm, ``("N", "C")`` for
+  InstanceNorm, ``("N", "G")`` with the channels split into ``(G, C/G)`` for GroupNorm), every
+  other axis is reduced; a trailing-axis norm (LayerNorm, RMSNorm) reduces the trailing
+  ``normalized_shape`` axes and keeps the leading ones.
+* ``statistic`` (and ``centered``): ``"variance"`` (mean subtracted, ``rsqrt(Var[x] + eps)``),
+  ``"mean_square"`` (not centred, ``rsqrt(E[x^2] + eps)``) or ``"l2_norm"`` (not centred,
+  ``1 / max(||x||_2, eps)``).
+* ``param`` and ``affine``: the shape of each affine parameter (``"feature"``: the normalized
+  shape, ``"channel"``: ``(C,)``, ``"scalar"``: one number) and their names.
+* ``running_stats``, ``eps`` (the default; ``None``: machine epsilon of the statistics' dtype,
+  see :func:`normkit.numerics.rms_eps`) and ``twin``, the torch.nn module and function computing
+  the same thing (``None`` where torch has none: then the oracle of tests and ``normkit check``
+  is :mod:`normkit.reference` run in float64).
+* ``call`` and ``constructor`` build a small example (:meth:`NormSpec.example`), and
+  ``torch_op`` is what the ``"torch"`` backend runs (the twin's function, or a composition of
+  torch ops).
+
+:func:`layout` turns a row into concrete reduction dims for a tensor. The reference
+implementation, the backend tables (:mod:`normkit.ops.builtin`), the modules' docs, the CLI and
+the tests read this table: adding a norm is one row here plus its formula in
+:mod:`normkit.reference`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
-__all__ = ["NORMS", "Layout", "NormSpec", "layout"]
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["NORMS", "Example", "Layout", "NormSpec", "Reduce", "Sizes", "Twin", "layout"]
 
 
-class NormSpec(NamedTuple):
-    name: str  # the functional op name
-    module: str  # the torch.nn / normkit class family
-    reduced: str  # the axes statistics are computed over
-    kept: str  # the axes that each get their own statistics
-    centered: bool  # subtract the mean (False: RMSNorm, divide by the root mean square only)
-    affine: str  # shape of weight and bias
+class Reduce(NamedTuple):
+    """The reduce rule of a norm: the axes that each get their own statistics.
+
+    ``kept`` names kept axes of a channel-first ``(N, C, *spatial)`` input (``"N"``, ``"C"``,
+    or ``"G"`` when ``groups``: the channels viewed as ``(G, C/G)``, ``G`` kept, ``C/G``
+    reduced); every other axis is reduced. ``trailing``: the norm reduces the trailing
+    ``normalized_shape`` axes instead and keeps every leading one (``kept`` is then empty)."""
+
+    kept: tuple[str, ...] = ()
+    groups: bool = False
+    trailing: bool = False
+
+
+class Twin(NamedTuple):
+    """The torch.nn names of a norm: the module family (``"BatchNorm"``, suffixed ``1d/2d/3d``
+    where torch's classes are) and the ``torch.nn.functional`` function."""
+
+    module: str
+    function: str
+
+    @property
+    def torch_function(self) -> Callable[..., Tensor]:
+        return getattr(F, self.function)
+
+
+class Sizes(NamedTuple):
+    """The sizes an example is built for: the input ``shape`` (channel-first for the channel
+    norms), the number of trailing axes a trailing norm normalizes and GroupNorm's G."""
+
+    shape: tuple[int, ...]
+    normalized_ndim: int = 1
+    num_groups: int = 1
+
+
+class Example(NamedTuple):
+    """One small use of a norm, for tests, ``normkit check`` and ``normkit explain``.
+
+    ``module`` and ``module_args``/``module_kwargs`` build it as a layer (``getattr(lib,
+    module)(*module_args, **module_kwargs)`` with ``lib`` normkit, or torch.nn where the norm
+    has a twin); ``call(f, x, *params)`` is the same computation in training mode as a function
+    call, for ``f`` any of ``torch.nn.functional`` (with a twin), ``normkit.functional`` and
+    ``normkit.reference``, with ``params`` shaped ``param_shape`` (one per name of
+    :attr:`NormSpec.affine`)."""
+
+    sizes: Sizes
+    module: str
+    module_args: tuple[Any, ...]
+    module_kwargs: dict[str, Any]
+    param_shape: tuple[int, ...]
+    call: Callable[..., Tensor]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.sizes.shape
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One row of :data:`NORMS` (see the module docstring for what each field generates)."""
+
+    name: str  # the functional op (normkit.functional.<name>, normkit.reference.<name>)
+    module: str  # the normkit class family (BatchNorm -> BatchNorm1d/2d/3d)
+    reduce: Reduce
+    statistic: str  # "variance" | "mean_square" | "l2_norm"
+    param: str  # shape of each affine parameter: "feature" | "channel" | "scalar"
+    affine: tuple[str, ...]  # the affine parameters, in the functional's argument order
     running_stats: bool  # keeps running_mean / running_var for eval
+    eps: float | None  # the default; None: machine epsilon of the statistics' dtype
     formula: str
+    twin: Twin | None  # torch's module and function for the same norm, None where torch has none
+    # call(f, x, sizes, *params): the norm in training mode through the namespace f
+    call: Callable[..., Tensor] = field(repr=False)
+    # the module's constructor arguments for an input of these sizes
+    constructor: Callable[[Sizes], tuple[tuple[Any, ...], dict[str, Any]]] = field(repr=False)
+    sizes: Sizes = Sizes((2, 4, 3, 5))  # the default example's
+    # what the "torch" backend runs where the norm has no twin: a composition of torch ops
+    composition: Callable[..., Tensor] | None = field(default=None, repr=False)
 
+    @property
+    def centered(self) -> bool:
+        """Whether the mean is subtracted (False: the statistic is taken about 0)."""
+        return self.statistic == "variance"
+
+    @property
+    def kept(self) -> str:
+        """The kept axes, in words."""
+        return "leading axes" if self.reduce.trailing else ", ".join(self.reduce.kept)
+
+    @property
+    def reduced(self) -> str:
+        """The reduced axes, in words."""
+        if self.reduce.trailing:
+            return "normalized_shape (trailing)"
+        axes = [a for a in ("N",) if a not in self.reduce.kept]
+        if self.reduce.groups:
+            axes.append("C/G")
+        elif "C" not in self.reduce.kept:
+            axes.append("C")
+        return ", ".join([*axes, "*spatial"])
+
+    @property
+    def torch_op(self) -> Callable[..., Tensor]:
+        """What the ``"torch"`` backend runs: the twin's function, else the composition."""
+        if self.twin is not None:
+            return self.twin.torch_function
+        assert self.composition is not None, f"norm {self.name!r} has neither a torch twin nor a composition"
+        return self.composition
+
+    def module_class(self, ndim: int) -> str:
+        """The class name for an input of ``ndim`` dims (``BatchNorm2d`` for 4-D BatchNorm)."""
+        suffixed = self.running_stats  # torch's classes with running statistics come per rank
+        return f"{self.module}{max(ndim - 2, 1)}d" if suffixed else self.module
+
+    def param_shape(self, sizes: Sizes) -> tuple[int, ...]:
+        if self.param == "scalar":
+            return ()
+        if self.param == "feature":
+            return tuple(sizes.shape[len(sizes.shape) - sizes.normalized_ndim:])
+        return (sizes.shape[1],)
+
+    def example(self, sizes: Sizes | None = None) -> Example:
+        """A small use of this norm on an input of ``sizes`` (default :attr:`sizes`)."""
+        sizes = self.sizes if sizes is None else sizes
+        args, kwargs = self.constructor(sizes)
+
+        def call(f: Any, x: Tensor, *params: Tensor | None) -> Tensor:
+            return self.call(f, x, sizes, *params)
+
+        return Example(sizes, self.module_class(len(sizes.shape)), args, kwargs, self.param_shape(sizes), call)
+
+
+def _trailing(s: Sizes) -> tuple[int, ...]:
+    return tuple(s.shape[len(s.shape) - s.normalized_ndim:])
+
+
+def _scale_norm_composition(input: Tensor, g: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """``g * x / max(||x||_2, eps)`` over the last dim in torch ops (``F.normalize``)."""
+    y = F.normalize(input, 2.0, -1, eps)
+    return y if g is None else y * g.to(y.dtype)
+
+
+_VARIANCE = "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias"
 
 NORMS: dict[str, NormSpec] = {
     spec.name: spec
     for spec in (
         NormSpec(
-            "batch_norm", "BatchNorm", "N, *spatial", "C", True, "(C,)", True,
-            "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias",
+            "batch_norm", "BatchNorm", Reduce(kept=("C",)), "variance", "channel", ("weight", "bias"), True, 1e-5,
+            _VARIANCE, Twin("BatchNorm", "batch_norm"),
+            call=lambda f, x, s, w, b: f.batch_norm(x, None, None, w, b, True, 0.1, 1e-5),
+            constructor=lambda s: ((s.shape[1],), {}),
+            sizes=Sizes((16, 4, 5, 5)),
         ),
         NormSpec(
-            "layer_norm", "LayerNorm", "normalized_shape (trailing)", "leading axes", True,
-            "normalized_shape", False,
-            "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias",
+            "layer_norm", "LayerNorm", Reduce(trailing=True), "variance", "feature", ("weight", "bias"), False, 1e-5,
+            _VARIANCE, Twin("LayerNorm", "layer_norm"),
+            call=lambda f, x, s, w, b: f.layer_norm(x, _trailing(s), w, b, 1e-5),
+            constructor=lambda s: ((_trailing(s),), {}),
+            sizes=Sizes((8, 64)),
         ),
         NormSpec(
-            "group_norm", "GroupNorm", "C/G, *spatial", "N, G", True, "(C,)", False,
-            "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias",
+            "group_norm", "GroupNorm", Reduce(kept=("N", "G"), groups=True), "variance", "channel",
+            ("weight", "bias"), False, 1e-5, _VARIANCE, Twin("GroupNorm", "group_norm"),
+            call=lambda f, x, s, w, b: f.group_norm(x, s.num_groups, w, b, 1e-5),
+            constructor=lambda s: ((s.num_groups, s.shape[1]), {}),
+            sizes=Sizes((4, 6, 5, 5), num_groups=2),
         ),
         NormSpec(
-            "instance_norm", "InstanceNorm", "*spatial", "N, C", True, "(C,)", True,
-            "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias",
+            "instance_norm", "InstanceNorm", Reduce(kept=("N", "C")), "variance", "channel", ("weight", "bias"),
+            True, 1e-5, _VARIANCE, Twin("InstanceNorm", "instance_norm"),
+            call=lambda f, x, s, w, b: f.instance_norm(x, None, None, w, b, True, 0.1, 1e-5),
+            constructor=lambda s: ((s.shape[1],), {"affine": True}),
+            sizes=Sizes((4, 3, 7, 7)),
         ),
         NormSpec(
-            "rms_norm", "RMSNorm", "normalized_shape (trailing)", "leading axes", False,
-            "normalized_shape", False,
-            "y = x / sqrt(E[x^2] + eps) * weight",
+            "rms_norm", "RMSNorm", Reduce(trailing=True), "mean_square", "feature", ("weight",), False, None,
+            "y = x / sqrt(E[x^2] + eps) * weight", Twin("RMSNorm", "rms_norm"),
+            call=lambda f, x, s, w: f.rms_norm(x, _trailing(s), w, 1e-5),
+            constructor=lambda s: ((_trailing(s),), {}),
+            sizes=Sizes((8, 64)),
         ),
     )
 }
@@ -68,25 +234,33 @@ class Layout(NamedTuple):
 
 
 def layout(name: str, shape: Sequence[int], *, normalized_ndim: int = 0, num_groups: int = 1) -> Layout:
-    """Concrete reduction dims for norm ``name`` on a tensor of ``shape``.
+    """Concrete reduction dims for norm ``name`` on a tensor of ``shape``, from its row's
+    :class:`Reduce` and ``param``.
 
     ``normalized_ndim`` is ``len(normalized_shape)`` for the trailing-axis norms and
     ``num_groups`` the G of GroupNorm.
     """
+    spec = NORMS.get(name)
+    if spec is None:
+        raise KeyError(f"no layout for norm {name!r}; known: {sorted(NORMS)}")
     shape = tuple(shape)
     nd = len(shape)
-    if name in ("layer_norm", "rms_norm"):
+    if spec.reduce.trailing:
         dims = tuple(range(nd - normalized_ndim, nd))
-        return Layout(shape, dims, shape[nd - normalized_ndim:])
-    channels = shape[1]
-    spatial = shape[2:]
-    per_channel = (1, channels) + (1,) * len(spatial)
-    if name == "batch_norm":
-        return Layout(shape, (0,) + tuple(range(2, nd)), per_channel)
-    if name == "instance_norm":
-        return Layout(shape, tuple(range(2, nd)), per_channel)
-    if name == "group_norm":
+        param_view = () if spec.param == "scalar" else shape[nd - normalized_ndim:]
+        return Layout(shape, dims, param_view)
+    rule = spec.reduce
+    channels, spatial = shape[1], shape[2:]
+    # the channel axis as one axis (C) or two (G, C/G): named, then kept or reduced by name
+    if rule.groups:
         view = (shape[0], num_groups, channels // num_groups) + spatial
-        return Layout(view, tuple(range(2, len(view))),
-                      (1, num_groups, channels // num_groups) + (1,) * len(spatial))
-    raise KeyError(f"no layout for norm {name!r}; known: {sorted(NORMS)}")
+        names = ("N", "G", "C/G") + ("*",) * len(spatial)
+    else:
+        view, names = shape, ("N", "C") + ("*",) * len(spatial)
+    dims = tuple(i for i, a in enumerate(names) if a not in rule.kept)
+    channel_axes = {"C", "G", "C/G"}
+    if spec.param == "scalar":
+        param_view: tuple[int, ...] = ()
+    else:
+        param_view = tuple(v if a in channel_axes else 1 for a, v in zip(names, view))
+    return Layout(view, dims, param_view)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._checks import VMAP_SHARED_RUNNING_STATS
-from .norms import layout
+from .norms import NORMS, layout
 from .numerics import _is_batched, acc_dtype, default_rms_eps, rms_eps, unbiased, update_running_stats
 
 __all__ = [
@@ -236,13 +236,14 @@ def _normalize(
     bias: Tensor | None,
     eps: float,
     *,
-    center: bool = True,
     normalized_ndim: int = 0,
     num_groups: int = 1,
     given: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run :class:`Normalize` on the view that the table of norms gives for ``name``."""
+    """Run :class:`Normalize` on the view that the table of norms gives for ``name``, centred
+    where its row is."""
     view, dims, param_view = layout(name, input.shape, normalized_ndim=normalized_ndim, num_groups=num_groups)
+    center = NORMS[name].centered
     given_mean, given_var = (None, None) if given is None else (given[0].reshape(param_view), given[1].reshape(param_view))
     y, mean, var = _normalize_apply(
         input.reshape(view), _param(weight, param_view), _param(bias, param_view),
@@ -497,9 +498,7 @@ def rms_norm(
     eps: float | None = None,
 ) -> Tensor:
     eps = rms_eps(eps, input.dtype)
-    return _normalize(
-        "rms_norm", input, weight, None, eps, center=False, normalized_ndim=len(normalized_shape)
-    )[0]
+    return _normalize("rms_norm", input, weight, None, eps, normalized_ndim=len(normalized_shape))[0]
 
 
 def group_norm(

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import numerics, reference
-from ..backends import Backend, OpImpl, register_backend, register_lazy_backend
+from ..backends import Backend, OpImpl, _never, register_backend, register_lazy_backend
 from ..functional import activate
+from ..norms import NORMS, NormSpec
 
 __all__: list[str] = []
 
@@ -77,21 +78,23 @@ def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
 
 def _reference_complex_unsupported(*args, **kwargs):
     # torch's rms_norm is composite, so complex input runs there; the reference's statistics
-    # are real (it would drop the imaginary part), so it declines rather than be wrong.
+    # are real (it would drop the imaginary part), so it declines rather than be wrong. (The
+    # same for every norm not centred, whose torch op is a composition that runs complex.)
     if any(isinstance(a, Tensor) and a.is_complex() for a in (*args, *kwargs.values())):
         return "complex input: the reference computes real statistics only; use backend='torch'"
     return None
+
+
+def _table_ops(impl: Callable[[NormSpec], OpImpl]) -> dict[str, OpImpl]:
+    """One op per row of :data:`normkit.norms.NORMS`."""
+    return {name: impl(spec) for name, spec in NORMS.items()}
 
 
 register_backend(
     Backend(
         "torch",
         {
-            "batch_norm": OpImpl(F.batch_norm),
-            "instance_norm": OpImpl(F.instance_norm),
-            "layer_norm": OpImpl(F.layer_norm),
-            "rms_norm": OpImpl(F.rms_norm),
-            "group_norm": OpImpl(F.group_norm),
+            **_table_ops(lambda spec: OpImpl(spec.torch_op)),
             "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
             "add_layer_norm": OpImpl(_torch_add_layer_norm),
             "add_rms_norm": OpImpl(_torch_add_rms_norm),
@@ -107,11 +110,8 @@ register_backend(
     Backend(
         "reference",
         {
-            "batch_norm": OpImpl(reference.batch_norm),
-            "instance_norm": OpImpl(reference.instance_norm),
-            "layer_norm": OpImpl(reference.layer_norm),
-            "rms_norm": OpImpl(reference.rms_norm, _reference_complex_unsupported),
-            "group_norm": OpImpl(reference.group_norm),
+            **_table_ops(lambda spec: OpImpl(getattr(reference, spec.name),
+                                             _never if spec.centered else _reference_complex_unsupported)),
             "local_response_norm": OpImpl(reference.local_response_norm),
             "add_layer_norm": OpImpl(reference.add_layer_norm),
             "add_rms_norm": OpImpl(reference.add_rms_norm, _reference_complex_unsupported),
