@@ -1,0 +1,214 @@
+"""The ``"numba"`` backend entry: fused CPU kernels, which calls they run, and which ``"auto"`` picks.
+
+Importing this module imports neither numba nor the kernels; :func:`register` does, once, when
+the registry first looks the backend up (``normkit.ops.builtin``).
+
+* Available: numba is installed (the kernels run on any CPU numba supports).
+* Ops: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm`` and ``normalize``
+  (:mod:`.row_norm`; LayerNorm2d/RMSNorm2d are ``normalize`` over dim 1), and, from
+  :mod:`.channel_norm`, ``batch_norm``, ``batch_norm_act``, ``group_norm``,
+  ``group_norm_act`` and ``instance_norm``; forward and backward each one fused kernel.
+* Unsupported (with the reason): tensors not on the CPU; dtypes other than float32, float64
+  and bfloat16 (float16 is declined: the CPU has no float16 arithmetic, so the kernels would
+  convert every element both ways and gain nothing over float32 or ATen); empty row-norm
+  input; ``instance_norm(use_input_stats=False)``; ``local_response_norm`` (no kernel).
+  :func:`declared_ops` gives these checks without importing numba.
+* Preferred by ``"auto"``: only where :data:`MEASURED_FASTER` lists the op and the call's
+  shape class (:func:`shape_class`), filled from the committed CPU benchmark
+  (``make bench-cpu`` -> ``benchmarks/results/cpu.md``) where the kernels beat ATen.
+
+Numerics contract (every op of this backend):
+
+* **Deterministic**: the same call gives the same bits on every run and at every thread count
+  (``torch.set_num_threads(1 .. N)``). Work is split into blocks sized from the shape alone,
+  every reduction runs in an order fixed by the compiled code and the reduced length, and the
+  weight/bias gradients are summed per fixed block of rows, then over the blocks in block
+  order (never per thread, never with atomics).
+* **Batch-invariant**: a row's output and input gradient (LayerNorm, RMSNorm, the add-norms,
+  ``normalize``; a sample's for GroupNorm and InstanceNorm) are bit-identical whatever the other
+  rows in the batch and however many there are: the reduction order depends only on the row
+  length. BatchNorm's statistics are over the batch by definition, so it is deterministic only.
+  The bits may differ between CPUs of different vector widths (the row sums are vectorized to
+  the machine's width) and from the other backends' bits.
+* Statistics in float32 (float64 for float64 input), bf16 read and written as bits, rounded
+  once to nearest even. A centred row is shifted by its first element before its moments
+  (a large common offset cancels exactly), and ``rstd = 0`` where ``var + eps == 0``.
+* Of the other backends, ``"reference"`` and ``"torch"`` are deterministic on the CPU run to
+  run but not promised batch-invariant (ATen splits rows by thread and vectorizes by
+  alignment); ``"triton"``'s row kernels reduce a row in a fixed tile order (batch-invariant
+  on one GPU model) and sum its dw/db per program in a fixed order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from normkit.backends import Backend, OpImpl, register_backend
+
+__all__ = [
+    "DTYPES",
+    "MEASURED_FASTER",
+    "declared_ops",
+    "is_available",
+    "register",
+    "shape_class",
+    "tensors_unsupported",
+]
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+_NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None
+
+# A row-norm call of fewer elements than this is "small": the kernels' fixed cost per call
+# (custom op, autograd, numba's dispatch and thread wake-up) outweighs their speed there.
+SMALL_ELEMENTS = 1 << 18
+
+
+def is_available() -> bool:
+    """numba is installed (the kernels run on the CPU)."""
+    return _NUMBA_INSTALLED
+
+
+def tensors_unsupported(x: Tensor, *others: Tensor | None, empty_ok: bool = False) -> str | None:
+    """Why the kernels cannot take ``x`` with ``others`` (parameters, residual), or None."""
+    if x.device.type != "cpu":
+        return f"numba kernels run on CPU tensors; got a {x.device.type} tensor"
+    bad = next((t.dtype for t in (x, *others) if t is not None and t.dtype not in DTYPES), None)
+    if bad == torch.float16:
+        return ("float16 is declined by the numba kernels (the CPU has no float16 arithmetic: every "
+                "element converted both ways, no faster than float32): use bfloat16, float32, or "
+                "backend='torch'")
+    if bad is not None:
+        return f"dtype {bad} is not supported; expected one of float32, float64, bfloat16"
+    if x.numel() == 0 and not empty_ok:
+        return "empty input: nothing for a kernel to do"
+    return None
+
+
+def _layer_norm_unsupported(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return tensors_unsupported(input, weight, bias)
+
+
+def _rms_norm_unsupported(input, normalized_shape, weight=None, eps=None):
+    return tensors_unsupported(input, weight)
+
+
+def _add_norm_unsupported(x, residual, normalized_shape, weight=None, bias=None, eps=None,
+                          residual_dtype=None):
+    if residual_dtype is not None and residual_dtype not in DTYPES:
+        return f"residual_dtype {residual_dtype} is not supported; expected one of float32, float64, bfloat16"
+    return tensors_unsupported(x, residual, weight, bias)
+
+
+def _add_rms_norm_unsupported(x, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
+    return _add_norm_unsupported(x, residual, normalized_shape, weight, None, eps, residual_dtype)
+
+
+def _normalize_unsupported(input, dims, weight=None, bias=None, eps=1e-5, center=True):
+    return tensors_unsupported(input, weight, bias)
+
+
+def _group_norm_unsupported(input, num_groups, weight=None, bias=None, *_, **__):
+    return tensors_unsupported(input, weight, bias)
+
+
+def _batch_norm_unsupported(input, running_mean, running_var, weight=None, bias=None, *_, **__):
+    return tensors_unsupported(input, running_mean, running_var, weight, bias, empty_ok=True)
+
+
+def _instance_norm_unsupported(input, running_mean=None, running_var=None, weight=None, bias=None,
+                               use_input_stats=True, *_, **__):
+    if not use_input_stats:
+        return ("use_input_stats=False is a per-channel affine with the running statistics, not a "
+                "reduction: the numba kernels do not take it; use backend='torch'")
+    return tensors_unsupported(input, running_mean, running_var, weight, bias)
+
+
+# op -> (module of its function, its check). The channel ops' checks are channel_norm's own
+# UNSUPPORTED where numba is installed; these stand-ins say the same without importing it.
+_ROW_OPS = {
+    "layer_norm": _layer_norm_unsupported,
+    "rms_norm": _rms_norm_unsupported,
+    "add_layer_norm": _add_norm_unsupported,
+    "add_rms_norm": _add_rms_norm_unsupported,
+    "normalize": _normalize_unsupported,
+}
+_CHANNEL_OPS = {
+    "batch_norm": _batch_norm_unsupported,
+    "batch_norm_act": _batch_norm_unsupported,
+    "group_norm": _group_norm_unsupported,
+    "group_norm_act": _group_norm_unsupported,
+    "instance_norm": _instance_norm_unsupported,
+}
+
+
+def shape_class(op: str, x: Tensor) -> str:
+    """The benchmark's class of a call: ``"<dtype>/<small|large>"`` plus ``"/channels_last"``
+    for a channels_last input, and ``"/train"`` where autograd will record the call (the
+    benchmark's forward+backward column decides those)."""
+    size = "small" if x.numel() < SMALL_ELEMENTS else "large"
+    parts = [str(x.dtype).removeprefix("torch."), size]
+    if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d):
+        parts.append("channels_last")
+    if torch.is_grad_enabled() and x.requires_grad:
+        parts.append("train")
+    return "/".join(parts)
+
+
+# op -> the shape classes where the committed CPU benchmark (benchmarks/results/cpu.md, 1 and
+# 2 threads) shows these kernels faster than ATen; "auto" picks numba there and nowhere else.
+MEASURED_FASTER: dict[str, frozenset[str]] = {}
+
+
+def _preferred(op: str):
+    def preferred(*args, **kwargs) -> bool:
+        classes = MEASURED_FASTER.get(op)
+        if not classes:
+            return False
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        return shape_class(op, x) in classes
+
+    return preferred
+
+
+def declared_ops() -> dict[str, object]:
+    """``{op: unsupported check}`` of the numba backend, importable without numba (for
+    :func:`normkit.support_matrix`)."""
+    checks: dict[str, object] = dict(_ROW_OPS)
+    checks.update(_CHANNEL_OPS)
+    if _NUMBA_INSTALLED:
+        channel = _channel_module()
+        if channel is not None:
+            checks.update({op: channel.UNSUPPORTED[op] for op in _CHANNEL_OPS if op in channel.UNSUPPORTED})
+    return checks
+
+
+def _channel_module():
+    try:
+        from normkit.ops.numba import channel_norm
+    except ImportError:  # not written yet, or numba missing
+        return None
+    return channel_norm
+
+
+def register() -> None:
+    """Build the ``"numba"`` backend and add it to :mod:`normkit.backends`."""
+    if not _NUMBA_INSTALLED:
+        register_backend(Backend("numba", ops={}, is_available=lambda: False,
+                                 description="numba CPU kernels (numba is not installed)"))
+        return
+    from normkit.ops.numba import row_norm
+
+    ops = {op: OpImpl(getattr(row_norm, op), check, _preferred(op)) for op, check in _ROW_OPS.items()}
+    channel = _channel_module()
+    if channel is not None:
+        for op in _CHANNEL_OPS:
+            if hasattr(channel, op):
+                ops[op] = OpImpl(getattr(channel, op), channel.UNSUPPORTED.get(op, _CHANNEL_OPS[op]),
+                                 _preferred(op))
+    register_backend(Backend("numba", ops=ops, is_available=is_available,
+                             description="fused CPU kernels compiled by numba (normkit.ops.numba)"))
