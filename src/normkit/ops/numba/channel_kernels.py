@@ -1,0 +1,307 @@
+"""numba kernels of the channel norms: BatchNorm, GroupNorm and InstanceNorm, with an activation.
+
+An ``(N, C, *spatial)`` input is read through its ``(N, C, S)`` view (``S`` the product of the
+spatial sizes) as a flat array of its dense storage, in one of two layouts, each at unit stride
+and without a copy:
+
+* **segments** (NC* contiguous, ``(N, C, L)``): each (sample, channel) is ``S`` contiguous
+  elements. A *row* is the set of segments one statistic is taken over: a channel's ``N``
+  segments (BatchNorm) or a (sample, group)'s ``C/G`` segments (GroupNorm; InstanceNorm is
+  ``G = C``). :func:`seg_fwd` and :func:`seg_bwd` do one row per task, statistics and output
+  in the same task (the row is still in cache for its second pass).
+* **columns** (channels_last(_3d), ``(N, C)``): each (sample, position) is ``C`` contiguous
+  channels. The rows of a matrix (all ``N * S`` positions for BatchNorm, one sample's ``S``
+  for GroupNorm) are cut into blocks of ``block`` rows, a size fixed by the shape;
+  :func:`col_sums` writes per-(block, channel) partial sums (statistics or gradients),
+  :func:`merge` adds them in a fixed order, :func:`col_out` writes the output (or the
+  input gradient) from per-channel coefficients.
+
+Numerics (the same bits at any thread count; for GroupNorm and InstanceNorm a sample's result
+does not depend on the other samples):
+
+* every statistic is shifted by one element of its own (``d = x - pivot``, the first element
+  of the row): a large common offset cancels exactly, a constant row has variance exactly 0;
+* the sums of ``d`` and ``d^2`` are accumulated in float64 (exact products of float32 values),
+  a segment in :data:`LANES` interleaved lanes folded in a fixed tree, a column sequentially
+  over its rows; partial sums are added per row, in segment or block order. The variance is
+  ``E[d^2] - E[d]^2`` in float64: its relative error is about ``2^-53 (1 + (mean - pivot)^2 /
+  var)``, far below float32's rounding (for float64 input, below the last bits only while the
+  pivot is not many standard deviations from the mean);
+* the output and the input gradient are computed in the statistics dtype (float32, float64
+  for float64 input) from per-channel coefficients rounded once: ``y = act(((x - pivot) -
+  mean) * (w * rstd) + b)``; ``dx = k1 * dz + k2 * x_hat + k3`` with ``dz = dy * act'(z)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from normkit.ops.numba._engine import LANES, decode, encode, jit, pjit, staging
+
+__all__ = ["ACT_CODES", "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
+
+# Activation codes (normkit.functional.ACTIVATIONS by name): 0 none, 1 relu, 2 silu, 3 gelu (erf).
+ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+
+
+@jit(inline="always")
+def _act(z, act):
+    """``act(z)``; relu keeps a NaN (``z < 0`` is False for it), as torch's relu does."""
+    if act == 1:
+        return z * 0 if z < 0 else z
+    if act == 2:
+        return z / (1 + math.exp(-z))
+    if act == 3:
+        return 0.5 * z * (1 + math.erf(z * 0.7071067811865476))
+    return z
+
+
+@jit(inline="always")
+def _act_grad(dy, z, act):
+    """``dy * act'(z)``; relu passes ``dy`` unless ``z <= 0`` (torch's threshold_backward)."""
+    if act == 1:
+        return dy * 0 if z <= 0 else dy
+    if act == 2:
+        s = 1 / (1 + math.exp(-z))
+        return dy * (s * (1 + z * (1 - s)))
+    if act == 3:
+        cdf = 0.5 * (1 + math.erf(z * 0.7071067811865476))
+        return dy * (cdf + z * 0.3989422804014327 * math.exp(-0.5 * z * z))
+    return dy
+
+
+@jit(inline="always")
+def _fold(lanes):
+    half = LANES // 2
+    while half > 0:
+        for k in range(half):
+            lanes[k] = lanes[k] + lanes[k + half]
+        half //= 2
+    return lanes[0]
+
+
+@jit(inline="always")
+def _moments(s1, s2, n, eps):
+    """``(mean of d, biased variance, rstd)`` in float64 from ``sum(d)`` and ``sum(d^2)``;
+    rstd is 0 where ``var + eps == 0`` (ATen's rule: the output is then the bias)."""
+    mu = s1 / n
+    var = max(s2 / n - mu * mu, 0.0)
+    return mu, var, 0.0 if var + eps == 0 else 1.0 / math.sqrt(var + eps)
+
+
+@jit(inline="always")
+def _row_start(r, nb, stride_a, stride_b):
+    """Offset of row ``r = a * nb + bi``: ``(0, channel)`` for BatchNorm (``nb = C``),
+    ``(sample, group)`` for GroupNorm (``nb = G``)."""
+    a = r // nb
+    return a * stride_a + (r - a * nb) * stride_b, r - a * nb
+
+
+@pjit
+def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, given, eps, act,
+            pivot, mean, var, rstd):
+    """One row per task (``pivot.shape[0]`` rows): its statistics (unless ``given``: then
+    ``pivot``, ``mean``, ``rstd`` are read, the running statistics of eval BatchNorm) and
+    ``y = act(((x - pivot) - mean) * w * rstd + b)``. Segment ``j`` of a row starts
+    ``j * seg_stride`` after it and has channel ``bi * cpr + j * cps``."""
+    T = w.dtype.type
+    has_w, has_b = w.shape[0] > 0, b.shape[0] > 0
+    for r in prange(pivot.shape[0]):
+        xbuf = np.empty(S, w.dtype)
+        ybuf = np.empty(S, w.dtype)
+        l1 = np.empty(LANES, np.float64)
+        l2 = np.empty(LANES, np.float64)
+        base, bi = _row_start(r, nb, stride_a, stride_b)
+        if not given:
+            p = np.float64(decode(x[base:base + 1], xbuf[:1])[0])
+            s1 = 0.0
+            s2 = 0.0
+            full = S - S % LANES
+            for j in range(nseg):
+                v = decode(x[base + j * seg_stride:base + j * seg_stride + S], xbuf)
+                for k in range(LANES):
+                    l1[k] = 0.0
+                    l2[k] = 0.0
+                for i0 in range(0, full, LANES):
+                    for k in range(LANES):
+                        d = np.float64(v[i0 + k]) - p
+                        l1[k] += d
+                        l2[k] += d * d
+                for i in range(full, S):
+                    d = np.float64(v[i]) - p
+                    l1[i - full] += d
+                    l2[i - full] += d * d
+                s1 += _fold(l1)
+                s2 += _fold(l2)
+            mu, va, rs = _moments(s1, s2, nseg * S, eps)
+            pivot[r], mean[r], var[r], rstd[r] = p, mu, va, rs
+        pt, mt, rs = T(pivot[r]), T(mean[r]), rstd[r]
+        for j in range(nseg):
+            c = bi * cpr + j * cps
+            k1 = T(rs * w[c]) if has_w else T(rs)
+            k0 = b[c] if has_b else T(0.0)
+            start = base + j * seg_stride
+            v = decode(x[start:start + S], xbuf)
+            out = staging(y[start:start + S], ybuf)
+            for i in range(S):
+                out[i] = _act(((v[i] - pt) - mt) * k1 + k0, act)
+            encode(out, y[start:start + S])
+
+
+@pjit
+def seg_bwd(dy, x, dx, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, batch_stats,
+            act, pivot, mean, rstd, s1p, s2p):
+    """The backward of :func:`seg_fwd`, one row per task: ``s1p[r, j]`` and ``s2p[r, j]`` get
+    segment j's ``sum(dz)`` and ``sum(dz * x_hat)`` (``dz = dy * act'(z)``), and with a 0-row
+    ``dx`` nothing more; else ``dx = rstd * (w dz - mean(w dz) - x_hat * mean(w dz x_hat))``
+    over the row (``batch_stats``) or ``rstd * w * dz`` (given statistics)."""
+    T = w.dtype.type
+    has_w, has_b = w.shape[0] > 0, b.shape[0] > 0
+    want_dx = dx.shape[0] > 0
+    for r in prange(pivot.shape[0]):
+        xbuf = np.empty(S, w.dtype)
+        gbuf = np.empty(S, w.dtype)
+        obuf = np.empty(S, w.dtype)
+        l1 = np.empty(LANES, np.float64)
+        l2 = np.empty(LANES, np.float64)
+        base, bi = _row_start(r, nb, stride_a, stride_b)
+        pt, mt, rt = T(pivot[r]), T(mean[r]), T(rstd[r])
+        g1 = 0.0
+        g2 = 0.0
+        full = S - S % LANES
+        for j in range(nseg):
+            c = bi * cpr + j * cps
+            wc = w[c] if has_w else T(1.0)
+            bc = b[c] if has_b else T(0.0)
+            start = base + j * seg_stride
+            v = decode(x[start:start + S], xbuf)
+            g = decode(dy[start:start + S], gbuf)
+            for k in range(LANES):
+                l1[k] = 0.0
+                l2[k] = 0.0
+            for i0 in range(0, full, LANES):
+                for k in range(LANES):
+                    h = ((v[i0 + k] - pt) - mt) * rt
+                    dz = _act_grad(g[i0 + k], h * wc + bc, act)
+                    l1[k] += dz
+                    l2[k] += np.float64(dz) * h
+            for i in range(full, S):
+                h = ((v[i] - pt) - mt) * rt
+                dz = _act_grad(g[i], h * wc + bc, act)
+                l1[i - full] += dz
+                l2[i - full] += np.float64(dz) * h
+            s1p[r, j] = _fold(l1)
+            s2p[r, j] = _fold(l2)
+            g1 += s1p[r, j] * wc
+            g2 += s2p[r, j] * wc
+        if not want_dx:
+            continue
+        n = nseg * S
+        for j in range(nseg):
+            c = bi * cpr + j * cps
+            wc = w[c] if has_w else T(1.0)
+            bc = b[c] if has_b else T(0.0)
+            k1 = T(rstd[r] * wc)
+            k2 = T(-rstd[r] * g2 / n) if batch_stats else T(0.0)
+            k3 = T(-rstd[r] * g1 / n) if batch_stats else T(0.0)
+            start = base + j * seg_stride
+            v = decode(x[start:start + S], xbuf)
+            g = decode(dy[start:start + S], gbuf)
+            out = staging(dx[start:start + S], obuf)
+            for i in range(S):
+                h = ((v[i] - pt) - mt) * rt
+                out[i] = k1 * _act_grad(g[i], h * wc + bc, act) + k2 * h + k3
+            encode(out, dx[start:start + S])
+
+
+@jit(inline="always")
+def _block_rows(t, nblk, block, R):
+    """Task ``t`` of the column kernels: its matrix and its rows ``[r0, r1)``."""
+    n = t // nblk
+    blk = t - n * nblk
+    return n, blk, blk * block, min(R, (blk + 1) * block)
+
+
+@pjit
+def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, act, grads, s1p,
+             s2p):
+    """Per (matrix n, block of ``block`` rows, channel c), into ``s1p[n, blk, c]`` and ``s2p``,
+    each column summed in row order: ``sum(d)`` and ``sum(d^2)`` of ``d = x - piv`` (the
+    statistics), or with ``grads`` ``sum(dz)`` and ``sum(dz * x_hat)``, ``x_hat = ((x - piv) -
+    mu) * rstd``, ``dz = dy * act'(x_hat * w + b)``. Matrix n has ``R`` rows of ``C`` channels,
+    ``row_stride`` apart, from ``n * sample_stride``; coefficients are per (matrix, channel)."""
+    N2, nblk, C = s1p.shape
+    for t in prange(N2 * nblk):
+        n, blk, r0, r1 = _block_rows(t, nblk, block, R)
+        xbuf = np.empty(C, piv.dtype)
+        gbuf = np.empty(C, piv.dtype)
+        a1 = np.zeros(C, np.float64)
+        a2 = np.zeros(C, np.float64)
+        p, m, rs, wc, bc = piv[n], mu[n], rstd[n], w[n], b[n]
+        for r in range(r0, r1):
+            start = n * sample_stride + r * row_stride
+            v = decode(x[start:start + C], xbuf)
+            if grads:
+                g = decode(dy[start:start + C], gbuf)
+                for c in range(C):
+                    h = ((v[c] - p[c]) - m[c]) * rs[c]
+                    dz = _act_grad(g[c], h * wc[c] + bc[c], act)
+                    a1[c] += dz
+                    a2[c] += np.float64(dz) * h
+            else:
+                for c in range(C):
+                    d = np.float64(v[c]) - np.float64(p[c])
+                    a1[c] += d
+                    a2[c] += d * d
+        s1p[n, blk, :] = a1
+        s2p[n, blk, :] = a2
+
+
+@pjit
+def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, k1, k2, k3, act,
+            grads):
+    """Per-(matrix, channel) coefficients, ``x_hat = ((x - piv) - mu) * rstd`` and ``z =
+    x_hat * w + b``: ``out = act(z)`` (the forward: ``rstd`` is then ``w * rstd`` and ``w``
+    1), or with ``grads`` ``out = k1 * dz + k2 * x_hat + k3``, ``dz = dy * act'(z)`` (dx)."""
+    N2, C = piv.shape
+    nblk = (R + block - 1) // block
+    for t in prange(N2 * nblk):
+        n, blk, r0, r1 = _block_rows(t, nblk, block, R)
+        xbuf = np.empty(C, piv.dtype)
+        gbuf = np.empty(C, piv.dtype)
+        obuf = np.empty(C, piv.dtype)
+        p, m, rs, wc, bc = piv[n], mu[n], rstd[n], w[n], b[n]
+        a, e, f = k1[n], k2[n], k3[n]
+        for r in range(r0, r1):
+            start = n * sample_stride + r * row_stride
+            v = decode(x[start:start + C], xbuf)
+            o = staging(out[start:start + C], obuf)
+            if grads:
+                g = decode(dy[start:start + C], gbuf)
+                for c in range(C):
+                    h = ((v[c] - p[c]) - m[c]) * rs[c]
+                    o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
+            else:
+                for c in range(C):
+                    o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] * wc[c] + bc[c], act)
+            encode(o, out[start:start + C])
+
+
+@jit
+def merge(part, groups, w, out):
+    """``out[n, g] = sum over blocks and the group's channels of w[c] * part[n, blk, c]``, in
+    block order then channel order (``w`` 0-length: no weights). ``part`` is
+    ``(N2, blocks, C)``, ``out`` ``(N2, groups)``."""
+    N2, nblk, C = part.shape
+    cg = C // groups
+    has_w = w.shape[0] > 0
+    for n in range(N2):
+        for g in range(groups):
+            acc = 0.0
+            for blk in range(nblk):
+                for k in range(g * cg, (g + 1) * cg):
+                    acc += part[n, blk, k] * w[k] if has_w else part[n, blk, k]
+            out[n, g] = acc

@@ -1,0 +1,425 @@
+"""The channel norms on numba kernels: BatchNorm, GroupNorm, InstanceNorm, with an activation.
+
+Every call is two ``torch.library`` custom ops over the input's ``(N, C, S)`` view, read in
+place (contiguous NC*, channels_last(_3d), ``(N, C)`` and ``(N, C, L)``; any other strides are
+made contiguous first) and written in the input's memory format:
+
+* ``normkit_numba::channel_fwd(x, weight, bias, running_mean, running_var, groups, training,
+  eps, act) -> (y, pivot, mean, var, rstd)``: ``groups=0`` is BatchNorm (one statistic per
+  channel over ``(N, S)``; with ``training=False`` the running statistics normalize), else
+  one statistic per (sample, group). ``pivot`` is the element each statistic is shifted by,
+  ``mean`` the mean of ``x - pivot``, ``var`` the biased variance (float64, one per statistic).
+* ``normkit_numba::channel_bwd(dy, x, weight, bias, pivot, mean, rstd, groups, batch_stats,
+  act, want_dx, want_dw, want_db) -> (dx, dw, db)``.
+
+The running statistics are updated outside the ops, by :func:`normkit.numerics.update_running_stats`
+(all or none, in their own dtype), from the forward op's statistics. Both ops have fake
+implementations, so ``torch.compile(fullgraph=True)`` traces a norm without a graph break.
+
+Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kernels`): one
+task per channel (BatchNorm, NC*) or per (sample, group) (GroupNorm, InstanceNorm, NC*), or per
+fixed block of channels_last rows; bit-identical at any thread count, and a GroupNorm or
+InstanceNorm sample's result does not depend on the other samples.
+
+The functions take ``torch.nn.functional``'s arguments and trust them: ``normkit.functional``
+has checked them and :data:`UNSUPPORTED` has accepted the call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from normkit import reference
+from normkit.numerics import acc_dtype, unbiased, update_running_stats
+from normkit.ops.numba import channel_kernels as k
+from normkit.ops.numba._engine import (
+    _refuse_forward_ad,
+    acc_np_dtype,
+    as_array,
+    autograd_pair,
+    batch_by_loop,
+    launch,
+)
+from normkit.ops.numba.backend import _CHANNEL_OPS
+from normkit.ops.triton._launch import check_saveable
+
+__all__ = [
+    "UNSUPPORTED",
+    "batch_norm",
+    "batch_norm_act",
+    "group_norm",
+    "group_norm_act",
+    "instance_norm",
+]
+
+ACT_CODES = k.ACT_CODES
+
+# Rows of a channels_last block: about this many elements (a shape-only size, so the partial
+# sums and their order do not depend on the thread count).
+BLOCK_ELEMENTS = 16384
+
+
+# ---- layouts --------------------------------------------------------------------------------
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` itself when its storage is dense in NC* or channels_last(_3d) order, else a
+    contiguous copy (the kernels read the flat storage)."""
+    if x.is_contiguous():
+        return x
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return x
+    return x.contiguous()
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The dense storage of ``t`` (same strides as x) as a 1-D array, no copy."""
+    return as_array(torch.as_strided(t.detach(), (t.numel(),), (1,), t.storage_offset()))
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (dy) in x's dtype and strides."""
+    t = t.to(x.dtype)
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+def _shape(x: Tensor) -> tuple[int, int, int, bool]:
+    """``(N, C, S, columns)``: columns when channels are the unit-stride axis (channels_last,
+    or no spatial axes), else segments of S contiguous elements."""
+    N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    columns = S == 1 or (C > 1 and x.stride(1) == 1)
+    return N, C, S, columns
+
+
+def _param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
+    """A parameter as a contiguous array of the statistics dtype; ``n`` copies of ``fill`` for
+    None (``h * 1 + 0`` is ``h`` exactly: no branch for a missing parameter)."""
+    if t is None:
+        return np.full(n, fill, dtype)
+    return t.detach().reshape(-1).to(torch.float64 if dtype is np.float64 else torch.float32).numpy()
+
+
+class _Seg:
+    """The :func:`channel_kernels.seg_fwd` geometry of a row: BatchNorm's row is a channel's
+    N segments, GroupNorm's a (sample, group)'s C/G segments."""
+
+    def __init__(self, N: int, C: int, S: int, groups: int):
+        if groups == 0:
+            self.args = (C, 0, S, N, C * S, S, 1, 0)
+            self.rows = C
+        else:
+            cg = C // groups
+            self.args = (groups, C * S, cg * S, cg, S, S, cg, 1)
+            self.rows = N * groups
+
+
+def _col_geometry(N: int, C: int, S: int, groups: int) -> tuple[int, int, int, int, int]:
+    """``(matrices, rows, sample_stride, row_stride, block)`` of the column kernels: BatchNorm
+    is one matrix of all N * S positions, GroupNorm one per sample."""
+    block = max(1, BLOCK_ELEMENTS // C)
+    if groups == 0:
+        return 1, N * S, 0, C, block
+    return N, S, S * C, C, block
+
+
+# ---- forward ----------------------------------------------------------------------------------
+
+
+def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+              running_var: Tensor | None, groups: int, training: bool, eps: float,
+              act: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    N, C, S, columns = _shape(x)
+    acc = acc_np_dtype(x.dtype)
+    rows = C if groups == 0 else N * groups
+    y = torch.empty_like(x)
+    stats = [torch.empty(rows, dtype=torch.float64) for _ in range(4)]
+    pivot, mean, var, rstd = (s.numpy() for s in stats)
+    given = groups == 0 and not training
+    if given:
+        pivot[:] = running_mean.detach().to(acc_dtype(x.dtype)).double().numpy()
+        mean[:] = 0.0
+        var[:] = running_var.detach().double().numpy()
+        rstd[:] = torch.rsqrt(running_var.detach().to(acc_dtype(x.dtype)) + eps).double().numpy()
+    w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
+    xa, ya = _flat(x), _flat(y)
+    if not columns:
+        seg = _Seg(N, C, S, groups)
+        launch(k.seg_fwd, xa, ya, *seg.args, w, b, given, float(eps), act, pivot, mean, var, rstd)
+        return y, *stats
+    N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
+    cg = 1 if groups == 0 else C // groups  # channels per statistic
+    x3 = x.detach().reshape(N, C, S)
+    if not given:
+        # The pivot of each statistic: the first element of its channel (BatchNorm) or group.
+        piv = (x3[:1, :, 0] if groups == 0 else x3[:, ::cg, 0]).to(torch.float64)
+        piv_c = piv.repeat_interleave(cg, 1)
+        nblk = -(-R // block)
+        s1p, s2p = (np.empty((N2, nblk, C)) for _ in range(2))
+        pc = piv_c.numpy().astype(acc)
+        launch(k.col_sums, xa, xa, R, sample_stride, row_stride, block, pc, pc, pc, pc, pc, 0,
+               False, s1p, s2p)
+        s1, s2 = (np.empty((N2, C // cg)) for _ in range(2))
+        none = np.empty(0)
+        k.merge(s1p, C // cg, none, s1)
+        k.merge(s2p, C // cg, none, s2)
+        n = R * cg
+        mu = s1.reshape(-1) / n
+        pivot[:] = piv.reshape(-1).numpy()
+        mean[:] = mu
+        var[:] = np.maximum(s2.reshape(-1) / n - mu * mu, 0.0)
+        with np.errstate(divide="ignore"):
+            rstd[:] = np.where(var + eps == 0, 0.0, 1.0 / np.sqrt(var + eps))
+    piv, mu, _, wc, bc = _coefficients(N2, cg, pivot, mean, rstd, w, b, acc)
+    scale = (_per_channel(rstd, N2, cg) * w.astype(np.float64)).astype(acc)
+    one = np.ones_like(scale)
+    launch(k.col_out, xa, xa, ya, R, sample_stride, row_stride, block, piv, mu, scale, one, bc,
+           one, one, one, act, False)
+    return y, *stats
+
+
+def _per_channel(stat: np.ndarray, N2: int, cg: int) -> np.ndarray:
+    """A per-statistic float64 vector as an ``(N2, C)`` array (each group's value repeated
+    over its channels)."""
+    return np.ascontiguousarray(np.repeat(stat.reshape(N2, -1), cg, axis=1))
+
+
+def _coefficients(N2: int, cg: int, pivot: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
+                  w: np.ndarray, b: np.ndarray, acc: type) -> tuple[np.ndarray, ...]:
+    """``(pivot, mean, rstd, w, b)`` per (matrix, channel), rounded once to ``acc``."""
+    per = [_per_channel(s, N2, cg).astype(acc) for s in (pivot, mean, rstd)]
+    return (*per, np.ascontiguousarray(np.broadcast_to(w, (N2, w.shape[0]))),
+            np.ascontiguousarray(np.broadcast_to(b, (N2, b.shape[0]))))
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+
+def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, pivot: Tensor,
+              mean: Tensor, rstd: Tensor, groups: int, batch_stats: bool, act: int, want_dx: bool,
+              want_dw: bool, want_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    N, C, S, columns = _shape(x)
+    acc = acc_np_dtype(x.dtype)
+    dy = _like(dy, x)
+    dx = torch.empty_like(x) if want_dx else x.new_empty(0)
+    w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
+    xa, ga, dxa = _flat(x), _flat(dy), _flat(dx)
+    p, m, r = pivot.numpy(), mean.numpy(), rstd.numpy()
+    none = np.empty(0)
+    sums = np.empty((2, 1, C))  # sum(dz), sum(dz * x_hat) per channel
+    if not columns:
+        seg = _Seg(N, C, S, groups)
+        nseg = seg.args[3]
+        s1p, s2p = np.empty((seg.rows, nseg)), np.empty((seg.rows, nseg))
+        launch(k.seg_bwd, ga, xa, dxa, *seg.args, w, b, batch_stats, act, p, m, r, s1p, s2p)
+        # BatchNorm: rows are channels, segments samples; GroupNorm: (N * G, C / G) is (N, C).
+        parts = (s1p.reshape(C, N, 1), s2p.reshape(C, N, 1)) if groups == 0 else \
+            (s1p.reshape(1, N, C), s2p.reshape(1, N, C))
+        for part, out in zip(parts, sums):
+            k.merge(part, C if groups else 1, none, out.reshape(-1, 1) if groups == 0 else out)
+    else:
+        _col_bwd(ga, xa, dxa, N, C, S, groups, w, b, batch_stats, act, p, m, r, acc, sums,
+                 want_dx, want_dw or want_db)
+    dw = torch.from_numpy(sums[1, 0].copy()) if want_dw else x.new_empty(0, dtype=torch.float64)
+    db = torch.from_numpy(sums[0, 0].copy()) if want_db else x.new_empty(0, dtype=torch.float64)
+    return dx, dw, db
+
+
+def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S: int, groups: int,
+             w: np.ndarray, b: np.ndarray, batch_stats: bool, act: int, p: np.ndarray,
+             m: np.ndarray, r: np.ndarray, acc: type, sums: np.ndarray, want_dx: bool,
+             want_params: bool) -> None:
+    """The channels_last backward: partial sums per block, merged per (matrix, channel), then
+    the per-channel coefficients of ``dx`` and one more pass for it."""
+    N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
+    cg = 1 if groups == 0 else C // groups
+    piv, mu, rs, wc, bc = _coefficients(N2, cg, p, m, r, w, b, acc)
+    geometry = (R, sample_stride, row_stride, block, piv, mu, rs, wc, bc)
+    none = np.empty(0)
+    s1 = s2 = np.zeros((N2, C))
+    if batch_stats and want_dx or want_params:
+        nblk = -(-R // block)
+        s1p, s2p = np.empty((N2, nblk, C)), np.empty((N2, nblk, C))
+        launch(k.col_sums, ga, xa, *geometry, act, True, s1p, s2p)
+        s1, s2 = np.empty((N2, C)), np.empty((N2, C))
+        k.merge(s1p, C, none, s1)
+        k.merge(s2p, C, none, s2)
+        k.merge(s1.reshape(1, N2, C), C, none, sums[0])
+        k.merge(s2.reshape(1, N2, C), C, none, sums[1])
+    if not want_dx:
+        return
+    w64 = w.astype(np.float64)
+    rstd_c = _per_channel(r, N2, cg)
+    k1 = rstd_c * w64
+    if batch_stats:
+        # The row sums of w * dz and w * dz * x_hat: one per channel (BatchNorm) or group.
+        g1, g2 = np.empty((N2, C // cg)), np.empty((N2, C // cg))
+        k.merge(s1.reshape(N2, 1, C), C // cg, w64, g1)
+        k.merge(s2.reshape(N2, 1, C), C // cg, w64, g2)
+        n = R * cg
+        k2 = -rstd_c * _per_channel(g2.reshape(-1), N2, cg) / n
+        k3 = -rstd_c * _per_channel(g1.reshape(-1), N2, cg) / n
+    else:
+        k2 = k3 = np.zeros((N2, C))
+    launch(k.col_out, ga, xa, dxa, *geometry, k1.astype(acc), k2.astype(acc), k3.astype(acc), act,
+           True)
+
+
+# ---- custom ops: what torch.compile sees -------------------------------------------------------
+
+
+def _rows(x: Tensor, groups: int) -> int:
+    return x.shape[1] if groups == 0 else x.shape[0] * groups
+
+
+@torch.library.custom_op("normkit_numba::channel_fwd", mutates_args=(), device_types="cpu")
+def _fwd_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+            running_var: Tensor | None, groups: int, training: bool, eps: float,
+            act: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _fwd_impl(x, weight, bias, running_mean, running_var, groups, training, eps, act)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, running_mean, running_var, groups, training, eps, act):
+    n = _rows(x, groups)
+    return (torch.empty_like(x), *(x.new_empty(n, dtype=torch.float64) for _ in range(4)))
+
+
+@torch.library.custom_op("normkit_numba::channel_bwd", mutates_args=(), device_types="cpu")
+def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, pivot: Tensor,
+            mean: Tensor, rstd: Tensor, groups: int, batch_stats: bool, act: int, want_dx: bool,
+            want_dw: bool, want_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dy, x, weight, bias, pivot, mean, rstd, groups, batch_stats, act, want_dx,
+                     want_dw, want_db)
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, bias, pivot, mean, rstd, groups, batch_stats, act, want_dx, want_dw, want_db):
+    C = x.shape[1]
+    return (torch.empty_like(x) if want_dx else x.new_empty(0),
+            x.new_empty(C if want_dw else 0, dtype=torch.float64),
+            x.new_empty(C if want_db else 0, dtype=torch.float64))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, running_mean, running_var, groups, training, eps, act = inputs
+    _, pivot, mean, _, rstd = output
+    ctx.save_for_backward(x, weight, bias, pivot, mean, rstd)
+    ctx.groups, ctx.batch_stats, ctx.act = groups, groups != 0 or training, act
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, dy, *_stats):
+    x, weight, bias, pivot, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    w_dtype, b_dtype = ctx.dtypes
+    dx, dw, db = _bwd(dy, x, weight, bias, pivot, mean, rstd, ctx.groups, ctx.batch_stats, ctx.act,
+                      bool(need[0]), bool(need[1]), bool(need[2]))
+    return (dx if need[0] else None, dw.to(w_dtype) if need[1] else None,
+            db.to(b_dtype) if need[2] else None, None, None, None, None, None, None)
+
+
+batch_by_loop(_fwd_op)
+batch_by_loop(_bwd_op)
+_fwd, _bwd = autograd_pair(_fwd_op, _setup_context, _backward, _bwd_op)
+
+
+# ---- the norms, with torch.nn.functional's signatures ------------------------------------------
+
+
+def _refuse_forward_ad_early(*tensors: Tensor | None) -> None:
+    """Forward-mode AD is refused before the running statistics are written."""
+    if not torch.compiler.is_compiling() and any(
+            t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        _refuse_forward_ad(None)
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, act: str | None = None) -> Tensor:
+    """``torch.nn.functional.batch_norm``: one statistic per channel over ``(N, *spatial)``.
+
+    Numerics: sums of ``x - pivot`` and its square in float64 per channel, the output in
+    float32 (float64 for float64 input; bf16 rounded once); the biased variance normalizes and
+    the unbiased one (``n / (n - 1)``) enters ``running_var``, ``running = (1 - momentum) *
+    running + momentum * batch`` in the running statistics' accumulation dtype, both or
+    neither written (:func:`normkit.numerics.update_running_stats`). ``momentum`` is a float
+    (the modules turn ``momentum=None`` into the cumulative factor). ``act`` (``"relu"``,
+    ``"silu"``, ``"gelu"``, None) is applied before the store; the backward recomputes it.
+    """
+    if input.numel() == 0:
+        # Nothing to compute: the reference's empty output (connected to the parameters, whose
+        # gradients are zeros), the running statistics untouched, as ATen.
+        return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps)
+    check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
+    x = _dense(input)
+    if training:
+        _refuse_forward_ad_early(input, weight, bias)
+    y, pivot, mean, var, _ = _fwd(x, weight, bias, running_mean, running_var, 0, bool(training),
+                                  float(eps), ACT_CODES[act])
+    if training and (running_mean is not None or running_var is not None):
+        n = input.numel() // input.shape[1]
+        dtype = acc_dtype(input.dtype)
+        update_running_stats(running_mean, running_var, (pivot + mean).to(dtype),
+                             unbiased(var, n).to(dtype), float(momentum))
+    return y
+
+
+def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                   weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, act: str | None = "relu") -> Tensor:
+    """``act(batch_norm(...))`` in one pass each way (see :func:`batch_norm`)."""
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5, act: str | None = None) -> Tensor:
+    """``torch.nn.functional.group_norm``: one statistic per (sample, group), over the group's
+    channels and the spatial axes. Numerics as :func:`batch_norm`; a sample's output and input
+    gradient do not depend on the other samples (its sums run in an order fixed by C, G and
+    the spatial size)."""
+    return _fwd(_dense(input), weight, bias, None, None, int(num_groups), True, float(eps),
+                ACT_CODES[act])[0]
+
+
+def group_norm_act(input: Tensor, num_groups: int, weight: Tensor | None = None,
+                   bias: Tensor | None = None, eps: float = 1e-5, act: str | None = "silu") -> Tensor:
+    """``act(group_norm(...))`` in one pass each way."""
+    return group_norm(input, num_groups, weight, bias, eps, act)
+
+
+def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                  weight: Tensor | None = None, bias: Tensor | None = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.instance_norm`` with ``use_input_stats=True``: GroupNorm with one
+    channel per group. Running statistics, when given, move towards the batch average of the
+    per-instance mean and unbiased variance (as torch), both or neither written."""
+    N, C = input.shape[:2]
+    x = _dense(input)
+    if running_mean is not None or running_var is not None:
+        _refuse_forward_ad_early(input, weight, bias)
+    y, pivot, mean, var, _ = _fwd(x, weight, bias, None, None, C, True, float(eps), 0)
+    if running_mean is not None or running_var is not None:
+        n = input[0, 0].numel()
+        dtype = acc_dtype(input.dtype)
+        with torch.no_grad():
+            batch_mean = torch.from_numpy((pivot + mean).numpy().reshape(N, C).mean(0))
+            batch_var = torch.from_numpy(unbiased(var, n).numpy().reshape(N, C).mean(0))
+        update_running_stats(running_mean, running_var, batch_mean.to(dtype), batch_var.to(dtype),
+                             float(momentum), inference_ok=False)
+    return y
+
+
+# ---- what the kernels decline -----------------------------------------------------------------
+
+# CPU tensors of float32, float64 or bfloat16 (float16 declined), empty input only for
+# BatchNorm, no use_input_stats=False: the backend entry's checks, which say so without numba.
+UNSUPPORTED: dict[str, Callable[..., str | None]] = dict(_CHANNEL_OPS)
