@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -23,8 +24,10 @@ __all__ = [
     "eager_and_compiled",
     "first_order",
     "interpreted",
+    "planned_for",
     "refuse_forward_ad",
     "refuse_forward_ad_early",
+    "sm_count",
     "strides",
     "vmap_by_loop",
 ]
@@ -38,6 +41,33 @@ BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
 # product and sum rounds as written, as under the CPU interpreter the tests run on. Pinned
 # because Triton's default is not stable across releases (issue 15: 3.10 flips it).
 FP_FUSION = False
+
+
+# The SM count grids are sized for when set (the static report plans launches for an sm_90
+# without one); otherwise the current CUDA device's.
+_PLANNED_SMS: ContextVar[int | None] = ContextVar("normkit_triton_planned_sms", default=None)
+
+
+@contextlib.contextmanager
+def planned_for(sms: int) -> Iterator[None]:
+    """Size every grid launched inside the block for a GPU of ``sms`` SMs, whatever the
+    tensors' device: how ``normkit.ops.triton.static_report`` sees an H100's grids on a CPU."""
+    token = _PLANNED_SMS.set(sms)
+    try:
+        yield
+    finally:
+        _PLANNED_SMS.reset(token)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """The SMs the launchers size their grids for: the planned count, else the CUDA device's,
+    else None (the CPU interpreter, where a handful of programs is enough)."""
+    planned = _PLANNED_SMS.get()
+    if planned is not None:
+        return planned
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
 
 
 def block_override(block_n: int | None) -> int | None:

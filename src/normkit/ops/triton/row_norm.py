@@ -2,7 +2,7 @@
 
 Every norm here is one call of the two custom ops over an ``(N, C, S)`` strided view whose
 rows are (sample, group) pairs of ``R = C / groups`` channels (see
-:mod:`normkit.ops.triton.kernels`): ``(M, 1, L)`` for LayerNorm and RMSNorm, ``(N, C,
+:mod:`normkit.ops.triton.row_norm_kernels`): ``(M, 1, L)`` for LayerNorm and RMSNorm, ``(N, C,
 prod(spatial))`` for GroupNorm and InstanceNorm, contiguous or channels_last alike:
 
 * ``normkit::row_norm_fwd(x, residual, weight, bias, ...) -> (y, residual_out, mean, rstd, var)``
@@ -47,10 +47,12 @@ from normkit.ops.triton._launch import (
     device_of,
     eager_and_compiled,
     interpreted,
+    sm_count,
     strides,
     vmap_by_loop,
 )
-from normkit.ops.triton.kernels import ACT_CODES, row_norm_bwd_kernel, row_norm_fwd_kernel
+from normkit.ops.triton.jit_helpers import ACT_CODES
+from normkit.ops.triton.row_norm_kernels import row_norm_bwd_kernel, row_norm_fwd_kernel
 
 __all__ = [
     "BLOCK_ENV_VAR",
@@ -127,10 +129,8 @@ def _empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def _program_count(M: int, device: torch.device) -> int:
     """Programs of the backward: a few per SM (each writes an N-wide row of dw/db partials,
     so more programs is more partial traffic); on the CPU interpreter, a handful."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
+    sms = sm_count(device)
+    target = 4 if sms is None else 2 * sms
     rows_per_program = triton.cdiv(M, min(M, target))
     return triton.cdiv(M, rows_per_program)
 
@@ -157,11 +157,11 @@ def row_norm_fwd(
     x's shape, unit element stride) is stored in that dtype as ``residual_out`` and
     normalized; otherwise ``residual_out`` is empty. ``y`` and ``residual_out`` have x's
     strides when x is dense, else are contiguous.
-    ``act`` (a :data:`~normkit.ops.triton.kernels.ACT_CODES` value) applies an activation to y.
+    ``act`` (a :data:`~normkit.ops.triton.row_norm_kernels.ACT_CODES` value) applies an activation to y.
 
     Returns ``(y, residual_out, mean, rstd, var)``, the statistics fp32 of shape ``(M,)``:
     ``mean`` is that of ``x - pivot`` with pivot the row's first element (0 for RMSNorm), and
-    ``var`` the biased variance (see :mod:`normkit.ops.triton.kernels`, "Numerics").
+    ``var`` the biased variance (see :mod:`normkit.ops.triton.row_norm_kernels`, "Numerics").
     """
     N, C, S = x.shape
     M, R = N * groups, C // groups

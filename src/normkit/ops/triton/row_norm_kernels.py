@@ -1,4 +1,4 @@
-"""Triton kernels shared by every row norm: LayerNorm, RMSNorm, GroupNorm and InstanceNorm.
+"""The row-norm kernels, one pair for LayerNorm, RMSNorm, GroupNorm and InstanceNorm.
 
 Each norm is "reduce a row, normalize it, apply an affine"; what differs is which elements form a
 row and which affine parameter an element uses. A kernel sees ``M`` rows of ``R`` segments of
@@ -69,7 +69,7 @@ fp32 partial sums in a fixed layout which the launcher sums in a fixed order:
 * ``PER_SEGMENT=1`` (one parameter per channel): every (row, segment, tile column) writes its sum
   to ``[M, R, cdiv(S, BLOCK_S)]``, which is tiny (``N * C`` numbers per tile column).
 
-Norm + activation (``ACT``, see :data:`ACT_CODES`): the forward applies the activation to the
+Norm + activation (``ACT``, see :data:`~normkit.ops.triton.jit_helpers.ACT_CODES`): the forward applies the activation to the
 affine output before its one store; the backward recomputes the pre-activation
 ``z = x_hat * w + b`` from x and the saved statistics and continues with ``dz = dy * act'(z)``
 in place of ``dy``, so the normalized tensor is never written to memory.
@@ -82,11 +82,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACT_CODES", "pow2_floor", "row_norm_bwd_kernel", "row_norm_fwd_kernel", "rstd_of"]
+from normkit.ops.triton.jit_helpers import (
+    activate,
+    activate_grad,
+    cast_to,
+    chan_merge,
+    pow2_floor,
+    rstd_of,
+)
 
-# The activations a kernel can apply after the affine, as the ``ACT`` compile-time flag.
-# "gelu" is the exact (erf) form, torch.nn.functional.gelu's default.
-ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+__all__ = ["row_norm_bwd_kernel", "row_norm_fwd_kernel"]
 
 
 @triton.jit
@@ -108,45 +113,7 @@ def _tile(r0, s0, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     return r, s, r * S + s, mask_r, mask_s
 
 
-@triton.jit
-def _cast_to(x, P, RNE_BY_HAND: tl.constexpr):
-    """fp32 ``x`` in the element type of pointer ``P``, rounded to nearest even.
 
-    ``RNE_BY_HAND`` (set under ``TRITON_INTERPRET=1`` only): Triton's CPU interpreter truncates
-    fp32 -> bf16 where the GPU rounds to nearest; rounding the bits first makes the truncation
-    exact, so the interpreter's results are the GPU's. On the GPU this code is not compiled."""
-    if RNE_BY_HAND and P.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    return x.to(P.dtype.element_ty)
-
-
-@triton.jit
-def _activate(z, ACT: tl.constexpr):
-    """``act(z)`` for the activation coded ``ACT`` (identity for 0)."""
-    if ACT == 1:
-        z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum (maxnum: relu(NaN) would be 0)
-    elif ACT == 2:
-        z = z * tl.sigmoid(z)
-    elif ACT == 3:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
-    return z
-
-
-@triton.jit
-def _activate_grad(dy, z, ACT: tl.constexpr):
-    """``dy * act'(z)``: the gradient at the activation's input. As torch's threshold_backward,
-    relu passes dy unless z <= 0 (so relu'(0) = 0 and a NaN input keeps its gradient)."""
-    if ACT == 1:
-        dy = tl.where(z <= 0.0, 0.0, dy)
-    elif ACT == 2:
-        s = tl.sigmoid(z)
-        dy = dy * (s * (1.0 + z * (1.0 - s)))
-    elif ACT == 3:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        dy = dy * (cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))  # 1/sqrt(2 pi)
-    return dy
 
 
 @triton.jit
@@ -169,7 +136,7 @@ def _load_input(X, RESIDUAL, RESIDUAL_OUT, x_offs, y_offs, mask, HAS_RESIDUAL: t
         x += tl.load(RESIDUAL + x_offs, mask=mask, other=0.0).to(tl.float32)
     if STORE_RESIDUAL_OUT:
         # Normalize the stored value, not the unrounded sum: the backward reads it back as x.
-        x = _cast_to(x, RESIDUAL_OUT, RNE_BY_HAND)
+        x = cast_to(x, RESIDUAL_OUT, RNE_BY_HAND)
         tl.store(RESIDUAL_OUT + y_offs, x, mask=mask)
         x = x.to(tl.float32)
     return x
@@ -187,51 +154,11 @@ def _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL: tl.constexpr,
         if HAS_RESIDUAL:
             pivot += tl.load(RESIDUAL).to(tl.float32)
         if STORE_RESIDUAL_OUT:
-            pivot = _cast_to(pivot, RESIDUAL_OUT, RNE_BY_HAND).to(tl.float32)
+            pivot = cast_to(pivot, RESIDUAL_OUT, RNE_BY_HAND).to(tl.float32)
     return pivot
 
 
-@triton.jit
-def pow2_floor(a):
-    """The largest power of two <= ``a`` (> 0, normal), exactly: a's exponent bits; 1 for 0
-    or a subnormal (whose squares vanish in fp32 anyway), and 1 for inf or NaN: a tile holding
-    an inf is left unscaled, as torch computes it (``x / inf`` would turn its finite elements
-    into ``inf * 0 = NaN``, where RMSNorm gives ``x * rsqrt(inf) = 0``)."""
-    e = a.to(tl.int32, bitcast=True) & 0x7F800000
-    return tl.where((e == 0) | (e == 0x7F800000), 1.0, e.to(tl.float32, bitcast=True))
 
-
-@triton.jit
-def rstd_of(var_s, scale, eps):
-    """``1 / sqrt(var + eps)`` for ``var = var_s * scale^2`` (scale a power of two), without
-    forming var where it would overflow; IEEE-rounded square root and division; 0 where
-    ``var + eps == 0`` (ATen's rule).
-
-    With ``eps=0`` var is never formed either: below ``|x| ~ 1e-19`` it underflows fp32 (to 0,
-    and the rule above would give silent zeros). Then ``rstd = (1 / scale) / sqrt(var_s)``,
-    which in the ordinary range is bit for bit ``1 / sqrt(var_s * scale^2)`` (power-of-two
-    scaling commutes with the rounded square root and division)."""
-    inv = tl.math.div_rn(1.0, scale)
-    big = (scale >= 1.0) | (eps == 0.0)
-    v = tl.where(big, var_s + (eps * inv) * inv, var_s * scale * scale + eps)
-    rstd = tl.math.div_rn(tl.where(big, inv, 1.0), tl.math.sqrt_rn(v))
-    return tl.where(v == 0.0, 0.0, rstd)
-
-
-@triton.jit
-def _merge(mean, m2, scale, count, mean_bs, m2_bs, scale_b, n_b):
-    """Chan's merge of the running ``(count, mean, m2 in units of scale^2)`` with a tile's
-    ``(n_b, mean_bs * scale_b, m2_bs * scale_b^2)``, at the larger of the two scales.
-    ``delta * (delta * w)``: the first merge (count 0) adds exactly 0."""
-    new_scale = tl.maximum(scale, scale_b)
-    r_old = scale / new_scale
-    r_b = scale_b / new_scale
-    total = count + n_b
-    mean_b = mean_bs * scale_b
-    delta = (mean_b - mean) / new_scale
-    m2 = m2 * (r_old * r_old) + m2_bs * (r_b * r_b) + delta * (delta * (count * n_b / total))
-    mean += (mean_b - mean) * (n_b / total)
-    return mean, m2, new_scale, total
 
 
 @triton.jit
@@ -260,8 +187,8 @@ def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s,
         y = y * _load_affine(W, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
     if HAS_BIAS:
         y = y + _load_affine(B, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT)
-    y = _activate(y, ACT)
-    tl.store(Y + offs, _cast_to(y, Y, RNE_BY_HAND), mask=mask)
+    y = activate(y, ACT)
+    tl.store(Y + offs, cast_to(y, Y, RNE_BY_HAND), mask=mask)
 
 
 @triton.jit
@@ -319,7 +246,7 @@ def row_norm_fwd_kernel(
                 n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
                 scale_b = pow2_floor(tl.max(tl.abs(x)))
                 mean_bs, m2_b = _tile_moments(x * (1.0 / scale_b), mask, n_b, IS_RMS)
-                mean, m2, scale, count = _merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
+                mean, m2, scale, count = chan_merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
         var_s = m2 / n
         rstd = rstd_of(var_s, scale, eps)
         # Pass 2 re-reads the row: from RESIDUAL_OUT when pass 1 wrote it (one tensor instead
@@ -358,9 +285,9 @@ def _load_grad_terms(X_ROW, x_offs, DY_TILE, MEAN, RSTD, w, b, row, mask,
     x_hat = (x - tl.load(MEAN + row)) * rstd  # masked lanes: dy = 0 zeroes every product below
     if ACT:
         if HAS_WEIGHT:
-            dy = _activate_grad(dy, x_hat * w + b, ACT)
+            dy = activate_grad(dy, x_hat * w + b, ACT)
         else:
-            dy = _activate_grad(dy, x_hat + b, ACT)
+            dy = activate_grad(dy, x_hat + b, ACT)
     if HAS_WEIGHT:
         wdy = w * dy
     else:
@@ -464,9 +391,9 @@ def row_norm_bwd_kernel(
                     dx += tl.load(DRESIDUAL_OUT + row * stride_dresidual_out_row + x_offs,
                                   mask=mask, other=0.0).to(tl.float32)
                 dx_start = _row_start(row, R, GROUPS, stride_dxn, stride_dxc)
-                tl.store(DX + dx_start + dx_offs, _cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+                tl.store(DX + dx_start + dx_offs, cast_to(dx, DX, RNE_BY_HAND), mask=mask)
                 if STORE_DRESIDUAL:
-                    tl.store(DRESIDUAL + dx_start + dx_offs, _cast_to(dx, DRESIDUAL, RNE_BY_HAND),
+                    tl.store(DRESIDUAL + dx_start + dx_offs, cast_to(dx, DRESIDUAL, RNE_BY_HAND),
                              mask=mask)
                 if PER_SEGMENT:
                     part = (row * R + r) * num_s_blocks + s0 // BLOCK_S
