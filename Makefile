@@ -61,3 +61,10 @@ gpu-check:
 		tests/test_parity.py tests/test_transforms.py tests/test_support.py || true
 	PYTHONPATH=src timeout 150 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
 	if [ -n "$$OUT" ]; then cp benchmarks/results/* "$$OUT"/ 2>/dev/null || true; fi
+
+# make kernel-report: compile every Triton kernel variant the launchers choose at the reference
+# shapes for sm_90 (no GPU needed) and write benchmarks/results/sm90_static.{json,md}: registers,
+# spills, load widths, programs per SM and launches per training step (issue 15).
+.PHONY: kernel-report
+kernel-report: $(STAMP)
+	$(PY) benchmarks/kernel_report.py --out benchmarks/results
