@@ -80,6 +80,15 @@ class _GhostBatchNorm:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"  # type: ignore[misc]
 
+    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
+        _check_virtual(virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
+        self.virtual_batch_size = virtual_batch_size
+
     def forward(self, input: Tensor) -> Tensor:
         return ghost_batch_norm_forward(self, input)
 
@@ -87,27 +96,9 @@ class _GhostBatchNorm:
 class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
     __doc__ = _GhostBatchNorm.__doc__
 
-    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_virtual(virtual_batch_size)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
-        self.virtual_batch_size = virtual_batch_size
-
 
 class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     __doc__ = _GhostBatchNorm.__doc__
-
-    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        _check_virtual(virtual_batch_size)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
-        self.virtual_batch_size = virtual_batch_size
 
 
 # ---- Batch Renormalization ---------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -63,7 +68,48 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
 
 
 
-class _BatchNormMixin(BackendMixin):
+class NormBaseMixin(BackendMixin):
+    """The one constructor of normkit's BatchNorm and InstanceNorm classes and their Lazy
+    variants (torch's ``_NormBase`` family).
+
+    torch's arguments go to the torch.nn class as they are, so their defaults, their checks and
+    their error messages are torch's own; normkit's keyword-only options come after them. Each
+    class's signature is its torch twin's followed by these options, made when the class is
+    defined, so ``help()`` and :func:`inspect.signature` show the whole of it and a default
+    torch changes is changed here too.
+    """
+
+    def __init__(self, *args: Any, backend: str | None = None, stats_dtype: torch.dtype | None = None,
+                 out_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_backend(backend, stats_dtype, out_dtype)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class with a constructor of its own (Ghost, Renorm, ...) or inheriting a signed one
+        # keeps it.
+        if issubclass(cls, nn.Module) and cls.__init__ is NormBaseMixin.__init__:
+            cls.__init__ = _signed_init(cls)  # type: ignore[method-assign]
+
+
+def _signed_init(cls: type[NormBaseMixin]) -> Callable[..., None]:
+    """:meth:`NormBaseMixin.__init__` with the signature of ``cls``: its torch twin's
+    parameters, then normkit's keyword-only options."""
+    init = NormBaseMixin.__init__
+    options = [p for p in inspect.signature(init, eval_str=True).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    twin = inspect.signature(cls.torch_base())
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    @functools.wraps(init)
+    def __init__(self: NormBaseMixin, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__signature__ = twin.replace(parameters=[this, *twin.parameters.values(), *options])  # type: ignore[attr-defined]
+    return __init__
+
+
+class _BatchNormMixin(NormBaseMixin):
     def forward(self, input: Tensor) -> Tensor:
         return batch_norm_forward(self, input)
 
@@ -75,7 +121,7 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias``  (Ioffe & Szegedy, 2015)
 
     Args: as :class:`torch.nn.BatchNorm1d`, plus keyword-only ``backend`` (``None``: resolved at
-    each call).
+    each call), ``stats_dtype`` and ``out_dtype`` (see :mod:`normkit.functional`).
 
     ``forward(x, mask=None)``: for padded sequences, ``mask`` is an ``(N, L)`` bool tensor (True =
     real token) for ``x`` of shape ``(N, C, L)``. The statistics (and the running statistics,
@@ -89,13 +135,6 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     batch``, or with ``momentum=None`` the cumulative average over ``num_batches_tracked``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         return batch_norm_forward(self, input, mask)
 
@@ -104,24 +143,10 @@ class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` on normkit's backends: (N, C, H, W), statistics over
     (N, H, W) per channel. See :class:`BatchNorm1d` for the formula and numerics."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
 
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` on normkit's backends: (N, C, D, H, W), statistics over
     (N, D, H, W) per channel. See :class:`BatchNorm1d` for the formula and numerics."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyBatchNorm1d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm1d):
@@ -130,35 +155,14 @@ class LazyBatchNorm1d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm1d)
 
     cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
-    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
 
 class LazyBatchNorm2d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm2d):
     """:class:`torch.nn.LazyBatchNorm2d`: becomes a normkit :class:`BatchNorm2d` at the first call."""
 
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
-    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
 
 class LazyBatchNorm3d(MaterializeOnSuccess, _BatchNormMixin, nn.LazyBatchNorm3d):
     """:class:`torch.nn.LazyBatchNorm3d`: becomes a normkit :class:`BatchNorm3d` at the first call."""
 
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
-
-    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)

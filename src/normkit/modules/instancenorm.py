@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
 from ..masked import masked_instance_norm
-from ._base import BackendMixin
 from ._lazy import MaterializeOnSuccess
 from ._tracing import module_leaf
+from .batchnorm import NormBaseMixin
 
 __all__ = [
     "InstanceNorm1d",
@@ -67,7 +66,7 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
 
 
 
-class _InstanceNormMixin(BackendMixin):
+class _InstanceNormMixin(NormBaseMixin):
     def forward(self, input: Tensor) -> Tensor:
         return instance_norm_forward(self, input)
 
@@ -79,7 +78,8 @@ class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias``  (Ulyanov et al., 2016)
 
     Args: as :class:`torch.nn.InstanceNorm1d` (note ``affine=False`` and
-    ``track_running_stats=False`` by default), plus keyword-only ``backend``.
+    ``track_running_stats=False`` by default), plus keyword-only ``backend``, ``stats_dtype`` and
+    ``out_dtype``.
 
     Numerics: float32 statistics (float64 for float64 input); running statistics, when tracked,
     move towards the batch average of the per-instance mean and unbiased variance.
@@ -91,13 +91,6 @@ class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
     no real token raises ``ValueError``; so does a bad mask, with no buffer changed.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         return instance_norm_forward(self, input, mask)
 
@@ -106,24 +99,10 @@ class InstanceNorm2d(_InstanceNormMixin, nn.InstanceNorm2d):
     """:class:`torch.nn.InstanceNorm2d` on normkit's backends: (N, C, H, W) or (C, H, W).
     See :class:`InstanceNorm1d`."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
 
 class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
     """:class:`torch.nn.InstanceNorm3d` on normkit's backends: (N, C, D, H, W) or (C, D, H, W).
     See :class:`InstanceNorm1d`."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
 
 
 class LazyInstanceNorm1d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstanceNorm1d):
@@ -131,35 +110,14 @@ class LazyInstanceNorm1d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstan
 
     cls_to_become = InstanceNorm1d  # type: ignore[assignment]
 
-    def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
 
 class LazyInstanceNorm2d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstanceNorm2d):
     """:class:`torch.nn.LazyInstanceNorm2d`: becomes a normkit :class:`InstanceNorm2d` at the first call."""
 
     cls_to_become = InstanceNorm2d  # type: ignore[assignment]
 
-    def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
-
 
 class LazyInstanceNorm3d(MaterializeOnSuccess, _InstanceNormMixin, nn.LazyInstanceNorm3d):
     """:class:`torch.nn.LazyInstanceNorm3d`: becomes a normkit :class:`InstanceNorm3d` at the first call."""
 
     cls_to_become = InstanceNorm3d  # type: ignore[assignment]
-
-    def __init__(self, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_backend(backend, stats_dtype, out_dtype)
