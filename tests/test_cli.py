@@ -3,6 +3,7 @@ runs, and what it prints and writes (numbers, JSON, PNG, exit codes) is checked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+import normkit
 from normkit.norms import NORMS
 from normkit.tools import cli
-from normkit.tools.check import CheckResult
+from normkit.tools.check import CASES, CheckResult, run_check
 from normkit.tools.compare import _adamw_step, verdict
 from normkit.tools.explain import explain, find_norms, replay_seeds
 
@@ -56,15 +58,137 @@ def test_bad_arguments_exit_2(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
+USER_MISTAKES = [
+    (["check", "--op", "nonexistent"], "no check case matches --op 'nonexistent'"),
+    (["check", "--dtype", "float8"], "invalid choice: 'float8'"),
+    (["check", "--backend", "nope"], "unknown --backend 'nope'"),
+    (["check", "--backend", "triton"], "--backend triton: its kernels run on CUDA GPUs"),
+    (["bench", "--provider", "nope"], "unknown --provider nope"),
+    (["compare", "--data", "/missing.npz"], "--data /missing.npz: no such file"),
+    (["explain", "--groups", "4", "--shape", "2,6,3,3"], "--groups 4 must divide the channels C = 6"),
+]
+
+
+@pytest.mark.parametrize("argv, message", USER_MISTAKES)
+def test_user_mistakes_are_one_line_and_exit_2(argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton then needs a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    # the subcommand's usage, then one line: what was wrong
+    assert err.startswith(f"usage: normkit {argv[0]} ")
+    assert err.splitlines()[-1].startswith(f"normkit {argv[0]}: error: ") and message in err.splitlines()[-1]
+
+
+def test_bad_data_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_npz = tmp_path / "notes.npz"
+    not_npz.write_text("not an archive")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", "--data", str(not_npz), "--quick"])
+    assert exc.value.code == 2 and f"--data {not_npz}: " in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from normkit.tools._terminal import UsageError
+
+    with pytest.raises(UsageError, match="no check case matches"):
+        cli.main(["--debug", "check", "--op", "nonexistent"])
+    with pytest.raises(UsageError, match="no check case matches"):
+        cli.main(["check", "--op", "nonexistent", "--debug"])
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the kernel cache is corrupt")
+
+    monkeypatch.setattr("normkit.tools.check.run_check", broken)
+    assert cli.main(["check", "--op", "GroupNorm"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("normkit check: error: RuntimeError: the kernel cache is corrupt "
+                           "(run with --debug for the traceback)")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        cli.main(["check", "--op", "GroupNorm", "--debug"])
+
+
+@pytest.mark.parametrize("argv", [["explain", "--png", "out.png"], ["bench", "--png", "out.png"],
+                                  ["compare", "--quick"]])
+def test_missing_extra_is_named_before_any_work(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("matplotlib", "sklearn") else find_spec(name, *a))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == ""  # nothing computed or printed first
+    assert 'which is not installed: pip install "normkit[cli]"' in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"normkit {normkit.__version__} (torch {torch.__version__}")
+
+
+def test_version_has_one_source() -> None:
+    from importlib.metadata import version
+
+    assert version("normkit") == normkit.__version__
+
+
 def test_check_passes_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     assert run_main("check", "--op", "GroupNorm", "--backend", "reference", "--dtype", "float32",
                     "--json", str(out)) == 0
     payload = json.loads(out.read_text())
     assert payload["torch"] == torch.__version__
-    [row] = payload["results"]
+    [row] = [r for r in payload["results"] if r["case"] == "GroupNorm"]
     assert (row["case"], row["backend"], row["dtype"], row["ok"]) == ("GroupNorm", "reference", "float32", True)
     assert row["max_error"] <= row["tolerance"]
+
+
+def test_check_lists_and_counts_skips(capsys: pytest.CaptureFixture[str]) -> None:
+    # ATen has no CPU bf16 avg_pool3d: the torch backend declines 4-D LocalResponseNorm in bf16
+    assert run_main("check", "--op", "LocalResponseNorm", "--backend", "torch", "--dtype", "bfloat16") == 0
+    out = " ".join(capsys.readouterr().out.split())  # wrapped to the terminal
+    assert "0 passed, 0 failed, 1 skipped" in out
+    assert ("skipped 1: normkit backend 'torch' cannot run this local_response_norm call: ATen has no CPU "
+            "torch.bfloat16 avg_pool3d, which its local_response_norm uses for 4-D+ input: LocalResponseNorm torch "
+            "bfloat16") in out
+
+
+def test_check_covers_every_module() -> None:
+    classes = {n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type)}
+    checked = {type(case.normkit_module("reference")).__name__ for case in CASES}
+    checked |= {c.removeprefix("Lazy") for c in classes if c.startswith("Lazy")}  # become their non-lazy class
+    assert classes <= checked, f"modules normkit check does not run: {sorted(classes - checked)}"
+    assert {c.extra for c in CASES} >= {"mask", "residual"}
+
+
+def test_check_without_a_twin_uses_the_float64_reference_and_can_fail() -> None:
+    [ghost] = [c for c in CASES if c.name == "GhostBatchNorm2d"]
+    assert ghost.torch_module is None and ghost.oracle == "reference f64"
+    [ok] = run_check([ghost], ["torch"], [torch.float32])
+    assert ok.ok and ok.skipped is None and ok.max_error <= ok.tolerance
+    # a backend that got the virtual batches wrong (3 samples where the reference takes 2): caught
+    wrong = dataclasses.replace(
+        ghost, normkit_module=lambda b: normkit.GhostBatchNorm2d(3, 2 if b == "reference" else 3, backend=b))
+    [bad] = run_check([wrong], ["torch"], [torch.float32])
+    assert not bad.ok and bad.max_error > bad.tolerance
+
+
+def test_check_compile_compares_compiled_with_eager() -> None:
+    [case] = [c for c in CASES if c.name == "LayerNorm2d"]
+    results = run_check([case], ["torch"], [torch.float32], compile=True, compile_backend="aot_eager")
+    assert [r.case for r in results] == ["LayerNorm2d", "LayerNorm2d [compiled]"]
+    assert all(r.ok and r.skipped is None for r in results)
+    assert results[1].oracle == "eager" and results[1].max_error <= results[1].tolerance
 
 
 def test_check_failure_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -175,7 +299,9 @@ def test_bench_json_png_and_bytes_model(tmp_path: Path) -> None:
     copy_gbps = payload["meta"]["copy_GBps"]
     assert copy_gbps > 0
     rows = payload["rows"]
-    assert {r["provider"] for r in rows} == {"torch", "normkit-torch", "normkit-reference"}
+    from normkit.tools import bench
+
+    assert {r["provider"] for r in rows} == set(bench.providers("cpu")) - {"torch.compile"}
     for r in rows:
         assert "error" not in r and r["max_err_vs_torch"] < 1e-4
         m, n = map(int, r["shape"].split("x"))
@@ -188,9 +314,43 @@ def test_bench_json_png_and_bytes_model(tmp_path: Path) -> None:
             assert r[f"{direction}_GBps"] == pytest.approx(nbytes / (r[f"{direction}_ms"] * 1e-3) / 1e9)
             assert r[f"{direction}_of_copy"] == pytest.approx(r[f"{direction}_GBps"] / copy_gbps)
             assert f"{direction}_speedup_vs_compile" not in r
+            assert r[f"{direction}_ms_min"] <= r[f"{direction}_ms"] <= r[f"{direction}_ms_max"]
         assert "fwd+bwd_ms" not in r
     assert all(r["fwd_speedup_vs_torch"] == pytest.approx(1.0) for r in rows if r["provider"] == "torch")
     assert_png(png)
+
+
+def test_bench_calls_a_speedup_only_outside_the_spread() -> None:
+    from normkit.tools.bench import add_speedups
+
+    def row(provider: str, median: float, lo: float, hi: float) -> dict[str, object]:
+        return {"op": "rms_norm", "shape": "64x64", "groups": 0, "dtype": "float32", "threads": 1,
+                "provider": provider, "fwd_ms": median, "fwd_ms_min": lo, "fwd_ms_max": hi}
+
+    # one noisy sample (2.94x on the median) whose range overlaps torch's: not a speedup
+    rows = add_speedups([row("torch", 2.94, 0.9, 3.1), row("noisy", 1.0, 0.95, 1.2), row("fast", 0.5, 0.45, 0.6),
+                         row("slow", 5.0, 4.0, 6.0)])
+    verdicts = {r["provider"]: (round(r["fwd_speedup_vs_torch"], 2), r["fwd_verdict_vs_torch"]) for r in rows}
+    assert verdicts == {"torch": (1.0, "within spread"), "noisy": (2.94, "within spread"),
+                        "fast": (5.88, "faster"), "slow": (0.59, "slower")}
+
+
+def test_bench_interleaves_providers_and_rotates_the_order() -> None:
+    from normkit.tools.bench import _interleaved
+
+    calls: list[str] = []
+
+    class Timer:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def sample_ms(self) -> float:
+            calls.append(self.name)
+            return float(len(calls))
+
+    samples = _interleaved({n: Timer(n) for n in "abc"}, 3)  # type: ignore[misc]
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert samples == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
 
 
 def test_bench_reports_compile_failure_as_an_error_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
