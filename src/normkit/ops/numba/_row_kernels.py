@@ -142,13 +142,17 @@ def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block):
 
 
 @pjit
-def sum_blocks(part, out):
-    """``out[j] = sum over blocks of part[blk, j]``, added in block order."""
-    nb, L = part.shape
-    chunk = 1024
+def sum_blocks(dwp, dbp, dw, db):
+    """``dw[j] = sum over blocks of dwp[blk, j]`` (and ``db`` from ``dbp``), each column's
+    blocks added in block order (the inner loop runs along the columns: vectorized, and the
+    order of additions per column is still block 0, 1, 2, ...)."""
+    nb, L = dwp.shape
+    chunk = 2048
     for c in prange((L + chunk - 1) // chunk):
-        for j in range(c * chunk, min(L, (c + 1) * chunk)):
-            acc = part[0, j]
-            for blk in range(1, nb):
-                acc += part[blk, j]
-            out[j] = acc
+        lo, hi = c * chunk, min(L, (c + 1) * chunk)
+        dw[lo:hi] = dwp[0, lo:hi]
+        db[lo:hi] = dbp[0, lo:hi]
+        for blk in range(1, nb):
+            for j in range(lo, hi):
+                dw[j] += dwp[blk, j]
+                db[j] += dbp[blk, j]

@@ -54,7 +54,7 @@ __all__ = [
 
 # Rows per block of the backward's weight/bias partial sums: at most this many blocks, so the
 # partials stay small beside the input, and the block size depends on the shape alone.
-MAX_BLOCKS = 128
+MAX_BLOCKS = 32
 
 
 class AddNormOutput(NamedTuple):
@@ -107,13 +107,11 @@ def _row_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rs
     dres = as_array(dresidual_out.to(x.dtype).contiguous()) if dresidual_out is not None else _none_rows(xa)
     launch(k.row_bwd, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(), rstd.numpy(), is_rms, dres,
            as_array(dx), dwp.numpy(), dbp.numpy(), block)
-    sums = []
-    for part, want in ((dwp, want_dw), (dbp, want_db)):
-        out = torch.empty(L if want else 0, dtype=part_dtype)
-        if want:
-            launch(k.sum_blocks, part.numpy(), out.numpy())
-        sums.append(out)
-    return dx, sums[0], sums[1]
+    dw = torch.empty(L, dtype=part_dtype)
+    db = torch.empty(L, dtype=part_dtype)
+    if want_dw or want_db:
+        launch(k.sum_blocks, dwp.numpy(), dbp.numpy(), dw.numpy(), db.numpy())
+    return dx, dw if want_dw else dw[:0], db if want_db else db[:0]
 
 
 # ---- custom ops: what torch.compile sees ---------------------------------------------------
