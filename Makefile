@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.normkit-installed
 
-.PHONY: demo test setup check bench bench-syncbn clean
+.PHONY: demo test setup check bench bench-syncbn bench-cpu clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_norms.py
+
+# The CPU kernels (numba) against torch eager, torch.compile and "auto", 1 and 2 threads, at the
+# issue-12 shapes: benchmarks/results/cpu.{md,json,png} (about 10 minutes on two cores).
+bench-cpu: $(STAMP)
+	$(PY) benchmarks/bench_cpu.py
 
 # SyncBatchNorm on gloo: 1, 2 and 4 CPU ranks on 127.0.0.1, step time and bytes per collective.
 bench-syncbn: $(STAMP)
