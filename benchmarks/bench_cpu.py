@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch._functorch import config as functorch_config
 
 from normkit.tools import bench, bench_report, plots
 
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     # The backward is timed alone with retain_graph=True, which a compiled backward that donates
     # its saved buffers refuses; the engine turns donation off only around the first compile.
-    torch._functorch.config.donated_buffer = False
+    functorch_config.donated_buffer = False
 
     with tempfile.TemporaryDirectory() as cache:
         cold = first_call_s(cache)
