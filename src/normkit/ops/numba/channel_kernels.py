@@ -5,10 +5,12 @@ spatial sizes) as a flat array of its dense storage, in one of two layouts, each
 and without a copy:
 
 * **segments** (NC* contiguous, ``(N, C, L)``): each (sample, channel) is ``S`` contiguous
-  elements. A *row* is the set of segments one statistic is taken over: a channel's ``N``
-  segments (BatchNorm) or a (sample, group)'s ``C/G`` segments (GroupNorm; InstanceNorm is
-  ``G = C``). :func:`seg_fwd` and :func:`seg_bwd` do one row per task, statistics and output
-  in the same task (the row is still in cache for its second pass).
+  elements, and a *row* is a run of them in memory order: a (sample, group)'s ``C/G``
+  segments (GroupNorm; InstanceNorm is ``G = C``), whose statistics and output
+  :func:`seg_fwd` computes in one task (the row still in cache for its second pass), or one
+  (sample, channel) segment for BatchNorm, whose statistics span the batch: a first pass of
+  partial sums per segment, merged per channel, then a second pass (a channel's segments are
+  ``C * S`` apart: walking them channel by channel ran at half the speed of memory order).
 * **columns** (channels_last(_3d), ``(N, C)``): each (sample, position) is ``C`` contiguous
   channels. The rows of a matrix (all ``N * S`` positions for BatchNorm, one sample's ``S``
   for GroupNorm) are cut into blocks of ``block`` rows, a size fixed by the shape;
@@ -22,8 +24,8 @@ does not depend on the other samples):
 * every statistic is shifted by one element of its own (``d = x - pivot``, the first element
   of the row): a large common offset cancels exactly, a constant row has variance exactly 0;
 * the sums of ``d`` and ``d^2`` are accumulated in float64 (exact products of float32 values),
-  a segment in :data:`LANES` interleaved lanes folded in a fixed tree, a column sequentially
-  over its rows; partial sums are added per row, in segment or block order. The variance is
+  a segment by :func:`_sums` (reassociated, vectorized, in an order fixed by its length: see
+  ``sum_jit`` in the engine), a column sequentially over its rows; partial sums are added per row, in segment or block order. The variance is
   ``E[d^2] - E[d]^2`` in float64: its relative error is about ``2^-53 (1 + (mean - pivot)^2 /
   var)``, far below float32's rounding (for float64 input, below the last bits only while the
   pivot is not many standard deviations from the mean);
@@ -39,19 +41,20 @@ import math
 import numpy as np
 from numba import prange
 
-from normkit.ops.numba._engine import LANES, decode, encode, jit, pjit, staging
+from normkit.ops.numba._engine import decode, encode, jit, pjit, staging, sum_jit
 
-__all__ = ["ACT_CODES", "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
+__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
 
 # Activation codes (normkit.functional.ACTIVATIONS by name): 0 none, 1 relu, 2 silu, 3 gelu (erf).
 ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
 
 
 @jit(inline="always")
-def _act(z, act):
-    """``act(z)``; relu keeps a NaN (``z < 0`` is False for it), as torch's relu does."""
+def _act(z, act, zero):
+    """``act(z)`` (``zero``: 0 in z's dtype); relu keeps a NaN (``z < 0`` is False for it), as
+    torch's relu does."""
     if act == 1:
-        return z * 0 if z < 0 else z
+        return zero if z < 0 else z
     if act == 2:
         return z / (1 + math.exp(-z))
     if act == 3:
@@ -73,14 +76,36 @@ def _act_grad(dy, z, act):
     return dy
 
 
-@jit(inline="always")
-def _fold(lanes):
-    half = LANES // 2
-    while half > 0:
-        for k in range(half):
-            lanes[k] = lanes[k] + lanes[k + half]
-        half //= 2
-    return lanes[0]
+@sum_jit
+def _sums(v, p):
+    """``(sum(d), sum(d^2))`` of ``d = v - p`` in float64 (``p`` a float64 pivot)."""
+    s1 = p - p
+    s2 = p - p
+    for i in range(v.shape[0]):
+        d = np.float64(v[i]) - p
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@sum_jit
+def _grad_sums(v, g, pt, mt, rt, wc, bc, act):
+    """``(sum(dz), sum(dz * x_hat))`` in float64, ``x_hat = ((v - pt) - mt) * rt``,
+    ``dz = g * act'(x_hat * wc + bc)`` (the loop without an activation written out apart, so
+    that it vectorizes)."""
+    s1 = 0.0
+    s2 = 0.0
+    if act == 0:
+        for i in range(v.shape[0]):
+            s1 += g[i]
+            s2 += np.float64(g[i]) * (((v[i] - pt) - mt) * rt)
+        return s1, s2
+    for i in range(v.shape[0]):
+        h = ((v[i] - pt) - mt) * rt
+        dz = _act_grad(g[i], h * wc + bc, act)
+        s1 += dz
+        s2 += np.float64(dz) * h
+    return s1, s2
 
 
 @jit(inline="always")
@@ -94,126 +119,130 @@ def _moments(s1, s2, n, eps):
 
 @jit(inline="always")
 def _row_start(r, nb, stride_a, stride_b):
-    """Offset of row ``r = a * nb + bi``: ``(0, channel)`` for BatchNorm (``nb = C``),
-    ``(sample, group)`` for GroupNorm (``nb = G``)."""
+    """Offset of row ``r = a * nb + bi``, and ``bi``: ``(sample, channel)`` for BatchNorm
+    (``nb = C``), ``(sample, group)`` for GroupNorm (``nb = G``)."""
     a = r // nb
     return a * stride_a + (r - a * nb) * stride_b, r - a * nb
 
 
+@jit(inline="always")
+def _apply(v, out, pt, mt, k1, k0, act, zero):
+    """``out = act(((v - pt) - mt) * k1 + k0)``; the loops without an activation or with relu
+    are written out apart so that they vectorize."""
+    if act == 0:
+        for i in range(v.shape[0]):
+            out[i] = ((v[i] - pt) - mt) * k1 + k0
+    elif act == 1:
+        for i in range(v.shape[0]):
+            z = ((v[i] - pt) - mt) * k1 + k0
+            out[i] = zero if z < zero else z
+    else:
+        for i in range(v.shape[0]):
+            out[i] = _act(((v[i] - pt) - mt) * k1 + k0, act, zero)
+
+
+@jit(inline="always")
+def _dx(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act):
+    """``out = k1 * dz + k2 * x_hat + k3``, ``x_hat = ((v - pt) - mt) * rt``, ``dz = g *
+    act'(x_hat * wc + bc)`` (the loop without an activation written out apart)."""
+    if act == 0:
+        for i in range(v.shape[0]):
+            out[i] = k1 * g[i] + k2 * (((v[i] - pt) - mt) * rt) + k3
+    else:
+        for i in range(v.shape[0]):
+            h = ((v[i] - pt) - mt) * rt
+            out[i] = k1 * _act_grad(g[i], h * wc + bc, act) + k2 * h + k3
+
+
+# seg_fwd's modes: what a task does with its row.
+FULL, SUMS, APPLY = 0, 1, 2
+
+
 @pjit
-def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, given, eps, act,
+def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, mode, eps, act,
             pivot, mean, var, rstd):
-    """One row per task (``pivot.shape[0]`` rows): its statistics (unless ``given``: then
-    ``pivot``, ``mean``, ``rstd`` are read, the running statistics of eval BatchNorm) and
-    ``y = act(((x - pivot) - mean) * w * rstd + b)``. Segment ``j`` of a row starts
-    ``j * seg_stride`` after it and has channel ``bi * cpr + j * cps``."""
+    """One row per task (``pivot.shape[0]`` rows); segment ``j`` of a row starts ``j *
+    seg_stride`` after it and has channel ``bi * cpr + j * cps``. ``mode``:
+
+    * FULL: the row's statistics (pivot its first element) into ``pivot``, ``mean`` (of
+      ``x - pivot``), ``var`` (biased), ``rstd``, then ``y = act(((x - pivot) - mean) * w *
+      rstd + b)`` while the row is in cache (GroupNorm, InstanceNorm);
+    * SUMS: ``sum(x - pivot)`` into ``mean`` and ``sum((x - pivot)^2)`` into ``var``, with
+      the given ``pivot`` (BatchNorm's first pass: its statistics span rows);
+    * APPLY: ``y`` from the given ``pivot``, ``mean`` and ``rstd`` (BatchNorm's second pass,
+      or eval BatchNorm with the running statistics)."""
     T = w.dtype.type
-    has_w, has_b = w.shape[0] > 0, b.shape[0] > 0
+    zero = T(0.0)
     for r in prange(pivot.shape[0]):
         xbuf = np.empty(S, w.dtype)
         ybuf = np.empty(S, w.dtype)
-        l1 = np.empty(LANES, np.float64)
-        l2 = np.empty(LANES, np.float64)
         base, bi = _row_start(r, nb, stride_a, stride_b)
-        if not given:
-            p = np.float64(decode(x[base:base + 1], xbuf[:1])[0])
+        if mode != APPLY:
+            if mode == FULL:
+                pivot[r] = np.float64(decode(x[base:base + 1], xbuf[:1])[0])
             s1 = 0.0
             s2 = 0.0
-            full = S - S % LANES
             for j in range(nseg):
-                v = decode(x[base + j * seg_stride:base + j * seg_stride + S], xbuf)
-                for k in range(LANES):
-                    l1[k] = 0.0
-                    l2[k] = 0.0
-                for i0 in range(0, full, LANES):
-                    for k in range(LANES):
-                        d = np.float64(v[i0 + k]) - p
-                        l1[k] += d
-                        l2[k] += d * d
-                for i in range(full, S):
-                    d = np.float64(v[i]) - p
-                    l1[i - full] += d
-                    l2[i - full] += d * d
-                s1 += _fold(l1)
-                s2 += _fold(l2)
-            mu, va, rs = _moments(s1, s2, nseg * S, eps)
-            pivot[r], mean[r], var[r], rstd[r] = p, mu, va, rs
-        pt, mt, rs = T(pivot[r]), T(mean[r]), rstd[r]
+                start = base + j * seg_stride
+                a1, a2 = _sums(decode(x[start:start + S], xbuf), pivot[r])
+                s1 += a1
+                s2 += a2
+            if mode == SUMS:
+                mean[r], var[r] = s1, s2
+                continue
+            mean[r], var[r], rstd[r] = _moments(s1, s2, nseg * S, eps)
+        pt, mt = T(pivot[r]), T(mean[r])
         for j in range(nseg):
             c = bi * cpr + j * cps
-            k1 = T(rs * w[c]) if has_w else T(rs)
-            k0 = b[c] if has_b else T(0.0)
             start = base + j * seg_stride
-            v = decode(x[start:start + S], xbuf)
             out = staging(y[start:start + S], ybuf)
-            for i in range(S):
-                out[i] = _act(((v[i] - pt) - mt) * k1 + k0, act)
+            _apply(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c], act,
+                   zero)
             encode(out, y[start:start + S])
 
 
 @pjit
 def seg_bwd(dy, x, dx, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, batch_stats,
-            act, pivot, mean, rstd, s1p, s2p):
-    """The backward of :func:`seg_fwd`, one row per task: ``s1p[r, j]`` and ``s2p[r, j]`` get
-    segment j's ``sum(dz)`` and ``sum(dz * x_hat)`` (``dz = dy * act'(z)``), and with a 0-row
-    ``dx`` nothing more; else ``dx = rstd * (w dz - mean(w dz) - x_hat * mean(w dz x_hat))``
-    over the row (``batch_stats``) or ``rstd * w * dz`` (given statistics)."""
+            act, pivot, mean, rstd, coef, s1p, s2p):
+    """The backward of :func:`seg_fwd`, one row per task. Without ``coef`` rows: ``s1p[r, j]``
+    and ``s2p[r, j]`` get segment j's ``sum(dz)`` and ``sum(dz * x_hat)`` (``dz = dy *
+    act'(z)``), then (unless ``dx`` is 0-length) ``dx = rstd * (w dz - mean(w dz) - x_hat *
+    mean(w dz x_hat))`` over the row (``batch_stats``) or ``rstd * w * dz`` (given
+    statistics). With ``coef`` rows (BatchNorm's second pass, the means over the batch known):
+    ``dx = k1 * dz + k2 * x_hat + k3`` with ``(k1, k2, k3) = coef[r]``."""
     T = w.dtype.type
-    has_w, has_b = w.shape[0] > 0, b.shape[0] > 0
-    want_dx = dx.shape[0] > 0
+    want_dx, given = dx.shape[0] > 0, coef.shape[0] > 0
     for r in prange(pivot.shape[0]):
         xbuf = np.empty(S, w.dtype)
         gbuf = np.empty(S, w.dtype)
         obuf = np.empty(S, w.dtype)
-        l1 = np.empty(LANES, np.float64)
-        l2 = np.empty(LANES, np.float64)
         base, bi = _row_start(r, nb, stride_a, stride_b)
         pt, mt, rt = T(pivot[r]), T(mean[r]), T(rstd[r])
         g1 = 0.0
         g2 = 0.0
-        full = S - S % LANES
-        for j in range(nseg):
+        for j in range(nseg if not given else 0):
             c = bi * cpr + j * cps
-            wc = w[c] if has_w else T(1.0)
-            bc = b[c] if has_b else T(0.0)
             start = base + j * seg_stride
             v = decode(x[start:start + S], xbuf)
             g = decode(dy[start:start + S], gbuf)
-            for k in range(LANES):
-                l1[k] = 0.0
-                l2[k] = 0.0
-            for i0 in range(0, full, LANES):
-                for k in range(LANES):
-                    h = ((v[i0 + k] - pt) - mt) * rt
-                    dz = _act_grad(g[i0 + k], h * wc + bc, act)
-                    l1[k] += dz
-                    l2[k] += np.float64(dz) * h
-            for i in range(full, S):
-                h = ((v[i] - pt) - mt) * rt
-                dz = _act_grad(g[i], h * wc + bc, act)
-                l1[i - full] += dz
-                l2[i - full] += np.float64(dz) * h
-            s1p[r, j] = _fold(l1)
-            s2p[r, j] = _fold(l2)
-            g1 += s1p[r, j] * wc
-            g2 += s2p[r, j] * wc
+            s1p[r, j], s2p[r, j] = _grad_sums(v, g, pt, mt, rt, w[c], b[c], act)
+            g1 += s1p[r, j] * w[c]
+            g2 += s2p[r, j] * w[c]
         if not want_dx:
             continue
         n = nseg * S
         for j in range(nseg):
             c = bi * cpr + j * cps
-            wc = w[c] if has_w else T(1.0)
-            bc = b[c] if has_b else T(0.0)
-            k1 = T(rstd[r] * wc)
-            k2 = T(-rstd[r] * g2 / n) if batch_stats else T(0.0)
-            k3 = T(-rstd[r] * g1 / n) if batch_stats else T(0.0)
+            if given:
+                k1, k2, k3 = T(coef[r, 0]), T(coef[r, 1]), T(coef[r, 2])
+            else:
+                k1 = T(rstd[r] * w[c])
+                k2 = T(-rstd[r] * g2 / n) if batch_stats else T(0.0)
+                k3 = T(-rstd[r] * g1 / n) if batch_stats else T(0.0)
             start = base + j * seg_stride
-            v = decode(x[start:start + S], xbuf)
-            g = decode(dy[start:start + S], gbuf)
             out = staging(dx[start:start + S], obuf)
-            for i in range(S):
-                h = ((v[i] - pt) - mt) * rt
-                out[i] = k1 * _act_grad(g[i], h * wc + bc, act) + k2 * h + k3
+            _dx(decode(x[start:start + S], xbuf), decode(dy[start:start + S], gbuf), out, pt, mt,
+                rt, w[c], b[c], k1, k2, k3, act)
             encode(out, dx[start:start + S])
 
 
@@ -244,7 +273,12 @@ def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, ac
         for r in range(r0, r1):
             start = n * sample_stride + r * row_stride
             v = decode(x[start:start + C], xbuf)
-            if grads:
+            if grads and act == 0:
+                g = decode(dy[start:start + C], gbuf)
+                for c in range(C):
+                    a1[c] += g[c]
+                    a2[c] += np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c])
+            elif grads:
                 g = decode(dy[start:start + C], gbuf)
                 for c in range(C):
                     h = ((v[c] - p[c]) - m[c]) * rs[c]
@@ -264,10 +298,11 @@ def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, ac
 def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, k1, k2, k3, act,
             grads):
     """Per-(matrix, channel) coefficients, ``x_hat = ((x - piv) - mu) * rstd`` and ``z =
-    x_hat * w + b``: ``out = act(z)`` (the forward: ``rstd`` is then ``w * rstd`` and ``w``
-    1), or with ``grads`` ``out = k1 * dz + k2 * x_hat + k3``, ``dz = dy * act'(z)`` (dx)."""
+    x_hat * w + b``: ``out = act(((x - piv) - mu) * rstd + b)`` (the forward: ``rstd`` is
+    then ``w * rstd``), or with ``grads`` ``out = k1 * dz + k2 * x_hat + k3``, ``dz = dy * act'(z)`` (dx)."""
     N2, C = piv.shape
     nblk = (R + block - 1) // block
+    zero = piv.dtype.type(0.0)
     for t in prange(N2 * nblk):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
         xbuf = np.empty(C, piv.dtype)
@@ -279,14 +314,21 @@ def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b
             start = n * sample_stride + r * row_stride
             v = decode(x[start:start + C], xbuf)
             o = staging(out[start:start + C], obuf)
-            if grads:
+            if grads and act == 0:
+                g = decode(dy[start:start + C], gbuf)
+                for c in range(C):
+                    o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
+            elif grads:
                 g = decode(dy[start:start + C], gbuf)
                 for c in range(C):
                     h = ((v[c] - p[c]) - m[c]) * rs[c]
                     o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
+            elif act == 0:
+                for c in range(C):
+                    o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
             else:
                 for c in range(C):
-                    o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] * wc[c] + bc[c], act)
+                    o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] + bc[c], act, zero)
             encode(o, out[start:start + C])
 
 

@@ -107,18 +107,19 @@ def _param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
     return t.detach().reshape(-1).to(torch.float64 if dtype is np.float64 else torch.float32).numpy()
 
 
-class _Seg:
-    """The :func:`channel_kernels.seg_fwd` geometry of a row: BatchNorm's row is a channel's
-    N segments, GroupNorm's a (sample, group)'s C/G segments."""
+def _seg_geometry(N: int, C: int, S: int, groups: int) -> tuple[int, ...]:
+    """The row geometry of :func:`channel_kernels.seg_fwd` (``nb, stride_a, stride_b, nseg,
+    seg_stride, S, cpr, cps``): BatchNorm's rows are the (sample, channel) segments,
+    GroupNorm's the (sample, group) runs of C/G segments."""
+    if groups == 0:
+        return (C, C * S, S, 1, S, S, 1, 0)
+    cg = C // groups
+    return (groups, C * S, cg * S, cg, S, S, cg, 1)
 
-    def __init__(self, N: int, C: int, S: int, groups: int):
-        if groups == 0:
-            self.args = (C, 0, S, N, C * S, S, 1, 0)
-            self.rows = C
-        else:
-            cg = C // groups
-            self.args = (groups, C * S, cg * S, cg, S, S, cg, 1)
-            self.rows = N * groups
+
+def _tile(stat: np.ndarray, N: int) -> np.ndarray:
+    """A per-channel vector repeated for each sample: one value per (sample, channel) row."""
+    return np.tile(stat, N)
 
 
 def _col_geometry(N: int, C: int, S: int, groups: int) -> tuple[int, int, int, int, int]:
@@ -150,9 +151,22 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         rstd[:] = torch.rsqrt(running_var.detach().to(acc_dtype(x.dtype)) + eps).double().numpy()
     w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
     xa, ya = _flat(x), _flat(y)
+    if not columns and groups:
+        launch(k.seg_fwd, xa, ya, *_seg_geometry(N, C, S, groups), w, b, k.FULL, float(eps), act,
+               pivot, mean, var, rstd)
+        return y, *stats
     if not columns:
-        seg = _Seg(N, C, S, groups)
-        launch(k.seg_fwd, xa, ya, *seg.args, w, b, given, float(eps), act, pivot, mean, var, rstd)
+        geometry = _seg_geometry(N, C, S, 0)
+        if not given:
+            # Partial sums per (sample, channel) segment, in memory order, merged per channel.
+            pivot[:] = x.detach()[0].reshape(C, S)[:, 0].double().numpy()
+            s1p, s2p = np.empty(N * C), np.empty(N * C)
+            launch(k.seg_fwd, xa, ya, *geometry, w, b, k.SUMS, 0.0, act, _tile(pivot, N), s1p,
+                   s2p, s2p)
+            _moments(s1p.reshape(1, N, C), s2p.reshape(1, N, C), C, N * S, float(eps), mean, var,
+                     rstd)
+        launch(k.seg_fwd, xa, ya, *geometry, w, b, k.APPLY, 0.0, act, _tile(pivot, N),
+               _tile(mean, N), _tile(var, N), _tile(rstd, N))
         return y, *stats
     N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
     cg = 1 if groups == 0 else C // groups  # channels per statistic
@@ -160,29 +174,33 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     if not given:
         # The pivot of each statistic: the first element of its channel (BatchNorm) or group.
         piv = (x3[:1, :, 0] if groups == 0 else x3[:, ::cg, 0]).to(torch.float64)
-        piv_c = piv.repeat_interleave(cg, 1)
-        nblk = -(-R // block)
-        s1p, s2p = (np.empty((N2, nblk, C)) for _ in range(2))
-        pc = piv_c.numpy().astype(acc)
+        pc = piv.repeat_interleave(cg, 1).numpy().astype(acc)
+        s1p, s2p = (np.empty((N2, -(-R // block), C)) for _ in range(2))
         launch(k.col_sums, xa, xa, R, sample_stride, row_stride, block, pc, pc, pc, pc, pc, 0,
                False, s1p, s2p)
-        s1, s2 = (np.empty((N2, C // cg)) for _ in range(2))
-        none = np.empty(0)
-        k.merge(s1p, C // cg, none, s1)
-        k.merge(s2p, C // cg, none, s2)
-        n = R * cg
-        mu = s1.reshape(-1) / n
         pivot[:] = piv.reshape(-1).numpy()
-        mean[:] = mu
-        var[:] = np.maximum(s2.reshape(-1) / n - mu * mu, 0.0)
-        with np.errstate(divide="ignore"):
-            rstd[:] = np.where(var + eps == 0, 0.0, 1.0 / np.sqrt(var + eps))
+        _moments(s1p, s2p, C // cg, R * cg, float(eps), mean, var, rstd)
     piv, mu, _, wc, bc = _coefficients(N2, cg, pivot, mean, rstd, w, b, acc)
     scale = (_per_channel(rstd, N2, cg) * w.astype(np.float64)).astype(acc)
     one = np.ones_like(scale)
     launch(k.col_out, xa, xa, ya, R, sample_stride, row_stride, block, piv, mu, scale, one, bc,
            one, one, one, act, False)
     return y, *stats
+
+
+def _moments(s1p: np.ndarray, s2p: np.ndarray, groups: int, n: int, eps: float, mean: np.ndarray,
+             var: np.ndarray, rstd: np.ndarray) -> None:
+    """The statistics from partial sums ``(N2, blocks, C)`` of ``d = x - pivot`` and ``d^2``,
+    merged per (matrix, group) in a fixed order (float64): ``mean`` of d, the biased ``var``
+    and ``rstd`` (0 where ``var + eps == 0``), written in place."""
+    s1, s2 = (np.empty((s1p.shape[0], groups)) for _ in range(2))
+    none = np.empty(0)
+    k.merge(s1p, groups, none, s1)
+    k.merge(s2p, groups, none, s2)
+    mean[:] = s1.reshape(-1) / n
+    var[:] = np.maximum(s2.reshape(-1) / n - mean * mean, 0.0)
+    with np.errstate(divide="ignore"):
+        rstd[:] = np.where(var + eps == 0, 0.0, 1.0 / np.sqrt(var + eps))
 
 
 def _per_channel(stat: np.ndarray, N2: int, cg: int) -> np.ndarray:
@@ -212,24 +230,47 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
     xa, ga, dxa = _flat(x), _flat(dy), _flat(dx)
     p, m, r = pivot.numpy(), mean.numpy(), rstd.numpy()
-    none = np.empty(0)
     sums = np.empty((2, 1, C))  # sum(dz), sum(dz * x_hat) per channel
     if not columns:
-        seg = _Seg(N, C, S, groups)
-        nseg = seg.args[3]
-        s1p, s2p = np.empty((seg.rows, nseg)), np.empty((seg.rows, nseg))
-        launch(k.seg_bwd, ga, xa, dxa, *seg.args, w, b, batch_stats, act, p, m, r, s1p, s2p)
-        # BatchNorm: rows are channels, segments samples; GroupNorm: (N * G, C / G) is (N, C).
-        parts = (s1p.reshape(C, N, 1), s2p.reshape(C, N, 1)) if groups == 0 else \
-            (s1p.reshape(1, N, C), s2p.reshape(1, N, C))
-        for part, out in zip(parts, sums):
-            k.merge(part, C if groups else 1, none, out.reshape(-1, 1) if groups == 0 else out)
+        _seg_bwd(ga, xa, dxa, N, C, S, groups, w, b, batch_stats, act, p, m, r, acc, sums,
+                 want_dx)
     else:
         _col_bwd(ga, xa, dxa, N, C, S, groups, w, b, batch_stats, act, p, m, r, acc, sums,
                  want_dx, want_dw or want_db)
     dw = torch.from_numpy(sums[1, 0].copy()) if want_dw else x.new_empty(0, dtype=torch.float64)
     db = torch.from_numpy(sums[0, 0].copy()) if want_db else x.new_empty(0, dtype=torch.float64)
     return dx, dw, db
+
+
+def _seg_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S: int, groups: int,
+             w: np.ndarray, b: np.ndarray, batch_stats: bool, act: int, p: np.ndarray,
+             m: np.ndarray, r: np.ndarray, acc: type, sums: np.ndarray, want_dx: bool) -> None:
+    """The NC* backward. GroupNorm: one pass of partial sums per segment and ``dx`` per row.
+    BatchNorm: partial sums per (sample, channel) segment (and ``dx`` with given statistics),
+    merged per channel; with batch statistics a second pass for ``dx`` from the per-channel
+    coefficients."""
+    geometry = _seg_geometry(N, C, S, groups)
+    nseg = geometry[3]
+    rows = N * (C if groups == 0 else groups)
+    s1p, s2p = np.empty((rows, nseg)), np.empty((rows, nseg))
+    none = np.empty(0)
+    if groups:
+        launch(k.seg_bwd, ga, xa, dxa, *geometry, w, b, batch_stats, act, p, m, r,
+               np.empty((0, 3)), s1p, s2p)
+    else:
+        p, m, r = _tile(p, N), _tile(m, N), _tile(r, N)
+        first = dxa if not batch_stats else dxa[:0]
+        launch(k.seg_bwd, ga, xa, first, *geometry, w, b, False, act, p, m, r, np.empty((0, 3)),
+               s1p, s2p)
+    # (N * G, C / G) is (N, C); BatchNorm's (N * C, 1) too: summed over the samples.
+    k.merge(s1p.reshape(1, N, C), C, none, sums[0])
+    k.merge(s2p.reshape(1, N, C), C, none, sums[1])
+    if groups == 0 and batch_stats and want_dx:
+        w64, n = w.astype(np.float64), N * S
+        rs = r[:C]
+        coef = np.stack([rs * w64, -rs * w64 * sums[1, 0] / n, -rs * w64 * sums[0, 0] / n], 1)
+        launch(k.seg_bwd, ga, xa, dxa, *geometry, w, b, True, act, p, m, r,
+               np.tile(coef, (N, 1)), s1p, s2p)
 
 
 def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S: int, groups: int,
