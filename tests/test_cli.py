@@ -20,7 +20,8 @@ from normkit.norms import NORMS
 from normkit.tools import cli
 from normkit.tools.check import CASES, CheckResult, run_check
 from normkit.tools.compare import _adamw_step, verdict
-from normkit.tools.explain import explain, find_norms, replay_seeds
+from normkit.tools.explain import explain, find_norms
+from normkit.tools.tutorials import replay_tutorials
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -243,7 +244,7 @@ def test_explain_counts_and_sets_match_torch(name: str) -> None:
         else:
             assert values.square().mean().item() == pytest.approx(1, abs=1e-3)
     assert e.max_diff_vs_torch < 1e-5
-    assert e.running_stats == (name in ("batch_norm", "instance_norm"))
+    assert e.running_stats == (name == "batch_norm")  # each in torch's default configuration
     assert (e.train_eval_max_diff > 0) == e.running_stats
 
 
@@ -273,10 +274,37 @@ def test_explain_seed_replays_agree_with_torch_and_the_seeds(tmp_path: Path,
     assert all(c["ok"] for c in checks)
     against = {c["against"] for c in checks}
     assert {"torch.nn.BatchNorm2d", "torch.nn.LayerNorm", "by hand"} <= against
+    # all five tutorials, named by what they show, never by their file names
+    assert {r["source"].split(":")[0] for r in replays} == {f"tutorial 00{i}" for i in range(5)}
+    assert ".txt" not in text and all(".txt" not in r["source"] + r["title"] for r in replays)
+    titles = " | ".join(r["title"] for r in replays)
+    for shown in ("BatchNorm2d by hand, 2x2x3x3", "from scratch, checked with allclose", "LazyBatchNorm2d infers C",
+                  "LayerNorm([3, 5, 5]) over a whole 1x3x5x5 image", "LayerNorm2d"):
+        assert shown in titles
+    # tutorial 001: the four from-scratch models are allclose to normkit, as the tutorial prints True
+    scratch = [c for c in checks if c["against"] == "the tutorial's from-scratch model"]
+    assert len(scratch) == 4 and all(c["passed"] for c in scratch)
+    # tutorial 002: C inferred on the first call; torch's error, word for word, when C changes
+    assert "normkit: RuntimeError: running_mean should contain 4 elements not 3" in text
+    # tutorial 004: its printed per-pixel values, and its eps 1e-6 named
+    assert "-1.0690, -0.2673, 1.3363" in text and "eps is 1e-6, LayerNorm's default 1e-5" in " ".join(text.split())
+
+
+def test_explain_is_english_by_default_and_wraps(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run_main("explain", "--shape", "2,6,3,3") == 0
+    text = capsys.readouterr().out
+    assert not any("\u4e00" <= ch <= "\u9fff" for ch in text)  # no Chinese
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "InstanceNorm2d(6)" in text  # torch's default configuration: no affine, no running stats
+    assert run_main("explain", "ln", "--lang", "zh") == 0
+    text = capsys.readouterr().out
+    assert "计算维度" in text and "固定维度" in text
 
 
 def test_seed_replay_numbers_against_torch_directly() -> None:
-    bn = replay_seeds()[0]
+    bn = replay_tutorials()[0]
     x = torch.tensor([[[[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[11, 12, 13], [14, 15, 16], [17, 18, 19]]],
                       [[[11, 13, 15], [17, 19, 21], [23, 25, 27]], [[21, 23, 25], [27, 29, 31], [33, 35, 37]]]],
                      dtype=torch.float32)

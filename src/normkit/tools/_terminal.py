@@ -36,12 +36,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], styles: S
             Console().print(table)
             return
     widths = [max(width_of(h), *(width_of(r[i]) for r in rows)) if rows else width_of(h) for i, h in enumerate(headers)]
-    # Wider than the terminal: narrow the widest column (its cells wrap) until it fits, or until
-    # every column is down to 12.
+    # Wider than the terminal: narrow the widest column (its cells wrap) until it fits, but not
+    # below its longest word (at most 10 columns of it), so that words break only if they must.
     room = terminal_width() - 2 * (len(widths) - 1)
-    while sum(widths) > room and max(widths) > 12:
-        widest = widths.index(max(widths))
-        widths[widest] = max(12, widths[widest] - (sum(widths) - room))
+    floors = [min(10, max(width_of(w) for cell in (h, *(r[i] for r in rows)) for w in cell.split() or [""]))
+              for i, h in enumerate(headers)]
+    while sum(widths) > room:
+        narrowable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not narrowable:
+            break
+        widest = max(narrowable, key=lambda i: widths[i])
+        widths[widest] = max(floors[widest], widths[widest] - (sum(widths) - room))
 
     def lines(cells: Sequence[str]) -> list[str]:
         wrapped = [textwrap.wrap(c, w, break_long_words=True) or [""] if width_of(c) > w else [c]

@@ -115,6 +115,15 @@ def run_support(args: argparse.Namespace) -> int:
 # --- explain ---------------------------------------------------------------------------------
 
 
+# The tutorials' own Chinese terms, shown beside the English ones with --lang zh.
+_ZH = {"norm": "归一化方法", "reduced": "计算维度", "kept": "固定维度", "statistics": "统计量", "parameters": "参数",
+       "running stats": "滑动统计量", "formula": "公式", "train vs eval": "训练与推理"}
+
+
+def _term(english: str, lang: str) -> str:
+    return f"{english} ({_ZH[english]})" if lang == "zh" and english in _ZH else english
+
+
 def _statistics_sentence(e: Any) -> str:
     sizes = " x ".join(str(e.view[e.view_axes.index(a)]) for a in e.reduced_axes)
     what = (f"{e.num_statistics} means and {e.num_statistics} variances" if len(e.statistics) == 2
@@ -129,11 +138,13 @@ def _shapes(named: dict[str, tuple[int, ...]]) -> str:
 def run_explain(args: argparse.Namespace) -> int:
     if args.png:
         require("matplotlib", purpose="--png")
-    from .explain import explain, find_norms, render_grid, replay_seeds
+    from .explain import explain, find_norms, render_grid
 
     if args.seed:
-        return _replay(args, replay_seeds())
-    shape = args.shape
+        from .tutorials import replay_tutorials
+
+        return _replay(args, replay_tutorials())
+    shape, lang = args.shape, args.lang
     if args.groups is not None and shape[1] % args.groups:
         raise UsageError(f"--groups {args.groups} must divide the channels C = {shape[1]} of --shape")
     if args.normalized_ndim is not None and not 1 <= args.normalized_ndim <= len(shape) - 1:
@@ -141,10 +152,10 @@ def run_explain(args: argparse.Namespace) -> int:
     explanations = [explain(name, shape, groups=args.groups, normalized_ndim=args.normalized_ndim)
                     for name in find_norms(args.name)]
     axes = ", ".join(explanations[0].axes)
-    print(f"input ({axes}) = {tuple(shape)}: what each norm computes its statistics over")
+    print(wrap(f"input ({axes}) = {tuple(shape)}: what each norm computes its statistics over"))
     print_table(
-        ("norm", "module", "reduced (计算维度)", "kept (固定维度)", "statistics", "elements each", "parameters",
-         "running stats"),
+        tuple(_term(h, lang) for h in ("norm", "module", "reduced", "kept", "statistics", "elements each",
+                                        "parameters", "running stats")),
         [(e.module, e.constructor, ", ".join(e.reduced_axes), ", ".join(e.kept_axes),
           f"{e.num_statistics} x {' & '.join(e.statistics)}", str(e.elements_per_statistic), _shapes(e.parameters),
           "yes" if e.running_stats else "no") for e in explanations],
@@ -153,18 +164,22 @@ def run_explain(args: argparse.Namespace) -> int:
     bad = [e for e in explanations
            if e.max_diff_vs_torch > 1e-4 or e.normalized_mean > 1e-3 or e.normalized_var > 1e-3]
     for e in explanations:
-        print(f"\n{e.module}: {e.constructor}")
-        print(f"  reduced over {', '.join(e.reduced_axes)}; kept apart: {', '.join(e.kept_axes)}")
-        print(f"  {_statistics_sentence(e)}")
-        print(f"  formula: {e.formula}")
-        print(f"  parameters: {_shapes(e.parameters)}; buffers: {_shapes(e.buffers)}")
-        print(f"  {e.train_eval}")
         target = "mean 0 and variance 1" if len(e.statistics) == 2 else "mean square 1"
-        print(f"  ran it: over each set the output has {target} (largest deviation "
-              f"{max(e.normalized_mean, e.normalized_var):.1e}); normkit (reference) vs "
-              f"torch.nn.{e.constructor.split('(')[0]}: max |diff| {e.max_diff_vs_torch:.1e}"
-              f"{'' if e not in bad else '  <- DISAGREE'}")
-        print(render_grid(e))
+        print(f"\n{e.module}: {e.constructor}")
+        for line in (f"{_term('reduced', lang)} over {', '.join(e.reduced_axes)}; {_term('kept', lang)} apart: "
+                     f"{', '.join(e.kept_axes)}",
+                     _statistics_sentence(e),
+                     f"{_term('formula', lang)}: {e.formula}",
+                     f"{_term('parameters', lang)}: {_shapes(e.parameters)}; buffers: {_shapes(e.buffers)}",
+                     f"{_term('train vs eval', lang)}: {e.train_eval}",
+                     f"ran it: over each set the output has {target} (largest deviation "
+                     f"{max(e.normalized_mean, e.normalized_var):.1e}); normkit (reference) vs "
+                     f"torch.nn.{e.constructor.split('(')[0]}: max |diff| {e.max_diff_vs_torch:.1e}"
+                     f"{'' if e not in bad else '  <- DISAGREE'}"):
+            print(wrap("  " + line, "    "))
+        *grid, note = render_grid(e).splitlines()
+        print("\n".join(grid))
+        print(wrap(note, "    "))
     if args.png:
         from .plots import explain_figure
 
@@ -176,14 +191,18 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace, replays: list[Any]) -> int:
     for r in replays:
-        print(f"=== seed {r.source}: {r.title} ===")
-        print("\n".join(r.lines))
+        zh = f" ({r.title_zh})" if args.lang == "zh" and r.title_zh else ""
+        print(wrap(f"=== {r.title}: {r.source}{zh} ==="))
+        for line in r.lines:
+            indent = " " * (len(line) - len(line.lstrip()))
+            print(line if line.startswith(indent + "tensor(") or "[" in line[:len(indent) + 2]
+                  else wrap(line, indent + "    "))
         print()
     checks = [(r, c) for r in replays for c in r.checks]
     print_table(("example", "quantity", "normkit vs", "max |diff|", "bound", "result"),
-                 [(r.title, c.what, c.against, f"{c.max_diff:.2e}", f"{c.tolerance:.1e}", "agree" if c.ok else "DISAGREE")
-                  for r, c in checks],
-                 [None if c.ok else "bold red" for _, c in checks])
+                [(r.title, c.what, c.against, f"{c.max_diff:.2e}", f"{c.tolerance:.1e}", "agree" if c.ok else "DISAGREE")
+                 for r, c in checks],
+                [None if c.ok else "bold red" for _, c in checks])
     failed = sum(not c.ok for _, c in checks)
     print(f"{len(checks) - failed} of {len(checks)} checks agree (normkit modules on the reference backend)")
     if args.json:
