@@ -368,13 +368,16 @@ def run_compare(args: argparse.Namespace) -> int:
                              progress=lambda r: step(f"{r['norm']} batch {r['batch']} seed {r['seed']}: "
                                                      f"{100 * r['accuracy']:.1f}% ({r['seconds']:.1f} s)"))
     acc = result["accuracy"]
+
+    def cell(c: dict[str, Any]) -> str:  # one seed has no spread to show
+        return f"{100 * c['mean']:.1f}" + (f" ± {100 * c['std']:.1f}" if len(seeds) > 1 else "")
+
     print_table(("norm", *(f"batch {b}" for b in batch_sizes)),
-                 [(n, *(f"{100 * acc[n][str(b)]['mean']:.1f} ± {100 * acc[n][str(b)]['std']:.1f}"
-                        for b in batch_sizes)) for n in norms],
-                 [None] * len(norms))
-    print(f"validation accuracy (%), mean ± std over {len(seeds)} seed(s); eval mode (BatchNorm: running "
-          f"statistics); {result['elapsed_s']:.0f} s with {result['workers']} worker(s)")
-    print(result["verdict"]["text"])
+                [(n, *(cell(acc[n][str(b)]) for b in batch_sizes)) for n in norms], [None] * len(norms))
+    spread = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else "one seed, no spread"
+    print(wrap(f"validation accuracy (%), {spread}; eval mode (BatchNorm: running statistics); "
+               f"{result['elapsed_s']:.0f} s with {result['workers']} worker(s)"))
+    print(wrap(result["verdict"]["text"]))
     if args.json:
         write_json(args.json, result)
     if args.png:

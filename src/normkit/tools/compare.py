@@ -253,12 +253,14 @@ def verdict(accuracy: dict[str, dict[str, dict[str, Any]]], batch_sizes: Sequenc
     BatchNorm's accuracy falls by more than the noise, GroupNorm's does not, and BatchNorm's
     fall exceeds GroupNorm's by more than the noise.
 
-    A fall is the mean over seeds of a paired difference (a seed fixes the split, the
+    A change is the mean over seeds of a paired difference (a seed fixes the split, the
     initialization and the data order, so the pair differs only in the batch size); its noise
-    is twice its standard error over seeds, and at least one percentage point.
+    is twice its standard error over seeds, and at least one percentage point. With one seed
+    there is no standard error: the changes are reported, and no verdict is given
+    (``shows_trend`` None).
     """
     if not {"BatchNorm", "GroupNorm"} <= set(accuracy) or len(batch_sizes) < 2:
-        return {"shows_trend": None, "text": "cannot tell: needs BatchNorm, GroupNorm and two batch sizes or more"}
+        return {"shows_trend": None, "text": "Cannot tell: needs BatchNorm, GroupNorm and two batch sizes or more."}
     small, large = str(min(batch_sizes)), str(max(batch_sizes))
 
     def falls(norm: str) -> list[float]:
@@ -266,26 +268,46 @@ def verdict(accuracy: dict[str, dict[str, dict[str, Any]]], batch_sizes: Sequenc
         return [100 * (a - b) for a, b in pairs]
 
     def mean_and_noise(d: list[float]) -> tuple[float, float]:
-        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-        return statistics.fmean(d), max(1.0, 2 * se)
+        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+        return statistics.fmean(d), max(1.0, 2 * se) if len(d) > 1 else math.nan
 
     bn, gn = falls("BatchNorm"), falls("GroupNorm")
     (bn_fall, bn_noise), (gn_fall, gn_noise) = mean_and_noise(bn), mean_and_noise(gn)
     excess, excess_noise = mean_and_noise([b - g for b, g in zip(bn, gn, strict=True)])
-    shows = bn_fall > bn_noise and gn_fall <= gn_noise and excess > excess_noise
     gap = 100 * (accuracy["GroupNorm"][small]["mean"] - accuracy["BatchNorm"][small]["mean"])
+    seeds = len(bn)
 
     def change(name: str, d: float, noise: float) -> str:
-        return (f"{name}'s accuracy {'falls' if d > 0 else 'rises'} by {abs(d):.1f} points "
-                f"({'more' if d > noise else 'no more'} than the noise, {noise:.1f})")
+        moved = (f"{name}'s accuracy {'falls' if d > 0 else 'rises'} by {abs(d):.1f} points" if abs(d) >= 0.05
+                 else f"{name}'s accuracy does not change")
+        if math.isnan(noise):
+            return moved
+        return f"{moved}, {'beyond' if abs(d) > noise else 'within'} the noise (+-{noise:.1f})"
 
-    text = (f"{'Yes' if shows else 'No'}, this run {'shows' if shows else 'does not show'} Wu & He's trend "
-            f"(BatchNorm worse at small batches, GroupNorm not): from batch {large} to batch {small} "
-            f"{change('BatchNorm', bn_fall, bn_noise)} and {change('GroupNorm', gn_fall, gn_noise)}; "
-            f"at batch {small} GroupNorm is {abs(gap):.1f} points {'above' if gap >= 0 else 'below'} BatchNorm.")
-    return {"shows_trend": shows, "text": text, "batchnorm_fall": bn_fall, "batchnorm_noise": bn_noise,
-            "groupnorm_fall": gn_fall, "groupnorm_noise": gn_noise, "excess_fall": excess,
-            "excess_noise": excess_noise, "gap_at_smallest_batch": gap}
+    detail = (f"from batch {large} to batch {small} {change('BatchNorm', bn_fall, bn_noise)} and "
+              f"{change('GroupNorm', gn_fall, gn_noise)}; at batch {small} GroupNorm is {abs(gap):.1f} points "
+              f"{'above' if gap >= 0 else 'below'} BatchNorm")
+    if seeds < 2:
+        shows = None
+        text = (f"No verdict from one seed: the noise cannot be estimated, so no change can be told from it "
+                f"(run --seeds 3 or more). In this run {detail}.")
+    else:
+        shows = bn_fall > bn_noise and gn_fall <= gn_noise and excess > excess_noise
+        if shows:
+            head = "Yes, this run shows Wu & He's trend (BatchNorm worse at small batches, GroupNorm not)"
+        elif bn_fall <= bn_noise:
+            head = "No, this run does not show Wu & He's trend: BatchNorm does not fall beyond the noise"
+        elif gn_fall > gn_noise:
+            head = "No, this run does not show Wu & He's trend: GroupNorm falls too"
+        else:
+            head = "No, this run does not show Wu & He's trend: BatchNorm's fall is not beyond GroupNorm's by more than the noise"
+        text = f"{head}, over {seeds} seeds: {detail}."
+    numbers = {"batchnorm_fall": bn_fall, "batchnorm_noise": bn_noise, "groupnorm_fall": gn_fall,
+               "groupnorm_noise": gn_noise, "excess_fall": excess, "excess_noise": excess_noise,
+               "gap_at_smallest_batch": gap}
+    # JSON has no NaN: a noise that one seed cannot estimate is null
+    return {"shows_trend": shows, "text": text, "seeds": seeds,
+            **{k: None if math.isnan(v) else v for k, v in numbers.items()}}
 
 
 def run_compare(
