@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.normkit-installed
+DEMO_STAMP := $(VENV)/.normkit-demo-installed
 
 .PHONY: demo test setup check bench bench-syncbn bench-cpu clean
 
@@ -20,7 +21,14 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+# The demo needs normkit and torch only (no Triton, no dev tools: a CPU check).
+$(DEMO_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e .
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/normkit check
 
 check: demo

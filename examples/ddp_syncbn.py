@@ -17,21 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 import normkit
+import normkit.parallel
 
 BATCH, STEPS, CLASSES = 16, 5, 4
-
-
-class CPUDistributedDataParallel(nn.parallel.DistributedDataParallel):
-    """DDP that accepts SyncBatchNorm on the CPU.
-
-    DDP refuses every ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only work
-    with GPU modules"), because torch's own SyncBatchNorm kernels are GPU-only. normkit's runs on
-    any device, and it is a torch.nn.SyncBatchNorm, so the check is skipped. (A private method of
-    torch 2.x; on GPUs plain DistributedDataParallel is all you need.)
-    """
-
-    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
-        pass
 
 
 def make_model() -> nn.Module:
@@ -54,7 +42,7 @@ def main() -> None:
     if not args.single:
         dist.init_process_group("gloo")  # torchrun's environment: rank, world size, address
         rank, world = dist.get_rank(), dist.get_world_size()
-        model = CPUDistributedDataParallel(model)
+        model = normkit.parallel.DistributedDataParallel(model)  # accepts SyncBatchNorm on the CPU
     share = BATCH // world
     mine = slice(rank * share, (rank + 1) * share)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

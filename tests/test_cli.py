@@ -3,6 +3,7 @@ runs, and what it prints and writes (numbers, JSON, PNG, exit codes) is checked.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -481,3 +482,44 @@ def test_console_script_piped_output() -> None:
     assert done.returncode == 0, done.stderr
     assert "3 means and 3 variances, each over 40 elements" in done.stdout
     assert "\x1b[" not in done.stdout  # piped: plain text, no terminal escapes
+
+
+# --- the package ---------------------------------------------------------------------------------
+
+
+def test_ddp_accepts_normkit_syncbatchnorm_on_the_cpu(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    import normkit.parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        net(torch.randn(2, 3, 6, 6))
+        plain = normkit.convert_sync_batchnorm(net)
+        reference = copy.deepcopy(plain)
+        model = normkit.parallel.DistributedDataParallel(plain)
+        x = torch.randn(4, 3, 6, 6)
+        dy = torch.randn(4, 2)
+        model(x).backward(dy)
+        reference(x).backward(dy)
+        for (name, p), q in zip(plain.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+        # torch's own SyncBatchNorm is still refused on the CPU, with torch's error
+        with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+            normkit.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(3, 3), nn.SyncBatchNorm(3)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_package_metadata() -> None:
+    from importlib.metadata import metadata, requires
+    from importlib.resources import files
+
+    meta = metadata("normkit")
+    assert meta["License-Expression"] == "MIT"
+    assert "Typing :: Typed" in meta.get_all("Classifier")
+    assert files("normkit").joinpath("py.typed").is_file()
+    torch_req = [r for r in requires("normkit") if r.startswith("torch")]
+    assert torch_req and all("<" in r for r in torch_req)  # the range that is tested, not an open floor
