@@ -1,5 +1,7 @@
 """The parity check behind ``normkit check``: every module of normkit, on every backend
-available here, against its oracle, over shapes and dtypes.
+available here, against its oracle, over shapes and dtypes. The cases are every row of the table
+of norms (:data:`normkit.norms.NORMS`, its own example), then the variants and modules the rows
+do not generate.
 
 For each (case, backend, dtype) the oracle and normkit's module start from the same random
 parameters and buffers. Three training steps (random input, random upstream gradient) compare
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import modules as nkm
 from ..backends import BackendError, backends, get_backend
+from ..norms import NORMS, NormSpec
 from ..testing import TOLERANCES, bound
 
 __all__ = ["CASES", "DTYPES", "CheckCase", "CheckResult", "run_check"]
@@ -79,8 +82,21 @@ def _unfused_add(norm_cls: type[nn.Module]) -> type[nn.Module]:
     return UnfusedAdd
 
 
+def _table_case(spec: NormSpec) -> CheckCase:
+    """A row of :data:`normkit.norms.NORMS` as a case: its own example (module, arguments, input
+    size) against its torch twin, or against the reference in float64 where it has none."""
+    ex = spec.example()
+    shown = [*map(repr, ex.module_args), *(f"{k}={v!r}" for k, v in ex.module_kwargs.items())]
+    return _case(f"{ex.module}({', '.join(shown)})", spec.name, getattr(nkm, ex.module), (ex.sizes.shape,),
+                 *ex.module_args, torch_cls=getattr(nn, ex.module) if spec.twin is not None else None,
+                 **ex.module_kwargs)
+
+
 _BN_SHAPES = ((4, 3, 5, 7), (1, 3, 2, 3))
+# Every row of the table of norms, then what the rows do not generate: the other ranks, batches
+# of 1, odd and wide shapes, Lazy classes, option variants, and the modules beyond the table.
 CASES: tuple[CheckCase, ...] = (
+    *(_table_case(spec) for spec in NORMS.values()),
     _twin("BatchNorm1d", "batch_norm", "BatchNorm1d", ((6, 5, 7), (13, 5)), 5),
     _twin("BatchNorm2d", "batch_norm", "BatchNorm2d", _BN_SHAPES, 3),
     _twin("BatchNorm3d", "batch_norm", "BatchNorm3d", ((2, 3, 3, 4, 5),), 3),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import modules as nkm
-from ..norms import NORMS, NormSpec, layout
+from ..norms import NORMS, NormSpec, Sizes, layout
 from ..reference import Normalize
 
 __all__ = [
@@ -31,19 +31,6 @@ __all__ = [
 ]
 
 _SPATIAL_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
-
-# The module each norm is explained with, for an input of ``shape`` (G groups, the trailing
-# ``k`` axes normalized): class name, arguments, keywords, each in torch's default configuration
-# (InstanceNorm: no affine, no running statistics). The one thing the table does not say, since
-# torch's signatures differ per family.
-_MODULES: dict[str, Callable[[tuple[int, ...], int, int], tuple[str, tuple[Any, ...], dict[str, Any]]]] = {
-    "batch_norm": lambda shape, g, k: (f"BatchNorm{len(shape) - 2}d", (shape[1],), {}),
-    "layer_norm": lambda shape, g, k: ("LayerNorm", (list(shape[-k:]),), {}),
-    "group_norm": lambda shape, g, k: ("GroupNorm", (g, shape[1]), {}),
-    "instance_norm": lambda shape, g, k: (f"InstanceNorm{len(shape) - 2}d", (shape[1],), {}),
-    "rms_norm": lambda shape, g, k: ("RMSNorm", (list(shape[-k:]),), {}),
-}
-
 
 def _squash(text: str) -> str:
     return re.sub(r"[123]d$", "", re.sub(r"[\s_\-]", "", text.lower()))
@@ -139,9 +126,13 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen) * 2 + 1
-    cls, args, kwargs = _MODULES[name](shape, groups, k)
-    ours = getattr(nkm, cls)(*args, **kwargs, backend="reference")
-    theirs = getattr(nn, cls)(*args, **kwargs)
+    # The row's module for this input, in torch's default configuration (the constructor's
+    # positional arguments only: InstanceNorm without affine and running statistics).
+    cls, kwargs = spec.module_class(len(shape)), {}
+    args, _ = spec.constructor(Sizes(shape, normalized_ndim=k, num_groups=groups))
+    ours = getattr(nkm, cls)(*args, backend="reference")
+    # torch's twin, or where there is none the reference itself in float64
+    theirs = getattr(nn, cls)(*args) if spec.twin is not None else getattr(nkm, cls)(*args, backend="reference")
     eps = ours.eps if ours.eps is not None else torch.finfo(x.dtype).eps
     with torch.no_grad():
         # The statistics the reference computes on the layout's view: their count must be the
@@ -151,10 +142,12 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
             raise AssertionError(f"{name}: the table gives {num_statistics} statistics, the reference computed {var.numel()}")
         statistic_of = torch.arange(var.numel()).reshape(var.shape).expand(view).reshape(shape)
 
-        y_train, y_torch = ours(x), theirs(x)
+        twin_dtype = torch.float32 if spec.twin is not None else torch.float64
+        theirs = theirs.to(twin_dtype)
+        y_train, y_torch = ours(x), theirs(x.to(twin_dtype)).float()
         ours.eval()
         theirs.eval()
-        y_eval, y_torch_eval = ours(x), theirs(x)
+        y_eval, y_torch_eval = ours(x), theirs(x.to(twin_dtype)).float()
 
     ids, y = statistic_of.flatten(), y_train.double().flatten()
     mean = _grouped(ids, y, num_statistics)
