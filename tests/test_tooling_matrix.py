@@ -295,6 +295,7 @@ def _cells() -> list[Any]:
 # Clear errors the documentation promises for a (backend, tool): accepted in place of a result.
 DOCUMENTED_ERRORS = {
     ("triton", "jvp"): r"forward-mode AD .* is not supported by normkit's triton kernels",
+    ("numba", "jvp"): r"forward-mode AD .* is not supported by normkit's numba kernels",
 }
 
 # torch.nn's class standing in for a normkit class without a same-named twin, when asking
