@@ -523,3 +523,37 @@ def test_package_metadata() -> None:
     assert files("normkit").joinpath("py.typed").is_file()
     torch_req = [r for r in requires("normkit") if r.startswith("torch")]
     assert torch_req and all("<" in r for r in torch_req)  # the range that is tested, not an open floor
+
+
+# --- normkit.testing ---------------------------------------------------------------------------
+
+
+def test_testing_docstring_example_runs() -> None:
+    import normkit.testing
+
+    doc = normkit.testing.__doc__
+    example = doc[doc.index("    import torch\n"):doc.index(":func:`assert_close_to_reference` is")]
+    exec(compile("\n".join(line[4:] for line in example.splitlines()), "normkit.testing example", "exec"), {})
+
+
+def test_testing_bound_catches_a_wrong_kernel() -> None:
+    from normkit.testing import TOLERANCES, assert_within_bound, bound
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 300, generator=gen, dtype=torch.float64), torch.randn(300, generator=gen, dtype=torch.float64)
+
+    def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+
+    reference = torch.nn.functional.rms_norm(x, (300,), w, 1e-6)
+    baseline = torch.nn.functional.rms_norm(x.bfloat16(), (300,), w.bfloat16(), 1e-6)
+    good = bound(rms(x.bfloat16(), w.bfloat16(), 1e-6), reference, baseline)
+    assert good.ok and good.limit == pytest.approx(TOLERANCES[torch.bfloat16].factor * good.baseline_error
+                                                   + TOLERANCES[torch.bfloat16].atol * reference.abs().max().item())
+    # statistics over the batch axis instead of the features: caught
+    xb = x.bfloat16().float()
+    sloppy = (xb * torch.rsqrt(xb.square().mean(0, keepdim=True) + 1e-6) * w.float()).bfloat16()
+    with pytest.raises(AssertionError, match="y: error .* vs float64 > bound"):
+        assert_within_bound({"y": sloppy}, {"y": reference}, {"y": baseline})
+    assert all(t.reason for t in TOLERANCES.values())  # every number says why

@@ -35,7 +35,7 @@ identically zero, and the test would assert nothing)::
     dy = torch.randn(64, 1000, dtype=torch.float64)
 
     def run(fn, dtype):
-        xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        xs, ws = x.to(dtype).detach().requires_grad_(), w.to(dtype).detach().requires_grad_()
         y = fn(xs, ws)
         y.backward(dy.to(dtype))
         return {"y": y, "dx": xs.grad, "dw": ws.grad}

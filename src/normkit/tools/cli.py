@@ -197,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status
     (argparse's own errors, ``--help`` and ``--version`` exit through SystemExit)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what was asked for, recorded with results
     from . import commands
 
     run: Callable[[argparse.Namespace], int] = getattr(commands, f"run_{args.run}")

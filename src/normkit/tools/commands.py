@@ -379,6 +379,11 @@ def run_compare(args: argparse.Namespace) -> int:
                f"{result['elapsed_s']:.0f} s with {result['workers']} worker(s)"))
     print(wrap(result["verdict"]["text"]))
     if args.json:
+        from .bench_report import machine
+
+        # what the run was: the command, the machine, the versions, the date (a README table is
+        # regenerated from such a record)
+        result["meta"] = {**machine("cpu"), "command": "normkit " + " ".join(args.argv)}
         write_json(args.json, result)
     if args.png:
         from .plots import compare_figure
