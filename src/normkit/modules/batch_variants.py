@@ -14,7 +14,7 @@ from .. import functional as NF
 from ..numerics import acc_dtype, momentum_factor
 from ._base import REQUIRED
 from ._tracing import module_leaf
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_forward, check_counter
 
 __all__ = [
     "BatchRenorm1d",
@@ -125,6 +125,7 @@ def batch_renorm_forward(module: _BatchRenorm, input: Tensor) -> Tensor:
     if module.bias is not None:
         bias = bias + module.bias
     counter = module.num_batches_tracked
+    check_counter(counter)
     factor = momentum_factor(module.momentum, counter)
     out = NF.batch_norm(input, module.running_mean, module.running_var, weight, bias, True, factor, module.eps,
                         **module.call_options())
@@ -184,7 +185,8 @@ class _BatchRenorm:
             sigma_run = torch.sqrt(self.running_var.to(acc) + self.eps)  # type: ignore[attr-defined]
             r_lim, d_lim = (t.to(acc) for t in self.renorm_limits())
             r = torch.clamp(sigma_b / sigma_run, 1.0 / r_lim, r_lim)
-            d = torch.clamp((mean_b - self.running_mean.to(acc)) / sigma_run, -d_lim, d_lim)  # type: ignore[attr-defined]
+            mean_run = self.running_mean.to(acc)  # type: ignore[attr-defined]
+            d = torch.clamp((mean_b - mean_run) / sigma_run, -d_lim, d_lim)
         return r, d
 
     def extra_repr(self) -> str:

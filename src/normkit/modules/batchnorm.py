@@ -43,7 +43,7 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
     module._check_input_dim(input)
     training, tracked = module.training, module.training and module.track_running_stats
     counter = module.num_batches_tracked if tracked else None
-    _checks.check_counter_writable(counter)
+    check_counter(counter)
     factor = momentum_factor(module.momentum, counter)
     use_batch_stats = training or (module.running_mean is None and module.running_var is None)
     keep_stats = not training or module.track_running_stats
@@ -66,6 +66,18 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
         counter.add_(1)
     return out
 
+
+def check_counter(counter: Tensor | None) -> None:
+    """Raise, before any statistic is written, what the increment of ``counter`` after the call
+    would raise (:func:`normkit._checks.check_counter_writable`), where it could raise at all:
+    an inference tensor, a buffer under a ``torch.func`` transform, a tensor that requires grad
+    or a tensor subclass. A plain integer tensor outside these takes the add, and the trial (a
+    kernel launch, ~3 us a call) is skipped; compiled code never tries it."""
+    if counter is None or torch.compiler.is_compiling():
+        return
+    if (type(counter) is not Tensor or counter.requires_grad or counter.is_inference()
+            or torch._C._functorch.maybe_current_level() is not None):
+        _checks.check_counter_writable(counter)
 
 
 class NormBaseMixin(BackendMixin):
@@ -105,7 +117,8 @@ def _signed_init(cls: type[NormBaseMixin]) -> Callable[..., None]:
         init(self, *args, **kwargs)
 
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-    __init__.__signature__ = twin.replace(parameters=[this, *twin.parameters.values(), *options])  # type: ignore[attr-defined]
+    signature = twin.replace(parameters=[this, *twin.parameters.values(), *options])
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
     return __init__
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -114,6 +116,11 @@ def _bn_dim(module: nn.Module) -> int | None:
     return None
 
 
+def _options(module: nn.Module) -> dict[str, Any]:
+    """``module``'s backend and precision options (their defaults for a torch.nn module)."""
+    return {name: getattr(module, name, default) for name, default in BackendMixin._init_attributes.items()}
+
+
 def _frozen(bn: nn.modules.batchnorm._BatchNorm, dim: int) -> _FrozenBatchNorm:
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
@@ -121,9 +128,7 @@ def _frozen(bn: nn.modules.batchnorm._BatchNorm, dim: int) -> _FrozenBatchNorm:
             "freeze; train it with track_running_stats=True or recalibrate it first"
         )
     ref = bn.running_mean
-    frozen = _FROZEN_OF[dim](bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype,
-                             backend=getattr(bn, "backend", None), stats_dtype=getattr(bn, "stats_dtype", None),
-                             out_dtype=getattr(bn, "out_dtype", None))
+    frozen = _FROZEN_OF[dim](bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype, **_options(bn))
     # The same tensors, not copies: freezing moves nothing and costs no memory.
     frozen.running_mean, frozen.running_var = bn.running_mean, bn.running_var
     if bn.weight is not None:
@@ -175,7 +180,7 @@ def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
         if not isinstance(m, _FrozenBatchNorm):
             return None
         ref = m.running_mean
-        bn = m._twin(m.num_features, m.eps, device=ref.device, dtype=ref.dtype, backend=m.backend, stats_dtype=m.stats_dtype, out_dtype=m.out_dtype)
+        bn = m._twin(m.num_features, m.eps, device=ref.device, dtype=ref.dtype, **_options(m))
         bn.weight, bn.bias = nn.Parameter(m.weight), nn.Parameter(m.bias)
         bn.running_mean, bn.running_var, bn.num_batches_tracked = m.running_mean, m.running_var, m.num_batches_tracked
         return bn.train(m.training)
