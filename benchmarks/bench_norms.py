@@ -11,6 +11,7 @@ Writes ``<out>/<device>-<date>.md`` (the machine, a table per op) and ``.json`` 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--providers", nargs="+", help=f"default: all that run here, of {bench.provider_names()}")
     parser.add_argument("--directions", nargs="+", default=list(bench.DIRECTIONS), choices=bench.DIRECTIONS)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved samples per measurement")
+    parser.add_argument("--budget", type=float, metavar="S",
+                        help="seconds of timing per provider and direction, over its repeats (default 0.2 on "
+                             "the CPU, 0.05 on CUDA: the full table then fits make gpu-check's time limit)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,9 +48,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         copy_gbps = bench.copy_bandwidth(device, 1 << (30 if device == "cuda" else 26))
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
     rows = bench.run(problems, args.providers or bench.providers(device), device=device, directions=args.directions,
-                     thread_counts=threads, repeats=args.repeats, copy_gbps=copy_gbps, log=print)
+                     thread_counts=threads, repeats=args.repeats, copy_gbps=copy_gbps, log=print,
+                     budget_s=args.budget or (0.05 if device == "cuda" else 0.2))
     bench.add_speedups(rows)
-    meta = {**bench_report.machine(device), "copy_GBps": copy_gbps, "repeats": args.repeats}
+    meta = {**bench_report.machine(device), "copy_GBps": copy_gbps, "repeats": args.repeats,
+            "command": "python benchmarks/bench_norms.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     md, js = bench_report.write_report(rows, meta, args.out)
     print(f"wrote {md} and {js}")
 
