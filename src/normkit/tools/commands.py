@@ -174,7 +174,7 @@ def run_explain(args: argparse.Namespace) -> int:
                      f"{_term('train vs eval', lang)}: {e.train_eval}",
                      f"ran it: over each set the output has {target} (largest deviation "
                      f"{max(e.normalized_mean, e.normalized_var):.1e}); normkit (reference) vs "
-                     f"torch.nn.{e.constructor.split('(')[0]}: max |diff| {e.max_diff_vs_torch:.1e}"
+                     f"{e.oracle}: max |diff| {e.max_diff_vs_torch:.1e}"
                      f"{'' if e not in bad else '  <- DISAGREE'}"):
             print(wrap("  " + line, "    "))
         *grid, note = render_grid(e).splitlines()

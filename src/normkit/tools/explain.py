@@ -81,10 +81,11 @@ class Explanation:
     running_stats: bool
     train_eval: str
     train_eval_max_diff: float
-    max_diff_vs_torch: float
+    max_diff_vs_torch: float  # against ``oracle``
     normalized_mean: float  # largest |mean| of the output over one statistic's elements
     normalized_var: float  # largest |var - 1| (|mean square - 1| when not centred)
     statistic_of: Tensor = field(repr=False)
+    oracle: str = ""  # what normkit's output was compared with: torch's twin, or the float64 reference
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "statistic_of"}
@@ -185,6 +186,7 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         normalized_mean=mean.abs().max().item() if spec.centered else 0.0,
         normalized_var=(spread - 1).abs().max().item(),
         statistic_of=statistic_of,
+        oracle=f"torch.nn.{cls}" if spec.twin is not None else "the reference in float64 (torch has no twin)",
     )
 
 
