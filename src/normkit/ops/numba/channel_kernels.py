@@ -91,14 +91,23 @@ def _sums(v, p):
 @sum_jit
 def _grad_sums(v, g, pt, mt, rt, wc, bc, act):
     """``(sum(dz), sum(dz * x_hat))`` in float64, ``x_hat = ((v - pt) - mt) * rt``,
-    ``dz = g * act'(x_hat * wc + bc)`` (the loop without an activation written out apart, so
-    that it vectorizes)."""
+    ``dz = g * act'(x_hat * wc + bc)`` (the loops without an activation and with relu written
+    out apart, so that they vectorize)."""
     s1 = 0.0
     s2 = 0.0
     if act == 0:
         for i in range(v.shape[0]):
             s1 += g[i]
             s2 += np.float64(g[i]) * (((v[i] - pt) - mt) * rt)
+        return s1, s2
+    if act == 1:
+        zero = rt - rt
+        for i in range(v.shape[0]):
+            h = ((v[i] - pt) - mt) * rt
+            gi = g[i]  # loaded on both paths: a select, which vectorizes
+            dz = zero if h * wc + bc <= zero else gi
+            s1 += dz
+            s2 += np.float64(dz) * h
         return s1, s2
     for i in range(v.shape[0]):
         h = ((v[i] - pt) - mt) * rt
@@ -144,10 +153,16 @@ def _apply(v, out, pt, mt, k1, k0, act, zero):
 @jit(inline="always")
 def _dx(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act):
     """``out = k1 * dz + k2 * x_hat + k3``, ``x_hat = ((v - pt) - mt) * rt``, ``dz = g *
-    act'(x_hat * wc + bc)`` (the loop without an activation written out apart)."""
+    act'(x_hat * wc + bc)`` (the loops without an activation and with relu written out apart)."""
     if act == 0:
         for i in range(v.shape[0]):
             out[i] = k1 * g[i] + k2 * (((v[i] - pt) - mt) * rt) + k3
+    elif act == 1:
+        zero = rt - rt
+        for i in range(v.shape[0]):
+            h = ((v[i] - pt) - mt) * rt
+            gi = g[i]
+            out[i] = k1 * (zero if h * wc + bc <= zero else gi) + k2 * h + k3
     else:
         for i in range(v.shape[0]):
             h = ((v[i] - pt) - mt) * rt
@@ -263,6 +278,7 @@ def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, ac
     mu) * rstd``, ``dz = dy * act'(x_hat * w + b)``. Matrix n has ``R`` rows of ``C`` channels,
     ``row_stride`` apart, from ``n * sample_stride``; coefficients are per (matrix, channel)."""
     N2, nblk, C = s1p.shape
+    zero = piv.dtype.type(0.0)
     for t in prange(N2 * nblk):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
         xbuf = np.empty(C, piv.dtype)
@@ -278,6 +294,14 @@ def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, ac
                 for c in range(C):
                     a1[c] += g[c]
                     a2[c] += np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c])
+            elif grads and act == 1:
+                g = decode(dy[start:start + C], gbuf)
+                for c in range(C):
+                    h = ((v[c] - p[c]) - m[c]) * rs[c]
+                    gc = g[c]
+                    dz = zero if h * wc[c] + bc[c] <= zero else gc
+                    a1[c] += dz
+                    a2[c] += np.float64(dz) * h
             elif grads:
                 g = decode(dy[start:start + C], gbuf)
                 for c in range(C):
@@ -318,6 +342,12 @@ def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b
                 g = decode(dy[start:start + C], gbuf)
                 for c in range(C):
                     o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
+            elif grads and act == 1:
+                g = decode(dy[start:start + C], gbuf)
+                for c in range(C):
+                    h = ((v[c] - p[c]) - m[c]) * rs[c]
+                    gc = g[c]
+                    o[c] = a[c] * (zero if h * wc[c] + bc[c] <= zero else gc) + e[c] * h + f[c]
             elif grads:
                 g = decode(dy[start:start + C], gbuf)
                 for c in range(C):
@@ -326,6 +356,10 @@ def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b
             elif act == 0:
                 for c in range(C):
                     o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
+            elif act == 1:
+                for c in range(C):
+                    z = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
+                    o[c] = zero if z < zero else z
             else:
                 for c in range(C):
                     o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] + bc[c], act, zero)
