@@ -135,17 +135,18 @@ def refuse_forward_ad_early(*tensors: Tensor | None) -> None:
         refuse_forward_ad(None)
 
 
-def first_order(op) -> type[torch.autograd.Function]:
-    """An ``autograd.Function`` that calls the backward custom op ``op``: usable inside
-    ``torch.func`` transforms (a bare custom op without an autograd formula is not), and
-    differentiating it again raises an error instead of silently dropping the term."""
+def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` that calls the backward custom op ``op`` (or its Python
+    ``body``): usable inside ``torch.func`` transforms (a bare custom op without an autograd
+    formula is not), and differentiating it again raises an error instead of silently
+    dropping the term."""
 
     class FirstOrder(torch.autograd.Function):
         generate_vmap_rule = True
 
         @staticmethod
         def forward(*args):
-            return op(*args)
+            return (body or op)(*args)
 
         @staticmethod
         def setup_context(ctx, inputs, output) -> None:
@@ -182,26 +183,43 @@ def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None
 
 
 def eager_and_compiled(fwd_op, setup, bwd, bwd_op) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The forward and backward calls of a kernel pair: an ``autograd.Function`` around the
-    custom op ``fwd_op`` (``setup``/``bwd`` its autograd formula, vmap rules generated from the
-    ops' own, forward mode refused) and :func:`first_order` around ``bwd_op``, which torch.func
-    needs in eager code; compiled code calls the custom ops themselves, whose registered
-    autograd Dynamo traces (it cannot trace an ``autograd.Function`` with a custom ``jvp``)."""
+    """The forward and backward calls of a kernel pair. Compiled code calls the custom ops
+    ``fwd_op``/``bwd_op`` themselves, whose registered autograd Dynamo traces (it cannot trace
+    an ``autograd.Function`` with a custom ``jvp``). Eager code calls an ``autograd.Function``
+    (``setup``/``bwd`` its autograd formula, forward mode refused, and :func:`first_order`
+    around the backward): under ``torch.func`` one whose forward is the custom op (vmap rules
+    generated from the ops' own), otherwise one whose forward is the op's Python body itself,
+    the cheapest eager path (no dispatcher round trip, no schema checks: issue 15 item 9)."""
 
-    class Kernel(torch.autograd.Function):
-        generate_vmap_rule = True
-        forward = staticmethod(fwd_op)
-        setup_context = staticmethod(setup)
-        backward = staticmethod(bwd)
-        jvp = staticmethod(refuse_forward_ad)
+    def function(fwd, name: str) -> type[torch.autograd.Function]:
+        class Kernel(torch.autograd.Function):
+            generate_vmap_rule = True
+            forward = staticmethod(fwd)
+            setup_context = staticmethod(setup)
+            backward = staticmethod(bwd)
+            jvp = staticmethod(refuse_forward_ad)
 
-    Kernel.__name__ = Kernel.__qualname__ = f"Kernel_{fwd_op._name}"
-    backward = first_order(bwd_op)
+        Kernel.__name__ = Kernel.__qualname__ = name
+        return Kernel
+
+    # A custom op keeps its Python body as _init_fn (torch.library.CustomOpDef, torch 2.4+).
+    fwd_body, bwd_body = fwd_op._init_fn, bwd_op._init_fn
+    through_op = function(fwd_op, f"Kernel_{fwd_op._name}")
+    direct = function(fwd_body, f"Direct_{fwd_op._name}")
+    backward_through_op, backward_direct = first_order(bwd_op), first_order(bwd_op, bwd_body)
 
     def forward_call(*args):
-        return fwd_op(*args) if torch.compiler.is_compiling() else Kernel.apply(*args)
+        if torch.compiler.is_compiling():
+            return fwd_op(*args)
+        if torch._C._are_functorch_transforms_active():
+            return through_op.apply(*args)
+        return direct.apply(*args)
 
     def backward_call(*args):
-        return bwd_op(*args) if torch.compiler.is_compiling() else backward.apply(*args)
+        if torch.compiler.is_compiling():
+            return bwd_op(*args)
+        if torch._C._are_functorch_transforms_active():
+            return backward_through_op.apply(*args)
+        return backward_direct.apply(*args)
 
     return forward_call, backward_call

@@ -74,11 +74,10 @@ __all__ = [
 # Tile sizes in elements. A row of up to SINGLE_TILE elements is held in registers whole and
 # read once; a wider row streams through CHUNK_TILE-sized tiles and is read twice. The backward
 # keeps five fp32 tiles live (x_hat, dy, w and the dw/db column sums), so it gets half the
-# forward's width, and half again for fp32 inputs. Not yet tuned on a GPU: compiled for sm_90
-# (Triton 3.9's ptxas, 16 warps) the 16384-element forward tile spills ~50-90 bytes per thread
-# (with a residual or an activation), the 8192-element bf16 backward tile 300-500 bytes
-# (~900 with an activation) and 4096-element tiles nothing. Whether a spill costs more than
-# reading the row twice is for benchmarks/bench_norms.py on a GPU to say.
+# forward's width, and half again for fp32 inputs. Compiled for sm_90 with Triton's bundled
+# ptxas and its own flags, no tile spills (make kernel-report: benchmarks/results/
+# sm90_static.md); the cost of the widest tiles is occupancy, one 16-warp CTA per SM. Whether
+# that beats reading the row twice is for benchmarks/bench_norms.py on a GPU to say.
 SINGLE_TILE = {"fwd": 16384, "bwd": 8192}
 CHUNK_TILE = 4096
 
@@ -297,6 +296,8 @@ def _(dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rm
 def _setup_context(ctx, inputs, output) -> None:
     x, residual, weight, bias, groups, per_channel, eps, is_rms, residual_dtype, act = inputs
     _, residual_out, mean, rstd, _ = output
+    # The statistics are outputs nobody differentiates: no zeros launched for their gradients.
+    ctx.set_materialize_grads(False)
     # The backward re-reads what was normalized: x, or the stored x + residual (and the bias,
     # to recompute an activation's input).
     ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight,
@@ -313,6 +314,10 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd, dvar):
     need = ctx.needs_input_grad
     if not has_residual_out or dresidual_out is None or dresidual_out.numel() == 0:
         dresidual_out = None
+    if dy is None:  # y unused (grads are not materialized): a zero gradient through it
+        if dresidual_out is None:
+            return (None,) * 10
+        dy = torch.zeros_like(x, dtype=x_dtype)
     dx, dresidual, dw, db = _row_norm_backward(
         dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rms,
         x_dtype, residual_dtype if need[1] else None, w_dtype if need[2] else None,

@@ -295,7 +295,10 @@ def _load_grad_terms(X_ROW, x_offs, DY_TILE, MEAN, RSTD, w, b, row, mask,
     return x_hat, dy, wdy, rstd
 
 
-@triton.jit
+# M (the row count, which varies with the batch) only bounds the row loop: not specialized, so
+# a new batch size does not recompile (issue 15 item 9). rows_per_program stays specialized
+# (1 is common and lets the compiler drop the loop).
+@triton.jit(do_not_specialize=["M"])
 def row_norm_bwd_kernel(
     X, W, B, MEAN, RSTD, DY, DX, DRESIDUAL_OUT, DRESIDUAL, DW_PART, DB_PART, ROW_DOTS,
     stride_xn, stride_xc, stride_xs,
