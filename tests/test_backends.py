@@ -23,23 +23,37 @@ import normkit
 import normkit.functional as NF
 from cases import FUSED_ADD_CASES, LAZY_CASES, NORM_CASES, NormCase, make_input, randomize_, seed_of
 from normkit.backends import _REGISTRY, AUTO_ORDER, ENV_VAR, OpImpl, resolve
+from normkit.backends import OPS as OP_SPECS
+from normkit.norms import NORMS
 
 BUILTIN = ("torch", "reference")
 
 
+class _Arguments:
+    """A stand-in for a functional namespace: ``_Arguments().layer_norm(*args)`` is ``args``."""
+
+    def __getattr__(self, op: str) -> Callable[..., tuple[Any, ...]]:
+        return lambda *args: args
+
+
 def _valid_args(op: str) -> tuple[Any, ...]:
-    """A valid call of each op of normkit.functional, random weights and biases included."""
+    """A valid call of each op, random weights and biases included (the norms of the table
+    from their rows' examples, with running statistics where the op takes them)."""
     gen = torch.Generator().manual_seed(seed_of("valid", op))
 
     def r(*shape: int) -> Tensor:
         return torch.randn(shape, generator=gen)
 
+    if op in NORMS:
+        example = NORMS[op].example()
+        args = example.call(_Arguments(), r(*example.shape), *(r(*example.param_shape) for _ in NORMS[op].affine))
+        spec = OP_SPECS[op]
+        stats = {i: r(*example.param_shape).abs() + 0.5 for i in spec.in_place_at}
+        return tuple(stats.get(i, a) for i, a in enumerate(args))
+    mask = torch.ones(2, 5, dtype=torch.bool).index_fill_(1, torch.tensor([4]), False)
     calls: dict[str, Callable[[], tuple[Any, ...]]] = {
-        "batch_norm": lambda: (r(4, 3, 5), r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
-        "instance_norm": lambda: (r(2, 3, 5), r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
-        "layer_norm": lambda: (r(2, 3, 5), (3, 5), r(3, 5), r(3, 5), 1e-5),
-        "rms_norm": lambda: (r(2, 3, 5), (5,), r(5), None),
-        "group_norm": lambda: (r(2, 6, 5), 3, r(6), r(6), 1e-5),
+        "masked_batch_norm": lambda: (r(2, 3, 5), mask, r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
+        "masked_instance_norm": lambda: (r(2, 3, 5), mask, r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
         "local_response_norm": lambda: (r(2, 6, 5), 3, 1.0, 0.75, 1.0),
         "add_layer_norm": lambda: (r(2, 5), r(2, 5), (5,), r(5), r(5), 1e-5),
         "add_rms_norm": lambda: (r(2, 5), r(2, 5), (5,), r(5), None),
@@ -50,7 +64,7 @@ def _valid_args(op: str) -> tuple[Any, ...]:
     return calls[op]()
 
 
-OPS = list(NF.__all__)
+OPS = list(OP_SPECS)
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +94,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 
 def _call(op: str, **kwargs: Any) -> Any:
-    return getattr(NF, op)(*_valid_args(op), **kwargs)
+    return OP_SPECS[op].function(*_valid_args(op), **kwargs)
 
 
 # ---- the registry ------------------------------------------------------------------------------

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "STATS_DTYPES",
     "check_batch_norm",
+    "check_dtype_option",
     "check_group_norm",
     "check_instance_norm",
     "check_layer_norm",
     "check_local_response_norm",
+    "check_precision",
     "check_rms_norm",
 ]
 
@@ -112,23 +115,34 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+_KIND_CHECKS: dict[str, Callable[[object], bool]] = {
+    "Tensor": lambda v: isinstance(v, Tensor), "bool": lambda v: type(v) is bool, "int": _is_int, "float": _is_float,
+}
+# The exact types that fit each kind at once (the common call): the full rules only for the rest.
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "Tensor": (Tensor, torch.nn.Parameter), "Tensor?": (Tensor, torch.nn.Parameter, type(None)),
+    "bool": (bool,), "int": (int,), "float": (float, int), "float?": (float, int, type(None)),
+}
+
+
 def check_args(op: str, *args: tuple[str, str, object]) -> None:
     """Check ``(name, kind, value)`` positional arguments of ``op`` in order, as torch's argument
     parser does, raising its TypeError for the first that does not fit. Kinds: ``Tensor``,
     ``Tensor?`` (or None), ``bool`` (exactly a bool), ``int``, ``float``, ``float?``, ``int[]``."""
     for pos, (name, kind, value) in enumerate(args, 1):
-        optional = kind.endswith("?")
-        if optional and value is None:
+        plain = _PLAIN_TYPES.get(kind)
+        if plain is not None and type(value) in plain:
+            continue
+        if kind == "int[]" and type(value) is tuple and all(type(d) is int for d in value):
+            continue
+        if kind.endswith("?") and value is None:
             continue
         base = kind.rstrip("?")
-        prefix = f"{op}(): argument '{name}' (position {pos}) must be"
         if base == "int[]":
             _check_int_list(op, name, pos, value)
             continue
-        ok = {"Tensor": lambda v: isinstance(v, Tensor), "bool": lambda v: type(v) is bool,
-              "int": _is_int, "float": _is_float}[base](value)
-        if not ok:
-            raise TypeError(f"{prefix} {base}, not {_type_name(value)}")
+        if not _KIND_CHECKS[base](value):
+            raise TypeError(f"{op}(): argument '{name}' (position {pos}) must be {base}, not {_type_name(value)}")
 
 
 def _check_int_list(op: str, name: str, pos: int, value: object) -> None:
@@ -449,3 +463,24 @@ def _broadcast(a: list[int], b: list[int]) -> list[int]:
             raise RuntimeError(f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
                                f"at non-singleton dimension {i}")
     return [sa if sb == 1 else sb for sa, sb in zip(a, b)]
+
+
+# ---- precision options (normkit's own: the functional ops and the modules check them alike) ----
+
+STATS_DTYPES = (torch.float32, torch.float64)
+
+
+def check_dtype_option(name: str, dtype: object) -> None:
+    """``out_dtype`` / ``residual_dtype``: a floating-point torch.dtype or None (a string such
+    as ``"float32"`` is not one: pass ``torch.float32``)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name} must be a floating-point torch.dtype such as torch.float32 (or None), "
+                         f"but got {dtype!r}")
+
+
+def check_precision(stats_dtype: object, out_dtype: object) -> None:
+    """The precision options of every op and module: ``stats_dtype`` float32, float64 or None,
+    ``out_dtype`` a floating-point dtype or None; ValueError in torch's words otherwise."""
+    if stats_dtype is not None and stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None), but got {stats_dtype!r}")
+    check_dtype_option("out_dtype", out_dtype)

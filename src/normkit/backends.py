@@ -1,5 +1,10 @@
 """The backend registry: which implementation computes a normalization call.
 
+Every op a backend may implement is declared once, by :func:`define_op` on its public function
+(:mod:`normkit.functional`, :mod:`normkit.masked`): an :class:`OpSpec` that names the arguments
+the dispatcher reads (the input, the arguments updated in place, the residual's dtype), in
+:data:`OPS`.
+
 A backend is a name plus a table of ops (``"layer_norm"``, ``"batch_norm"``, ...). Each op is an
 :class:`OpImpl`: the function (same arguments as :mod:`normkit.functional`, minus ``backend``),
 an ``unsupported`` check that says why this backend cannot run a given call, and a ``preferred``
@@ -36,21 +41,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 __all__ = [
     "AUTO_ORDER",
     "Backend",
+    "OPS",
     "BackendError",
     "OpImpl",
+    "OpSpec",
     "backends",
     "current_backend",
+    "define_op",
     "get_backend",
     "probing",
     "register_backend",
@@ -95,6 +104,64 @@ def _never(*args: Any, **kwargs: Any) -> str | None:
 
 def _always(*args: Any, **kwargs: Any) -> bool:
     return True
+
+
+# The call options every public op takes (keyword-only) that are not passed to the backends.
+CALL_OPTIONS = frozenset({"backend", "stats_dtype", "out_dtype"})
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op as the dispatcher sees it: its arguments by name, never by position.
+
+    ``params`` are the arguments of its backend functions, in order (the public function's,
+    without the call options ``backend``/``stats_dtype``/``out_dtype``). ``input`` is the
+    tensor whose dtype and memory format the result follows; ``in_place`` the arguments
+    updated in place (running statistics), written back after a call run at another precision;
+    ``residual_dtype`` the argument that gives a second result's dtype (``residual_out``), if
+    any. ``function`` is the public function (what :func:`normkit.support_matrix` calls)."""
+
+    name: str
+    params: tuple[str, ...]
+    function: Callable[..., Any] = field(repr=False, compare=False)
+    input: str = "input"
+    in_place: tuple[str, ...] = ()
+    residual_dtype: str | None = None
+    # the positions of input and in_place, computed once (the dispatcher reads them per call)
+    input_at: int = field(init=False, repr=False, compare=False)
+    in_place_at: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_at", self.at(self.input))
+        object.__setattr__(self, "in_place_at", tuple(self.at(a) for a in self.in_place))
+        if self.residual_dtype is not None:
+            self.at(self.residual_dtype)
+
+    def at(self, arg: str) -> int:
+        """The position of argument ``arg`` among :attr:`params` (ValueError if it has none)."""
+        if arg not in self.params:
+            raise ValueError(f"op {self.name!r} has no argument {arg!r}; its arguments are {list(self.params)}")
+        return self.params.index(arg)
+
+
+# Every op, by name: filled by define_op as normkit.functional and normkit.masked are imported.
+OPS: dict[str, OpSpec] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def define_op(*, input: str = "input", in_place: tuple[str, ...] = (),
+              residual_dtype: str | None = None) -> Callable[[_F], _F]:
+    """Declare the decorated public function an op (named after it) in :data:`OPS`; its
+    backend arguments are its own, less the call options."""
+
+    def declare(fn: _F) -> _F:
+        params = tuple(p for p in inspect.signature(fn).parameters if p not in CALL_OPTIONS)
+        spec = OpSpec(fn.__name__, params, fn, input, in_place, residual_dtype)  # a misspelt name fails here
+        OPS[spec.name] = spec
+        return fn
+
+    return declare
 
 
 class OpImpl(NamedTuple):
@@ -314,11 +381,11 @@ def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable
     for candidate in AUTO_ORDER:
         impl = _lookup(candidate)
         entry = None if impl is None else impl.ops.get(op)
-        if (
+        if (  # (the default checks are not called: this loop runs on every call)
             entry is not None
             and impl.is_available()
-            and entry.unsupported(*args, **kwargs) is None
-            and entry.preferred(*args, **kwargs)
+            and (entry.unsupported is _never or entry.unsupported(*args, **kwargs) is None)
+            and (entry.preferred is _always or entry.preferred(*args, **kwargs))
         ):
             return entry.fn
     raise BackendError(f"no normkit backend can run this {op} call")

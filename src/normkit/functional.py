@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, numerics
-from .backends import resolve
+from .backends import OPS, define_op, resolve
 
 __all__ = [
     "add_layer_norm",
@@ -101,6 +101,7 @@ def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in normalized_shape)
 
 
+@define_op(in_place=("running_mean", "running_var"))
 @_torch_arity
 def batch_norm(
     input: Tensor,
@@ -128,6 +129,7 @@ def batch_norm(
     return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype)
 
 
+@define_op(in_place=("running_mean", "running_var"))
 @_torch_arity
 def instance_norm(
     input: Tensor,
@@ -158,6 +160,7 @@ def instance_norm(
     return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
 
 
+@define_op()
 @_torch_arity
 def layer_norm(
     input: Tensor,
@@ -176,6 +179,7 @@ def layer_norm(
     return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype)
 
 
+@define_op()
 @_torch_arity
 def rms_norm(
     input: Tensor,
@@ -197,6 +201,7 @@ def rms_norm(
     return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
 
 
+@define_op()
 @_torch_arity
 def group_norm(
     input: Tensor,
@@ -216,6 +221,7 @@ def group_norm(
     return _dispatch("group_norm", args, backend, stats_dtype, out_dtype)
 
 
+@define_op(in_place=("running_mean", "running_var"))
 @_torch_arity
 def batch_norm_act(
     input: Tensor,
@@ -246,6 +252,7 @@ def batch_norm_act(
     return _dispatch("batch_norm_act", args, backend, stats_dtype, out_dtype)
 
 
+@define_op()
 @_torch_arity
 def group_norm_act(
     input: Tensor,
@@ -267,6 +274,7 @@ def group_norm_act(
     return _dispatch("group_norm_act", args, backend, stats_dtype, out_dtype)
 
 
+@define_op()
 @_torch_arity
 def local_response_norm(
     input: Tensor,
@@ -302,6 +310,7 @@ def _lrn_dtype_under_autocast(input: Tensor) -> torch.dtype | None:
     return None if dtype == input.dtype else dtype
 
 
+@define_op()
 @_torch_arity
 def normalize(
     input: Tensor,
@@ -384,6 +393,7 @@ def _check_normalize(
     return dims
 
 
+@define_op(input="x", residual_dtype="residual_dtype")
 @_torch_arity
 def add_layer_norm(
     x: Tensor,
@@ -407,11 +417,12 @@ def add_layer_norm(
     """
     _checks.check_layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
     _check_residual(x, residual)
-    _check_dtype_option("residual_dtype", residual_dtype)
+    _checks.check_dtype_option("residual_dtype", residual_dtype)
     args = (x, residual, _shape(normalized_shape), weight, bias, float(eps), residual_dtype)
     return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype)
 
 
+@define_op(input="x", residual_dtype="residual_dtype")
 @_torch_arity
 def add_rms_norm(
     x: Tensor,
@@ -428,25 +439,24 @@ def add_rms_norm(
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
     _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
     _check_residual(x, residual)
-    _check_dtype_option("residual_dtype", residual_dtype)
+    _checks.check_dtype_option("residual_dtype", residual_dtype)
     if stats_dtype is not None:
         eps = numerics.rms_eps(eps, residual_dtype or x.dtype)
     args = (x, residual, _shape(normalized_shape), weight, None if eps is None else float(eps), residual_dtype)
     return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype)
 
 
-_STATS_DTYPES = (torch.float32, torch.float64)
-# The arguments an op updates in place (the running statistics): written back after a cast call.
-_UPDATED_IN_PLACE = {"batch_norm": (1, 2), "batch_norm_act": (1, 2), "instance_norm": (1, 2)}
-
-
 def _dispatch(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
               out_dtype: torch.dtype | None):
     """Resolve the backend for ``op`` and run it, at the precision asked for; the result in
     the input's memory format."""
-    out = _run_at_precision(op, args, backend, stats_dtype, out_dtype)
-    x = args[0]
-    if isinstance(out, tuple):
+    spec = OPS[op]
+    x = args[spec.input_at]
+    if stats_dtype is None and out_dtype is None:  # the default path: nothing to check or cast
+        out = resolve(op, backend, *args)(*args)
+    else:
+        out = _run_at_precision(op, args, backend, stats_dtype, out_dtype)
+    if type(out) is tuple:
         return tuple(keep_layout(x, t) for t in out)
     return keep_layout(x, out)
 
@@ -465,10 +475,9 @@ def keep_layout(x: Tensor, y: Tensor) -> Tensor:
 
 def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
                       out_dtype: torch.dtype | None):
-    x = args[0]
-    if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
-        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype!r}")
-    _check_dtype_option("out_dtype", out_dtype)
+    spec = OPS[op]
+    x = args[spec.input_at]
+    _checks.check_precision(stats_dtype, out_dtype)
     work = stats_dtype or numerics.acc_dtype(x.dtype)
     asked = stats_dtype is not None or (out_dtype is not None and out_dtype != x.dtype)
     if not asked:
@@ -483,20 +492,13 @@ def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: to
         cast = tuple(a.to(work) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
         out = resolve(op, backend, *cast)(*cast)
         with torch.no_grad():
-            for i in _UPDATED_IN_PLACE.get(op, ()):
+            for i in spec.in_place_at:
                 if args[i] is not None and cast[i] is not args[i]:
                     args[i].copy_(cast[i])
     final = out_dtype or x.dtype
-    if isinstance(out, tuple):  # (y, residual_out): residual_out keeps residual_dtype
-        return out[0].to(final), out[1].to(args[-1] or x.dtype)
+    if spec.residual_dtype is not None:  # (y, residual_out): residual_out keeps residual_dtype
+        return out[0].to(final), out[1].to(args[spec.at(spec.residual_dtype)] or x.dtype)
     return out.to(final)
-
-
-def _check_dtype_option(name: str, dtype: object) -> None:
-    """``out_dtype`` / ``residual_dtype``: a floating-point torch.dtype or None (a string such
-    as ``"float32"`` is not one: pass ``torch.float32``)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"{name} must be a floating-point torch.dtype such as torch.float32 (or None); got {dtype!r}")
 
 
 def _check_residual(x: Tensor, residual: Tensor | None) -> None:

@@ -1,6 +1,7 @@
 """What runs where: the support matrix, generated from the backend registry.
 
-:func:`support_matrix` calls every op of :mod:`normkit.functional` on a table of representative
+:func:`support_matrix` calls every op (:data:`normkit.backends.OPS`: :mod:`normkit.functional`'s
+and the masked norms) on a table of representative
 calls (:data:`CALLS`: each op's variants, such as training and eval, channels_last, an empty
 batch, ``stats_dtype=torch.float64``) in float32, float64, bfloat16 and float16, for every
 registered backend, on the CPU and on a CUDA device, inside :func:`normkit.backends.probing`:
@@ -23,8 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from . import functional as NF
-from .backends import BackendError, WouldRun, _declared_checks, _known, _lookup, probing
+from .backends import OPS, BackendError, WouldRun, _declared_checks, _known, _lookup, probing
 
 __all__ = ["CALLS", "DEVICES", "DTYPES", "MARKERS", "Cell", "SupportMatrix", "readme_table", "support_matrix", "update_readme"]
 
@@ -94,6 +94,11 @@ def _inorm(t: _Maker, *, stats: bool = False, cl: bool = False, use_input_stats:
     return (t(2, 3, 4, 5, cl=cl), t(3) if stats else None, t(3) if stats else None, t(3), t(3), use_input_stats)
 
 
+def _masked(t: _Maker, *, training: bool = True) -> tuple[Any, ...]:
+    mask = t(2, 5, dtype=torch.bool).fill_(True)
+    return (t(2, 3, 5), mask, t(3), t(3), t(3), t(3), training)
+
+
 # op -> its representative calls, (variant, build). A test checks every op of every backend has
 # a row here, so a new op cannot be left out of the matrix.
 CALLS: dict[str, tuple[tuple[str, Build], ...]] = {
@@ -153,6 +158,14 @@ CALLS: dict[str, tuple[tuple[str, Build], ...]] = {
         ("dims=(0, 2)", lambda t: ((t(2, 6, 4, 5), (0, 2), t(2, 4), t(2, 4)), {})),
         ("stats_dtype=float64", lambda t: ((t(2, 6, 4, 5), (1,), t(6), t(6)), F64)),
     ),
+    "masked_batch_norm": (
+        ("training", lambda t: (_masked(t), {})),
+        ("eval", lambda t: (_masked(t, training=False), {})),
+    ),
+    "masked_instance_norm": (
+        ("input statistics", lambda t: (_masked(t), {})),
+        ("running statistics", lambda t: (_masked(t, training=False), {})),
+    ),
     "local_response_norm": (
         ("3-D input", lambda t: ((t(2, 6, 7), 3), {})),
         ("4-D input", lambda t: ((t(2, 6, 4, 5), 3), {})),
@@ -187,7 +200,7 @@ def _probe(backend: str, op: str, build: Build, dtype: torch.dtype, device: str)
     args, kwargs = build(_Maker(dtype, device))
     with probing():
         try:
-            getattr(NF, op)(*args, backend=backend, **kwargs)
+            OPS[op].function(*args, backend=backend, **kwargs)
         except WouldRun:
             return None
         except BackendError as e:

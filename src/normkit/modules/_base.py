@@ -8,10 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._checks import check_precision
 from ..backends import get_backend
 from ._tracing import refuse_scripting
-
-_STATS_DTYPES = (torch.float32, torch.float64)
 
 # The default of an attribute that __init__ requires (no default): adopt() must be given it.
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
@@ -20,10 +19,7 @@ REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 def _check_options(backend: str | None, stats_dtype: torch.dtype | None, out_dtype: torch.dtype | None) -> None:
     if backend is not None and backend != "auto":
         get_backend(backend)  # a misspelt name fails at construction, not at the first call
-    if stats_dtype is not None and stats_dtype not in _STATS_DTYPES:
-        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64 (or None); got {stats_dtype}")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise ValueError(f"out_dtype must be a floating-point torch.dtype (or None); got {out_dtype}")
+    check_precision(stats_dtype, out_dtype)
 
 
 class BackendMixin:

@@ -1,7 +1,8 @@
 """The backends normkit ships, registered with :mod:`normkit.backends`.
 
 * ``"torch"``: ATen's kernels, with the compositions ATen lacks (the fused residual ops, the
-  norm + activation ops, ``normalize`` over any dims) written in torch ops.
+  norm + activation ops, ``normalize`` over any dims, the masked norms, the norms of the table
+  without a torch twin) written in torch ops.
 * ``"reference"``: :mod:`normkit.reference`, the from-scratch implementation.
 * ``"triton"`` and ``"numba"``: kernel backends, loaded on first use. Each backend's own module
   (``normkit.ops.<name>.backend``) imports nothing heavy; it says whether the backend could run
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import numerics, reference
+from .. import masked, numerics, reference  # noqa: F401  (masked: declares its ops)
 from ..backends import Backend, OpImpl, _never, register_backend, register_lazy_backend
 from ..functional import activate
 from ..norms import NORMS, NormSpec
@@ -69,6 +70,34 @@ def _then_act(norm: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return norm_act
 
 
+def _torch_masked_batch_norm(input, mask, running_mean, running_var, weight=None, bias=None, training=False,
+                             momentum=0.1, eps=1e-5):
+    tokens = input.transpose(1, 2)[mask]  # (T, C): the real tokens, in (n, l) order
+    y = F.batch_norm(tokens, running_mean, running_var, weight, bias, training, momentum, eps)
+    out = y.new_zeros(input.shape[0], input.shape[2], input.shape[1]).index_put((mask,), y)
+    return out.transpose(1, 2)
+
+
+def _torch_masked_instance_norm(input, mask, running_mean=None, running_var=None, weight=None, bias=None,
+                                use_input_stats=True, momentum=0.1, eps=1e-5):
+    acc = numerics.acc_dtype(input.dtype)
+    x, m = input.to(acc), mask[:, None, :].to(acc)
+    if use_input_stats:
+        n = m.sum(2, keepdim=True)
+        mean = (m * x).sum(2, keepdim=True) / n
+        var = (m * (x - mean).square()).sum(2, keepdim=True) / n
+        numerics.update_running_stats(running_mean, running_var, mean.flatten(1).mean(0),
+                                      numerics.unbiased(var, n).flatten(1).mean(0), momentum)
+    else:
+        mean, var = running_mean.to(acc)[:, None], running_var.to(acc)[:, None]
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(acc)[:, None]
+    if bias is not None:
+        y = y + bias.to(acc)[:, None]
+    return (m * y).to(input.dtype)
+
+
 def _torch_lrn_unsupported(input, size, alpha=1e-4, beta=0.75, k=1.0):
     if (input.device.type == "cpu" and input.dim() > 3 and input.numel() > 0
             and input.dtype in (torch.float16, torch.bfloat16)):
@@ -101,6 +130,8 @@ register_backend(
             "normalize": OpImpl(_torch_normalize),
             "batch_norm_act": OpImpl(_then_act(F.batch_norm)),
             "group_norm_act": OpImpl(_then_act(F.group_norm)),
+            "masked_batch_norm": OpImpl(_torch_masked_batch_norm),
+            "masked_instance_norm": OpImpl(_torch_masked_instance_norm),
         },
         description="PyTorch's own ATen kernels",
     )
@@ -118,6 +149,8 @@ register_backend(
             "normalize": OpImpl(reference.normalize),
             "batch_norm_act": OpImpl(_then_act(reference.batch_norm)),
             "group_norm_act": OpImpl(_then_act(reference.group_norm)),
+            "masked_batch_norm": OpImpl(reference.masked_batch_norm),
+            "masked_instance_norm": OpImpl(reference.masked_instance_norm),
         },
         description="normkit's from-scratch implementation with hand-derived backward",
     )
