@@ -16,6 +16,9 @@ Numerics (the same for every row, whatever the batch or the thread count):
   vectorizes them: the order of additions is fixed in the compiled code and depends on ``L``
   only (not on the row's address, the batch or the threads); elementwise arithmetic rounds
   as written;
+* a row whose variance is not finite in its dtype (``|x| ~ 1e20`` in float32: the squares
+  overflow, as torch's do) has its moments taken again of the row scaled by a power of two
+  (:func:`_scaled_stats`): a finite, correct result where torch gives inf/NaN;
 * ``rstd = 1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (``eps=0`` on a constant
   row: output the bias, input gradient 0);
 * the backward recomputes ``x_hat`` from x and the saved (shifted) mean and rstd; the weight
@@ -26,10 +29,12 @@ Numerics (the same for every row, whatever the batch or the thread count):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import prange
 
-from normkit.ops.numba._engine import decode, encode, pjit, staging, sum_jit
+from normkit.ops.numba._engine import decode, encode, jit, pjit, staging, sum_jit
 
 __all__ = ["row_bwd", "row_fwd", "sum_blocks"]
 
@@ -65,6 +70,33 @@ def _row_dots(v, g, w, shift, mu, r_std):
     return acc_g, acc_gx
 
 
+@jit
+def _scaled_stats(v, shift, is_rms, eps):
+    """``(mean, rstd)`` of a row whose squares overflow (``|x| ~ 1e20`` in float32): moments of
+    ``(v - shift) * s``, ``s`` the power of two below ``1 / max|v - shift|`` (exact scaling),
+    scaled back. The fast path's results elsewhere: only rows whose variance is not finite
+    come here, decided by the row alone."""
+    zero = eps - eps
+    big = zero
+    for j in range(v.shape[0]):
+        big = max(big, abs(v[j] - shift))
+    if not np.isfinite(big) or big == 0:
+        return zero + np.nan, zero + np.nan
+    s = eps - eps + math.ldexp(1.0, -math.frexp(big)[1])
+    n = v.shape[0]
+    mu_s = zero
+    if not is_rms:
+        for j in range(n):
+            mu_s += (v[j] - shift) * s
+        mu_s /= n
+    var_s = zero
+    for j in range(n):
+        d = (v[j] - shift) * s - mu_s
+        var_s += d * d
+    var_s /= n
+    return mu_s / s, s / np.sqrt(var_s + eps * s * s)
+
+
 @pjit
 def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, block):
     """``y = x_hat * w + b`` of each row of ``x`` (or of ``rout = x + res``, stored, when
@@ -95,6 +127,8 @@ def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, block):
             mu = zero if is_rms else _row_sum(v, shift) / n
             var = _row_sumsq(v, shift, mu) / n
             r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
+            if not np.isfinite(var):
+                mu, r_std = _scaled_stats(v, shift, is_rms, eps_)
             mean[i] = mu
             rstd[i] = r_std
             out = staging(y[i], ybuf)
