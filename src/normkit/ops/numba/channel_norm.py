@@ -213,8 +213,8 @@ def _coefficients(N2: int, cg: int, pivot: np.ndarray, mean: np.ndarray, rstd: n
                   w: np.ndarray, b: np.ndarray, acc: type) -> tuple[np.ndarray, ...]:
     """``(pivot, mean, rstd, w, b)`` per (matrix, channel), rounded once to ``acc``."""
     per = [_per_channel(s, N2, cg).astype(acc) for s in (pivot, mean, rstd)]
-    return (*per, np.ascontiguousarray(np.broadcast_to(w, (N2, w.shape[0]))),
-            np.ascontiguousarray(np.broadcast_to(b, (N2, b.shape[0]))))
+    # (np.tile: a fresh writable array; a read-only one would be another numba specialisation)
+    return (*per, np.tile(w, (N2, 1)), np.tile(b, (N2, 1)))
 
 
 # ---- backward ---------------------------------------------------------------------------------
