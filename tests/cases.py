@@ -534,6 +534,11 @@ MODULE_ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] 
     "BatchRenorm2d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 3)),
     "BatchRenorm3d": ((3,), {"r_max": 1.5, "d_max": 0.5}, (2, 3, 2, 1, 2)),
 }
+# Every row of the table of norms has one through its own example (a new norm needs no row here).
+MODULE_ROWS.update({
+    ex.module: (ex.module_args, ex.module_kwargs, ex.shape)
+    for ex in (spec.example() for spec in NORMS.values()) if ex.module not in MODULE_ROWS
+})
 MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))
 
 

@@ -319,6 +319,55 @@ def test_functional_matches_torch(case: FunctionalCase, dtype: torch.dtype, back
     _compare(results, dtype, case.op, backend)
 
 
+# ---- the table of norms -------------------------------------------------------------------------
+
+
+class _With:
+    """A functional namespace with keywords bound: ``_With(NF, backend="torch").layer_norm``."""
+
+    def __init__(self, namespace: Any, **kwargs: Any) -> None:
+        self.namespace, self.kwargs = namespace, kwargs
+
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        return functools.partial(getattr(self.namespace, op), **self.kwargs)
+
+
+def _table_call(name: str, f: Any, dtype: torch.dtype, param_dtype: torch.dtype, float64: bool) -> dict[str, Tensor] | Exception:
+    """The example of row ``name`` through the namespace ``f``: output and gradients, from random
+    parameters and a random upstream gradient."""
+    spec = NORMS[name]
+    example, seed = spec.example(), seed_of("table", name)
+    x = make_input(example.shape, dtype, seed)
+    if float64:
+        x, param_dtype = x.detach().double().requires_grad_(), torch.float64
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = [torch.randn(example.param_shape, generator=gen, dtype=torch.float64).to(param_dtype).requires_grad_()
+              for _ in spec.affine]
+    try:
+        y = example.call(f, x, *params)
+    except Exception as e:  # compared with the oracle's exception by _compare
+        return e
+    y.backward(_upstream(y, seed_of("table", name, "dy"), dtype))
+    return {"out": y.detach(), "grad_input": x.grad, **{f"grad_{n}": p.grad for n, p in zip(spec.affine, params)}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_DTYPE_IDS.get)
+@pytest.mark.parametrize("name", list(NORMS))
+def test_every_norm_of_the_table_matches_its_oracle(name: str, dtype: torch.dtype, backend: str) -> None:
+    """Each row's example on each backend against its oracle: torch's twin, or where torch has
+    none normkit.reference (in float64 for the truth, in ``dtype`` for the oracle's own error)."""
+    oracle = F if NORMS[name].twin is not None else normkit.reference
+    param_dtype = torch.float32 if dtype in LOW_PRECISION else dtype  # bf16/fp16 input, fp32 parameters
+    results = {
+        "torch": _table_call(name, oracle, dtype, param_dtype, False),
+        "normkit": _table_call(name, _With(NF, backend=backend), dtype, param_dtype, False),
+    }
+    if dtype in LOW_PRECISION:
+        results["reference"] = _table_call(name, oracle, dtype, param_dtype, True)
+    _compare(results, dtype, name, backend)
+
+
 # ---- residual-add norms ------------------------------------------------------------------------
 
 
@@ -431,6 +480,8 @@ def test_functional_signature_is_torchs_plus_backend(name: str) -> None:
     assert ours[-1] == ("backend", _KW, None)
     if name == "normalize":  # no torch twin (F.normalize is the L_p one): tested in test_layers.py
         return
+    if name in NORMS and NORMS[name].twin is None:  # no torch signature to match
+        return
     if name.endswith("_act"):  # the norm's signature, then the activation
         default = {"batch_norm_act": "relu", "group_norm_act": "silu"}[name]
         norm = _plain(inspect.signature(getattr(F, name.removesuffix("_act"))))
@@ -468,11 +519,11 @@ def test_module_is_a_torch_module_with_torchs_state_dict_and_repr(name: str) -> 
 
 
 def test_every_norm_and_module_has_cases() -> None:
-    """A new row in normkit.norms.NORMS or a new module class fails here until it has cases."""
+    """A new module class or functional op fails here until it has cases."""
     covered = {c.module for c in NORM_CASES + LAZY_CASES} | {c.module for c in FUSED_ADD_CASES}
     assert set(_MODULE_NAMES) <= covered, f"modules without cases: {sorted(set(_MODULE_NAMES) - covered)}"
-    ops = {c.op for c in NORM_CASES} | {c.op for c in FUNCTIONAL_CASES}
-    assert set(NORMS) <= ops, f"norms without cases: {sorted(set(NORMS) - ops)}"
+    # (every row of the table of norms is a case of test_every_norm_of_the_table_matches_its_oracle)
+    ops = {c.op for c in NORM_CASES} | {c.op for c in FUNCTIONAL_CASES} | set(NORMS)
     assert set(NF.__all__) - {"normalize"} <= ops | {c.op for c in FUSED_ADD_CASES}  # normalize: test_layers.py
 
 

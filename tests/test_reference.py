@@ -116,6 +116,21 @@ def test_gradgradcheck(fn: Callable[..., Any], shapes: tuple[tuple[int, ...], ..
     assert gradgradcheck(fn, inputs, upstream)
 
 
+@pytest.mark.parametrize("name", list(NORMS))
+def test_gradcheck_every_norm_of_the_table(name: str) -> None:
+    """Each row's formula in the reference, through its example: first and second derivatives."""
+    spec = NORMS[name]
+    example = spec.example(Sizes((2, 4, 3), normalized_ndim=1, num_groups=2))
+    gen = _gen("table gradcheck", name)
+    tensors = [_randn(gen, *example.shape), *(_randn(gen, *example.param_shape) for _ in spec.affine)]
+
+    def fn(*t: Tensor) -> Tensor:
+        return example.call(R, *t)
+
+    assert gradcheck(fn, tensors)
+    assert gradgradcheck(fn, tensors, [_randn(gen, *example.shape)])
+
+
 # ---- numerical stability in float32 ------------------------------------------------------------
 
 def _oracle(name: str) -> Any:

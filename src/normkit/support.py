@@ -15,6 +15,7 @@ rendering into the README.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from .backends import OPS, BackendError, WouldRun, _declared_checks, _known, _lookup, probing
+from .norms import NORMS
 
 __all__ = ["CALLS", "DEVICES", "DTYPES", "MARKERS", "Cell", "SupportMatrix", "readme_table", "support_matrix", "update_readme"]
 
@@ -172,6 +174,27 @@ CALLS: dict[str, tuple[tuple[str, Build], ...]] = {
         ("stats_dtype=float64", lambda t: ((t(2, 6, 4, 5), 3), F64)),
     ),
 }
+
+
+class _Arguments:
+    """A stand-in functional namespace: ``_Arguments().layer_norm(*args)`` is ``args``."""
+
+    def __getattr__(self, op: str) -> Callable[..., tuple[Any, ...]]:
+        return lambda *args: args
+
+
+def _row_call(name: str, t: _Maker, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call of a row of the table of norms, from its example."""
+    spec = NORMS[name]
+    example = spec.example()
+    return example.call(_Arguments(), t(*example.shape), *(t(*example.param_shape) for _ in spec.affine)), kwargs
+
+
+# The norms of the table without calls of their own above: their example, and at float64.
+CALLS.update({
+    name: (("default", functools.partial(_row_call, name)), ("stats_dtype=float64", functools.partial(_row_call, name, **F64)))
+    for name in NORMS if name not in CALLS
+})
 
 
 @dataclass(frozen=True)
