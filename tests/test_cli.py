@@ -138,6 +138,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith(f"normkit {normkit.__version__} (torch {torch.__version__}")
 
 
+def test_python_dash_m_normkit(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["normkit", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("normkit", run_name="__main__")
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("normkit ")
+
+
 def test_version_has_one_source() -> None:
     from importlib.metadata import version
 
