@@ -25,7 +25,8 @@ does not depend on the other samples):
   of the row): a large common offset cancels exactly, a constant row has variance exactly 0;
 * the sums of ``d`` and ``d^2`` are accumulated in float64 (exact products of float32 values),
   a segment by :func:`_sums` (reassociated, vectorized, in an order fixed by its length: see
-  ``sum_jit`` in the engine), a column sequentially over its rows; partial sums are added per row, in segment or block order. The variance is
+  ``sum_jit`` in the engine), a column sequentially over its rows; partial sums are added in
+  segment or block order, never per thread. The variance is
   ``E[d^2] - E[d]^2`` in float64: its relative error is about ``2^-53 (1 + (mean - pivot)^2 /
   var)``, far below float32's rounding (for float64 input, below the last bits only while the
   pivot is not many standard deviations from the mean);

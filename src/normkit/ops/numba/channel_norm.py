@@ -16,10 +16,20 @@ The running statistics are updated outside the ops, by :func:`normkit.numerics.u
 (all or none, in their own dtype), from the forward op's statistics. Both ops have fake
 implementations, so ``torch.compile(fullgraph=True)`` traces a norm without a graph break.
 
-Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kernels`): one
-task per channel (BatchNorm, NC*) or per (sample, group) (GroupNorm, InstanceNorm, NC*), or per
-fixed block of channels_last rows; bit-identical at any thread count, and a GroupNorm or
-InstanceNorm sample's result does not depend on the other samples.
+Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kernels`): tasks
+are (sample, channel) segments (BatchNorm, NC*), (sample, group) rows (GroupNorm,
+InstanceNorm, NC*) or fixed blocks of channels_last rows, on ``torch.get_num_threads()``
+threads; partial sums (statistics, weight and bias gradients) are kept per task and added in a
+fixed order, so results are bit-identical at any thread count, and a GroupNorm or InstanceNorm
+sample's result does not depend on the other samples.
+
+Numerics: statistics from float64 sums of ``x - pivot`` (one element of the statistic's own)
+and its square; the output and input gradient in float32 (float64 for float64 input; bf16
+rounded once, to nearest even); the weight and bias gradients summed in float64. Declined:
+float16, ``instance_norm(use_input_stats=False)``, empty GroupNorm/InstanceNorm input
+(:data:`UNSUPPORTED`). The activations silu and gelu call libm's exp/erf per element (numba
+has no vector math library here), so their fused forms are several times slower than
+without an activation or with relu.
 
 The functions take ``torch.nn.functional``'s arguments and trust them: ``normkit.functional``
 has checked them and :data:`UNSUPPORTED` has accepted the call.
