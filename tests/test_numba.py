@@ -210,3 +210,15 @@ def test_large_common_offset_cancels() -> None:
 def test_declines_with_a_reason(x: Tensor, reason: str) -> None:
     with pytest.raises(BackendError, match=reason):
         NF.rms_norm(x, (8,), backend="numba")
+
+
+@pytest.mark.parametrize(("shape", "grad"), [((8, 4096), True), ((512, 1024), True), ((512, 1024), False)])
+def test_auto_picks_numba_only_where_the_benchmark_measured_it_faster(shape: tuple[int, int], grad: bool) -> None:
+    from normkit.backends import resolve
+    from normkit.ops.numba.backend import MEASURED_FASTER, shape_class
+
+    x = torch.randn(shape, requires_grad=grad)
+    w = torch.randn(shape[-1], requires_grad=grad)
+    picked = resolve("rms_norm", None, x, (shape[-1],), w, None)
+    measured = shape_class("rms_norm", x) in MEASURED_FASTER.get("rms_norm", ())
+    assert (picked.__module__ == "normkit.ops.numba.row_norm") == measured
