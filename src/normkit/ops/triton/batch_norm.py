@@ -24,7 +24,7 @@ import triton
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
-from normkit.numerics import unbiased, update_running_stats
+from normkit.numerics import update_running_stats
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -42,6 +42,7 @@ from normkit.ops.triton.batch_norm_kernels import (
     batch_norm_apply_kernel,
     batch_norm_bwd_apply_kernel,
     batch_norm_bwd_reduce_kernel,
+    batch_norm_finalize_kernel,
     batch_norm_stats_kernel,
 )
 from normkit.ops.triton.jit_helpers import ACT_CODES
@@ -60,6 +61,8 @@ TILE = 4096
 # Channels per tile: a channels-last row of 64 channels is 128-256 contiguous bytes; an NC*
 # channel is contiguous along the rows, so few channels and long row runs.
 BLOCK_C_MAX = {"columns": 64, "segments": 4}
+# The finalize kernel's tile: partials x channels (P is a few per SM, C up to thousands).
+FINALIZE_BLOCK_P, FINALIZE_BLOCK_C = 16, 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +73,7 @@ class _Blocks(NamedTuple):
     BLOCK_M: int
     BLOCK_C: int
     num_warps: int
+    SPATIAL: bool  # tiles are (sample, spatial block): see batch_norm_kernels._tile
 
 
 def _channel_view(t: Tensor) -> Tensor:
@@ -92,29 +96,45 @@ def _blocks(x3: Tensor, block_n: int | None) -> _Blocks:
     N, C, S = x3.shape
     tile = block_override(block_n) or TILE
     columns = S == 1 or x3.stride(1) < x3.stride(2)  # channels are the fast axis
+    if not columns and x3.stride(2) == 1:
+        # NC*: a tile is a run of one sample's spatial positions (as long as fits, so
+        # 56x56 keeps 1024-long runs) times as many channels as fill the tile (7x7: 64).
+        block_m = min(triton.next_power_of_2(S), max(1, tile // BLOCK_C_MAX["segments"]))
+        block_c = min(triton.next_power_of_2(C), max(1, tile // block_m), BLOCK_C_MAX["columns"])
+        return _Blocks(block_m, block_c, min(max(block_m * block_c // 512, 1), 8), True)
     block_c = min(triton.next_power_of_2(C), BLOCK_C_MAX["columns" if columns else "segments"],
                   tile)
     block_m = min(triton.next_power_of_2(N * S), max(1, tile // block_c))
-    return _Blocks(block_m, block_c, min(max(block_m * block_c // 512, 1), 8))
+    return _Blocks(block_m, block_c, min(max(block_m * block_c // 512, 1), 8), False)
 
 
-def _row_split(M: int, blocks: _Blocks, c_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(programs along the rows, rows per program) of the reducing kernels: a few programs
+def _tiles(x3: Tensor, blocks: _Blocks) -> tuple[int, int]:
+    """(tiles along the rows, spatial blocks per sample): the kernels' row-tile index space."""
+    N, _, S = x3.shape
+    if blocks.SPATIAL:
+        s_blocks = triton.cdiv(S, blocks.BLOCK_M)
+        return N * s_blocks, s_blocks
+    return triton.cdiv(N * S, blocks.BLOCK_M), 1
+
+
+def _row_split(tiles: int, c_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(programs along the rows, tiles per program) of the reducing kernels: a few programs
     per SM in all, each walking whole tiles; on the CPU interpreter, a handful."""
     sms = sm_count(device)
     target = 4 if sms is None else max(1, 4 * sms // c_blocks)
-    tiles = triton.cdiv(M, blocks.BLOCK_M)
-    rows_per_program = triton.cdiv(tiles, min(tiles, target)) * blocks.BLOCK_M
-    return triton.cdiv(M, rows_per_program), rows_per_program
+    tiles_per_program = triton.cdiv(tiles, min(tiles, target))
+    return triton.cdiv(tiles, tiles_per_program), tiles_per_program
 
 
 def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
            blocks: _Blocks, act: int) -> None:
     N, C, S = x3.shape
-    grid = (triton.cdiv(N * S, blocks.BLOCK_M), triton.cdiv(C, blocks.BLOCK_C))
+    tiles, s_blocks = _tiles(x3, blocks)
+    grid = (tiles, triton.cdiv(C, blocks.BLOCK_C))
     batch_norm_apply_kernel[grid](
-        x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3),
-        ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
+        x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3), s_blocks,
+        ACT=act, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
+        RNE_BY_HAND=interpreted(),
         num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
     )
 
@@ -132,32 +152,32 @@ def batch_norm_stats(
     dev = x.device
     blocks = _blocks(x3, block_n)
     c_blocks = triton.cdiv(C, blocks.BLOCK_C)
-    programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
+    tiles, s_blocks = _tiles(x3, blocks)
+    programs, tiles_per_program = _row_split(tiles, c_blocks, dev)
     mean_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
     m2_part = torch.empty_like(mean_part)
     scale_part = torch.empty_like(mean_part)
+    counts = torch.empty((programs, 1), dtype=torch.float32, device=dev)
     shift = x3[0, :, 0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     with device_of(x):
         batch_norm_stats_kernel[(programs, c_blocks)](
-            x3, shift, mean_part, m2_part, scale_part, M, C, S, *strides(x3), rows_per_program,
-            BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
-            enable_fp_fusion=FP_FUSION,
+            x3, shift, mean_part, m2_part, scale_part, counts, M, C, S, *strides(x3), tiles,
+            s_blocks, tiles_per_program, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M,
+            BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
         )
-    counts = (M - rows_per_program * torch.arange(programs, device=dev)).clamp(
-        max=rows_per_program).to(torch.float32).unsqueeze(1)
-    # The k-way Chan merge in units of the largest partial scale (powers of two: exact).
-    scale = scale_part.amax(0)
-    shifted_mean = (counts * (mean_part / scale)).sum(0) / M * scale
-    m2 = ((m2_part * (scale_part / scale).square()).sum(0)
-          + (counts * ((mean_part - shifted_mean) / scale).square()).sum(0))
-    mean = shift + shifted_mean
-    # The variance itself may exceed fp32 (|x| ~ 1e20) where rstd does not: scaled back in
-    # float64 (C numbers), rstd then rounded once to fp32.
-    var = m2.double() * scale.double().square()
+    centre = torch.empty((2, C), dtype=torch.float32, device=dev)
+    rstd = torch.empty((C,), dtype=torch.float32, device=dev)
+    batch_mean, batch_var = torch.empty_like(rstd), torch.empty_like(rstd)
+    block_c = min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)
+    with device_of(x):
+        batch_norm_finalize_kernel[(triton.cdiv(C, block_c),)](
+            mean_part, m2_part, scale_part, counts, shift, centre, rstd, batch_mean, batch_var,
+            programs, C, M, eps, BLOCK_P=min(triton.next_power_of_2(programs), FINALIZE_BLOCK_P),
+            BLOCK_C=block_c, enable_fp_fusion=FP_FUSION,
+        )
     # As ATen: r = momentum * batch + (1 - momentum) * r, the unbiased variance.
-    update_running_stats(running_mean, running_var, mean, unbiased(var / M, M).float(), momentum)
-    rstd = torch.rsqrt(var / M + eps)
-    return torch.stack([shift, shifted_mean]), torch.where(var / M + eps == 0, 0.0, rstd).float()
+    update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum)
+    return centre, rstd
 
 
 def _scale_shift(weight: Tensor | None, bias: Tensor | None,
@@ -203,16 +223,17 @@ def batch_norm_bwd(
     sum_dy = sum_dy_xhat = empty()
     # The kernels read scale for dx and (with an activation) both, to recompute its input.
     scale, shift = _scale_shift(weight, bias, rstd) if act or need_dx else (empty(), empty())
+    tiles, s_blocks = _tiles(x3, blocks)
     if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
-        programs, rows_per_program = _row_split(M, blocks, c_blocks, dev)
+        programs, tiles_per_program = _row_split(tiles, c_blocks, dev)
         sum_dy_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
         sum_dy_xhat_part = torch.empty_like(sum_dy_part)
         with device_of(x):
             batch_norm_bwd_reduce_kernel[(programs, c_blocks)](
                 x3, dy3, centre, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
-                *strides(x3), *strides(dy3), rows_per_program,
-                ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
-                enable_fp_fusion=FP_FUSION,
+                *strides(x3), *strides(dy3), tiles, s_blocks, tiles_per_program,
+                ACT=act, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
+                num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
         # A fixed-shape torch sum: the same partials give the same bits on every run.
         sum_dy, sum_dy_xhat = sum_dy_part.sum(0), sum_dy_xhat_part.sum(0)
@@ -221,12 +242,13 @@ def batch_norm_bwd(
         dx = _empty_out(x)
         dx3 = _channel_view(dx)
         mean_dy, mean_dy_xhat = (sum_dy / M, sum_dy_xhat / M) if batch_stats else (empty(), empty())
-        grid = (triton.cdiv(M, blocks.BLOCK_M), c_blocks)
+        grid = (tiles, c_blocks)
         with device_of(x):
             batch_norm_bwd_apply_kernel[grid](
                 x3, dy3, dx3, centre, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
-                *strides(x3), *strides(dy3), *strides(dx3),
-                BATCH_STATS=batch_stats, ACT=act, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
+                *strides(x3), *strides(dy3), *strides(dx3), s_blocks,
+                BATCH_STATS=batch_stats, ACT=act, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M,
+                BLOCK_C=blocks.BLOCK_C,
                 RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
     # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).

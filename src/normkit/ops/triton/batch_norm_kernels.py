@@ -21,12 +21,17 @@ channels_last(_3d)     ``S * C``    1            ``C``        a column of an (N*
 A sliced input keeps its strides too; only a layout whose spatial axes do not merge into one
 stride (``reshape`` cannot view it) is copied. Outputs take the input's memory format.
 
-Four kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels:
+Four kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels. On an NC* input
+(``SPATIAL``) a tile's rows are spatial positions of one sample, so the kernels never divide
+per element and a tile's rows are one unit-stride run (a 2-D grid over (sample, spatial
+block), flattened: issue 15 item 6); otherwise a tile is ``BLOCK_M`` consecutive rows:
 
-* ``batch_norm_stats_kernel``: a program owns a contiguous block of rows and a block of
-  channels; it merges per-tile (count, mean, M2) of ``x - pivot`` (pivot: one element of the
-  channel) with Chan's formula, M2 in units of a power-of-two scale, and writes its partial
-  mean, M2 and scale per channel to ``[P, C]`` buffers (P programs along the rows).
+* ``batch_norm_stats_kernel``: a program owns a run of tiles and a block of channels; it
+  merges per-tile (count, mean, M2) of ``x - pivot`` (pivot: one element of the channel) with
+  Chan's formula, M2 in units of a power-of-two scale, and writes its partial mean, M2 and
+  scale per channel to ``[P, C]`` buffers and its count to ``[P]`` (P programs along rows).
+* ``batch_norm_finalize_kernel``: the k-way merge of those partials into the batch's centre,
+  rstd, mean and unbiased variance, one program per block of channels.
 * ``batch_norm_apply_kernel``: ``y = ((x - pivot) - mean) * scale + shift`` with per-channel
   fp32 vectors (training: the batch's pivot and mean of ``x - pivot``, ``w * rstd``, b; eval:
   the running mean and 0, and the same from the running variance). Every kernel centres x
@@ -53,16 +58,37 @@ __all__ = [
     "batch_norm_apply_kernel",
     "batch_norm_bwd_apply_kernel",
     "batch_norm_bwd_reduce_kernel",
+    "batch_norm_finalize_kernel",
     "batch_norm_stats_kernel",
 ]
 
 
 @triton.jit
-def _tile(m0, c0, M, C, S, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Row and channel indices of the tile at (m0, c0), its (sample, position) split and mask."""
-    m = m0 + tl.arange(0, BLOCK_M)[:, None]  # m0 is int64
+def _tile(t, c0, M, C, S, S_BLOCKS, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """Tile ``t`` (int64) of BLOCK_M rows x BLOCK_C channels from channel c0: its sample and
+    spatial indices, channels, mask and number of valid rows.
+
+    ``SPATIAL`` (an NC* input, unit spatial stride): tile t is spatial block ``t % S_BLOCKS``
+    of sample ``t // S_BLOCKS``, so a tile never straddles two samples and its rows are one
+    contiguous run: one division per tile, not per element, and loads as wide as the
+    alignment of ``S`` allows. Otherwise tile t is rows ``[t * BLOCK_M, ...)`` of the
+    ``(N*S, C)`` matrix (channels_last: a row is C contiguous channels)."""
     c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]  # c * stride_c may pass 2**31
-    return m // S, m % S, c, (m < M) & (c < C)  # S == 1 is a constant: no division then
+    if SPATIAL:
+        s0 = (t % S_BLOCKS) * BLOCK_M
+        n = t // S_BLOCKS
+        s = s0 + tl.arange(0, BLOCK_M)[:, None]
+        mask = (s < S) & (c < C)
+        rows = tl.minimum(S - s0, BLOCK_M)
+    else:
+        m0 = t * BLOCK_M
+        m = m0 + tl.arange(0, BLOCK_M)[:, None]
+        n = m // S  # S == 1 is a constant: no division then
+        s = m % S
+        mask = (m < M) & (c < C)
+        rows = tl.minimum(M - m0, BLOCK_M)
+    return n, s, c, mask, rows  # one return: Triton compiles no early return
 
 
 @triton.jit
@@ -85,15 +111,19 @@ def _centred(x, CENTRE, c0, C, BLOCK_C: tl.constexpr):
     return (x - _load_channel(CENTRE, c0, C, BLOCK_C)) - _load_channel(CENTRE + C, c0, C, BLOCK_C)
 
 
+# M stays specialized (unlike the row norms' backward): the row mask ``m < M`` is what the
+# compiler proves 16-aligned when M is, and without it NCHW loads fall to scalars (the static
+# report showed 16 -> 2 bytes per lane at ResNet's 56x56).
 @triton.jit
 def batch_norm_stats_kernel(
-    X, SHIFT, MEAN_PART, M2_PART, SCALE_PART,
-    M, C, S, stride_xn, stride_xc, stride_xs, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    X, SHIFT, MEAN_PART, M2_PART, SCALE_PART, COUNT_PART,
+    M, C, S, stride_xn, stride_xc, stride_xs, TILES, S_BLOCKS, tiles_per_program,
+    SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (p, j): rows ``[p * rows_per_program, ...)``, channels of block j; writes the
-    mean and M2 of its rows of ``x - shift`` to ``MEAN_PART[p, c]`` and, in units of
-    ``SCALE_PART[p, c]^2``, ``M2_PART[p, c]`` (the count is implied).
+    """Program (p, j): tiles ``[p * tiles_per_program, ...)`` (see :func:`_tile`), channels
+    of block j; writes the mean and M2 of its rows of ``x - shift`` to ``MEAN_PART[p, c]``
+    and, in units of ``SCALE_PART[p, c]^2``, ``M2_PART[p, c]``, and its row count to
+    ``COUNT_PART[p]``.
 
     ``shift`` is one element of the channel: a constant channel is then exactly 0 (zero
     variance, output exactly the bias), and a large common offset cancels exactly (Sterbenz)
@@ -102,18 +132,18 @@ def batch_norm_stats_kernel(
     channel may exceed fp32 while its rstd does not. Scaling by a power of two is exact."""
     pid_m = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
-    row_start = pid_m.to(tl.int64) * rows_per_program  # int64: offsets may pass 2**31
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    t_start = pid_m.to(tl.int64) * tiles_per_program  # int64: offsets may pass 2**31
+    t_end = tl.minimum(t_start + tiles_per_program, TILES)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # in units of scale^2
     scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
     count = 0.0
-    for m0 in range(row_start, row_end, BLOCK_M):
-        n, s, c, mask = _tile(m0, c0, row_end, C, S, BLOCK_M, BLOCK_C)
+    for t in range(t_start, t_end):
+        n, s, c, mask, rows = _tile(t, c0, M, C, S, S_BLOCKS, SPATIAL, BLOCK_M, BLOCK_C)
         x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                     other=0.0).to(tl.float32)
         x = tl.where(mask, x - _load_channel(SHIFT, c0, C, BLOCK_C), 0.0)
-        n_b = tl.minimum(row_end - m0, BLOCK_M).to(tl.float32)
+        n_b = rows.to(tl.float32)
         scale_b = pow2_floor(tl.max(tl.abs(x), axis=0))
         xs = x * (1.0 / scale_b)[None, :]  # |xs| < 2
         mean_bs = tl.sum(xs, axis=0) / n_b
@@ -124,19 +154,22 @@ def batch_norm_stats_kernel(
     tl.store(MEAN_PART + pid_m * C + c, mean, mask=c < C)
     tl.store(M2_PART + pid_m * C + c, m2, mask=c < C)
     tl.store(SCALE_PART + pid_m * C + c, scale, mask=c < C)
+    if tl.program_id(1) == 0:
+        tl.store(COUNT_PART + pid_m, count)
 
 
 @triton.jit
 def batch_norm_apply_kernel(
     X, Y, CENTRE, SCALE, SHIFT,
-    M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+    M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, S_BLOCKS,
+    ACT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
 ):
     """One tile per program: ``y = act((x - mean) * scale + shift)`` (centring first keeps a
     large common offset from costing precision in ``x * scale``)."""
-    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     c0 = tl.program_id(1) * BLOCK_C
-    n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
+    n, s, c, mask, _ = _tile(tl.program_id(0).to(tl.int64), c0, M, C, S, S_BLOCKS, SPATIAL,
+                             BLOCK_M, BLOCK_C)
     x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                 other=0.0).to(tl.float32)
     y = _centred(x, CENTRE, c0, C, BLOCK_C) * _load_channel(SCALE, c0, C, BLOCK_C)
@@ -149,23 +182,23 @@ def batch_norm_apply_kernel(
 def batch_norm_bwd_reduce_kernel(
     X, DY, CENTRE, RSTD, SCALE, SHIFT, SUM_DY_PART, SUM_DY_XHAT_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    rows_per_program,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILES, S_BLOCKS, tiles_per_program,
+    ACT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (p, j): fp32 ``sum(dy)`` and ``sum(dy * x_hat)`` over its rows, per channel
     (``dy`` the gradient at the activation's input when there is one)."""
     pid_m = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
-    row_start = pid_m.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    t_start = pid_m.to(tl.int64) * tiles_per_program
+    t_end = tl.minimum(t_start + tiles_per_program, TILES)
     rstd = _load_channel(RSTD, c0, C, BLOCK_C)
     if ACT:
         scale = _load_channel(SCALE, c0, C, BLOCK_C)
         shift = _load_channel(SHIFT, c0, C, BLOCK_C)
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        n, s, c, mask = _tile(m0, c0, row_end, C, S, BLOCK_M, BLOCK_C)
+    for t in range(t_start, t_end):
+        n, s, c, mask, _ = _tile(t, c0, M, C, S, S_BLOCKS, SPATIAL, BLOCK_M, BLOCK_C)
         x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
                     other=0.0).to(tl.float32)
         dy = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
@@ -184,16 +217,16 @@ def batch_norm_bwd_reduce_kernel(
 def batch_norm_bwd_apply_kernel(
     X, DY, DX, CENTRE, RSTD, SCALE, SHIFT, MEAN_DY, MEAN_DY_XHAT,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs,
-    BATCH_STATS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    RNE_BY_HAND: tl.constexpr,
+    stride_dxn, stride_dxc, stride_dxs, S_BLOCKS,
+    BATCH_STATS: tl.constexpr, ACT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):
     """``dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` with ``scale = w * rstd``;
     with running statistics (``BATCH_STATS=0``) mean and rstd are constants: ``dx = scale * dy``.
     With an activation, ``dy`` is first ``dy * act'((x - mean) * scale + shift)``."""
-    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     c0 = tl.program_id(1) * BLOCK_C
-    n, s, c, mask = _tile(m0, c0, M, C, S, BLOCK_M, BLOCK_C)
+    n, s, c, mask, _ = _tile(tl.program_id(0).to(tl.int64), c0, M, C, S, S_BLOCKS, SPATIAL,
+                             BLOCK_M, BLOCK_C)
     g = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
                 other=0.0).to(tl.float32)
     if BATCH_STATS or ACT:
@@ -210,3 +243,60 @@ def batch_norm_bwd_apply_kernel(
     dx = g * _load_channel(SCALE, c0, C, BLOCK_C)
     tl.store(DX + _offsets(n, s, c, stride_dxn, stride_dxc, stride_dxs),
              cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+
+
+@triton.jit
+def batch_norm_finalize_kernel(
+    MEAN_PART, M2_PART, SCALE_PART, COUNT_PART, SHIFT, CENTRE, RSTD, BATCH_MEAN, BATCH_VAR,
+    P, C, M, eps,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program j, channels of block j: the k-way Chan merge of the P partials of
+    :func:`batch_norm_stats_kernel`, in one launch where it took ~27 small ATen ops (issue 15
+    item 7). In units of the largest partial scale (powers of two: exact)::
+
+        mean = sum(n_p * mean_p) / M,   M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)
+
+    (deviations of partial means, never ``E[x^2] - E[x]^2``). Writes ``CENTRE = [shift; mean
+    of x - shift]``, ``RSTD``, and the batch mean and unbiased variance the running update
+    reads. The variance is scaled back in float64: at ``|x| ~ 1e20`` it exceeds fp32 where
+    rstd does not; rstd is ``1 / sqrt(var + eps)`` in float64 rounded once to fp32, and 0
+    where ``var + eps == 0`` (ATen's rule)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = c < C
+    scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        mask = (p < P) & mask_c[None, :]
+        scale = tl.maximum(scale, tl.max(tl.load(SCALE_PART + p * C + c[None, :], mask=mask,
+                                                 other=0.0), axis=0))
+    scale = tl.where(mask_c, scale, 1.0)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        mask = (p < P) & mask_c[None, :]
+        n_p = tl.load(COUNT_PART + p, mask=p < P, other=0.0)
+        mean_p = tl.load(MEAN_PART + p * C + c[None, :], mask=mask, other=0.0)
+        total += tl.sum(n_p * (mean_p / scale[None, :]), axis=0)
+    shifted_mean = total / M * scale
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        mask = (p < P) & mask_c[None, :]
+        n_p = tl.load(COUNT_PART + p, mask=p < P, other=0.0)
+        offs = p * C + c[None, :]
+        r = tl.load(SCALE_PART + offs, mask=mask, other=0.0) / scale[None, :]
+        d = (tl.load(MEAN_PART + offs, mask=mask, other=0.0) - shifted_mean[None, :]) / scale[None, :]
+        m2 += tl.sum(tl.load(M2_PART + offs, mask=mask, other=0.0) * (r * r) + n_p * (d * d), axis=0)
+    shift = tl.load(SHIFT + c, mask=mask_c, other=0.0)
+    scale64 = scale.to(tl.float64)
+    var = m2.to(tl.float64) * (scale64 * scale64) / M  # biased
+    v = var + eps
+    rstd = tl.where(v == 0.0, 0.0, 1.0 / tl.sqrt(v))
+    m = M.to(tl.float64)
+    unbiased = tl.where(M > 1, var * (m / (m - 1.0)), var)
+    tl.store(CENTRE + c, shift, mask=mask_c)
+    tl.store(CENTRE + C + c, shifted_mean, mask=mask_c)
+    tl.store(RSTD + c, rstd.to(tl.float32), mask=mask_c)
+    tl.store(BATCH_MEAN + c, shift + shifted_mean, mask=mask_c)
+    tl.store(BATCH_VAR + c, unbiased.to(tl.float32), mask=mask_c)
