@@ -210,18 +210,29 @@ def batch_by_loop(op) -> None:
     torch.library.register_vmap(op, rule)
 
 
-def autograd_pair(fwd_op, setup, backward, bwd_op) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None,
+                  bwd_impl=None) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(forward_call, backward_call)`` for a pair of custom ops: eager code goes through an
     ``autograd.Function`` (works under torch.func; forward mode raises; a second derivative
     raises instead of silently dropping terms), compiled code calls the ops, whose autograd
-    formula is registered with ``torch.library.register_autograd``."""
+    formula is registered with ``torch.library.register_autograd``.
+
+    ``fwd_impl``/``bwd_impl``, the ops' own Python implementations, are called directly in
+    eager code outside torch.func transforms: the same kernels without the custom-op dispatch
+    (tens of microseconds a call, and seconds once per process: torch imports dynamo at a
+    custom op's first call)."""
     torch.library.register_autograd(fwd_op, backward, setup_context=setup)
+    direct_fwd = _direct(fwd_op, fwd_impl)
+    direct_bwd = _direct(bwd_op, bwd_impl)
 
     class Forward(torch.autograd.Function):
         generate_vmap_rule = True
-        forward = staticmethod(fwd_op)
         setup_context = staticmethod(setup)
         jvp = staticmethod(_refuse_forward_ad)
+
+        @staticmethod
+        def forward(*args):
+            return direct_fwd(*args)
 
         @staticmethod
         def backward(ctx, *grads):
@@ -232,7 +243,7 @@ def autograd_pair(fwd_op, setup, backward, bwd_op) -> tuple[Callable[..., Any], 
 
         @staticmethod
         def forward(*args):
-            return bwd_op(*args)
+            return direct_bwd(*args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -254,3 +265,17 @@ def autograd_pair(fwd_op, setup, backward, bwd_op) -> tuple[Callable[..., Any], 
         return bwd_op(*args) if torch.compiler.is_compiling() else Backward.apply(*args)
 
     return forward_call, backward_call
+
+
+def _direct(op, impl):
+    """``impl`` where no torch.func transform is active (its tensors are plain), else ``op``
+    (whose vmap rule handles batched tensors)."""
+    if impl is None:
+        return op
+
+    def call(*args):
+        if torch._C._are_functorch_transforms_active():
+            return op(*args)
+        return impl(*args)
+
+    return call

@@ -167,7 +167,8 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
 
 batch_by_loop(_row_fwd_op)
 batch_by_loop(_row_bwd_op)
-_row_norm, _row_bwd = autograd_pair(_row_fwd_op, _setup_context, _backward, _row_bwd_op)
+_row_norm, _row_bwd = autograd_pair(_row_fwd_op, _setup_context, _backward, _row_bwd_op,
+                                   _row_fwd_impl, _row_bwd_impl)
 
 
 # ---- the norms, with torch.nn.functional's signatures ------------------------------------------
