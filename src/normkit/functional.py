@@ -51,6 +51,7 @@ __all__ = [
     "local_response_norm",
     "normalize",
     "rms_norm",
+    "scale_norm",
 ]
 
 
@@ -199,6 +200,40 @@ def rms_norm(
         eps = numerics.rms_eps(eps, input.dtype)
     args = (input, _shape(normalized_shape), weight, None if eps is None else float(eps))
     return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
+
+
+@define_op()
+@_torch_arity
+def scale_norm(
+    input: Tensor,
+    g: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+    stats_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """ScaleNorm (Nguyen & Salazar, 2019, "Transformers without Tears"): each row of the last
+    dim scaled to length ``g``, ``y = g * x / max(||x||_2, eps)``.
+
+    ``g`` is one learnable number (a one-element tensor; ``None``: 1, plain L2 normalization).
+    torch has no twin (``F.normalize(x, dim=-1, eps=eps) * g`` computes the same); see
+    :class:`normkit.ScaleNorm`.
+
+    Numerics: the norm and the scaling in float32 (float64 for float64 input), a row with an
+    extreme ``|x|`` rescaled by a power of two first (no overflow of the squares); output in
+    the input's dtype.
+    """
+    _checks.check_args("scale_norm", ("input", "Tensor", input), ("g", "Tensor?", g), ("eps", "float", eps))
+    if input.dim() < 1:
+        raise ValueError("scale_norm needs an input with at least 1 dim (it normalizes the last); got a 0-dim tensor")
+    if g is not None and g.numel() != 1:
+        raise RuntimeError(f"Expected g to be one number (a tensor of 1 element), but got g of shape {list(g.shape)}")
+    if eps < 0:
+        raise ValueError(f"scale_norm eps must be non-negative, but got {eps}")
+    _checks._check_devices(input, g)
+    _checks._check_floating(input, "scale_norm")
+    return _dispatch("scale_norm", (input, g, float(eps)), backend, stats_dtype, out_dtype)
 
 
 @define_op()

@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
+from .numerics import acc_dtype
+
 __all__ = ["NORMS", "Example", "Layout", "NormSpec", "Reduce", "Sizes", "Twin", "layout"]
 
 
@@ -175,9 +177,11 @@ def _trailing(s: Sizes) -> tuple[int, ...]:
 
 
 def _scale_norm_composition(input: Tensor, g: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """``g * x / max(||x||_2, eps)`` over the last dim in torch ops (``F.normalize``)."""
-    y = F.normalize(input, 2.0, -1, eps)
-    return y if g is None else y * g.to(y.dtype)
+    """ScaleNorm in torch ops: ``F.normalize`` (``x / max(||x||_2, eps)``) in the accumulation
+    dtype, times ``g``, rounded once to the input's dtype."""
+    acc = acc_dtype(input.dtype)
+    y = F.normalize(input.to(acc), 2.0, -1, eps)
+    return (y if g is None else y * g.to(acc)).to(input.dtype)
 
 
 _VARIANCE = "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias"
@@ -219,6 +223,14 @@ NORMS: dict[str, NormSpec] = {
             call=lambda f, x, s, w: f.rms_norm(x, _trailing(s), w, 1e-5),
             constructor=lambda s: ((_trailing(s),), {}),
             sizes=Sizes((8, 64)),
+        ),
+        NormSpec(
+            "scale_norm", "ScaleNorm", Reduce(trailing=True), "l2_norm", "scalar", ("g",), False, 1e-5,
+            "y = g * x / max(||x||_2, eps)", None,
+            call=lambda f, x, s, g: f.scale_norm(x, g, 1e-5),
+            constructor=lambda s: ((s.shape[-1],), {}),
+            sizes=Sizes((8, 64)),
+            composition=_scale_norm_composition,
         ),
     )
 }

@@ -15,7 +15,8 @@ and its backward is derived by hand. With ``g = dy * weight`` and ``n`` elements
     dx = rstd * g                                         (given statistics: eval BatchNorm)
     dweight = sum(dy * x_hat),  dbias = sum(dy)           (over the broadcast axes)
 
-Every named norm is that primitive on a view chosen by :func:`normkit.norms.layout`.
+Every named norm is that primitive on a view chosen by :func:`normkit.norms.layout`, except
+ScaleNorm, whose statistic is the L2 norm clamped at eps (:class:`ScaleNormalize`).
 
 :class:`MaskedNormalize` is the same with statistics over the real elements of a 0/1 mask only
 (padded sequences: :func:`masked_batch_norm`, :func:`masked_instance_norm`).
@@ -52,6 +53,7 @@ __all__ = [
     "masked_instance_norm",
     "normalize",
     "rms_norm",
+    "scale_norm",
 ]
 
 
@@ -534,6 +536,91 @@ def instance_norm(
     return y
 
 
+def _l2_norm(xa: Tensor) -> Tensor:
+    """``||x||_2`` over the last dim (kept). A row whose largest ``|x|`` passes the fourth root of
+    the dtype's max, or falls below the square root of its smallest normal, is divided by a power
+    of two near it first (exact), so its squares neither overflow nor underflow (as
+    :func:`_moments`); in the ordinary range the plain formula, bit for bit."""
+    if xa.shape[-1] == 0:
+        return xa.new_zeros(xa.shape[:-1] + (1,))
+    info = torch.finfo(xa.dtype)
+    amax = xa.detach().abs().amax(-1, keepdim=True)
+    rescale = ((amax > info.max ** 0.25) | ((amax < info.tiny ** 0.5) & (amax > 0))) & amax.isfinite()
+    scale = torch.where(rescale, torch.exp2(torch.floor(torch.log2(amax))), torch.ones_like(amax))
+    return (xa / scale).square().sum(-1, keepdim=True).sqrt() * scale
+
+
+class ScaleNormalize(torch.autograd.Function):
+    """ScaleNorm's ``y = g * x / max(||x||_2, eps)`` over the last dim, with a hand-derived
+    backward and forward-mode derivative.
+
+    With ``n = ||x||_2``, ``r = 1 / max(n, eps)`` and ``u = x * r`` (a unit row where ``n > eps``)::
+
+        dx = g * r * (dy - u * sum(dy * u))     (n > eps; the sum over the row)
+        dx = g * r * dy                         (n <= eps: r is the constant 1 / eps)
+        dg = sum(dy * u)                        (over every element)
+
+    Forward mode: ``dy = g * r * (dx - u * sum(u * dx)) + u * dg`` (the projection only where
+    ``n > eps``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, g: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
+        acc = acc_dtype(x.dtype)
+        xa = x.to(acc)
+        y = xa / _l2_norm(xa).clamp(min=eps)
+        return (y if g is None else y * g.to(acc)).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, g, eps = inputs
+        ctx.save_for_backward(x, g)
+        ctx.save_for_forward(x, g)
+        ctx.eps = eps
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dg: Tensor | None, _deps: None) -> Tensor:  # type: ignore[override]
+        x, g = ctx.saved_tensors
+        acc = acc_dtype(x.dtype)
+        u, r, active = _unit_rows(x.to(acc), ctx.eps)
+        dy = torch.zeros_like(u)
+        if dx is not None:
+            dxa = dx.to(acc)
+            dy = r * (dxa - torch.where(active, u * (u * dxa).sum(-1, keepdim=True), 0.0))
+            dy = dy if g is None else dy * g.to(acc)
+        if dg is not None:
+            dy = dy + u * dg.to(acc)
+        return dy.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, g = ctx.saved_tensors
+        acc = acc_dtype(x.dtype)
+        dya = dy.to(acc)
+        u, r, active = _unit_rows(x.to(acc), ctx.eps)
+        dx = dg = None
+        if ctx.needs_input_grad[0]:
+            gdy = dya if g is None else dya * g.to(acc)
+            dx = (r * (gdy - torch.where(active, u * (gdy * u).sum(-1, keepdim=True), 0.0))).to(x.dtype)
+        if g is not None and ctx.needs_input_grad[1]:
+            dg = (dya * u).double().sum_to_size(g.shape).to(g.dtype)  # one sum over every element: float64
+        return dx, dg, None
+
+
+def _unit_rows(xa: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, r, n > eps)`` of ScaleNorm recomputed from the saved input with differentiable ops."""
+    n = _l2_norm(xa)
+    r = 1 / n.clamp(min=eps)
+    return xa * r, r, n > eps
+
+
+def scale_norm(input: Tensor, g: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """``g * x / max(||x||_2, eps)`` over the last dim (:class:`ScaleNormalize`)."""
+    return (_ScaleNormalizeTraced if torch.compiler.is_compiling() else ScaleNormalize).apply(input, g, eps)
+
+
 def local_response_norm(
     input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
 ) -> Tensor:
@@ -648,3 +735,4 @@ def _without_jvp(fn: type[torch.autograd.Function]) -> type[torch.autograd.Funct
 _NormalizeTraced = _without_jvp(Normalize)
 _MaskedNormalizeTraced = _without_jvp(MaskedNormalize)
 _LocalResponseNormTraced = _without_jvp(LocalResponseNorm)
+_ScaleNormalizeTraced = _without_jvp(ScaleNormalize)

@@ -26,7 +26,15 @@ from .instancenorm import (
     LazyInstanceNorm3d,
 )
 from .norm_act import BatchNormAct2d, GroupNormAct
-from .stateless import FusedAddLayerNorm, FusedAddRMSNorm, GroupNorm, LayerNorm, LocalResponseNorm, RMSNorm
+from .stateless import (
+    FusedAddLayerNorm,
+    FusedAddRMSNorm,
+    GroupNorm,
+    LayerNorm,
+    LocalResponseNorm,
+    RMSNorm,
+    ScaleNorm,
+)
 from .syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
@@ -62,6 +70,7 @@ __all__ = [
     "LazyInstanceNorm3d",
     "LocalResponseNorm",
     "RMSNorm",
+    "ScaleNorm",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
 ]

@@ -1,19 +1,30 @@
-"""The norms without running statistics: LayerNorm, RMSNorm, GroupNorm, LocalResponseNorm, and
-the fused residual-add norms of pre-norm transformers."""
+"""The norms without running statistics: LayerNorm, RMSNorm, GroupNorm, LocalResponseNorm,
+ScaleNorm, and the fused residual-add norms of pre-norm transformers."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
-from ..functional import add_layer_norm, add_rms_norm, group_norm, layer_norm, local_response_norm, rms_norm
+from ..functional import (
+    add_layer_norm,
+    add_rms_norm,
+    group_norm,
+    layer_norm,
+    local_response_norm,
+    rms_norm,
+    scale_norm,
+)
 from ._base import BackendMixin
 from ._tracing import module_leaf
 
-__all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm"]
+__all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm", "ScaleNorm"]
 
 # Leaves for torch.fx symbolic tracing: their argument checks read shapes, which a Proxy cannot.
-for _name in ("layer_norm", "rms_norm", "group_norm", "local_response_norm", "add_layer_norm", "add_rms_norm"):
+for _name in ("layer_norm", "rms_norm", "group_norm", "local_response_norm", "add_layer_norm", "add_rms_norm",
+              "scale_norm"):
     torch.fx.wrap(_name)
 
 
@@ -203,3 +214,42 @@ class FusedAddRMSNorm(RMSNorm):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
                             residual_dtype=self.residual_dtype, **self.call_options())
+
+
+class ScaleNorm(BackendMixin, nn.Module):
+    """ScaleNorm (Nguyen & Salazar, 2019, "Transformers without Tears"): each row of the last dim
+    scaled to a learned length, ``y = g * x / max(||x||_2, eps)``.
+
+    torch.nn has no twin, so this is a plain ``nn.Module``; its oracle is
+    :mod:`normkit.reference` in float64.
+
+    Args:
+        d: the size of the last dim; ``g`` is initialised to ``sqrt(d)``, as in the paper (a
+            unit row then has the length of a row of unit-variance entries).
+        eps: the smallest norm divided by (``1e-5``, the paper's code's clamp).
+        device, dtype: of ``g``.
+        backend, stats_dtype, out_dtype: keyword-only, as every normkit module.
+
+    Shape: input ``(*, d)``, output the same.
+
+    Numerics: the norm and the scaling in float32 (float64 for float64 input), output in the
+    input's dtype; ``g`` is one parameter of shape ``()``.
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None, *, backend: str | None = None,
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.d, self.eps = d, eps
+        self.g = nn.Parameter(torch.empty((), device=device, dtype=dtype))
+        self.reset_parameters()
+        self._init_backend(backend, stats_dtype, out_dtype)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.g.fill_(math.sqrt(self.d))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return scale_norm(input, self.g, self.eps, **self.call_options())
+
+    def extra_repr(self) -> str:
+        return ", ".join(filter(None, [f"{self.d}, eps={self.eps}", BackendMixin.extra_repr(self)]))
