@@ -19,6 +19,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -379,3 +380,35 @@ def test_channel_norms_read_channels_last_input_in_place(memory_format, monkeypa
     for y in (T.group_norm(x, 2), T.instance_norm(x)):
         assert seen.pop().data_ptr() == x.data_ptr()
         assert y.is_contiguous(memory_format=memory_format)
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the ops dispatched inside the block."""
+
+    def __enter__(self):
+        self.names: list[str] = []
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_add_norm_gradient_through_residual_out_alone() -> None:
+    """The statistics' and an unused y's gradients are not materialized (issue 15 item 9): with
+    only ``residual_out`` in the loss, its gradient flows to x and residual unchanged, the
+    weight's is zero, and the eager step runs the kernels' custom-op bodies directly."""
+    gen = torch.Generator().manual_seed(15)
+    x, residual = (torch.randn(6, 12, generator=gen, device="cpu").to(DEVICE).requires_grad_()
+                   for _ in range(2))
+    weight = torch.randn(12, generator=gen).to(DEVICE).requires_grad_()
+    upstream = torch.randn(6, 12, generator=gen).to(DEVICE)
+    with _OpNames() as seen:
+        out = T.add_rms_norm(x, residual, (12,), weight)
+        out.residual_out.backward(upstream)
+    assert not any(name.startswith("normkit::") for name in seen), seen
+    # One zero tensor, for the unused y's gradient; none for the three statistics.
+    assert seen.count("aten::zeros_like") == 1 and "aten::zeros" not in seen, seen
+    assert torch.equal(x.grad, upstream) and torch.equal(residual.grad, upstream)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
