@@ -94,20 +94,35 @@ class _Blocks(NamedTuple):
     num_warps: int
 
 
-def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | None) -> _Blocks:
+def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | None,
+            channels_fast: bool = False) -> _Blocks:
     """Tile shape for rows of R segments of S elements: as much of a segment as fits, then as
-    many segments as fit (GroupNorm with 1x1 spatial gets a tile of channels). ``block_n``
-    (else ``$NORMKIT_TRITON_BLOCK_N``) caps both the single-tile and the chunk size."""
+    many segments as fit (GroupNorm with 1x1 spatial gets a tile of channels). With
+    ``channels_fast`` (channels_last: the R channels of a group are the unit-stride axis) the
+    channels come first, so lanes read neighbouring channels instead of one scalar each at
+    stride C (issue 15 item 5; full vectors where R is a multiple of 16, so that a group's
+    first channel is aligned). ``block_n`` (else ``$NORMKIT_TRITON_BLOCK_N``) caps both the
+    single-tile and the chunk size."""
     block_n = block_override(block_n)
     single_tile = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
     for block in (block_n,) if block_n else (single_tile, CHUNK_TILE):
-        block_s = min(triton.next_power_of_2(S), block)
-        block_r = min(triton.next_power_of_2(R), max(1, block // block_s))
+        if channels_fast:
+            block_r = min(triton.next_power_of_2(R), block)
+            block_s = min(triton.next_power_of_2(S), max(1, block // block_r))
+        else:
+            block_s = min(triton.next_power_of_2(S), block)
+            block_r = min(triton.next_power_of_2(R), max(1, block // block_s))
         single = block_r >= R and block_s >= S
         if single:
             break
     num_warps = min(max(block_r * block_s // 256, 1), 16)
     return _Blocks(block_r, block_s, single, num_warps)
+
+
+def _channels_fast(x3: Tensor, R: int) -> bool:
+    """A group's channels are the unit-stride axis of the ``(N, C, S)`` view (channels_last),
+    and there is more than one of them."""
+    return R > 1 and x3.stride(1) == 1 and x3.shape[2] > 1
 
 
 def _inner_contiguous(t: Tensor | None) -> Tensor | None:
@@ -171,7 +186,7 @@ def row_norm_fwd(
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     var = torch.empty_like(mean)
-    blocks = _blocks(R, S, "fwd", x.element_size(), block_n)
+    blocks = _blocks(R, S, "fwd", x.element_size(), block_n, _channels_fast(x, R))
     with device_of(x):
         row_norm_fwd_kernel[(M,)](
             x, residual, y, residual_out, weight, bias, mean, rstd, var,
@@ -218,7 +233,7 @@ def row_norm_bwd(
     dev = x.device
     dx = _empty_like(x, dx_dtype)
     dresidual = _empty_like(x, dresidual_dtype) if dresidual_dtype else dx.new_empty((0,))
-    blocks = _blocks(R, S, "bwd", x.element_size(), block_n)
+    blocks = _blocks(R, S, "bwd", x.element_size(), block_n, _channels_fast(x, R))
     programs = _program_count(M, dev)
     if per_channel:
         part_shape = (N, C, triton.cdiv(S, blocks.BLOCK_S))

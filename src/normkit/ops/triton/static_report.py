@@ -76,6 +76,9 @@ CASES: tuple[Case, ...] = (
     Case("llm-wide-rows", "add_rms_norm", (1024, 16384), "bfloat16"),
     Case("llm-wide-rows", "rms_norm", (4096, 8192), "bfloat16"),
     Case("sd-unet", "group_norm_act", (2, 640, 16, 16), "bfloat16", "contiguous", 32, "silu"),
+    # 16 channels a group: channels_last groups start 16-aligned.
+    *(Case("groupnorm-16", "group_norm_act", (8, 512, 32, 32), "bfloat16", layout, 32, "silu")
+      for layout in ("contiguous", "channels_last")),
     *(Case(f"resnet-{hw}x{hw}", "batch_norm", (32, c, hw, hw), dtype, layout)
       for hw, c in ((56, 64), (14, 256), (7, 512))
       for layout in ("contiguous", "channels_last") for dtype in ("bfloat16", "float32")),
