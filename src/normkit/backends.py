@@ -232,13 +232,20 @@ def register_lazy_backend(
 
 
 _TRIED: set[str] = set()
+# Lazy backends whose probe said no, with that probe (a new registration or probe asks again).
+_ABSENT: dict[str, Callable[[], bool]] = {}
 
 
 def _lookup(name: str) -> Backend | None:
     if name in _REGISTRY:
         return _REGISTRY[name]
     probe, loader = _LAZY.get(name, (None, None))
-    if probe is None or name in _TRIED or not probe():
+    if probe is None or name in _TRIED or _ABSENT.get(name) is probe:
+        return None
+    if not probe():
+        # Asked once per probe: whether a backend could run here is a property of the machine,
+        # and "auto" asks on every call (a probe reads the environment and the CUDA runtime).
+        _ABSENT[name] = probe
         return None
     _TRIED.add(name)
     loader()

@@ -47,11 +47,13 @@ class Reduce(NamedTuple):
     ``kept`` names kept axes of a channel-first ``(N, C, *spatial)`` input (``"N"``, ``"C"``,
     or ``"G"`` when ``groups``: the channels viewed as ``(G, C/G)``, ``G`` kept, ``C/G``
     reduced); every other axis is reduced. ``trailing``: the norm reduces the trailing
-    ``normalized_shape`` axes instead and keeps every leading one (``kept`` is then empty)."""
+    ``normalized_shape`` axes instead and keeps every leading one (``kept`` is then empty);
+    ``trailing_ndim`` fixes how many (ScaleNorm: the last one) where the call does not say."""
 
     kept: tuple[str, ...] = ()
     groups: bool = False
     trailing: bool = False
+    trailing_ndim: int | None = None
 
 
 class Twin(NamedTuple):
@@ -133,7 +135,7 @@ class NormSpec:
     def reduced(self) -> str:
         """The reduced axes, in words."""
         if self.reduce.trailing:
-            return "normalized_shape (trailing)"
+            return "the last dim" if self.reduce.trailing_ndim == 1 else "normalized_shape (trailing)"
         axes = [a for a in ("N",) if a not in self.reduce.kept]
         if self.reduce.groups:
             axes.append("C/G")
@@ -225,7 +227,7 @@ NORMS: dict[str, NormSpec] = {
             sizes=Sizes((8, 64)),
         ),
         NormSpec(
-            "scale_norm", "ScaleNorm", Reduce(trailing=True), "l2_norm", "scalar", ("g",), False, 1e-5,
+            "scale_norm", "ScaleNorm", Reduce(trailing=True, trailing_ndim=1), "l2_norm", "scalar", ("g",), False, 1e-5,
             "y = g * x / max(||x||_2, eps)", None,
             call=lambda f, x, s, g: f.scale_norm(x, g, 1e-5),
             constructor=lambda s: ((s.shape[-1],), {}),
@@ -258,6 +260,7 @@ def layout(name: str, shape: Sequence[int], *, normalized_ndim: int = 0, num_gro
     shape = tuple(shape)
     nd = len(shape)
     if spec.reduce.trailing:
+        normalized_ndim = spec.reduce.trailing_ndim or normalized_ndim
         dims = tuple(range(nd - normalized_ndim, nd))
         param_view = () if spec.param == "scalar" else shape[nd - normalized_ndim:]
         return Layout(shape, dims, param_view)
