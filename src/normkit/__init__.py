@@ -10,7 +10,7 @@ Drop-in twins of torch.nn's normalization modules (``normkit.BatchNorm2d`` is a
 ...     y = norm(x)
 """
 
-from . import functional, norms, reference
+from . import functional, norms, parallel, reference
 from .backends import BackendError, backends, current_backend, use_backend
 from .folding import fuse_conv_bn, recalibrate_batch_norm
 from .modules import (
@@ -105,6 +105,7 @@ __all__ = [
     "current_backend",
     "functional",
     "norms",
+    "parallel",
     "reference",
     "use_backend",
 ]

@@ -157,9 +157,10 @@ class SyncBatchNorm(BackendMixin, nn.SyncBatchNorm):
     gloo aborts the process, NCCL waits for the group's timeout; run with
     ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` for a ``RuntimeError`` on every rank naming the shapes.
 
-    On CPU modules, ``DistributedDataParallel`` refuses every ``torch.nn.SyncBatchNorm`` (torch's
-    kernels are GPU-only); ``examples/ddp_syncbn.py`` shows the one-method DDP subclass that
-    lifts the check.
+    On CPU modules, torch's ``DistributedDataParallel`` refuses every ``torch.nn.SyncBatchNorm``
+    (torch's kernels are GPU-only); wrap the model in
+    :class:`normkit.parallel.DistributedDataParallel` instead, which accepts normkit's layer and
+    still refuses torch's (``examples/ddp_syncbn.py`` trains with it).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
