@@ -29,6 +29,7 @@ from cases import seed_of
 from normkit.backends import BackendError
 
 pytest.importorskip("numba")
+_engine = pytest.importorskip("normkit.ops.numba._engine")
 pytestmark = pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered")
 
 L = 37  # odd: the vectorized sums' remainder path too
@@ -99,7 +100,9 @@ def restore_threads():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_bits_do_not_depend_on_thread_count(op: str, dtype: torch.dtype, restore_threads) -> None:
+def test_bits_do_not_depend_on_thread_count(op: str, dtype: torch.dtype, restore_threads, monkeypatch) -> None:
+    # Every call split over the threads, however small (a real run splits from 2^16 elements).
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_ELEMENTS", 0)
     # 300 rows: several blocks of the backward's weight/bias partial sums, split unevenly.
     x = torch.randn(300, L, generator=torch.Generator().manual_seed(seed_of(op)))
     results = {}

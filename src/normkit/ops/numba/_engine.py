@@ -10,6 +10,11 @@ API (for the kernel files of :mod:`normkit.ops.numba`):
   deterministic and batch-invariant. ~10x faster than :data:`LANES`-style strict sums.
 * :func:`launch` ``(kernel, *arrays_and_scalars)``: runs a compiled parallel kernel on
   :func:`threads` threads, one launch at a time in the process (see Threads below).
+* :func:`split_run` ``(kernel, n_items, elements, *args)``: runs a compiled *serial* kernel
+  ``kernel(*args, lo, hi)`` over contiguous ranges of ``[0, n_items)``, one range per thread
+  (the calling thread and a small Python thread pool; the kernels release the GIL), or once
+  over everything when the call has fewer than :data:`PARALLEL_MIN_ELEMENTS` elements: no
+  numba thread pool, no lock, no parfor compilation (see Threads below).
 * :func:`as_array` ``(tensor)``: the NumPy view of a contiguous CPU tensor, no copy; bfloat16
   comes as ``uint16`` (its bits). :func:`acc_np_dtype` is the statistics dtype for an input
   dtype (float64 for float64, else float32); :func:`param` gives a weight/bias as a
@@ -32,6 +37,12 @@ set. ``workqueue`` aborts the process when two Python threads launch parallel ke
 same time, so every launch holds one process-wide lock: concurrent calls are serialised
 (each already uses every thread it is given).
 
+:func:`split_run` (the row norms) avoids that machinery: waking numba's pool, setting its
+thread count and taking the lock cost 30-150 us a call on a loaded 2-core machine, more than a
+small problem's whole kernel, and ``parallel=True`` kernels take several times longer to
+compile. Its serial kernels are plain ``nogil`` functions, safe to run from any number of
+Python threads at once; the ranges only spread the work (results never depend on them).
+
 Numerics: no kernel's result depends on the thread count: work is split into fixed blocks of
 rows (sized from the shape alone), every reduction runs in a fixed order, and partial sums
 across rows are kept per block and summed in block order.
@@ -43,6 +54,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -51,6 +63,7 @@ import torch
 from numba import types
 from numba.extending import overload
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 
 __all__ = [
     "LANES",
@@ -65,6 +78,7 @@ __all__ = [
     "param",
     "pjit",
     "staging",
+    "split_run",
     "sum_jit",
     "threads",
 ]
@@ -107,6 +121,39 @@ def launch(kernel: Callable[..., Any], *args: Any) -> Any:
         return kernel(*args)
 
 
+# Below this many elements a call runs on the calling thread alone: handing ranges to other
+# threads costs ~20-60 us, what a serial kernel needs for ~2^16 elements.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of at least ``workers`` threads (started lazily, kept for the process)."""
+    if not _POOL or _POOL[0]._max_workers < workers:
+        _POOL[:] = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normkit-numba")]
+    return _POOL[0]
+
+
+def split_run(kernel: Callable[..., Any], n_items: int, elements: int, *args: Any) -> None:
+    """``kernel(*args, lo, hi)`` over contiguous ranges ``[lo, hi)`` covering ``[0, n_items)``:
+    one range per thread of ``torch.get_num_threads()`` (at most ``n_items``), the first on the
+    calling thread; a single call ``kernel(*args, 0, n_items)`` when ``elements`` (the call's
+    size) is below :data:`PARALLEL_MIN_ELEMENTS` or one thread is allowed."""
+    n = min(torch.get_num_threads(), n_items) if elements >= PARALLEL_MIN_ELEMENTS else 1
+    if n <= 1:
+        kernel(*args, 0, n_items)
+        return
+    bounds = [n_items * t // n for t in range(n + 1)]
+    pool = _pool(n - 1)
+    futures = [pool.submit(kernel, *args, bounds[t], bounds[t + 1]) for t in range(1, n)]
+    try:
+        kernel(*args, bounds[0], bounds[1])
+    finally:
+        for f in futures:
+            f.result()
+
+
 def acc_np_dtype(dtype: torch.dtype) -> type:
     """NumPy dtype of the statistics for input of ``dtype``: float64 for float64, else float32."""
     return np.float64 if dtype == torch.float64 else np.float32
@@ -126,8 +173,18 @@ def param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
     bf16/fp32 parameters); for None, ``n`` copies of ``fill`` (1 for a weight, 0 for a bias:
     ``h * 1 + 0`` is ``h`` exactly, so a kernel needs no branch for a missing parameter)."""
     if t is None:
-        return np.full(n, fill, dtype)
+        return _filled(n, dtype, fill)
+    if t.dtype == _TORCH_DTYPE[dtype] and t.is_contiguous():
+        return t.detach().numpy().reshape(-1)
     return t.detach().reshape(-1).to(_TORCH_DTYPE[dtype]).contiguous().numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(n: int, dtype: type, fill: float) -> np.ndarray:
+    """``n`` copies of ``fill``, shared between calls (kernels only read parameters)."""
+    a = np.full(n, fill, dtype)
+    a.flags.writeable = False
+    return a
 
 
 _TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
@@ -148,7 +205,7 @@ def encode(buf, row):  # pragma: no cover
     """Store ``buf`` into ``row``: round to nearest even for bf16; nothing when float."""
 
 
-@overload(decode, inline="always")
+@overload(decode)
 def _decode(row, buf):
     if isinstance(row.dtype, types.Float):
         return lambda row, buf: row
@@ -162,14 +219,14 @@ def _decode(row, buf):
     return widen
 
 
-@overload(staging, inline="always")
+@overload(staging)
 def _staging(row, buf):
     if isinstance(row.dtype, types.Float):
         return lambda row, buf: row
     return lambda row, buf: buf
 
 
-@overload(encode, inline="always")
+@overload(encode)
 def _encode(buf, row):
     if isinstance(row.dtype, types.Float):
         return lambda buf, row: None
@@ -258,11 +315,25 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None,
 
         jvp = staticmethod(_refuse_forward_ad)
 
+    # Function.apply binds the arguments to forward's signature (inspect, ~20 us a call) before
+    # the C++ apply; these calls always pass every argument positionally, so outside torch.func
+    # they go to the C++ apply directly (as Function.apply then does).
+    fast_fwd = super(torch.autograd.Function, Forward).apply
+    fast_bwd = super(torch.autograd.Function, Backward).apply
+
     def forward_call(*args):
-        return fwd_op(*args) if torch.compiler.is_compiling() else Forward.apply(*args)
+        if torch.compiler.is_compiling():
+            return fwd_op(*args)
+        if torch._C._are_functorch_transforms_active():
+            return Forward.apply(*args)
+        return fast_fwd(*unwrap_dead_wrappers(args))
 
     def backward_call(*args):
-        return bwd_op(*args) if torch.compiler.is_compiling() else Backward.apply(*args)
+        if torch.compiler.is_compiling():
+            return bwd_op(*args)
+        if torch._C._are_functorch_transforms_active():
+            return Backward.apply(*args)
+        return fast_bwd(*unwrap_dead_wrappers(args))
 
     return forward_call, backward_call
 

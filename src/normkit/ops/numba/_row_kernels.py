@@ -32,9 +32,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
-from normkit.ops.numba._engine import decode, encode, jit, pjit, staging, sum_jit
+from normkit.ops.numba._engine import decode, encode, jit, staging, sum_jit
 
 __all__ = ["row_bwd", "row_fwd", "sum_blocks"]
 
@@ -97,63 +96,66 @@ def _scaled_stats(v, shift, is_rms, eps):
     return mu_s / s, s / np.sqrt(var_s + eps * s * s)
 
 
-@pjit
-def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, block):
-    """``y = x_hat * w + b`` of each row of ``x`` (or of ``rout = x + res``, stored, when
-    ``rout`` has rows; ``res`` with no rows: a zero residual); ``mean`` (of the shifted row;
-    0 for RMS) and ``rstd`` per row. ``w``/``b`` are ones/zeros where the norm has none
-    (``h * 1 + 0`` is ``h`` exactly)."""
-    M, L = x.shape
+@jit
+def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
+    """``y = x_hat * w + b`` of rows ``lo..hi-1`` of ``x`` (or of ``rout = x + res``, stored,
+    when ``rout`` has rows; ``res`` with no rows: a zero residual); ``mean`` (of the shifted
+    row; 0 for RMS) and ``rstd`` per row. ``w``/``b`` are ones/zeros where the norm has none
+    (``h * 1 + 0`` is ``h`` exactly). Serial: :func:`~normkit.ops.numba._engine.split_run`
+    spreads row ranges over threads (each row's result is the same in any range)."""
+    L = x.shape[1]
     has_res, store_r = res.shape[0] > 0, rout.shape[0] > 0
     # Every scalar in the statistics dtype (an int or a Python float would widen float32 to float64).
     zero, one, n, eps_ = w.dtype.type(0.0), w.dtype.type(1.0), w.dtype.type(L), w.dtype.type(eps)
-    for blk in prange((M + block - 1) // block):
-        xbuf = np.empty(L, w.dtype)
-        rbuf = np.empty(L, w.dtype)
-        ybuf = np.empty(L, w.dtype)
-        for i in range(blk * block, min(M, (blk + 1) * block)):
-            v = decode(x[i], xbuf)
-            if store_r:
-                s = staging(rout[i], rbuf)
-                if has_res:
-                    r = decode(res[i], ybuf)
-                    for j in range(L):
-                        s[j] = v[j] + r[j]
-                else:
-                    s[:] = v
-                encode(s, rout[i])
-                v = decode(rout[i], rbuf)  # the rounded sum is what is normalized
-            shift = zero if is_rms else v[0]
-            mu = zero if is_rms else _row_sum(v, shift) / n
-            var = _row_sumsq(v, shift, mu) / n
-            r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
-            if not np.isfinite(var):
-                mu, r_std = _scaled_stats(v, shift, is_rms, eps_)
-            mean[i] = mu
-            rstd[i] = r_std
-            out = staging(y[i], ybuf)
-            for j in range(L):
-                out[j] = (v[j] - shift - mu) * r_std * w[j] + b[j]
-            encode(out, y[i])
+    xbuf = np.empty(L, w.dtype)
+    rbuf = np.empty(L, w.dtype)
+    ybuf = np.empty(L, w.dtype)
+    for i in range(lo, hi):
+        v = decode(x[i], xbuf)
+        if store_r:
+            s = staging(rout[i], rbuf)
+            if has_res:
+                r = decode(res[i], ybuf)
+                for j in range(L):
+                    s[j] = v[j] + r[j]
+            else:
+                for j in range(L):
+                    s[j] = v[j]
+            encode(s, rout[i])
+            v = decode(rout[i], rbuf)  # the rounded sum is what is normalized
+        shift = zero if is_rms else v[0]
+        mu = zero if is_rms else _row_sum(v, shift) / n
+        var = _row_sumsq(v, shift, mu) / n
+        r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
+        if not np.isfinite(var):
+            mu, r_std = _scaled_stats(v, shift, is_rms, eps_)
+        mean[i] = mu
+        rstd[i] = r_std
+        out = staging(y[i], ybuf)
+        for j in range(L):
+            out[j] = (v[j] - shift - mu) * r_std * w[j] + b[j]
+        encode(out, y[i])
 
 
-@pjit
-def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block):
+@jit
+def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block, lo, hi):
     """``dx`` of :func:`row_fwd` (plus ``dres``, the gradient reaching the stored residual,
-    when it has rows) from ``x`` (what was normalized) and the saved ``mean``/``rstd``
-    (``w``: ones where the norm has none); per-block partial sums of ``dy * x_hat`` and ``dy``
-    into rows ``dwp[blk]`` and ``dbp[blk]``, in row order."""
+    when it has rows) for the rows of blocks ``lo..hi-1`` (``block`` rows each, a size fixed by
+    the shape), from ``x`` (what was normalized) and the saved ``mean``/``rstd`` (``w``: ones
+    where the norm has none); each block's partial sums of ``dy * x_hat`` and ``dy`` into rows
+    ``dwp[blk]`` and ``dbp[blk]``, in row order (RMS: ``dbp`` untouched)."""
     M, L = x.shape
     has_dres = dres.shape[0] > 0
     zero, n = w.dtype.type(0.0), w.dtype.type(L)
-    for blk in prange((M + block - 1) // block):
-        xbuf = np.empty(L, w.dtype)
-        gbuf = np.empty(L, w.dtype)
-        obuf = np.empty(L, w.dtype)
+    xbuf = np.empty(L, w.dtype)
+    gbuf = np.empty(L, w.dtype)
+    obuf = np.empty(L, w.dtype)
+    for blk in range(lo, hi):
         dw = dwp[blk]
         db = dbp[blk]
-        dw[:] = 0
-        db[:] = 0
+        for j in range(L):
+            dw[j] = zero
+            db[j] = zero
         for i in range(blk * block, min(M, (blk + 1) * block)):
             v = decode(x[i], xbuf)
             g = decode(dy[i], gbuf)
@@ -163,11 +165,17 @@ def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block):
             c_g = zero if is_rms else sum_g / n
             c_gx = sum_gx / n
             out = staging(dx[i], obuf)
-            for j in range(L):
-                h = (v[j] - shift - mu) * r_std
-                dw[j] += g[j] * h
-                db[j] += g[j]
-                out[j] = r_std * ((g[j] * w[j] - c_g) - h * c_gx)
+            if is_rms:
+                for j in range(L):
+                    h = v[j] * r_std
+                    dw[j] += g[j] * h
+                    out[j] = r_std * (g[j] * w[j] - h * c_gx)
+            else:
+                for j in range(L):
+                    h = (v[j] - shift - mu) * r_std
+                    dw[j] += g[j] * h
+                    db[j] += g[j]
+                    out[j] = r_std * ((g[j] * w[j] - c_g) - h * c_gx)
             if has_dres:
                 r = decode(dres[i], gbuf)
                 for j in range(L):
@@ -175,18 +183,16 @@ def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block):
             encode(out, dx[i])
 
 
-@pjit
-def sum_blocks(dwp, dbp, dw, db):
-    """``dw[j] = sum over blocks of dwp[blk, j]`` (and ``db`` from ``dbp``), each column's
-    blocks added in block order (the inner loop runs along the columns: vectorized, and the
-    order of additions per column is still block 0, 1, 2, ...)."""
-    nb, L = dwp.shape
-    chunk = 2048
-    for c in prange((L + chunk - 1) // chunk):
-        lo, hi = c * chunk, min(L, (c + 1) * chunk)
-        dw[lo:hi] = dwp[0, lo:hi]
-        db[lo:hi] = dbp[0, lo:hi]
-        for blk in range(1, nb):
-            for j in range(lo, hi):
-                dw[j] += dwp[blk, j]
-                db[j] += dbp[blk, j]
+@jit
+def sum_blocks(dwp, dbp, dw, db, lo, hi):
+    """``dw[j] = sum over blocks of dwp[blk, j]`` (and ``db`` from ``dbp``) for columns
+    ``lo..hi-1``, each column's blocks added in block order (the inner loop runs along the
+    columns: vectorized, and the order of additions per column is still block 0, 1, 2, ...)."""
+    nb = dwp.shape[0]
+    for j in range(lo, hi):
+        dw[j] = dwp[0, j]
+        db[j] = dbp[0, j]
+    for blk in range(1, nb):
+        for j in range(lo, hi):
+            dw[j] += dwp[blk, j]
+            db[j] += dbp[blk, j]

@@ -23,6 +23,7 @@ rows and the thread count (see :mod:`normkit.ops.numba._row_kernels`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -37,9 +38,8 @@ from normkit.ops.numba._engine import (
     as_array,
     autograd_pair,
     batch_by_loop,
-    launch,
     param,
-    threads,
+    split_run,
 )
 from normkit.reference import default_rms_eps
 
@@ -63,12 +63,12 @@ class AddNormOutput(NamedTuple):
 
 
 def _none_rows(like: np.ndarray) -> np.ndarray:
-    return np.empty((0, like.shape[1]), like.dtype)
+    return _no_rows(like.shape[1], like.dtype)
 
 
-def _fwd_block(M: int) -> int:
-    # The forward's blocks only spread the rows over threads (results do not depend on them).
-    return max(1, min(64, M // (4 * threads()) or 1))
+@functools.lru_cache(maxsize=64)
+def _no_rows(L: int, dtype: np.dtype) -> np.ndarray:
+    return np.empty((0, L), dtype)
 
 
 def _bwd_block(M: int) -> int:
@@ -86,8 +86,8 @@ def _row_fwd_impl(x: Tensor, residual: Tensor | None, weight: Tensor | None, bia
     rstd = torch.empty(M, dtype=stat_dtype)
     xa = as_array(x)
     res = as_array(residual) if residual is not None else _none_rows(xa)
-    launch(k.row_fwd, xa, res, as_array(residual_out), param(weight, acc, L, 1), param(bias, acc, L, 0),
-           float(eps), is_rms, as_array(y), mean.numpy(), rstd.numpy(), _fwd_block(M))
+    split_run(k.row_fwd, M, M * L, xa, res, as_array(residual_out), param(weight, acc, L, 1),
+              param(bias, acc, L, 0), float(eps), is_rms, as_array(y), mean.numpy(), rstd.numpy())
     return y, residual_out, mean, rstd
 
 
@@ -105,12 +105,12 @@ def _row_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rs
     dbp = torch.empty((blocks, L), dtype=part_dtype)
     xa = as_array(x)
     dres = as_array(dresidual_out.to(x.dtype).contiguous()) if dresidual_out is not None else _none_rows(xa)
-    launch(k.row_bwd, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(), rstd.numpy(), is_rms, dres,
-           as_array(dx), dwp.numpy(), dbp.numpy(), block)
+    split_run(k.row_bwd, blocks, M * L, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(), rstd.numpy(),
+              is_rms, dres, as_array(dx), dwp.numpy(), dbp.numpy(), block)
     dw = torch.empty(L, dtype=part_dtype)
     db = torch.empty(L, dtype=part_dtype)
     if want_dw or want_db:
-        launch(k.sum_blocks, dwp.numpy(), dbp.numpy(), dw.numpy(), db.numpy())
+        split_run(k.sum_blocks, L, blocks * L, dwp.numpy(), dbp.numpy(), dw.numpy(), db.numpy())
     return dx, dw if want_dw else dw[:0], db if want_db else db[:0]
 
 
