@@ -69,6 +69,40 @@ def _row_dots(v, g, w, shift, mu, r_std):
     return acc_g, acc_gx
 
 
+# The elementwise loops, each in a function of its own: with few arrays in a loop LLVM's
+# run-time alias checks stay under its limit and the loop is vectorized (LayerNorm's backward
+# loop over dw, db, dx, dy, x and w together was not: 2.4x slower than RMSNorm's). Strict
+# arithmetic: each element rounds as written, whatever the vector width.
+
+
+@jit
+def _affine(v, shift, mu, r_std, w, b, out):
+    """``out = (v - shift - mu) * r_std * w + b``."""
+    for j in range(v.shape[0]):
+        out[j] = (v[j] - shift - mu) * r_std * w[j] + b[j]
+
+
+@jit
+def _accumulate(v, g, shift, mu, r_std, dw):
+    """``dw += g * x_hat``."""
+    for j in range(v.shape[0]):
+        dw[j] += g[j] * ((v[j] - shift - mu) * r_std)
+
+
+@jit
+def _add(g, db):
+    """``db += g``."""
+    for j in range(g.shape[0]):
+        db[j] += g[j]
+
+
+@jit
+def _input_grad(v, g, w, shift, mu, r_std, c_g, c_gx, out):
+    """``out = r_std * ((g * w - c_g) - x_hat * c_gx)``."""
+    for j in range(v.shape[0]):
+        out[j] = r_std * ((g[j] * w[j] - c_g) - ((v[j] - shift - mu) * r_std) * c_gx)
+
+
 @jit
 def _scaled_stats(v, shift, is_rms, eps):
     """``(mean, rstd)`` of a row whose squares overflow (``|x| ~ 1e20`` in float32): moments of
@@ -132,8 +166,7 @@ def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
         mean[i] = mu
         rstd[i] = r_std
         out = staging(y[i], ybuf)
-        for j in range(L):
-            out[j] = (v[j] - shift - mu) * r_std * w[j] + b[j]
+        _affine(v, shift, mu, r_std, w, b, out)
         encode(out, y[i])
 
 
@@ -165,17 +198,10 @@ def row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block, lo, hi):
             c_g = zero if is_rms else sum_g / n
             c_gx = sum_gx / n
             out = staging(dx[i], obuf)
-            if is_rms:
-                for j in range(L):
-                    h = v[j] * r_std
-                    dw[j] += g[j] * h
-                    out[j] = r_std * (g[j] * w[j] - h * c_gx)
-            else:
-                for j in range(L):
-                    h = (v[j] - shift - mu) * r_std
-                    dw[j] += g[j] * h
-                    db[j] += g[j]
-                    out[j] = r_std * ((g[j] * w[j] - c_g) - h * c_gx)
+            _accumulate(v, g, shift, mu, r_std, dw)
+            if not is_rms:
+                _add(g, db)
+            _input_grad(v, g, w, shift, mu, r_std, c_g, c_gx, out)
             if has_dres:
                 r = decode(dres[i], gbuf)
                 for j in range(L):
