@@ -181,10 +181,9 @@ def param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _filled(n: int, dtype: type, fill: float) -> np.ndarray:
-    """``n`` copies of ``fill``, shared between calls (kernels only read parameters)."""
-    a = np.full(n, fill, dtype)
-    a.flags.writeable = False
-    return a
+    """``n`` copies of ``fill``, shared between calls (kernels only read parameters; left
+    writable: a read-only array would be another numba specialisation of every kernel)."""
+    return np.full(n, fill, dtype)
 
 
 _TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
