@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import normkit
-from normkit.norms import NORMS
+from normkit.norms import NORMS, Sizes
 from normkit.tools import cli
 from normkit.tools.check import CASES, CheckResult, run_check
 from normkit.tools.compare import _adamw_step, verdict
-from normkit.tools.explain import explain, find_norms
+from normkit.tools.explain import Explanation, explain, find_norms
 from normkit.tools.tutorials import replay_tutorials
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -221,40 +223,70 @@ def test_norm_names(query: str, name: str) -> None:
     assert find_norms(query) == [name]
 
 
-# Statistics and elements per statistic for (N, C, H, W) = (2, 6, 4, 5) with G = 2, by hand.
-EXPECTED_COUNTS = {
-    "batch_norm": (6, 2 * 4 * 5),
-    "layer_norm": (2, 6 * 4 * 5),
-    "group_norm": (2 * 2, 3 * 4 * 5),
-    "instance_norm": (2 * 6, 4 * 5),
-    "rms_norm": (2, 6 * 4 * 5),
+@pytest.mark.parametrize("name", list(NORMS))
+def test_every_row_is_found_by_its_names(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = NORMS[name]
+    assert find_norms(name) == [name] and find_norms(spec.module) == [name]
+    # normkit check --op <row name> runs the row's own case (its example's module), whatever else matches
+    chosen: list[object] = []
+    monkeypatch.setattr("normkit.tools.check.run_check", lambda cases, *a, **k: chosen.extend(cases) or [])
+    assert run_main("check", "--op", name) == 0
+    module = spec.example().module
+    assert any(c.op == name and type(c.normkit_module("reference")).__name__ == module for c in chosen)
+
+
+# What a norm's output, without its affine, has over each reduced set, per kind of statistic
+# (NormSpec.statistic): (|mean| or 0 when not centred, the deviation of the statistic from 1).
+NORMALIZED = {
+    "variance": lambda v: (v.mean().item(), v.var(unbiased=False).item() - 1),
+    "mean_square": lambda v: (0.0, v.square().mean().item() - 1),
+    "l2_norm": lambda v: (0.0, v.norm().item() - 1),
 }
+
+
+def expected_counts(name: str, shape: tuple[int, ...], groups: int, normalized_ndim: int) -> tuple[int, int]:
+    """(statistics, elements per statistic) from the row's reduce rule: the product of the kept
+    axes' sizes (N, C, or GroupNorm's G), or of the leading axes for a trailing norm."""
+    rule = NORMS[name].reduce
+    if rule.trailing:
+        count = math.prod(shape[:len(shape) - (rule.trailing_ndim or normalized_ndim)])
+    else:
+        count = math.prod({"N": shape[0], "C": shape[1], "G": groups}[axis] for axis in rule.kept)
+    return count, math.prod(shape) // count
+
+
+def assert_normalizes_the_named_sets(e: Explanation, y: torch.Tensor) -> None:
+    """``y``, the oracle's output without affine, is normalized over exactly the sets
+    ``e.statistic_of`` names, each of ``e.elements_per_statistic`` elements."""
+    for k in range(e.num_statistics):
+        values = y[e.statistic_of == k]
+        assert values.numel() == e.elements_per_statistic
+        mean, deviation = NORMALIZED[NORMS[e.name].statistic](values)
+        assert abs(mean) < 1e-6 and abs(deviation) < 1e-3, (k, mean, deviation)
 
 
 @pytest.mark.parametrize("name", list(NORMS))
 def test_explain_counts_and_sets_match_torch(name: str) -> None:
-    shape = (2, 6, 4, 5)
-    e = explain(name, shape, groups=2)
-    assert (e.num_statistics, e.elements_per_statistic) == EXPECTED_COUNTS[name]
-    # torch's own module must normalize exactly the sets the explanation names: within each,
-    # its output has mean 0 (when centred) and variance (or mean square) 1.
-    torch_module = {
-        "batch_norm": lambda: nn.BatchNorm2d(6), "layer_norm": lambda: nn.LayerNorm([6, 4, 5]),
-        "group_norm": lambda: nn.GroupNorm(2, 6), "instance_norm": lambda: nn.InstanceNorm2d(6),
-        "rms_norm": lambda: nn.RMSNorm([6, 4, 5]),
-    }[name]()
-    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
-    y = torch_module.double()(x).detach()
-    for k in range(e.num_statistics):
-        values = y[e.statistic_of == k]
-        assert values.numel() == e.elements_per_statistic
-        if NORMS[name].centered:
-            assert abs(values.mean().item()) < 1e-6
-            assert values.var(unbiased=False).item() == pytest.approx(1, abs=1e-3)
-        else:
-            assert values.square().mean().item() == pytest.approx(1, abs=1e-3)
+    """Every row of the table, explained on (N, C, H, W) = (2, 6, 4, 5) with G = 2, against the
+    row's oracle (torch's twin, else normkit's reference) run in float64 through its own example."""
+    shape, groups, k = (2, 6, 4, 5), 2, 3  # explain's default: the trailing norms over all but N
+    spec = NORMS[name]
+    e = explain(name, shape, groups=groups)
+    assert (e.num_statistics, e.elements_per_statistic) == expected_counts(name, shape, groups, k)
+    ex = spec.example(Sizes(shape, normalized_ndim=k, num_groups=groups))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 2
+    y = ex.call(F if spec.twin is not None else normkit.reference, x, *(None for _ in spec.affine))
+    assert_normalizes_the_named_sets(e, y)
+    # one element moved into the next set: the sets no longer match what the oracle normalizes
+    moved = dataclasses.replace(e, statistic_of=e.statistic_of.flatten().roll(1).reshape(shape))
+    with pytest.raises(AssertionError):
+        assert_normalizes_the_named_sets(moved, y)
     assert e.max_diff_vs_torch < 1e-5
-    assert e.running_stats == (name == "batch_norm")  # each in torch's default configuration
+    # parameters and buffers: the oracle's module in its default configuration (positional arguments only)
+    module = getattr(nn if spec.twin is not None else normkit, ex.module)(*ex.module_args)
+    assert e.parameters == {n: tuple(p.shape) for n, p in module.named_parameters()}
+    assert e.buffers == {n: tuple(b.shape) for n, b in module.named_buffers()}
+    assert e.running_stats == (getattr(module, "running_var", None) is not None)
     assert (e.train_eval_max_diff > 0) == e.running_stats
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from ..backends import BackendError, backends, get_backend
 from ..norms import NORMS, NormSpec
 from ..testing import TOLERANCES, bound
 
-__all__ = ["CASES", "DTYPES", "CheckCase", "CheckResult", "run_check"]
+__all__ = ["CASES", "DTYPES", "CheckCase", "CheckResult", "run_check", "select_cases"]
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -143,6 +144,20 @@ CASES: tuple[CheckCase, ...] = (
     _case("InstanceNorm1d(x, mask)", "instance_norm", nkm.InstanceNorm1d, ((4, 5, 9),), 5, affine=True,
           track_running_stats=True, extra="mask"),
 )
+
+
+def _folded(text: str) -> str:
+    return re.sub(r"[\s_\-]", "", text.lower())
+
+
+def select_cases(queries: Sequence[str] | None, cases: Iterable[CheckCase] = CASES) -> list[CheckCase]:
+    """The cases ``normkit check --op`` selects: those whose name contains one of ``queries``
+    (case, spaces, ``_`` and ``-`` ignored, so a row's name, ``scale_norm``, finds its
+    ``ScaleNorm(64)``) or whose functional op is one of them; every case for none."""
+    if not queries:
+        return list(cases)
+    folded = [_folded(q) for q in queries]
+    return [c for c in cases if c.op in queries or any(q in _folded(c.name) for q in folded)]
 
 
 @dataclass

@@ -58,9 +58,10 @@ def _norm_name(text: str) -> str:
     from .explain import find_norms
 
     if not find_norms(text):
+        modules = ", ".join(spec.module for spec in NORMS.values())
         raise argparse.ArgumentTypeError(
-            f"no norm {text!r}; choose from {', '.join(NORMS)} (or BatchNorm, bn, LayerNorm, ln, GroupNorm, gn, "
-            "InstanceNorm, in, RMSNorm, rms)")
+            f"no norm {text!r}; choose from {', '.join(NORMS)} (or a module name: {modules}; or its initials: "
+            "bn, ln, ...)")
     return text
 
 
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{check,explain,bench,compare,support}")
     check = _command(sub, "check", "check every module and backend against its oracle (torch.nn, or the float64 "
                                    "reference where torch has no twin)")
-    check.add_argument("--op", action="append", help="only cases whose name contains this (repeatable)")
+    check.add_argument("--op", action="append",
+                       help="only cases whose name contains this, ignoring case, spaces, _ and - (so a norm's "
+                            "name, scale_norm, selects ScaleNorm), or whose functional op it is (repeatable)")
     check.add_argument("--backend", action="append", help="only this backend (repeatable)")
     check.add_argument("--dtype", action="append", choices=["float64", "float32", "bfloat16", "float16"],
                        help="only this dtype (repeatable)")
@@ -131,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--groups", type=int, metavar="G",
                          help="GroupNorm's number of groups (default: smallest divisor of C above 1)")
     explain.add_argument("--normalized-ndim", type=int, metavar="K",
-                         help="LayerNorm/RMSNorm normalize the last K axes (default: all but N, as in Wu & He)")
+                         help="the trailing-axis norms normalize the last K axes where their row does not fix "
+                              "it (default: all but N, as in Wu & He)")
     explain.add_argument("--seed", action="store_true",
                          help="replay the tutorials' worked examples step by step, next to torch's numbers")
     explain.add_argument("--lang", choices=["en", "zh"], default="en",

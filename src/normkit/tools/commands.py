@@ -50,12 +50,12 @@ def run_check(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .check import CASES, DTYPES, run_check
+    from .check import CASES, DTYPES, run_check, select_cases
 
     # torch's own note that a bf16 input with fp32 weight takes its unfused RMSNorm path
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
 
-    cases = [c for c in CASES if not args.op or any(o.lower() in c.name.lower() for o in args.op)]
+    cases = select_cases(args.op)
     if not cases:
         raise UsageError(f"no check case matches --op {', '.join(map(repr, args.op))}; cases: "
                          + ", ".join(c.name for c in CASES))
@@ -125,9 +125,10 @@ def _term(english: str, lang: str) -> str:
 
 
 def _statistics_sentence(e: Any) -> str:
+    from .explain import STATISTICS
+
     sizes = " x ".join(str(e.view[e.view_axes.index(a)]) for a in e.reduced_axes)
-    what = (f"{e.num_statistics} means and {e.num_statistics} variances" if len(e.statistics) == 2
-            else f"{e.num_statistics} mean squares (not centred: no mean is subtracted)")
+    what = STATISTICS[e.statistic].counted.format(n=e.num_statistics)
     return f"{what}, each over {e.elements_per_statistic} elements ({' x '.join(e.reduced_axes)} = {sizes})"
 
 
@@ -164,7 +165,6 @@ def run_explain(args: argparse.Namespace) -> int:
     bad = [e for e in explanations
            if e.max_diff_vs_torch > 1e-4 or e.normalized_mean > 1e-3 or e.normalized_var > 1e-3]
     for e in explanations:
-        target = "mean 0 and variance 1" if len(e.statistics) == 2 else "mean square 1"
         print(f"\n{e.module}: {e.constructor}")
         for line in (f"{_term('reduced', lang)} over {', '.join(e.reduced_axes)}; {_term('kept', lang)} apart: "
                      f"{', '.join(e.kept_axes)}",
@@ -172,7 +172,7 @@ def run_explain(args: argparse.Namespace) -> int:
                      f"{_term('formula', lang)}: {e.formula}",
                      f"{_term('parameters', lang)}: {_shapes(e.parameters)}; buffers: {_shapes(e.buffers)}",
                      f"{_term('train vs eval', lang)}: {e.train_eval}",
-                     f"ran it: over each set the output has {target} (largest deviation "
+                     f"ran it: over each set {e.output_property} (largest deviation "
                      f"{max(e.normalized_mean, e.normalized_var):.1e}); normkit (reference) vs "
                      f"{e.oracle}: max |diff| {e.max_diff_vs_torch:.1e}"
                      f"{'' if e not in bad else '  <- DISAGREE'}"):

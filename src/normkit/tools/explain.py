@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,9 @@ from ..norms import NORMS, NormSpec, Sizes, layout
 from ..reference import Normalize
 
 __all__ = [
+    "STATISTICS",
     "Explanation",
+    "Statistic",
     "default_groups",
     "explain",
     "find_norms",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 _SPATIAL_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
 
 def _squash(text: str) -> str:
     return re.sub(r"[123]d$", "", re.sub(r"[\s_\-]", "", text.lower()))
@@ -82,10 +85,12 @@ class Explanation:
     train_eval: str
     train_eval_max_diff: float
     max_diff_vs_torch: float  # against ``oracle``
-    normalized_mean: float  # largest |mean| of the output over one statistic's elements
-    normalized_var: float  # largest |var - 1| (|mean square - 1| when not centred)
+    normalized_mean: float  # largest |mean| of x_hat over one statistic's elements (0 when not centred)
+    normalized_var: float  # largest deviation from 1 of x_hat's variance, mean square or L2 norm there
     statistic_of: Tensor = field(repr=False)
     oracle: str = ""  # what normkit's output was compared with: torch's twin, or the float64 reference
+    statistic: str = "variance"  # the row's kind of statistic, a key of STATISTICS
+    output_property: str = ""  # what the output has over each set, in words (its statistic's target)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "statistic_of"}
@@ -105,18 +110,59 @@ def _grouped(ids: Tensor, values: Tensor, count: int) -> Tensor:
     return sums / torch.bincount(ids, minlength=count).double()
 
 
+def _centred(y: Tensor, ids: Tensor, count: int) -> tuple[float, float]:
+    mean = _grouped(ids, y, count)
+    var = _grouped(ids, (y - mean[ids]).square(), count)
+    return mean.abs().max().item(), (var - 1).abs().max().item()
+
+
+def _mean_square(y: Tensor, ids: Tensor, count: int) -> tuple[float, float]:
+    return 0.0, (_grouped(ids, y.square(), count) - 1).abs().max().item()
+
+
+def _l2_norm(y: Tensor, ids: Tensor, count: int) -> tuple[float, float]:
+    sums = torch.zeros(count, dtype=torch.float64).index_add_(0, ids, y.square())
+    return 0.0, (sums.sqrt() - 1).abs().max().item()
+
+
+class Statistic(NamedTuple):
+    """What explain says of one kind of :attr:`normkit.norms.NormSpec.statistic`, and what the
+    normalized output ``x_hat`` (before the affine) has over each reduced set."""
+
+    computed: tuple[str, ...]  # the statistics computed over each set, in words
+    counted: str  # "{n} ...": how many of them, and what they are
+    target: str  # the property of x_hat over each set
+    # (x_hat flat in float64, the set of each element, the number of sets) -> the largest |mean|
+    # (0 when not centred) and the largest deviation of the target's statistic from 1
+    deviations: Callable[[Tensor, Tensor, int], tuple[float, float]]
+
+
+STATISTICS: dict[str, Statistic] = {
+    "variance": Statistic(("mean", "variance"), "{n} means and {n} variances", "mean 0 and variance 1", _centred),
+    "mean_square": Statistic(("mean square",), "{n} mean squares (not centred: no mean is subtracted)",
+                             "mean square 1", _mean_square),
+    "l2_norm": Statistic(("L2 norm",), "{n} L2 norms (not centred: no mean is subtracted; eps is a floor, not added)",
+                         "L2 norm 1", _l2_norm),
+}
+
+
 def explain(name: str, shape: Sequence[int], *, groups: int | None = None, normalized_ndim: int | None = None,
             seed: int = 0) -> Explanation:
     """Explain norm ``name`` (a key of :data:`NORMS`) on an input of ``shape`` ``(N, C, *spatial)``.
 
     ``groups`` is GroupNorm's G (default :func:`default_groups`), ``normalized_ndim`` the
-    number of trailing axes LayerNorm and RMSNorm normalize (default all but N, as in Wu & He's
-    figure: LayerNorm over (C, H, W)).
+    number of trailing axes a trailing-axis norm normalizes where its row does not fix it
+    (default all but N, as in Wu & He's figure: LayerNorm over (C, H, W); ScaleNorm's row says
+    the last dim). The output's property over each set is its statistic's
+    (:data:`STATISTICS`): measured on ``x_hat``, the output divided by a scalar parameter
+    (ScaleNorm's ``g``) where the row has one; the modules' per-feature weights start at 1 and
+    biases at 0.
     """
     shape = tuple(int(s) for s in shape)
     if not 3 <= len(shape) <= 5:
         raise ValueError(f"explain needs an input shape (N, C, *spatial) with 1 to 3 spatial axes, got {shape}")
     spec = NORMS[name]
+    stat = STATISTICS[spec.statistic]
     groups = default_groups(shape[1]) if groups is None else groups
     k = len(shape) - 1 if normalized_ndim is None else normalized_ndim
     axes = ("N", "C") + _SPATIAL_AXES[len(shape) - 2]
@@ -150,9 +196,11 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         theirs.eval()
         y_eval, y_torch_eval = ours(x), theirs(x.to(twin_dtype)).float()
 
-    ids, y = statistic_of.flatten(), y_train.double().flatten()
-    mean = _grouped(ids, y, num_statistics)
-    spread = _grouped(ids, (y - mean[ids]).square() if spec.centered else y.square(), num_statistics)
+    # a scalar parameter scales every output: x_hat = y / g
+    scale = getattr(ours, spec.affine[0]).item() if spec.param == "scalar" else None
+    y = y_train.double().flatten() / (1.0 if scale is None else scale)
+    normalized_mean, normalized_var = stat.deviations(y, statistic_of.flatten(), num_statistics)
+    subject = "the output" if scale is None else f"y / {spec.affine[0]} ({spec.affine[0]} = {scale:.4g})"
     per = x.numel() // num_statistics
     train_eval_diff = (y_train - y_eval).abs().max().item()
     if spec.running_stats and getattr(ours, "running_var", None) is not None:
@@ -175,7 +223,8 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         kept_axes=tuple(view_axes[i] for i in kept),
         num_statistics=num_statistics,
         elements_per_statistic=per,
-        statistics=("mean", "variance") if spec.centered else ("mean square",),
+        statistics=stat.computed,
+        statistic=spec.statistic,
         formula=spec.formula,
         parameters={n: tuple(p.shape) for n, p in ours.named_parameters()},
         buffers={n: tuple(b.shape) for n, b in ours.named_buffers()},
@@ -183,16 +232,17 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         train_eval=train_eval,
         train_eval_max_diff=train_eval_diff,
         max_diff_vs_torch=max((y_train - y_torch).abs().max().item(), (y_eval - y_torch_eval).abs().max().item()),
-        normalized_mean=mean.abs().max().item() if spec.centered else 0.0,
-        normalized_var=(spread - 1).abs().max().item(),
+        normalized_mean=normalized_mean,
+        normalized_var=normalized_var,
         statistic_of=statistic_of,
         oracle=f"torch.nn.{cls}" if spec.twin is not None else "the reference in float64 (torch has no twin)",
+        output_property=f"{subject} has {stat.target}",
     )
 
 
 def render_grid(e: Explanation, max_cells: int = 8) -> str:
     """The N x C grid of the input: in each cell the statistic(s) its spatial slice uses, and
-    ``#`` marking the elements of statistic 0, the set one mean and variance are computed over."""
+    ``#`` marking the elements of statistic 0, the set its statistics are computed over."""
     ids = e.statistic_of.reshape(e.shape[0], e.shape[1], -1)
     rows, cols = min(e.shape[0], max_cells), min(e.shape[1], max_cells)
     cells = []
