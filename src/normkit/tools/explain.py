@@ -3,8 +3,10 @@ shape (the tutorials' worked examples are replayed by :mod:`normkit.tools.tutori
 
 Nothing here is a description written by hand: the axes come from :data:`normkit.norms.NORMS`
 and :func:`normkit.norms.layout`, the counts from running :class:`normkit.reference.Normalize`
-on the layout's view, and the train/eval behaviour, parameters and buffers from running the
-normkit module (reference backend) next to its torch.nn twin.
+on the layout's view, what is computed over each set and what the output then has from the
+row's statistic (:data:`STATISTICS`, measured on the output), and the train/eval behaviour,
+parameters and buffers from running the normkit module (reference backend) next to its torch.nn
+twin, or next to the reference in float64 where torch has none.
 """
 
 from __future__ import annotations
