@@ -236,6 +236,8 @@ def check_batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if _plain_channels(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        return
     _batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.numel() == 0:
         # ATen returns `input.clone() * weight[0] + bias[0]` before any other check: an empty
@@ -280,6 +282,8 @@ def check_instance_norm(
 ) -> None:
     if use_input_stats and math.prod(input.size()[2:]) == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    if _plain_channels(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+        return
     _batch_norm_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
@@ -344,8 +348,52 @@ def _ordinary(input: Tensor, normalized_shape: Sequence[int], *params: Tensor | 
     shape = tuple(normalized_shape)
     if not shape or input.shape[max(input.dim() - len(shape), 0):] != shape or not input.is_floating_point():
         return False
+    return _plain_params(input, shape, *params)
+
+
+# The exact types of a tensor argument in the ordinary call (subclasses take the full checks).
+_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+
+def _plain_params(input: Tensor, shape: tuple[int, ...], *params: Tensor | None) -> bool:
+    """Whether each of ``params`` is absent or a plain tensor of ``input``'s dtype and device
+    and of shape ``shape``."""
     dtype, device = input.dtype, input.device
-    return all(p is None or (p.dtype == dtype and p.shape == shape and p.device == device) for p in params)
+    for p in params:
+        if p is not None and (type(p) not in _TENSOR_TYPES or p.dtype != dtype or p.shape != shape
+                              or p.device != device):
+            return False
+    return True
+
+
+def _plain_trailing(input: object, normalized_shape: object, eps_ok: bool, *params: Tensor | None) -> bool:
+    """The ordinary trailing-axis call (:func:`_ordinary`) with its argument types read exactly
+    (a tensor input, a tuple of ints, ``eps_ok``) instead of by torch's parser's rules: nothing
+    can refuse it, and it is answered in about a microsecond."""
+    if not eps_ok or type(input) not in _TENSOR_TYPES or type(normalized_shape) is not tuple:
+        return False
+    for d in normalized_shape:
+        if type(d) is not int:
+            return False
+    return _ordinary(input, normalized_shape, *params)  # type: ignore[arg-type]
+
+
+def _plain_channels(input: object, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                    bias: Tensor | None, use_batch: object, momentum: object, eps: object) -> bool:
+    """Whether no check of :func:`check_batch_norm` / :func:`check_instance_norm` after their
+    leading Python checks can refuse this call: exact argument types, a non-empty
+    floating-point ``(N, C, ...)`` input, running statistics both given (or both absent in
+    training) that do not require grad, every per-channel tensor absent or a plain ``(C,)``
+    tensor of the input's dtype and device."""
+    if (type(input) not in _TENSOR_TYPES or type(use_batch) is not bool or type(momentum) is not float
+            or type(eps) is not float or (running_mean is None) != (running_var is None)
+            or (running_mean is None and not use_batch)):
+        return False
+    if input.dim() < 2 or input.numel() == 0 or not input.is_floating_point():  # type: ignore[attr-defined]
+        return False
+    if not _plain_params(input, (input.shape[1],), running_mean, running_var, weight, bias):  # type: ignore[attr-defined,arg-type]
+        return False
+    return running_mean is None or not (running_mean.requires_grad or running_var.requires_grad)  # type: ignore[union-attr]
 
 
 NOT_ADD = object()  # check_layer_norm / check_rms_norm's residual when checking the plain op
@@ -365,6 +413,8 @@ def check_layer_norm(
 ) -> None:
     """``residual`` given (a tensor or None): the checks of ``add_layer_norm(x, residual, ...)``,
     whose argument-type messages name it and count the residual as position 2."""
+    if residual is NOT_ADD and _plain_trailing(input, normalized_shape, type(eps) is float, weight, bias):
+        return
     check_args(*_leading("layer_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
                ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
     if _ordinary(input, normalized_shape, weight, bias):
@@ -383,6 +433,8 @@ def check_rms_norm(
     input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None,
     *, residual: object = NOT_ADD,
 ) -> None:
+    if residual is NOT_ADD and _plain_trailing(input, normalized_shape, eps is None or type(eps) is float, weight):
+        return
     check_args(*_leading("rms_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
                ("weight", "Tensor?", weight), ("eps", "float?", eps))
     if _ordinary(input, normalized_shape, weight):
@@ -402,6 +454,10 @@ def check_group_norm(
     # torch.nn.functional's own arithmetic first (a str or None num_groups fails in it), then
     # the argument types.
     _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
+    if (type(input) in _TENSOR_TYPES and type(num_groups) is int and type(eps) is float and num_groups > 0
+            and channels % num_groups == 0 and input.is_floating_point()
+            and _plain_params(input, (channels,), weight, bias)):
+        return  # the ordinary call: nothing below can refuse it
     check_args("group_norm", ("input", "Tensor", input), ("num_groups", "int", num_groups),
                ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
     if num_groups <= 0:

@@ -168,8 +168,10 @@ class OpImpl(NamedTuple):
     """One op of one backend.
 
     ``unsupported(*args, **kwargs)`` returns ``None`` when the backend can run the call, else
-    a short reason. ``preferred(*args, **kwargs)`` tells ``"auto"`` whether to pick it.
-    Both receive the same arguments as ``fn`` and must not touch the tensors' data.
+    a short reason. ``preferred(*args, **kwargs)`` tells ``"auto"`` whether to pick it; ``"auto"``
+    asks it first, so it answers for any call that passed the argument checks, supported or not
+    (``False`` where unsure). Both receive the same arguments as ``fn`` and must not touch the
+    tensors' data.
     """
 
     fn: Callable[..., Any]
@@ -274,8 +276,8 @@ def backends() -> list[str]:
     return [n for n, b in found if b is not None and b.is_available()]
 
 
-def _blocks() -> tuple[str, ...]:
-    if not torch.compiler.is_compiling():
+def _blocks(compiling: bool) -> tuple[str, ...]:
+    if not compiling:
         return _ACTIVE.get()
     stack = _THREAD.stack
     if stack is None:
@@ -290,10 +292,28 @@ def _blocks() -> tuple[str, ...]:
 def current_backend() -> str:
     """The backend name a call without ``backend=`` would use right now, in this thread and
     asyncio task."""
-    stack = _blocks()
-    if stack:
-        return stack[-1]
-    return os.environ.get(ENV_VAR) or "auto"
+    return _current(torch.compiler.is_compiling())
+
+
+def _current(compiling: bool) -> str:
+    stack = _blocks(compiling)
+    return stack[-1] if stack else _env_backend(compiling)
+
+
+# os.environ's own storage and NORMKIT_BACKEND's key in it, where os.environ has one (CPython's
+# does): reading it is exact (every os.environ write lands there) and skips the key's encoding
+# and the value's decoding that os.environ.get repeats on every call (about half a
+# microsecond, on the default path of every op).
+_ENV_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend(compiling: bool) -> str:
+    """``NORMKIT_BACKEND``, or ``"auto"`` where it is unset or empty."""
+    if compiling or _ENV_KEY is None:  # dynamo reads os.environ itself (once per graph)
+        return os.environ.get(ENV_VAR) or "auto"
+    raw = _ENV_DATA.get(_ENV_KEY)  # type: ignore[union-attr]
+    return (os.environ.decodevalue(raw) or "auto") if raw is not None else "auto"  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -371,8 +391,9 @@ def _probe(op: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:
     """The function that computes ``op`` for this call on the resolved backend."""
-    name = backend if backend is not None else current_backend()
-    if not torch.compiler.is_compiling() and _PROBING.get():  # dynamo cannot read a ContextVar
+    compiling = torch.compiler.is_compiling()  # asked once: every branch below reads it
+    name = backend if backend is not None else _current(compiling)
+    if not compiling and _PROBING.get():  # dynamo cannot read a ContextVar
         _probe(op, name, args, kwargs)
     if name != "auto":
         impl = get_backend(name)
@@ -391,8 +412,9 @@ def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable
         if (  # (the default checks are not called: this loop runs on every call)
             entry is not None
             and impl.is_available()
-            and (entry.unsupported is _never or entry.unsupported(*args, **kwargs) is None)
+            # preferred first: a kernel backend's says no to most calls in a few attribute reads
             and (entry.preferred is _always or entry.preferred(*args, **kwargs))
+            and (entry.unsupported is _never or entry.unsupported(*args, **kwargs) is None)
         ):
             return entry.fn
     raise BackendError(f"no normkit backend can run this {op} call")

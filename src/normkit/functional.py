@@ -99,7 +99,7 @@ def _torch_arity(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
     """A checked ``normalized_shape`` (ints, NumPy ints or 0-dim integer tensors) as ints. A bare
     int is torch's TypeError, raised by the checks before this."""
-    return tuple(int(d) for d in normalized_shape)
+    return tuple(map(int, normalized_shape))
 
 
 @define_op(in_place=("running_mean", "running_var"))

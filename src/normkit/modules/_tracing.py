@@ -36,7 +36,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _tracer_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
-    for a in (*args, *kwargs.values()):
+    for a in args:  # (no tuple of both built: this runs on every forward)
+        if isinstance(a, torch.fx.Proxy):
+            return a.tracer
+    for a in kwargs.values():
         if isinstance(a, torch.fx.Proxy):
             return a.tracer
     return None
