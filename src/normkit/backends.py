@@ -304,13 +304,16 @@ def _current(compiling: bool) -> str:
 # does): reading it is exact (every os.environ write lands there) and skips the key's encoding
 # and the value's decoding that os.environ.get repeats on every call (about half a
 # microsecond, on the default path of every op).
+_ENVIRON = os.environ
 _ENV_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
 
 
 def _env_backend(compiling: bool) -> str:
     """``NORMKIT_BACKEND``, or ``"auto"`` where it is unset or empty."""
-    if compiling or _ENV_KEY is None:  # dynamo reads os.environ itself (once per graph)
+    # (dynamo reads os.environ itself, once per graph; an os.environ replaced wholesale is read
+    # the ordinary way)
+    if compiling or _ENV_KEY is None or os.environ is not _ENVIRON:
         return os.environ.get(ENV_VAR) or "auto"
     raw = _ENV_DATA.get(_ENV_KEY)  # type: ignore[union-attr]
     return (os.environ.decodevalue(raw) or "auto") if raw is not None else "auto"  # type: ignore[attr-defined]
