@@ -175,19 +175,12 @@ def test_low_precision_within_the_bound_with_partial_grads(op: str, dtype: torch
 # ---- defects ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "DEFECT crash: the numba add-norms return an AddNormOutput NamedTuple, and "
-    "functional._dispatch only splits `type(out) is tuple`, so keep_layout calls .shape on the "
-    "pair: AttributeError for every 4-D/5-D input"))
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 2, 2, 4)], ids=str)
 def test_add_norm_of_4d_and_5d_input(op: str, shape: tuple[int, ...]) -> None:
     _assert_within(op, torch.float32, shape=shape)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "DEFECT crash on the default path: 'auto' picks numba for float32/large/train add_rms_norm, "
-    "whose NamedTuple result crashes keep_layout for a 4-D input"))
 def test_default_path_add_rms_norm_of_a_large_4d_training_input() -> None:
     x = torch.randn(4, 16, 64, 64, generator=_gen(1), requires_grad=True)  # 2^18 elements: "large"
     w = torch.randn(64, generator=_gen(2))
@@ -196,9 +189,6 @@ def test_default_path_add_rms_norm_of_a_large_4d_training_input() -> None:
     torch.testing.assert_close(y, want)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DEFECT silent wrong result: rms_norm of a row holding +-inf gives NaN for every element; "
-    "torch and the reference give x / inf = 0 for the finite elements (NaN only at the inf)"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=str)
 def test_rms_norm_of_a_row_with_inf_matches_torch(dtype: torch.dtype) -> None:
     x = torch.randn(2, 8, generator=_gen(3)).to(dtype)
@@ -207,11 +197,6 @@ def test_rms_norm_of_a_row_with_inf_matches_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, NF.rms_norm(x, (8,), backend="torch"), equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DEFECT slow: 'auto' picks numba for every float32/large/train rms_norm, whatever the row "
-    "length, but the benchmark measured rows of 1024+ only; measured here fwd+bwd on 1 thread "
-    "(min of 7): (262144, 1) 56.6 ms vs ATen 3.6 ms, (65536, 4) 14.3 vs 8.1, (16384, 16) 2.9 vs "
-    "1.3. Either class short rows apart in shape_class or make the kernel fast there"))
 @pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
 @pytest.mark.parametrize("shape", [(262144, 1), (65536, 4), (16384, 16)], ids=str)
 def test_auto_does_not_pick_numba_for_short_rows_it_was_never_measured_on(op: str, shape: tuple[int, int]) -> None:
@@ -222,12 +207,6 @@ def test_auto_does_not_pick_numba_for_short_rows_it_was_never_measured_on(op: st
     assert not resolve(op, None, *args).__module__.startswith("normkit.ops.numba")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DEFECT slow: 'auto' picks numba for every float32/large training batch_norm whose input does "
-    "not require grad, but the benchmark measured (32, 64, 56, 56) NCHW only; BatchNorm1d-style "
-    "(N, C) input and 1x1 spatial are 3-6x slower than ATen (forward, min of 15, 1 and 2 threads: "
-    "(4096, 64) 0.36-0.41 ms vs 0.08-0.10; (256, 1024) 0.40-0.72 vs 0.07-0.12; (4096, 64, 1, 1) "
-    "0.36-0.52 vs 0.07-0.12), and the class ignores parameters that require grad"))
 @pytest.mark.parametrize("shape", [(4096, 64), (256, 1024), (4096, 64, 1, 1)], ids=str)
 def test_auto_does_not_pick_numba_for_batch_norm_shapes_it_was_never_measured_on(shape: tuple[int, ...]) -> None:
     from normkit.backends import resolve

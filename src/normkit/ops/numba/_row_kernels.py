@@ -112,7 +112,12 @@ def _scaled_stats(v, shift, is_rms, eps):
     zero = eps - eps
     big = zero
     for j in range(v.shape[0]):
-        big = max(big, abs(v[j] - shift))
+        d = abs(v[j] - shift)
+        if d != d:  # NaN
+            return zero + np.nan, zero + np.nan
+        big = max(big, d)
+    if is_rms and np.isinf(big):  # as torch: mean square inf, rstd 0 (finite x -> 0, inf -> NaN)
+        return zero, zero
     if not np.isfinite(big) or big == 0:
         return zero + np.nan, zero + np.nan
     s = eps - eps + math.ldexp(1.0, -math.frexp(big)[1])

@@ -42,6 +42,7 @@ Numerics contract (every op of this backend):
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 from torch import Tensor
@@ -65,6 +66,10 @@ _NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None
 # A row-norm call of fewer elements than this is "small": the kernels' fixed cost per call
 # (custom op, autograd, numba's dispatch and thread wake-up) outweighs their speed there.
 SMALL_ELEMENTS = 1 << 18
+# The shortest reduction the benchmark measured: rows of 1024 (LLM rows 1024 and 4096), 56x56
+# spatial maps. Shorter ones ("/short") were never measured, so "auto" keeps ATen there (rows
+# of 1-16 elements ran 2-15x slower than ATen).
+SHORT_EXTENT = 1024
 
 
 def is_available() -> bool:
@@ -145,19 +150,26 @@ _CHANNEL_OPS = {
 }
 
 
-def shape_class(op: str, x: Tensor, training: bool = True) -> str:
-    """The benchmark's class of a call: ``"<dtype>/<small|large>"``, plus ``"/channels_last"``
+def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None = None) -> str:
+    """The benchmark's class of a call: ``"<dtype>/<small|large>"``, plus ``"/short"`` where
+    each reduction is shorter than any the benchmark measured (a row of fewer than
+    :data:`SHORT_EXTENT` elements for the row norms, fewer than that many spatial positions per
+    channel for the channel norms: BatchNorm1d's ``(N, C)``, 1x1 maps), ``"/channels_last"``
     for a channels_last input, ``"/eval"`` for a BatchNorm that normalizes with its running
     statistics (a per-channel affine: not what the benchmark measures), and ``"/train"`` where
-    autograd will record the call (the benchmark's forward+backward column decides those)."""
+    autograd will record the call (``autograd``; by default whether ``x`` requires grad; the
+    benchmark's forward+backward column decides those)."""
     size = "small" if x.numel() < SMALL_ELEMENTS else "large"
     parts = [str(x.dtype).removeprefix("torch."), size]
+    extent = x.shape[-1] if op in _ROW_OPS else math.prod(x.shape[2:])
+    if extent < SHORT_EXTENT:
+        parts.append("short")
     if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d):
         parts.append("channels_last")
     if not training:
         parts.append("eval")
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad if autograd is None else autograd):
         parts.append("train")
     return "/".join(parts)
 
@@ -168,11 +180,12 @@ def shape_class(op: str, x: Tensor, training: bool = True) -> str:
 # column; otherwise the forward). "auto" picks numba there and nowhere else. The machine was a
 # loaded 2-core box: many other wins in that table are "within spread" and not claimed here.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
-    # 4096x1024 and 4096x4096, fwd+bwd: 8.3-20.6x and 4.6-5.8x torch eager.
-    "rms_norm": frozenset({"float32/large/train"}),
-    # the same shapes: 2.7-9.2x and 3.7-4.5x.
-    "add_rms_norm": frozenset({"float32/large/train"}),
-    # 32x64x56x56 training: channels_last fwd+bwd 5.6-5.7x; NCHW forward 4.5-7.1x.
+    # 4096x1024 and 4096x4096: fwd+bwd 11.2-18.2x and 5.9-7.6x torch eager; forward 1.9-6.2x
+    # and 2.7-3.4x (the run of 2026-12-02 08:33, a loaded machine).
+    "rms_norm": frozenset({"float32/large/train", "float32/large"}),
+    # the same shapes: fwd+bwd 4.6-7.5x and 3.6-6.2x; forward 1.8-5.5x and 2.2-2.3x.
+    "add_rms_norm": frozenset({"float32/large/train", "float32/large"}),
+    # 32x64x56x56 training: channels_last fwd+bwd; NCHW forward (no autograd).
     "batch_norm": frozenset({"float32/large/channels_last/train", "float32/large"}),
 }
 
@@ -188,7 +201,9 @@ def _preferred(op: str):
         if x.numel() < SMALL_ELEMENTS and not any("/small" in c for c in classes):
             return False
         training = bool(args[5] if len(args) > 5 else kwargs.get("training", False)) if "batch" in op else True
-        return shape_class(op, x, training) in classes
+        # Autograd records the call if any tensor argument (the input, a weight) requires grad.
+        autograd = any(isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+        return shape_class(op, x, training, autograd) in classes
 
     return preferred
 

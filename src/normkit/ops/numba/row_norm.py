@@ -199,7 +199,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     return _trailing_norm(input, None, normalized_shape, weight, None, eps, True, False)[0]
 
 
-def _add_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, residual_dtype) -> AddNormOutput:
+def _add_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, residual_dtype) -> tuple[Tensor, Tensor]:
     dtype = residual_dtype or x.dtype
     if dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
         # Mixed precisions (a float32 residual stream under bf16 activations): the sum in its
@@ -209,16 +209,17 @@ def _add_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, residual
             y = rms_norm(residual_out, normalized_shape, weight, eps)
         else:
             y = layer_norm(residual_out, normalized_shape, weight, bias, eps)
-        return AddNormOutput(y.to(x.dtype), residual_out)
+        return y.to(x.dtype), residual_out
     if is_rms and eps is None:
         eps = default_rms_eps(x.dtype)
-    return AddNormOutput(*_trailing_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, True))
+    # A plain tuple, as every backend returns (normkit.functional splits exactly tuples).
+    return _trailing_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, True)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, normalized_shape: Sequence[int],
                    weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
-                   residual_dtype: torch.dtype | None = None) -> AddNormOutput:
-    """``residual_out = x + residual`` and ``y = layer_norm(residual_out)`` in one pass (x and
+                   residual_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(y, residual_out)``: ``residual_out = x + residual`` and ``y = layer_norm(residual_out)`` in one pass (x and
     residual read once; the gradient reaching ``residual_out`` is added in the same backward
     pass). A residual or ``residual_dtype`` of another dtype than x's is summed first."""
     return _add_norm(x, residual, normalized_shape, weight, bias, eps, False, residual_dtype)
@@ -226,7 +227,7 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, normalized_shape: Sequenc
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, normalized_shape: Sequence[int],
                  weight: Tensor | None = None, eps: float | None = None,
-                 residual_dtype: torch.dtype | None = None) -> AddNormOutput:
+                 residual_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """As :func:`add_layer_norm`, with RMSNorm."""
     return _add_norm(x, residual, normalized_shape, weight, None, eps, True, residual_dtype)
 
