@@ -375,7 +375,10 @@ def _plain_trailing(input: object, normalized_shape: object, eps_ok: bool, *para
     for d in normalized_shape:
         if type(d) is not int:
             return False
-    return _ordinary(input, normalized_shape, *params)  # type: ignore[arg-type]
+    n = len(normalized_shape)  # _ordinary's test, for a tuple
+    if not n or input.dim() < n or input.shape[-n:] != normalized_shape or not input.is_floating_point():  # type: ignore[attr-defined]
+        return False
+    return _plain_params(input, normalized_shape, *params)  # type: ignore[arg-type]
 
 
 def _plain_channels(input: object, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
