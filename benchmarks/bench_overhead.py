@@ -1,0 +1,103 @@
+"""Per-call overhead of normkit's default path over torch.nn at tiny shapes (issue 12).
+
+At these shapes the kernels take a few microseconds, so the difference between a normkit call
+and its torch twin is the Python dispatch: argument checks, backend resolution, layout. Each
+case runs normkit and torch interleaved (one timeit block of each per round, so a noisy moment
+hits both), one thread, and reports the minimum and the median per call over the rounds.
+
+    .venv/bin/python benchmarks/bench_overhead.py [--rounds 60] [--number 2000] [--out FILE]
+
+Writes a markdown table (stdout, and ``--out`` if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import timeit
+
+import torch
+import torch.nn.functional as F
+
+import normkit
+import normkit.functional as NF
+
+
+def _cases():
+    x2 = torch.randn(8, 64)
+    x4 = torch.randn(2, 8, 4, 4)
+    ln, tln = normkit.LayerNorm(64), torch.nn.LayerNorm(64)
+    rms, trms = normkit.RMSNorm(64), torch.nn.RMSNorm(64)
+    bn, tbn = normkit.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+    bne, tbne = normkit.BatchNorm2d(8).eval(), torch.nn.BatchNorm2d(8).eval()
+    gn, tgn = normkit.GroupNorm(2, 8), torch.nn.GroupNorm(2, 8)
+    inn, tinn = normkit.InstanceNorm2d(8), torch.nn.InstanceNorm2d(8)
+    w, b = torch.randn(64), torch.randn(64)
+    rm, rv = torch.zeros(8), torch.ones(8)
+    w8, b8 = torch.randn(8), torch.randn(8)
+    return [
+        ("LayerNorm(64) (8, 64)", lambda: ln(x2), lambda: tln(x2)),
+        ("RMSNorm(64) (8, 64)", lambda: rms(x2), lambda: trms(x2)),
+        ("BatchNorm2d(8) train (2, 8, 4, 4)", lambda: bn(x4), lambda: tbn(x4)),
+        ("BatchNorm2d(8) eval (2, 8, 4, 4)", lambda: bne(x4), lambda: tbne(x4)),
+        ("GroupNorm(2, 8) (2, 8, 4, 4)", lambda: gn(x4), lambda: tgn(x4)),
+        ("InstanceNorm2d(8) (2, 8, 4, 4)", lambda: inn(x4), lambda: tinn(x4)),
+        ("layer_norm (8, 64)", lambda: NF.layer_norm(x2, (64,), w, b), lambda: F.layer_norm(x2, (64,), w, b)),
+        ("rms_norm (8, 64)", lambda: NF.rms_norm(x2, (64,), w), lambda: F.rms_norm(x2, (64,), w)),
+        ("batch_norm train (2, 8, 4, 4)", lambda: NF.batch_norm(x4, rm, rv, w8, b8, True),
+         lambda: F.batch_norm(x4, rm, rv, w8, b8, True)),
+        ("batch_norm eval (2, 8, 4, 4)", lambda: NF.batch_norm(x4, rm, rv, w8, b8, False),
+         lambda: F.batch_norm(x4, rm, rv, w8, b8, False)),
+        ("group_norm (2, 8, 4, 4)", lambda: NF.group_norm(x4, 2, w8, b8), lambda: F.group_norm(x4, 2, w8, b8)),
+        ("instance_norm (2, 8, 4, 4)", lambda: NF.instance_norm(x4), lambda: F.instance_norm(x4)),
+    ]
+
+
+def measure(rounds: int, number: int) -> list[tuple[str, float, float, float, float]]:
+    """Per case: normkit min, torch min, normkit median, torch median (microseconds per call)."""
+    rows = []
+    with torch.no_grad():
+        cases = _cases()
+    for name, ours, theirs in cases:
+        ours(), theirs()  # warm up (lazy backend lookup, first-call allocations)
+        a, b = [], []
+        for _ in range(rounds):
+            a.append(timeit.timeit(ours, number=number) / number * 1e6)
+            b.append(timeit.timeit(theirs, number=number) / number * 1e6)
+        rows.append((name, min(a), min(b), statistics.median(a), statistics.median(b)))
+    return rows
+
+
+def table(rows, rounds: int, number: int) -> str:
+    lines = [
+        f"# Per-call overhead over torch.nn at tiny shapes (torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, 1 thread)",
+        "",
+        f"normkit's default path (backend \"auto\", default precision) against its torch twin, "
+        f"interleaved, {rounds} rounds of {number} calls; microseconds per call, autograd on.",
+        "",
+        "| case | normkit min | torch min | overhead (min) | normkit median | torch median | overhead (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, a, b, am, bm in rows:
+        lines.append(f"| {name} | {a:.2f} | {b:.2f} | +{a - b:.2f} | {am:.2f} | {bm:.2f} | +{am - bm:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--number", type=int, default=2000)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    text = table(measure(args.rounds, args.number), args.rounds, args.number)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
