@@ -217,11 +217,6 @@ def test_auto_does_not_pick_numba_for_batch_norm_shapes_it_was_never_measured_on
         "normkit.ops.numba")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DEFECT silent precision loss: the row kernels sum a float32 row in float32 (vectorized "
-    "lanes), so the error grows with the row length: at 2^24 elements (LayerNorm over (64, 512, "
-    "512)) 1.5e-4 against float64, 300x ATen's 5e-7 and past normkit.testing's bound (1.1e-4); "
-    "rms_norm the same (1.5e-4); 2^22: 1.7e-5, 30x ATen's, inside the bound only by its floor"))
 def test_float32_statistics_of_a_very_long_row_stay_within_the_bound() -> None:
     x = torch.randn(1, 64, 512, 512, generator=_gen(41))
     shape = x.shape[1:]
