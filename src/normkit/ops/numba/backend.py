@@ -181,7 +181,7 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
 # loaded 2-core box: many other wins in that table are "within spread" and not claimed here.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
     # 4096x1024 and 4096x4096: fwd+bwd 11.2-18.2x and 5.9-7.6x torch eager; forward 1.9-6.2x
-    # and 2.7-3.4x (the run of 2026-12-02 08:33, a loaded machine).
+    # and 2.7-3.4x (benchmarks/results/cpu.md of 2026-12-02 08:40, a loaded machine).
     "rms_norm": frozenset({"float32/large/train", "float32/large"}),
     # the same shapes: fwd+bwd 4.6-7.5x and 3.6-6.2x; forward 1.8-5.5x and 2.2-2.3x.
     "add_rms_norm": frozenset({"float32/large/train", "float32/large"}),
