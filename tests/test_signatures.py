@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin
 
 import normkit.modules
+from normkit.norms import NORMS
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 _POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -44,7 +45,7 @@ _DEFECTS = {
 
 # A value for each required parameter, to build every class.
 _REQUIRED = {"num_features": 4, "num_channels": 4, "num_groups": 2, "normalized_shape": 4, "size": 3,
-             "virtual_batch_size": 2}
+             "virtual_batch_size": 2, "d": 4}
 
 
 def _plain(params: list[inspect.Parameter]) -> list[tuple[str, object, object]]:
@@ -54,6 +55,10 @@ def _plain(params: list[inspect.Parameter]) -> list[tuple[str, object, object]]:
 def _expected_torch_part(name: str, cls: type) -> list[tuple[str, object, object]]:
     """The twin's parameters as the class must show them, before normkit's options."""
     twin, dropped = _TWIN_OF.get(name, (cls.torch_base(), set()))
+    if twin is nn.Module and any(spec.module == name for spec in NORMS.values()):
+        # a norm of the table without a torch twin: its own parameters before normkit's options
+        own = inspect.signature(cls).parameters.values()
+        return _plain([p for p in own if p.kind is not _KW])
     assert twin is not nn.Module, f"{name} extends nn.Module directly: give it a twin in _TWIN_OF"
     expected = []
     for p in inspect.signature(twin).parameters.values():
