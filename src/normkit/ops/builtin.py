@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -167,5 +166,4 @@ def _register_kernels(name: str) -> None:
 
 
 _register_kernels("triton")
-if (Path(__file__).parent / "numba" / "backend.py").exists():  # being written: see issue 12
-    _register_kernels("numba")
+_register_kernels("numba")
