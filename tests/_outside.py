@@ -106,7 +106,8 @@ def assert_same_numbers(actual: Tensor | None, expected: Tensor | None, referenc
     a kernel may give its limit (the bias); neither is wrong."""
     if expected is None and actual is None:
         return
-    assert actual is not None and expected is not None, f"{what}: normkit gives {actual is not None}, torch {expected is not None}"
+    assert actual is not None and expected is not None, \
+        f"{what}: normkit gives {actual is not None}, torch {expected is not None}"
     if undefined_free and actual.is_floating_point():
         defined = expected.isfinite() & (True if reference is None else reference.isfinite())
         actual, expected, reference = (None if t is None else t[defined] for t in (actual, expected, reference))

@@ -397,7 +397,8 @@ class FusedAddCase:
 
     @property
     def id(self) -> str:
-        parts = [self.op, "x".join(map(str, self.shape)), f"res_dtype={str(self.residual_dtype).removeprefix('torch.')}"]
+        parts = [self.op, "x".join(map(str, self.shape)),
+                 f"res_dtype={str(self.residual_dtype).removeprefix('torch.')}"]
         if not self.residual:
             parts.append("no_residual")
         if not self.affine:

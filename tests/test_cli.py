@@ -581,7 +581,8 @@ def test_testing_bound_catches_a_wrong_kernel() -> None:
     from normkit.testing import TOLERANCES, assert_within_bound, bound
 
     gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(32, 300, generator=gen, dtype=torch.float64), torch.randn(300, generator=gen, dtype=torch.float64)
+    x = torch.randn(32, 300, generator=gen, dtype=torch.float64)
+    w = torch.randn(300, generator=gen, dtype=torch.float64)
 
     def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.float()

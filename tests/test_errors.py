@@ -326,11 +326,15 @@ BAD_CALLS: tuple[Call, ...] = (
     # -- ATen's own checks, enforced before any backend (issue 10, part 2): running statistics
     # that require grad, one of the two in training, a running statistic that is not a vector
     # (the reference backend used to scale it before failing), C = 0 with parameters, complex LRN
-    Call("bn-running_mean-requires-grad", "batch_norm", lambda r: (r(4, C, 5), r(C).requires_grad_(), r.var(C), None, None, True)),
-    Call("bn-running_var-requires-grad-eval", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C).requires_grad_(), None, None, False)),
-    Call("bn-running-requires-grad-int", "batch_norm", lambda r: (r(4, C, 5, dtype=_i64), r(C).requires_grad_(), r.var(C), None, None, True)),
+    Call("bn-running_mean-requires-grad", "batch_norm",
+         lambda r: (r(4, C, 5), r(C).requires_grad_(), r.var(C), None, None, True)),
+    Call("bn-running_var-requires-grad-eval", "batch_norm",
+         lambda r: (r(4, C, 5), r(C), r.var(C).requires_grad_(), None, None, False)),
+    Call("bn-running-requires-grad-int", "batch_norm",
+         lambda r: (r(4, C, 5, dtype=_i64), r(C).requires_grad_(), r.var(C), None, None, True)),
     Call("in-running_mean-requires-grad", "instance_norm", lambda r: (r(4, C, 5), r(C).requires_grad_(), r.var(C))),
-    Call("in-running_var-requires-grad-eval", "instance_norm", lambda r: (r(4, C, 5), r(C), r.var(C).requires_grad_(), None, None, False)),
+    Call("in-running_var-requires-grad-eval", "instance_norm",
+         lambda r: (r(4, C, 5), r(C), r.var(C).requires_grad_(), None, None, False)),
     Call("bn-only-running_mean-train", "batch_norm", lambda r: (r(4, C, 5), r(C), None, r(C), r(C), True)),
     Call("bn-only-running_var-train", "batch_norm", lambda r: (r(4, C, 5), None, r.var(C), None, None, True)),
     Call("bn-only-running_mean-2d-train", "batch_norm", lambda r: (r(4, C, 5), r(C, 1), None, None, None, True)),
@@ -339,7 +343,8 @@ BAD_CALLS: tuple[Call, ...] = (
     Call("bn-running_var-1x1xC-train", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(1, 1, C), None, None, True)),
     Call("bn-running_var-1xC-eval", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(1, C), None, None, False)),
     Call("bn-running-0d-C1-train", "batch_norm", lambda r: (r(4, 1, 5), r(), r.var(), None, None, True)),
-    Call("bn_act-running_mean-1xC-train", "batch_norm_act", lambda r: (r(4, C, 5), r(1, C), r.var(C), r(C), r(C), True)),
+    Call("bn_act-running_mean-1xC-train", "batch_norm_act",
+         lambda r: (r(4, C, 5), r(1, C), r.var(C), r(C), r(C), True)),
     Call("in-running_mean-1xC", "instance_norm", lambda r: (r(4, C, 5), r(1, C), r.var(1, C))),
     Call("bn-C0-weight-train", "batch_norm", _bn(_x(4, 0, 5), stats=0, weight=0, bias=0)),
     Call("bn-C0-bias-eval", "batch_norm", _bn(_x(4, 0, 5), stats=0, weight=None, bias=0, training=False)),
@@ -364,7 +369,8 @@ BAD_CALLS: tuple[Call, ...] = (
         for op, positions in (("layer_norm", {"input": 0, "weight": 2, "bias": 3, "eps": 4}),
                               ("rms_norm", {"input": 0, "weight": 2, "eps": 3}))
         for arg, i in positions.items()
-        for v in (("a", [1.0] * 5) if arg != "eps" else ("a", torch.tensor([1e-5]), 1j) + ((None,) if op == "layer_norm" else ()))
+        for v in (("a", [1.0] * 5) if arg != "eps"
+                  else ("a", torch.tensor([1e-5]), 1j) + ((None,) if op == "layer_norm" else ()))
     ),
     Call("layer_norm-two-bad-arguments", "layer_norm", lambda r: (r(2, 4, 5), 5, None, None, None)),
     *(
@@ -390,7 +396,8 @@ BAD_CALLS: tuple[Call, ...] = (
         for arg, i, label, v in (
             ("num_groups", 1, "float", 2.0), ("num_groups", 1, "str", "2"), ("num_groups", 1, "None", None),
             ("num_groups", 1, "bool", True), ("num_groups", 1, "float-tensor", torch.tensor(2.0)),
-            ("weight", 2, "list", [1.0] * 6), ("bias", 3, "float", 1.0), ("eps", 4, "None", None), ("eps", 4, "str", "a"),
+            ("weight", 2, "list", [1.0] * 6), ("bias", 3, "float", 1.0),
+            ("eps", 4, "None", None), ("eps", 4, "str", "a"),
             ("input", 0, "list", [[1.0]]),
         )
     ),
@@ -514,10 +521,13 @@ LOOKALIKES: tuple[Call, ...] = (
     Call("group_norm-C0", "group_norm", lambda r: (r(4, 0, 5), 1)),
     Call("lrn-C0", "local_response_norm", lambda r: (r(4, 0, 5), 2)),
     # argument types torch's parser accepts: numbers of any kind, 0-dim tensors, sequences of ints
-    Call("bn-momentum-0d-tensor", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, torch.tensor(0.3))),
-    Call("bn-eps-0d-tensor", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, 0.1, torch.tensor(1e-3))),
+    Call("bn-momentum-0d-tensor", "batch_norm",
+         lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, torch.tensor(0.3))),
+    Call("bn-eps-0d-tensor", "batch_norm",
+         lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, 0.1, torch.tensor(1e-3))),
     Call("bn-momentum-int", "batch_norm", lambda r: (r(4, C, 5), r(C), r.var(C), r(C), r(C), True, 1)),
-    Call("in-momentum-0d-tensor", "instance_norm", lambda r: (r(4, C, 5), r(C), r.var(C), None, None, True, torch.tensor(0.3))),
+    Call("in-momentum-0d-tensor", "instance_norm",
+         lambda r: (r(4, C, 5), r(C), r.var(C), None, None, True, torch.tensor(0.3))),
     Call("layer_norm-shape-list", "layer_norm", lambda r: (r(2, 4, 5), [4, 5], r(4, 5), r(4, 5))),
     Call("layer_norm-shape-size", "layer_norm", lambda r: (r(2, 4, 5), torch.Size([5]), r(5), r(5))),
     Call("layer_norm-shape-0d-tensor-element", "layer_norm", lambda r: (r(2, 4, 5), (torch.tensor(5),), r(5), r(5))),
@@ -575,7 +585,8 @@ class ModuleCall:
     @property
     def id(self) -> str:
         parts = [self.module, "x".join(map(str, self.shape)) or "scalar", str(self.x_dtype).removeprefix("torch.")]
-        parts += [f"{k}={v}" for k, v in self.kwargs] + ([] if self.train else ["eval"]) + ([self.note] if self.note else [])
+        parts += ([f"{k}={v}" for k, v in self.kwargs] + ([] if self.train else ["eval"])
+                  + ([self.note] if self.note else []))
         return "-".join(parts)
 
     def build(self, lib: Any, **extra: Any) -> nn.Module:
@@ -865,10 +876,16 @@ def test_residual_ops_argument_types_name_the_op_and_its_positions(backend: str)
     are torch's TypeError, naming them and their own positions."""
     x = torch.randn(3, 5)
     cases = {
-        ("add_layer_norm", "normalized_shape"): ((x, x, 5), "add_layer_norm(): argument 'normalized_shape' (position 3) must be tuple of ints, not int"),
-        ("add_layer_norm", "eps"): ((x, x, (5,), None, None, None), "add_layer_norm(): argument 'eps' (position 6) must be float, not NoneType"),
-        ("add_rms_norm", "residual"): ((x, [1.0], (5,)), "add_rms_norm(): argument 'residual' (position 2) must be Tensor, not list"),
-        ("add_rms_norm", "weight"): ((x, x, (5,), "w"), "add_rms_norm(): argument 'weight' (position 4) must be Tensor, not str"),
+        ("add_layer_norm", "normalized_shape"): (
+            (x, x, 5),
+            "add_layer_norm(): argument 'normalized_shape' (position 3) must be tuple of ints, not int"),
+        ("add_layer_norm", "eps"): (
+            (x, x, (5,), None, None, None),
+            "add_layer_norm(): argument 'eps' (position 6) must be float, not NoneType"),
+        ("add_rms_norm", "residual"): (
+            (x, [1.0], (5,)), "add_rms_norm(): argument 'residual' (position 2) must be Tensor, not list"),
+        ("add_rms_norm", "weight"): (
+            (x, x, (5,), "w"), "add_rms_norm(): argument 'weight' (position 4) must be Tensor, not str"),
     }
     for (op, _), (args, message) in cases.items():
         with pytest.raises(TypeError) as info:

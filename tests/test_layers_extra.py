@@ -33,7 +33,8 @@ def _randn(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5).to(dtype)
 
 
-def _grads(module: nn.Module | Callable[[Tensor], Tensor], x: Tensor, dy_of: Callable[[Tensor], Tensor], **kw: Tensor) -> dict[str, Tensor]:
+def _grads(module: nn.Module | Callable[[Tensor], Tensor], x: Tensor, dy_of: Callable[[Tensor], Tensor],
+           **kw: Tensor) -> dict[str, Tensor]:
     """Output, input and parameter gradients of ``module(x, **kw)`` for upstream ``dy_of(y)``."""
     is_module = isinstance(module, nn.Module)
     if is_module:
@@ -305,12 +306,14 @@ def test_norm_act_is_norm_then_activation(backend: str, name: str, act: str | No
 
 
 def test_norm_act_rejects_unknown_activation_and_shows_act() -> None:
-    with pytest.raises(ValueError, match=r"unknown activation 'tanh'; expected one of \['silu', 'relu', 'gelu', None\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown activation 'tanh'; expected one of \['silu', 'relu', 'gelu', None\]"):
         normkit.BatchNormAct2d(4, act="tanh")
     with pytest.raises(ValueError, match="unknown activation"):
         normkit.GroupNormAct(2, 4, act="swish")
     assert "act='silu'" in repr(normkit.GroupNormAct(2, 4))
-    assert isinstance(normkit.BatchNormAct2d(4), nn.BatchNorm2d) and isinstance(normkit.GroupNormAct(2, 4), nn.GroupNorm)
+    assert isinstance(normkit.BatchNormAct2d(4), nn.BatchNorm2d)
+    assert isinstance(normkit.GroupNormAct(2, 4), nn.GroupNorm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

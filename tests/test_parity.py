@@ -121,12 +121,14 @@ def _compare(
         )
         expected = {}
     assert isinstance(reference, dict) or reference is None, f"{where}: the float64 reference raised {reference}"
-    assert set(actual) == set(expected) or not expected, f"{where}: results {sorted(actual)} != torch's {sorted(expected)}"
+    assert set(actual) == set(expected) or not expected, \
+        f"{where}: results {sorted(actual)} != torch's {sorted(expected)}"
     for key, value in actual.items():
         _assert_both_or_neither(value, expected.get(key, value), f"{where}: {key}")
         if value is not None:
             assert_close_to_reference(
-                value, expected.get(key), None if reference is None else reference[key], dtype=dtype, name=f"{where}: {key}"
+                value, expected.get(key), None if reference is None else reference[key], dtype=dtype,
+                name=f"{where}: {key}"
             )
 
 
@@ -258,7 +260,8 @@ def _functional_call(
     gen = torch.Generator().manual_seed(seed + 1)
 
     def rand(shape: tuple[int, ...], lo: float = 0.0, spread: float = 1.0, normal: bool = True) -> Tensor:
-        t = torch.randn(shape, generator=gen, dtype=torch.float64) if normal else torch.rand(shape, generator=gen, dtype=torch.float64)
+        t = (torch.randn(shape, generator=gen, dtype=torch.float64) if normal
+             else torch.rand(shape, generator=gen, dtype=torch.float64))
         return (t * spread + lo).to(param_dtype)
 
     op = case.op.removesuffix("_act")  # a norm + activation takes its norm's arguments
@@ -332,7 +335,8 @@ class _With:
         return functools.partial(getattr(self.namespace, op), **self.kwargs)
 
 
-def _table_call(name: str, f: Any, dtype: torch.dtype, param_dtype: torch.dtype, float64: bool) -> dict[str, Tensor] | Exception:
+def _table_call(name: str, f: Any, dtype: torch.dtype, param_dtype: torch.dtype,
+                float64: bool) -> dict[str, Tensor] | Exception:
     """The example of row ``name`` through the namespace ``f``: output and gradients, from random
     parameters and a random upstream gradient."""
     spec = NORMS[name]
@@ -428,7 +432,8 @@ def _fused_add(
     dres = _upstream(residual_out, seed_of(case.id, "dres"), res_dtype)
     inputs = [x] + ([residual] if residual is not None else []) + params
     grads = torch.autograd.grad((y, residual_out), inputs, (dy, dres))
-    names = ["grad_x"] + (["grad_residual"] if residual is not None else []) + ["grad_weight", "grad_bias"][: len(params)]
+    names = (["grad_x"] + (["grad_residual"] if residual is not None else [])
+             + ["grad_weight", "grad_bias"][: len(params)])
     return {"out": y.detach(), "residual_out": residual_out.detach(), **dict(zip(names, grads, strict=True))}
 
 
@@ -529,7 +534,8 @@ def test_every_norm_and_module_has_cases() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("name", "shape"), [("BatchNorm1d", (1, 3)), ("BatchNorm2d", (1, 3, 1, 1))])
-def test_training_batch_of_one_raises_like_torch_and_keeps_buffers(name: str, shape: tuple[int, ...], backend: str) -> None:
+def test_training_batch_of_one_raises_like_torch_and_keeps_buffers(name: str, shape: tuple[int, ...],
+                                                                   backend: str) -> None:
     theirs = randomize_(getattr(nn, name)(3), 0)
     ours = getattr(normkit, name)(3, backend=backend)
     ours.load_state_dict(theirs.state_dict())

@@ -182,7 +182,8 @@ def test_add_norms(data: st.DataObject, shape: tuple[int, ...], rms: bool, resid
     op = "add_rms_norm" if rms else "add_layer_norm"
     expected = _run(torch_call, tensors, seed)
     for backend in CPU_BACKENDS:
-        actual = _run(lambda input, residual, b=backend, **p: getattr(NF, op)(input, residual, ns, **p, eps=eps, backend=b),
+        actual = _run(lambda input, residual, b=backend, **p:
+                      getattr(NF, op)(input, residual, ns, **p, eps=eps, backend=b),
                       tensors, seed)
         _assert_all_close(actual, expected, f"{op} on {backend}")
 

@@ -195,7 +195,8 @@ def test_statistics_dtype(name: str, dtype: torch.dtype) -> None:
     assert mean.dtype == expected
 
 
-def _low_precision_call(name: str, gen: torch.Generator, dtype: torch.dtype) -> tuple[Callable[..., Tensor], list[Tensor]]:
+def _low_precision_call(name: str, gen: torch.Generator,
+                        dtype: torch.dtype) -> tuple[Callable[..., Tensor], list[Tensor]]:
     """A call of the reference op ``name`` and its tensors (input and parameters) in ``dtype``."""
     example = NORMS[name].example(Sizes((3, 4, 5, 6), normalized_ndim=2, num_groups=2))
     x = _randn(gen, *example.shape, dtype=dtype)

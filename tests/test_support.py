@@ -194,7 +194,8 @@ def test_local_response_norm_under_cpu_autocast_matches_torch(
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
         outs[name], grads[name] = y, xi.grad
     xr = x.double().requires_grad_()
-    F.local_response_norm(xr, 3, alpha=1.0).backward(torch.randn(shape, generator=torch.Generator().manual_seed(1)).double())
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).double()
+    F.local_response_norm(xr, 3, alpha=1.0).backward(dy)
     for name in ("functional", "module"):
         assert outs[name].dtype == outs["torch"].dtype, f"{name}: {outs[name].dtype} != torch's {outs['torch'].dtype}"
         assert_close_to_reference(outs[name], outs["torch"], reference, dtype=dtype, name=f"{name} output")

@@ -31,7 +31,8 @@ def _outputs_and_grads(model: nn.Module, make_inputs: Callable[[], dict], seed: 
 def _assert_same(actual: dict[str, Tensor], expected: dict[str, Tensor], where: str) -> None:
     assert set(actual) == set(expected), where
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=2e-5, atol=2e-5, msg=lambda m, key=key: f"{where} {key}: {m}")
+        torch.testing.assert_close(actual[key], expected[key], rtol=2e-5, atol=2e-5,
+                                   msg=lambda m, key=key: f"{where} {key}: {m}")
 
 
 def _random_norm_params_(model: nn.Module, seed: int) -> None:

@@ -402,5 +402,6 @@ def test_jit_script_of_every_module_class_says_what_to_do(name: str) -> None:
         with pytest.raises(RuntimeError, match=r"normkit\.to_torch\(model\)"):
             torch.jit.script(model)
         back = normkit.to_torch(model)
-        if not isinstance(back[1], (normkit.modules._base.BackendMixin, nn.SyncBatchNorm)):  # torch cannot script SyncBatchNorm
+        # torch cannot script SyncBatchNorm
+        if not isinstance(back[1], (normkit.modules._base.BackendMixin, nn.SyncBatchNorm)):
             torch.jit.script(back)

@@ -70,7 +70,8 @@ def _host(name: str, backend: str) -> Host:
 
 
 def _input(name: str, *tag: object, batch: tuple[int, ...] = (), requires_grad: bool = True) -> Tensor:
-    return make_input(batch + ROWS[name][2], torch.float32, seed_of("matrix x", name, *tag), requires_grad=requires_grad)
+    return make_input(batch + ROWS[name][2], torch.float32, seed_of("matrix x", name, *tag),
+                      requires_grad=requires_grad)
 
 
 def _close(actual: Tensor, expected: Tensor, what: str) -> None:

@@ -109,7 +109,8 @@ def _batch_norm_candidates(m: nn.Module) -> tuple[list[Candidate], str | None]:
         return [Candidate(f"BatchNormAct2d(act={a!r})", make(nk.BatchNormAct2d, act=a)) for a in acts], None
     dims = [cls for base, cls in ((nn.BatchNorm1d, nk.BatchNorm1d), (nn.BatchNorm2d, nk.BatchNorm2d),
                                   (nn.BatchNorm3d, nk.BatchNorm3d)) if isinstance(m, base)]
-    return [Candidate(cls.__name__, make(cls)) for cls in dims or (nk.BatchNorm2d, nk.BatchNorm1d, nk.BatchNorm3d)], None
+    return [Candidate(cls.__name__, make(cls))
+            for cls in dims or (nk.BatchNorm2d, nk.BatchNorm1d, nk.BatchNorm3d)], None
 
 
 def _group_norm_candidates(m: nn.Module) -> tuple[list[Candidate], str | None]:
@@ -152,7 +153,8 @@ def _row_norm_candidates(m: nn.Module) -> tuple[list[Candidate], str | None]:
         Candidate("LayerNorm" if where == "last" else "LayerNorm2d",
                    lambda m, where=where: _share(
                        (nk.LayerNorm(shape, eps, weight is not None, bias is not None, **_like(m)) if where == "last"
-                        else nk.LayerNorm2d(shape[0], eps, weight is not None, bias is not None, **_like(m))), m, names))
+                        else nk.LayerNorm2d(shape[0], eps, weight is not None, bias is not None, **_like(m))),
+                       m, names))
         for where in layer_norms if where == "last" or flat
     ]
     if bias is not None or isinstance(m, nn.LayerNorm):
@@ -160,7 +162,8 @@ def _row_norm_candidates(m: nn.Module) -> tuple[list[Candidate], str | None]:
     rms = [
         Candidate(f"RMSNorm(cast={cast!r}, weight_offset={offset})",
                    lambda m, cast=cast, offset=offset: _share(
-                       nk.RMSNorm(shape, eps, weight is not None, cast=cast, weight_offset=offset, **_like(m)), m, names))
+                       nk.RMSNorm(shape, eps, weight is not None, cast=cast, weight_offset=offset, **_like(m)),
+                       m, names))
         for cast in ("normalize_first", "weight_first") for offset in (0.0, 1.0)
         if weight is not None or (cast, offset) == ("weight_first", 0.0)
     ]

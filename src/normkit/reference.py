@@ -22,7 +22,8 @@ ScaleNorm, whose statistic is the L2 norm clamped at eps (:class:`ScaleNormalize
 (padded sequences: :func:`masked_batch_norm`, :func:`masked_instance_norm`).
 
 Numerics: statistics and arithmetic in float32 (float64 for float64 input), the parameter
-gradients summed in float64; results are cast back to the input's (and parameters') dtype. The backward recomputes the statistics from the saved input with
+gradients summed in float64; results are cast back to the input's (and parameters') dtype. The
+backward recomputes the statistics from the saved input with
 differentiable torch ops, so the backward itself can be differentiated (``gradgradcheck``).
 """
 
@@ -246,7 +247,8 @@ def _normalize(
     where its row is."""
     view, dims, param_view = layout(name, input.shape, normalized_ndim=normalized_ndim, num_groups=num_groups)
     center = NORMS[name].centered
-    given_mean, given_var = (None, None) if given is None else (given[0].reshape(param_view), given[1].reshape(param_view))
+    given_mean, given_var = ((None, None) if given is None
+                             else (given[0].reshape(param_view), given[1].reshape(param_view)))
     y, mean, var = _normalize_apply(
         input.reshape(view), _param(weight, param_view), _param(bias, param_view),
         dims, eps, center, given_mean, given_var,
@@ -386,7 +388,8 @@ class MaskedNormalize(torch.autograd.Function):
                 dx_hat = rstd * dxa
             else:
                 n = m.sum(dims, keepdim=True)
-                dx_hat = m * rstd * (dxa - dxa.sum(dims, keepdim=True) / n - x_hat * (x_hat * dxa).sum(dims, keepdim=True) / n)
+                dx_hat = m * rstd * (dxa - dxa.sum(dims, keepdim=True) / n
+                                     - x_hat * (x_hat * dxa).sum(dims, keepdim=True) / n)
             dy = dy + (dx_hat * weight.to(acc) if weight is not None else dx_hat)
         if dweight is not None:
             dy = dy + x_hat * dweight.to(acc)
@@ -532,7 +535,8 @@ def instance_norm(
     y, mean, var = _normalize("instance_norm", input, weight, bias, eps)
     # Each instance's statistics update the running ones; torch averages them over the batch.
     n = input[0, 0].numel()
-    update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0), momentum)
+    update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0),
+                         momentum)
     return y
 
 

@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_map
 from .backends import OPS, BackendError, WouldRun, _declared_checks, _known, _lookup, probing
 from .norms import NORMS
 
-__all__ = ["CALLS", "DEVICES", "DTYPES", "MARKERS", "Cell", "SupportMatrix", "readme_table", "support_matrix", "update_readme"]
+__all__ = ["CALLS", "DEVICES", "DTYPES", "MARKERS", "Cell", "SupportMatrix", "readme_table", "support_matrix",
+           "update_readme"]
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
@@ -192,7 +193,8 @@ def _row_call(name: str, t: _Maker, **kwargs: Any) -> tuple[tuple[Any, ...], dic
 
 # The norms of the table without calls of their own above: their example, and at float64.
 CALLS.update({
-    name: (("default", functools.partial(_row_call, name)), ("stats_dtype=float64", functools.partial(_row_call, name, **F64)))
+    name: (("default", functools.partial(_row_call, name)),
+           ("stats_dtype=float64", functools.partial(_row_call, name, **F64)))
     for name in NORMS if name not in CALLS
 })
 

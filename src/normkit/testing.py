@@ -221,7 +221,8 @@ def assert_close_to_reference(
     dtype = dtype or actual.dtype
     label = f"{name} ({dtype})" if name else str(dtype)
     if expected is not None:
-        assert actual.shape == expected.shape, f"{label}: shape {tuple(actual.shape)} != torch's {tuple(expected.shape)}"
+        assert actual.shape == expected.shape, \
+            f"{label}: shape {tuple(actual.shape)} != torch's {tuple(expected.shape)}"
         assert actual.dtype == expected.dtype, f"{label}: dtype {actual.dtype} != torch's {expected.dtype}"
     if not dtype.is_floating_point:
         assert expected is not None and torch.equal(actual, expected), f"{label}: {actual} != torch's {expected}"
@@ -234,7 +235,8 @@ def assert_close_to_reference(
         return
     if reference is None:
         raise ValueError(f"{label}: low precision is judged against a float64 reference; got reference=None")
-    assert actual.shape == reference.shape, f"{label}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"
+    assert actual.shape == reference.shape, \
+        f"{label}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"
     b = bound(actual, reference, expected, dtype)
     how = ("no torch baseline" if expected is None
            else f"{TOLERANCES[dtype].factor:g} * torch's error {b.baseline_error:.3g} + floor")

@@ -20,7 +20,8 @@ from ..functional import (
 from ._base import BackendMixin
 from ._tracing import module_leaf
 
-__all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm", "ScaleNorm"]
+__all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm",
+           "ScaleNorm"]
 
 # Leaves for torch.fx symbolic tracing: their argument checks read shapes, which a Proxy cannot.
 for _name in ("layer_norm", "rms_norm", "group_norm", "local_response_norm", "add_layer_norm", "add_rms_norm",
@@ -72,7 +73,8 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
                  backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, cast: str = "weight_first", weight_offset: float = 0.0) -> None:
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
+                 cast: str = "weight_first", weight_offset: float = 0.0) -> None:
         if cast not in _CASTS:
             raise ValueError(f"RMSNorm cast must be one of {_CASTS}; got {cast!r}")
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
@@ -137,7 +139,8 @@ class GroupNorm(BackendMixin, nn.GroupNorm):
     def __init__(self, num_groups: int | None = None, num_channels: int | None = None, eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
                  backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, group_size: int | None = None) -> None:
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
+                 group_size: int | None = None) -> None:
         # torch's TypeErrors for a missing argument (both are required there); group_size is
         # the one spelling that replaces num_groups
         if num_channels is None:
@@ -191,7 +194,8 @@ class FusedAddLayerNorm(LayerNorm):
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
                  residual_dtype: torch.dtype | None = None, backend: str | None = None,
                  stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend=backend,
+                         stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -208,7 +212,8 @@ class FusedAddRMSNorm(RMSNorm):
                  elementwise_affine: bool = True, device=None, dtype=None, *,
                  residual_dtype: torch.dtype | None = None, backend: str | None = None,
                  stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype, backend=backend, stats_dtype=stats_dtype, out_dtype=out_dtype)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype, backend=backend,
+                         stats_dtype=stats_dtype, out_dtype=out_dtype)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]

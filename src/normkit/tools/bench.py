@@ -384,7 +384,8 @@ def copy_bandwidth(device: str, nbytes: int, *, repeats: int = 5, budget_s: floa
     """Copy bandwidth in GB/s, the median over ``repeats`` samples: ``y.copy_(x)`` moves 2 * nbytes."""
     x = torch.empty(max(1, nbytes // 4), device=device).uniform_()
     y = torch.empty_like(x)
-    ms = statistics.median(_interleaved({"copy": _Timer(lambda: y.copy_(x), device, budget_s / repeats)}, repeats)["copy"])
+    timers = {"copy": _Timer(lambda: y.copy_(x), device, budget_s / repeats)}
+    ms = statistics.median(_interleaved(timers, repeats)["copy"])
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -517,7 +518,8 @@ def _run_problem(p: Problem, factories: dict[str, Any], device: str, directions:
     return list(rows.values())
 
 
-def add_speedups(rows: list[dict[str, Any]], baselines: Sequence[str] = ("torch", "torch.compile")) -> list[dict[str, Any]]:
+def add_speedups(rows: list[dict[str, Any]],
+                 baselines: Sequence[str] = ("torch", "torch.compile")) -> list[dict[str, Any]]:
     """Add ``<d>_speedup_vs_<baseline>`` (the baseline's median time over this provider's; above
     1: faster) and ``<d>_verdict_vs_<baseline>``: ``"faster"`` / ``"slower"`` only when the two
     ranges of samples (min to max) do not overlap, else ``"within spread"``. Baselines are

@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bench.add_argument("--threads", type=_int_list, metavar="T[,T...]",
-                       help="CPU thread counts, each a run of its own (default 1: steadier timings on a shared machine)")
+                       help="CPU thread counts, each a run of its own "
+                            "(default 1: steadier timings on a shared machine)")
     bench.add_argument("--repeats", type=int, default=5, metavar="K",
                        help="interleaved samples per measurement: the median and the spread (min-max) come from them")
     bench.add_argument("--budget", type=float, default=0.2, metavar="S",

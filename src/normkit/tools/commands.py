@@ -200,7 +200,8 @@ def _replay(args: argparse.Namespace, replays: list[Any]) -> int:
         print()
     checks = [(r, c) for r in replays for c in r.checks]
     print_table(("example", "quantity", "normkit vs", "max |diff|", "bound", "result"),
-                [(r.title, c.what, c.against, f"{c.max_diff:.2e}", f"{c.tolerance:.1e}", "agree" if c.ok else "DISAGREE")
+                [(r.title, c.what, c.against, f"{c.max_diff:.2e}", f"{c.tolerance:.1e}",
+                  "agree" if c.ok else "DISAGREE")
                  for r, c in checks],
                 [None if c.ok else "bold red" for _, c in checks])
     failed = sum(not c.ok for _, c in checks)

@@ -300,7 +300,8 @@ def verdict(accuracy: dict[str, dict[str, dict[str, Any]]], batch_sizes: Sequenc
         elif gn_fall > gn_noise:
             head = "No, this run does not show Wu & He's trend: GroupNorm falls too"
         else:
-            head = "No, this run does not show Wu & He's trend: BatchNorm's fall is not beyond GroupNorm's by more than the noise"
+            head = ("No, this run does not show Wu & He's trend: "
+                    "BatchNorm's fall is not beyond GroupNorm's by more than the noise")
         text = f"{head}, over {seeds} seeds: {detail}."
     numbers = {"batchnorm_fall": bn_fall, "batchnorm_noise": bn_noise, "groupnorm_fall": gn_fall,
                "groupnorm_noise": gn_noise, "excess_fall": excess, "excess_noise": excess_noise,
@@ -363,7 +364,8 @@ def run_compare(
         "dataset": data.name, "train_size": len(data.split(0)[1]), "val_size": len(data.split(0)[3]),
         "norms": list(norms), "batch_sizes": list(batch_sizes), "seeds": list(seeds),
         "setup": {**setup.__dict__, "optimizer": "AdamW",
-                  "lr_rule": f"lr = {setup.base_lr} * sqrt(batch / {setup.base_batch}), 15% linear warm-up, cosine decay",
+                  "lr_rule": f"lr = {setup.base_lr} * sqrt(batch / {setup.base_batch}), "
+                             "15% linear warm-up, cosine decay",
                   "exposure_range": {"contrast": [1 / EXPOSURE_CONTRAST, EXPOSURE_CONTRAST],
                                      "brightness": [-EXPOSURE_BRIGHTNESS, EXPOSURE_BRIGHTNESS]}},
         "accuracy": accuracy, "loss_curves": curves, "verdict": verdict(accuracy, batch_sizes),

@@ -188,7 +188,8 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         # table's (kept axes), or the table and the implementation disagree.
         _, _, var = Normalize.apply(x.reshape(view), None, None, dims, eps, spec.centered, None, None)
         if var.numel() != num_statistics:
-            raise AssertionError(f"{name}: the table gives {num_statistics} statistics, the reference computed {var.numel()}")
+            raise AssertionError(f"{name}: the table gives {num_statistics} statistics, "
+                                 f"the reference computed {var.numel()}")
         statistic_of = torch.arange(var.numel()).reshape(var.shape).expand(view).reshape(shape)
 
         twin_dtype = torch.float32 if spec.twin is not None else torch.float64

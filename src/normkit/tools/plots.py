@@ -72,7 +72,8 @@ def explain_figure(explanations: Sequence[Explanation], path: str | Path) -> Pat
         stats = " & ".join(e.statistics)
         ax.set_title(f"{e.module}\n{e.num_statistics} x {stats},\neach over {e.elements_per_statistic} elements "
                      f"({', '.join(e.reduced_axes)})", fontsize=9)
-    fig.suptitle(f"which elements one statistic is computed over, input (N, C, {', '.join(explanations[0].axes[2:])}) = "
+    fig.suptitle("which elements one statistic is computed over, "
+                 f"input (N, C, {', '.join(explanations[0].axes[2:])}) = "
                  f"{explanations[0].shape}", fontsize=10)
     return _save(fig, path)
 
@@ -117,7 +118,8 @@ def compare_figure(result: dict[str, Any], path: str | Path) -> Path:
     _label(ax, "batch size (images per worker)", "validation accuracy (%)",
            f"{result['dataset']}: accuracy vs batch size\n(BatchNorm evaluated with running statistics)")
     lows = [m - s for norm in norms for b in batch_sizes
-            for m, s in [(result["accuracy"][norm][str(b)]["mean"] * 100, result["accuracy"][norm][str(b)]["std"] * 100)]]
+            for m, s in [(result["accuracy"][norm][str(b)]["mean"] * 100,
+                          result["accuracy"][norm][str(b)]["std"] * 100)]]
     ax.set_ylim(max(0.0, math.floor(min(lows) / 5) * 5), 100.5)
 
     for j, batch in enumerate((batch_sizes[0], batch_sizes[-1]) if len(batch_sizes) > 1 else (batch_sizes[0],)):

@@ -34,9 +34,11 @@ __all__ = ["Check", "Replay", "replay_tutorials"]
 # they printed.
 SEED000_BN_INPUT = [[[[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[11, 12, 13], [14, 15, 16], [17, 18, 19]]],
                     [[[11, 13, 15], [17, 19, 21], [23, 25, 27]], [[21, 23, 25], [27, 29, 31], [33, 35, 37]]]]
+# n0, n1 (both channels)
 SEED000_BN_PRINTED = [[[-1.3574, -1.2340, -1.1106], [-0.9872, -0.8638, -0.7404], [-0.6170, -0.4936, -0.3702]],
-                      [[-0.1234, 0.1234, 0.3702], [0.6170, 0.8638, 1.1106], [1.3574, 1.6042, 1.8511]]]  # n0, n1 (both channels)
-SEED000_LN_INPUT = [[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], [[21, 22, 23, 24], [25, 26, 27, 28], [29, 30, 31, 32]]]
+                      [[-0.1234, 0.1234, 0.3702], [0.6170, 0.8638, 1.1106], [1.3574, 1.6042, 1.8511]]]
+SEED000_LN_INPUT = [[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]],
+                    [[21, 22, 23, 24], [25, 26, 27, 28], [29, 30, 31, 32]]]
 SEED000_LN_PRINTED = [-1.3416, -0.4472, 0.4472, 1.3416]  # every row
 SEED000_LN_IMAGE_INPUT = [[[[1, 2, 3], [11, 12, 13], [21, 22, 23]], [[51, 52, 53], [61, 62, 63], [71, 72, 73]]],
                           [[[81, 82, 83], [91, 92, 93], [101, 102, 103]],
@@ -45,11 +47,15 @@ SEED000_LN_IMAGE_PRINTED = [[[[-1.3682, -1.3302, -1.2922], [-0.9881, -0.9501, -0
                              [[0.5321, 0.5701, 0.6081], [0.9121, 0.9501, 0.9881], [1.2922, 1.3302, 1.3682]]],
                             [[[-1.5207, -1.4622, -1.4037], [-0.9358, -0.8773, -0.8188], [-0.3509, -0.2924, -0.2339]],
                              [[0.2339, 0.2924, 0.3509], [0.8188, 0.8773, 0.9358], [1.4037, 1.4622, 1.5207]]]]
-SEED003_INPUT = [[[[-2.4308, -1.0281, -1.1322, 0.9819], [-0.4069, 0.7973, 1.6296, 1.6797], [0.2802, -0.8285, 2.0101, 0.1286]],
-                  [[-0.5740, 0.1970, -0.7209, -0.7231], [-0.1489, 0.4993, 0.4159, 1.4238], [0.0334, -0.6333, 0.1308, -0.2180]]]]
+SEED003_INPUT = [[[[-2.4308, -1.0281, -1.1322, 0.9819], [-0.4069, 0.7973, 1.6296, 1.6797],
+                   [0.2802, -0.8285, 2.0101, 0.1286]],
+                  [[-0.5740, 0.1970, -0.7209, -0.7231], [-0.1489, 0.4993, 0.4159, 1.4238],
+                   [0.0334, -0.6333, 0.1308, -0.2180]]]]
 SEED003_WEIGHT = [0.5653, 0.0322]
-SEED003_PRINTED = [[[[-1.1237, -0.5106, -0.5561, 0.3679], [-0.2391, 0.2873, 0.6510, 0.6729], [0.0612, -0.4233, 0.8173, -0.0050]],
-                    [[-0.0293, 0.0120, -0.0372, -0.0373], [-0.0066, 0.0282, 0.0237, 0.0777], [0.0032, -0.0325, 0.0084, -0.0103]]]]
+SEED003_PRINTED = [[[[-1.1237, -0.5106, -0.5561, 0.3679], [-0.2391, 0.2873, 0.6510, 0.6729],
+                     [0.0612, -0.4233, 0.8173, -0.0050]],
+                    [[-0.0293, 0.0120, -0.0372, -0.0373], [-0.0066, 0.0282, 0.0237, 0.0777],
+                     [0.0032, -0.0325, 0.0084, -0.0103]]]]
 SEED003_PRINTED_STATS = (0.1401, 1.6730)  # mean and biased variance of channel 0
 
 # Agreement bounds. normkit and torch: float32 arithmetic, a few ulps (relative above magnitude 1).
@@ -294,7 +300,8 @@ def _tutorial002_lazy() -> Replay:
         y, y_torch = ours(h), theirs(h)
     r.lines += ["conv = Conv2d(2, 3, 1); norm = LazyBatchNorm2d() (no num_features: it is size(1) of the first input)",
                 f"step 1: norm(conv(ones(1, 2, 28, 28))): input {tuple(h.shape)}, so C = 3 is inferred:",
-                f"    normkit: {type(ours).__name__}(num_features={ours.num_features}), weight {tuple(ours.weight.shape)}, "
+                f"    normkit: {type(ours).__name__}(num_features={ours.num_features}), "
+                f"weight {tuple(ours.weight.shape)}, "
                 f"running_mean {tuple(ours.running_mean.shape)}   torch: num_features={theirs.num_features}",
                 "    (a constant input per channel: every output is 0, the batch variance 0 against eps)"]
     r.check("num_features", float(ours.num_features), float(theirs.num_features), "torch.nn.LazyBatchNorm2d", 0.0)
@@ -342,12 +349,14 @@ def _tutorial004_image() -> list[Replay]:
     u_c = x.mean(dim=1, keepdim=True)
     s_c = (x - u_c).pow(2).mean(1, keepdim=True)
     hand_1e6 = (x - u_c) / torch.sqrt(s_c + 1e-6)
-    pixel.lines += ["LayerNorm(3) normalizes the last axis, so the tutorial permutes (1, 3, 5, 5) to (1, 5, 5, 3) first:",
+    pixel.lines += ["LayerNorm(3) normalizes the last axis, "
+                    "so the tutorial permutes (1, 3, 5, 5) to (1, 5, 5, 3) first:",
                     f"    every pixel: [{_fmt(y_nhwc[0, 0, 0])}]   (the three channels 1, 11, 31 of pixel (0, 0))",
                     "by hand, back in (1, 3, 5, 5): u = x.mean(dim=1), s = ((x - u)^2).mean(dim=1), y = (x - u) / "
                     "sqrt(s + 1e-6): the tutorial's eps is 1e-6, LayerNorm's default 1e-5 (a difference of "
                     f"{(y_nhwc.permute(0, 3, 1, 2) - hand_1e6).abs().max().item():.1e} here)",
-                    "normkit.LayerNorm2d(3) computes the same per-pixel LayerNorm on (N, C, H, W) directly, no permutes"]
+                    "normkit.LayerNorm2d(3) computes the same per-pixel LayerNorm on (N, C, H, W) directly, "
+                    "no permutes"]
     pixel.check("y (channels-last)", y_nhwc, y_nhwc_torch, "torch.nn.LayerNorm", TOL_TORCH)
     pixel.check("y[0, 0, 0]", y_nhwc[0, 0, 0], torch.tensor([-1.0690, -0.2673, 1.3363]), "the tutorial's printout",
                 TOL_PRINTED, relative=False)

@@ -251,7 +251,8 @@ def row_norm_bwd(
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
             COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
             STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
-            HAS_BIAS=act != 0 and bias is not None, ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+            HAS_BIAS=act != 0 and bias is not None, ACT=act,
+            BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
             RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
         )
     # A fixed-shape torch sum: the same partials give the same bits on every run.

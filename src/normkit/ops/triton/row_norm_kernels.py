@@ -69,7 +69,8 @@ fp32 partial sums in a fixed layout which the launcher sums in a fixed order:
 * ``PER_SEGMENT=1`` (one parameter per channel): every (row, segment, tile column) writes its sum
   to ``[M, R, cdiv(S, BLOCK_S)]``, which is tiny (``N * C`` numbers per tile column).
 
-Norm + activation (``ACT``, see :data:`~normkit.ops.triton.jit_helpers.ACT_CODES`): the forward applies the activation to the
+Norm + activation (``ACT``, see :data:`~normkit.ops.triton.jit_helpers.ACT_CODES`): the forward
+applies the activation to the
 affine output before its one store; the backward recomputes the pre-activation
 ``z = x_hat * w + b`` from x and the saved statistics and continues with ``dz = dy * act'(z)``
 in place of ``dy``, so the normalized tensor is never written to memory.

@@ -40,7 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from normkit.ops.triton._launch import planned_for
 
-__all__ = ["CASES", "SMS", "VECTOR_BYTES", "Case", "Launch", "Step", "claims", "compile_variant", "host_us_per_step", "record_step",
+__all__ = ["CASES", "SMS", "VECTOR_BYTES", "Case", "Launch", "Step", "claims", "compile_variant", "host_us_per_step",
+           "record_step",
            "recorded_launches", "records"]
 
 SMS = 132  # H100 SXM
