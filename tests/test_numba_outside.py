@@ -8,9 +8,9 @@ offsets, channels_last/_3d), mixed parameter dtypes, NaN/inf and extreme magnitu
 statistics, modules and ``normkit.convert``, autograd (random upstream gradients, double
 backward, torch.func), threads, and a hypothesis fuzz over shapes, strides and dtypes.
 
-Confirmed defects are ``xfail(strict=True)`` tests naming the defect: they fail today and turn
-into failures of the suite ("XPASS strict") the day the backend is fixed, so the mark is removed
-then. Random weights, biases and upstream gradients throughout.
+The defects these attacks found were first written as ``xfail(strict=True)`` tests; all are
+fixed, and their tests are plain ones now (a new defect gets the same treatment). Random
+weights, biases and upstream gradients throughout.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def _ok_shape(op: str, shape: tuple[int, ...]) -> bool:
     spatial = math.prod(shape[2:])
     if op == "instance_norm" and spatial < 2:
         return False
-    return not (op.startswith("add") and len(shape) > 3)  # 4-D/5-D: see the xfail below
+    return not (op.startswith("add") and len(shape) > 3)  # 4-D/5-D: their own test below
 
 
 @pytest.mark.parametrize(("op", "shape"), [(op, s) for op in OPS for s in SHAPES if _ok_shape(op, s)], ids=str)
