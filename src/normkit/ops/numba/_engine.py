@@ -23,8 +23,8 @@ API (for the kernel files of :mod:`normkit.ops.numba`):
   ``buf`` (the statistics dtype) from bf16 bits and returns it; ``staging(row, buf)`` is where
   to write a result that ``encode(buf, row)`` then stores (round to nearest even for bf16, a
   no-op when ``row`` is float and already the staging array).
-* :func:`batch_by_loop` ``(op)``: a ``torch.func.vmap`` rule for a custom op, one call per
-  batch element.
+* vmap rules and the forward-mode refusal come from :mod:`normkit.ops._autograd`, shared with
+  the triton backend.
 * :func:`autograd_pair` ``(fwd_op, setup_context, backward, bwd_op)``: an autograd.Function
   around a ``torch.library`` forward op, its backward op wrapped for ``torch.func``; compiled
   code calls the custom ops directly (their fake implementations keep ``fullgraph=True``).
@@ -65,12 +65,13 @@ from numba.extending import overload
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
+from normkit.ops._autograd import forward_ad_refusal
+
 __all__ = [
     "LANES",
     "acc_np_dtype",
     "as_array",
     "autograd_pair",
-    "batch_by_loop",
     "decode",
     "encode",
     "jit",
@@ -246,25 +247,8 @@ def _encode(buf, row):
 # ---- autograd ------------------------------------------------------------------------------
 
 
-def _refuse_forward_ad(ctx, *tangents):
-    raise RuntimeError(
-        "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not supported by "
-        "normkit's numba kernels, which have a backward formula only; use backend='torch' (or "
-        "'reference') for forward-mode derivatives, or reverse mode (torch.func.grad, vjp, jacrev)"
-    )
-
-
-def batch_by_loop(op) -> None:
-    """A ``torch.func.vmap`` rule for the custom op ``op``: one call per batch element, stacked
-    (exact: each is an ordinary call; per-sample gradients need the backward this way)."""
-
-    def rule(info, in_dims, *args):
-        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
-                for i in range(info.batch_size)]
-        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
-
-    torch.library.register_vmap(op, rule)
-
+# The numba kernels' forward-mode refusal (a jvp for their autograd Functions).
+_refuse_forward_ad = forward_ad_refusal("numba")
 
 def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None,
                   bwd_impl=None) -> tuple[Callable[..., Any], Callable[..., Any]]:

@@ -42,22 +42,20 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from normkit import reference
 from normkit.numerics import acc_dtype, unbiased, update_running_stats
+from normkit.ops._autograd import check_saveable, refuse_forward_ad_early, vmap_by_loop
 from normkit.ops.numba import channel_kernels as k
 from normkit.ops.numba._engine import (
     _refuse_forward_ad,
     acc_np_dtype,
     as_array,
     autograd_pair,
-    batch_by_loop,
     launch,
 )
 from normkit.ops.numba.backend import _CHANNEL_OPS
-from normkit.ops.triton._launch import check_saveable
 
 __all__ = [
     "UNSUPPORTED",
@@ -377,19 +375,12 @@ def _backward(ctx, dy, *_stats):
             db.to(b_dtype) if need[2] else None, None, None, None, None, None, None)
 
 
-batch_by_loop(_fwd_op)
-batch_by_loop(_bwd_op)
+vmap_by_loop(_fwd_op)
+vmap_by_loop(_bwd_op)
 _fwd, _bwd = autograd_pair(_fwd_op, _setup_context, _backward, _bwd_op)
 
 
 # ---- the norms, with torch.nn.functional's signatures ------------------------------------------
-
-
-def _refuse_forward_ad_early(*tensors: Tensor | None) -> None:
-    """Forward-mode AD is refused before the running statistics are written."""
-    if not torch.compiler.is_compiling() and any(
-            t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        _refuse_forward_ad(None)
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -413,7 +404,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
     x = _dense(input)
     if training:
-        _refuse_forward_ad_early(input, weight, bias)
+        refuse_forward_ad_early(_refuse_forward_ad, input, weight, bias)
     y, pivot, mean, var, _ = _fwd(x, weight, bias, running_mean, running_var, 0, bool(training),
                                   float(eps), ACT_CODES[act])
     if training and (running_mean is not None or running_var is not None):
@@ -456,7 +447,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     N, C = input.shape[:2]
     x = _dense(input)
     if running_mean is not None or running_var is not None:
-        _refuse_forward_ad_early(input, weight, bias)
+        refuse_forward_ad_early(_refuse_forward_ad, input, weight, bias)
     y, pivot, mean, var, _ = _fwd(x, weight, bias, None, None, C, True, float(eps), 0)
     if running_mean is not None or running_var is not None:
         n = input[0, 0].numel()

@@ -32,16 +32,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from normkit.numerics import rms_eps
+from normkit.ops._autograd import vmap_by_loop
 from normkit.ops.numba import _row_kernels as k
 from normkit.ops.numba._engine import (
     acc_np_dtype,
     as_array,
     autograd_pair,
-    batch_by_loop,
     param,
     split_run,
 )
-from normkit.reference import default_rms_eps
 
 __all__ = [
     "AddNormOutput",
@@ -165,8 +165,8 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
             db.to(b_dtype) if need[3] else None, None, None, None)
 
 
-batch_by_loop(_row_fwd_op)
-batch_by_loop(_row_bwd_op)
+vmap_by_loop(_row_fwd_op)
+vmap_by_loop(_row_bwd_op)
 _row_norm, _row_bwd = autograd_pair(_row_fwd_op, _setup_context, _backward, _row_bwd_op,
                                    _row_fwd_impl, _row_bwd_impl)
 
@@ -195,7 +195,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
              eps: float | None = None) -> Tensor:
     """``torch.nn.functional.rms_norm``; ``eps=None`` is the machine epsilon of the statistics'
     dtype (float32 for bf16 input), as torch's."""
-    eps = default_rms_eps(input.dtype) if eps is None else eps
+    eps = rms_eps(eps, input.dtype)
     return _trailing_norm(input, None, normalized_shape, weight, None, eps, True, False)[0]
 
 
@@ -210,8 +210,8 @@ def _add_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, residual
         else:
             y = layer_norm(residual_out, normalized_shape, weight, bias, eps)
         return y.to(x.dtype), residual_out
-    if is_rms and eps is None:
-        eps = default_rms_eps(x.dtype)
+    if is_rms:
+        eps = rms_eps(eps, x.dtype)
     # A plain tuple, as every backend returns (normkit.functional splits exactly tuples).
     return _trailing_norm(x, residual, normalized_shape, weight, bias, eps, is_rms, True)
 

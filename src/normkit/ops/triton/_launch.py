@@ -9,9 +9,10 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from normkit.ops._autograd import check_saveable, forward_ad_refusal, vmap_by_loop
+from normkit.ops._autograd import refuse_forward_ad_early as _refuse_early
 from normkit.ops.triton.backend import interpreting as interpreted
 
 __all__ = [
@@ -96,43 +97,13 @@ def strides(t3: Tensor) -> tuple[int, int, int]:
     return t3.stride(0), t3.stride(1), t3.stride(2)
 
 
-def vmap_by_loop(op) -> None:
-    """Give the custom op ``op`` a batching rule for ``torch.func.vmap``: one call per batch
-    element, the results stacked. Exact (each call is an ordinary call of the op), and what
-    per-sample gradients (``vmap(grad(...))``) and ``jacrev`` need: a backward run per
-    cotangent sums the weight gradient over that cotangent's rows only. It costs one launch
-    per batch element; the row norms' forward folds the batch into its rows instead
-    (``row_norm._row_norm_fwd_vmap``)."""
-
-    def rule(info, in_dims, *args):
-        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
-                for i in range(info.batch_size)]
-        if isinstance(outs[0], Tensor):
-            return torch.stack(outs), 0
-        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
-
-    torch.library.register_vmap(op, rule)
-
-
-def refuse_forward_ad(ctx, *tangents) -> None:
-    """The ``jvp`` of the autograd Functions around the kernels: no forward-derivative formula,
-    so an error instead of the zero tangents a custom op alone would give."""
-    raise RuntimeError(
-        "forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
-        "supported by normkit's triton kernels, which have a backward formula only; use "
-        "backend='torch' (or 'reference') for forward-mode derivatives, or reverse mode "
-        "(torch.func.grad, vjp, jacrev)"
-    )
+# The triton kernels' forward-mode refusal (a jvp for their autograd Functions).
+refuse_forward_ad = forward_ad_refusal("triton")
 
 
 def refuse_forward_ad_early(*tensors: Tensor | None) -> None:
-    """:func:`refuse_forward_ad` before any work, for a launcher that writes running statistics
-    before its autograd Function runs: a tensor carrying a forward-mode tangent (``jvp``,
-    ``jacfwd``, ``forward_ad.make_dual``) would otherwise meet the error only after the write."""
-    if torch.compiler.is_compiling():
-        return
-    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        refuse_forward_ad(None)
+    """:func:`refuse_forward_ad` before a launcher writes running statistics."""
+    _refuse_early(refuse_forward_ad, *tensors)
 
 
 def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autograd.Function]:
@@ -164,22 +135,6 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
 
     FirstOrder.__name__ = FirstOrder.__qualname__ = f"FirstOrder_{op._name}"
     return FirstOrder
-
-
-def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None, ...]) -> None:
-    """Raise autograd's error, before anything is computed or written, when autograd will
-    record this call (grad mode, an input requiring grad) and a tensor it saves for the
-    backward is an inference tensor: ATen's norms check this before they update running
-    statistics, and a launcher that only met it at ``save_for_backward`` would already have."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        return
-    if any(t is not None and t.requires_grad for t in inputs) and any(
-            t is not None and t.is_inference() for t in saved):
-        raise RuntimeError(
-            "Inference tensors cannot be saved for backward. Please do not use Tensors created in "
-            "inference mode in computation tracked by autograd. To work around this, you can make "
-            "a clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` "
-            "instead of `torch.inference_mode()`.")
 
 
 def eager_and_compiled(fwd_op, setup, bwd, bwd_op) -> tuple[Callable[..., Any], Callable[..., Any]]:

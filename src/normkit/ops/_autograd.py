@@ -1,0 +1,71 @@
+"""Host-side autograd helpers shared by the kernel backends (Triton and numba): what a custom op
+needs around it to behave under ``torch.func``, whatever computes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+__all__ = ["check_saveable", "forward_ad_refusal", "refuse_forward_ad_early", "vmap_by_loop"]
+
+
+def vmap_by_loop(op) -> None:
+    """Give the custom op ``op`` a batching rule for ``torch.func.vmap``: one call per batch
+    element, the results stacked. Exact (each call is an ordinary call of the op), and what
+    per-sample gradients (``vmap(grad(...))``) and ``jacrev`` need: a backward run per
+    cotangent sums the weight gradient over that cotangent's rows only. It costs one launch
+    per batch element."""
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], Tensor):
+            return torch.stack(outs), 0
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
+
+    torch.library.register_vmap(op, rule)
+
+
+def forward_ad_refusal(kernels: str) -> Callable[..., None]:
+    """The ``jvp`` of the autograd Functions around ``kernels`` (``"triton"``, ``"numba"``):
+    they have a backward formula only, so an error instead of the zero tangents a custom op
+    alone would give."""
+
+    def refuse(ctx, *tangents) -> None:
+        raise RuntimeError(
+            "forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
+            f"supported by normkit's {kernels} kernels, which have a backward formula only; use "
+            "backend='torch' (or 'reference') for forward-mode derivatives, or reverse mode "
+            "(torch.func.grad, vjp, jacrev)"
+        )
+
+    return refuse
+
+
+def refuse_forward_ad_early(refuse: Callable[..., None], *tensors: Tensor | None) -> None:
+    """``refuse`` (a :func:`forward_ad_refusal`) before any work, for a launcher that writes
+    running statistics before its autograd Function runs: a tensor carrying a forward-mode
+    tangent would otherwise meet the error only after the write."""
+    if torch.compiler.is_compiling():
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        refuse(None)
+
+
+def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None, ...]) -> None:
+    """Raise autograd's error, before anything is computed or written, when autograd will
+    record this call (grad mode, an input requiring grad) and a tensor it saves for the
+    backward is an inference tensor: ATen's norms check this before they update running
+    statistics, and a launcher that only met it at ``save_for_backward`` would already have."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return
+    if any(t is not None and t.requires_grad for t in inputs) and any(
+            t is not None and t.is_inference() for t in saved):
+        raise RuntimeError(
+            "Inference tensors cannot be saved for backward. Please do not use Tensors created in "
+            "inference mode in computation tracked by autograd. To work around this, you can make "
+            "a clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` "
+            "instead of `torch.inference_mode()`.")
