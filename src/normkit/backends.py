@@ -53,8 +53,8 @@ import torch
 __all__ = [
     "AUTO_ORDER",
     "Backend",
-    "OPS",
     "BackendError",
+    "OPS",
     "OpImpl",
     "OpSpec",
     "backends",
@@ -297,26 +297,13 @@ def current_backend() -> str:
 
 def _current(compiling: bool) -> str:
     stack = _blocks(compiling)
-    return stack[-1] if stack else _env_backend(compiling)
+    return stack[-1] if stack else _env_backend()
 
 
-# os.environ's own storage and NORMKIT_BACKEND's key in it, where os.environ has one (CPython's
-# does): reading it is exact (every os.environ write lands there) and skips the key's encoding
-# and the value's decoding that os.environ.get repeats on every call (about half a
-# microsecond, on the default path of every op).
-_ENVIRON = os.environ
-_ENV_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
-
-
-def _env_backend(compiling: bool) -> str:
-    """``NORMKIT_BACKEND``, or ``"auto"`` where it is unset or empty."""
-    # (dynamo reads os.environ itself, once per graph; an os.environ replaced wholesale is read
-    # the ordinary way)
-    if compiling or _ENV_KEY is None or os.environ is not _ENVIRON:
-        return os.environ.get(ENV_VAR) or "auto"
-    raw = _ENV_DATA.get(_ENV_KEY)  # type: ignore[union-attr]
-    return (os.environ.decodevalue(raw) or "auto") if raw is not None else "auto"  # type: ignore[attr-defined]
+def _env_backend() -> str:
+    """``NORMKIT_BACKEND``, or ``"auto"`` where it is unset or empty (under compile dynamo reads
+    it once per graph)."""
+    return os.environ.get(ENV_VAR) or "auto"
 
 
 @contextlib.contextmanager
