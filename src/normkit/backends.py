@@ -127,6 +127,10 @@ class OpSpec:
     input: str = "input"
     in_place: tuple[str, ...] = ()
     residual_dtype: str | None = None
+    # ops with several results and no residual_dtype (qk_rms_norm, sandwich_rms_norm): for each
+    # result, the argument whose dtype it has; those named in ``kept`` keep it under out_dtype
+    results: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
     # the positions of input and in_place, computed once (the dispatcher reads them per call)
     input_at: int = field(init=False, repr=False, compare=False)
     in_place_at: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -134,8 +138,8 @@ class OpSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_at", self.at(self.input))
         object.__setattr__(self, "in_place_at", tuple(self.at(a) for a in self.in_place))
-        if self.residual_dtype is not None:
-            self.at(self.residual_dtype)
+        for arg in (*((self.residual_dtype,) if self.residual_dtype is not None else ()), *self.results, *self.kept):
+            self.at(arg)
 
     def at(self, arg: str) -> int:
         """The position of argument ``arg`` among :attr:`params` (ValueError if it has none)."""
@@ -151,13 +155,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def define_op(*, input: str = "input", in_place: tuple[str, ...] = (),
-              residual_dtype: str | None = None) -> Callable[[_F], _F]:
+              residual_dtype: str | None = None, results: tuple[str, ...] = (),
+              kept: tuple[str, ...] = ()) -> Callable[[_F], _F]:
     """Declare the decorated public function an op (named after it) in :data:`OPS`; its
     backend arguments are its own, less the call options."""
 
     def declare(fn: _F) -> _F:
         params = tuple(p for p in inspect.signature(fn).parameters if p not in CALL_OPTIONS)
-        spec = OpSpec(fn.__name__, params, fn, input, in_place, residual_dtype)  # a misspelt name fails here
+        spec = OpSpec(fn.__name__, params, fn, input, in_place, residual_dtype, results, kept)  # a misspelt name fails here
         OPS[spec.name] = spec
         return fn
 

@@ -44,13 +44,20 @@ __all__ = [
     "add_rms_norm",
     "batch_norm",
     "batch_norm_act",
+    "derf",
+    "dyt",
+    "gated_rms_norm",
     "group_norm",
     "group_norm_act",
     "instance_norm",
     "layer_norm",
     "local_response_norm",
+    "modulated_layer_norm",
+    "modulated_rms_norm",
     "normalize",
+    "qk_rms_norm",
     "rms_norm",
+    "sandwich_rms_norm",
     "scale_norm",
 ]
 
@@ -533,6 +540,9 @@ def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: to
     final = out_dtype or x.dtype
     if spec.residual_dtype is not None:  # (y, residual_out): residual_out keeps residual_dtype
         return out[0].to(final), out[1].to(args[spec.at(spec.residual_dtype)] or x.dtype)
+    if spec.results:
+        return tuple(t.to(args[spec.at(r)].dtype if r in spec.kept or out_dtype is None else out_dtype)
+                     for t, r in zip(out, spec.results, strict=True))
     return out.to(final)
 
 
@@ -542,3 +552,16 @@ def _check_residual(x: Tensor, residual: Tensor | None) -> None:
             f"residual must have the shape of x: got x of shape {list(x.shape)} and residual of "
             f"shape {list(residual.shape)}; broadcast or reshape the residual first"
         )
+
+
+# The norms of today's blocks (modulated, gated, QK, sandwich, normalization-free): their own
+# module, one public namespace.
+from .functional_blocks import (  # noqa: E402
+    derf,
+    dyt,
+    gated_rms_norm,
+    modulated_layer_norm,
+    modulated_rms_norm,
+    qk_rms_norm,
+    sandwich_rms_norm,
+)

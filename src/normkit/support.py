@@ -174,6 +174,40 @@ CALLS: dict[str, tuple[tuple[str, Build], ...]] = {
         ("4-D input", lambda t: ((t(2, 6, 4, 5), 3), {})),
         ("stats_dtype=float64", lambda t: ((t(2, 6, 4, 5), 3), F64)),
     ),
+    # the norms of today's blocks (normkit.functional_blocks)
+    "modulated_layer_norm": (
+        ("per sample", lambda t: ((t(2, 3, 8), t(2, 1, 8), t(2, 1, 8), t(8), t(8)), {})),
+        ("per token", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(2, 3, 8)), {})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 8), t(2, 1, 8), t(2, 1, 8)), F64)),
+    ),
+    "modulated_rms_norm": (
+        ("per sample", lambda t: ((t(2, 3, 8), t(2, 1, 8), t(2, 1, 8), t(8)), {})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 8), t(2, 1, 8), t(2, 1, 8)), F64)),
+    ),
+    "gated_rms_norm": (
+        ("gate after the norm", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(8)), {})),
+        ("groups of 4, gate before", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(8)),
+                                                {"group_size": 4, "norm_before_gate": True})),
+        ("gate=None", lambda t: ((t(2, 3, 8), None, t(8)), {})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(8)), F64)),
+    ),
+    "qk_rms_norm": (
+        ("grouped-query heads", lambda t: ((t(2, 3, 4, 8), t(2, 3, 2, 8), t(8), t(8)), {})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 4, 8), t(2, 3, 2, 8), t(8), t(8)), F64)),
+    ),
+    "sandwich_rms_norm": (
+        ("default", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(8), t(8)), {})),
+        ("weight_offset=1", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(8), t(8)), {"weight_offset": 1.0})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 8), t(2, 3, 8), t(8), t(8)), F64)),
+    ),
+    "dyt": (
+        ("default", lambda t: ((t(2, 3, 8), t(1), t(8), t(8)), {})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 8), t(1), t(8), t(8)), F64)),
+    ),
+    "derf": (
+        ("default", lambda t: ((t(2, 3, 8), t(1), t(1), t(8), t(8)), {})),
+        ("stats_dtype=float64", lambda t: ((t(2, 3, 8), t(1), t(1), t(8), t(8)), F64)),
+    ),
 }
 
 

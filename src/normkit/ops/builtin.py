@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import masked, numerics, reference  # noqa: F401  (masked: declares its ops)
+from .. import blocks, masked, numerics, reference  # noqa: F401  (masked: declares its ops)
 from ..backends import Backend, OpImpl, _never, register_backend, register_lazy_backend
 from ..functional import activate
 from ..norms import NORMS, NormSpec
@@ -131,6 +131,7 @@ register_backend(
             "group_norm_act": OpImpl(_then_act(F.group_norm)),
             "masked_batch_norm": OpImpl(_torch_masked_batch_norm),
             "masked_instance_norm": OpImpl(_torch_masked_instance_norm),
+            **{op: OpImpl(fn) for op, fn in blocks.COMPOSITION.items()},
         },
         description="PyTorch's own ATen kernels",
     )
@@ -150,6 +151,7 @@ register_backend(
             "group_norm_act": OpImpl(_then_act(reference.group_norm)),
             "masked_batch_norm": OpImpl(reference.masked_batch_norm),
             "masked_instance_norm": OpImpl(reference.masked_instance_norm),
+            **{op: OpImpl(fn) for op, fn in blocks.REFERENCE.items()},
         },
         description="normkit's from-scratch implementation with hand-derived backward",
     )
