@@ -26,6 +26,7 @@ from .modules import (
     FrozenBatchNorm3d,
     FusedAddLayerNorm,
     FusedAddRMSNorm,
+    GatedRMSNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GroupNorm,
@@ -42,8 +43,12 @@ from .modules import (
     LazyInstanceNorm2d,
     LazyInstanceNorm3d,
     LocalResponseNorm,
+    ModulatedLayerNorm,
+    ModulatedRMSNorm,
+    QKRMSNorm,
     RMSNorm,
     RMSNorm2d,
+    SandwichRMSNorm,
     ScaleNorm,
     SyncBatchNorm,
     convert_sync_batchnorm,
@@ -57,6 +62,11 @@ from .surgery import ConvertReport, convert, register_adapter, to_torch
 __version__ = "0.1.0"
 
 __all__ = [
+    "GatedRMSNorm",
+    "ModulatedLayerNorm",
+    "ModulatedRMSNorm",
+    "QKRMSNorm",
+    "SandwichRMSNorm",
     "BatchNormAct2d",
     "ConvertReport",
     "BatchRenorm1d",

@@ -9,6 +9,7 @@ from .batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .blocks import GatedRMSNorm, ModulatedLayerNorm, ModulatedRMSNorm, QKRMSNorm, SandwichRMSNorm
 from .channels_first import LayerNorm2d, RMSNorm2d
 from .frozen import (
     FrozenBatchNorm1d,
@@ -38,6 +39,11 @@ from .stateless import (
 from .syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
+    "GatedRMSNorm",
+    "ModulatedLayerNorm",
+    "ModulatedRMSNorm",
+    "QKRMSNorm",
+    "SandwichRMSNorm",
     "BatchNormAct2d",
     "BatchRenorm1d",
     "BatchRenorm2d",
