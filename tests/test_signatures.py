@@ -38,6 +38,9 @@ _RENAMED = {"LayerNorm2d": {"normalized_shape": "num_channels"}, "RMSNorm2d": {"
 _NONE_DEFAULTS = {"GroupNorm": {"num_groups", "num_channels"}}
 # keyword-only options that are not attributes (GroupNorm's group_size becomes num_groups)
 _CONSTRUCTOR_ONLY = {"GroupNorm": {"group_size"}}
+# classes without a torch twin outside the table of norms (the norms of today's blocks): their own
+# parameters before normkit's options
+_NO_TWIN = {"GatedRMSNorm", "ModulatedLayerNorm", "ModulatedRMSNorm", "QKRMSNorm", "SandwichRMSNorm", "DyT", "Derf"}
 # known defects, each to be fixed where it lives
 _DEFECTS = {
     "FusedAddRMSNorm": "its constructor lacks RMSNorm's cast and weight_offset, which adopt() sets (stateless.py)",
@@ -45,7 +48,7 @@ _DEFECTS = {
 
 # A value for each required parameter, to build every class.
 _REQUIRED = {"num_features": 4, "num_channels": 4, "num_groups": 2, "normalized_shape": 4, "size": 3,
-             "virtual_batch_size": 2, "d": 4}
+             "virtual_batch_size": 2, "d": 4, "hidden_size": 4, "head_dim": 4}
 
 
 def _plain(params: list[inspect.Parameter]) -> list[tuple[str, object, object]]:
@@ -55,7 +58,7 @@ def _plain(params: list[inspect.Parameter]) -> list[tuple[str, object, object]]:
 def _expected_torch_part(name: str, cls: type) -> list[tuple[str, object, object]]:
     """The twin's parameters as the class must show them, before normkit's options."""
     twin, dropped = _TWIN_OF.get(name, (cls.torch_base(), set()))
-    if twin is nn.Module and any(spec.module == name for spec in NORMS.values()):
+    if twin is nn.Module and (name in _NO_TWIN or any(spec.module == name for spec in NORMS.values())):
         # a norm of the table without a torch twin: its own parameters before normkit's options
         own = inspect.signature(cls).parameters.values()
         return _plain([p for p in own if p.kind is not _KW])

@@ -137,6 +137,8 @@ class GatedRMSNorm(BackendMixin, nn.Module):
     Shape: ``forward(input, gate=None)``, ``gate`` of ``input``'s shape ``(*, D)``.
     """
 
+    _init_attributes = {"cast": "weight_first"}  # see BackendMixin.init_attributes
+
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, group_size: int | None = None,
                  norm_before_gate: bool = False, device=None, dtype=None, *, cast: str = "weight_first",
@@ -187,6 +189,8 @@ class QKRMSNorm(BackendMixin, nn.Module):
         cast, weight_offset (keyword-only): as :class:`normkit.RMSNorm` (Qwen3:
             ``"normalize_first"``; Gemma3: ``weight_offset=1.0``, weights initialised to 0).
     """
+
+    _init_attributes = {"cast": "weight_first", "weight_offset": 0.0}
 
 
     def __init__(self, head_dim: int, eps: float | None = None, elementwise_affine: bool = True, device=None,
@@ -245,6 +249,8 @@ class SandwichRMSNorm(BackendMixin, nn.Module):
         weight_offset (keyword-only): added to both weights (Gemma: ``1.0``; the weights are then
             initialised to 0, so the initial scale is 1 whatever the offset).
     """
+
+    _init_attributes = {"weight_offset": 0.0}
 
 
     def __init__(self, hidden_size: int, eps: float | None = None, elementwise_affine: bool = True, device=None,
