@@ -103,10 +103,7 @@ class SandwichRMSNormalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, dr_out: Tensor):  # type: ignore[override]
         hidden, residual, post_weight, next_weight = ctx.saved_tensors
-        acc = _acc(hidden, residual)
-        x_hat1, rstd1, x_hat2, rstd2, _, _ = _sandwich_forward(hidden, residual, post_weight, next_weight,
-                                                               ctx.eps, ctx.offset)
-        w1, w2 = _scale(post_weight, ctx.offset, acc), _scale(next_weight, ctx.offset, acc)
+        acc, x_hat1, rstd1, x_hat2, rstd2, w1, w2 = _recompute(ctx)
         dya = dy.to(acc)
         dr = dr_out.to(acc) + _rms_backward(_times(dya, w2), x_hat2, rstd2)
         need = ctx.needs_input_grad
@@ -123,10 +120,7 @@ class SandwichRMSNormalize(torch.autograd.Function):
     def jvp(ctx, dh: Tensor | None, dres: Tensor | None, dw1: Tensor | None,  # type: ignore[override]
             dw2: Tensor | None, *_):
         hidden, residual, post_weight, next_weight = ctx.saved_tensors
-        acc = _acc(hidden, residual)
-        x_hat1, rstd1, x_hat2, rstd2, _, _ = _sandwich_forward(hidden, residual, post_weight, next_weight,
-                                                               ctx.eps, ctx.offset)
-        w1, w2 = _scale(post_weight, ctx.offset, acc), _scale(next_weight, ctx.offset, acc)
+        acc, x_hat1, rstd1, x_hat2, rstd2, w1, w2 = _recompute(ctx)
         dr = torch.zeros_like(x_hat1)
         if dres is not None:
             dr = dr + dres.to(acc)
@@ -139,6 +133,15 @@ class SandwichRMSNormalize(torch.autograd.Function):
         if dw2 is not None:
             dy = dy + x_hat2 * dw2.to(acc)
         return dy.to(hidden.dtype), dr.to(residual.dtype)
+
+
+def _recompute(ctx) -> tuple[torch.dtype, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(acc, x_hat1, rstd1, x_hat2, rstd2, w1, w2)`` from the saved inputs, differentiably."""
+    hidden, residual, post_weight, next_weight = ctx.saved_tensors
+    acc = _acc(hidden, residual)
+    x_hat1, rstd1, x_hat2, rstd2, _, _ = _sandwich_forward(hidden, residual, post_weight, next_weight,
+                                                           ctx.eps, ctx.offset)
+    return acc, x_hat1, rstd1, x_hat2, rstd2, _scale(post_weight, ctx.offset, acc), _scale(next_weight, ctx.offset, acc)
 
 
 def _sandwich_forward(hidden: Tensor, residual: Tensor, post_weight: Tensor | None,
