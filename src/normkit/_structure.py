@@ -7,6 +7,7 @@ probe (:mod:`normkit._probe`) keeps the candidate that agrees with the module, o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from . import modules as nk
 from ._probe import tensor_home
 
-__all__ = ["ACT_MODULES", "Adapter", "Candidate", "norm_like", "structural_candidates"]
+__all__ = ["ACT_MODULES", "Adapter", "Candidate", "Probe", "missing_arguments", "norm_like", "structural_candidates"]
 
 Adapter = Callable[[nn.Module], nn.Module]
 
@@ -23,11 +24,60 @@ Adapter = Callable[[nn.Module], nn.Module]
 ACT_MODULES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
+class Probe(NamedTuple):
+    """One probe call of a module whose forward takes more than its input (a gate, a
+    conditioning embedding): ``call(forward, x)`` calls ``forward`` with ``x`` and the other
+    arguments the probe holds fixed, and returns one tensor (a tuple of results flattened and
+    concatenated). Gradients are compared for ``x`` and the module's parameters; a probe of each
+    varied argument covers them all."""
+
+    label: str
+    x: Tensor
+    call: Callable[[Callable[..., Any], Tensor], Tensor]
+
+
 class Candidate(NamedTuple):
-    """A normkit module that may replace a norm: a label for the report, and how to build it."""
+    """A normkit module that may replace a norm: a label for the report, how to build it, and,
+    for a norm whose forward takes more than the input, its probes (``probes(module)``; None:
+    :func:`normkit._probe.probe_inputs`, the input alone)."""
 
     label: str
     build: Adapter
+    probes: Callable[[nn.Module], list[Probe]] | None = None
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def missing_arguments(original: Callable[..., Any], replacement: Callable[..., Any]) -> list[str]:
+    """The arguments a call of ``original`` may pass that ``replacement`` cannot take: a
+    positional one past its positional parameters, a keyword it lacks (the first parameter, the
+    input, apart: models pass it by position, and its name differs from norm to norm), ``*args``
+    or ``**kwargs``. A probe calls a norm with its input alone, so without this a norm with a
+    ``gate`` argument (HF's ``MambaRMSNormGated``) would pass for an RMSNorm and crash, or lose
+    its gate, at the model's first call. Empty where a signature cannot be read."""
+    try:
+        old = list(inspect.signature(original).parameters.values())
+        new = list(inspect.signature(replacement).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    kinds = {p.kind for p in new}
+    positional = sum(p.kind in _POSITIONAL for p in new)
+    keywords = {p.name for p in new if p.kind in _KEYWORD}
+    missing = []
+    for at, p in enumerate(old):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            takes = inspect.Parameter.VAR_POSITIONAL in kinds
+        elif p.kind is inspect.Parameter.VAR_KEYWORD:
+            takes = inspect.Parameter.VAR_KEYWORD in kinds
+        else:
+            takes = (p.kind not in _POSITIONAL or at < positional or inspect.Parameter.VAR_POSITIONAL in kinds) and \
+                (at == 0 or p.kind not in _KEYWORD or p.name in keywords or inspect.Parameter.VAR_KEYWORD in kinds)
+        if not takes:
+            missing.append({inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}.get(p.kind, "")
+                           + p.name)
+    return missing
 
 
 def _eps(m: nn.Module) -> tuple[bool, float | None]:

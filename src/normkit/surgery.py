@@ -25,12 +25,14 @@ from torch import nn
 from . import modules as nk
 from ._probe import (
     Outcome,
+    compare,
     compare_inputs,
     probe_inputs,
     random_copy,
     tensor_home,
 )
-from ._structure import Adapter, Candidate, norm_like, structural_candidates
+from ._structure import Adapter, Candidate, Probe, missing_arguments, norm_like, structural_candidates
+from .adapters_blocks import block_candidates
 from .backends import get_backend
 from .modules._base import BackendMixin
 
@@ -156,18 +158,80 @@ def _probe_swap(m: nn.Module, twin: type[BackendMixin], backend: str | None) -> 
     return outcome if outcome.reason is not None else _check_text(outcome)
 
 
-def _try(m: nn.Module, build: Adapter, backend: str | None, gradients: bool = True,
+def _cast(tree: Any, dtype: torch.dtype) -> Any:
+    """``tree``'s floating tensors and floating dtypes in ``dtype`` (tuples, lists, dicts kept)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, torch.dtype):
+        return dtype if tree.is_floating_point else tree
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_cast(t, dtype) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    return tree
+
+
+def _in_float64(m: nn.Module, dtype: torch.dtype) -> Callable[..., Any]:
+    """``m``'s forward run in float64 on its own parameters (differentiably cast, so their
+    gradients are ``m``'s), the results rounded to ``dtype``: the truth a low-precision run is
+    judged by."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        state = {n: _cast(t, torch.float64) for n, t in (*m.named_parameters(), *m.named_buffers())}
+        out = torch.func.functional_call(m, state, _cast(args, torch.float64), _cast(kwargs, torch.float64))
+        return _cast(out, dtype)
+    return forward
+
+
+def _compare_probes(m: nn.Module, new: nn.Module, probes: list[Probe], gradients: bool) -> Outcome:
+    """The worst agreement of ``new`` with ``m`` on a candidate's own probes (inputs the module
+    takes by construction), or the first disagreement, naming the probe.
+
+    In float16/bfloat16 a block's norm (``norm(x) * (1 + scale) + shift``) rounds after each
+    step where normkit rounds once, and cancellation in the backward makes their gradients
+    differ by more than a few roundings. There a disagreement is forgiven where ``new`` is as
+    close to the float64 truth as twice ``m``'s own error (the tests' bound): a wrong formula is
+    O(1) off the truth."""
+    worst = Outcome(0.0, None)
+    params, buffers = dict(m.named_parameters()), dict(m.named_buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for probe in probes:
+            old_fn, new_fn = (lambda x, p=probe: p.call(m.forward, x)), (lambda x, p=probe: p.call(new.forward, x))
+            outcome = compare(old_fn, new_fn, probe.x, params, buffers, gradients=gradients)
+            if outcome.reason is not None and probe.x.dtype in (torch.float16, torch.bfloat16):
+                truth = _in_float64(m, probe.x.dtype)
+                truth_fn = lambda x, p=probe, f=truth: p.call(f, x)  # noqa: E731
+                mine = compare(truth_fn, new_fn, probe.x, params, buffers, gradients=gradients)
+                theirs = compare(truth_fn, old_fn, probe.x, params, buffers, gradients=gradients)
+                if mine.reason is None or mine.error <= 2 * theirs.error < float("inf"):
+                    outcome = Outcome(outcome.error, None)
+            if outcome.reason is not None:
+                return Outcome(outcome.error, f"on probe {probe.label}: {outcome.reason}")
+            worst = max(worst, outcome, key=lambda o: o.error)
+    return worst
+
+
+def _try(m: nn.Module, candidate: Candidate, backend: str | None, gradients: bool = True,
          which: slice = slice(None)) -> tuple[nn.Module | None, Outcome]:
     """Build a candidate for ``m`` and probe it (on the ``which`` slice of the probe inputs)."""
     try:
-        new = build(m)
+        new = candidate.build(m)
         if isinstance(new, BackendMixin):
             new.backend = backend
-        # The inputs come from the candidate's feature count: every candidate of one module
-        # gets the same layouts, and must take each one the module takes.
-        inputs = probe_inputs(new, *tensor_home(m))[which]
+        missing = missing_arguments(m.forward, new.forward)
+        if missing:  # the probe calls forward(input) alone: it would never see these
+            return None, Outcome(float("inf"), f"{type(m).__name__}.forward takes {', '.join(missing)}, which "
+                                               f"{type(new).__name__}.forward cannot take")
+        if candidate.probes is not None:
+            probes = candidate.probes(m)[which]
+        else:
+            # The inputs come from the candidate's feature count: every candidate of one module
+            # gets the same layouts, and must take each one the module takes.
+            inputs = probe_inputs(new, *tensor_home(m))[which]
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is refused
         return None, Outcome(float("inf"), f"cannot build or probe it: {type(exc).__name__}: {exc}")
+    if candidate.probes is not None:
+        return new, _compare_probes(m, new, probes, gradients)
     return new, compare_inputs(m.forward, new.forward, inputs, dict(m.named_parameters()), dict(m.named_buffers()),
                                gradients=gradients)
 
@@ -190,6 +254,7 @@ def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
         built_in, reason = structural_candidates(m)
     except Exception as exc:  # noqa: BLE001 - odd attributes (an int normalized_shape): no match
         built_in, reason = [], f"reading its attributes failed: {type(exc).__name__}: {exc}"
+    built_in = block_candidates(m) + built_in  # a block's norm (gated, modulated) is the closer match
     if not user and not built_in:
         return None, reason or "no candidate"
     # Choose on a copy with random parameters, in the model's dtype and in bfloat16: at the
@@ -201,13 +266,13 @@ def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
         return None, f"it cannot be copied to probe: {type(exc).__name__}: {exc}"
     scored, refusals = [], []
     for order, candidate in enumerate(user + built_in):
-        _, outcome = _try(sample, candidate.build, backend, gradients=False)
+        _, outcome = _try(sample, candidate, backend, gradients=False)
         if outcome.reason is not None:
             refusals.append(f"{candidate.label}: {outcome.reason}")
             continue
         # The tie-break measures an error, not a refusal: the ordinary input of each layout
         # (every fourth, see probe_inputs) suffices.
-        tie = _try(low, candidate.build, backend, gradients=False, which=slice(None, None, 4))[1].error \
+        tie = _try(low, candidate, backend, gradients=False, which=slice(None, None, 4))[1].error \
             if low is not None else 0.0
         # A user's adapter that agrees wins; among the built-in ones the closest does.
         scored.append(((order if order < len(user) else len(user), tie, outcome.error, order), candidate))
@@ -234,7 +299,7 @@ def _adapt(m: nn.Module, backend: str | None, chosen: dict[Any, tuple[Candidate 
         if isinstance(new, BackendMixin):
             new.backend = backend
         return new, "probed on a random copy on the CPU (the model is on the meta device)"
-    new, outcome = _try(m, best.build, backend)
+    new, outcome = _try(m, best, backend)
     if outcome.reason is not None or new is None:
         return None, f"{best.label} agreed on random parameters but not on the module's own: {outcome.reason}"
     return new, _check_text(outcome)
@@ -260,7 +325,7 @@ def _plan(model: nn.Module, backend: str | None) -> tuple[list[_Plan], list[Left
                 else:
                     plans.append(_Plan(m, name, None, twin, check))
                 return
-            if norm_like(m) or any(match(m) for match, _ in _ADAPTERS):
+            if norm_like(m) or any(match(m) for match, _ in _ADAPTERS) or block_candidates(m):
                 new, text = _adapt(m, backend, chosen)
                 if new is None:
                     left.append(Left(name, cls.__name__, text))
