@@ -8,10 +8,16 @@ the registry first looks the backend up (``normkit.ops.builtin``).
   (:mod:`.row_norm`; LayerNorm2d/RMSNorm2d are ``normalize`` over dim 1), and, from
   :mod:`.channel_norm`, ``batch_norm``, ``batch_norm_act``, ``group_norm``,
   ``group_norm_act`` and ``instance_norm``; forward and backward each one fused kernel.
+  From :mod:`.blocks`, the norms of today's blocks: ``modulated_layer_norm``,
+  ``modulated_rms_norm``, ``gated_rms_norm``, ``sandwich_rms_norm`` (one fused kernel each
+  way) and ``qk_rms_norm`` (the row kernels' RMSNorm on q and on k).
 * Unsupported (with the reason): tensors not on the CPU; dtypes other than float32, float64
   and bfloat16 (float16 is declined: the CPU has no float16 arithmetic, so the kernels would
   convert every element both ways and gain nothing over float32 or ATen); empty row-norm
-  input; ``instance_norm(use_input_stats=False)``; ``local_response_norm`` (no kernel).
+  input; ``instance_norm(use_input_stats=False)``; ``local_response_norm`` (no kernel);
+  modulated norms whose ``shift``/``scale`` broadcast otherwise than per sample, per token or
+  once for the batch (:func:`modulation_rows`); a sandwich whose residual has another dtype
+  than hidden's; ``dyt`` and ``derf`` (elementwise: no kernel, ATen's is as fast).
   :func:`declared_ops` gives these checks without importing numba.
 * Preferred by ``"auto"``: only where :data:`MEASURED_FASTER` lists the op and the call's
   shape class (:func:`shape_class`), filled from the committed CPU benchmark
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -54,6 +61,7 @@ __all__ = [
     "MEASURED_FASTER",
     "declared_ops",
     "is_available",
+    "modulation_rows",
     "register",
     "shape_class",
     "tensors_unsupported",
@@ -132,6 +140,52 @@ def _instance_norm_unsupported(input, running_mean=None, running_var=None, weigh
     return tensors_unsupported(input, running_mean, running_var, weight, bias)
 
 
+def modulation_rows(t: Tensor, shape: Sequence[int]) -> int | None:
+    """How many rows ``S`` of ``D`` values ``t`` holds when it broadcasts to ``shape`` (``(*, D)``)
+    with one row per index of a leading prefix of ``shape``'s dims: per sample ``(N, 1, D)``
+    -> N, per token ``(N, L, D)`` -> N*L, ``(D,)`` -> 1 (the modulated kernels read row ``i //
+    (M / S)`` for row ``i`` of the input); None for other broadcasts (along ``D``, or a size-1
+    dim before a full one, as ``(1, L, D)``)."""
+    padded = (1,) * (len(shape) - t.dim()) + tuple(t.shape)
+    if padded[-1] != shape[-1]:
+        return None
+    lead = 0
+    while lead < len(shape) - 1 and padded[lead] == shape[lead]:
+        lead += 1
+    if any(s != 1 for s in padded[lead:-1]):
+        return None
+    return math.prod(shape[:lead])
+
+
+def _modulated_unsupported(input, shift, scale, weight=None, bias=None, eps=None):
+    why = tensors_unsupported(input, shift, scale, weight, bias)
+    if why is None and (modulation_rows(shift, input.shape) is None or modulation_rows(scale, input.shape) is None):
+        why = (f"shift {list(shift.shape)} / scale {list(scale.shape)} broadcast to {list(input.shape)} otherwise "
+               "than per sample (N, 1, D), per token (N, L, D) or once (D,): the numba kernels take those; "
+               "use backend='torch' or expand them")
+    return why
+
+
+def _modulated_rms_unsupported(input, shift, scale, weight=None, eps=None):
+    return _modulated_unsupported(input, shift, scale, weight, None, eps)
+
+
+def _gated_unsupported(input, gate, weight=None, *_, **__):
+    return tensors_unsupported(input, gate, weight)
+
+
+def _qk_unsupported(q, k, q_weight, k_weight, eps=None):
+    return tensors_unsupported(q, q_weight) or tensors_unsupported(k, k_weight)
+
+
+def _sandwich_unsupported(hidden, residual, post_weight, next_weight, eps=None, weight_offset=0.0):
+    why = tensors_unsupported(hidden, residual, post_weight, next_weight)
+    if why is None and residual.dtype != hidden.dtype:
+        why = (f"a residual of dtype {residual.dtype} beside hidden of {hidden.dtype}: the numba kernel keeps "
+               "both in one dtype; use backend='torch'")
+    return why
+
+
 # op -> (module of its function, its check). The channel ops' checks are channel_norm's own
 # UNSUPPORTED where numba is installed; these stand-ins say the same without importing it.
 _ROW_OPS = {
@@ -140,6 +194,14 @@ _ROW_OPS = {
     "add_layer_norm": _add_norm_unsupported,
     "add_rms_norm": _add_rms_norm_unsupported,
     "normalize": _normalize_unsupported,
+}
+# The norms of today's blocks (normkit.functional_blocks), from .blocks; "short" as the row norms (last dim).
+_BLOCK_OPS = {
+    "modulated_layer_norm": _modulated_unsupported,
+    "modulated_rms_norm": _modulated_rms_unsupported,
+    "gated_rms_norm": _gated_unsupported,
+    "qk_rms_norm": _qk_unsupported,
+    "sandwich_rms_norm": _sandwich_unsupported,
 }
 _CHANNEL_OPS = {
     "batch_norm": _batch_norm_unsupported,
@@ -161,7 +223,7 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
     benchmark's forward+backward column decides those)."""
     size = "small" if x.numel() < SMALL_ELEMENTS else "large"
     parts = [str(x.dtype).removeprefix("torch."), size]
-    extent = x.shape[-1] if op in _ROW_OPS else math.prod(x.shape[2:])
+    extent = x.shape[-1] if op in _ROW_OPS or op in _BLOCK_OPS else math.prod(x.shape[2:])
     if extent < SHORT_EXTENT:
         parts.append("short")
     if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(
@@ -212,6 +274,7 @@ def declared_ops() -> dict[str, object]:
     """``{op: unsupported check}`` of the numba backend, importable without numba (for
     :func:`normkit.support_matrix`)."""
     checks: dict[str, object] = dict(_ROW_OPS)
+    checks.update(_BLOCK_OPS)
     checks.update(_CHANNEL_OPS)
     if _NUMBA_INSTALLED:
         channel = _channel_module()
@@ -234,9 +297,10 @@ def register() -> None:
         register_backend(Backend("numba", ops={}, is_available=lambda: False,
                                  description="numba CPU kernels (numba is not installed)"))
         return
-    from normkit.ops.numba import row_norm
+    from normkit.ops.numba import blocks, row_norm
 
     ops = {op: OpImpl(getattr(row_norm, op), check, _preferred(op)) for op, check in _ROW_OPS.items()}
+    ops.update({op: OpImpl(getattr(blocks, op), check, _preferred(op)) for op, check in _BLOCK_OPS.items()})
     channel = _channel_module()
     if channel is not None:
         for op in _CHANNEL_OPS:
