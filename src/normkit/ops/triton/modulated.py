@@ -60,7 +60,7 @@ def _table(t: Tensor, shape: torch.Size) -> tuple[Tensor, int]:
     if t.shape[-1] == n and lead[:k] == tuple(shape[:k]):
         groups = math.prod(shape[:k])
         return _inner_contiguous(t.reshape(groups, n)), math.prod(shape[k:-1])
-    return t.expand(shape).reshape(-1, n), 1
+    return _inner_contiguous(t.expand(shape).reshape(-1, n)), 1
 
 
 def _programs(M: int, segment: int, device: torch.device) -> tuple[int, int]:
