@@ -330,3 +330,28 @@ def test_adaln_zero_single_standalone() -> None:
     x, emb = torch.randn(3, 4, 16), torch.randn(3, 16)
     for want, got in zip(original(x, emb=emb), layer[0](x, emb=emb), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_block_adapter_fails_its_probes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """A user's adapter computing another formula (RMS for the layer norm, the gate after the
+    norm, other groups) is refused, in bfloat16 too, and the right built-in one is kept."""
+    _diffusers()
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+
+    from normkit import surgery
+    from normkit.adapters_blocks import block_candidates
+
+    monkeypatch.setattr(surgery, "_ADAPTERS", [])  # registration is global: keep it to this test
+    ada = _randomize_(nn.Sequential(AdaLayerNormZeroSingle(16)), 6).to(dtype)
+    gated = nn.Sequential(_randomize_(_mamba2(2)(), 7).layers[0].mixer.norm).to(dtype)
+    wrong = [(AdaLayerNormZeroSingle, lambda m: AdaLayerNormZeroSingleAdapter(m, rms=True), ada[0]),
+             (type(gated[0]), lambda m: normkit.GatedRMSNorm(32, m.variance_epsilon, 16, True, dtype=dtype), gated[0]),
+             (type(gated[0]), lambda m: normkit.GatedRMSNorm(32, m.variance_epsilon, 32, dtype=dtype), gated[0])]
+    for cls, build, module in wrong:
+        normkit.register_adapter(cls, build, probes=block_candidates(module)[0].probes)
+    for model in (ada, gated):
+        normkit.convert(model, strict=True)
+    assert type(ada[0]) is AdaLayerNormZeroSingleAdapter and not ada[0].rms
+    assert type(gated[0]) is normkit.GatedRMSNorm
+    assert (gated[0].norm_before_gate, gated[0].group_size, gated[0].weight is not None) == (False, 16, True)

@@ -113,19 +113,23 @@ class ConvertReport:
 
 # ---- adapters -------------------------------------------------------------------------------
 
-_ADAPTERS: list[tuple[Callable[[nn.Module], bool], Adapter]] = []
+_ADAPTERS: list[tuple[Callable[[nn.Module], bool], Adapter, Callable[[nn.Module], list[Probe]] | None]] = []
 
 
-def register_adapter(match: type[nn.Module] | Callable[[nn.Module], bool], fn: Adapter) -> None:
+def register_adapter(match: type[nn.Module] | Callable[[nn.Module], bool], fn: Adapter, *,
+                     probes: Callable[[nn.Module], list[Probe]] | None = None) -> None:
     """Teach :func:`convert` a third-party norm class: for a module ``m`` that ``match``es (an
     exact class, ``type(m) is match``, or a predicate ``match(m) -> bool``), ``fn(m)`` returns
     the normkit module with the same semantics, sharing ``m``'s parameters. Adapters registered
-    later are tried first, and before the built-in ones; an adapter's module is kept only if it
-    passes the probe (see :func:`convert`)."""
+    later are tried first, and before the built-in ones (:mod:`normkit.adapters_blocks`); an
+    adapter's module is kept only if its forward takes every argument ``m``'s does and it passes
+    the probe (see :func:`convert`). ``probes(m)``: for a norm whose forward takes more than its
+    input, the calls to probe it with (a list of :class:`normkit._structure.Probe`; by default
+    ``forward(input)`` alone)."""
     if isinstance(match, type):
         cls = match
         match = lambda m: type(m) is cls
-    _ADAPTERS.insert(0, (match, fn))
+    _ADAPTERS.insert(0, (match, fn, probes))
 
 
 # ---- convert --------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def _signature(m: nn.Module) -> tuple[Any, ...]:
 
 def _choose(m: nn.Module, backend: str | None) -> tuple[Candidate | None, str]:
     """The replacement that agrees with ``m`` on probes, or None and why."""
-    user = [Candidate(getattr(fn, "__name__", "adapter"), fn) for match, fn in _ADAPTERS if match(m)]
+    user = [Candidate(getattr(fn, "__name__", "adapter"), fn, probes) for match, fn, probes in _ADAPTERS if match(m)]
     try:
         built_in, reason = structural_candidates(m)
     except Exception as exc:  # noqa: BLE001 - odd attributes (an int normalized_shape): no match
@@ -325,7 +329,7 @@ def _plan(model: nn.Module, backend: str | None) -> tuple[list[_Plan], list[Left
                 else:
                     plans.append(_Plan(m, name, None, twin, check))
                 return
-            if norm_like(m) or any(match(m) for match, _ in _ADAPTERS) or block_candidates(m):
+            if norm_like(m) or any(match(m) for match, *_ in _ADAPTERS) or block_candidates(m):
                 new, text = _adapt(m, backend, chosen)
                 if new is None:
                     left.append(Left(name, cls.__name__, text))
@@ -360,12 +364,21 @@ def convert(model: nn.Module, backend: str | None = None, *, strict: bool = Fals
       FrozenBatchNorm2d, and torch.nn subclasses whose forward is their parent's. Adapters
       from :func:`register_adapter` are tried first. The replacement shares the module's
       Parameters.
+    - The norms of today's blocks, whose forward takes more than the input, have built-in
+      adapters (:mod:`normkit.adapters_blocks`): gated RMSNorms (HF's ``MambaRMSNormGated`` and
+      its copies) become :class:`~normkit.GatedRMSNorm`; diffusers' ``AdaLayerNormZero``,
+      ``AdaLayerNormZeroSingle`` and ``AdaLayerNormContinuous`` become adapters that keep their
+      submodules and modulate through one ``modulated_layer_norm``/``modulated_rms_norm`` call.
+      Their probes pass the extra arguments too (the gate, the conditioning embedding). A
+      replacement whose forward cannot take every argument the module's forward takes is never
+      used.
 
     Every replacement is verified before it sticks: it runs beside the module on small inputs
     (:func:`normkit._probe.probe_inputs`: 2-D to 5-D with the features last or at dim 1, each
     with ordinary values, outliers, a large offset and tiny magnitudes) and is dropped, the
     original kept, if it refuses an input the module takes or differs on one (output, input and
-    parameter gradients, running-statistic updates, compared within a few roundings of the dtype). Probes change
+    parameter gradients, running-statistic updates, compared within a few roundings of the dtype; for a block
+    adapter in float16/bfloat16, or within twice the module's own error of the float64 truth). Probes change
     no buffer, gradient or random state, and skip the module's own hooks. Not probed, and said so in the report:
     class swaps of uninitialized Lazy modules and of modules on the meta device (structural
     matches of those are still chosen on a random CPU copy).
