@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 from kernel_bound import assert_within_bound
@@ -289,3 +291,53 @@ def test_matches_hf_mamba2_and_falcon_h1() -> None:
     xb, gb = x.to(bf16), gate.to(bf16)
     ours = functional.gated_rms_norm(xb, gb, hf.weight, 1e-6, group_size=8, norm_before_gate=True, backend="torch")
     torch.testing.assert_close(ours, hf(xb, gb), rtol=0, atol=0)
+
+
+# ---- outside material: hypothesis over shapes, groups, layouts and dtypes; torch.func ------------
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.integers(1, 4), min_size=0, max_size=2), groups=st.integers(1, 3),
+       group_size=st.integers(1, 19), mode=st.sampled_from(sorted(MODES)),
+       layout=st.sampled_from(["contiguous", "padded rows", "every other column"]),
+       dtype=st.sampled_from([f32, bf16, f16]), block_n=st.sampled_from([None, 4, 8]),
+       backend=st.sampled_from(["torch", "reference", "triton"] if TRITON else ["torch", "reference"]))
+def test_hypothesis_within_bound(rows, groups, group_size, mode, layout, dtype, block_n, backend, monkeypatch) -> None:
+    """Any leading shape (none at all: a 1-D input), group count, group size, layout, dtype and
+    Triton tile (chunked whenever the tile is narrower than the group)."""
+    if block_n is None:
+        monkeypatch.delenv("NORMKIT_TRITON_BLOCK_N", raising=False)
+    else:
+        monkeypatch.setenv("NORMKIT_TRITON_BLOCK_N", str(block_n))
+    _check_within_bound(backend, Case((*rows, groups * group_size), group_size, layout=layout), mode, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_per_sample_gradients(backend: str) -> None:
+    """``vmap(grad(...))``: per-sample weight gradients equal those of one call per sample."""
+    torch.manual_seed(1)
+    x, gate, dy = (torch.randn(3, 2, 8, device=DEVICE) for _ in range(3))
+    w = torch.randn(8, device=DEVICE)
+
+    def loss(w, x, gate, dy):
+        return (functional.gated_rms_norm(x, gate, w, group_size=4, backend=backend) * dy).sum()
+
+    batched = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(w, x, gate, dy)
+    looped = torch.stack([torch.func.grad(loss)(w, *(t[i] for t in (x, gate, dy))) for i in range(3)])
+    torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-6)
+
+
+# (the interpreter evaluates both sides of rstd_of's tl.where: the side not taken overflows)
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_extreme_magnitudes_stay_finite(backend: str) -> None:
+    """float32 input at 1e20: the squares pass float32's range, the power-of-two rescaling keeps
+    the normalized output that of the input at 1 (HF's composition gives 0 there: ``rsqrt(inf)``)."""
+    torch.manual_seed(2)
+    x, gate, w = torch.randn(2, 12, device=DEVICE), torch.randn(2, 12, device=DEVICE), torch.randn(12, device=DEVICE)
+    for norm_before_gate in (False, True):
+        def f(t):
+            return functional.gated_rms_norm(t, gate, w, group_size=6, norm_before_gate=norm_before_gate,
+                                             backend=backend)
+
+        torch.testing.assert_close(f(x * 1e20), f(x), rtol=1e-5, atol=1e-6)
