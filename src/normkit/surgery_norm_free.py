@@ -269,7 +269,9 @@ def replace_norms(
 
     visit("", model)
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in new_of:
+        # _modules, not named_children(): that skips a child already seen, so a norm held twice by
+        # one parent (weight tying of modules) would keep its second slot
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new_of:
                 setattr(parent, child_name, new_of[id(child)])
     return ReplaceResult(new_of.get(id(model), model), report)

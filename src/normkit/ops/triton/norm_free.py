@@ -209,8 +209,10 @@ _norm_free, _norm_free_backward = eager_and_compiled(_norm_free_fwd_op, _setup_c
 
 def _squash(input: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
             is_erf: bool) -> Tensor:
-    params = [p for p in (weight, bias) if p is not None]
-    shape = max((p.shape for p in params), key=len) if params else input.shape[-1:]
+    shape = input.shape[-1:]  # rows of the last dim, or of the longer trailing shape of weight and bias
+    for p in (weight, bias):
+        if p is not None and p.dim() > len(shape):
+            shape = p.shape
     L = math.prod(shape)
     # reshape is a view whenever the rows are evenly strided; it copies only when no single row
     # stride describes the input.
