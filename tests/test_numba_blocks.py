@@ -1,0 +1,232 @@
+"""The numba kernels of today's block norms (modulated, gated, QK, sandwich): accuracy and contract.
+
+* Accuracy: outputs and every gradient (random weights, biases, shift/scale and upstream
+  gradients) within the self-calibrating bound (``kernel_bound.assert_within_bound``) of the
+  float64 reference, calibrated by the torch composition run in the case's dtype; float32 and
+  bfloat16, float64 against the reference directly.
+* Deterministic: bit-identical results at 1, 2 and 3 threads (shapes above the kernels'
+  parallel threshold, with several backward blocks per modulation row and several modulation
+  rows per block).
+* Batch-invariant: a sample's output and input gradients are the same bits alone and inside a
+  larger batch.
+* ``torch.compile(fullgraph=True)`` traces through every custom op; bad input is refused with
+  the reason, before anything is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor
+
+import normkit
+from kernel_bound import assert_within_bound
+from normkit import functional as NF
+from normkit.backends import BackendError
+
+pytest.importorskip("numba")
+pytestmark = pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered")
+
+f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+class Case(NamedTuple):
+    op: str
+    shapes: dict[str, tuple[int, ...] | None]  # leaf name -> shape (None: passed as None)
+    options: dict[str, object] = {}
+
+
+def _modulated(shape: tuple[int, ...], shift: tuple[int, ...], scale: tuple[int, ...], rms: bool,
+               affine: bool = True) -> Case:
+    d = shape[-1]
+    shapes = {"input": shape, "shift": shift, "scale": scale, "weight": (d,) if affine else None}
+    if not rms:
+        shapes["bias"] = (d,) if affine else None
+    return Case("modulated_rms_norm" if rms else "modulated_layer_norm", shapes)
+
+
+def _gated(shape: tuple[int, ...], group_size: int | None, gate: bool, before: bool) -> Case:
+    return Case("gated_rms_norm", {"input": shape, "gate": shape if gate else None, "weight": shape[-1:]},
+                {"group_size": group_size, "norm_before_gate": before})
+
+
+def _sandwich(shape: tuple[int, ...], offset: float, weights: bool = True) -> Case:
+    w = shape[-1:] if weights else None
+    return Case("sandwich_rms_norm", {"hidden": shape, "residual": shape, "post_weight": w, "next_weight": w},
+                {"weight_offset": offset})
+
+
+def _qk(q: tuple[int, ...], k: tuple[int, ...]) -> Case:
+    return Case("qk_rms_norm", {"q": q, "k": k, "q_weight": q[-1:], "k_weight": k[-1:]})
+
+
+# Batch 1, primes, non-powers of two, per-sample / per-token / whole-batch modulation (and shift
+# and scale of different kinds), groups, the sandwich with Gemma's offset, grouped-query QK.
+CASES = {
+    "adaLN LN per sample": _modulated((2, 5, 37), (2, 1, 37), (2, 1, 37), rms=False),
+    "adaLN LN per token": _modulated((2, 5, 37), (2, 5, 37), (2, 5, 37), rms=False),
+    "adaLN LN shift once, scale per token, no affine": _modulated((3, 4, 19), (19,), (3, 4, 19), False, False),
+    "adaLN RMS per sample, batch 1": _modulated((1, 1, 7), (1, 1, 7), (1, 1, 7), rms=True),
+    "adaLN RMS per token, scale per sample": _modulated((2, 3, 4, 24), (2, 3, 4, 24), (2, 1, 1, 24), rms=True),
+    "gated: Mamba2, groups of 5": _gated((3, 5, 15), 5, gate=True, before=False),
+    "gated: after the norm, one group": _gated((4, 37), None, gate=True, before=True),
+    "gated: no gate, groups of 1": _gated((2, 3, 4), 1, gate=False, before=False),
+    "gated: batch 1": _gated((1, 7), None, gate=True, before=False),
+    "sandwich: Gemma offset": _sandwich((3, 37), 1.0),
+    "sandwich: no weights, batch 1": _sandwich((1, 1, 8), 0.0, weights=False),
+    "qk: grouped-query heads": _qk((2, 3, 4, 16), (2, 3, 2, 16)),
+}
+
+
+def _inputs(case: Case, seed: int = 0) -> dict[str, Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: None if shape is None else torch.randn(*shape, generator=g, dtype=f64)
+            for name, shape in case.shapes.items()}
+
+
+def _call(case: Case, leaves: dict[str, Tensor | None], backend: str) -> tuple[Tensor, ...]:
+    out = getattr(NF, case.op)(*leaves.values(), **case.options, backend=backend)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _run(case: Case, inputs: dict[str, Tensor | None], dtype: torch.dtype, backend: str,
+         dys: list[Tensor] | None = None, seed: int = 1) -> dict[str, Tensor]:
+    """Outputs ``y0, y1, ...`` and the gradients ``d<leaf>`` under random upstream gradients."""
+    leaves = {n: None if t is None else t.detach().to(dtype).requires_grad_() for n, t in inputs.items()}
+    outs = _call(case, leaves, backend)
+    if dys is None:
+        g = torch.Generator().manual_seed(seed)
+        dys = [torch.randn(o.shape, generator=g, dtype=f64) for o in outs]
+    torch.autograd.backward(outs, [d.to(o.dtype) for d, o in zip(dys, outs, strict=True)])
+    res = {f"y{i}": o.detach() for i, o in enumerate(outs)}
+    res.update({f"d{n}": t.grad for n, t in leaves.items() if t is not None})
+    return res
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_within_bound_of_float64_reference(name: str, dtype: torch.dtype) -> None:
+    case = CASES[name]
+    inputs = _inputs(case)
+    reference = _run(case, inputs, f64, "reference")
+    baseline = _run(case, inputs, dtype, "torch")
+    assert_within_bound(_run(case, inputs, dtype, "numba"), reference, baseline)
+
+
+@pytest.mark.parametrize("name", ["adaLN LN per token", "gated: Mamba2, groups of 5", "sandwich: Gemma offset"])
+def test_float64_matches_reference(name: str) -> None:
+    case = CASES[name]
+    inputs = _inputs(case)
+    got, want = _run(case, inputs, f64, "numba"), _run(case, inputs, f64, "reference")
+    for key, ref in want.items():
+        torch.testing.assert_close(got[key], ref, rtol=1e-10, atol=1e-10, msg=key)
+
+
+# Above the kernels' parallel threshold (2^16 elements): ranges split over threads; 512 rows make
+# 32 backward blocks, 4 per sample of 128 rows (chunks) or 16 per-token modulation rows each.
+BIG = {
+    "adaLN LN per sample": _modulated((4, 128, 160), (4, 1, 160), (4, 1, 160), rms=False),
+    "adaLN RMS per token": _modulated((4, 128, 160), (4, 128, 160), (4, 128, 160), rms=True),
+    "adaLN LN shift once, scale per sample": _modulated((4, 128, 160), (160,), (4, 1, 160), rms=False),
+    "gated: Mamba2": _gated((4, 128, 160), 40, gate=True, before=False),
+    "gated: after": _gated((512, 160), None, gate=True, before=True),
+    "sandwich": _sandwich((512, 160), 1.0),
+    "qk": _qk((4, 128, 2, 64), (4, 128, 1, 64)),
+}
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+@pytest.mark.parametrize("name", BIG)
+def test_deterministic_across_thread_counts(name: str, dtype: torch.dtype) -> None:
+    case = BIG[name]
+    inputs = _inputs(case)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run(case, inputs, dtype, "numba"))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for key, t in runs[0].items():
+            assert torch.equal(t, other[key]), f"{key} differs between thread counts"
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_batch_invariant(name: str) -> None:
+    """Sample 0 (the leading index) alone and inside the batch: its outputs and input gradients
+    (not the cross-row sums: shift/scale/weight gradients) are the same bits."""
+    case = BIG[name]
+    inputs = _inputs(case)
+    g = torch.Generator().manual_seed(1)
+    outs = _call(case, {n: None if t is None else t.float() for n, t in inputs.items()}, "numba")
+    dys = [torch.randn(o.shape, generator=g, dtype=f64) for o in outs]
+    full = _run(case, inputs, f32, "numba", dys)
+    # every tensor of 2 dims or more leads with the batch (weights and a (D,) shift do not)
+    alone = {n: t[:1] if t is not None and t.dim() >= 2 else t for n, t in inputs.items()}
+    one = _run(case, alone, f32, "numba", [d[:1] for d in dys])
+    rowwise = [k for k in one if k.startswith("y") or k in ("dinput", "dgate", "dhidden", "dresidual", "dq", "dk")]
+    for key in rowwise:
+        assert torch.equal(one[key], full[key][:1]), f"{key} of sample 0 changes with the batch"
+
+
+def test_compile_fullgraph_traces_every_custom_op() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x, sh, sc, w, b = r(2, 3, 8), r(2, 1, 8), r(2, 1, 8), r(8), r(8)
+    gate, res = r(2, 3, 8), r(2, 3, 8)
+
+    def f(x, sh, sc, w, b, gate, res):
+        y1 = NF.modulated_layer_norm(x, sh, sc, w, b, backend="numba")
+        y2 = NF.gated_rms_norm(y1, gate, w, group_size=4, backend="numba")
+        y3, r3 = NF.sandwich_rms_norm(y2, res, w, b, weight_offset=1.0, backend="numba")
+        q, k = NF.qk_rms_norm(y3.view(2, 3, 2, 4), r3.view(2, 3, 2, 4), w[:4], None, backend="numba")
+        return (q * k).sum() + NF.modulated_rms_norm(r3, sh, sc, backend="numba").square().sum()
+
+    args = (x, sh, sc, w, b, gate, res)
+    eager = f(*args)
+    want = torch.autograd.grad(eager, args)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    got = torch.autograd.grad(compiled, args)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+REFUSALS: dict[str, tuple[Callable[[], object], str]] = {
+    "float16": (lambda: NF.modulated_rms_norm(torch.randn(2, 4, dtype=f16), torch.randn(4, dtype=f16),
+                                              torch.randn(4, dtype=f16), backend="numba"), "float16 is declined"),
+    "shift broadcast along the tokens of a batch": (
+        lambda: NF.modulated_layer_norm(torch.randn(2, 3, 4), torch.randn(1, 3, 4), torch.randn(2, 1, 4),
+                                        backend="numba"), "otherwise than per sample"),
+    "scale broadcast along D": (
+        lambda: NF.modulated_layer_norm(torch.randn(2, 3, 4), torch.randn(2, 1, 4), torch.randn(2, 3, 1),
+                                        backend="numba"), "otherwise than per sample"),
+    "sandwich with a float32 residual beside bf16": (
+        lambda: NF.sandwich_rms_norm(torch.randn(2, 4, dtype=bf16), torch.randn(2, 4), None, None,
+                                     backend="numba"), "keeps both in one dtype"),
+    "gated float16 gate": (lambda: NF.gated_rms_norm(torch.randn(2, 4), torch.randn(2, 4, dtype=f16),
+                                                     backend="numba"), "float16 is declined"),
+    "qk float16 k": (lambda: NF.qk_rms_norm(torch.randn(2, 4), torch.randn(2, 4, dtype=f16), None, None,
+                                            backend="numba"), "float16 is declined"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_bad_input_is_refused_with_the_reason(name: str) -> None:
+    call, reason = REFUSALS[name]
+    with pytest.raises(BackendError, match=reason):
+        call()
+
+
+def test_torch_checks_still_apply() -> None:
+    """The public checks run before the backend: a gate of another shape is refused as on every backend."""
+    with pytest.raises(RuntimeError, match="expected gate of the input's shape"):
+        NF.gated_rms_norm(torch.randn(2, 4), torch.randn(2, 5), backend="numba")
