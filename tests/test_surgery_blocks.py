@@ -24,6 +24,7 @@ from normkit.adapters_blocks import (
     AdaLayerNormZeroAdapter,
     AdaLayerNormZeroSingleAdapter,
 )
+from normkit.modules._base import BackendMixin
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -355,3 +356,24 @@ def test_a_wrong_block_adapter_fails_its_probes(monkeypatch: pytest.MonkeyPatch,
     assert type(ada[0]) is AdaLayerNormZeroSingleAdapter and not ada[0].rms
     assert type(gated[0]) is normkit.GatedRMSNorm
     assert (gated[0].norm_before_gate, gated[0].group_size, gated[0].weight is not None) == (False, 16, True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", ["mamba2", "dit"])
+def test_converted_block_norms_run_on_every_backend(name: str, backend: str) -> None:
+    """The converted model with its normkit modules and adapters switched to ``backend`` (the
+    attribute is read at each call): float32 outputs and gradients as the original's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    build, run = (_mamba2(2), _last_hidden) if name == "mamba2" else (_dit, _run_dit)
+    seed = seed_of("backends", name)
+    torch.manual_seed(seed)
+    original = _randomize_(build().eval(), seed)
+    converted = normkit.convert(copy.deepcopy(original), strict=True)
+    switched = [m for m in converted.modules() if isinstance(m, BackendMixin)]
+    assert any(type(m) in (normkit.GatedRMSNorm, AdaLayerNormZeroAdapter) for m in switched)
+    for m in switched:
+        m.backend = backend
+    want, got = _outputs_and_grads(original, run, seed), _outputs_and_grads(converted, run, seed)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
