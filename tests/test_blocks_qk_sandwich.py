@@ -279,3 +279,46 @@ def test_interpreter_is_set_for_cpu_triton() -> None:
     """The Triton cases above ran (not skipped) wherever this suite is meant to run them."""
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         assert HAS_TRITON
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_nan_stays_in_its_row_and_huge_rows_stay_finite(backend: str) -> None:
+    """A NaN makes its own row (and the weight gradient) NaN, no other; a row at 1e20 (squares
+    beyond float32) normalizes as the float64 reference does. (The torch composition, like HF's,
+    overflows there: not its contract.)"""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(4, 2, 8, generator=gen).to(DEVICE)
+    q[1, 0, 3] = float("nan")
+    q[2, 1] *= 1e20
+    k = torch.randn(3, 1, 8, generator=gen).to(DEVICE)
+    w = torch.randn(8, generator=gen).to(DEVICE)
+    qq, ww = q.clone().requires_grad_(), w.clone().requires_grad_()
+    q_out, _ = functional.qk_rms_norm(qq, k, ww, None, backend=backend)
+    q_out.backward(torch.randn(q_out.shape, generator=gen).to(DEVICE))
+    nan_rows = q_out.isnan().any(-1)
+    assert nan_rows.tolist() == [[False, False], [True, False], [False, False], [False, False]]
+    assert qq.grad.isnan().any(-1).tolist() == nan_rows.tolist() and ww.grad.isnan().all()
+    exact = functional.qk_rms_norm(q.double(), k.double(), w.double(), None, backend="reference")[0]
+    torch.testing.assert_close(q_out[2], exact[2].float())
+    hidden = torch.randn(3, 8, generator=gen).to(DEVICE) * 1e20
+    residual = torch.randn(3, 8, generator=gen).to(DEVICE)
+    got = functional.sandwich_rms_norm(hidden, residual, w, w, backend=backend, weight_offset=1.0)
+    exact = functional.sandwich_rms_norm(hidden.double(), residual.double(), w.double(), w.double(),
+                                         backend="reference", weight_offset=1.0)
+    torch.testing.assert_close(got, tuple(t.float() for t in exact))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_k(backend: str) -> None:
+    """No key rows (an empty cache): q is normalized, k's output and gradients are empty/zero."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 3, 8, generator=gen).to(DEVICE).requires_grad_()
+    k = torch.randn(0, 1, 8).to(DEVICE).requires_grad_()
+    w = torch.randn(8, generator=gen).to(DEVICE).requires_grad_()
+    q_out, k_out = functional.qk_rms_norm(q, k, w, w, backend=backend)
+    assert k_out.shape == k.shape
+    torch.autograd.backward([q_out, k_out], [torch.ones_like(q_out), torch.ones_like(k_out)])
+    expected = functional.rms_norm(q.detach(), (8,), w.detach(), backend="reference")
+    torch.testing.assert_close(q_out, expected)
+    assert w.grad is not None and w.grad.isfinite().all()
