@@ -32,6 +32,7 @@ from torch import Tensor
 from normkit.numerics import rms_eps
 from normkit.ops.triton._launch import (
     FP_FUSION,
+    block_override,
     dense,
     device_of,
     eager_and_compiled,
@@ -42,7 +43,13 @@ from normkit.ops.triton._launch import (
 from normkit.ops.triton.modulated_kernels import modulated_norm_bwd_kernel, modulated_norm_fwd_kernel
 from normkit.ops.triton.row_norm import _blocks, _inner_contiguous
 
-__all__ = ["modulated_layer_norm", "modulated_norm_bwd", "modulated_norm_fwd", "modulated_rms_norm"]
+__all__ = ["BWD_TILE", "modulated_layer_norm", "modulated_norm_bwd", "modulated_norm_fwd", "modulated_rms_norm"]
+
+# The backward's widest single tile, in elements, whatever the dtype: it keeps about twice the
+# row norms' live fp32 tiles (z, dz and the dshift/dscale column sums besides x_hat, dy, w and
+# the dw/db sums), so half their bf16/fp16 tile. Wider rows take the chunked path in tiles of
+# this size. DiT, SD3 and Flux widths (1152 to 3072) are one tile. Not yet measured on a GPU.
+BWD_TILE = 4096
 
 
 def _table(t: Tensor, shape: torch.Size) -> tuple[Tensor, int]:
@@ -124,7 +131,7 @@ def modulated_norm_bwd(
     segment = min(reduced, default=M)
     per_segment, rows = _programs(M, segment, dev)
     programs = M // segment * per_segment
-    blocks = _blocks(1, N, "bwd", x.element_size(), block_n)
+    blocks = _blocks(1, N, "bwd", x.element_size(), block_override(block_n) or BWD_TILE)
 
     def table_grad(group: int, dtype: torch.dtype | None) -> Tensor:
         if dtype is None:
