@@ -377,3 +377,25 @@ def test_converted_block_norms_run_on_every_backend(name: str, backend: str) -> 
     want, got = _outputs_and_grads(original, run, seed), _outputs_and_grads(converted, run, seed)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_adaln_adapter_in_training_mode_and_under_compile() -> None:
+    """Training mode (DiT's class-label dropout draws the same mask: the probe forks the random
+    state) and torch.compile(fullgraph=True) through the adapter: no graph break."""
+    model = _randomize_(_dit().train(), 8)
+    converted = normkit.convert(copy.deepcopy(model), strict=True)
+    assert type(converted.transformer_blocks[0].norm1) is AdaLayerNormZeroAdapter
+    runs = []
+    for m in (model, converted):
+        torch.manual_seed(9)
+        runs.append(_run_dit(m, torch.float32))
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+
+    _diffusers()
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+
+    adapter = normkit.convert(nn.Sequential(_randomize_(AdaLayerNormZeroSingle(16), 10)), strict=True)[0]
+    x, emb = torch.randn(2, 3, 16), torch.randn(2, 16)
+    compiled = torch.compile(adapter, fullgraph=True, backend="eager")
+    for want, got in zip(adapter(x, emb), compiled(x, emb), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -77,12 +77,13 @@ def _gated_probes(m: nn.Module) -> list[Probe]:
 def _gated_candidates(m: nn.Module) -> list[Candidate]:
     """GatedRMSNorm for a norm whose forward takes a ``gate``, with a 1-D ``weight`` and an eps;
     ``group_size`` from its attribute (one group without it), both gate placements and casts."""
-    try:
-        takes_gate = "gate" in inspect.signature(m.forward).parameters
-    except (TypeError, ValueError):
-        return []
     weight, (found, eps) = _tensor(m, "weight"), _eps(m)
-    if not takes_gate or weight is None or weight.dim() != 1 or not found or eps is None:
+    if weight is None or weight.dim() != 1 or not found or eps is None:
+        return []  # read first: convert asks this of every module of a model
+    try:
+        if "gate" not in inspect.signature(m.forward).parameters:
+            return []
+    except (TypeError, ValueError):
         return []
     size = weight.shape[0]
     group = getattr(m, "group_size", None)
