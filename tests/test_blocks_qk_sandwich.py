@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from kernel_bound import assert_within_bound
 from normkit import functional
@@ -141,6 +143,43 @@ def test_against_float64_reference(case: Case, backend: str, block_n: None) -> N
     oracle = run(call, "reference", f64)
     baseline = run(call, "torch")
     assert_within_bound(got, oracle, baseline)
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> Case:
+    """Any call: leading dims and head counts (size 1, primes), head dims (1, primes, a power of
+    two), every dtype, layout, weight presence, tile cap and weight offset."""
+    sizes = st.sampled_from([1, 2, 3, 5])
+    lead, d = draw(st.lists(sizes, min_size=1, max_size=2)), draw(st.sampled_from([1, 2, 7, 16, 33]))
+    op = draw(st.sampled_from([QK, SW]))
+    if op == QK:
+        shapes = ((*lead, draw(sizes), d), (*draw(st.lists(sizes, min_size=1, max_size=2)), draw(sizes), d))
+    else:
+        shapes = ((*lead, draw(sizes), d),)
+    dtype = draw(st.sampled_from([f32, bf16, f16]))
+    return Case(op, shapes, dtype, param_dtype=draw(st.sampled_from([None, f32])),
+                weights=(draw(st.booleans()), draw(st.booleans())),
+                layout=draw(st.sampled_from(["contiguous", "transposed", "padded", "scattered"])),
+                block_n=draw(st.sampled_from([None, 4, 16])), offset=draw(st.sampled_from([0.0, 1.0])),
+                residual_dtype=draw(st.sampled_from([None, f32])) if op == SW else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_against_float64_reference(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hypothesis-drawn calls on every backend, held to the same bound (few under the interpreter)."""
+
+    @settings(max_examples=6 if backend == "triton" else 25, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck), phases=(Phase.explicit, Phase.generate))
+    @given(case=_cases())
+    def check(case: Case) -> None:
+        if case.block_n is None:
+            monkeypatch.delenv(BLOCK_ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(BLOCK_ENV_VAR, str(case.block_n))
+        call = make_call(case)
+        assert_within_bound(run(call, backend), run(call, "reference", f64), run(call, "torch"))
+
+    check()
 
 
 def _gradcheck_inputs(op: str, weights: tuple[bool, bool]):
