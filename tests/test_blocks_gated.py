@@ -68,7 +68,7 @@ CASES = {
 MODES = {"Mamba2: gate first": (True, False), "gate after the norm": (True, True), "no gate": (False, False)}
 
 
-def _inputs(case: Case, has_gate: bool, seed: int = 0) -> dict[str, torch.Tensor | None]:
+def _inputs(case: Case, has_gate: bool, seed: int = 0, has_weight: bool = True) -> dict[str, torch.Tensor | None]:
     """float64 input, gate, weight and upstream gradient, all random (never unit weights)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -76,7 +76,7 @@ def _inputs(case: Case, has_gate: bool, seed: int = 0) -> dict[str, torch.Tensor
         return torch.randn(*shape, generator=g, dtype=f64)
 
     return {"x": rand(*case.shape), "gate": 2 * rand(*case.shape) if has_gate else None,
-            "weight": rand(case.shape[-1]), "dy": rand(*case.shape)}
+            "weight": rand(case.shape[-1]) if has_weight else None, "dy": rand(*case.shape)}
 
 
 def _leaf(t: torch.Tensor | None, dtype: torch.dtype, layout: str = "contiguous") -> torch.Tensor | None:
@@ -102,7 +102,9 @@ def _run(backend: str, inputs: dict, dtype: torch.dtype, case: Case, norm_before
     y = functional.gated_rms_norm(x, gate, weight, eps, group_size=case.group_size,
                                   norm_before_gate=norm_before_gate, backend=backend)
     y.backward(inputs["dy"].to(device=DEVICE, dtype=y.dtype))
-    out = {"y": y.detach(), "dx": x.grad, "dweight": weight.grad}
+    out = {"y": y.detach(), "dx": x.grad}
+    if weight is not None:
+        out["dweight"] = weight.grad
     if gate is not None:
         out["dgate"] = gate.grad
     return out
@@ -156,9 +158,9 @@ def test_composition_equals_reference_in_float64(case: str, mode: str) -> None:
 
 
 def _check_within_bound(backend: str, case: Case, mode: str, dtype: torch.dtype,
-                        param_dtype: torch.dtype | None = None) -> None:
+                        param_dtype: torch.dtype | None = None, has_weight: bool = True) -> None:
     has_gate, norm_before_gate = MODES[mode]
-    t = _inputs(case, has_gate)
+    t = _inputs(case, has_gate, has_weight=has_weight)
     # the oracle sees exactly the rounded inputs the candidate sees
     rounded = {k: None if v is None else v.to(param_dtype or dtype if k in ("gate", "weight") else dtype).double()
                for k, v in t.items() if k != "dy"}
@@ -184,6 +186,28 @@ def test_mixed_dtypes(backend: str, mode: str) -> None:
     """bf16 activations with an fp32 gate and weight (an fp32 master copy): each gradient comes
     back in its tensor's dtype, within the bound."""
     _check_within_bound(backend, CASES["two groups of 12"], mode, bf16, param_dtype=f32)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_weight(backend: str, mode: str, dtype: torch.dtype) -> None:
+    _check_within_bound(backend, CASES["primes, groups of 5"], mode, dtype, has_weight=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_stats_and_out_dtype(backend: str) -> None:
+    """``stats_dtype=float64`` computes in float64 and rounds once to the input's dtype;
+    ``out_dtype=float32`` keeps a bf16 input's result unrounded to bf16."""
+    case = CASES["two groups of 12"]
+    t = _inputs(case, True)
+    x, gate, w = (t[k].to(bf16) for k in ("x", "gate", "weight"))
+    exact = functional.gated_rms_norm(x.double(), gate.double(), w.double(), group_size=12, backend="reference")
+    y64 = functional.gated_rms_norm(x, gate, w, group_size=12, stats_dtype=f64, backend=backend)
+    assert y64.dtype == bf16 and torch.equal(y64, exact.to(bf16))
+    y32 = functional.gated_rms_norm(x, gate, w, group_size=12, out_dtype=f32, backend=backend)
+    assert y32.dtype == f32
+    torch.testing.assert_close(y32, exact.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -301,15 +325,18 @@ def test_matches_hf_mamba2_and_falcon_h1() -> None:
        group_size=st.integers(1, 19), mode=st.sampled_from(sorted(MODES)),
        layout=st.sampled_from(["contiguous", "padded rows", "every other column"]),
        dtype=st.sampled_from([f32, bf16, f16]), block_n=st.sampled_from([None, 4, 8]),
+       has_weight=st.booleans(),
        backend=st.sampled_from(["torch", "reference", "triton"] if TRITON else ["torch", "reference"]))
-def test_hypothesis_within_bound(rows, groups, group_size, mode, layout, dtype, block_n, backend, monkeypatch) -> None:
-    """Any leading shape (none at all: a 1-D input), group count, group size, layout, dtype and
-    Triton tile (chunked whenever the tile is narrower than the group)."""
+def test_hypothesis_within_bound(rows, groups, group_size, mode, layout, dtype, block_n, has_weight, backend,
+                                 monkeypatch) -> None:
+    """Any leading shape (none at all: a 1-D input), group count, group size, layout, dtype,
+    weight or none, and Triton tile (chunked whenever the tile is narrower than the group)."""
     if block_n is None:
         monkeypatch.delenv("NORMKIT_TRITON_BLOCK_N", raising=False)
     else:
         monkeypatch.setenv("NORMKIT_TRITON_BLOCK_N", str(block_n))
-    _check_within_bound(backend, Case((*rows, groups * group_size), group_size, layout=layout), mode, dtype)
+    _check_within_bound(backend, Case((*rows, groups * group_size), group_size, layout=layout), mode, dtype,
+                        has_weight=has_weight)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
