@@ -24,17 +24,21 @@ for _name in ("derf", "dyt"):
 
 
 class _PointwiseNorm(BackendMixin, nn.Module):
-    """What DyT and Derf share: ``normalized_shape``, the learnable ``alpha`` and the affine."""
+    """What DyT and Derf share: ``normalized_shape``, the learnable ``alpha`` (and Derf's
+    ``shift``, with ``shift_init`` set) and the affine, registered in the authors' order."""
 
-    def __init__(self, normalized_shape: int | Sequence[int], alpha_init: float, elementwise_affine: bool,
-                 bias: bool, factory: dict, backend: str | None, stats_dtype: torch.dtype | None,
-                 out_dtype: torch.dtype | None) -> None:
+    def __init__(self, normalized_shape: int | Sequence[int], alpha_init: float, shift_init: float | None,
+                 elementwise_affine: bool, bias: bool, factory: dict, backend: str | None,
+                 stats_dtype: torch.dtype | None, out_dtype: torch.dtype | None) -> None:
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
         self.normalized_shape: tuple[int, ...] = tuple(int(n) for n in shape)
         self.alpha_init = float(alpha_init)
         self.elementwise_affine = elementwise_affine
         self.alpha = nn.Parameter(torch.empty(1, **factory))
+        if shift_init is not None:
+            self.shift_init = float(shift_init)
+            self.shift = nn.Parameter(torch.empty(1, **factory))
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
             self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
@@ -98,8 +102,8 @@ class DyT(_PointwiseNorm):
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
                  backend: str | None = None, stats_dtype: torch.dtype | None = None,
                  out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(normalized_shape, alpha_init, elementwise_affine, bias, {"device": device, "dtype": dtype},
-                         backend, stats_dtype, out_dtype)
+        super().__init__(normalized_shape, alpha_init, None, elementwise_affine, bias,
+                         {"device": device, "dtype": dtype}, backend, stats_dtype, out_dtype)
         self.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
@@ -137,11 +141,8 @@ class Derf(_PointwiseNorm):
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
                  backend: str | None = None, stats_dtype: torch.dtype | None = None,
                  out_dtype: torch.dtype | None = None) -> None:
-        factory = {"device": device, "dtype": dtype}
-        super().__init__(normalized_shape, alpha_init, elementwise_affine, bias, factory, backend, stats_dtype,
-                         out_dtype)
-        self.shift_init = float(shift_init)
-        self.shift = nn.Parameter(torch.empty(1, **factory))
+        super().__init__(normalized_shape, alpha_init, shift_init, elementwise_affine, bias,
+                         {"device": device, "dtype": dtype}, backend, stats_dtype, out_dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
