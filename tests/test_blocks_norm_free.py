@@ -56,7 +56,8 @@ class Case(NamedTuple):
     weight_dims: int | None = 1  # the trailing dims of weight (None: no weight)
     bias_dims: int | None = 1
     block_n: int | None = None  # caps the Triton tile: a row wider than it spans several programs
-    layout: str = "contiguous"  # or "padded rows" (row stride 2L, read in place), "every other column"
+    layout: str = "contiguous"  # or "padded rows" (row stride 2L, read in place), "every other column",
+    # "channels_last" (a 4-D input whose normalized last dim is strided)
 
 
 # The shapes: batch 1, primes, non-powers of two, a row wider than one tile, many row programs,
@@ -70,6 +71,7 @@ CASES = {
     "24 rows of 3 in tiles of 8": Case((24, 3), block_n=8),
     "padded rows": Case((6, 12), layout="padded rows"),
     "every other column": Case((2, 3, 10), layout="every other column"),
+    "channels_last": Case((2, 3, 4, 5), layout="channels_last"),
     "weight (5, 7), bias (7,)": Case((3, 5, 7), weight_dims=2, bias_dims=1, block_n=16),
     "no affine": Case((4, 9), weight_dims=None, bias_dims=None),
     "weight only": Case((4, 9), bias_dims=None),
@@ -97,6 +99,8 @@ def _leaf(t: torch.Tensor | None, dtype: torch.dtype, layout: str = "contiguous"
         return None
     if layout == "contiguous":
         return t.to(device=DEVICE, dtype=dtype, copy=True).requires_grad_()
+    if layout == "channels_last":
+        return t.to(device=DEVICE, dtype=dtype, memory_format=torch.channels_last).requires_grad_()
     d = t.shape[-1]
     wide = torch.zeros(*t.shape[:-1], 2 * d, dtype=dtype, device=DEVICE)
     view = wide[..., :d] if layout == "padded rows" else wide[..., ::2]
@@ -316,6 +320,28 @@ def test_hypothesis_shapes_strides_dtypes(rows, width, dtype, layout, op, seed) 
     oracle, baseline = _run(op, "reference", t, f64), _run(op, "torch", t, dtype)
     for backend in ("reference", *(("triton",) if TRITON else ())):
         assert_within_bound(_run(op, backend, t, dtype, layout), oracle, baseline)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_precision_controls(backend: str, op: str) -> None:
+    """``out_dtype=float32`` on bf16 input: computed as for float32 input, not rounded to bf16 on
+    the way; ``stats_dtype=float64`` runs at float64 where the backend can (triton declines: its
+    kernels accumulate in float32)."""
+    t = _inputs(CASES["primes"])
+    names = ("alpha", "weight", "bias") if op == "dyt" else ("alpha", "shift", "weight", "bias")
+    x, params = t["x"].to(DEVICE, bf16), [t[n].to(DEVICE, bf16) for n in names]
+    fn = getattr(functional, op)
+    y = fn(x, *params, backend=backend, out_dtype=f32)
+    assert y.dtype == f32
+    expected = fn(x.float(), *(p.float() for p in params), backend="reference")
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    if backend == "triton":
+        with pytest.raises(BackendError, match="float64"):
+            fn(x, *params, backend=backend, stats_dtype=f64)
+        return
+    y64 = fn(x, *params, backend=backend, stats_dtype=f64, out_dtype=f64)
+    torch.testing.assert_close(y64, fn(x.double(), *(p.double() for p in params), backend="reference"))
 
 
 def test_bad_alpha_is_refused_before_anything_runs() -> None:
