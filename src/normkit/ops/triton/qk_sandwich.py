@@ -20,9 +20,9 @@ padded or sliced batch) or when the tensor is dense in another order (q or k tra
 anything else is copied once. Tensors read together (dy with x, residual with hidden) are
 brought into the same row order.
 
-Tiles: ``BLOCK_D`` covers the head dim when it is at most :data:`SINGLE_TILE` (forward;
-backward half, a quarter for fp32) and a tile takes as many rows as fit :data:`ROWS_TILE`
-elements; a wider row streams through ``BLOCK_D``-wide tiles. ``block_n=`` or
+Tiles: ``BLOCK_D`` covers the row when it is at most :data:`SINGLE_TILE` elements (per
+kernel) and a tile takes as many rows as fit :data:`ROWS_TILE` elements; a wider row streams
+through 4096-wide tiles. ``block_n=`` or
 ``NORMKIT_TRITON_BLOCK_N`` caps the tile (how the tests reach the chunked path).
 """
 
@@ -52,9 +52,12 @@ from normkit.ops.triton.qk_sandwich_kernels import (
 
 __all__ = ["ROWS_TILE", "SINGLE_TILE", "qk_rms_norm", "sandwich_rms_norm"]
 
-# Widest row held in registers whole, in elements, per direction (the row norms' numbers; the
-# backward keeps more tiles live). Not yet measured on a GPU for these kernels.
-SINGLE_TILE = {"fwd": 16384, "bwd": 8192}
+# Widest row held in registers whole, in elements, per kernel (halved again for a backward of
+# fp32 input). The sandwich backward keeps twice the live tiles of an RMSNorm backward (hidden,
+# residual_out, dy, dr_out, dr and two weight-gradient sums): compiled for sm_90 with 16 warps,
+# its 8192-wide bf16 tile spills (128 registers, 340 bytes), its 4096-wide one does not (116);
+# the QK kernels take the row norms' widths without spilling. Not yet timed on a GPU.
+SINGLE_TILE = {"fwd": 16384, "bwd": 8192, "sandwich_bwd": 4096}
 # Elements of a tile of several short rows (head dims): 16 rows of 128.
 ROWS_TILE = 2048
 
@@ -62,7 +65,7 @@ ROWS_TILE = 2048
 def _blocks(D: int, M: int, direction: str, element_size: int, block_n: int | None) -> tuple[int, int, bool, int]:
     """``(BLOCK_M, BLOCK_D, SINGLE_BLOCK, num_warps)`` for rows of ``D`` elements, ``M`` rows at most."""
     block_n = block_override(block_n)
-    single = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
+    single = SINGLE_TILE[direction] // (2 if direction != "fwd" and element_size > 2 else 1)
     block_d = min(triton.next_power_of_2(D), block_n or single)
     if block_n is None and block_d < D:
         block_d = 4096  # the chunk of a row too wide for one tile
@@ -318,7 +321,7 @@ def sandwich_rms_norm_bwd(dy: Tensor, dresidual_out: Tensor, hidden: Tensor, res
     dy_rows, drout_rows = _rows(_matching(dy, hidden)), _rows(_matching(dresidual_out, hidden))
     dh_rows, dres_rows = _rows(dh), _rows(dres)
     M = h_rows.shape[0]
-    block_m, block_d, single, num_warps = _blocks(D, M, "bwd", max(hidden.element_size(), dres.element_size()),
+    block_m, block_d, single, num_warps = _blocks(D, M, "sandwich_bwd", max(hidden.element_size(), dres.element_size()),
                                                   block_n)
     programs, per = _programs(M, block_m, dev)
     dw1_part, dw2_part = _partials(programs, D, dw1_dtype, dev), _partials(programs, D, dw2_dtype, dev)
