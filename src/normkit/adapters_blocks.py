@@ -2,7 +2,8 @@
 takes more than the input: gated RMSNorms (HF's ``MambaRMSNormGated`` and its copies in Bamba,
 Falcon-H1, Zamba2, NemotronH, ...: ``forward(hidden_states, gate=None)``) become
 :class:`normkit.GatedRMSNorm`; diffusers' adaLN layers (``AdaLayerNormZero`` of DiT and SD3,
-``AdaLayerNormZeroSingle`` of Flux, ``AdaLayerNormContinuous`` of SD3/Flux's output) become an
+``AdaLayerNormZeroSingle`` of Flux, ``SD35AdaLayerNormZeroX`` of SD3.5, ``AdaLayerNormContinuous``
+of SD3/Flux's output) become an
 adapter below that keeps their submodules (the same ``linear``, ``silu``, ``emb`` and ``norm``
 objects, so the ``state_dict`` keys are unchanged) and modulates through one
 :func:`normkit.functional.modulated_layer_norm` (or ``modulated_rms_norm``) call.
@@ -37,6 +38,7 @@ __all__ = [
     "AdaLayerNormContinuousAdapter",
     "AdaLayerNormZeroAdapter",
     "AdaLayerNormZeroSingleAdapter",
+    "SD35AdaLayerNormZeroXAdapter",
     "block_candidates",
 ]
 
@@ -144,6 +146,19 @@ class AdaLayerNormZeroAdapter(_ModulatedAdapter):
         return (self.modulate(x, shift.unsqueeze(1), scale.unsqueeze(1)), *rest)
 
 
+class SD35AdaLayerNormZeroXAdapter(_ModulatedAdapter):
+    """diffusers' ``SD35AdaLayerNormZeroX`` (SD3.5's dual-attention blocks): nine modulations;
+    the norm of ``hidden_states`` modulated twice (two normkit calls, each fused); returns
+    ``(x, gate_msa, shift_mlp, scale_mlp, gate_mlp, x2, gate_msa2)``."""
+
+    def forward(self, hidden_states: Tensor, emb: Tensor | None = None) -> tuple[Tensor, ...]:
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate2 = \
+            self.linear(self.silu(emb)).chunk(9, dim=1)
+        x = self.modulate(hidden_states, shift.unsqueeze(1), scale.unsqueeze(1))
+        x2 = self.modulate(hidden_states, shift2.unsqueeze(1), scale2.unsqueeze(1))
+        return x, gate, shift_mlp, scale_mlp, gate_mlp, x2, gate2
+
+
 class AdaLayerNormZeroSingleAdapter(_ModulatedAdapter):
     """diffusers' ``AdaLayerNormZeroSingle`` (Flux's single-stream blocks): shift, scale and
     gate from ``linear(silu(emb))``; returns ``(x, gate)``."""
@@ -203,6 +218,8 @@ _ADALN: dict[str, tuple[type[_ModulatedAdapter], Callable[[nn.Module], list[Prob
     "AdaLayerNormZero": (AdaLayerNormZeroAdapter, _zero_probes),
     "AdaLayerNormZeroSingle": (AdaLayerNormZeroSingleAdapter,
                                lambda m: _conditioned(m, lambda f, x, c: f(x, emb=c), m.linear.in_features)),
+    "SD35AdaLayerNormZeroX": (SD35AdaLayerNormZeroXAdapter,
+                              lambda m: _conditioned(m, lambda f, x, c: f(x, emb=c), m.linear.in_features)),
     "AdaLayerNormContinuous": (AdaLayerNormContinuousAdapter,
                                lambda m: _conditioned(m, lambda f, x, c: f(x, c), m.linear.in_features)),
 }
