@@ -550,6 +550,22 @@ def test_replace_norms_carries_an_offset_weight() -> None:
     assert torch.equal(new.weight, nk_norm.weight + 1)
 
 
+def test_replace_norms_in_low_precision_and_on_meta() -> None:
+    """A bf16 HF RMSNorm passes the probe (HF rounds x_hat before the weight); on the meta device
+    nothing can run: the structural match is taken and the report says it was not probed."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    norm = llama.LlamaRMSNorm(8).to(bf16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    new, report = replace_norms(norm, "dyt")
+    assert type(new) is DyT and new.weight.dtype == bf16 and torch.equal(new.weight, norm.weight)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.LayerNorm(8), llama.LlamaRMSNorm(8))
+    model, report = replace_norms(model, "derf")
+    assert [type(m) for m in model] == [Derf, Derf] and model[1].alpha.device.type == "meta"
+    assert "not probed" in report.replaced[1].carried
+
+
 def test_replaced_model_state_dict_round_trip() -> None:
     model, _ = replace_norms(_encoder(), "dyt")
     with torch.no_grad():

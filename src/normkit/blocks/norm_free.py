@@ -45,12 +45,13 @@ def _scalar(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.reshape(()).to(dtype)
 
 
-def _squash(u: Tensor, erf: bool) -> tuple[Tensor, Tensor]:
-    """``(squash(u), squash'(u))`` in differentiable ops."""
-    if erf:
-        return torch.erf(u), _TWO_OVER_SQRT_PI * torch.exp(-u.square())
-    s = torch.tanh(u)
-    return s, 1 - s.square()
+def _squash(u: Tensor, erf: bool) -> Tensor:
+    return torch.erf(u) if erf else torch.tanh(u)
+
+
+def _squash_grad(u: Tensor, s: Tensor, erf: bool) -> Tensor:
+    """``squash'(u)`` given ``s = squash(u)``, in differentiable ops."""
+    return _TWO_OVER_SQRT_PI * torch.exp(-u.square()) if erf else 1 - s.square()
 
 
 def _pre_activation(x: Tensor, alpha: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,7 +84,7 @@ class Squash(torch.autograd.Function):
     def forward(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,  # type: ignore[override]
                 bias: Tensor | None, erf: bool) -> Tensor:
         _, _, u = _pre_activation(x, alpha, shift)
-        return _affine(_squash(u, erf)[0], weight, bias).to(x.dtype)
+        return _affine(_squash(u, erf), weight, bias).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
@@ -98,7 +99,8 @@ class Squash(torch.autograd.Function):
             dweight: Tensor | None, dbias: Tensor | None, _derf: None) -> Tensor:
         x, alpha, shift, weight = ctx.saved_tensors
         xa, a, u = _pre_activation(x, alpha, shift)
-        s, ds = _squash(u, ctx.erf)
+        s = _squash(u, ctx.erf)
+        ds = _squash_grad(u, s, ctx.erf)
         du = torch.zeros_like(u)
         if dx is not None:
             du = du + a * dx.to(u.dtype)
@@ -118,7 +120,8 @@ class Squash(torch.autograd.Function):
         x, alpha, shift, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         xa, a, u = _pre_activation(x, alpha, shift)
-        s, ds = _squash(u, ctx.erf)
+        s = _squash(u, ctx.erf)
+        ds = _squash_grad(u, s, ctx.erf)
         dya = dy.to(u.dtype)
         g = (dya if weight is None else dya * weight.to(u.dtype)) * ds  # the gradient at u
         dx = (g * a).to(x.dtype) if need[0] else None
