@@ -54,6 +54,13 @@ def _tile(m0, d0, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _owned_rows(part, rows_per_program, M):
+    """``[row_start, row_end)``: the rows backward program ``part`` owns (int64)."""
+    row_start = part.to(tl.int64) * rows_per_program
+    return row_start, tl.minimum(row_start + rows_per_program, M)
+
+
+@triton.jit
 def _load(P, rows, cols, stride, mask):
     """A tile of rows of ``P`` (row stride ``stride``, unit element stride) as fp32."""
     return tl.load(P + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -149,8 +156,7 @@ def _rms_bwd_rows(X, DY, DX, W, RSTD, DW_PART, ROW_DOTS, part, M, D, rows_per_pr
     """Rows ``[part * rows_per_program, ...)`` of one tensor: with ``c = mean(x_hat * w * dy)``,
     ``dx = (w * dy - x_hat * c) * rstd``; ``sum(dy * x_hat)`` over the rows into ``DW_PART[part]``.
     Column tiles outermost, so the weight-gradient sums stay in registers across rows."""
-    row_start = part.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    row_start, row_end = _owned_rows(part, rows_per_program, M)
     n = D * 1.0
     if not SINGLE_BLOCK:
         for m0 in range(row_start, row_end, BLOCK_M):
@@ -292,8 +298,7 @@ def sandwich_rms_norm_bwd_kernel(
     ``dh = (g1 - x_hat1 * c1) * rstd1``; ``dw1 = sum dr * x_hat1``, ``dw2 = sum dy * x_hat2``.
     A wide row first stores ``(c2, c1)`` in ``ROW_DOTS[2 * row]``."""
     pid = tl.program_id(0)
-    row_start = pid.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    row_start, row_end = _owned_rows(pid, rows_per_program, M)
     n = D * 1.0
     if not SINGLE_BLOCK:
         for m0 in range(row_start, row_end, BLOCK_M):
