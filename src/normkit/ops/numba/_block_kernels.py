@@ -163,13 +163,6 @@ def _silu(z, one):
 
 
 @jit
-def _silu_grad(z, one):
-    """``s * (1 + z * (1 - s))``, ``s = sigmoid(z)``."""
-    s = one / (one + np.exp(-z))
-    return s * (one + z * (one - s))
-
-
-@jit
 def gated_fwd(x, gate, w, eps, group, gated_after, y, rstd, lo, hi):
     """Rows ``lo..hi-1``: per group of ``group`` channels, ``y = u * rstd * w`` with ``u = x *
     silu(gate)`` (``x`` where ``gate`` has no rows or ``gated_after``; then, with a gate, ``y``
@@ -225,6 +218,7 @@ def gated_bwd(dy, x, gate, w, rstd, group, gated_after, block, dx, dgate, dwp, l
     pbuf = np.empty(D, w.dtype)
     dbuf = np.empty(D, w.dtype)
     gbuf = np.empty(D, w.dtype)
+    sbuf = np.empty(D, w.dtype)
     for blk in range(lo, hi):
         dw = dwp[blk]
         dw[:] = zero
@@ -235,7 +229,10 @@ def gated_bwd(dy, x, gate, w, rstd, group, gated_after, block, dx, dgate, dwp, l
             p = pbuf if has_gate and gated_after else g
             if has_gate:
                 for j in range(D):
-                    a = _silu(z[j], one)
+                    # one exp per element (the CPU's exp is scalar: numba has no vector math library here)
+                    sig = one / (one + np.exp(-z[j]))
+                    sbuf[j] = sig
+                    a = z[j] * sig
                     ubuf[j] = v[j] if gated_after else v[j] * a
                     pbuf[j] = g[j] * a if gated_after else a  # gate before: pbuf keeps silu(gate)
             else:
@@ -250,10 +247,12 @@ def gated_bwd(dy, x, gate, w, rstd, group, gated_after, block, dx, dgate, dwp, l
             if has_gate:
                 dz = staging(dgate[i], gbuf)
                 for j in range(D):
+                    sig = sbuf[j]
+                    silu_grad = sig * (one + z[j] * (one - sig))
                     if gated_after:
-                        dz[j] = _silu_grad(z[j], one) * (g[j] * w[j] * (ubuf[j] * rstd[i, j // group]))
+                        dz[j] = silu_grad * (g[j] * w[j] * (ubuf[j] * rstd[i, j // group]))
                     else:
-                        dz[j] = _silu_grad(z[j], one) * (du[j] * v[j])
+                        dz[j] = silu_grad * (du[j] * v[j])
                         du[j] = du[j] * pbuf[j]
                 encode(dz, dgate[i])
             encode(du, dx[i])
