@@ -61,8 +61,8 @@ class Case(NamedTuple):
 
 
 # The shapes: batch 1, primes, non-powers of two, a row wider than one tile, many row programs,
-# padded and non-contiguous input, a 2-D normalized_shape (weight and bias of different ranks),
-# no affine, weight only.
+# padded, non-contiguous and channels_last input, a 2-D normalized_shape (weight and bias of
+# different ranks), no affine, weight only, 0-dim weight and bias (the checks allow any trailing shape).
 CASES = {
     "batch 1, width 7": Case((1, 7)),
     "primes": Case((3, 5, 13)),
@@ -75,6 +75,7 @@ CASES = {
     "weight (5, 7), bias (7,)": Case((3, 5, 7), weight_dims=2, bias_dims=1, block_n=16),
     "no affine": Case((4, 9), weight_dims=None, bias_dims=None),
     "weight only": Case((4, 9), bias_dims=None),
+    "0-dim weight and bias": Case((4, 6), weight_dims=0, bias_dims=0),
 }
 
 
