@@ -22,10 +22,11 @@ from kernel_bound import assert_within_bound
 from normkit import functional
 from normkit.backends import get_backend
 from normkit.blocks import qk_sandwich as blocks
+from normkit.ops.triton import backend as triton_entry
 
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = get_backend("triton").is_available()
+HAS_TRITON = triton_entry.is_available()  # (the entry imports no Triton)
 BACKENDS = ["torch", "reference", *(["triton"] if HAS_TRITON else [])]
 BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
 
