@@ -119,6 +119,40 @@ def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | No
     return _Blocks(block_r, block_s, single, num_warps)
 
 
+# A GroupNorm/InstanceNorm row that takes more than one tile is split across programs of about
+# this many tiles each (issue 15 item 4: SD's UNet GroupNorm at N=2, G=32 is 64 rows of 40,960
+# elements for 132 SMs). Such a row is read twice anyway (statistics, then normalization), so
+# the split costs one more launch each way and no extra traffic. The split depends on the row's
+# shape alone, never on the number of rows: a sample's result does not depend on the batch.
+# Rows that fit one tile are read once and never split (splitting would read them twice).
+SPLIT_TILES = 4
+
+
+class _Split(NamedTuple):
+    """A row of ``R x S`` split into blocks of ``split_r x split_s`` (multiples of the tile, so no
+    tile crosses two programs), ``splits_s`` along s, ``splits`` in all."""
+
+    splits: int
+    split_r: int
+    split_s: int
+    splits_s: int
+
+
+def _split(R: int, S: int, blocks: _Blocks, per_channel: bool) -> _Split:
+    """How a GroupNorm/InstanceNorm row is split across programs: blocks of about
+    :data:`SPLIT_TILES` tiles, along s first (a block of whole tile columns), then along r
+    (contiguous GroupNorm's tile is one channel's spatial run). One block for an unsplit row."""
+    whole = _Split(1, R, S, 1)
+    if not per_channel or blocks.SINGLE_BLOCK:
+        return whole
+    s_tiles = min(triton.cdiv(S, blocks.BLOCK_S), SPLIT_TILES)
+    split_s = blocks.BLOCK_S * s_tiles
+    split_r = blocks.BLOCK_R * max(1, SPLIT_TILES // s_tiles)
+    splits_s = triton.cdiv(S, split_s)
+    splits = splits_s * triton.cdiv(R, split_r)
+    return _Split(splits, min(split_r, R), min(split_s, S), splits_s) if splits > 1 else whole
+
+
 def _channels_fast(x3: Tensor, R: int) -> bool:
     """A group's channels are the unit-stride axis of the ``(N, C, S)`` view (channels_last),
     and there is more than one of them."""
@@ -187,16 +221,21 @@ def row_norm_fwd(
     rstd = torch.empty_like(mean)
     var = torch.empty_like(mean)
     blocks = _blocks(R, S, "fwd", x.element_size(), block_n, _channels_fast(x, R))
+    split = _split(R, S, blocks, per_channel)
+    splits = split.splits
+    part = torch.empty((M * splits * 4 if splits > 1 else 0,), dtype=torch.float32, device=x.device)
     with device_of(x):
-        row_norm_fwd_kernel[(M,)](
-            x, residual, y, residual_out, weight, bias, mean, rstd, var,
-            *strides(x), *strides(y), residual.stride(0) if residual is not None else 0,
-            R, S, groups, eps,
-            IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
-            ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
-        )
+        # A split row: its partial moments, then their merge and the normalization.
+        for phase in (1, 2) if splits > 1 else (0,):
+            row_norm_fwd_kernel[(M, splits)](
+                x, residual, y, residual_out, weight, bias, mean, rstd, var, part,
+                *strides(x), *strides(y), residual.stride(0) if residual is not None else 0,
+                R, S, groups, eps, split.split_r, split.split_s, split.splits_s, splits,
+                IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
+                ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+                SPLIT=phase, RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
+            )
     return y, residual_out, mean, rstd, var
 
 
@@ -234,27 +273,31 @@ def row_norm_bwd(
     dx = _empty_like(x, dx_dtype)
     dresidual = _empty_like(x, dresidual_dtype) if dresidual_dtype else dx.new_empty((0,))
     blocks = _blocks(R, S, "bwd", x.element_size(), block_n, _channels_fast(x, R))
-    programs = _program_count(M, dev)
+    split = _split(R, S, blocks, per_channel)
+    splits = split.splits
+    programs = M if splits > 1 else _program_count(M, dev)  # a split row: one row per program
     if per_channel:
         part_shape = (N, C, triton.cdiv(S, blocks.BLOCK_S))
     else:
         part_shape = (programs, S)
     dw_part = torch.empty(part_shape if dw_dtype else (0,), dtype=torch.float32, device=dev)
     db_part = torch.empty(part_shape if db_dtype else (0,), dtype=torch.float32, device=dev)
-    row_dots = torch.empty((0 if blocks.SINGLE_BLOCK else 2 * M,), dtype=torch.float32, device=dev)
+    row_dots = torch.empty((0 if blocks.SINGLE_BLOCK else 2 * M * splits,), dtype=torch.float32, device=dev)
     with device_of(x):
-        row_norm_bwd_kernel[(programs,)](
-            x, weight, bias, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
-            *strides(x), *strides(dy), *strides(dx),
-            dresidual_out.stride(0) if dresidual_out is not None else 0,
-            M, R, S, groups, triton.cdiv(M, programs),
-            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
-            COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
-            STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
-            HAS_BIAS=act != 0 and bias is not None, ACT=act,
-            BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-            RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
-        )
+        # A split row: its partial (c1, c2) sums, then the gradients.
+        for phase in (1, 2) if splits > 1 else (0,):
+            row_norm_bwd_kernel[(programs, splits)](
+                x, weight, bias, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
+                *strides(x), *strides(dy), *strides(dx),
+                dresidual_out.stride(0) if dresidual_out is not None else 0,
+                M, R, S, groups, triton.cdiv(M, programs), split.split_r, split.split_s, split.splits_s, splits,
+                IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
+                COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
+                STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,
+                HAS_BIAS=act != 0 and bias is not None, ACT=act,
+                BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
+                SPLIT=phase, RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
+            )
     # A fixed-shape torch sum: the same partials give the same bits on every run.
     reduce_dims = (0, 2) if per_channel else (0,)
     dw = dw_part.sum(reduce_dims).to(dw_dtype) if dw_dtype else dw_part

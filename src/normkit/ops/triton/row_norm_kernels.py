@@ -32,6 +32,13 @@ Chan's formula (never ``E[x^2] - E[x]^2``), then normalizes; the backward first 
 row dot products of the input gradient, then the gradients. Statistics are fp32 whatever the
 input dtype.
 
+A GroupNorm/InstanceNorm row that takes several tiles is split across programs ``(row, split)``
+(``SPLIT``, blocks of whole tiles chosen from the row's shape alone by the launcher): each
+direction is then two launches, the first storing each block's partial sums (the forward's
+moments, the backward's two dot products), the second merging a row's partials in split order
+(every program of the row computes the same bits) and writing its block. The row is read twice,
+as unsplit; SD's UNet GroupNorm at N=2 gets 192 programs instead of 64.
+
 Numerics:
 
 * Shift: a centred norm takes its statistics of ``x - pivot``, with ``pivot`` the row's first
@@ -118,6 +125,16 @@ def _tile(r0, s0, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _split_block(split, split_r, split_s, splits_s, R, S):
+    """``(r_lo, r_hi, s_lo, s_hi)``: the block of a row that program ``split`` of a split row
+    owns (splits numbered s-fastest; block edges are multiples of the tile, so no tile is
+    shared). An unsplit row (``split_r = R``, ``split_s = S``) is one block."""
+    r_lo = (split // splits_s) * split_r
+    s_lo = (split % splits_s) * split_s
+    return r_lo, tl.minimum(r_lo + split_r, R), s_lo, tl.minimum(s_lo + split_s, S)
+
+
+@triton.jit
 def _load_affine(P, row, r, s, mask_r, mask_s, R, GROUPS, PER_SEGMENT: tl.constexpr):
     """The affine parameter of each tile element, as fp32, broadcastable against the tile."""
     if PER_SEGMENT:
@@ -194,19 +211,27 @@ def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s,
 
 @triton.jit
 def row_norm_fwd_kernel(
-    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
+    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR, PART,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,  # Y and RESIDUAL_OUT are allocated alike
     stride_residual_row,  # the add-norms' residual: X's element strides, its own row stride
-    R, S, GROUPS, eps,
+    R, S, GROUPS, eps, split_r, split_s, splits_s, splits,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
     """One program per row: statistics, then ``y = act((x - mean) * rstd * w + b)``; stores the
-    row's mean of ``x - pivot``, its rstd and its biased variance."""
+    row's mean of ``x - pivot``, its rstd and its biased variance.
+
+    ``SPLIT`` (a chunked row split across ``splits`` programs ``(row, split)``, each a block of
+    ``split_r x split_s`` of the row's ``R x S``, see :func:`_split_block`): 1 stores the moments
+    of the program's block to ``PART[row, split]`` (mean, m2, scale, count); 2 merges the row's
+    partials in split order (the same bits in every program of the row) and normalizes its
+    block; the program of split 0 stores the statistics. 0: the whole row in one program."""
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    r_lo, r_hi, s_lo, s_hi = _split_block(split, split_r, split_s, splits_s, R, S)
     X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
     Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
     if HAS_RESIDUAL:
@@ -231,45 +256,61 @@ def row_norm_fwd_kernel(
         _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R, GROUPS,
                       HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
     else:
-        # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width).
+        # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width),
+        # over the program's columns (s_lo..s_hi: the whole row unless SPLIT).
         mean = 0.0
         m2 = 0.0  # in units of scale^2
         scale = 0.0
         count = 0.0
-        for r0 in range(0, R, BLOCK_R):
-            for s0 in range(0, S, BLOCK_S):
-                r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
-                mask = mask_r & mask_s
-                x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs,
-                                r * stride_yc + s * stride_ys, mask,
-                                HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
-                x = tl.where(mask, x - pivot, 0.0)
-                n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
-                scale_b = pow2_floor(tl.max(tl.abs(x)))
-                mean_bs, m2_b = _tile_moments(x * (1.0 / scale_b), mask, n_b, IS_RMS)
-                mean, m2, scale, count = chan_merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
-        var_s = m2 / n
-        rstd = rstd_of(var_s, scale, eps)
-        # Pass 2 re-reads the row: from RESIDUAL_OUT when pass 1 wrote it (one tensor instead
-        # of x and residual, and already rounded). The barrier makes those writes visible.
-        if STORE_RESIDUAL_OUT:
-            tl.debug_barrier()
-        for r0 in range(0, R, BLOCK_R):
-            for s0 in range(0, S, BLOCK_S):
-                r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
-                mask = mask_r & mask_s
-                y_offs = r * stride_yc + s * stride_ys
-                if STORE_RESIDUAL_OUT:
-                    x = tl.load(RESIDUAL_OUT + y_offs, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    x = tl.load(X + r * stride_xc + s * stride_xs, mask=mask,
-                                other=0.0).to(tl.float32)
-                x -= pivot
-                _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R,
-                              GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    tl.store(VAR + row, var_s * scale * scale)
+        if SPLIT != 2:
+            for r0 in range(r_lo, r_hi, BLOCK_R):
+                for s0 in range(s_lo, s_hi, BLOCK_S):
+                    r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                    mask = mask_r & mask_s
+                    x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs,
+                                    r * stride_yc + s * stride_ys, mask,
+                                    HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
+                    x = tl.where(mask, x - pivot, 0.0)
+                    n_b = tl.minimum(R - r0, BLOCK_R) * tl.minimum(S - s0, BLOCK_S) * 1.0
+                    scale_b = pow2_floor(tl.max(tl.abs(x)))
+                    mean_bs, m2_b = _tile_moments(x * (1.0 / scale_b), mask, n_b, IS_RMS)
+                    mean, m2, scale, count = chan_merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
+        if SPLIT == 1:
+            part = PART + (row * splits + split) * 4
+            tl.store(part, mean)
+            tl.store(part + 1, m2)
+            tl.store(part + 2, scale)
+            tl.store(part + 3, count)
+        else:
+            if SPLIT == 2:  # the row's partials, merged in split order: the same bits in every program
+                for j in range(0, splits):
+                    part = PART + (row * splits + j) * 4
+                    scale_j = tl.load(part + 2)
+                    mean, m2, scale, count = chan_merge(mean, m2, scale, count, tl.load(part) / scale_j,
+                                                        tl.load(part + 1), scale_j, tl.load(part + 3))
+            var_s = m2 / n
+            rstd = rstd_of(var_s, scale, eps)
+            # Pass 2 re-reads the row: from RESIDUAL_OUT when pass 1 wrote it (one tensor instead
+            # of x and residual, and already rounded). The barrier makes those writes visible.
+            if STORE_RESIDUAL_OUT:
+                tl.debug_barrier()
+            for r0 in range(r_lo, r_hi, BLOCK_R):
+                for s0 in range(s_lo, s_hi, BLOCK_S):
+                    r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
+                    mask = mask_r & mask_s
+                    y_offs = r * stride_yc + s * stride_ys
+                    if STORE_RESIDUAL_OUT:
+                        x = tl.load(RESIDUAL_OUT + y_offs, mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        x = tl.load(X + r * stride_xc + s * stride_xs, mask=mask,
+                                    other=0.0).to(tl.float32)
+                    x -= pivot
+                    _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R,
+                                  GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
+    if SPLIT != 1 and split == 0:  # (SINGLE_BLOCK rows are never split)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        tl.store(VAR + row, var_s * scale * scale)
 
 
 @triton.jit
@@ -306,11 +347,11 @@ def row_norm_bwd_kernel(
     stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,  # DX and DRESIDUAL are allocated alike
     stride_dresidual_out_row,  # the add-norms' gradient at residual_out: X's element strides
-    M, R, S, GROUPS, rows_per_program,
+    M, R, S, GROUPS, rows_per_program, split_r, split_s, splits_s, splits,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     PER_SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
     """A program owns rows ``[pid * rows_per_program, ...)``.
@@ -320,19 +361,25 @@ def row_norm_bwd_kernel(
     ``db = sum dy``. A wide row first stores (c1, c2) in ``ROW_DOTS[row]``; the gradient pass
     then walks tile columns outermost so the column sums of dw/db stay in registers across rows.
     ``B`` is read only with an activation (``HAS_BIAS``), to recompute its input.
+
+    ``SPLIT`` (a row split across programs ``(row, split)`` as in the forward, one row per
+    program): 1 stores the program's sums for (c1, c2) to ``ROW_DOTS[row, split]``; 2 adds the
+    row's partial sums in split order and computes the gradients of its columns.
     """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    r_lo, r_hi, s_lo, s_hi = _split_block(split, split_r, split_s, splits_s, R, S)
     row_start = pid.to(tl.int64) * rows_per_program  # int64: row * R * S may pass 2**31
     row_end = tl.minimum(row_start + rows_per_program, M)
     n = R * S * 1.0
     num_s_blocks = tl.cdiv(S, BLOCK_S)
 
-    if not SINGLE_BLOCK:
+    if not SINGLE_BLOCK and SPLIT != 2:
         for row in range(row_start, row_end):
             c1 = 0.0
             c2 = 0.0
-            for r0 in range(0, R, BLOCK_R):
-                for s0 in range(0, S, BLOCK_S):
+            for r0 in range(r_lo, r_hi, BLOCK_R):
+                for s0 in range(s_lo, s_hi, BLOCK_S):
                     r, s, _, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
                     w_tile = 1.0
                     if HAS_WEIGHT:
@@ -351,12 +398,25 @@ def row_norm_bwd_kernel(
                                                             HAS_WEIGHT, ACT)
                     c1 += tl.sum(x_hat * wdy)
                     c2 += tl.sum(wdy)
-            tl.store(ROW_DOTS + 2 * row, c1 / n)
-            tl.store(ROW_DOTS + 2 * row + 1, c2 / n)
-        tl.debug_barrier()
+            if SPLIT == 1:
+                tl.store(ROW_DOTS + 2 * (row * splits + split), c1)
+                tl.store(ROW_DOTS + 2 * (row * splits + split) + 1, c2)
+            else:
+                tl.store(ROW_DOTS + 2 * row, c1 / n)
+                tl.store(ROW_DOTS + 2 * row + 1, c2 / n)
+        if SPLIT == 0:
+            tl.debug_barrier()
+    c1_split = 0.0
+    c2_split = 0.0
+    if SPLIT == 2:  # one row per program: its partial sums, added in split order
+        for j in range(0, splits):
+            c1_split += tl.load(ROW_DOTS + 2 * (row_start * splits + j))
+            c2_split += tl.load(ROW_DOTS + 2 * (row_start * splits + j) + 1)
+        c1_split = c1_split / n
+        c2_split = c2_split / n
 
-    for r0 in range(0, R, BLOCK_R):
-        for s0 in range(0, S, BLOCK_S):
+    for r0 in range(r_lo, r_hi if SPLIT != 1 else r_lo, BLOCK_R):  # (SPLIT 1 stops at the sums)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
             r, s, cols, mask_r, mask_s = _tile(r0, s0, R, S, BLOCK_R, BLOCK_S)
             mask = mask_r & mask_s
             x_offs = r * stride_xc + s * stride_xs
@@ -384,6 +444,9 @@ def row_norm_bwd_kernel(
                 if SINGLE_BLOCK:
                     c1 = tl.sum(x_hat * wdy) / n
                     c2 = tl.sum(wdy) / n
+                elif SPLIT == 2:
+                    c1 = c1_split
+                    c2 = c2_split
                 else:
                     c1 = tl.load(ROW_DOTS + 2 * row)
                     c2 = tl.load(ROW_DOTS + 2 * row + 1)
