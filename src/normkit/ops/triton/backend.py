@@ -14,6 +14,9 @@ first looks the backend up (``normkit.backends.register_lazy_backend("triton", r
   rejects None as torch does, and the modules turn ``momentum=None`` into the
   cumulative-average factor. :func:`declared_ops` gives these checks without importing Triton,
   so ``normkit.support_matrix()`` shows what the kernels take on any machine.
+* The norms of today's blocks (``modulated_layer_norm``/``modulated_rms_norm``, ``gated_rms_norm``,
+  ``qk_rms_norm``/``sandwich_rms_norm``, ``dyt``/``derf``: :mod:`.modulated`, :mod:`.gated`,
+  :mod:`.qk_sandwich`, :mod:`.norm_free`) take any call whose tensors all pass the checks above.
 * ``normalize`` (LayerNorm2d, RMSNorm2d and any other dims) moves the normalized dims last
   (a view), runs the layer_norm / rms_norm kernels (which copy only a layout whose rows are not
   evenly strided) and moves them back.
@@ -195,10 +198,7 @@ def register() -> None:
 
     ops = {}
     for op, (home, check) in _OPS.items():
-        fn = globals()[op] if home == "backend" else getattr(importlib.import_module(f"normkit.ops.triton.{home}"),
-                                                             op, None)
-        if fn is None:  # TODO(issue 13): being written; every op has its kernel before this lands
-            continue
+        fn = globals()[op] if home == "backend" else getattr(importlib.import_module(f"normkit.ops.triton.{home}"), op)
         ops[op] = OpImpl(fn, check, _preferred(op))  # type: ignore[arg-type]
     register_backend(Backend("triton", ops=ops, is_available=is_available,
-                             description="Triton row-norm and batch-norm kernels (normkit.ops.triton)"))
+                             description="Triton row-norm, batch-norm and block-norm kernels (normkit.ops.triton)"))
