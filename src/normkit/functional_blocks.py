@@ -287,6 +287,11 @@ def sandwich_rms_norm(
     Returns ``(y, residual_out)``: ``y`` in ``hidden``'s dtype, ``residual_out`` in
     ``residual``'s. The gradient of ``residual_out`` flows back into ``residual`` unchanged and
     into ``hidden`` through the post-norm.
+
+    Numerics, as Gemma 3's decoder layer: each norm in float32 (float64 for float64 input), its
+    weight taken as ``weight_offset + weight`` in float32; the post-norm's output is rounded to
+    ``hidden``'s dtype before the add, the sum rounded to ``residual``'s. A weight of None
+    scales by nothing, whatever ``weight_offset``.
     """
     _checks.check_args("sandwich_rms_norm", ("hidden", "Tensor", hidden), ("residual", "Tensor", residual),
                        ("post_weight", "Tensor?", post_weight), ("next_weight", "Tensor?", next_weight),
