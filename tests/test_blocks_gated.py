@@ -124,6 +124,8 @@ def tile(monkeypatch: pytest.MonkeyPatch):
 # ---- the reference ------------------------------------------------------------------------------
 
 
+# (forward AD loads torch's jvp decompositions on first use, which calls torch.jit.script)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("group_size", [None, 3])
 def test_reference_gradcheck_and_gradgradcheck(mode: str, group_size: int | None) -> None:
