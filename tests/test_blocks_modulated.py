@@ -18,6 +18,8 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 from kernel_bound import assert_within_bound
@@ -76,6 +78,7 @@ CASES = [
     Case(LN, (2, 4, 16), (2, 1, 16), scale=(2, 4, 16)),
     Case(LN, (2, 5, 16), (1, 5, 16), bf16),
     Case(LN, (2, 3, 12), (2, 3, 1)),
+    Case(LN, (2, 3, 8), ()),  # one number each
     Case(RMS, (1, 1), (1,)),  # a single element
     Case(RMS, (2, 5, 33), (2, 1, 33), bf16),
     Case(RMS, (2, 4, 50), (2, 1, 50), f16, param_dtype=f32, block_n=16),
@@ -91,7 +94,7 @@ def _make(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, dtype: torch.dtype = case.dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+        return torch.randn(shape, generator=gen).to(DEVICE, dtype)
 
     d = case.shape[-1]
     x = rand(*case.shape[:-1], d + case.row_pad)[..., :d] if case.row_pad else rand(*case.shape)
@@ -139,8 +142,24 @@ def _low_precision(case: Case, t: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_against_float64_reference(case: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    why = _declined(case, backend)
+    if why is not None:
+        pytest.skip(f"{backend} declines: {why}")
+    _check_within_bound(case, backend, monkeypatch)
+
+
+def _declined(case: Case, backend: str) -> str | None:
+    """Why ``backend`` declines the case; None where it takes it, or must (:data:`COMPLETE`)."""
+    if backend in COMPLETE:
+        return None
+    return get_backend(backend).ops[case.op].unsupported(*_args(case, _make(case)))
+
+
+def _check_within_bound(case: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.block_n:
         monkeypatch.setenv("NORMKIT_TRITON_BLOCK_N", str(case.block_n))
+    else:
+        monkeypatch.delenv("NORMKIT_TRITON_BLOCK_N", raising=False)
     tensors = _make(case)
     op = getattr(functional, case.op)
     dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -150,11 +169,49 @@ def test_against_float64_reference(case: Case, backend: str, monkeypatch: pytest
     low = _leaves(tensors)
     baseline = _results(_low_precision(case, low), low, dy)
     got = _leaves(tensors)
-    why = get_backend(backend).ops[case.op].unsupported(*_args(case, got))
-    if why is not None and backend not in COMPLETE:
-        pytest.skip(f"{backend} declines: {why}")
     candidate = _results(op(*_args(case, got), backend=backend), got, dy)
     assert_within_bound(candidate, expected, baseline)
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> Case:
+    """Any input of 1 to 4 dims, and shift/scale each kept or broadcast (size 1, or dropped when
+    leading) along every dim: per sample, per token, once, and every other broadcast."""
+    op = draw(st.sampled_from(OPS))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=3))) + (draw(st.integers(1, 40)),)
+
+    def modulation() -> tuple[int, ...]:
+        kept = tuple(s if draw(st.booleans()) else 1 for s in shape)
+        return kept[draw(st.integers(0, len(shape))):]  # leading dims may be absent
+
+    return Case(op, shape, modulation(), draw(st.sampled_from([f32, bf16, f16])), weight=draw(st.booleans()),
+                bias=draw(st.booleans()), mod_dtype=draw(st.sampled_from([None, f32])), scale=modulation(),
+                row_pad=draw(st.sampled_from([0, 3])), block_n=draw(st.sampled_from([None, 4, 16])))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_cases(), backend=st.sampled_from(BACKEND_NAMES))
+def test_hypothesis_within_bound(case: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assume(_declined(case, backend) is None)
+    _check_within_bound(case, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKEND_NAMES if b != "torch"])
+@pytest.mark.parametrize("op", OPS)
+def test_large_and_constant_rows(op: str, backend: str) -> None:
+    """float32 input at 1e20 (squares past float32's range) normalizes as at 1, and a constant
+    row normalizes to 0: its output is the bias, modulated. (Not the torch composition: ATen's
+    float32 norms square the input as it is, and give NaN there.)"""
+    case = Case(op, (2, 3, 16), (2, 1, 16))
+    t = _make(case, seed=12)
+    x = t["x"].clone()
+    x[0] *= 1e20
+    x[1, 1] = 3.0
+    args = (x, *_args(case, t)[1:])
+    y = getattr(functional, op)(*args, backend=backend)
+    expected = getattr(functional, op)(*(a.double() if isinstance(a, torch.Tensor) else a for a in args),
+                                       backend="reference")
+    torch.testing.assert_close(y.double(), expected, rtol=2e-5, atol=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +332,27 @@ def test_triton_refuses_forward_mode_and_second_order() -> None:
     with pytest.raises(RuntimeError, match="forward-mode"):
         torch.func.jvp(lambda x: functional.modulated_layer_norm(x, *_args(case, leaves)[1:], backend="triton"),
                        (leaves["x"].detach(),), (torch.ones_like(leaves["x"]),))
+
+
+@needs_triton
+def test_triton_per_sample_gradients() -> None:
+    """``vmap(grad(...))`` (one backward call per sample): the per-sample gradients of weight and
+    scale equal those of one call per sample."""
+    case = Case(LN, (3, 4, 8), (3, 1, 8))
+    t = _make(case, seed=13)
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+
+    def loss(weight, scale, x, shift, bias, dy):
+        y = functional.modulated_layer_norm(x, shift, scale, weight, bias, EPS[LN], backend="triton")
+        return (y * dy).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, 0, 0, 0, None, 0))(
+        t["weight"], t["scale"], t["x"], t["shift"], t["bias"], dy)
+    for i in range(3):
+        one = torch.func.grad(loss, argnums=(0, 1))(t["weight"], t["scale"][i], t["x"][i], t["shift"][i], t["bias"],
+                                                    dy[i])
+        for got, want in zip(grads, one, strict=True):
+            torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-6)
 
 
 @needs_triton

@@ -10,7 +10,7 @@ taking table row ``m // group`` (see :mod:`normkit.ops.triton.modulated_kernels`
 A modulation per sample (``(B, 1, N)`` against ``(B, L, N)``), per token (the input's shape) or
 for the whole batch (``(N,)``, ``(1, 1, N)``) is read in place as such a table, and its
 gradient reduced over the broadcast rows inside the backward kernel. Any other broadcast
-(``(1, L, N)``, ``(B, L, 1)``) is expanded to a per-token table first (a copy); autograd then
+(``(1, L, N)``, ``(B, L, 1)``) is expanded to a per-token float32 table first (a copy); autograd then
 sums its gradient back to its shape.
 
 The ops have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
@@ -58,16 +58,17 @@ def _table(t: Tensor, shape: torch.Size) -> tuple[Tensor, int]:
 
     In place when ``t``'s leading dims are those of ``shape`` up to some dim and 1 after it
     (per sample, per token, one for all): a view, or a copy of ``t`` alone when its last dim is
-    strided. Otherwise ``t`` expanded to ``shape``, one table row per input row."""
+    strided. Otherwise ``t`` expanded to ``shape`` in float32, one table row per input row."""
     n = shape[-1]
     lead = (1,) * (len(shape) - t.dim()) + tuple(t.shape[:-1])
     k = len(lead)
     while k and lead[k - 1] == 1:
         k -= 1
-    if t.shape[-1] == n and lead[:k] == tuple(shape[:k]):
+    if t.dim() and t.shape[-1] == n and lead[:k] == tuple(shape[:k]):
         groups = math.prod(shape[:k])
         return _inner_contiguous(t.reshape(groups, n)), math.prod(shape[k:-1])
-    return _inner_contiguous(t.expand(shape).reshape(-1, n)), 1
+    # In float32: autograd sums the per-row gradient back to t's shape, which then rounds once.
+    return _inner_contiguous(t.to(torch.float32).expand(shape).reshape(-1, n)), 1
 
 
 def _programs(M: int, segment: int, device: torch.device) -> tuple[int, int]:
