@@ -212,19 +212,21 @@ def test_stats_and_out_dtype(backend: str) -> None:
     torch.testing.assert_close(y32, exact.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0)], ids=["no rows", "no channels"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch(backend: str) -> None:
-    """No rows: an empty output (the triton backend declines it with its reason)."""
-    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
-    gate = torch.randn(0, 8, device=DEVICE)
-    w = torch.randn(8, device=DEVICE, requires_grad=True)
+def test_empty(backend: str, shape: tuple[int, int]) -> None:
+    """No rows, or rows of no channels: an empty output and gradients of the right shapes (the
+    triton backend declines an empty input with its reason)."""
+    x, gate = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(2))
+    w = torch.randn(shape[-1], device=DEVICE, requires_grad=True)
     if backend == "triton":
         with pytest.raises(BackendError, match="empty input"):
-            functional.gated_rms_norm(x, gate, w, group_size=4, backend=backend)
+            functional.gated_rms_norm(x, gate, w, backend=backend)
         return
-    y = functional.gated_rms_norm(x, gate, w, group_size=4, backend=backend)
+    y = functional.gated_rms_norm(x, gate, w, backend=backend)
     y.sum().backward()
-    assert y.shape == (0, 8) and x.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros(8, device=DEVICE))
+    assert y.shape == x.grad.shape == gate.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 # ---- the Triton kernels: determinism, layouts, compile, refusals ----------------------------------
