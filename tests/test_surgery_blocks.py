@@ -9,6 +9,7 @@ argument beyond its input (a gate) was replaced by an RMSNorm that cannot take i
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -129,6 +130,26 @@ def test_a_norm_with_an_extra_argument_is_never_replaced_by_one_without_it() -> 
         normkit.convert(model, strict=True)
     x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     torch.testing.assert_close(model[0](x, r), ResidualRMSNorm.forward(model[0], x, r))
+
+
+# HF norms whose forward takes one more argument (their standalone math is torch's GroupNorm's):
+# each became a normkit.GroupNorm that crashed at the model's call with that argument.
+_HF_EXTRA_ARGUMENT = [("pe_audio", "PeAudioMaskedGroupNorm", "padding_mask"),
+                      ("emu3", "Emu3VQVAEGroupNorm", "quant_states")]
+
+
+@pytest.mark.parametrize(("package", "name", "argument"), _HF_EXTRA_ARGUMENT, ids=str)
+def test_hf_norms_with_an_extra_argument_are_left(package: str, name: str, argument: str) -> None:
+    pytest.importorskip("transformers")
+    try:
+        cls = getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"this transformers has no {name}")
+    model = nn.Sequential(cls(num_groups=2, num_channels=4))
+    report = normkit.ConvertReport()
+    normkit.convert(model, report=report)
+    assert type(model[0]) is cls and not report.converted
+    assert argument in report.left[0].reason
 
 
 # ---- HF Mamba2: the gated RMSNorm -----------------------------------------------------------------
