@@ -85,12 +85,12 @@ def _inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor | None]:
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=f64)
+        return torch.randn(shape, generator=g, dtype=f64)
 
     def param(dims: int | None) -> torch.Tensor | None:
         return None if dims is None else rand(*case.shape[len(case.shape) - dims:])
 
-    return {"x": 2 * rand(*case.shape), "alpha": 0.5 + rand(1).abs(), "shift": 0.3 * rand(()),
+    return {"x": 2 * rand(*case.shape), "alpha": 0.5 + rand(1).abs(), "shift": 0.3 * rand(),
             "weight": param(case.weight_dims), "bias": param(case.bias_dims), "dy": rand(*case.shape)}
 
 
