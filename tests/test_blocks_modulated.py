@@ -49,7 +49,7 @@ class Case(NamedTuple):
     mod_dtype: torch.dtype | None = None  # shift/scale; None: the input's dtype
     scale: tuple[int, ...] | None = None  # scale's own shape when it differs from shift's
     row_pad: int = 0  # > 0: x is a row-strided view (rows this many elements apart + width)
-    chunked: bool = False  # shift/scale: chunks of one (N, 1, 6D) embedding, as DiT's adaLN-Zero
+    chunked: bool = False  # shift/scale: the two halves of one (N, 1, 2D) embedding (DiT chunks one in 6)
     block_n: int | None = None  # the triton tile: small forces the chunked two-pass path
 
     def __str__(self) -> str:
