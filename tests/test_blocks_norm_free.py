@@ -457,7 +457,8 @@ def test_replace_norms_on_a_torch_transformer(kind: str) -> None:
     norms = {name: m for name, m in model.named_modules() if type(m) is nn.LayerNorm}
     x = torch.randn(2, 5, 16)
     before = model(x)
-    result, report = replace_norms(model, kind, alpha_init=0.3)
+    report = ReplaceReport()
+    result = replace_norms(model, kind, alpha_init=0.3, report=report)
     assert result is model and isinstance(report, ReplaceReport)
     cls = DyT if kind == "dyt" else Derf
     assert sorted(r.name for r in report.replaced) == sorted(norms)
@@ -480,17 +481,19 @@ def test_replace_norms_options_and_errors() -> None:
     with pytest.raises(ValueError, match="shift"):
         replace_norms(nn.LayerNorm(4), "dyt", shift_init=0.1)
     # the model itself a norm: the new module is returned; a shared norm stays shared
-    new, report = replace_norms(nn.LayerNorm(4, bias=False), "derf", shift_init=0.2)
+    report = ReplaceReport()
+    new = replace_norms(nn.LayerNorm(4, bias=False), "derf", shift_init=0.2, report=report)
     assert type(new) is Derf and new.bias is None and new.shift.item() == pytest.approx(0.2)
     assert report.replaced[0].name == ""
     shared = nn.RMSNorm(4)
     model = nn.Sequential(shared, nn.Linear(4, 4), shared).to(bf16)
-    model, report = replace_norms(model, "dyt", alpha_init=lambda name, m: 0.8 if name == "0" else 0.2,
-                                  backend="torch")
+    report = ReplaceReport()
+    model = replace_norms(model, "dyt", alpha_init=lambda name, m: 0.8 if name == "0" else 0.2, backend="torch",
+                          report=report)
     assert model[0] is model[2] and len(report.replaced) == 1
     assert model[0].alpha.dtype == bf16 and model[0].alpha.item() == pytest.approx(0.8, rel=1e-2)
     assert model[0].backend == "torch" and model[0].bias is None
-    no_affine, _ = replace_norms(nn.Sequential(nn.LayerNorm(4, elementwise_affine=False)), "dyt")
+    no_affine = replace_norms(nn.Sequential(nn.LayerNorm(4, elementwise_affine=False)), "dyt")
     assert no_affine[0].weight is None and no_affine[0].bias is None
 
 
@@ -516,7 +519,8 @@ def test_replace_norms_on_tiny_hf_models(name: str) -> None:
         for m in rms.values():
             m.weight.normal_()
     weights = {n: m.weight.detach().clone() for n, m in rms.items()}
-    model, report = replace_norms(model, "derf")
+    report = ReplaceReport()
+    model = replace_norms(model, "derf", report=report)
     assert sorted(r.name for r in report.replaced) == sorted(rms) and not report.left
     for n, w in weights.items():
         new = model.get_submodule(n)
@@ -532,7 +536,9 @@ def test_replace_norms_on_tiny_hf_models(name: str) -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     if name == "qwen3":
-        kept, report = replace_norms(_tiny_hf(name), "dyt", include=lambda n, m: not n.endswith(("q_norm", "k_norm")))
+        report = ReplaceReport()
+        replace_norms(_tiny_hf(name), "dyt", include=lambda n, m: not n.endswith(("q_norm", "k_norm")),
+                      report=report)
         assert len(report.left) == 4 and all(x.reason == "rejected by include" for x in report.left)
 
 
@@ -543,11 +549,12 @@ def test_replace_norms_carries_an_offset_weight() -> None:
 
     model = _tiny_hf("gemma3")
     norms = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
-    model, report = replace_norms(model, "dyt")
+    report = ReplaceReport()
+    model = replace_norms(model, "dyt", report=report)
     assert len(report.replaced) == len(norms) and all("weight + 1" in r.carried for r in report.replaced)
     assert all(torch.equal(model.get_submodule(n).weight, 1 + m.weight) for n, m in norms.items())
     nk_norm = RMSNorm(4, weight_offset=1.0)
-    new, _ = replace_norms(nk_norm, "dyt")
+    new = replace_norms(nk_norm, "dyt")
     assert torch.equal(new.weight, nk_norm.weight + 1)
 
 
@@ -558,21 +565,23 @@ def test_replace_norms_in_low_precision_and_on_meta() -> None:
     norm = llama.LlamaRMSNorm(8).to(bf16)
     with torch.no_grad():
         norm.weight.normal_()
-    new, report = replace_norms(norm, "dyt")
+    report = ReplaceReport()
+    new = replace_norms(norm, "dyt", report=report)
     assert type(new) is DyT and new.weight.dtype == bf16 and torch.equal(new.weight, norm.weight)
     with torch.device("meta"):
         model = nn.Sequential(nn.LayerNorm(8), llama.LlamaRMSNorm(8))
-    model, report = replace_norms(model, "derf")
+    report = ReplaceReport()
+    model = replace_norms(model, "derf", report=report)
     assert [type(m) for m in model] == [Derf, Derf] and model[1].alpha.device.type == "meta"
     assert "not probed" in report.replaced[1].carried
 
 
 def test_replaced_model_state_dict_round_trip() -> None:
-    model, _ = replace_norms(_encoder(), "dyt")
+    model = replace_norms(_encoder(), "dyt")
     with torch.no_grad():
         model.layers[1].norm2.alpha.fill_(0.9)
     state = model.state_dict()
-    fresh, _ = replace_norms(_encoder(), "dyt")
+    fresh = replace_norms(_encoder(), "dyt")
     fresh.load_state_dict(state)
     x = torch.randn(2, 5, 16)
     assert torch.equal(fresh(x), model(x))

@@ -21,6 +21,8 @@ from .modules import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    Derf,
+    DyT,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
@@ -58,10 +60,15 @@ from .modules import (
 from .ops import builtin as _builtin  # noqa: F401  (registers the built-in backends)
 from .support import SupportMatrix, support_matrix
 from .surgery import ConvertReport, convert, register_adapter, to_torch
+from .surgery_norm_free import ReplaceReport, replace_norms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Derf",
+    "DyT",
+    "ReplaceReport",
+    "replace_norms",
     "GatedRMSNorm",
     "ModulatedLayerNorm",
     "ModulatedRMSNorm",

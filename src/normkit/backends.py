@@ -162,7 +162,8 @@ def define_op(*, input: str = "input", in_place: tuple[str, ...] = (),
 
     def declare(fn: _F) -> _F:
         params = tuple(p for p in inspect.signature(fn).parameters if p not in CALL_OPTIONS)
-        spec = OpSpec(fn.__name__, params, fn, input, in_place, residual_dtype, results, kept)  # a misspelt name fails here
+        # a misspelt argument name fails here
+        spec = OpSpec(fn.__name__, params, fn, input, in_place, residual_dtype, results, kept)
         OPS[spec.name] = spec
         return fn
 

@@ -408,8 +408,10 @@ def convert(model: nn.Module, backend: str | None = None, *, strict: bool = Fals
                       UserWarning, stacklevel=2)
     replacements = {id(p.module): p.new for p in plans if p.new is not None}
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            new = replacements.get(id(child))
+        # _modules, not named_children(): that skips a child already seen, so a norm held twice by
+        # one parent (a reused module) would keep its second slot
+        for child_name, child in list(parent._modules.items()):
+            new = None if child is None else replacements.get(id(child))
             if new is not None:
                 setattr(parent, child_name, new)
     for p in plans:

@@ -22,7 +22,7 @@ from .backends import get_backend
 from .modules.norm_free import Derf, DyT
 from .surgery import Left
 
-__all__ = ["ReplaceReport", "ReplaceResult", "Replaced", "replace_norms"]
+__all__ = ["ReplaceReport", "Replaced", "replace_norms"]
 
 # Norms whose forward is known: no probe. normkit's RMSNorm may scale by ``weight_offset + weight``.
 _KNOWN: dict[type[nn.Module], str] = {nn.LayerNorm: "layer", nk.LayerNorm: "layer",
@@ -55,11 +55,6 @@ class ReplaceReport:
         lines += [f"  {r.name or '(model)'}: {r.before} -> {r.after} ({r.carried})" for r in self.replaced]
         lines += [f"  left {x.name or '(model)'} ({x.kind}): {x.reason}" for x in self.left]
         return "\n".join(lines)
-
-
-class ReplaceResult(NamedTuple):
-    model: nn.Module  # the model, changed in place; a new module where the model itself was a norm
-    report: ReplaceReport
 
 
 class _Affine(NamedTuple):
@@ -196,10 +191,12 @@ def replace_norms(
     shift_init: float | None = None,
     include: Callable[[str, nn.Module], bool] | None = None,
     backend: str | None = None,
-) -> ReplaceResult:
+    report: ReplaceReport | None = None,
+) -> nn.Module:
     """Replace, in place, every LayerNorm and RMSNorm of ``model`` over its last dim(s) by
     :class:`~normkit.modules.norm_free.DyT` (``kind="dyt"``) or
-    :class:`~normkit.modules.norm_free.Derf` (``"derf"``); returns ``(model, report)``.
+    :class:`~normkit.modules.norm_free.Derf` (``"derf"``); returns the model
+    (``model = normkit.replace_norms(model, "dyt")``, as :func:`normkit.convert`).
 
     **This changes the model's function** (unlike :func:`normkit.convert`, which keeps every
     output and gradient): DyT/Derf compute no statistics, so the replaced model is a different
@@ -232,9 +229,8 @@ def replace_norms(
         include: a predicate on ``(name, norm)``; a norm it rejects is left (e.g. keep Qwen3's
             QK-norms: ``include=lambda name, m: not name.endswith(("q_norm", "k_norm"))``).
         backend: set on every new module (None: resolved at each call).
-
-    Returns a :class:`ReplaceResult` ``(model, report)``; ``str(report)`` lists what was replaced
-    and what was left and why.
+        report: a :class:`ReplaceReport` to fill: ``str(report)`` lists what was replaced and
+            what was left and why.
     """
     if kind not in ("dyt", "derf"):
         raise ValueError(f"replace_norms: kind must be 'dyt' or 'derf', got {kind!r}")
@@ -242,7 +238,7 @@ def replace_norms(
         raise ValueError("replace_norms: shift_init is Derf's; DyT has no shift")
     if backend is not None and backend != "auto":
         get_backend(backend)  # a misspelt name fails before anything changes
-    report = ReplaceReport()
+    report = ReplaceReport() if report is None else report
     new_of: dict[int, nn.Module] = {}
     seen: set[int] = set()
 
@@ -274,4 +270,4 @@ def replace_norms(
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in new_of:
                 setattr(parent, child_name, new_of[id(child)])
-    return ReplaceResult(new_of.get(id(model), model), report)
+    return new_of.get(id(model), model)

@@ -27,6 +27,7 @@ from .instancenorm import (
     LazyInstanceNorm3d,
 )
 from .norm_act import BatchNormAct2d, GroupNormAct
+from .norm_free import Derf, DyT
 from .stateless import (
     FusedAddLayerNorm,
     FusedAddRMSNorm,
@@ -39,6 +40,8 @@ from .stateless import (
 from .syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
+    "Derf",
+    "DyT",
     "GatedRMSNorm",
     "ModulatedLayerNorm",
     "ModulatedRMSNorm",
