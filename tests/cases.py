@@ -55,9 +55,11 @@ __all__ = [
     "FunctionalCase",
     "FusedAddCase",
     "NormCase",
+    "REFERENCE",
     "Tolerance",
     "assert_close_to_reference",
     "make_input",
+    "module_call",
     "randomize_",
     "run_or_skip",
     "seed_of",
@@ -100,6 +102,18 @@ def skip_if_declined(test: Callable[..., Any]) -> Callable[..., Any]:
         return run_or_skip(kwargs.get("backend"), lambda: test(*args, **kwargs))
 
     return run
+
+
+class _Reference:
+    """The reference of every op as one namespace (``REFERENCE.layer_norm``, ``REFERENCE.dyt``):
+    :mod:`normkit.reference`'s functions, and for the rows of the table of norms whose reference
+    lives in :mod:`normkit.blocks` the row's ``reference_op``."""
+
+    def __getattr__(self, op: str) -> Any:
+        return NORMS[op].reference_op if op in NORMS else getattr(normkit.reference, op)
+
+
+REFERENCE = _Reference()
 
 
 # ---- tolerances --------------------------------------------------------------------------------
@@ -521,6 +535,9 @@ MODULE_ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...]]] 
     "BatchNormAct2d": ((3,), {"act": "silu"}, (2, 3, 2, 3)),
     "LayerNorm": ((5,), {}, (2, 3, 5)),
     "RMSNorm": ((5,), {"weight_offset": 1.0}, (2, 3, 5)),
+    # the fused multi-tensor blocks (not rows of the table): (x, x.flip(0)) -> two results
+    "QKRMSNorm": ((5,), {"weight_offset": 1.0}, (2, 3, 4, 5)),
+    "SandwichRMSNorm": ((5,), {}, (2, 3, 5)),
     "LayerNorm2d": ((3,), {}, (2, 3, 2, 2)),
     "RMSNorm2d": ((3,), {}, (2, 3, 2, 2)),
     "LocalResponseNorm": ((3,), {"alpha": 1.0}, (2, 5, 3)),
@@ -543,16 +560,39 @@ MODULE_ROWS.update({
 MODULE_CLASSES = sorted(n for n in normkit.modules.__all__ if isinstance(getattr(normkit.modules, n), type))
 
 
+# The modules taking a second tensor of the input's shape and returning two results.
+_PAIRED = frozenset({"FusedAddLayerNorm", "FusedAddRMSNorm", "QKRMSNorm", "SandwichRMSNorm"})
+_ROW_OF_MODULE = {spec.module: spec for spec in NORMS.values()}
+
+
+def _derived(x: Tensor, rule: str, i: int) -> Tensor:
+    """Per-call tensor ``i`` of shape rule ``rule`` made from ``x``, differentiable and traceable
+    by fx (no shape is read): per sample, the first position of each sample (``x[:, :1]``);
+    else ``x`` itself, reversed along the last dim and scaled so that the tensors differ."""
+    t = x[:, :1] if rule == "per_sample" else x
+    return t.flip(-1) * (0.5 - 0.25 * i)
+
+
+def module_call(name: str) -> Callable[[nn.Module, Tensor], Tensor]:
+    """How a model calls module class ``name`` on one input ``x``, as one tensor: the fused-add,
+    QK and sandwich norms get ``x.flip(0)`` as their second tensor and return the product of
+    their two results; a norm of the table with per-call tensors (shift/scale, gate) gets them
+    made from ``x`` by their rows' shape rules."""
+    if name in _PAIRED:
+        return lambda norm, x: (lambda out: out[0] * out[1])(norm(x, x.flip(0)))
+    extras = _ROW_OF_MODULE[name].inputs if name in _ROW_OF_MODULE else ()
+    if not extras:
+        return lambda norm, x: norm(x)
+    return lambda norm, x: norm(x, *(_derived(x, e.shape, i) for i, e in enumerate(extras)))
+
+
 class Host(nn.Module):
-    """A model holding a norm as a submodule, as users hold and trace it (the fused-add norms
-    get a residual and return ``y * residual_out``)."""
+    """A model holding a norm as a submodule, as users hold and trace it (called by
+    :func:`module_call`: the fused-add norms get a residual and return ``y * residual_out``)."""
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
         self.norm = norm
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.norm, (normkit.FusedAddLayerNorm, normkit.FusedAddRMSNorm)):
-            y, residual = self.norm(x, x.flip(0))
-            return y * residual
-        return self.norm(x) * 2.0
+        return module_call(type(self.norm).__name__)(self.norm, x) * 2.0

@@ -44,12 +44,6 @@ def _valid_args(op: str) -> tuple[Any, ...]:
     def r(*shape: int) -> Tensor:
         return torch.randn(shape, generator=gen)
 
-    if op in NORMS:
-        example = NORMS[op].example()
-        args = example.call(_Arguments(), r(*example.shape), *(r(*example.param_shape) for _ in NORMS[op].affine))
-        spec = OP_SPECS[op]
-        stats = {i: r(*example.param_shape).abs() + 0.5 for i in spec.in_place_at}
-        return tuple(stats.get(i, a) for i, a in enumerate(args))
     mask = torch.ones(2, 5, dtype=torch.bool).index_fill_(1, torch.tensor([4]), False)
     calls: dict[str, Callable[[], tuple[Any, ...]]] = {
         "masked_batch_norm": lambda: (r(2, 3, 5), mask, r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
@@ -60,8 +54,22 @@ def _valid_args(op: str) -> tuple[Any, ...]:
         "normalize": lambda: (r(2, 3, 5), (1,), r(3), r(3), 1e-5),
         "batch_norm_act": lambda: (r(4, 3, 5), r(3), r(3).abs() + 0.5, r(3), r(3), True, 0.1, 1e-5),
         "group_norm_act": lambda: (r(2, 6, 5), 3, r(6), r(6), 1e-5),
+        # the blocks that are no row of the table (qk, sandwich) or whose row's example passes
+        # keywords (gated_rms_norm's group_size): positional arguments, the same for the public
+        # function and the backends
+        "gated_rms_norm": lambda: (r(2, 3, 8), r(2, 3, 8), r(8), 1e-6),
+        "qk_rms_norm": lambda: (r(2, 3, 4, 8), r(2, 3, 2, 8), r(8), r(8), None),
+        "sandwich_rms_norm": lambda: (r(2, 3, 8), r(2, 3, 8), r(8), r(8), None),
     }
-    return calls[op]()
+    if op in calls:
+        return calls[op]()
+    if op in NORMS:
+        example = NORMS[op].example()
+        args = example.call(_Arguments(), *example.tensors(r))
+        spec = OP_SPECS[op]
+        stats = {i: r(*example.param_shape).abs() + 0.5 for i in spec.in_place_at}
+        return tuple(stats.get(i, a) for i, a in enumerate(args))
+    raise KeyError(f"no valid call of op {op!r}: add one")
 
 
 OPS = list(OP_SPECS)

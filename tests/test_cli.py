@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import normkit
+from cases import REFERENCE
 from normkit.norms import NORMS, Sizes
 from normkit.tools import cli
 from normkit.tools.check import CASES, CheckResult, run_check
@@ -246,10 +247,14 @@ NORMALIZED = {
 
 def expected_counts(name: str, shape: tuple[int, ...], groups: int, normalized_ndim: int) -> tuple[int, int]:
     """(statistics, elements per statistic) from the row's reduce rule: the product of the kept
-    axes' sizes (N, C, or GroupNorm's G), or of the leading axes for a trailing norm."""
-    rule = NORMS[name].reduce
+    axes' sizes (N, C, or GroupNorm's G), or of the leading axes for a trailing norm (times the
+    groups of the last dim where it has them); none for a norm without statistics."""
+    spec = NORMS[name]
+    rule = spec.reduce
+    if spec.statistic == "none":
+        return 0, 0
     if rule.trailing:
-        count = math.prod(shape[:len(shape) - (rule.trailing_ndim or normalized_ndim)])
+        count = math.prod(shape[:len(shape) - (rule.trailing_ndim or normalized_ndim)]) * (groups if rule.groups else 1)
     else:
         count = math.prod({"N": shape[0], "C": shape[1], "G": groups}[axis] for axis in rule.kept)
     return count, math.prod(shape) // count
@@ -267,20 +272,26 @@ def assert_normalizes_the_named_sets(e: Explanation, y: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", list(NORMS))
 def test_explain_counts_and_sets_match_torch(name: str) -> None:
-    """Every row of the table, explained on (N, C, H, W) = (2, 6, 4, 5) with G = 2, against the
-    row's oracle (torch's twin, else normkit's reference) run in float64 through its own example."""
-    shape, groups, k = (2, 6, 4, 5), 2, 3  # explain's default: the trailing norms over all but N
+    """Every row of the table, explained on (N, C, H, W) = (2, 6, 4, 6) with G = 2 (of C, or of
+    the last dim for a norm grouping it), against the row's oracle (torch's twin, else normkit's
+    reference) run in float64 through its own example, its per-call tensors at their neutral values."""
+    shape, groups, k = (2, 6, 4, 6), 2, 3  # explain's default: the trailing norms over all but N
     spec = NORMS[name]
     e = explain(name, shape, groups=groups)
     assert (e.num_statistics, e.elements_per_statistic) == expected_counts(name, shape, groups, k)
     ex = spec.example(Sizes(shape, normalized_ndim=k, num_groups=groups))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 2
-    y = ex.call(F if spec.twin is not None else normkit.reference, x, *(None for _ in spec.affine))
-    assert_normalizes_the_named_sets(e, y)
-    # one element moved into the next set: the sets no longer match what the oracle normalizes
-    moved = dataclasses.replace(e, statistic_of=e.statistic_of.flatten().roll(1).reshape(shape))
-    with pytest.raises(AssertionError):
-        assert_normalizes_the_named_sets(moved, y)
+    extras = [torch.full(s, extra.neutral, dtype=torch.float64) for s, extra in zip(ex.input_shapes, spec.inputs)]
+    assert set(e.inputs) == {extra.name for extra in spec.inputs}
+    if spec.statistic == "none":  # nothing reduced: no sets, and explain says so
+        assert e.reduced_axes == () and (e.statistic_of == -1).all() and "no statistics" in e.output_property
+    else:
+        y = ex.call(F if spec.twin is not None else REFERENCE, x, *extras, *(None for _ in spec.params))
+        assert_normalizes_the_named_sets(e, y)
+        # one element moved into the next set: the sets no longer match what the oracle normalizes
+        moved = dataclasses.replace(e, statistic_of=e.statistic_of.flatten().roll(1).reshape(shape))
+        with pytest.raises(AssertionError):
+            assert_normalizes_the_named_sets(moved, y)
     assert e.max_diff_vs_torch < 1e-5
     # parameters and buffers: the oracle's module in its default configuration (positional arguments only)
     module = getattr(nn if spec.twin is not None else normkit, ex.module)(*ex.module_args)

@@ -31,6 +31,7 @@ from cases import (
     LOW_PRECISION,
     MUST_RUN,
     NORM_CASES,
+    REFERENCE,
     STEPS,
     TOLERANCES,
     FunctionalCase,
@@ -45,6 +46,7 @@ from cases import (
 )
 from normkit.backends import BackendError
 from normkit.norms import NORMS
+from normkit.tools.check import CASES as CHECK_CASES
 
 pytestmark = [
     # torch's rms_norm warns that a bf16 input with a float32 weight takes its unfused path
@@ -342,17 +344,22 @@ def _table_call(name: str, f: Any, dtype: torch.dtype, param_dtype: torch.dtype,
     spec = NORMS[name]
     example, seed = spec.example(), seed_of("table", name)
     x = make_input(example.shape, dtype, seed)
+    # the per-call tensors (shift/scale, gate) in the input's dtype, the parameters in param_dtype
+    extras = [make_input(shape, dtype, seed + 2 + i) for i, shape in enumerate(example.input_shapes)]
     if float64:
         x, param_dtype = x.detach().double().requires_grad_(), torch.float64
+        extras = [t.detach().double().requires_grad_() for t in extras]
     gen = torch.Generator().manual_seed(seed + 1)
-    params = [torch.randn(example.param_shape, generator=gen, dtype=torch.float64).to(param_dtype).requires_grad_()
-              for _ in spec.affine]
+    params = [torch.randn(shape, generator=gen, dtype=torch.float64).to(param_dtype).requires_grad_()
+              for shape in example.param_shapes]
     try:
-        y = example.call(f, x, *params)
+        y = example.call(f, x, *extras, *params)
     except Exception as e:  # compared with the oracle's exception by _compare
         return e
     y.backward(_upstream(y, seed_of("table", name, "dy"), dtype))
-    return {"out": y.detach(), "grad_input": x.grad, **{f"grad_{n}": p.grad for n, p in zip(spec.affine, params)}}
+    names = [e.name for e in spec.inputs] + list(spec.params)
+    return {"out": y.detach(), "grad_input": x.grad,
+            **{f"grad_{n}": t.grad for n, t in zip(names, [*extras, *params], strict=True)}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -361,7 +368,7 @@ def _table_call(name: str, f: Any, dtype: torch.dtype, param_dtype: torch.dtype,
 def test_every_norm_of_the_table_matches_its_oracle(name: str, dtype: torch.dtype, backend: str) -> None:
     """Each row's example on each backend against its oracle: torch's twin, or where torch has
     none normkit.reference (in float64 for the truth, in ``dtype`` for the oracle's own error)."""
-    oracle = F if NORMS[name].twin is not None else normkit.reference
+    oracle = F if NORMS[name].twin is not None else REFERENCE
     param_dtype = torch.float32 if dtype in LOW_PRECISION else dtype  # bf16/fp16 input, fp32 parameters
     results = {
         "torch": _table_call(name, oracle, dtype, param_dtype, False),
@@ -487,6 +494,8 @@ def test_functional_signature_is_torchs_plus_backend(name: str) -> None:
         return
     if name in NORMS and NORMS[name].twin is None:  # no torch signature to match
         return
+    if name in normkit.functional_blocks.__all__:  # the fused blocks torch lacks (qk, sandwich): no signature either
+        return
     if name.endswith("_act"):  # the norm's signature, then the activation
         default = {"batch_norm_act": "relu", "group_norm_act": "silu"}[name]
         norm = _plain(inspect.signature(getattr(F, name.removesuffix("_act"))))
@@ -529,7 +538,10 @@ def test_every_norm_and_module_has_cases() -> None:
     assert set(_MODULE_NAMES) <= covered, f"modules without cases: {sorted(set(_MODULE_NAMES) - covered)}"
     # (every row of the table of norms is a case of test_every_norm_of_the_table_matches_its_oracle)
     ops = {c.op for c in NORM_CASES} | {c.op for c in FUNCTIONAL_CASES} | set(NORMS)
-    assert set(NF.__all__) - {"normalize"} <= ops | {c.op for c in FUSED_ADD_CASES}  # normalize: test_layers.py
+    # (the fused multi-tensor blocks, qk_rms_norm and sandwich_rms_norm, are cases of normkit check)
+    ops |= {c.op for c in CHECK_CASES}
+    missing = set(NF.__all__) - {"normalize"} - ops - {c.op for c in FUSED_ADD_CASES}  # normalize: test_layers.py
+    assert not missing, f"functional ops without cases: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,6 +31,7 @@ from cases import (
     TOLERANCES,
     Host,
     make_input,
+    module_call,
     randomize_,
     seed_of,
 )
@@ -299,6 +300,15 @@ def test_pickled_unmaterialized_lazy_modules_materialize_like_the_original() -> 
 
 
 
+# Module classes fx cannot trace today: class -> the defect. Each is removed by its fix.
+FX_DEFECTS = {
+    "QKRMSNorm": "normkit/modules/blocks.py: QKRMSNorm's forward is traced into (not a module_leaf as the "
+                 "stateless modules' are) and _scale reads a Proxy's dtype (weight_offset != 0)",
+}
+FX_ROWS = [pytest.param(name, marks=pytest.mark.xfail(reason=FX_DEFECTS[name], strict=True))
+           if name in FX_DEFECTS else name for name in MODULE_ROWS]
+
+
 def test_module_rows_cover_every_module_class() -> None:
     assert set(MODULE_ROWS) == set(MODULE_CLASSES)
 
@@ -313,9 +323,8 @@ def _built(name: str) -> nn.Module:
 
 def _root_call(module: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
     """The norm ``name`` (or its graph traced as the root), called like :class:`cases.Host` calls it."""
-    if name.startswith("FusedAdd"):
-        return lambda x: (lambda out: out[0] * out[1])(module(x, x.flip(0)))
-    return lambda x: module(x) * 2.0
+    call = module_call(name)
+    return lambda x: call(module, x) * 2.0
 
 
 def _compare_steps(name: str, eager: Callable[[Tensor], Tensor], traced: Callable[[Tensor], Tensor],
@@ -332,13 +341,17 @@ def _compare_steps(name: str, eager: Callable[[Tensor], Tensor], traced: Callabl
         expected.backward(dy)
         actual.backward(dy)
         _assert_close(x_traced.grad, x.grad, f"{name} step {i}: input gradient")
-        for (p_name, p), q in zip(eager_module.named_parameters(), traced_module.parameters(), strict=True):
+        # by name: a traced graph holds the parameters in the order its forward reads them
+        traced_params = dict(traced_module.named_parameters())
+        assert set(traced_params) == {p_name for p_name, _ in eager_module.named_parameters()}
+        for p_name, p in eager_module.named_parameters():
+            q = traced_params[p_name]
             _assert_close(q.grad, p.grad, f"{name} step {i}: gradient of {p_name}")
             p.grad = q.grad = None
         _assert_same_state(traced_module, eager_module, f"{name} step {i}")
 
 
-@pytest.mark.parametrize("name", MODULE_ROWS)
+@pytest.mark.parametrize("name", FX_ROWS)
 def test_fx_traces_every_module_class_inside_a_model(name: str) -> None:
     """The graph calls the module's forward as one leaf: its live ``training`` flag, statistics
     and backend are read when the graph runs (train, train, eval, as eager)."""
@@ -348,7 +361,7 @@ def test_fx_traces_every_module_class_inside_a_model(name: str) -> None:
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", MODULE_ROWS)
+@pytest.mark.parametrize("name", FX_ROWS)
 def test_fx_traces_every_module_class_as_the_root(name: str, training: bool) -> None:
     """Traced as the root, the module's Python attributes (``training`` among them) are
     constants of the graph, as for torch's own modules; parameters and buffers stay live."""
@@ -377,7 +390,7 @@ def reference_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return log
 
 
-@pytest.mark.parametrize("name", MODULE_ROWS)
+@pytest.mark.parametrize("name", FX_ROWS)
 def test_fx_graph_of_every_module_class_resolves_the_backend_when_it_runs(
     name: str, reference_calls: list[str]
 ) -> None:

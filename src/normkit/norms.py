@@ -8,23 +8,32 @@ normalize and apply the affine parameters. A :class:`NormSpec` row says each ste
   InstanceNorm, ``("N", "G")`` with the channels split into ``(G, C/G)`` for GroupNorm), every
   other axis is reduced; a trailing-axis norm (LayerNorm, RMSNorm) reduces the trailing
   ``normalized_shape`` axes and keeps the leading ones.
+  ``groups`` with ``trailing`` splits the last dim into groups of ``group_size`` channels, each
+  with its own statistic (gated RMSNorm).
 * ``statistic`` (and ``centered``): ``"variance"`` (mean subtracted, ``rsqrt(Var[x] + eps)``),
-  ``"mean_square"`` (not centred, ``rsqrt(E[x^2] + eps)``) or ``"l2_norm"`` (not centred,
-  ``1 / max(||x||_2, eps)``).
+  ``"mean_square"`` (not centred, ``rsqrt(E[x^2] + eps)``), ``"l2_norm"`` (not centred,
+  ``1 / max(||x||_2, eps)``) or ``"none"`` (no statistic and no reduced axis: an elementwise
+  squash standing in for a norm, DyT and Derf).
 * ``param`` and ``affine``: the shape of each affine parameter (``"feature"``: the normalized
-  shape, ``"channel"``: ``(C,)``, ``"scalar"``: one number) and their names.
+  shape, ``"channel"``: ``(C,)``, ``"scalar"``: one number) and their names; ``scalars``: learnable
+  one-number parameters before them (DyT's ``alpha``).
+* ``inputs`` (:class:`Extra`): the tensors a call takes besides the input, which are not the
+  module's parameters (adaLN's ``shift`` and ``scale``, from the conditioning; Mamba2's ``gate``):
+  their names, shape rule and what they do.
 * ``running_stats``, ``eps`` (the default; ``None``: machine epsilon of the statistics' dtype,
   see :func:`normkit.numerics.rms_eps`) and ``twin``, the torch.nn module and function computing
   the same thing (``None`` where torch has none: then the oracle of tests and ``normkit check``
   is :mod:`normkit.reference` run in float64).
 * ``call`` and ``constructor`` build a small example (:meth:`NormSpec.example`), and
   ``torch_op`` is what the ``"torch"`` backend runs (the twin's function, or a composition of
-  torch ops).
+  torch ops) and ``reference_op`` what the ``"reference"`` backend runs.
 
 :func:`layout` turns a row into concrete reduction dims for a tensor. The reference
 implementation, the backend tables (:mod:`normkit.ops.builtin`), the modules' docs, the CLI and
 the tests read this table: adding a norm is one row here plus its formula in
-:mod:`normkit.reference`.
+:mod:`normkit.reference`, or for the norms of today's blocks in :mod:`normkit.blocks` (their
+reference and composition, looked up by the row's name when first used: :mod:`normkit.blocks`
+imports the reference, which imports this table).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from torch import Tensor
 
 from .numerics import acc_dtype
 
-__all__ = ["NORMS", "Example", "Layout", "NormSpec", "Reduce", "Sizes", "Twin", "layout"]
+__all__ = ["NORMS", "Example", "Extra", "Layout", "NormSpec", "Reduce", "Sizes", "Twin", "layout"]
 
 
 class Reduce(NamedTuple):
@@ -48,7 +57,9 @@ class Reduce(NamedTuple):
     or ``"G"`` when ``groups``: the channels viewed as ``(G, C/G)``, ``G`` kept, ``C/G``
     reduced); every other axis is reduced. ``trailing``: the norm reduces the trailing
     ``normalized_shape`` axes instead and keeps every leading one (``kept`` is then empty);
-    ``trailing_ndim`` fixes how many (ScaleNorm: the last one) where the call does not say."""
+    ``trailing_ndim`` fixes how many (ScaleNorm: the last one) where the call does not say.
+    ``trailing`` with ``groups``: the last dim viewed as ``(G, D/G)``, ``G`` kept (gated
+    RMSNorm's ``group_size`` is ``D/G``)."""
 
     kept: tuple[str, ...] = ()
     groups: bool = False
@@ -70,11 +81,36 @@ class Twin(NamedTuple):
 
 class Sizes(NamedTuple):
     """The sizes an example is built for: the input ``shape`` (channel-first for the channel
-    norms), the number of trailing axes a trailing norm normalizes and GroupNorm's G."""
+    norms), the number of trailing axes a trailing norm normalizes and GroupNorm's G (gated
+    RMSNorm's: the groups of the last dim)."""
 
     shape: tuple[int, ...]
     normalized_ndim: int = 1
     num_groups: int = 1
+
+
+class Extra(NamedTuple):
+    """A tensor a norm takes per call besides its input, not a parameter of its module (adaLN's
+    ``shift`` and ``scale``, Mamba2's ``gate``).
+
+    ``shape``: ``"per_sample"``, broadcast against the input as ``(N, 1, ..., 1, D)`` (the op
+    takes any shape that broadcasts to the input's: per token ``(N, L, D)`` too), or
+    ``"input"``, the input's own shape. ``role`` says what it does, in words; ``neutral`` is a
+    value that leaves the plain norm (``explain`` runs the norm with it)."""
+
+    name: str
+    shape: str
+    role: str
+    neutral: float
+
+    def shape_for(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """This tensor's shape in an example on an input of ``input_shape``."""
+        input_shape = tuple(input_shape)
+        if self.shape == "input" or len(input_shape) < 2:
+            return input_shape
+        if self.shape == "per_sample":
+            return (input_shape[0],) + (1,) * (len(input_shape) - 2) + input_shape[-1:]
+        raise ValueError(f"unknown shape rule {self.shape!r} of input {self.name!r}")
 
 
 class Example(NamedTuple):
@@ -85,7 +121,9 @@ class Example(NamedTuple):
     has a twin); ``call(f, x, *params)`` is the same computation in training mode as a function
     call, for ``f`` any of ``torch.nn.functional`` (with a twin), ``normkit.functional`` and
     ``normkit.reference``, with ``params`` shaped ``param_shape`` (one per name of
-    :attr:`NormSpec.affine`)."""
+    :attr:`NormSpec.affine`). A norm with per-call tensors (:attr:`NormSpec.inputs`) or scalar
+    parameters takes ``call(f, x, *inputs, *scalars, *affine)``, shaped ``input_shapes`` and
+    ``param_shapes``: :meth:`tensors` makes them all."""
 
     sizes: Sizes
     module: str
@@ -93,10 +131,17 @@ class Example(NamedTuple):
     module_kwargs: dict[str, Any]
     param_shape: tuple[int, ...]
     call: Callable[..., Tensor]
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # of the per-call tensors (NormSpec.inputs)
+    param_shapes: tuple[tuple[int, ...], ...] = ()  # of every parameter (NormSpec.params)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.sizes.shape
+
+    def tensors(self, make: Callable[..., Any]) -> tuple[Any, ...]:
+        """``make(*shape)`` for the input, each per-call tensor and each parameter: the tensors
+        of :attr:`call` after ``f``, in order."""
+        return (make(*self.shape), *(make(*s) for s in self.input_shapes), *(make(*s) for s in self.param_shapes))
 
 
 @dataclass(frozen=True)
@@ -106,7 +151,7 @@ class NormSpec:
     name: str  # the functional op (normkit.functional.<name>, normkit.reference.<name>)
     module: str  # the normkit class family (BatchNorm -> BatchNorm1d/2d/3d)
     reduce: Reduce
-    statistic: str  # "variance" | "mean_square" | "l2_norm"
+    statistic: str  # "variance" | "mean_square" | "l2_norm" | "none"
     param: str  # shape of each affine parameter: "feature" | "channel" | "scalar"
     affine: tuple[str, ...]  # the affine parameters, in the functional's argument order
     running_stats: bool  # keeps running_mean / running_var for eval
@@ -118,8 +163,16 @@ class NormSpec:
     # the module's constructor arguments for an input of these sizes
     constructor: Callable[[Sizes], tuple[tuple[Any, ...], dict[str, Any]]] = field(repr=False)
     sizes: Sizes = Sizes((2, 4, 3, 5))  # the default example's
-    # what the "torch" backend runs where the norm has no twin: a composition of torch ops
+    # what the "torch" backend runs where the norm has no twin: a composition of torch ops (None
+    # for the norms of normkit.blocks: its COMPOSITION, looked up by name)
     composition: Callable[..., Tensor] | None = field(default=None, repr=False)
+    inputs: tuple[Extra, ...] = ()  # the per-call tensors after the input, in argument order
+    scalars: tuple[str, ...] = ()  # learnable one-number parameters, before the affine ones
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Every parameter of the functional, in argument order: the scalars, then the affine."""
+        return self.scalars + self.affine
 
     @property
     def centered(self) -> bool:
@@ -129,12 +182,20 @@ class NormSpec:
     @property
     def kept(self) -> str:
         """The kept axes, in words."""
-        return "leading axes" if self.reduce.trailing else ", ".join(self.reduce.kept)
+        if self.statistic == "none":
+            return "every axis"
+        if self.reduce.trailing:
+            return "leading axes and the groups of the last dim" if self.reduce.groups else "leading axes"
+        return ", ".join(self.reduce.kept)
 
     @property
     def reduced(self) -> str:
         """The reduced axes, in words."""
+        if self.statistic == "none":
+            return "none (no statistics: elementwise)"
         if self.reduce.trailing:
+            if self.reduce.groups:
+                return "each group of group_size channels of the last dim"
             return "the last dim" if self.reduce.trailing_ndim == 1 else "normalized_shape (trailing)"
         axes = [a for a in ("N",) if a not in self.reduce.kept]
         if self.reduce.groups:
@@ -148,8 +209,24 @@ class NormSpec:
         """What the ``"torch"`` backend runs: the twin's function, else the composition."""
         if self.twin is not None:
             return self.twin.torch_function
-        assert self.composition is not None, f"norm {self.name!r} has neither a torch twin nor a composition"
-        return self.composition
+        if self.composition is not None:
+            return self.composition
+        return self._blocks("COMPOSITION")
+
+    @property
+    def reference_op(self) -> Callable[..., Tensor]:
+        """What the ``"reference"`` backend runs: :mod:`normkit.reference`'s function of this
+        name, or for the norms of today's blocks :mod:`normkit.blocks`'s reference."""
+        from . import reference  # noqa: PLC0415  (normkit.reference imports this table)
+
+        return getattr(reference, self.name, None) or self._blocks("REFERENCE")
+
+    def _blocks(self, table: str) -> Callable[..., Tensor]:
+        from . import blocks  # noqa: PLC0415  (normkit.blocks imports the reference, which imports this table)
+
+        fn = getattr(blocks, table).get(self.name)
+        assert fn is not None, f"norm {self.name!r} has no torch twin and no normkit.blocks.{table} entry"
+        return fn
 
     def module_class(self, ndim: int) -> str:
         """The class name for an input of ``ndim`` dims (``BatchNorm2d`` for 4-D BatchNorm)."""
@@ -157,10 +234,12 @@ class NormSpec:
         return f"{self.module}{max(ndim - 2, 1)}d" if suffixed else self.module
 
     def param_shape(self, sizes: Sizes) -> tuple[int, ...]:
+        """The shape of each affine parameter in an example of ``sizes``."""
         if self.param == "scalar":
             return ()
         if self.param == "feature":
-            return tuple(sizes.shape[len(sizes.shape) - sizes.normalized_ndim:])
+            ndim = self.reduce.trailing_ndim or sizes.normalized_ndim
+            return tuple(sizes.shape[len(sizes.shape) - ndim:])
         return (sizes.shape[1],)
 
     def example(self, sizes: Sizes | None = None) -> Example:
@@ -171,7 +250,10 @@ class NormSpec:
         def call(f: Any, x: Tensor, *params: Tensor | None) -> Tensor:
             return self.call(f, x, sizes, *params)
 
-        return Example(sizes, self.module_class(len(sizes.shape)), args, kwargs, self.param_shape(sizes), call)
+        param = self.param_shape(sizes)
+        return Example(sizes, self.module_class(len(sizes.shape)), args, kwargs, param, call,
+                       tuple(e.shape_for(sizes.shape) for e in self.inputs),
+                       (*((1,) for _ in self.scalars), *(param for _ in self.affine)))
 
 
 def _trailing(s: Sizes) -> tuple[int, ...]:
@@ -187,6 +269,7 @@ def _scale_norm_composition(input: Tensor, g: Tensor | None = None, eps: float =
 
 
 _VARIANCE = "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias"
+
 
 NORMS: dict[str, NormSpec] = {
     spec.name: spec
@@ -252,7 +335,8 @@ def layout(name: str, shape: Sequence[int], *, normalized_ndim: int = 0, num_gro
     :class:`Reduce` and ``param``.
 
     ``normalized_ndim`` is ``len(normalized_shape)`` for the trailing-axis norms and
-    ``num_groups`` the G of GroupNorm.
+    ``num_groups`` the G of GroupNorm (of gated RMSNorm: ``D / group_size``). A norm without
+    statistics (``"none"``) reduces no dims.
     """
     spec = NORMS.get(name)
     if spec is None:
@@ -261,7 +345,12 @@ def layout(name: str, shape: Sequence[int], *, normalized_ndim: int = 0, num_gro
     nd = len(shape)
     if spec.reduce.trailing:
         normalized_ndim = spec.reduce.trailing_ndim or normalized_ndim
-        dims = tuple(range(nd - normalized_ndim, nd))
+        if spec.reduce.groups:  # the last dim as (G, D/G): each group its own statistic
+            if shape[-1] % num_groups:
+                raise ValueError(f"{name}: {num_groups} groups do not divide the last dim {shape[-1]}")
+            view = shape[:-1] + (num_groups, shape[-1] // num_groups)
+            return Layout(view, (nd,), view[-2:])
+        dims = () if spec.statistic == "none" else tuple(range(nd - normalized_ndim, nd))
         param_view = () if spec.param == "scalar" else shape[nd - normalized_ndim:]
         return Layout(shape, dims, param_view)
     rule = spec.reduce

@@ -220,9 +220,8 @@ class _Arguments:
 
 def _row_call(name: str, t: _Maker, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call of a row of the table of norms, from its example."""
-    spec = NORMS[name]
-    example = spec.example()
-    return example.call(_Arguments(), t(*example.shape), *(t(*example.param_shape) for _ in spec.affine)), kwargs
+    example = NORMS[name].example()
+    return example.call(_Arguments(), *example.tensors(t)), kwargs
 
 
 # The norms of the table without calls of their own above: their example, and at float64.

@@ -15,7 +15,14 @@ The API:
 
 - :class:`Problem`: one op on one shape, dtype and memory layout, with its bytes-moved model
   (:meth:`Problem.bytes_moved`); :func:`problems` builds them from ``{"rows": [(M, N)],
-  "images": [(N, C, H, W, groups)], "batches": [(N, C, *spatial)]}``.
+  "images": [(N, C, H, W, groups)], "batches": [(N, C, *spatial)], "blocks": [(B, L, D)]}``.
+- The norms of today's blocks (:data:`BLOCK_OPS`) on an activation ``(B, L, D)``: adaLN's
+  shift/scale per sample ``(B, 1, D)`` (no affine of its own, DiT's), the gate in 8 groups of
+  the last dim (Mamba2's ``n_groups``), QK-norm on heads of 128 (``q (B, L, D/128, 128)``,
+  ``k`` with a quarter of the heads: grouped-query attention), the sandwich step with both
+  weights, DyT/Derf with their affine. ``torch`` runs the code users write today (diffusers'
+  ``norm(x) * (1 + scale) + shift``, HF's ``MambaRMSNormGated`` and ``Qwen3RMSNorm``, the
+  papers' DyT/Derf): :data:`TORCH`.
 - Providers by name: ``torch`` (torch.nn.functional eager; ``add_*`` composed), ``torch.compile``
   (the same, compiled; one compiled function per op, within a time budget), ``normkit-<backend>``
   (``normkit.functional`` with ``backend=<backend>``, any registered backend, ``auto`` included),
@@ -37,6 +44,15 @@ for RMSNorm)::
     fwd:     2X (+2X with a residual) + P (+P with a bias) + S
     bwd:     3X (+2X with a residual) + 2P (+P with a bias) + S
     fwd+bwd: the sum
+
+and for the blocks (``M`` the bytes of one per-sample modulation tensor ``(B, 1, D)``; QK: ``X``
+is q's and k's together, ``P`` a head's weight)::
+
+    modulated:  fwd 2X + 2M + S          bwd 3X + 3M + S    (read scale; write dshift, dscale)
+    gated:      fwd 3X + P + S           bwd 5X + 2P + S    (x, gate, dy in; dx, dgate out)
+    qk:         fwd 2X + 2P + S          bwd 3X + 4P + S
+    sandwich:   fwd 4X + 2P + S          bwd 6X + 4P + S    (two statistics per row)
+    dyt, derf:  fwd 2X + 2P              bwd 3X + 3P        (no statistics)
 """
 
 from __future__ import annotations
@@ -55,10 +71,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as nkf
-from ..backends import backends
+from ..backends import backends, get_backend
 
 __all__ = [
     "BATCH_OPS",
+    "BLOCK_OPS",
+    "BLOCK_SHAPES",
     "DIRECTIONS",
     "OPS",
     "QUICK_SHAPES",
@@ -81,7 +99,12 @@ EPS = 1e-6
 ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 BATCH_OPS = ("batch_norm", "batch_norm_act")  # training mode, no running statistics; _act: relu
 OPS = (*ROW_OPS, "group_norm", *BATCH_OPS)
+# The norms of today's blocks: benchmarks/bench_blocks.py (not in ``normkit bench``'s default run)
+BLOCK_OPS = ("modulated_layer_norm", "modulated_rms_norm", "gated_rms_norm", "qk_rms_norm", "sandwich_rms_norm",
+             "dyt", "derf")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+GATE_GROUPS = 8  # Mamba2's n_groups
+HEAD_DIM = 128  # QK-norm's D: Qwen3's, Gemma3's, OLMo2's
 
 # (M, N) rows for the trailing-axis norms, (N, C, H, W, groups) for GroupNorm, (N, C, *spatial)
 # for the BatchNorms (each contiguous and channels_last). CPU: ~2 MiB of fp32 per tensor, widths
@@ -96,6 +119,12 @@ SHAPES: dict[str, dict[str, list[tuple[int, ...]]]] = {
 }
 QUICK_SHAPES: dict[str, list[tuple[int, ...]]] = {
     "rows": [(64, 256), (512, 1024)], "images": [(2, 32, 16, 16, 8)], "batches": [(4, 16, 8, 8), (2, 4, 4, 4, 4)]}
+# (B, L, D) activations of the blocks: CPU ~2 MiB of fp32; CUDA: DiT-XL/2 at 256 px (256 tokens of
+# 1152), Flux at 1024 px (4096 of 3072), LLM batches of 4096 wide (Qwen3-8B: 32 heads of 128).
+BLOCK_SHAPES: dict[str, list[tuple[int, ...]]] = {
+    "cpu": [(4, 256, 512), (2, 64, 4096)],
+    "cuda": [(32, 256, 1152), (1, 4096, 3072), (4, 2048, 4096), (16, 4096, 4096)],
+}
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,49 @@ class Problem:
     @property
     def channel_op(self) -> bool:  # per-channel parameters on axis 1
         return self.op == "group_norm" or self.op in BATCH_OPS
+
+    @property
+    def block(self) -> bool:  # one of BLOCK_OPS, on a (B, L, D) activation
+        return self.op in BLOCK_OPS
+
+    def _qk_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        b, seq, d = self.shape
+        heads = d // HEAD_DIM
+        return (b, seq, heads, HEAD_DIM), (b, seq, max(1, heads // 4), HEAD_DIM)
+
+    def _block_bytes(self, direction: str) -> int:
+        """The blocks' bytes-moved model (the module docstring's table)."""
+        e, (b, seq, d) = self.dtype.itemsize, self.shape
+        x, p, tokens = b * seq * d * e, d * e, b * seq
+        fwd = direction == "fwd"
+        if self.op.startswith("modulated_"):
+            m, stats = b * d * e, tokens * 4 * (2 if "layer" in self.op else 1)
+            return (2 * x + 2 * m if fwd else 3 * x + 3 * m) + stats
+        if self.op == "gated_rms_norm":
+            return (3 * x + p if fwd else 5 * x + 2 * p) + tokens * GATE_GROUPS * 4
+        if self.op == "qk_rms_norm":
+            q, k = self._qk_shapes()
+            rows = math.prod(q[:-1]) + math.prod(k[:-1])
+            x, p = rows * HEAD_DIM * e, HEAD_DIM * e
+            return (2 * x + 2 * p if fwd else 3 * x + 4 * p) + rows * 4
+        if self.op == "sandwich_rms_norm":
+            return (4 * x + 2 * p if fwd else 6 * x + 4 * p) + tokens * 4 * 2
+        return 2 * x + 2 * p if fwd else 3 * x + 3 * p  # dyt, derf: no statistics
+
+    def _block_tensors(self, randn: Callable[..., Tensor]) -> dict[str, Tensor]:
+        b, seq, d = self.shape
+        if self.op == "qk_rms_norm":
+            q, k = self._qk_shapes()
+            return {"x": randn(*q), "k": randn(*k), "weight": randn(HEAD_DIM), "k_weight": randn(HEAD_DIM)}
+        t = {"x": randn(b, seq, d)}
+        if self.op.startswith("modulated_"):  # DiT's: no affine of its own
+            return {**t, "shift": randn(b, 1, d), "scale": randn(b, 1, d)}
+        if self.op == "gated_rms_norm":
+            return {**t, "gate": randn(b, seq, d), "weight": randn(d)}
+        if self.op == "sandwich_rms_norm":
+            return {**t, "residual": randn(b, seq, d), "weight": randn(d), "next_weight": randn(d)}
+        t.update(alpha=randn(1), weight=randn(d), bias=randn(d))
+        return {**t, "shift": randn(1)} if self.op == "derf" else t
 
     @property
     def rows(self) -> int:  # statistics computed (per row; per channel for BatchNorm)
@@ -132,6 +204,8 @@ class Problem:
         """
         if direction == "fwd+bwd":
             return self.bytes_moved("fwd") + self.bytes_moved("bwd")
+        if self.block:
+            return self._block_bytes(direction)
         x = math.prod(self.shape) * self.dtype.itemsize
         streams = {"fwd": 2, "bwd": 3}[direction] + (2 if self.op.startswith("add_") else 0)
         has_bias = "layer" in self.op or self.channel_op
@@ -146,6 +220,8 @@ class Problem:
         def randn(*shape: int) -> Tensor:
             return torch.randn(*shape, generator=gen, device=device, dtype=self.dtype)
 
+        if self.block:
+            return {k: v.requires_grad_() for k, v in self._block_tensors(randn).items()}
         x = randn(*self.shape)
         if self.layout != "contiguous":
             x = x.contiguous(memory_format=getattr(torch, self.layout))
@@ -167,14 +243,18 @@ class Problem:
 def problems(ops: Sequence[str], shapes: dict[str, list[tuple[int, ...]]],
              dtypes: Sequence[torch.dtype]) -> list[Problem]:
     """Every (op, shape, dtype): ``rows`` for the row norms, ``images`` (with the group count
-    last) for group_norm, ``batches`` for the BatchNorms, each contiguous and channels_last."""
-    unknown = sorted(set(ops) - set(OPS))
+    last) for group_norm, ``batches`` for the BatchNorms, each contiguous and channels_last,
+    ``blocks`` for :data:`BLOCK_OPS`."""
+    unknown = sorted(set(ops) - set(OPS) - set(BLOCK_OPS))
     if unknown:
-        raise ValueError(f"unknown op {', '.join(unknown)}; choose from {', '.join(OPS)}")
+        raise ValueError(f"unknown op {', '.join(unknown)}; choose from {', '.join(OPS + BLOCK_OPS)}")
     out = []
     for op in ops:
         for dtype in dtypes:
-            if op == "group_norm":
+            if op in BLOCK_OPS:
+                out += [Problem(op, tuple(s), dtype, GATE_GROUPS if op == "gated_rms_norm" else 0)
+                        for s in shapes.get("blocks", [])]
+            elif op == "group_norm":
                 out += [Problem(op, tuple(s[:4]), dtype, s[4]) for s in shapes.get("images", [])]
             elif op in BATCH_OPS:
                 out += [Problem(op, tuple(s), dtype, layout=layout) for s in shapes.get("batches", [])
@@ -202,6 +282,13 @@ def _call(p: Problem, norms: Any, **kw: Any) -> Callable[[dict[str, Tensor]], An
         "group_norm": lambda t: fn(t["x"], p.groups, t["weight"], t["bias"], EPS, **kw),
         "batch_norm": lambda t: fn(t["x"], None, None, t["weight"], t["bias"], True, 0.1, EPS, **kw),
         "batch_norm_act": lambda t: fn(t["x"], None, None, t["weight"], t["bias"], True, 0.1, EPS, act="relu", **kw),
+        "modulated_layer_norm": lambda t: fn(t["x"], t["shift"], t["scale"], None, None, EPS, **kw),
+        "modulated_rms_norm": lambda t: fn(t["x"], t["shift"], t["scale"], None, EPS, **kw),
+        "gated_rms_norm": lambda t: fn(t["x"], t["gate"], t["weight"], EPS, group_size=n[0] // p.groups, **kw),
+        "qk_rms_norm": lambda t: tuple(fn(t["x"], t["k"], t["weight"], t["k_weight"], EPS, **kw)),
+        "sandwich_rms_norm": lambda t: tuple(fn(t["x"], t["residual"], t["weight"], t["next_weight"], EPS, **kw)),
+        "dyt": lambda t: fn(t["x"], t["alpha"], t["weight"], t["bias"], **kw),
+        "derf": lambda t: fn(t["x"], t["alpha"], t["shift"], t["weight"], t["bias"], **kw),
     }[p.op]
 
 
@@ -215,11 +302,51 @@ def _add_then(norm: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, Tensor
     return add_norm
 
 
-# torch eager: F itself, the add-norms and the norm + activation composed.
+# The blocks as their users write them today (what normkit's fused ops replace).
+
+
+def _modulate(norm: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """diffusers' / DiT's adaLN: ``norm(x) * (1 + scale) + shift`` in the input's dtype."""
+
+    def modulated(x: Tensor, shift: Tensor, scale: Tensor, *args: Any) -> Tensor:
+        return norm(x, x.shape[-1:], *args) * (1 + scale) + shift
+
+    return modulated
+
+
+def _hf_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """HF's ``Qwen3RMSNorm`` / ``LlamaRMSNorm``: float32 statistics, ``weight * x_hat.to(dtype)``."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
+
+
+def _hf_gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, *, group_size: int) -> Tensor:
+    """HF's ``MambaRMSNormGated`` with Mamba2's groups: gate, then grouped RMSNorm, in float32."""
+    h = x.to(torch.float32) * F.silu(gate.to(torch.float32))
+    g = h.view(*h.shape[:-1], -1, group_size)
+    h = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).view(h.shape)
+    return weight * h.to(x.dtype)
+
+
+def _hf_sandwich(hidden: Tensor, residual: Tensor, post_weight: Tensor, next_weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """A Gemma 2/3 decoder layer's post-norm, residual add and next pre-norm, unfused."""
+    residual_out = residual + _hf_rms_norm(hidden, post_weight, eps)
+    return _hf_rms_norm(residual_out, next_weight, eps), residual_out
+
+
+# torch eager: F itself, the add-norms and the norm + activation composed, the blocks as written today.
 TORCH = SimpleNamespace(
     layer_norm=F.layer_norm, rms_norm=F.rms_norm, group_norm=F.group_norm, batch_norm=F.batch_norm,
     add_layer_norm=_add_then(F.layer_norm), add_rms_norm=_add_then(F.rms_norm),
     batch_norm_act=lambda *args, act: F.relu(F.batch_norm(*args)),
+    modulated_layer_norm=_modulate(F.layer_norm), modulated_rms_norm=_modulate(F.rms_norm),
+    gated_rms_norm=_hf_gated_rms_norm,
+    qk_rms_norm=lambda q, k, q_weight, k_weight, eps: (_hf_rms_norm(q, q_weight, eps), _hf_rms_norm(k, k_weight, eps)),
+    sandwich_rms_norm=_hf_sandwich,
+    dyt=lambda x, alpha, weight, bias: weight * torch.tanh(alpha * x) + bias,
+    derf=lambda x, alpha, shift, weight, bias: weight * torch.erf(alpha * x + shift) + bias,
 )
 
 
@@ -248,7 +375,12 @@ class _Compiler:
 
 
 def _normkit(backend: str) -> Callable[[Problem, str], Callable[[dict[str, Tensor]], Any] | None]:
-    return lambda p, device: _call(p, nkf, backend=backend)
+    def factory(p: Problem, device: str) -> Callable[[dict[str, Tensor]], Any] | None:
+        if backend != "auto" and p.op not in get_backend(backend).ops:
+            return None  # the backend has no such op: left out, not an error row
+        return _call(p, nkf, backend=backend)
+
+    return factory
 
 
 def _liger(p: Problem, device: str) -> Callable[[dict[str, Tensor]], Any] | None:
@@ -471,7 +603,9 @@ def run(
         with torch.no_grad():
             reference = _as_tuple(_call(p, TORCH)(p.make(device)))  # type: ignore[misc]
         for count in thread_counts:
-            with threads(count):
+            # the whole timing, not only the first call: a recompiled graph (a new shape) compiles
+            # its backward at its first backward call, inside the timer
+            with threads(count), _rerunnable_backward("torch.compile" if "torch.compile" in factories else ""):
                 got = _run_problem(p, factories, device, directions, reference, repeats, budget_s, compiler)
             for row in got:
                 for d in directions:
@@ -552,8 +686,12 @@ def add_speedups(rows: list[dict[str, Any]],
 
 def width(row: dict[str, Any]) -> int:
     """Elements per statistic: N of an (M, N) row problem, C/G x H x W of a GroupNorm one,
-    N x spatial of a BatchNorm one."""
+    N x spatial of a BatchNorm one, a group of the last dim of a gated one, the head dim of QK."""
     dims = [int(d) for d in row["shape"].split()[0].split("x")]
+    if row["op"] in BLOCK_OPS:
+        if row["op"] == "qk_rms_norm":
+            return HEAD_DIM
+        return dims[-1] // row["groups"] if row["groups"] else dims[-1]
     if row["groups"]:
         return dims[1] // row["groups"] * math.prod(dims[2:])
     if row["op"] in BATCH_OPS:

@@ -8,7 +8,7 @@ parameters and buffers. Three training steps (random input, random upstream grad
 the output and the input/parameter gradients; then the running statistics; then an eval-mode
 forward. The oracle is torch's twin module run in float64 where torch has one, else normkit's
 own reference backend run in float64 (FrozenBatchNorm, GhostBatchNorm, BatchRenorm, the Act
-layers, LayerNorm2d/RMSNorm2d, masked statistics). Each error must stay within
+layers, LayerNorm2d/RMSNorm2d, masked statistics, the norms of today's blocks). Each error must stay within
 :func:`normkit.testing.bound`: ``2 * (the baseline's error in that dtype) + atol * max(1,
 |oracle|)``, the baseline being torch run in the dtype under test (the twin, or normkit's module on
 the torch backend): normkit may be as inexact as torch, twice over, never more.
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import modules as nkm
 from ..backends import BackendError, backends, get_backend
-from ..norms import NORMS, NormSpec
+from ..norms import NORMS, Extra, NormSpec
 from ..testing import TOLERANCES, bound
 
 __all__ = ["CASES", "DTYPES", "CheckCase", "CheckResult", "run_check", "select_cases"]
@@ -44,9 +44,12 @@ DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16,
 @dataclass(frozen=True)
 class CheckCase:
     """One module configuration. ``torch_module`` builds its torch twin, or is None: the oracle is
-    then ``normkit_module("reference")`` in float64. ``extra`` inputs: ``"residual"`` (the fused
-    add norms: ``forward(x, residual) -> (y, residual_out)``) or ``"mask"`` (``forward(x, mask)``,
-    mask ``(N, L)``, True = real token)."""
+    then ``normkit_module("reference")`` in float64. ``extra`` inputs: ``"residual"`` (a second
+    tensor of the input's shape: the fused add norms' ``forward(x, residual) -> (y,
+    residual_out)``, QK-norm's ``forward(q, k)``, the sandwich norm's ``forward(hidden,
+    residual)``) or ``"mask"`` (``forward(x, mask)``, mask ``(N, L)``, True = real token).
+    ``inputs``: the per-call tensors of a row of the table (adaLN's shift and scale, the gate),
+    random and differentiable, shaped by their rows' rules."""
 
     name: str
     op: str  # the functional op the backend must provide
@@ -54,6 +57,7 @@ class CheckCase:
     shapes: tuple[tuple[int, ...], ...]  # batch of 1, odd and prime sizes, one wide row
     torch_module: Callable[[], nn.Module] | None = None
     extra: str | None = None
+    inputs: tuple[Extra, ...] = ()
 
     @property
     def oracle(self) -> str:
@@ -61,9 +65,10 @@ class CheckCase:
 
 
 def _case(name: str, op: str, nk_cls: type, shapes: tuple[tuple[int, ...], ...], *args: Any,
-          torch_cls: type | None = None, extra: str | None = None, **kwargs: Any) -> CheckCase:
+          torch_cls: type | None = None, extra: str | None = None, inputs: tuple[Extra, ...] = (),
+          **kwargs: Any) -> CheckCase:
     twin = None if torch_cls is None else (lambda: torch_cls(*args, **kwargs))
-    return CheckCase(name, op, lambda b: nk_cls(*args, **kwargs, backend=b), shapes, twin, extra)
+    return CheckCase(name, op, lambda b: nk_cls(*args, **kwargs, backend=b), shapes, twin, extra, inputs)
 
 
 def _twin(name: str, op: str, cls_name: str, shapes: tuple[tuple[int, ...], ...], *args: Any,
@@ -90,7 +95,7 @@ def _table_case(spec: NormSpec) -> CheckCase:
     shown = [*map(repr, ex.module_args), *(f"{k}={v!r}" for k, v in ex.module_kwargs.items())]
     return _case(f"{ex.module}({', '.join(shown)})", spec.name, getattr(nkm, ex.module), (ex.sizes.shape,),
                  *ex.module_args, torch_cls=getattr(nn, ex.module) if spec.twin is not None else None,
-                 **ex.module_kwargs)
+                 inputs=spec.inputs, **ex.module_kwargs)
 
 
 _BN_SHAPES = ((4, 3, 5, 7), (1, 3, 2, 3))
@@ -143,6 +148,10 @@ CASES: tuple[CheckCase, ...] = (
     _case("BatchNorm1d(x, mask)", "batch_norm", nkm.BatchNorm1d, ((4, 5, 9),), 5, extra="mask"),
     _case("InstanceNorm1d(x, mask)", "instance_norm", nkm.InstanceNorm1d, ((4, 5, 9),), 5, affine=True,
           track_running_stats=True, extra="mask"),
+    # The fused multi-tensor blocks (the table's rows are above): (q, k) and (hidden, residual).
+    _case("QKRMSNorm(32, weight_offset=1.0)", "qk_rms_norm", nkm.QKRMSNorm, ((2, 3, 4, 32),), 32,
+          weight_offset=1.0, extra="residual"),
+    _case("SandwichRMSNorm(48)", "sandwich_rms_norm", nkm.SandwichRMSNorm, ((2, 5, 48),), 48, extra="residual"),
 )
 
 
@@ -249,6 +258,7 @@ def _inputs(case: CheckCase, shape: tuple[int, ...], gen: torch.Generator) -> tu
     xs = [torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5]
     if case.extra == "residual":
         xs.append(torch.randn(shape, generator=gen, dtype=torch.float64))
+    xs += [torch.randn(e.shape_for(shape), generator=gen, dtype=torch.float64) for e in case.inputs]
     if case.extra == "mask":
         lengths = torch.randint(1, shape[-1] + 1, (shape[0],), generator=gen)
         lengths[0] = shape[-1]  # one full row, one short one at least

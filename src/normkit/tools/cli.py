@@ -128,11 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and the elements each covers, the formula, parameters, train vs eval; all computed by running the norm. "
         "--seed replays the worked examples of the five tutorials, each step next to torch's numbers.")
     explain.add_argument("name", nargs="?", type=_norm_name,
-                         help="only this norm: batch_norm, BatchNorm, bn, layer_norm, ln, group_norm, gn, ...")
+                         help="only this norm: batch_norm, BatchNorm, bn, layer_norm, ln, group_norm, gn, "
+                              "modulated_layer_norm, gated_rms_norm, dyt, ...")
     explain.add_argument("--shape", type=_explain_shape, default=(4, 6, 3, 3), metavar="N,C,H,W",
                          help="input shape (N, C, *spatial), 1 to 3 spatial axes (default 4,6,3,3)")
     explain.add_argument("--groups", type=int, metavar="G",
-                         help="GroupNorm's number of groups (default: smallest divisor of C above 1)")
+                         help="GroupNorm's number of groups (default: smallest divisor of C above 1); for a norm "
+                              "grouping the last dim (gated_rms_norm) its groups there (default: smallest divisor "
+                              "of the last dim above 1)")
     explain.add_argument("--normalized-ndim", type=int, metavar="K",
                          help="the trailing-axis norms normalize the last K axes where their row does not fix "
                               "it (default: all but N, as in Wu & He)")

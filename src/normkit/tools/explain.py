@@ -6,7 +6,10 @@ and :func:`normkit.norms.layout`, the counts from running :class:`normkit.refere
 on the layout's view, what is computed over each set and what the output then has from the
 row's statistic (:data:`STATISTICS`, measured on the output), and the train/eval behaviour,
 parameters and buffers from running the normkit module (reference backend) next to its torch.nn
-twin, or next to the reference in float64 where torch has none.
+twin, or next to the reference in float64 where torch has none. A norm with per-call tensors
+(adaLN's shift and scale, the gate: :attr:`normkit.norms.NormSpec.inputs`) runs with their
+neutral values, so that its output is the plain norm's, and the explanation says what each does;
+a norm without statistics (DyT, Derf) says so, and has no reduced sets.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class Explanation:
     num_statistics: int
     elements_per_statistic: int
     statistics: tuple[str, ...]
-    formula: str
+    formula: str  # the row's, then what each per-call tensor does
     parameters: dict[str, tuple[int, ...]]
     buffers: dict[str, tuple[int, ...]]
     running_stats: bool
@@ -93,15 +96,18 @@ class Explanation:
     oracle: str = ""  # what normkit's output was compared with: torch's twin, or the float64 reference
     statistic: str = "variance"  # the row's kind of statistic, a key of STATISTICS
     output_property: str = ""  # what the output has over each set, in words (its statistic's target)
+    inputs: dict[str, str] = field(default_factory=dict)  # per-call tensor -> its shape here and what it does
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "statistic_of"}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _view_axes(shape: Sequence[int], view: Sequence[int], axes: tuple[str, ...]) -> tuple[str, ...]:
+def _view_axes(spec: NormSpec, shape: Sequence[int], view: Sequence[int], axes: tuple[str, ...]) -> tuple[str, ...]:
     if len(view) == len(shape):
         return axes
+    if spec.reduce.trailing:  # the last dim split into groups, (*, G, W/G)
+        return axes[:-1] + ("G", f"{axes[-1]}/G")
     # one axis more: the channels split into groups, (N, G, C/G, *spatial)
     return (axes[0], "G", f"{axes[1]}/G") + axes[2:]
 
@@ -127,6 +133,10 @@ def _l2_norm(y: Tensor, ids: Tensor, count: int) -> tuple[float, float]:
     return 0.0, (sums.sqrt() - 1).abs().max().item()
 
 
+def _squashed(y: Tensor, ids: Tensor, count: int) -> tuple[float, float]:
+    return 0.0, max(0.0, y.abs().max().item() - 1)
+
+
 class Statistic(NamedTuple):
     """What explain says of one kind of :attr:`normkit.norms.NormSpec.statistic`, and what the
     normalized output ``x_hat`` (before the affine) has over each reduced set."""
@@ -145,6 +155,8 @@ STATISTICS: dict[str, Statistic] = {
                              "mean square 1", _mean_square),
     "l2_norm": Statistic(("L2 norm",), "{n} L2 norms (not centred: no mean is subtracted; eps is a floor, not added)",
                          "L2 norm 1", _l2_norm),
+    "none": Statistic((), "no statistics (an elementwise squash: each element on its own, nothing reduced)",
+                      "every value inside (-1, 1) (a bounded squash, not a normalization)", _squashed),
 }
 
 
@@ -165,16 +177,22 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         raise ValueError(f"explain needs an input shape (N, C, *spatial) with 1 to 3 spatial axes, got {shape}")
     spec = NORMS[name]
     stat = STATISTICS[spec.statistic]
-    groups = default_groups(shape[1]) if groups is None else groups
+    grouped_last = spec.reduce.trailing and spec.reduce.groups  # groups of the last dim (gated RMSNorm)
+    if groups is None:
+        groups = default_groups(shape[-1] if grouped_last else shape[1])
+    elif grouped_last and shape[-1] % groups:
+        raise ValueError(f"{name} groups the last dim: {groups} groups do not divide it ({shape[-1]})")
     k = len(shape) - 1 if normalized_ndim is None else normalized_ndim
     axes = ("N", "C") + _SPATIAL_AXES[len(shape) - 2]
     view, dims, _ = layout(name, shape, normalized_ndim=k, num_groups=groups)
-    view_axes = _view_axes(shape, view, axes)
+    view_axes = _view_axes(spec, shape, view, axes)
     kept = tuple(i for i in range(len(view)) if i not in dims)
-    num_statistics = math.prod(view[i] for i in kept)
+    num_statistics = math.prod(view[i] for i in kept) if dims else 0
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen) * 2 + 1
+    # The per-call tensors at their neutral values: the output is then the plain norm's.
+    extras = [torch.full(e.shape_for(shape), e.neutral) for e in spec.inputs]
     # The row's module for this input, in torch's default configuration (the constructor's
     # positional arguments only: InstanceNorm without affine and running statistics).
     cls, kwargs = spec.module_class(len(shape)), {}
@@ -182,35 +200,43 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
     ours = getattr(nkm, cls)(*args, backend="reference")
     # torch's twin, or where there is none the reference itself in float64
     theirs = getattr(nn, cls)(*args) if spec.twin is not None else getattr(nkm, cls)(*args, backend="reference")
-    eps = ours.eps if ours.eps is not None else torch.finfo(x.dtype).eps
+    eps = getattr(ours, "eps", None)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
     with torch.no_grad():
-        # The statistics the reference computes on the layout's view: their count must be the
-        # table's (kept axes), or the table and the implementation disagree.
-        _, _, var = Normalize.apply(x.reshape(view), None, None, dims, eps, spec.centered, None, None)
-        if var.numel() != num_statistics:
-            raise AssertionError(f"{name}: the table gives {num_statistics} statistics, "
-                                 f"the reference computed {var.numel()}")
-        statistic_of = torch.arange(var.numel()).reshape(var.shape).expand(view).reshape(shape)
+        if dims:
+            # The statistics the reference computes on the layout's view: their count must be
+            # the table's (kept axes), or the table and the implementation disagree.
+            _, _, var = Normalize.apply(x.reshape(view), None, None, dims, eps, spec.centered, None, None)
+            if var.numel() != num_statistics:
+                raise AssertionError(f"{name}: the table gives {num_statistics} statistics, "
+                                     f"the reference computed {var.numel()}")
+            statistic_of = torch.arange(var.numel()).reshape(var.shape).expand(view).reshape(shape)
+        else:  # no statistics: no element shares one with another
+            statistic_of = torch.full(shape, -1)
 
         twin_dtype = torch.float32 if spec.twin is not None else torch.float64
         theirs = theirs.to(twin_dtype)
-        y_train, y_torch = ours(x), theirs(x.to(twin_dtype)).float()
+        theirs_extras = [t.to(twin_dtype) for t in extras]
+        y_train, y_torch = ours(x, *extras), theirs(x.to(twin_dtype), *theirs_extras).float()
         ours.eval()
         theirs.eval()
-        y_eval, y_torch_eval = ours(x), theirs(x.to(twin_dtype)).float()
+        y_eval, y_torch_eval = ours(x, *extras), theirs(x.to(twin_dtype), *theirs_extras).float()
 
     # a scalar parameter scales every output: x_hat = y / g
     scale = getattr(ours, spec.affine[0]).item() if spec.param == "scalar" else None
     y = y_train.double().flatten() / (1.0 if scale is None else scale)
     normalized_mean, normalized_var = stat.deviations(y, statistic_of.flatten(), num_statistics)
     subject = "the output" if scale is None else f"y / {spec.affine[0]} ({spec.affine[0]} = {scale:.4g})"
-    per = x.numel() // num_statistics
+    per = x.numel() // num_statistics if num_statistics else 0
     train_eval_diff = (y_train - y_eval).abs().max().item()
     if spec.running_stats and getattr(ours, "running_var", None) is not None:
         train_eval = (f"train: normalizes with this batch's statistics and updates running_mean/running_var "
                       f"(momentum {ours.momentum}; running_var takes the unbiased variance, x {per}/{per - 1}); "
                       f"eval: normalizes with running_mean/running_var instead: after one training step "
                       f"the same input comes out different by up to {train_eval_diff:.3g}")
+    elif not dims:
+        train_eval = ("train and eval compute the same thing: there are no statistics, of the batch or running "
+                      f"(max |y_train - y_eval| = {train_eval_diff:.3g})")
     else:
         train_eval = ("train and eval compute the same thing: every call normalizes with its own "
                       f"statistics (max |y_train - y_eval| = {train_eval_diff:.3g})")
@@ -228,7 +254,8 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         elements_per_statistic=per,
         statistics=stat.computed,
         statistic=spec.statistic,
-        formula=spec.formula,
+        formula=spec.formula + "".join(f"; {e.name}: {e.role}" for e in spec.inputs),
+        inputs={e.name: f"{e.shape_for(shape)}: {e.role}" for e in spec.inputs},
         parameters={n: tuple(p.shape) for n, p in ours.named_parameters()},
         buffers={n: tuple(b.shape) for n, b in ours.named_buffers()},
         running_stats=bool(spec.running_stats and getattr(ours, "running_var", None) is not None),
@@ -239,13 +266,17 @@ def explain(name: str, shape: Sequence[int], *, groups: int | None = None, norma
         normalized_var=normalized_var,
         statistic_of=statistic_of,
         oracle=f"torch.nn.{cls}" if spec.twin is not None else "the reference in float64 (torch has no twin)",
-        output_property=f"{subject} has {stat.target}",
+        output_property=f"{subject} has {stat.target}" if dims else f"{subject} has {stat.target}; {stat.counted}",
     )
 
 
 def render_grid(e: Explanation, max_cells: int = 8) -> str:
     """The N x C grid of the input: in each cell the statistic(s) its spatial slice uses, and
-    ``#`` marking the elements of statistic 0, the set its statistics are computed over."""
+    ``#`` marking the elements of statistic 0, the set its statistics are computed over (a norm
+    without statistics has no grid: one line says so)."""
+    if not e.num_statistics:
+        return (f"  (no statistics: each of the {math.prod(e.shape)} elements is transformed on its own; only the "
+                f"learnable {', '.join(e.parameters) or 'parameters'} are shared)")
     ids = e.statistic_of.reshape(e.shape[0], e.shape[1], -1)
     rows, cols = min(e.shape[0], max_cells), min(e.shape[1], max_cells)
     cells = []
