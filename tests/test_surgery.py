@@ -523,3 +523,29 @@ def test_a_norm_that_takes_the_absolute_weight_is_left() -> None:
     report = normkit.ConvertReport()
     normkit.convert(nn.Sequential(AbsWeightRMSNorm()), report=report)
     assert report.converted == [] and "output differs" in report.left[0].reason
+
+
+class _HFStyleRMSNorm(nn.Module):
+    """A model's own RMSNorm copy (HF LLaMA's forward): converted by structure."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d) * 0.3 + 1)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+def test_a_norm_held_twice_by_one_parent_is_replaced_in_both_slots() -> None:
+    shared = _HFStyleRMSNorm(8)
+    model = nn.Sequential(shared, nn.Linear(8, 8), shared, nn.LayerNorm(8), nn.Linear(8, 8))
+    model[4] = model[3]  # a torch.nn twin held twice too
+    x = make_input((3, 8), torch.float32, seed=seed_of("held twice"))
+    before = model(x)
+    converted = normkit.convert(model)
+    assert type(converted[0]) is normkit.RMSNorm and converted[2] is converted[0]
+    assert type(converted[3]) is normkit.LayerNorm and converted[4] is converted[3]
+    torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
