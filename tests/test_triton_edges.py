@@ -500,3 +500,23 @@ def test_eps_zero_on_the_reported_tiny_row() -> None:
             else norm(x, (4,), None, None, 0.0, backend="triton")
         want = torch.tensor([[0.6324555, -0.6324555, 1.2649111, -1.2649111]], device=DEVICE)
         torch.testing.assert_close(got, want)
+
+
+def test_first_call_naming_triton_may_come_inside_torch_compile() -> None:
+    """A fresh process whose first use of the triton backend is while torch.compile traces: the
+    backend's lazy registration runs inside dynamo, which must be able to trace it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, normkit\n"
+        "for cls, args in ((normkit.RMSNorm, (8,)), (normkit.ModulatedLayerNorm, (8,))):\n"
+        "    m = torch.compile(cls(*args, backend='triton'), fullgraph=True, backend='aot_eager')\n"
+        "    x = torch.randn(2, 3, 8)\n"
+        "    out = m(x) if cls is normkit.RMSNorm else m(x, x[:, :1], x[:, :1])\n"
+        "    print(tuple(out.shape))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(2,", "3,", "8)", "(2,", "3,", "8)"]

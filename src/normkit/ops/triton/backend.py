@@ -194,11 +194,15 @@ def register() -> None:
         register_backend(Backend("triton", ops={}, is_available=lambda: False,
                                  description="Triton kernels (Triton is not installed)"))
         return
-    import importlib  # noqa: PLC0415
+    # Plain imports, not importlib: the first call naming the backend may come while
+    # torch.compile traces, and dynamo refuses to trace importlib.
+    from normkit.ops.triton import batch_norm, gated, modulated, norm_free, qk_sandwich, row_norm
 
+    homes = {"row_norm": row_norm, "batch_norm": batch_norm, "modulated": modulated, "gated": gated,
+             "qk_sandwich": qk_sandwich, "norm_free": norm_free}
     ops = {}
     for op, (home, check) in _OPS.items():
-        fn = globals()[op] if home == "backend" else getattr(importlib.import_module(f"normkit.ops.triton.{home}"), op)
+        fn = globals()[op] if home == "backend" else getattr(homes[home], op)
         ops[op] = OpImpl(fn, check, _preferred(op))  # type: ignore[arg-type]
     register_backend(Backend("triton", ops=ops, is_available=is_available,
                              description="Triton row-norm, batch-norm and block-norm kernels (normkit.ops.triton)"))
