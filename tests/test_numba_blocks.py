@@ -25,7 +25,7 @@ from torch import Tensor
 import normkit
 from kernel_bound import assert_within_bound
 from normkit import functional as NF
-from normkit.backends import BackendError
+from normkit.backends import BackendError, get_backend
 
 pytest.importorskip("numba")
 pytestmark = pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered")
@@ -37,6 +37,7 @@ class Case(NamedTuple):
     op: str
     shapes: dict[str, tuple[int, ...] | None]  # leaf name -> shape (None: passed as None)
     options: dict[str, object] = {}
+    strided: tuple[str, ...] = ()  # leaves passed as every other element of a wider row (not contiguous)
 
 
 def _modulated(shape: tuple[int, ...], shift: tuple[int, ...], scale: tuple[int, ...], rms: bool,
@@ -78,6 +79,11 @@ CASES = {
     "sandwich: Gemma offset": _sandwich((3, 37), 1.0),
     "sandwich: no weights, batch 1": _sandwich((1, 1, 8), 0.0, weights=False),
     "qk: grouped-query heads": _qk((2, 3, 4, 16), (2, 3, 2, 16)),
+    "adaLN LN, non-contiguous input and shift": _modulated((2, 5, 37), (2, 1, 37), (2, 5, 37), rms=False)._replace(
+        strided=("input", "shift")),
+    "gated, non-contiguous input and gate": _gated((3, 20), 5, gate=True, before=False)._replace(
+        strided=("input", "gate")),
+    "sandwich, non-contiguous hidden": _sandwich((3, 2, 37), 1.0)._replace(strided=("hidden",)),
 }
 
 
@@ -92,10 +98,24 @@ def _call(case: Case, leaves: dict[str, Tensor | None], backend: str) -> tuple[T
     return out if isinstance(out, tuple) else (out,)
 
 
+def _leaf(t: Tensor | None, dtype: torch.dtype, strided: bool) -> Tensor | None:
+    if t is None:
+        return None
+    if not strided:
+        return t.detach().to(dtype).requires_grad_()
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=dtype)
+    view = wide[..., ::2]
+    view.copy_(t)
+    return view.detach().requires_grad_()  # detach keeps the strides
+
+
 def _run(case: Case, inputs: dict[str, Tensor | None], dtype: torch.dtype, backend: str,
-         dys: list[Tensor] | None = None, seed: int = 1) -> dict[str, Tensor]:
-    """Outputs ``y0, y1, ...`` and the gradients ``d<leaf>`` under random upstream gradients."""
-    leaves = {n: None if t is None else t.detach().to(dtype).requires_grad_() for n, t in inputs.items()}
+         dys: list[Tensor] | None = None, seed: int = 1, param_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Outputs ``y0, y1, ...`` and the gradients ``d<leaf>`` under random upstream gradients; the
+    leaves in ``dtype``, all but the first (the input) in ``param_dtype`` when given."""
+    first = next(iter(inputs))
+    leaves = {n: _leaf(t, dtype if n == first or param_dtype is None else param_dtype, n in case.strided)
+              for n, t in inputs.items()}
     outs = _call(case, leaves, backend)
     if dys is None:
         g = torch.Generator().manual_seed(seed)
@@ -114,6 +134,18 @@ def test_within_bound_of_float64_reference(name: str, dtype: torch.dtype) -> Non
     reference = _run(case, inputs, f64, "reference")
     baseline = _run(case, inputs, dtype, "torch")
     assert_within_bound(_run(case, inputs, dtype, "numba"), reference, baseline)
+
+
+@pytest.mark.parametrize("name", ["adaLN RMS per token, scale per sample", "gated: Mamba2, groups of 5",
+                                  "qk: grouped-query heads"])
+def test_bf16_input_with_float32_parameters(name: str) -> None:
+    """Mixed precision: bf16 input, float32 shift/scale/gate/weights (for QK: a bf16 q beside a
+    float32 k, each normalized in its own dtype)."""
+    case = CASES[name]
+    inputs = _inputs(case)
+    reference = _run(case, inputs, f64, "reference")
+    baseline = _run(case, inputs, bf16, "torch", param_dtype=f32)
+    assert_within_bound(_run(case, inputs, bf16, "numba", param_dtype=f32), reference, baseline)
 
 
 @pytest.mark.parametrize("name", ["adaLN LN per token", "gated: Mamba2, groups of 5", "sandwich: Gemma offset"])
@@ -217,6 +249,26 @@ REFUSALS: dict[str, tuple[Callable[[], object], str]] = {
     "qk float16 k": (lambda: NF.qk_rms_norm(torch.randn(2, 4), torch.randn(2, 4, dtype=f16), None, None,
                                             backend="numba"), "float16 is declined"),
 }
+
+
+def test_auto_picks_numba_only_where_measured_faster() -> None:
+    """MEASURED_FASTER's classes: a large float32 DiT-sized call in training goes to numba; a small
+    one, a bf16 one and QK-norm's head-dim rows stay on the torch composition."""
+    numba = get_backend("numba")
+
+    def preferred(op: str, *args: object) -> bool:
+        return bool(numba.ops[op].preferred(*args))
+
+    x = torch.randn(2, 256, 1152, requires_grad=True)
+    shift = torch.randn(2, 1, 1152)
+    assert preferred("modulated_layer_norm", x, shift, shift, None, None, 1e-6)
+    assert preferred("modulated_rms_norm", x.detach(), shift, shift, None, None)
+    assert not preferred("modulated_rms_norm", x[:, :4], shift, shift, None, None)
+    assert not preferred("modulated_rms_norm", x.bfloat16(), shift, shift, None, None)
+    assert preferred("gated_rms_norm", x, x, None, 1e-6, 576, False)
+    assert preferred("sandwich_rms_norm", x, x, None, None, None, 0.0)
+    q = torch.randn(1, 2048, 16, 128, requires_grad=True)
+    assert not preferred("qk_rms_norm", q, q, None, None, None)
 
 
 @pytest.mark.parametrize("name", REFUSALS)
