@@ -282,3 +282,20 @@ def test_torch_checks_still_apply() -> None:
     """The public checks run before the backend: a gate of another shape is refused as on every backend."""
     with pytest.raises(RuntimeError, match="expected gate of the input's shape"):
         NF.gated_rms_norm(torch.randn(2, 4), torch.randn(2, 5), backend="numba")
+
+
+def test_gate_sigmoid_matches_float64_over_the_float32_range() -> None:
+    """The float32 gate's vectorized exp: ``y = rms(1) * silu(gate)`` (eps 0: exactly silu) within
+    4e-7 relative of float64 up to ``|gate| = ln(FLT_MAX)``, and beyond it as torch's float32
+    silu (|error| under 1e-36); NaN and infinities as torch's."""
+    g = torch.Generator().manual_seed(0)
+    edges = [0.0, 1e-30, -1e-30, 20.0, -20.0, 87.5, -87.5, 88.5, -88.5, 88.72, -88.72, 88.73, -88.73, 104.0, -104.0,
+             150.0, -150.0, float("inf"), -float("inf"), float("nan")]
+    z = torch.cat([torch.tensor(edges), 30 * torch.randn(4099, generator=g)])[None]
+    y = NF.gated_rms_norm(torch.ones_like(z), z, None, 0.0, norm_before_gate=True, backend="numba").double()
+    want = torch.nn.functional.silu(z.double())
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
+    inside = z.abs() <= 88.72
+    rel = ((y - want).abs() / want.abs()).nan_to_num(0.0)
+    assert rel[inside].max() <= 4e-7
+    assert (y - want)[~inside].nan_to_num(0.0, 0.0, 0.0).abs().max() <= 1e-36

@@ -23,6 +23,8 @@ kept per block of rows fixed by the shape, in row order, and the blocks added in
 from __future__ import annotations
 
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from normkit.ops.numba._engine import decode, encode, jit, staging
 from normkit.ops.numba._row_kernels import (
@@ -157,9 +159,72 @@ def sum_groups(p, group, out, lo, hi):
 
 
 @jit
-def _silu(z, one):
-    """``z * sigmoid(z)`` (``one``: 1 in z's dtype)."""
-    return z * (one / (one + np.exp(-z)))
+def _scaled_rows(v, r_std, w, out):
+    """``out = v * r_std * w``."""
+    for j in range(v.shape[0]):
+        out[j] = v[j] * r_std * w[j]
+
+
+def sigmoid_rows(z, s, bits):  # pragma: no cover - replaced by the overload inside kernels
+    """``s = 1 / (1 + exp(-z))`` elementwise (``bits``: uint32 scratch of z's length)."""
+
+
+@overload(sigmoid_rows)
+def _sigmoid_rows(z, s, bits):
+    if s.dtype != types.float32:
+        def libm(z, s, bits):
+            for j in range(z.shape[0]):
+                s[j] = 1.0 / (1.0 + np.exp(-z[j]))
+
+        return libm
+
+    # float32: numba has no vector math library here (no SVML), and libm's expf is a scalar call
+    # per element (silu made gated_rms_norm's forward 2.5x slower than its plain RMSNorm). This
+    # exp vectorizes: exp(x) = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts,
+    # exact products), e^r by Cephes' expf polynomial (|r| <= ln2 / 2: within 1 ulp, measured
+    # max relative error of the sigmoid 1.19e-7 against libm's 1.18e-7), 2^n built in the
+    # exponent bits (as 2^(n-1) * 2, exact). x is clamped to [-87, ln(FLT_MAX)]: below, exp(x)
+    # is under 1e-38 and 1 + exp(x) is 1 either way; above, exp is inf as libm's; NaN stays NaN.
+    def vector(z, s, bits):
+        one = np.float32(1.0)
+        for j in range(z.shape[0]):
+            x = -z[j]
+            xc = min(max(x, np.float32(-87.0)), np.float32(88.72283))
+            n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
+            r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+            q = np.float32(1.9875691500e-4)
+            q = q * r + np.float32(1.3981999507e-3)
+            q = q * r + np.float32(8.3334519073e-3)
+            q = q * r + np.float32(4.1665795894e-2)
+            q = q * r + np.float32(1.6666665459e-1)
+            q = q * r + np.float32(5.0000001201e-1)
+            s[j] = q * r * r + r + one
+            bits[j] = np.uint32(np.int32(n) + np.int32(126)) << np.uint32(23)  # 2^(n-1): normal up to n = 128
+        scale = bits.view(np.float32)
+        for j in range(z.shape[0]):
+            x = -z[j]
+            e = s[j] * scale[j] * np.float32(2.0)
+            e = np.float32(np.inf) if x > np.float32(88.72283) else e
+            e = np.float32(0.0) if x < np.float32(-103.97) else e
+            e = x if x != x else e
+            s[j] = one / (one + e)
+
+    return vector
+
+
+@jit
+def _gate_rows(v, z, sig, gated_after, u, a):
+    """``a = z * sig`` (silu of the gate) and ``u = x * a`` (``x`` when gated after)."""
+    for j in range(v.shape[0]):
+        a[j] = z[j] * sig[j]
+        u[j] = v[j] if gated_after else v[j] * a[j]
+
+
+@jit
+def _times(out, a):
+    """``out *= a``."""
+    for j in range(out.shape[0]):
+        out[j] = out[j] * a[j]
 
 
 @jit
@@ -172,31 +237,31 @@ def gated_fwd(x, gate, w, eps, group, gated_after, y, rstd, lo, hi):
     zero, one, n, eps_ = w.dtype.type(0.0), w.dtype.type(1.0), w.dtype.type(group), w.dtype.type(eps)
     xbuf = np.empty(D, w.dtype)
     zbuf = np.empty(D, w.dtype)
+    sbuf = np.empty(D, w.dtype)
+    abuf = np.empty(D, w.dtype)
     ubuf = np.empty(D, w.dtype)
     ybuf = np.empty(D, w.dtype)
+    bits = np.empty(D, np.uint32)
     for i in range(lo, hi):
         v = decode(x[i], xbuf)
+        u = v
         if has_gate:
             z = decode(gate[i], zbuf)
-            for j in range(D):
-                a = _silu(z[j], one)
-                zbuf[j] = a  # silu(gate) from here on
-                ubuf[j] = v[j] if gated_after else v[j] * a
-        else:
-            ubuf[:] = v
+            sigmoid_rows(z, sbuf, bits)
+            _gate_rows(v, z, sbuf, gated_after, ubuf, abuf)
+            u = ubuf
         out = staging(y[i], ybuf)
         for k in range(D // group):
-            u = ubuf[k * group:(k + 1) * group]
-            var = _row_sumsq(u, zero, zero) / n
+            lo_k, hi_k = k * group, (k + 1) * group
+            uk = u[lo_k:hi_k]
+            var = _row_sumsq(uk, zero, zero) / n
             r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
             if not np.isfinite(var):
-                r_std = _scaled_stats(u, zero, True, eps_)[1]
+                r_std = _scaled_stats(uk, zero, True, eps_)[1]
             rstd[i, k] = r_std
-            for j in range(k * group, (k + 1) * group):
-                out[j] = ubuf[j] * r_std * w[j]
+            _scaled_rows(uk, r_std, w[lo_k:hi_k], out[lo_k:hi_k])
         if has_gate and gated_after:
-            for j in range(D):
-                out[j] = out[j] * zbuf[j]
+            _times(out, abuf)
         encode(out, y[i])
 
 
@@ -219,6 +284,7 @@ def gated_bwd(dy, x, gate, w, rstd, group, gated_after, block, dx, dgate, dwp, l
     dbuf = np.empty(D, w.dtype)
     gbuf = np.empty(D, w.dtype)
     sbuf = np.empty(D, w.dtype)
+    bits = np.empty(D, np.uint32)
     for blk in range(lo, hi):
         dw = dwp[blk]
         dw[:] = zero
@@ -228,11 +294,9 @@ def gated_bwd(dy, x, gate, w, rstd, group, gated_after, block, dx, dgate, dwp, l
             z = decode(gate[i], zbuf) if has_gate else xbuf
             p = pbuf if has_gate and gated_after else g
             if has_gate:
+                sigmoid_rows(z, sbuf, bits)
                 for j in range(D):
-                    # one exp per element (the CPU's exp is scalar: numba has no vector math library here)
-                    sig = one / (one + np.exp(-z[j]))
-                    sbuf[j] = sig
-                    a = z[j] * sig
+                    a = z[j] * sbuf[j]
                     ubuf[j] = v[j] if gated_after else v[j] * a
                     pbuf[j] = g[j] * a if gated_after else a  # gate before: pbuf keeps silu(gate)
             else:
@@ -259,13 +323,6 @@ def gated_bwd(dy, x, gate, w, rstd, group, gated_after, block, dx, dgate, dwp, l
 
 
 # ---- sandwich (post-norm, residual add, next pre-norm) -------------------------------------
-
-
-@jit
-def _scaled_rows(v, r_std, w, out):
-    """``out = v * r_std * w``."""
-    for j in range(v.shape[0]):
-        out[j] = v[j] * r_std * w[j]
 
 
 @jit
