@@ -301,6 +301,18 @@ def test_explain_counts_and_sets_match_torch(name: str) -> None:
     assert (e.train_eval_max_diff > 0) == e.running_stats
 
 
+def test_explain_says_what_the_per_call_tensors_do_and_that_dyt_has_no_statistics(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The adaLN norm names the axis it reduces and what shift and scale do; DyT: no statistics."""
+    assert run_main("explain", "modulated_layer_norm", "--shape", "2,3,4,8") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "reduced over W; kept apart: N, C, H" in text
+    assert "shift: added after the norm" in text and "scale: multiplies the normalized x by (1 + scale)" in text
+    for name in ("dyt", "derf"):
+        assert run_main("explain", name, "--shape", "2,3,4,8") == 0
+        assert "no statistics" in " ".join(capsys.readouterr().out.split())
+
+
 def test_explain_cli_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, png = tmp_path / "explain.json", tmp_path / "explain.png"
     assert run_main("explain", "--shape", "2,3,4,5", "--json", str(out), "--png", str(png)) == 0

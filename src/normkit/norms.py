@@ -270,6 +270,18 @@ def _scale_norm_composition(input: Tensor, g: Tensor | None = None, eps: float =
 
 _VARIANCE = "y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias"
 
+# adaLN's modulation (DiT, SD3, Flux): per call, from the conditioning embedding
+_SHIFT = Extra("shift", "per_sample", "added after the norm and its affine (y + shift); per sample (N, 1, D) or "
+               "per token (N, L, D), its gradient summed over the broadcast axes", 0.0)
+_SCALE = Extra("scale", "per_sample", "multiplies the normalized x by (1 + scale), broadcast as shift", 0.0)
+# Mamba2's gate: a constant gate scales each group by one number, which the RMS statistic undoes
+# (a large one, so that eps stays negligible against the mean square)
+_GATE = Extra("gate", "input", "z = x * silu(gate) is what gets normalized (norm_before_gate=True: the norm's output "
+              "times silu(gate) instead); the input's shape", 8.0)
+
+
+def _last(s: Sizes) -> int:
+    return s.shape[-1]
 
 NORMS: dict[str, NormSpec] = {
     spec.name: spec
@@ -316,6 +328,51 @@ NORMS: dict[str, NormSpec] = {
             constructor=lambda s: ((s.shape[-1],), {}),
             sizes=Sizes((8, 64)),
             composition=_scale_norm_composition,
+        ),
+        # The norms of today's blocks: one norm of one input, with per-call tensors (inputs) or
+        # scalar parameters; their reference and composition live in normkit.blocks.
+        NormSpec(
+            "modulated_layer_norm", "ModulatedLayerNorm", Reduce(trailing=True, trailing_ndim=1), "variance",
+            "feature", ("weight", "bias"), False, 1e-6,
+            "y = ((x - E[x]) / sqrt(Var[x] + eps) * weight + bias) * (1 + scale) + shift", None,
+            call=lambda f, x, s, shift, scale, w, b: f.modulated_layer_norm(x, shift, scale, w, b, 1e-6),
+            constructor=lambda s: ((_last(s),), {"elementwise_affine": True}),
+            sizes=Sizes((2, 5, 48)),
+            inputs=(_SHIFT, _SCALE),
+        ),
+        NormSpec(
+            "modulated_rms_norm", "ModulatedRMSNorm", Reduce(trailing=True, trailing_ndim=1), "mean_square",
+            "feature", ("weight",), False, None, "y = (x / sqrt(E[x^2] + eps) * weight) * (1 + scale) + shift", None,
+            call=lambda f, x, s, shift, scale, w: f.modulated_rms_norm(x, shift, scale, w, 1e-6),
+            constructor=lambda s: ((_last(s),), {"elementwise_affine": True}),
+            sizes=Sizes((2, 5, 48)),
+            inputs=(_SHIFT, _SCALE),
+        ),
+        NormSpec(
+            "gated_rms_norm", "GatedRMSNorm", Reduce(trailing=True, trailing_ndim=1, groups=True), "mean_square",
+            "feature", ("weight",), False, 1e-6,
+            "y = z / sqrt(E[z^2] + eps) * weight over each group of the last dim, z = x * silu(gate)", None,
+            call=lambda f, x, s, gate, w: f.gated_rms_norm(x, gate, w, 1e-6, group_size=_last(s) // s.num_groups,
+                                                           norm_before_gate=False),
+            constructor=lambda s: ((_last(s), 1e-6, _last(s) // s.num_groups), {}),
+            sizes=Sizes((6, 64), num_groups=4),
+            inputs=(_GATE,),
+        ),
+        NormSpec(
+            "dyt", "DyT", Reduce(trailing=True, trailing_ndim=1), "none", "feature", ("weight", "bias"), False, None,
+            "y = weight * tanh(alpha * x) + bias", None,
+            call=lambda f, x, s, alpha, w, b: f.dyt(x, alpha, w, b),
+            constructor=lambda s: ((_last(s),), {}),
+            sizes=Sizes((8, 64)),
+            scalars=("alpha",),
+        ),
+        NormSpec(
+            "derf", "Derf", Reduce(trailing=True, trailing_ndim=1), "none", "feature", ("weight", "bias"), False, None,
+            "y = weight * erf(alpha * x + shift) + bias", None,
+            call=lambda f, x, s, alpha, shift, w, b: f.derf(x, alpha, shift, w, b),
+            constructor=lambda s: ((_last(s),), {}),
+            sizes=Sizes((8, 64)),
+            scalars=("alpha", "shift"),
         ),
     )
 }
