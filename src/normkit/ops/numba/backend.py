@@ -254,9 +254,9 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
     # per-token adaLN, fwd+bwd 1.7-3.6x (LN) and 3.3-9.3x (RMS), forward 2.4-4.3x and 2.8-7.7x.
     "modulated_layer_norm": frozenset({"float32/large/train", "float32/large"}),
     "modulated_rms_norm": frozenset({"float32/large/train", "float32/large"}),
-    # Mamba2 (8,1024,2048) groups of 1024 and 4096x1024: fwd+bwd 1.4-3.0x, forward 1.5-2.1x
-    # (torch.compile's forward is faster: its exp is vectorized, numba's here is not).
-    "gated_rms_norm": frozenset({"float32/large/train", "float32/large"}),
+    # Mamba2 (8,1024,2048) groups of 1024 and 4096x1024: fwd+bwd 2.0-3.3x. Its forward (1.5-4.5x
+    # by the medians) is not claimed: one cell's ranges overlapped on the loaded machine.
+    "gated_rms_norm": frozenset({"float32/large/train"}),
     # 4096x1024: fwd+bwd 5.2-12.2x, forward 2.2-6.4x. qk_rms_norm is not claimed: its rows are
     # head dims ("/short"), measured at 128 only (fwd+bwd 3.7-9.9x); shorter heads were not.
     "sandwich_rms_norm": frozenset({"float32/large/train", "float32/large"}),
