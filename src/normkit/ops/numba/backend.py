@@ -17,7 +17,7 @@ the registry first looks the backend up (``normkit.ops.builtin``).
   input; ``instance_norm(use_input_stats=False)``; ``local_response_norm`` (no kernel);
   modulated norms whose ``shift``/``scale`` broadcast otherwise than per sample, per token or
   once for the batch (:func:`modulation_rows`); a sandwich whose residual has another dtype
-  than hidden's; ``dyt`` and ``derf`` (elementwise: no kernel, ATen's is as fast).
+  than hidden's; ``dyt`` and ``derf`` (elementwise, no reduction: no numba kernel written or measured).
   :func:`declared_ops` gives these checks without importing numba.
 * Preferred by ``"auto"``: only where :data:`MEASURED_FASTER` lists the op and the call's
   shape class (:func:`shape_class`), filled from the committed CPU benchmark
