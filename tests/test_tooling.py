@@ -301,10 +301,7 @@ def test_pickled_unmaterialized_lazy_modules_materialize_like_the_original() -> 
 
 
 # Module classes fx cannot trace today: class -> the defect. Each is removed by its fix.
-FX_DEFECTS = {
-    "QKRMSNorm": "normkit/modules/blocks.py: QKRMSNorm's forward is traced into (not a module_leaf as the "
-                 "stateless modules' are) and _scale reads a Proxy's dtype (weight_offset != 0)",
-}
+FX_DEFECTS: dict[str, str] = {}  # module name -> why torch.fx cannot trace it (none today)
 FX_ROWS = [pytest.param(name, marks=pytest.mark.xfail(reason=FX_DEFECTS[name], strict=True))
            if name in FX_DEFECTS else name for name in MODULE_ROWS]
 

@@ -215,11 +215,10 @@ class NormSpec:
 
     @property
     def reference_op(self) -> Callable[..., Tensor]:
-        """What the ``"reference"`` backend runs: :mod:`normkit.reference`'s function of this
-        name, or for the norms of today's blocks :mod:`normkit.blocks`'s reference."""
+        """What the ``"reference"`` backend runs: :mod:`normkit.reference`'s function of this name."""
         from . import reference  # noqa: PLC0415  (normkit.reference imports this table)
 
-        return getattr(reference, self.name, None) or self._blocks("REFERENCE")
+        return getattr(reference, self.name)
 
     def _blocks(self, table: str) -> Callable[..., Tensor]:
         from . import blocks  # noqa: PLC0415  (normkit.blocks imports the reference, which imports this table)

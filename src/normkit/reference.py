@@ -46,14 +46,21 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "batch_norm",
+    "derf",
+    "dyt",
+    "gated_rms_norm",
     "group_norm",
     "instance_norm",
     "layer_norm",
     "local_response_norm",
     "masked_batch_norm",
     "masked_instance_norm",
+    "modulated_layer_norm",
+    "modulated_rms_norm",
     "normalize",
+    "qk_rms_norm",
     "rms_norm",
+    "sandwich_rms_norm",
     "scale_norm",
 ]
 
@@ -740,3 +747,11 @@ _NormalizeTraced = _without_jvp(Normalize)
 _MaskedNormalizeTraced = _without_jvp(MaskedNormalize)
 _LocalResponseNormTraced = _without_jvp(LocalResponseNorm)
 _ScaleNormalizeTraced = _without_jvp(ScaleNormalize)
+
+
+# The norms of today's blocks (normkit.functional_blocks): their math lives in normkit.blocks, one
+# file per family, and is this module's too (imported last: those files use the helpers above).
+from .blocks.gated import gated_rms_norm  # noqa: E402
+from .blocks.modulated import modulated_layer_norm, modulated_rms_norm  # noqa: E402
+from .blocks.norm_free import derf, dyt  # noqa: E402
+from .blocks.qk_sandwich import qk_rms_norm, sandwich_rms_norm  # noqa: E402

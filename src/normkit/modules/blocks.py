@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..functional_blocks import gated_rms_norm, modulated_layer_norm, modulated_rms_norm, qk_rms_norm, sandwich_rms_norm
 from ._base import BackendMixin
+from ._tracing import module_leaf
 
 __all__ = ["GatedRMSNorm", "ModulatedLayerNorm", "ModulatedRMSNorm", "QKRMSNorm", "SandwichRMSNorm"]
 
@@ -218,14 +219,7 @@ class QKRMSNorm(BackendMixin, nn.Module):
         return (w.float() if w.dtype in (torch.float16, torch.bfloat16) else w) + self.weight_offset
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        options = self.call_options()
-        if self.cast == "normalize_first" and self.q_weight is not None:
-            out_dtype = options.pop("out_dtype")
-            q_hat, k_hat = qk_rms_norm(q, k, None, None, self.eps, **options)
-            q_out = _scaled(self.q_weight, self.weight_offset, q_hat)
-            k_out = _scaled(self.k_weight, self.weight_offset, k_hat)
-            return (q_out, k_out) if out_dtype is None else (q_out.to(out_dtype), k_out.to(out_dtype))
-        return qk_rms_norm(q, k, self._scale(self.q_weight), self._scale(self.k_weight), self.eps, **options)
+        return qk_norm_forward(self, q, k)
 
     def extra_repr(self) -> str:
         text = f"{self.head_dim}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -235,6 +229,20 @@ class QKRMSNorm(BackendMixin, nn.Module):
             text += f", weight_offset={self.weight_offset}"
         options = super().extra_repr()
         return f"{text}, {options}" if options else text
+
+
+@module_leaf
+def qk_norm_forward(module: QKRMSNorm, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`QKRMSNorm`: one ``torch.fx`` leaf, as it reads the weights' dtype
+    and the ``cast``/``weight_offset`` options."""
+    options = module.call_options()
+    if module.cast == "normalize_first" and module.q_weight is not None:
+        out_dtype = options.pop("out_dtype")
+        q_hat, k_hat = qk_rms_norm(q, k, None, None, module.eps, **options)
+        q_out = _scaled(module.q_weight, module.weight_offset, q_hat)
+        k_out = _scaled(module.k_weight, module.weight_offset, k_hat)
+        return (q_out, k_out) if out_dtype is None else (q_out.to(out_dtype), k_out.to(out_dtype))
+    return qk_rms_norm(q, k, module._scale(module.q_weight), module._scale(module.k_weight), module.eps, **options)
 
 
 class SandwichRMSNorm(BackendMixin, nn.Module):

@@ -131,7 +131,7 @@ register_backend(
             "group_norm_act": OpImpl(_then_act(F.group_norm)),
             "masked_batch_norm": OpImpl(_torch_masked_batch_norm),
             "masked_instance_norm": OpImpl(_torch_masked_instance_norm),
-            **{op: OpImpl(fn) for op, fn in blocks.COMPOSITION.items()},
+            **{op: OpImpl(fn) for op, fn in blocks.COMPOSITION.items() if op not in NORMS},  # QK, sandwich
         },
         description="PyTorch's own ATen kernels",
     )
@@ -151,7 +151,7 @@ register_backend(
             "group_norm_act": OpImpl(_then_act(reference.group_norm)),
             "masked_batch_norm": OpImpl(reference.masked_batch_norm),
             "masked_instance_norm": OpImpl(reference.masked_instance_norm),
-            **{op: OpImpl(fn) for op, fn in blocks.REFERENCE.items()},
+            **{op: OpImpl(fn) for op, fn in blocks.REFERENCE.items() if op not in NORMS},  # QK, sandwich
         },
         description="normkit's from-scratch implementation with hand-derived backward",
     )

@@ -127,8 +127,10 @@ def _term(english: str, lang: str) -> str:
 def _statistics_sentence(e: Any) -> str:
     from .explain import STATISTICS
 
-    sizes = " x ".join(str(e.view[e.view_axes.index(a)]) for a in e.reduced_axes)
     what = STATISTICS[e.statistic].counted.format(n=e.num_statistics)
+    if not e.reduced_axes:  # DyT, Derf: an elementwise squash
+        return what
+    sizes = " x ".join(str(e.view[e.view_axes.index(a)]) for a in e.reduced_axes)
     return f"{what}, each over {e.elements_per_statistic} elements ({' x '.join(e.reduced_axes)} = {sizes})"
 
 
@@ -157,8 +159,9 @@ def run_explain(args: argparse.Namespace) -> int:
     print_table(
         tuple(_term(h, lang) for h in ("norm", "module", "reduced", "kept", "statistics", "elements each",
                                         "parameters", "running stats")),
-        [(e.module, e.constructor, ", ".join(e.reduced_axes), ", ".join(e.kept_axes),
-          f"{e.num_statistics} x {' & '.join(e.statistics)}", str(e.elements_per_statistic), _shapes(e.parameters),
+        [(e.module, e.constructor, ", ".join(e.reduced_axes) or "nothing", ", ".join(e.kept_axes),
+          f"{e.num_statistics} x {' & '.join(e.statistics)}" if e.statistics else "none",
+          str(e.elements_per_statistic) if e.statistics else "-", _shapes(e.parameters),
           "yes" if e.running_stats else "no") for e in explanations],
         [None] * len(explanations))
     # normkit's output must be normalized over exactly the sets the table names, and equal torch's
@@ -166,8 +169,8 @@ def run_explain(args: argparse.Namespace) -> int:
            if e.max_diff_vs_torch > 1e-4 or e.normalized_mean > 1e-3 or e.normalized_var > 1e-3]
     for e in explanations:
         print(f"\n{e.module}: {e.constructor}")
-        for line in (f"{_term('reduced', lang)} over {', '.join(e.reduced_axes)}; {_term('kept', lang)} apart: "
-                     f"{', '.join(e.kept_axes)}",
+        for line in (f"{_term('reduced', lang)} over {', '.join(e.reduced_axes) or 'nothing'}; "
+                     f"{_term('kept', lang)} apart: {', '.join(e.kept_axes)}",
                      _statistics_sentence(e),
                      f"{_term('formula', lang)}: {e.formula}",
                      f"{_term('parameters', lang)}: {_shapes(e.parameters)}; buffers: {_shapes(e.buffers)}",
