@@ -63,16 +63,26 @@ pictures: $(STAMP)
 support-matrix: $(STAMP)
 	$(PY) -c "import normkit.support as s; print('README.md', 'updated' if s.update_readme('README.md') else 'unchanged')"
 
+# The norms of today's blocks (issue 13) against the code users write, eager and torch.compile:
+# benchmarks/results/blocks_<device>.{md,json} (CPU: about 5-10 minutes on two cores).
+.PHONY: bench-blocks
+bench-blocks: $(STAMP)
+	$(PY) benchmarks/bench_blocks.py
+
 # make gpu-check: on a CUDA machine, with that machine's own torch and Triton (no venv): the
 # Triton tests natively (no interpreter), then the GPU benchmark engine (device, versions,
 # commit and tables under benchmarks/results/, copied to $$OUT when the device tool sets it).
 GPU_PY ?= python3
 .PHONY: gpu-check
 gpu-check:
-	PYTHONPATH=src timeout 330 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
+	PYTHONPATH=src timeout 250 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
 		tests/test_triton_kernels.py tests/test_triton_batch_norm.py tests/test_triton_edges.py \
-		tests/test_parity.py tests/test_transforms.py tests/test_support.py || true
-	PYTHONPATH=src timeout 150 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
+		tests/test_parity.py tests/test_transforms.py tests/test_support.py tests/test_triton_split.py \
+		tests/test_blocks_modulated.py tests/test_blocks_gated.py tests/test_blocks_qk_sandwich.py \
+		tests/test_blocks_norm_free.py || true
+	PYTHONPATH=src timeout 110 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
+	PYTHONPATH=src timeout 90 $(GPU_PY) benchmarks/bench_blocks.py --dtypes bf16 --budget 0.02 --compile-budget 60 \
+		--out benchmarks/results
 	if [ -n "$$OUT" ]; then cp benchmarks/results/* "$$OUT"/ 2>/dev/null || true; fi
 
 # make kernel-report: compile every Triton kernel variant the launchers choose at the reference
