@@ -1175,3 +1175,29 @@ def test_every_block_norm_is_in_the_table_and_explain() -> None:
     run = subprocess.run([sys.executable, "-m", "normkit", "explain", "qk_rms_norm"], capture_output=True, text=True,
                          timeout=120)
     assert not missing and run.returncode == 0, (missing, run.stderr[-300:])
+
+
+def test_convert_tiny_diffusers_sd3_with_qk_rms_norm() -> None:
+    """Expectation: convert on a tiny SD3 transformer (AdaLayerNormZero, AdaLayerNormContinuous,
+    RMS QK-norm) keeps outputs and parameter gradients, on the reference backend too."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                            pos_embed_max_size=8, qk_norm="rms_norm").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    x, enc = torch.randn(2, 4, 8, 8, generator=_g(0)), torch.randn(2, 5, 16, generator=_g(1))
+    pooled, ts = torch.randn(2, 8, generator=_g(2)), torch.tensor([3.0, 7.0])
+
+    def call(m):
+        return lambda: m(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=ts).sample
+
+    before = _grads_after(model, call(model))
+    converted = normkit.convert(copy.deepcopy(model))
+    assert "Adapter" in type(converted.transformer_blocks[0].norm1).__name__
+    with normkit.use_backend("reference"):
+        after = _grads_after(converted, call(converted))
+    _assert_same(before, after, 1e-4)
