@@ -327,11 +327,7 @@ def _layout_cases() -> dict[str, tuple[Callable, Callable, list, dict]]:
 
 
 LAYOUTS = _layout_cases()
-_SANDWICH_TRITON = pytest.mark.xfail(
-    strict=True,
-    reason="triton sandwich_rms_norm with a hidden whose last dim is not unit-stride (hidden = t.transpose(1, 2), "
-           "shape (2, 3, 8), strides (24, 1, 3)) returns garbage: y and residual_out off by ~1e36 (reads the wrong "
-           "elements); torch/reference/numba are right; expected the same result as hidden.contiguous()")
+
 
 
 def _views(pairs: list, dtype: torch.dtype) -> tuple[list, list]:
@@ -354,8 +350,6 @@ def test_non_contiguous_and_expanded_inputs(case: str, backend: str, request) ->
     """Expectation: transposed, sliced, expanded (stride-0) and channels_last inputs give the same
     forward and gradients as contiguous ones (float32 vs the float64 oracle)."""
     _need(backend, case.split("-")[0])
-    if case == "sandwich-hidden-transposed" and backend == "triton":
-        request.applymarker(_SANDWICH_TRITON)
     fn, oracle, pairs, kw = LAYOUTS[case]
     leaves, views = _views(pairs, torch.float32)
     leaves64, views64 = _views(pairs, torch.float64)
@@ -1035,7 +1029,6 @@ def _stride_cases() -> dict[str, tuple[Callable, Callable, list[Tensor], dict]]:
 
 STRIDES = _stride_cases()
 STRIDE_PARAMS = [(op, i) for op, (_, _, args, _) in STRIDES.items() for i, a in enumerate(args) if a.numel() > 1]
-_TRITON_STRIDE_BUGS = {("qk", 0): "q", ("qk", 1): "k", ("sandwich", 0): "hidden"}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "numba"])
@@ -1045,13 +1038,6 @@ def test_each_argument_with_a_non_unit_stride_last_dim(op: str, arg: int, backen
     transposed, e.g. q from a (B, H, D, L) buffer, or a strided weight) gives the same outputs and
     gradients as its contiguous copy."""
     _need(backend, op.split("-")[0])
-    if backend == "triton" and (op, arg) in _TRITON_STRIDE_BUGS:
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason=f"triton {op} with {_TRITON_STRIDE_BUGS[(op, arg)]} of shape (2, 3, 8) and strides (24, 1, 3) (last "
-                   "dim not unit-stride, e.g. t.transpose(-1, -2).contiguous().transpose(-1, -2)) silently returns "
-                   "garbage (outputs off by up to 1e38, gradients 1e15/inf): the kernel assumes a unit last-dim "
-                   "stride; modulated/gated/DyT/Derf kernels and numba handle it; expected the contiguous result"))
     fn, oracle, args, kw = STRIDES[op]
     leaves = [a.detach().clone().requires_grad_() for a in args]
     views = [_last_dim_strided(v) if i == arg else v for i, v in enumerate(leaves)]

@@ -125,9 +125,10 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _out_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """An output whose rows :func:`_rows` walks in ``t``'s row order: ``t``'s strides when it is
-    dense, else contiguous."""
-    if _dense(t):
+    """An output whose rows :func:`_rows` walks in ``t``'s row order, in place: ``t``'s strides
+    when it is dense with a unit-stride last dim, else contiguous (an output with another last-dim
+    stride would be walked through a copy, and the kernel's writes would land in the copy)."""
+    if _dense(t) and (t.stride(-1) == 1 or t.shape[-1] == 1):
         return torch.empty_like(t, dtype=dtype)
     return t.new_empty(t.shape, dtype=dtype)
 
