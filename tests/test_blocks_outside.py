@@ -508,13 +508,6 @@ def test_compile_reference_with_one_tensor_in_two_slots(case: str, request) -> N
     """Expectation: passing one tensor in two argument slots (tied post/next weights, shift is
     scale, a zero-initialised modulation reused, x as its own gate) compiles with fullgraph=True and
     gives eager's gradients, as the torch and numba backends do."""
-    if case != "qk-q-is-k":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="reference backend under torch.compile(fullgraph=True) raises torch._dynamo Unsupported "
-                   "'autograd.Function.apply: duplicate tensor input' when the same tensor (requiring grad) is "
-                   "passed in two slots (sandwich post_weight is next_weight, mln shift is scale, gated gate is "
-                   "input, dyt weight is bias); eager works; qk_rms_norm handles it; torch/numba backends compile"))
     fn = TIED[case]
     w = _W.clone().requires_grad_()
     xe = _X.clone().requires_grad_()

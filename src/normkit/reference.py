@@ -230,9 +230,23 @@ def _x_hat(xa: Tensor, dims: tuple[int, ...], eps: float, center: bool, given_me
     return (xa - given_mean.to(xa.dtype)) * rstd, rstd
 
 
+def apply_traced(fn: type[torch.autograd.Function], traced: type[torch.autograd.Function], *args: object):
+    """``fn.apply(*args)``; under torch.compile ``traced.apply`` (``fn`` without its jvp: see
+    :func:`_without_jvp`), a tensor given in two slots (tied weights, ``shift is scale``) passed as
+    a view of itself in the later ones: dynamo refuses one tensor as two inputs of a Function."""
+    if not torch.compiler.is_compiling():
+        return fn.apply(*args)
+    distinct: list[object] = []
+    for a in args:
+        if isinstance(a, Tensor) and any(a is b for b in distinct):
+            a = a.view_as(a)
+        distinct.append(a)
+    return traced.apply(*distinct)
+
+
 def _normalize_apply(*args: object):
-    """:class:`Normalize` (under torch.compile its twin without jvp: see :func:`_without_jvp`)."""
-    return (_NormalizeTraced if torch.compiler.is_compiling() else Normalize).apply(*args)
+    """:class:`Normalize` (under torch.compile its twin without jvp)."""
+    return apply_traced(Normalize, _NormalizeTraced, *args)
 
 
 def _param(p: Tensor | None, shape: Sequence[int]) -> Tensor | None:
@@ -457,9 +471,8 @@ def masked_batch_norm(
     m = mask[:, None, :]
     view = (1, input.shape[1], 1)
     given = None if training else (running_mean.reshape(view), running_var.reshape(view))
-    y, mean, var = (_MaskedNormalizeTraced if torch.compiler.is_compiling() else MaskedNormalize).apply(
-        input, m, _param(weight, view), _param(bias, view), (0, 2), eps, *(given or (None, None))
-    )
+    y, mean, var = apply_traced(MaskedNormalize, _MaskedNormalizeTraced, input, m, _param(weight, view),
+                                _param(bias, view), (0, 2), eps, *(given or (None, None)))
     if training:
         n = int(mask.sum())
         update_running_stats(running_mean, running_var, mean.flatten(), unbiased(var, n).flatten(), momentum)
@@ -483,9 +496,8 @@ def masked_instance_norm(
     m = mask[:, None, :]
     view = (1, input.shape[1], 1)
     given = None if use_input_stats else (running_mean.reshape(view), running_var.reshape(view))
-    y, mean, var = (_MaskedNormalizeTraced if torch.compiler.is_compiling() else MaskedNormalize).apply(
-        input, m, _param(weight, view), _param(bias, view), (2,), eps, *(given or (None, None))
-    )
+    y, mean, var = apply_traced(MaskedNormalize, _MaskedNormalizeTraced, input, m, _param(weight, view),
+                                _param(bias, view), (2,), eps, *(given or (None, None)))
     if use_input_stats:
         n = m.sum(2, keepdim=True).to(var.dtype)
         update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0),
@@ -629,7 +641,7 @@ def _unit_rows(xa: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 
 def scale_norm(input: Tensor, g: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """``g * x / max(||x||_2, eps)`` over the last dim (:class:`ScaleNormalize`)."""
-    return (_ScaleNormalizeTraced if torch.compiler.is_compiling() else ScaleNormalize).apply(input, g, eps)
+    return apply_traced(ScaleNormalize, _ScaleNormalizeTraced, input, g, eps)
 
 
 def local_response_norm(
@@ -643,8 +655,7 @@ def local_response_norm(
         # truncates), and only the final division is in floating point.
         mean_sq = _window_sum(input * input, size // 2, (size - 1) // 2).div(size, rounding_mode="trunc")
         return input / (mean_sq * alpha + k).pow(beta)
-    lrn = _LocalResponseNormTraced if torch.compiler.is_compiling() else LocalResponseNorm
-    return lrn.apply(input, size, alpha, beta, k)
+    return apply_traced(LocalResponseNorm, _LocalResponseNormTraced, input, size, alpha, beta, k)
 
 
 def _window_sum(t: Tensor, before: int, after: int) -> Tensor:

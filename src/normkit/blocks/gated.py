@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..numerics import acc_dtype
-from ..reference import _moments, _without_jvp
+from ..reference import _moments, _without_jvp, apply_traced
 
 __all__ = ["COMPOSITION", "REFERENCE", "GatedRMSNormalize", "gated_rms_norm", "gated_rms_norm_composed"]
 
@@ -157,8 +157,8 @@ _GatedRMSNormalizeTraced = _without_jvp(GatedRMSNormalize)
 def gated_rms_norm(input: Tensor, gate: Tensor | None, weight: Tensor | None, eps: float, group_size: int,
                    norm_before_gate: bool) -> Tensor:
     """The reference: :class:`GatedRMSNormalize` (its twin without jvp under torch.compile)."""
-    fn = _GatedRMSNormalizeTraced if torch.compiler.is_compiling() else GatedRMSNormalize
-    return fn.apply(input, gate, weight, eps, group_size, norm_before_gate)
+    return apply_traced(GatedRMSNormalize, _GatedRMSNormalizeTraced, input, gate, weight, eps, group_size,
+                        norm_before_gate)
 
 
 def gated_rms_norm_composed(input: Tensor, gate: Tensor | None, weight: Tensor | None, eps: float,

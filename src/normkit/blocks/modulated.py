@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..numerics import acc_dtype, rms_eps
-from ..reference import _without_jvp, _x_hat
+from ..reference import _without_jvp, _x_hat, apply_traced
 
 __all__ = ["COMPOSITION", "REFERENCE", "ModulatedNormalize", "modulated_layer_norm", "modulated_rms_norm"]
 
@@ -143,7 +143,7 @@ _ModulatedNormalizeTraced = _without_jvp(ModulatedNormalize)
 
 def _apply(*args: object) -> Tensor:
     """:class:`ModulatedNormalize` (under torch.compile its twin without jvp)."""
-    return (_ModulatedNormalizeTraced if torch.compiler.is_compiling() else ModulatedNormalize).apply(*args)
+    return apply_traced(ModulatedNormalize, _ModulatedNormalizeTraced, *args)
 
 
 def modulated_layer_norm(input: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..numerics import acc_dtype
-from ..reference import _without_jvp
+from ..reference import _without_jvp, apply_traced
 
 __all__ = ["COMPOSITION", "REFERENCE", "Squash", "derf", "dyt"]
 
@@ -142,7 +142,7 @@ _SquashTraced = _without_jvp(Squash)
 
 def _apply(*args: Any) -> Tensor:
     """:class:`Squash` (under torch.compile its twin without jvp: dynamo cannot trace one)."""
-    return (_SquashTraced if torch.compiler.is_compiling() else Squash).apply(*args)
+    return apply_traced(Squash, _SquashTraced, *args)
 
 
 def dyt(input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:

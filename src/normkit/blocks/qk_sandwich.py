@@ -163,8 +163,8 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
                       eps: float | None = None, weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """``(y, residual_out)`` through :class:`SandwichRMSNormalize` (its twin without jvp under
     torch.compile)."""
-    fn = _SandwichTraced if torch.compiler.is_compiling() else SandwichRMSNormalize
-    y, r = fn.apply(hidden, residual, post_weight, next_weight, rms_eps(eps, hidden.dtype), float(weight_offset))
+    y, r = reference.apply_traced(SandwichRMSNormalize, _SandwichTraced, hidden, residual, post_weight, next_weight,
+                                  rms_eps(eps, hidden.dtype), float(weight_offset))
     return y, r
 
 
