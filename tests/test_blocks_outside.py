@@ -740,13 +740,6 @@ def test_tiny_magnitudes_with_eps_zero(backend: str, request) -> None:
     """Expectation: with eps=0, float32 rows of magnitude 1e-30 (normal floats whose squares
     underflow) are normalized to the float64 answer, as the reference and triton do."""
     _need(backend)
-    if backend == "numba":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="numba rms/layer-norm kernels (gated_rms_norm, modulated_layer_norm, qk_rms_norm, "
-                   "sandwich_rms_norm) with eps=0 on float32 rows of magnitude 1e-30 return all zeros (silently; "
-                   "the mean square underflows to 0 and the row is flushed) instead of the normalized row "
-                   "(|y|~1) that reference and triton return; the torch composition returns +-inf there"))
     x = torch.randn(2, 8, generator=_g(0)) * 1e-30
     x64 = x.double()
     z = torch.zeros(8)

@@ -209,6 +209,8 @@ def test_eps_zero_on_subnormal_input_is_exact(op: str) -> None:
     truth = call(x.double())
     # 1e-4: a subnormal float32 carries about 17 significant bits, and its mean is rounded there
     torch.testing.assert_close(call(x, backend="reference").double(), truth, rtol=1e-4, atol=1e-4)
+    if op != "group_norm" and "numba" in CPU_BACKENDS:  # the numba row kernels rescale such a row too
+        torch.testing.assert_close(call(x, backend="numba").double(), truth, rtol=1e-4, atol=1e-4)
     assert not torch.isfinite(call(x)).all()  # torch: inf
 
 

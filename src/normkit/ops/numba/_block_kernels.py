@@ -43,14 +43,15 @@ __all__ = ["gated_bwd", "gated_fwd", "mod_bwd", "mod_fwd", "sandwich_bwd", "sand
 @jit
 def _stats(v, is_rms, eps):
     """``(shift, mean, rstd)`` of a row as the row kernels take them (shift: the first element
-    of a centred row; ``rstd = 0`` where ``var + eps == 0``; the scaled path on overflow)."""
+    of a centred row; ``rstd = 0`` on a constant row with ``eps=0``; the scaled path on overflow
+    and, with ``eps=0``, on underflow)."""
     # Scalars in the statistics dtype (an int would widen float32 arithmetic to float64).
     zero, one, n = v.dtype.type(0.0), v.dtype.type(1.0), v.dtype.type(v.shape[0])
     shift = zero if is_rms else v[0]
     mu = zero if is_rms else _row_sum(v, shift) / n
     var = _row_sumsq(v, shift, mu) / n
     r_std = zero if var + eps == zero else one / np.sqrt(var + eps)
-    if not np.isfinite(var):
+    if not np.isfinite(var) or var + eps == zero:
         mu, r_std = _scaled_stats(v, shift, is_rms, eps)
     return shift, mu, r_std
 
@@ -256,7 +257,7 @@ def gated_fwd(x, gate, w, eps, group, gated_after, y, rstd, lo, hi):
             uk = u[lo_k:hi_k]
             var = _row_sumsq(uk, zero, zero) / n
             r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
-            if not np.isfinite(var):
+            if not np.isfinite(var) or var + eps_ == zero:
                 r_std = _scaled_stats(uk, zero, True, eps_)[1]
             rstd[i, k] = r_std
             _scaled_rows(uk, r_std, w[lo_k:hi_k], out[lo_k:hi_k])

@@ -20,8 +20,9 @@ Numerics (the same for every row, whatever the batch or the thread count):
 * a row whose variance is not finite in its dtype (``|x| ~ 1e20`` in float32: the squares
   overflow, as torch's do) has its moments taken again of the row scaled by a power of two
   (:func:`_scaled_stats`): a finite, correct result where torch gives inf/NaN;
-* ``rstd = 1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (``eps=0`` on a constant
-  row: output the bias, input gradient 0);
+* ``rstd = 1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` on a constant row (``eps=0``:
+  output the bias, input gradient 0); with ``eps=0`` a row whose variance underflows (float32
+  below ``|x| ~ 1e-19``) is scaled as an overflowing one is, and normalizes as float64 does;
 * the backward recomputes ``x_hat`` from x and the saved (shifted) mean and rstd; the weight
   and bias gradients are summed per block of ``block`` rows (a size fixed by the shape) into a
   row of ``dwp``/``dbp`` each, in row order, and :func:`sum_blocks` adds the blocks in block
@@ -152,10 +153,11 @@ def _input_grad(v, g, w, shift, mu, r_std, c_g, c_gx, out):
 
 @jit
 def _scaled_stats(v, shift, is_rms, eps):
-    """``(mean, rstd)`` of a row whose squares overflow (``|x| ~ 1e20`` in float32): moments of
-    ``(v - shift) * s``, ``s`` the power of two below ``1 / max|v - shift|`` (exact scaling),
-    scaled back. The fast path's results elsewhere: only rows whose variance is not finite
-    come here, decided by the row alone."""
+    """``(mean, rstd)`` of a row whose squares overflow (``|x| ~ 1e20`` in float32) or, with
+    ``eps=0``, underflow to a zero variance (``|x| ~ 1e-30``): moments of ``(v - shift) * s``,
+    ``s`` the power of two below ``1 / max|v - shift|`` (exact scaling), scaled back. A constant
+    row (every ``v - shift`` 0) has rstd 0, as on the fast path. Only rows whose variance is not
+    finite, or whose ``var + eps`` is 0, come here, decided by the row alone."""
     zero = eps - eps
     big = zero
     for j in range(v.shape[0]):
@@ -165,7 +167,9 @@ def _scaled_stats(v, shift, is_rms, eps):
         big = max(big, d)
     if is_rms and np.isinf(big):  # as torch: mean square inf, rstd 0 (finite x -> 0, inf -> NaN)
         return zero, zero
-    if not np.isfinite(big) or big == 0:
+    if big == 0:  # a constant row (eps=0): rstd 0, the output is the bias
+        return zero, zero
+    if not np.isfinite(big):
         return zero + np.nan, zero + np.nan
     s = eps - eps + math.ldexp(1.0, -math.frexp(big)[1])
     n = v.shape[0]
@@ -213,7 +217,7 @@ def row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
         mu = zero if is_rms else _row_sum(v, shift) / n
         var = _row_sumsq(v, shift, mu) / n
         r_std = zero if var + eps_ == zero else one / np.sqrt(var + eps_)
-        if not np.isfinite(var):
+        if not np.isfinite(var) or var + eps_ == zero:
             mu, r_std = _scaled_stats(v, shift, is_rms, eps_)
         mean[i] = mu
         rstd[i] = r_std
