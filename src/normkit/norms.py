@@ -168,6 +168,9 @@ class NormSpec:
     composition: Callable[..., Tensor] | None = field(default=None, repr=False)
     inputs: tuple[Extra, ...] = ()  # the per-call tensors after the input, in argument order
     scalars: tuple[str, ...] = ()  # learnable one-number parameters, before the affine ones
+    # the fused ops that compute this norm more than once, or with a residual add, in one call:
+    # op -> what it computes (normkit explain names the row for them)
+    fused: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -298,6 +301,7 @@ NORMS: dict[str, NormSpec] = {
             call=lambda f, x, s, w, b: f.layer_norm(x, _trailing(s), w, b, 1e-5),
             constructor=lambda s: ((_trailing(s),), {}),
             sizes=Sizes((8, 64)),
+            fused={"add_layer_norm": "residual_out = x + residual, then this norm of residual_out, in one pass"},
         ),
         NormSpec(
             "group_norm", "GroupNorm", Reduce(kept=("N", "G"), groups=True), "variance", "channel",
@@ -319,6 +323,12 @@ NORMS: dict[str, NormSpec] = {
             call=lambda f, x, s, w: f.rms_norm(x, _trailing(s), w, 1e-5),
             constructor=lambda s: ((_trailing(s),), {}),
             sizes=Sizes((8, 64)),
+            fused={
+                "add_rms_norm": "residual_out = x + residual, then this norm of residual_out, in one pass",
+                "qk_rms_norm": "this norm over the last (head) dim of q and of k (its own weight each), in one call",
+                "sandwich_rms_norm": "residual_out = residual + this norm of hidden (post_weight), then this norm "
+                                     "of residual_out (next_weight), in one pass: Gemma's post-norm and next pre-norm",
+            },
         ),
         NormSpec(
             "scale_norm", "ScaleNorm", Reduce(trailing=True, trailing_ndim=1), "l2_norm", "scalar", ("g",), False, 1e-5,

@@ -141,7 +141,7 @@ def _shapes(named: dict[str, tuple[int, ...]]) -> str:
 def run_explain(args: argparse.Namespace) -> int:
     if args.png:
         require("matplotlib", purpose="--png")
-    from .explain import explain, find_norms, render_grid
+    from .explain import explain, find_norms, fused_op, render_grid
 
     if args.seed:
         from .tutorials import replay_tutorials
@@ -155,6 +155,9 @@ def run_explain(args: argparse.Namespace) -> int:
     explanations = [explain(name, shape, groups=args.groups, normalized_ndim=args.normalized_ndim)
                     for name in find_norms(args.name)]
     axes = ", ".join(explanations[0].axes)
+    fused = fused_op(args.name)
+    if fused is not None:
+        print(wrap(f"{fused[0]}: {fused[1]}. The norm it computes:"))
     print(wrap(f"input ({axes}) = {tuple(shape)}: what each norm computes its statistics over"))
     print_table(
         tuple(_term(h, lang) for h in ("norm", "module", "reduced", "kept", "statistics", "elements each",

@@ -52,12 +52,20 @@ def _aliases(spec: NormSpec) -> set[str]:
 
 def find_norms(query: str | None) -> list[str]:
     """Names of the rows of :data:`NORMS` that ``query`` means (``batch_norm``, ``BatchNorm2d``,
-    ``bn``, ``batch``...); all of them for ``None``; empty if none matches."""
+    ``bn``, ``batch``...; a fused op such as ``qk_rms_norm`` means the row it computes); all of
+    them for ``None``; empty if none matches."""
     if not query:
         return list(NORMS)
     q = _squash(query)
     return [name for name, spec in NORMS.items()
-            if q in _aliases(spec) or (len(q) >= 3 and spec.module.lower().startswith(q))]
+            if q in _aliases(spec) or (len(q) >= 3 and spec.module.lower().startswith(q))
+            or q in {_squash(op) for op in spec.fused}]
+
+
+def fused_op(query: str | None) -> tuple[str, str] | None:
+    """``(op, what it computes)`` where ``query`` names a fused op of a row (``qk_rms_norm``)."""
+    q = _squash(query or "")
+    return next(((op, what) for spec in NORMS.values() for op, what in spec.fused.items() if _squash(op) == q), None)
 
 
 def default_groups(channels: int) -> int:
