@@ -1047,13 +1047,7 @@ def test_outputs_require_grad_only_where_an_input_does(op: str, arg: int, backen
     a gradient, and an output that does not depend on it does not require grad (as with the torch
     composition: k_out does not depend on q; residual_out does not depend on next_weight)."""
     _need(backend, op)
-    if backend == "triton" and op == "qk":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="triton qk_rms_norm: when only q (or q_weight) requires grad, k_out.requires_grad is True too "
-                   "(and vice versa): both outputs come from one autograd.Function, so k_out keeps a graph to q; "
-                   "torch/reference/numba return k_out with requires_grad=False"))
-    if backend != "torch" and op == "sandwich":
+    if backend == "numba" and op == "sandwich":
         request.applymarker(pytest.mark.xfail(
             strict=True,
             reason=f"{backend} sandwich_rms_norm: when only next_weight requires grad, residual_out.requires_grad "

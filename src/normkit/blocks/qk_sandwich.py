@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .. import reference
@@ -165,7 +166,19 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
     torch.compile)."""
     y, r = reference.apply_traced(SandwichRMSNormalize, _SandwichTraced, hidden, residual, post_weight, next_weight,
                                   rms_eps(eps, hidden.dtype), float(weight_offset))
+    # One Function computes both: residual_out, which next_weight does not reach, is detached
+    # when nothing it depends on is differentiated (no grad, no forward-mode tangent).
+    if not any(_tracked(t) for t in (hidden, residual, post_weight)):
+        r = r.detach()
     return y, r
+
+
+def _tracked(t: Tensor | None) -> bool:
+    """``t`` is differentiated: it requires grad or carries a forward-mode tangent (dynamo traces
+    no forward mode)."""
+    if t is None:
+        return False
+    return t.requires_grad or (not torch.compiler.is_compiling() and fwAD.unpack_dual(t).tangent is not None)
 
 
 # ---------------------------------------------------------------------------------------------

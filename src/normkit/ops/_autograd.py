@@ -9,7 +9,17 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-__all__ = ["check_saveable", "forward_ad_refusal", "refuse_forward_ad_early", "vmap_by_loop"]
+__all__ = ["check_saveable", "forward_ad_refusal", "refuse_forward_ad_early", "vmap_by_loop", "without_graph"]
+
+
+def without_graph(t: Tensor, *inputs: Tensor | None) -> Tensor:
+    """``t``, detached where none of ``inputs`` (all it depends on) requires grad: one autograd
+    node computing several results ties each to every input, so such a result would otherwise
+    require grad and keep a graph it has no gradient through (QK-norm's k_out when only q
+    requires grad)."""
+    if any(i is not None and i.requires_grad for i in inputs):
+        return t
+    return t.detach()
 
 
 def vmap_by_loop(op) -> None:

@@ -33,6 +33,7 @@ import triton
 from torch import Tensor
 
 from normkit.numerics import rms_eps
+from normkit.ops._autograd import without_graph
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
@@ -274,7 +275,7 @@ def qk_rms_norm(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor 
     """``(rms_norm(q, q_weight), rms_norm(k, k_weight))`` over the last dim, one launch each way
     (``eps=None``: machine epsilon of q's statistics dtype, float32)."""
     q_out, k_out, _, _ = _qk_forward(q, k, q_weight, k_weight, rms_eps(eps, q.dtype))
-    return q_out, k_out
+    return without_graph(q_out, q, q_weight), without_graph(k_out, k, k_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,4 +411,4 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
     rms_norm(residual_out, next_weight + weight_offset)`` (in hidden's)."""
     y, residual_out, _, _ = _sandwich_forward(hidden, residual, post_weight, next_weight,
                                               rms_eps(eps, hidden.dtype), float(weight_offset))
-    return y, residual_out
+    return y, without_graph(residual_out, hidden, residual, post_weight)
