@@ -1,4 +1,4 @@
-"""The numba kernels of today's block norms (modulated, gated, QK, sandwich): accuracy and contract.
+"""The numba kernels of today's block norms (modulated, gated, QK, sandwich, DyT, Derf): accuracy and contract.
 
 * Accuracy: outputs and every gradient (random weights, biases, shift/scale and upstream
   gradients) within the self-calibrating bound (``kernel_bound.assert_within_bound``) of the
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -64,6 +65,14 @@ def _qk(q: tuple[int, ...], k: tuple[int, ...]) -> Case:
     return Case("qk_rms_norm", {"q": q, "k": k, "q_weight": q[-1:], "k_weight": k[-1:]})
 
 
+def _free(op: str, shape: tuple[int, ...], weight: tuple[int, ...] | None, bias: tuple[int, ...] | None,
+          alpha: tuple[int, ...] = (1,)) -> Case:
+    """DyT / Derf (alpha and shift one-element tensors of the given shape; weight and bias of the
+    input's trailing dims, not necessarily the same ones)."""
+    scalars = {"alpha": alpha, "shift": alpha} if op == "derf" else {"alpha": alpha}
+    return Case(op, {"input": shape, **scalars, "weight": weight, "bias": bias})
+
+
 # Batch 1, primes, non-powers of two, per-sample / per-token / whole-batch modulation (and shift
 # and scale of different kinds), groups, the sandwich with Gemma's offset, grouped-query QK.
 CASES = {
@@ -84,12 +93,20 @@ CASES = {
     "gated, non-contiguous input and gate": _gated((3, 20), 5, gate=True, before=False)._replace(
         strided=("input", "gate")),
     "sandwich, non-contiguous hidden": _sandwich((3, 2, 37), 1.0)._replace(strided=("hidden",)),
+    "dyt": _free("dyt", (3, 5, 37), (37,), (37,)),
+    "dyt batch 1, no affine, (1, 1) alpha": _free("dyt", (1, 7), None, None, alpha=(1, 1)),
+    "dyt weight (4, 5), bias (5,)": _free("dyt", (2, 3, 4, 5), (4, 5), (5,)),
+    "derf": _free("derf", (3, 5, 37), (37,), (37,)),
+    "derf weight only, 0-dim alpha": _free("derf", (2, 24), (24,), None, alpha=()),
+    "derf bias (3, 8), no weight": _free("derf", (2, 3, 8), None, (3, 8)),
+    "dyt, non-contiguous input": _free("dyt", (3, 2, 37), (37,), (37,))._replace(strided=("input",)),
+    "derf, non-contiguous input": _free("derf", (3, 2, 37), (37,), (37,))._replace(strided=("input",)),
 }
 
 
 def _inputs(case: Case, seed: int = 0) -> dict[str, Tensor | None]:
     g = torch.Generator().manual_seed(seed)
-    return {name: None if shape is None else torch.randn(*shape, generator=g, dtype=f64)
+    return {name: None if shape is None else torch.randn(shape, generator=g, dtype=f64)
             for name, shape in case.shapes.items()}
 
 
@@ -167,6 +184,8 @@ BIG = {
     "gated: after": _gated((512, 160), None, gate=True, before=True),
     "sandwich": _sandwich((512, 160), 1.0),
     "qk": _qk((4, 128, 2, 64), (4, 128, 1, 64)),
+    "dyt": _free("dyt", (4, 128, 160), (160,), (160,)),
+    "derf": _free("derf", (4, 128, 160), (160,), (160,)),
 }
 
 
@@ -213,16 +232,17 @@ def test_compile_fullgraph_traces_every_custom_op() -> None:
         return torch.randn(*shape, generator=g).requires_grad_()
 
     x, sh, sc, w, b = r(2, 3, 8), r(2, 1, 8), r(2, 1, 8), r(8), r(8)
-    gate, res = r(2, 3, 8), r(2, 3, 8)
+    gate, res, alpha, shift = r(2, 3, 8), r(2, 3, 8), r(1), r(1)
 
-    def f(x, sh, sc, w, b, gate, res):
+    def f(x, sh, sc, w, b, gate, res, alpha, shift):
+        x = NF.derf(NF.dyt(x, alpha, w, b, backend="numba"), alpha, shift, None, b, backend="numba")
         y1 = NF.modulated_layer_norm(x, sh, sc, w, b, backend="numba")
         y2 = NF.gated_rms_norm(y1, gate, w, group_size=4, backend="numba")
         y3, r3 = NF.sandwich_rms_norm(y2, res, w, b, weight_offset=1.0, backend="numba")
         q, k = NF.qk_rms_norm(y3.view(2, 3, 2, 4), r3.view(2, 3, 2, 4), w[:4], None, backend="numba")
         return (q * k).sum() + NF.modulated_rms_norm(r3, sh, sc, backend="numba").square().sum()
 
-    args = (x, sh, sc, w, b, gate, res)
+    args = (x, sh, sc, w, b, gate, res, alpha, shift)
     eager = f(*args)
     want = torch.autograd.grad(eager, args)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
@@ -248,6 +268,11 @@ REFUSALS: dict[str, tuple[Callable[[], object], str]] = {
                                                      backend="numba"), "float16 is declined"),
     "qk float16 k": (lambda: NF.qk_rms_norm(torch.randn(2, 4), torch.randn(2, 4, dtype=f16), None, None,
                                             backend="numba"), "float16 is declined"),
+    "dyt float16": (lambda: NF.dyt(torch.randn(2, 4, dtype=f16), torch.ones(1), backend="numba"),
+                    "float16 is declined"),
+    "derf float16 shift": (lambda: NF.derf(torch.randn(2, 4), torch.ones(1), torch.zeros(1, dtype=f16),
+                                           backend="numba"), "float16 is declined"),
+    "dyt empty input": (lambda: NF.dyt(torch.randn(0, 4), torch.ones(1), backend="numba"), "empty input"),
 }
 
 
@@ -300,3 +325,35 @@ def test_gate_sigmoid_matches_float64_over_the_float32_range() -> None:
     rel = ((y - want).abs() / want.abs()).nan_to_num(0.0)
     assert rel[inside].max() <= 4e-7
     assert (y - want)[~inside].nan_to_num(0.0, 0.0, 0.0).abs().max() <= 1e-36
+
+
+@pytest.mark.parametrize("op", ["dyt", "derf"])
+def test_squash_matches_float64_over_the_float32_range(op: str) -> None:
+    """The float32 tanh and erf (vectorized polynomials, not libm): within 2 ulp of float64 over
+    the float32 range, on both sides of each branch point (tanh 0.625, erf 0.9 and the clamp at
+    4), down to subnormals; +-inf -> +-1, NaN -> NaN as torch's; and the input gradient at
+    ``alpha = 1`` (the squash's derivative) within 4e-6 relative of float64's where that is
+    representable, tanh's as torch's ``1 - y^2``."""
+    g = torch.Generator().manual_seed(0)
+    edges = [0.0, -0.0, 1e-30, -1e-30, 1e-40, 0.6249, 0.625, 0.8999, 0.9, -0.9, 3.99, 4.0, 4.01, 20.0, -20.0,
+             float("inf"), -float("inf"), float("nan")]
+    x = torch.cat([torch.tensor(edges), torch.linspace(-6, 6, 200_001), 30 * torch.randn(4099, generator=g),
+                   torch.logspace(-38, 1, 10_000)])[None].requires_grad_()
+    one = torch.ones(1)
+    y = NF.dyt(x, one, backend="numba") if op == "dyt" else NF.derf(x, one, torch.zeros(1), backend="numba")
+    y.backward(torch.ones_like(y))
+    exact = torch.tanh if op == "dyt" else torch.erf
+    x64 = x.detach().double().requires_grad_()
+    want = exact(x64)
+    want.backward(torch.ones_like(want))
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
+    ulp = torch.from_numpy(np.spacing(want.detach().abs().float().numpy())).double()
+    assert ((y.detach().double() - want.detach()).abs() / ulp).nan_to_num(0.0).max() <= 2.0
+    dx, dx64 = x.grad.double(), x64.grad
+    if op == "dyt":
+        dx64 = (1 - exact(x.detach()).square()).double()  # torch's float32 tanh backward: its cancellation too
+    # relative, plus (tanh) an ulp of 1 or two: 1 - y^2 near |y| = 1 is the rounding of y, squared
+    err = (dx - dx64).abs() - (3e-7 if op == "dyt" else 0.0)
+    big = dx64.abs() > 1e-30
+    assert (err / dx64.abs())[big].max() <= 4e-6
+    assert torch.equal(dx.isnan(), dx64.isnan())

@@ -1,4 +1,5 @@
-"""numba kernels of the norms of today's blocks: modulated (adaLN), gated (grouped) and sandwich RMSNorm.
+"""numba kernels of the norms of today's blocks: modulated (adaLN), gated (grouped) and sandwich
+RMSNorm, and the normalization-free DyT and Derf.
 
 They are the row kernels of :mod:`normkit.ops.numba._row_kernels` with one more step around
 the normalization, built from the same pieces (the chunked, vectorized row sums, the strict
@@ -12,15 +13,21 @@ one specialisation is compiled per input dtype (float32, float64, bf16 bits).
 * :func:`gated_fwd` / :func:`gated_bwd`: RMSNorm per group of ``group`` channels of
   ``u = x * silu(gate)`` (``gated_after``: of ``x``, the output times ``silu(gate)``).
 * :func:`sandwich_fwd` / :func:`sandwich_bwd`: ``r = res + rms(h) * w1`` (stored), ``y = rms(r) * w2``.
+* :func:`squash_fwd` / :func:`squash_bwd`: ``y = w * squash(alpha * x + shift) + b``, squash
+  tanh (DyT) or erf (Derf), elementwise; float32 tanh, erf and exp are vectorized polynomials
+  of this file (:func:`tanh_rows`, :func:`erf_rows`, :func:`exp_rows`), float64 calls libm.
 * :func:`sum_groups`: ``out[s] = sum of p[s * group + c]`` over ``c`` in order.
 
 Numerics (the same for every row, whatever the batch or the thread count): statistics as the
 row kernels (float32, float64 for float64 input; a row whose squares overflow takes the
 scaled path); results rounded once. Cross-row sums (weight, shift and scale gradients) are
-kept per block of rows fixed by the shape, in row order, and the blocks added in block order.
+kept per block of rows fixed by the shape, in row order, and the blocks added in block order
+(DyT/Derf's alpha and shift gradients: per row in the statistics dtype, per block in float64).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import types
@@ -37,7 +44,17 @@ from normkit.ops.numba._row_kernels import (
     _scaled_stats,
 )
 
-__all__ = ["gated_bwd", "gated_fwd", "mod_bwd", "mod_fwd", "sandwich_bwd", "sandwich_fwd", "sum_groups"]
+__all__ = [
+    "gated_bwd",
+    "gated_fwd",
+    "mod_bwd",
+    "mod_fwd",
+    "sandwich_bwd",
+    "sandwich_fwd",
+    "squash_bwd",
+    "squash_fwd",
+    "sum_groups",
+]
 
 
 @jit
@@ -166,6 +183,56 @@ def _scaled_rows(v, r_std, w, out):
         out[j] = v[j] * r_std * w[j]
 
 
+def exp_rows(x, c, e, bits):  # pragma: no cover - replaced by the overload inside kernels
+    """``e = exp(c * x)`` elementwise (``c`` a power of two: the product is exact). ``e`` must not
+    be ``x``: with one array read and written through two names, LLVM's run-time alias check
+    sends the loop to its scalar version (measured 8x slower). ``bits``: uint32 scratch."""
+
+
+@overload(exp_rows)
+def _exp_rows(x, c, e, bits):
+    if e.dtype != types.float32:
+        def libm(x, c, e, bits):
+            for j in range(x.shape[0]):
+                e[j] = np.exp(c * x[j])
+
+        return libm
+
+    # float32: numba has no vector math library here (no SVML), and libm's expf is a scalar call
+    # per element (silu made gated_rms_norm's forward 2.5x slower than its plain RMSNorm). This
+    # exp vectorizes: exp(x) = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts,
+    # exact products), e^r by Cephes' expf polynomial (|r| <= ln2 / 2: within 1 ulp, measured
+    # max relative error of the sigmoid 1.19e-7 against libm's 1.18e-7), 2^n built in the
+    # exponent bits (as 2^(n-1) * 2, exact). x is clamped to [-87, ln(FLT_MAX)]: below, exp(x)
+    # is under 1e-38 and taken as 0 (flushed where libm would give a subnormal: every caller
+    # adds it to 1 or multiplies it into a gradient); above, exp is inf as libm's; NaN stays NaN.
+    # The special cases are settled in the first loop, so the second reads only e (in place).
+    def vector(x, c, e, bits):
+        one = np.float32(1.0)
+        c_ = np.float32(c)
+        for j in range(x.shape[0]):
+            xj = c_ * x[j]
+            xc = min(max(xj, np.float32(-87.0)), np.float32(88.72283))
+            n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
+            r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+            q = np.float32(1.9875691500e-4)
+            q = q * r + np.float32(1.3981999507e-3)
+            q = q * r + np.float32(8.3334519073e-3)
+            q = q * r + np.float32(4.1665795894e-2)
+            q = q * r + np.float32(1.6666665459e-1)
+            q = q * r + np.float32(5.0000001201e-1)
+            p = q * r * r + r + one
+            p = np.float32(np.inf) if xj > np.float32(88.72283) else p
+            p = np.float32(0.0) if xj < np.float32(-103.97) else p
+            e[j] = xj if xj != xj else p
+            bits[j] = np.uint32(np.int32(n) + np.int32(126)) << np.uint32(23)  # 2^(n-1): normal up to n = 128
+        scale = bits.view(np.float32)
+        for j in range(x.shape[0]):
+            e[j] = e[j] * scale[j] * np.float32(2.0)
+
+    return vector
+
+
 def sigmoid_rows(z, s, bits):  # pragma: no cover - replaced by the overload inside kernels
     """``s = 1 / (1 + exp(-z))`` elementwise (``bits``: uint32 scratch of z's length)."""
 
@@ -179,36 +246,11 @@ def _sigmoid_rows(z, s, bits):
 
         return libm
 
-    # float32: numba has no vector math library here (no SVML), and libm's expf is a scalar call
-    # per element (silu made gated_rms_norm's forward 2.5x slower than its plain RMSNorm). This
-    # exp vectorizes: exp(x) = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts,
-    # exact products), e^r by Cephes' expf polynomial (|r| <= ln2 / 2: within 1 ulp, measured
-    # max relative error of the sigmoid 1.19e-7 against libm's 1.18e-7), 2^n built in the
-    # exponent bits (as 2^(n-1) * 2, exact). x is clamped to [-87, ln(FLT_MAX)]: below, exp(x)
-    # is under 1e-38 and 1 + exp(x) is 1 either way; above, exp is inf as libm's; NaN stays NaN.
-    def vector(z, s, bits):
+    def vector(z, s, bits):  # the vectorized exp of exp_rows
         one = np.float32(1.0)
+        exp_rows(z, -1.0, s, bits)
         for j in range(z.shape[0]):
-            x = -z[j]
-            xc = min(max(x, np.float32(-87.0)), np.float32(88.72283))
-            n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
-            r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-            q = np.float32(1.9875691500e-4)
-            q = q * r + np.float32(1.3981999507e-3)
-            q = q * r + np.float32(8.3334519073e-3)
-            q = q * r + np.float32(4.1665795894e-2)
-            q = q * r + np.float32(1.6666665459e-1)
-            q = q * r + np.float32(5.0000001201e-1)
-            s[j] = q * r * r + r + one
-            bits[j] = np.uint32(np.int32(n) + np.int32(126)) << np.uint32(23)  # 2^(n-1): normal up to n = 128
-        scale = bits.view(np.float32)
-        for j in range(z.shape[0]):
-            x = -z[j]
-            e = s[j] * scale[j] * np.float32(2.0)
-            e = np.float32(np.inf) if x > np.float32(88.72283) else e
-            e = np.float32(0.0) if x < np.float32(-103.97) else e
-            e = x if x != x else e
-            s[j] = one / (one + e)
+            s[j] = one / (one + s[j])
 
     return vector
 
@@ -395,3 +437,219 @@ def sandwich_bwd(dy, drout, h, rout, w1, w2, rstd1, rstd2, block, dh, dres, dw1p
             _input_grad(v, dr, w1, zero, zero, r_std, zero, c_gx, out)
             encode(out, dh[i])
 
+
+
+# ---- normalization-free: DyT and Derf -----------------------------------------------------
+
+
+def tanh_rows(u, s, t, bits):  # pragma: no cover - replaced by the overload inside kernels
+    """``s = tanh(u)`` elementwise (``s``, ``t`` (scratch) and ``u`` three arrays; ``bits``:
+    uint32 scratch of u's length)."""
+
+
+def _libm_or(vector, scalar):
+    """The overload of a ``(u, s, t, bits)`` squash: ``vector`` for float32 rows, else ``scalar``
+    (libm) per element."""
+    def typer(u, s, t, bits):
+        if s.dtype == types.float32:
+            return vector
+
+        def libm(u, s, t, bits):
+            for j in range(u.shape[0]):
+                s[j] = scalar(u[j])
+
+        return libm
+
+    return typer
+
+
+def _tanh_vector(u, s, t, bits):
+    # float32 tanh (libm's tanhf is a scalar call per element, as expf): Cephes' tanhf split, both
+    # sides computed and one selected per element (so the loops vectorize): |u| < 0.625, the
+    # odd polynomial u + u^3 P(u^2); beyond, (1 - e) / (1 + e) with e = exp(-2|u|) from
+    # exp_rows (in (0, 0.29]: no cancellation), the sign of u. Measured within 2 ulp of float64
+    # tanh over the float32 range; +-inf -> +-1, NaN stays NaN.
+    one = np.float32(1.0)
+    for j in range(u.shape[0]):
+        t[j] = abs(u[j])
+    exp_rows(t, -2.0, s, bits)
+    for j in range(u.shape[0]):
+        x = u[j]
+        z = x * x
+        p = np.float32(-5.70498872745e-3)
+        p = p * z + np.float32(2.06390887954e-2)
+        p = p * z + np.float32(-5.37397155531e-2)
+        p = p * z + np.float32(1.33314422036e-1)
+        p = p * z + np.float32(-3.33332819422e-1)
+        near = p * z * x + x
+        e = s[j]
+        far = (one - e) / (one + e)
+        far = far if x >= np.float32(0.0) else -far
+        s[j] = near if abs(x) < np.float32(0.625) else far
+
+
+overload(tanh_rows)(_libm_or(_tanh_vector, np.tanh))
+
+
+def erf_rows(u, s, t, bits):  # pragma: no cover - replaced by the overload inside kernels
+    """``s = erf(u)`` elementwise (arguments as :func:`tanh_rows`)."""
+
+
+def _erf_vector(u, s, t, bits):
+    # float32 erf, vectorized as tanh's (both sides computed, one selected). Fitted here by least
+    # squares in float64 on Chebyshev nodes (coefficients rounded to float32, errors measured
+    # with float32 Horner evaluation against float64 erf): |u| < 0.9, erf(u) = u + u * P(u^2)
+    # (P(0) = 2/sqrt(pi) - 1: the leading term stays exact; within 1 ulp); 0.9 <= |u|,
+    # erf(u) = 1 - exp(Q(|u|) - u^2) with Q(a) = log(erfc(a)) + a^2 a degree-8 polynomial in
+    # a - 2.45 on [0.9, 4] (within 1.3 ulp with an exact exp; exp_rows adds one), |u| clamped to
+    # 4, where float32 erf is 1 already. +-inf -> +-1; NaN stays NaN.
+    one = np.float32(1.0)
+    for j in range(u.shape[0]):
+        a = min(abs(u[j]), np.float32(4.0))
+        r = a - np.float32(2.45)
+        q = np.float32(1.610223e-06)
+        q = q * r + np.float32(-1.3952066e-05)
+        q = q * r + np.float32(8.218188e-05)
+        q = q * r + np.float32(-0.00044408365)
+        q = q * r + np.float32(0.0022731367)
+        q = q * r + np.float32(-0.011302238)
+        q = q * r + np.float32(0.057768155)
+        q = q * r + np.float32(-0.35837385)
+        q = q * r + np.float32(-1.5390396)
+        t[j] = q - a * a
+    exp_rows(t, 1.0, s, bits)
+    for j in range(u.shape[0]):
+        x = u[j]
+        z = x * x
+        p = np.float32(8.508397e-05)
+        p = p * z + np.float32(-0.00081744866)
+        p = p * z + np.float32(0.0052037532)
+        p = p * z + np.float32(-0.026860463)
+        p = p * z + np.float32(0.11283714)
+        p = p * z + np.float32(-0.37612635)
+        p = p * z + np.float32(0.12837917)
+        near = x * p + x
+        far = one - s[j]
+        far = far if x >= np.float32(0.0) else -far
+        far = x if x != x else far
+        s[j] = near if abs(x) < np.float32(0.9) else far
+
+
+overload(erf_rows)(_libm_or(_erf_vector, math.erf))
+
+
+@jit
+def _pre_activation(v, alpha, shift, u):
+    """``u = alpha * v + shift``."""
+    for j in range(v.shape[0]):
+        u[j] = alpha * v[j] + shift
+
+
+@jit
+def _squash(u, s, t, bits, is_erf):
+    if is_erf:
+        erf_rows(u, s, t, bits)
+    else:
+        tanh_rows(u, s, t, bits)
+
+
+@jit
+def _squash_grad(u, s, is_erf, ds, t, bits):
+    """``ds = squash'(u)``: ``1 - s^2`` (tanh), ``2 / sqrt(pi) * exp(-u^2)`` (erf)."""
+    one = s.dtype.type(1.0)
+    if is_erf:
+        for j in range(u.shape[0]):
+            t[j] = u[j] * u[j]
+        exp_rows(t, -1.0, ds, bits)
+        c = s.dtype.type(1.1283791670955126)
+        for j in range(u.shape[0]):
+            ds[j] = c * ds[j]
+    else:
+        for j in range(u.shape[0]):
+            ds[j] = one - s[j] * s[j]
+
+
+@jit
+def _weight_affine(s, w, b, out):
+    """``out = s * w + b``."""
+    for j in range(s.shape[0]):
+        out[j] = s[j] * w[j] + b[j]
+
+
+@jit
+def _param_grads(g, s, dw, db):
+    """``dw += g * s``, ``db += g``."""
+    for j in range(g.shape[0]):
+        dw[j] += g[j] * s[j]
+        db[j] += g[j]
+
+
+@jit
+def _input_grads(g, w, alpha, ds, out):
+    """``ds = g * w * ds`` (the gradient at u, in place) and ``out = alpha * ds``."""
+    for j in range(g.shape[0]):
+        gu = g[j] * w[j] * ds[j]
+        ds[j] = gu
+        out[j] = alpha * gu
+
+
+@jit
+def squash_fwd(x, alpha, shift, w, b, is_erf, y, lo, hi):
+    """Rows ``lo..hi-1``: ``y = w * squash(alpha * x + shift) + b``, squash erf (``is_erf``) or tanh."""
+    D = x.shape[1]
+    a, sh = w.dtype.type(alpha), w.dtype.type(shift)
+    xbuf = np.empty(D, w.dtype)
+    ubuf = np.empty(D, w.dtype)
+    sbuf = np.empty(D, w.dtype)
+    ybuf = np.empty(D, w.dtype)
+    tbuf = np.empty(D, w.dtype)
+    bits = np.empty(D, np.uint32)
+    for i in range(lo, hi):
+        v = decode(x[i], xbuf)
+        _pre_activation(v, a, sh, ubuf)
+        _squash(ubuf, sbuf, tbuf, bits, is_erf)
+        out = staging(y[i], ybuf)
+        _weight_affine(sbuf, w, b, out)
+        encode(out, y[i])
+
+
+@jit
+def squash_bwd(dy, x, alpha, shift, w, is_erf, block, dx, dwp, dbp, dsp, lo, hi):
+    """For the rows of blocks ``lo..hi-1`` (``block`` rows each) of :func:`squash_fwd`, with
+    ``g = dy * w * squash'(u)``: ``dx = alpha * g``; the blocks' partial sums, in row order, of
+    ``dy * squash(u)`` and ``dy`` (``dwp[blk]``, ``dbp[blk]``) and, in float64, of ``g * x`` and
+    ``g`` (``dsp[blk, 0]``, ``dsp[blk, 1]``: alpha's and shift's gradients), each row's sum
+    taken first in the statistics dtype (the row kernels' chunked sums)."""
+    M, D = x.shape
+    a, sh = w.dtype.type(alpha), w.dtype.type(shift)
+    zero, one = w.dtype.type(0.0), w.dtype.type(1.0)
+    ones = np.ones(D, w.dtype)
+    xbuf = np.empty(D, w.dtype)
+    gbuf = np.empty(D, w.dtype)
+    ubuf = np.empty(D, w.dtype)
+    sbuf = np.empty(D, w.dtype)
+    dbuf = np.empty(D, w.dtype)
+    obuf = np.empty(D, w.dtype)
+    tbuf = np.empty(D, w.dtype)
+    bits = np.empty(D, np.uint32)
+    for blk in range(lo, hi):
+        dw = dwp[blk]
+        db = dbp[blk]
+        dw[:] = zero
+        db[:] = zero
+        sum_gx, sum_g = 0.0, 0.0
+        for i in range(blk * block, min(M, (blk + 1) * block)):
+            v = decode(x[i], xbuf)
+            g = decode(dy[i], gbuf)
+            _pre_activation(v, a, sh, ubuf)
+            _squash(ubuf, sbuf, tbuf, bits, is_erf)
+            _squash_grad(ubuf, sbuf, is_erf, dbuf, tbuf, bits)
+            _param_grads(g, sbuf, dw, db)
+            out = staging(dx[i], obuf)
+            _input_grads(g, w, a, dbuf, out)
+            row_g, row_gx = _row_dots(v, dbuf, ones, zero, zero, one)
+            sum_g += row_g
+            sum_gx += row_gx
+            encode(out, dx[i])
+        dsp[blk, 0] = sum_gx
+        dsp[blk, 1] = sum_g

@@ -10,14 +10,15 @@ the registry first looks the backend up (``normkit.ops.builtin``).
   ``group_norm_act`` and ``instance_norm``; forward and backward each one fused kernel.
   From :mod:`.blocks`, the norms of today's blocks: ``modulated_layer_norm``,
   ``modulated_rms_norm``, ``gated_rms_norm``, ``sandwich_rms_norm`` (one fused kernel each
-  way) and ``qk_rms_norm`` (the row kernels' RMSNorm on q and on k).
+  way), ``qk_rms_norm`` (the row kernels' RMSNorm on q and on k), and the normalization-free
+  ``dyt`` and ``derf`` (elementwise: one pass each way, all five gradients in the backward's).
 * Unsupported (with the reason): tensors not on the CPU; dtypes other than float32, float64
   and bfloat16 (float16 is declined: the CPU has no float16 arithmetic, so the kernels would
   convert every element both ways and gain nothing over float32 or ATen); empty row-norm
   input; ``instance_norm(use_input_stats=False)``; ``local_response_norm`` (no kernel);
   modulated norms whose ``shift``/``scale`` broadcast otherwise than per sample, per token or
   once for the batch (:func:`modulation_rows`); a sandwich whose residual has another dtype
-  than hidden's; ``dyt`` and ``derf`` (elementwise, no reduction: no numba kernel written or measured).
+  than hidden's.
   :func:`declared_ops` gives these checks without importing numba.
 * Preferred by ``"auto"``: only where :data:`MEASURED_FASTER` lists the op and the call's
   shape class (:func:`shape_class`), filled from the committed CPU benchmark
@@ -178,6 +179,14 @@ def _qk_unsupported(q, k, q_weight, k_weight, eps=None):
     return tensors_unsupported(q, q_weight) or tensors_unsupported(k, k_weight)
 
 
+def _dyt_unsupported(input, alpha, weight=None, bias=None):
+    return tensors_unsupported(input, alpha, weight, bias)
+
+
+def _derf_unsupported(input, alpha, shift, weight=None, bias=None):
+    return tensors_unsupported(input, alpha, shift, weight, bias)
+
+
 def _sandwich_unsupported(hidden, residual, post_weight, next_weight, eps=None, weight_offset=0.0):
     why = tensors_unsupported(hidden, residual, post_weight, next_weight)
     if why is None and residual.dtype != hidden.dtype:
@@ -202,6 +211,8 @@ _BLOCK_OPS = {
     "gated_rms_norm": _gated_unsupported,
     "qk_rms_norm": _qk_unsupported,
     "sandwich_rms_norm": _sandwich_unsupported,
+    "dyt": _dyt_unsupported,
+    "derf": _derf_unsupported,
 }
 _CHANNEL_OPS = {
     "batch_norm": _batch_norm_unsupported,

@@ -1,4 +1,5 @@
-"""The norms of today's blocks on numba kernels: modulated (adaLN), gated, QK and sandwich RMSNorm.
+"""The norms of today's blocks on numba kernels: modulated (adaLN), gated, QK and sandwich RMSNorm,
+and the normalization-free DyT and Derf.
 
 Each op is one pair of ``torch.library`` custom ops over ``(M, D)`` row views (fake
 implementations for ``torch.compile(fullgraph=True)``; eager calls go straight to the kernels
@@ -13,6 +14,9 @@ through :func:`~normkit.ops.numba._engine.autograd_pair`):
 * ``normkit_numba::sandwich_fwd(hidden, residual, post_weight, next_weight, eps, offset) ->
   (y, residual_out, rstd1, rstd2)`` and ``sandwich_bwd``: one pass each way.
 * ``qk_rms_norm`` is the row kernels' RMSNorm on ``q`` and on ``k`` (one pass each way per tensor).
+* ``normkit_numba::squash_fwd(x, alpha, shift, weight, bias, is_erf) -> y`` and ``squash_bwd ->
+  (dx, dalpha, dshift, dweight, dbias)``: ``dyt`` (tanh, no shift) and ``derf`` (erf), all five
+  gradients from one pass; nothing saved but the inputs (the backward recomputes the squash).
 
 The functions take :mod:`normkit.functional_blocks`' backend arguments, after its checks and
 the backend's ``unsupported`` check (:mod:`normkit.ops.numba.backend`). Numerics: see
@@ -22,6 +26,8 @@ the other rows).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -36,6 +42,8 @@ from normkit.ops.numba._row_kernels import sum_blocks
 from normkit.ops.numba.backend import modulation_rows
 
 __all__ = [
+    "derf",
+    "dyt",
     "gated_rms_norm",
     "modulated_layer_norm",
     "modulated_rms_norm",
@@ -395,3 +403,113 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
     y, rout, _, _ = _sandwich_norm(hidden.reshape(-1, D).contiguous(), residual.reshape(-1, D).contiguous(),
                                    post_weight, next_weight, rms_eps(eps, hidden.dtype), float(weight_offset))
     return y.view(hidden.shape), rout.view(residual.shape)
+
+
+# ---- normalization-free: DyT and Derf ------------------------------------------------------
+
+
+def _number(t: Tensor | None, dtype: torch.dtype) -> float:
+    """A one-element parameter's value in the statistics dtype (0 for a missing shift)."""
+    return 0.0 if t is None else float(t.detach().reshape(()).to(_stat_dtype(dtype)))
+
+
+def _free_fwd_impl(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                   is_erf: bool) -> Tensor:
+    M, D = x.shape
+    acc = acc_np_dtype(x.dtype)
+    y = torch.empty_like(x)
+    split_run(k.squash_fwd, M, M * D, as_array(x), _number(alpha, x.dtype), _number(shift, x.dtype),
+              param(weight, acc, D, 1), param(bias, acc, D, 0), is_erf, as_array(y))
+    return y
+
+
+def _free_bwd_impl(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,
+                   is_erf: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    M, D = x.shape
+    dy = dy.to(x.dtype).contiguous()
+    block = row_norm._bwd_block(M)
+    blocks = -(-M // block)
+    stat = _stat_dtype(x.dtype)
+    dx = torch.empty_like(x)
+    dwp = torch.empty((blocks, D), dtype=stat)
+    dbp = torch.empty((blocks, D), dtype=stat)
+    dsp = np.empty((blocks, 2))
+    split_run(k.squash_bwd, blocks, M * D, as_array(dy), as_array(x), _number(alpha, x.dtype),
+              _number(shift, x.dtype), param(weight, acc_np_dtype(x.dtype), D, 1), is_erf, block, as_array(dx),
+              dwp.numpy(), dbp.numpy(), dsp)
+    dw, db = _weight_grads(dwp, dbp)
+    # the blocks' float64 partial sums added exactly rounded (fsum): order-free, so deterministic
+    dalpha = torch.tensor(math.fsum(dsp[:, 0]), dtype=torch.float64).to(alpha.dtype).reshape(alpha.shape)
+    dshift = x.new_empty(0) if shift is None else \
+        torch.tensor(math.fsum(dsp[:, 1]), dtype=torch.float64).to(shift.dtype).reshape(shift.shape)
+    return dx, dalpha, dshift, dw, db
+
+
+@torch.library.custom_op("normkit_numba::squash_fwd", mutates_args=(), device_types="cpu")
+def _free_fwd_op(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                 is_erf: bool) -> Tensor:
+    return _free_fwd_impl(x, alpha, shift, weight, bias, is_erf)
+
+
+@_free_fwd_op.register_fake
+def _(x, alpha, shift, weight, bias, is_erf):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normkit_numba::squash_bwd", mutates_args=(), device_types="cpu")
+def _free_bwd_op(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,
+                 is_erf: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _free_bwd_impl(dy, x, alpha, shift, weight, is_erf)
+
+
+@_free_bwd_op.register_fake
+def _(dy, x, alpha, shift, weight, is_erf):
+    stat = _stat_dtype(x.dtype)
+    D = x.shape[1]
+    return (torch.empty_like(x), torch.empty_like(alpha), x.new_empty(0) if shift is None else torch.empty_like(shift),
+            x.new_empty(D, dtype=stat), x.new_empty(D, dtype=stat))
+
+
+def _free_setup(ctx, inputs, output) -> None:
+    x, alpha, shift, weight, bias, is_erf = inputs
+    ctx.save_for_backward(x, alpha, shift, weight)
+    ctx.is_erf = is_erf
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _free_backward(ctx, dy):
+    x, alpha, shift, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    w_dtype, b_dtype = ctx.dtypes
+    dx, dalpha, dshift, dw, db = _free_bwd(dy, x, alpha, shift, weight, ctx.is_erf)
+    return (dx, dalpha if need[1] else None, dshift if shift is not None and need[2] else None,
+            dw.to(w_dtype) if need[3] else None, db.to(b_dtype) if b_dtype is not None and need[4] else None, None)
+
+
+vmap_by_loop(_free_fwd_op)
+vmap_by_loop(_free_bwd_op)
+_free_norm, _free_bwd = autograd_pair(_free_fwd_op, _free_setup, _free_backward, _free_bwd_op, _free_fwd_impl,
+                                      _free_bwd_impl)
+
+
+def _norm_free(input: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+               is_erf: bool) -> Tensor:
+    """Rows of the trailing dims the parameters cover (the last dim without them), each parameter
+    expanded to that row (autograd sums a smaller one's gradient back over the expansion)."""
+    nd = max([1, *(p.dim() for p in (weight, bias) if p is not None)])
+    trailing = input.shape[input.dim() - nd:]
+    D = math.prod(trailing)
+    w, b = (None if p is None else p.expand(trailing).reshape(D) for p in (weight, bias))
+    y = _free_norm(input.reshape(-1, D).contiguous(), alpha, shift, w, b, is_erf)
+    return y.view(input.shape)
+
+
+def dyt(input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``weight * tanh(alpha * input) + bias``, one fused kernel each way."""
+    return _norm_free(input, alpha, None, weight, bias, False)
+
+
+def derf(input: Tensor, alpha: Tensor, shift: Tensor, weight: Tensor | None = None,
+         bias: Tensor | None = None) -> Tensor:
+    """``weight * erf(alpha * input + shift) + bias``, one fused kernel each way."""
+    return _norm_free(input, alpha, shift, weight, bias, True)
