@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 import normkit.functional as NF
-from normkit.blocks import gated, modulated, qk_sandwich
+from normkit.blocks import gated, modulated, norm_free, qk_sandwich
 
 HERE = Path(__file__).resolve().parent
 Inputs = dict[str, torch.Tensor]
 
-COMPOSITION = {**modulated.COMPOSITION, **gated.COMPOSITION, **qk_sandwich.COMPOSITION}
+COMPOSITION = {**modulated.COMPOSITION, **gated.COMPOSITION, **qk_sandwich.COMPOSITION, **norm_free.COMPOSITION}
 
 
 def _r(*shape: int) -> torch.Tensor:
@@ -88,12 +88,26 @@ def _qk_cases():
     return [("q (1,2048,16,128) k (1,2048,8,128)", qwen3, args)]
 
 
+def _free_cases(op: str):
+    """DyT (ViT/LLM drop-in for LayerNorm) and Derf: 4096 rows of 1024 and a DiT-sized (8,1024,1152)."""
+    def make(*shape: int) -> Callable[[], Inputs]:
+        return lambda: {"x": _r(*shape), "alpha": _r(1), "shift": _r(1), "w": _r(shape[-1]), "b": _r(shape[-1])}
+
+    def args(t: Inputs) -> tuple:
+        scalars = (t["alpha"], t["shift"]) if op == "derf" else (t["alpha"],)
+        return (t["x"], *scalars, t["w"], t["b"])
+
+    return [("4096x1024", make(4096, 1024), args), ("(8,1024,1152)", make(8, 1024, 1152), args)]
+
+
 CASES = {
     "modulated_layer_norm": _modulated("modulated_layer_norm"),
     "modulated_rms_norm": _modulated("modulated_rms_norm"),
     "gated_rms_norm": _gated_cases(),
     "sandwich_rms_norm": _sandwich_cases(),
     "qk_rms_norm": _qk_cases(),
+    "dyt": _free_cases("dyt"),
+    "derf": _free_cases("derf"),
 }
 PROVIDERS = ("torch", "torch.compile", "numba")
 SMALL_ROUNDS = 41

@@ -189,7 +189,14 @@ def exp_rows(x, c, e, bits):  # pragma: no cover - replaced by the overload insi
     sends the loop to its scalar version (measured 8x slower). ``bits``: uint32 scratch."""
 
 
-@overload(exp_rows)
+# The polynomials of exp_rows, tanh_rows and erf_rows may fuse a multiply and an add into one FMA
+# instruction (contraction: one rounding instead of two, never a worse result; measured 1.6x
+# faster for exp). Only these functions get the flag: every other loop rounds as written. The
+# bits then depend on the CPU having FMA, as the vectorized sums' depend on its vector width.
+_CONTRACT = {"fastmath": {"contract"}}
+
+
+@overload(exp_rows, jit_options=_CONTRACT)
 def _exp_rows(x, c, e, bits):
     if e.dtype != types.float32:
         def libm(x, c, e, bits):
@@ -488,7 +495,7 @@ def _tanh_vector(u, s, t, bits):
         s[j] = near if abs(x) < np.float32(0.625) else far
 
 
-overload(tanh_rows)(_libm_or(_tanh_vector, np.tanh))
+overload(tanh_rows, jit_options=_CONTRACT)(_libm_or(_tanh_vector, np.tanh))
 
 
 def erf_rows(u, s, t, bits):  # pragma: no cover - replaced by the overload inside kernels
@@ -535,7 +542,7 @@ def _erf_vector(u, s, t, bits):
         s[j] = near if abs(x) < np.float32(0.9) else far
 
 
-overload(erf_rows)(_libm_or(_erf_vector, math.erf))
+overload(erf_rows, jit_options=_CONTRACT)(_libm_or(_erf_vector, math.erf))
 
 
 @jit
