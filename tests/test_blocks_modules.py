@@ -195,8 +195,16 @@ def test_refused_call_changes_nothing(name: str) -> None:
 
 
 def test_constructor_errors() -> None:
-    with pytest.raises(ValueError, match="group_size must divide"):
+    with pytest.raises(ValueError, match="group_size must be an int dividing"):
         normkit.GatedRMSNorm(12, group_size=5)
+    with pytest.raises(ValueError, match="group_size must be an int dividing"):
+        normkit.GatedRMSNorm(12, group_size=4.0)
+    with pytest.raises(TypeError, match="norm_before_gate must be a bool"):
+        normkit.GatedRMSNorm(12, norm_before_gate=1)
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        normkit.functional.gated_rms_norm(torch.randn(2, 4), None, torch.ones(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        normkit.functional.dyt(torch.randn(2, 4), torch.ones(1), None, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="cast must be one of"):
         normkit.QKRMSNorm(8, cast="halfway")
     with pytest.raises(ValueError, match="last dim only"):

@@ -585,3 +585,20 @@ def test_replaced_model_state_dict_round_trip() -> None:
     fresh.load_state_dict(state)
     x = torch.randn(2, 5, 16)
     assert torch.equal(fresh(x), model(x))
+
+
+def test_a_failed_replace_norms_changes_nothing_and_reports_nothing() -> None:
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4))
+    calls = []
+
+    def alpha_init(name: str, m: nn.Module) -> float:
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("no alpha for this one")
+        return 0.5
+
+    report = ReplaceReport()
+    with pytest.raises(RuntimeError, match="no alpha"):
+        replace_norms(model, "dyt", alpha_init=alpha_init, report=report)
+    assert type(model[0]) is nn.LayerNorm and type(model[2]) is nn.LayerNorm
+    assert not report.replaced and not report.left

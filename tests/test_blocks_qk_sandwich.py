@@ -362,3 +362,17 @@ def test_empty_k(backend: str) -> None:
     expected = functional.rms_norm(q.detach(), (8,), w.detach(), backend="reference")
     torch.testing.assert_close(q_out, expected)
     assert w.grad is not None and w.grad.isfinite().all()
+
+
+def test_composition_rounds_y_once_under_a_lower_precision_residual_stream() -> None:
+    """float32 hidden with a bf16 residual stream: y is hidden's dtype, rounded once (the torch
+    composition is the kernels' oracle; it once rounded y to bf16 first)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 64, generator=gen)
+    residual = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    w1, w2 = (torch.randn(64, generator=gen) * 0.3 + 1 for _ in range(2))
+    y_torch, r_torch = functional.sandwich_rms_norm(hidden, residual, w1, w2, backend="torch")
+    y_ref, r_ref = functional.sandwich_rms_norm(hidden, residual, w1, w2, backend="reference")
+    assert y_torch.dtype == torch.float32 and r_torch.dtype == torch.bfloat16
+    torch.testing.assert_close(r_torch, r_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y_torch, y_ref, rtol=1e-5, atol=1e-5)

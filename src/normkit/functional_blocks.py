@@ -52,6 +52,8 @@ def _check_vector(op: str, name: str, p: Tensor | None, size: int) -> None:
     if p is not None and tuple(p.shape) != (size,):
         raise RuntimeError(f"{op}: expected {name} of shape [{size}] (the input's last dim), but got {name} of "
                            f"shape {list(p.shape)}")
+    if p is not None and not p.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {p.dtype}")
 
 
 def _check_broadcast(op: str, name: str, t: Tensor, input: Tensor) -> None:
@@ -322,6 +324,8 @@ def _check_free(op: str, input: Tensor, scalars: Sequence[tuple[str, Tensor]], w
         if p is not None and (p.dim() > input.dim() or p.shape != input.shape[input.dim() - p.dim():]):
             raise RuntimeError(f"{op}: expected {name} of the input's trailing shape (its normalized_shape), but "
                                f"got {name} of shape {list(p.shape)} for an input of shape {list(input.shape)}")
+        if p is not None and not p.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {p.dtype}")
     _checks._check_devices(input, *(t for _, t in scalars), weight, bias)
 
 

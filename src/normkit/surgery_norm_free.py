@@ -239,6 +239,7 @@ def replace_norms(
     if backend is not None and backend != "auto":
         get_backend(backend)  # a misspelt name fails before anything changes
     report = ReplaceReport() if report is None else report
+    found = ReplaceReport()  # copied into ``report`` once every module is built: a failure reports nothing
     new_of: dict[int, nn.Module] = {}
     seen: set[int] = set()
 
@@ -256,10 +257,10 @@ def replace_norms(
             new = _build(kind, affine, alpha, shift_init, backend, _home(m, model))
             new.train(m.training)
             new_of[id(m)] = new
-            report.replaced.append(Replaced(name, type(m).__name__, type(new).__name__, affine.carried))
+            found.replaced.append(Replaced(name, type(m).__name__, type(new).__name__, affine.carried))
             return
         if isinstance(affine, str):
-            report.left.append(Left(name, type(m).__name__, affine))
+            found.left.append(Left(name, type(m).__name__, affine))
         for child_name, child in m.named_children():
             visit(f"{name}.{child_name}" if name else child_name, child)
 
@@ -270,4 +271,6 @@ def replace_norms(
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in new_of:
                 setattr(parent, child_name, new_of[id(child)])
+    report.replaced.extend(found.replaced)
+    report.left.extend(found.left)
     return new_of.get(id(model), model)

@@ -56,7 +56,9 @@ def qk_rms_norm(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor 
 
 
 def _acc(*tensors: Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32."""
+    """float64 when any input is float64, else float32: the sandwich's two norms share one
+    precision, the higher of hidden's and residual's (a float64 residual stream is normalized in
+    float64 either way)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -185,14 +187,15 @@ def _tracked(t: Tensor | None) -> bool:
 # The compositions users write today (HF's Qwen3/Gemma3 RMSNorm, in float32).
 
 
-def _hf_rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float = 0.0) -> Tensor:
+def _hf_rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float = 0.0,
+                 out_dtype: torch.dtype | None = None) -> Tensor:
     """Gemma3RMSNorm's steps: ``x`` in float32, ``x * rsqrt(mean(x^2) + eps) * (offset +
-    weight.float())``, cast back to x's dtype."""
+    weight.float())``, cast once to ``out_dtype`` (default x's dtype)."""
     xf = x.to(acc_dtype(x.dtype))
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         out = out * (offset + weight.to(xf.dtype))
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def _torch_qk_rms_norm(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
@@ -207,7 +210,8 @@ def _torch_sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tens
     """Gemma3DecoderLayer: post-norm, add, pre-norm."""
     eps = rms_eps(eps, hidden.dtype)
     residual_out = (residual + _hf_rms_norm(hidden, post_weight, eps, weight_offset)).to(residual.dtype)
-    return _hf_rms_norm(residual_out, next_weight, eps, weight_offset).to(hidden.dtype), residual_out
+    # y rounded once, to hidden's dtype (a lower-precision residual stream does not round it twice)
+    return _hf_rms_norm(residual_out, next_weight, eps, weight_offset, hidden.dtype), residual_out
 
 
 REFERENCE: dict[str, Callable[..., Any]] = {"qk_rms_norm": qk_rms_norm, "sandwich_rms_norm": sandwich_rms_norm}

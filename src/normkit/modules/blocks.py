@@ -148,8 +148,10 @@ class GatedRMSNorm(BackendMixin, nn.Module):
         super().__init__()
         _check_cast(type(self).__name__, cast)
         size = _last_dim(type(self).__name__, hidden_size)
-        if group_size is not None and (group_size <= 0 or size % group_size):
-            raise ValueError(f"GatedRMSNorm group_size must divide hidden_size {size}; got {group_size}")
+        if group_size is not None and (type(group_size) is not int or group_size <= 0 or size % group_size):
+            raise ValueError(f"GatedRMSNorm group_size must be an int dividing hidden_size {size}; got {group_size!r}")
+        if type(norm_before_gate) is not bool:
+            raise TypeError(f"GatedRMSNorm norm_before_gate must be a bool, not {type(norm_before_gate).__name__}")
         self.hidden_size, self.eps, self.group_size = size, eps, group_size
         self.norm_before_gate, self.cast = norm_before_gate, cast
         self.weight = _vector(size, 1.0, {"device": device, "dtype": dtype})

@@ -69,7 +69,7 @@ def _blocks(D: int, M: int, direction: str, element_size: int, block_n: int | No
     single = SINGLE_TILE[direction] // (2 if direction != "fwd" and element_size > 2 else 1)
     block_d = min(triton.next_power_of_2(D), block_n or single)
     if block_n is None and block_d < D:
-        block_d = 4096  # the chunk of a row too wide for one tile
+        block_d = min(4096, single)  # the chunk of a row too wide for one tile
     block_m = max(1, min((block_n or ROWS_TILE) // block_d, triton.next_power_of_2(max(M, 1))))
     num_warps = min(max(block_m * block_d // 256, 1), 16)
     return block_m, block_d, block_d >= D, num_warps
