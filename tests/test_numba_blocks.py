@@ -278,7 +278,7 @@ REFUSALS: dict[str, tuple[Callable[[], object], str]] = {
 
 def test_auto_picks_numba_only_where_measured_faster() -> None:
     """MEASURED_FASTER's classes: a large float32 DiT-sized call in training goes to numba; a small
-    one, a bf16 one and QK-norm's head-dim rows stay on the torch composition."""
+    one, a bf16 one, QK-norm's head-dim rows and DyT's forward stay on the torch composition."""
     numba = get_backend("numba")
 
     def preferred(op: str, *args: object) -> bool:
@@ -295,6 +295,11 @@ def test_auto_picks_numba_only_where_measured_faster() -> None:
     assert preferred("sandwich_rms_norm", x, x, None, None, None, 0.0)
     q = torch.randn(1, 2048, 16, 128, requires_grad=True)
     assert not preferred("qk_rms_norm", q, q, None, None, None)
+    alpha = torch.ones(1, requires_grad=True)
+    assert preferred("dyt", x.detach(), alpha, None, None)  # training: alpha requires grad
+    assert not preferred("dyt", x.detach(), alpha.detach(), None, None)  # forward: not claimed
+    assert preferred("derf", x.detach(), alpha.detach(), alpha.detach(), None, None)
+    assert not preferred("derf", x[:, :, :768], alpha, alpha, None, None)  # ViT rows: "/short", not measured
 
 
 @pytest.mark.parametrize("name", REFUSALS)

@@ -271,6 +271,14 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
     # 4096x1024: fwd+bwd 5.2-12.2x, forward 2.2-6.4x. qk_rms_norm is not claimed: its rows are
     # head dims ("/short"), measured at 128 only (fwd+bwd 3.7-9.9x); shorter heads were not.
     "sandwich_rms_norm": frozenset({"float32/large/train", "float32/large"}),
+    # 4096x1024 and DiT's (8,1024,1152) against the authors' composition (blocks_numba_cpu.md,
+    # 11:53 run, commit de859a1): fwd+bwd 2.7-4.6x (DyT) and 2.0-6.5x (Derf) torch eager; Derf's
+    # forward 3.0-4.9x. DyT's forward (1.5-3.6x by the medians) is not claimed: one cell's ranges
+    # overlapped (a load spike), and on a quiet core it is about even with eager's (ATen's tanh is
+    # a vectorized AVX-512 Sleef call; ours a polynomial on 256-bit vectors). Rows under 1024
+    # ("/short", e.g. ViT's 768) were not measured.
+    "dyt": frozenset({"float32/large/train"}),
+    "derf": frozenset({"float32/large/train", "float32/large"}),
 }
 
 
