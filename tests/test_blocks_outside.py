@@ -1047,13 +1047,6 @@ def test_outputs_require_grad_only_where_an_input_does(op: str, arg: int, backen
     a gradient, and an output that does not depend on it does not require grad (as with the torch
     composition: k_out does not depend on q; residual_out does not depend on next_weight)."""
     _need(backend, op)
-    if backend == "numba" and op == "sandwich":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason=f"{backend} sandwich_rms_norm: when only next_weight requires grad, residual_out.requires_grad "
-                   "is True although residual_out = residual + rms_norm(hidden, post_weight) does not depend on "
-                   "next_weight (one autograd.Function for both outputs); the torch composition returns "
-                   "residual_out with requires_grad=False"))
     fn, oracle, args, kw = STRIDES[op]
     leaves = [a.detach().clone().requires_grad_(i == arg) for i, a in enumerate(args)]
     leaves64 = [a.detach().double().requires_grad_(i == arg) for i, a in enumerate(args)]

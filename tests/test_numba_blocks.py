@@ -290,8 +290,9 @@ def test_auto_picks_numba_only_where_measured_faster() -> None:
     assert preferred("modulated_rms_norm", x.detach(), shift, shift, None, None)
     assert not preferred("modulated_rms_norm", x[:, :4], shift, shift, None, None)
     assert not preferred("modulated_rms_norm", x.bfloat16(), shift, shift, None, None)
-    assert preferred("gated_rms_norm", x, x, None, 1e-6, 576, False)
-    assert not preferred("gated_rms_norm", x.detach(), x.detach(), None, 1e-6, 576, False)  # forward: not claimed
+    assert preferred("gated_rms_norm", x, x, None, 1e-6, 1152, False)
+    assert not preferred("gated_rms_norm", x, x, None, 1e-6, 576, False)  # groups below 1024: "/short", not measured
+    assert not preferred("gated_rms_norm", x.detach(), x.detach(), None, 1e-6, 1152, False)  # forward: not claimed
     assert preferred("sandwich_rms_norm", x, x, None, None, None, 0.0)
     q = torch.randn(1, 2048, 16, 128, requires_grad=True)
     assert not preferred("qk_rms_norm", q, q, None, None, None)

@@ -223,7 +223,8 @@ _CHANNEL_OPS = {
 }
 
 
-def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None = None) -> str:
+def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None = None, *,
+                group_size: int | None = None) -> str:
     """The benchmark's class of a call: ``"<dtype>/<small|large>"``, plus ``"/short"`` where
     each reduction is shorter than any the benchmark measured (a row of fewer than
     :data:`SHORT_EXTENT` elements for the row norms, fewer than that many spatial positions per
@@ -234,7 +235,12 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
     benchmark's forward+backward column decides those)."""
     size = "small" if x.numel() < SMALL_ELEMENTS else "large"
     parts = [str(x.dtype).removeprefix("torch."), size]
-    extent = x.shape[-1] if op in _ROW_OPS or op in _BLOCK_OPS else math.prod(x.shape[2:])
+    if op == "gated_rms_norm":  # its reductions are the groups of the last dim
+        extent = group_size or x.shape[-1]
+    elif op in _ROW_OPS or op in _BLOCK_OPS:
+        extent = x.shape[-1]
+    else:
+        extent = math.prod(x.shape[2:])
     if extent < SHORT_EXTENT:
         parts.append("short")
     if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(
@@ -295,7 +301,8 @@ def _preferred(op: str):
         training = bool(args[5] if len(args) > 5 else kwargs.get("training", False)) if "batch" in op else True
         # Autograd records the call if any tensor argument (the input, a weight) requires grad.
         autograd = any(isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
-        return shape_class(op, x, training, autograd) in classes
+        group = args[4] if op == "gated_rms_norm" and len(args) > 4 else kwargs.get("group_size")
+        return shape_class(op, x, training, autograd, group_size=group) in classes
 
     return preferred
 

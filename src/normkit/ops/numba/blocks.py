@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from normkit.numerics import rms_eps
-from normkit.ops._autograd import vmap_by_loop
+from normkit.numerics import acc_dtype, rms_eps
+from normkit.ops._autograd import vmap_by_loop, without_graph
 from normkit.ops.numba import _block_kernels as k
 from normkit.ops.numba import row_norm
 from normkit.ops.numba._engine import acc_np_dtype, as_array, autograd_pair, param, split_run
@@ -52,10 +52,6 @@ __all__ = [
 ]
 
 MAX_BLOCKS = row_norm.MAX_BLOCKS
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _no_rows(like: Tensor) -> np.ndarray:
@@ -87,8 +83,8 @@ def _mod_fwd_impl(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None
     M, D = x.shape
     acc = acc_np_dtype(x.dtype)
     y = torch.empty_like(x)
-    mean = torch.empty(M, dtype=_stat_dtype(x.dtype))
-    rstd = torch.empty(M, dtype=_stat_dtype(x.dtype))
+    mean = torch.empty(M, dtype=acc_dtype(x.dtype))
+    rstd = torch.empty(M, dtype=acc_dtype(x.dtype))
     split_run(k.mod_fwd, M, M * D, as_array(x), shift.numpy(), scale.numpy(), param(weight, acc, D, 1),
               param(bias, acc, D, 0), float(eps), is_rms, as_array(y), mean.numpy(), rstd.numpy())
     return y, mean, rstd
@@ -138,7 +134,7 @@ def _mod_fwd_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, 
 @_mod_fwd_op.register_fake
 def _(x, shift, scale, weight, bias, eps, is_rms):
     M = x.shape[0]
-    stat = _stat_dtype(x.dtype)
+    stat = acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(M, dtype=stat), x.new_empty(M, dtype=stat)
 
 
@@ -183,7 +179,7 @@ _mod_norm, _mod_bwd = autograd_pair(_mod_fwd_op, _mod_setup, _mod_backward, _mod
 def _modulated(input: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
                eps: float, is_rms: bool) -> Tensor:
     D = input.shape[-1]
-    stat = _stat_dtype(input.dtype)
+    stat = acc_dtype(input.dtype)
     # (S, D) rows in the statistics dtype: a view for a contiguous float32 per-sample/per-token
     # tensor; autograd takes the gradient back to shift's shape and dtype.
     sh, sc = (t.reshape(modulation_rows(t, input.shape), D).to(stat).contiguous() for t in (shift, scale))
@@ -210,7 +206,7 @@ def _gated_fwd_impl(x: Tensor, gate: Tensor | None, weight: Tensor | None, eps: 
                     gated_after: bool) -> tuple[Tensor, Tensor]:
     M, D = x.shape
     y = torch.empty_like(x)
-    rstd = torch.empty((M, D // group), dtype=_stat_dtype(x.dtype))
+    rstd = torch.empty((M, D // group), dtype=acc_dtype(x.dtype))
     ga = as_array(gate) if gate is not None else _no_rows(x)
     split_run(k.gated_fwd, M, M * D, as_array(x), ga, param(weight, acc_np_dtype(x.dtype), D, 1), float(eps),
               group, gated_after, as_array(y), rstd.numpy())
@@ -242,7 +238,7 @@ def _gated_fwd_op(x: Tensor, gate: Tensor | None, weight: Tensor | None, eps: fl
 
 @_gated_fwd_op.register_fake
 def _(x, gate, weight, eps, group, gated_after):
-    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[1] // group), dtype=_stat_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[1] // group), dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("normkit_numba::gated_bwd", mutates_args=(), device_types="cpu")
@@ -314,8 +310,8 @@ def _sandwich_fwd_impl(hidden: Tensor, residual: Tensor, post_weight: Tensor | N
     M, D = hidden.shape
     acc = acc_np_dtype(hidden.dtype)
     y, rout = torch.empty_like(hidden), torch.empty_like(residual)
-    rstd1 = torch.empty(M, dtype=_stat_dtype(hidden.dtype))
-    rstd2 = torch.empty(M, dtype=_stat_dtype(hidden.dtype))
+    rstd1 = torch.empty(M, dtype=acc_dtype(hidden.dtype))
+    rstd2 = torch.empty(M, dtype=acc_dtype(hidden.dtype))
     split_run(k.sandwich_fwd, M, M * D, as_array(hidden), as_array(residual), _effective(post_weight, offset, acc, D),
               _effective(next_weight, offset, acc, D), float(eps), as_array(y), as_array(rout), rstd1.numpy(),
               rstd2.numpy())
@@ -350,7 +346,7 @@ def _sandwich_fwd_op(hidden: Tensor, residual: Tensor, post_weight: Tensor | Non
 @_sandwich_fwd_op.register_fake
 def _(hidden, residual, post_weight, next_weight, eps, offset):
     M = hidden.shape[0]
-    stat = _stat_dtype(hidden.dtype)
+    stat = acc_dtype(hidden.dtype)
     return (torch.empty_like(hidden), torch.empty_like(residual), hidden.new_empty(M, dtype=stat),
             hidden.new_empty(M, dtype=stat))
 
@@ -402,7 +398,7 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
     D = hidden.shape[-1]
     y, rout, _, _ = _sandwich_norm(hidden.reshape(-1, D).contiguous(), residual.reshape(-1, D).contiguous(),
                                    post_weight, next_weight, rms_eps(eps, hidden.dtype), float(weight_offset))
-    return y.view(hidden.shape), rout.view(residual.shape)
+    return y.view(hidden.shape), without_graph(rout.view(residual.shape), hidden, residual, post_weight)
 
 
 # ---- normalization-free: DyT and Derf ------------------------------------------------------
@@ -410,7 +406,7 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
 
 def _number(t: Tensor | None, dtype: torch.dtype) -> float:
     """A one-element parameter's value in the statistics dtype (0 for a missing shift)."""
-    return 0.0 if t is None else float(t.detach().reshape(()).to(_stat_dtype(dtype)))
+    return 0.0 if t is None else float(t.detach().reshape(()).to(acc_dtype(dtype)))
 
 
 def _free_fwd_impl(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -429,7 +425,7 @@ def _free_bwd_impl(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, w
     dy = dy.to(x.dtype).contiguous()
     block = row_norm._bwd_block(M)
     blocks = -(-M // block)
-    stat = _stat_dtype(x.dtype)
+    stat = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
     dwp = torch.empty((blocks, D), dtype=stat)
     dbp = torch.empty((blocks, D), dtype=stat)
@@ -464,7 +460,7 @@ def _free_bwd_op(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, wei
 
 @_free_bwd_op.register_fake
 def _(dy, x, alpha, shift, weight, is_erf):
-    stat = _stat_dtype(x.dtype)
+    stat = acc_dtype(x.dtype)
     D = x.shape[1]
     return (torch.empty_like(x), torch.empty_like(alpha), x.new_empty(0) if shift is None else torch.empty_like(shift),
             x.new_empty(D, dtype=stat), x.new_empty(D, dtype=stat))
