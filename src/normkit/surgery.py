@@ -40,6 +40,7 @@ __all__ = [
     "ConvertReport",
     "Converted",
     "Left",
+    "Probe",
     "convert",
     "register_adapter",
     "to_torch",
@@ -124,7 +125,7 @@ def register_adapter(match: type[nn.Module] | Callable[[nn.Module], bool], fn: A
     later are tried first, and before the built-in ones (:mod:`normkit.adapters_blocks`); an
     adapter's module is kept only if its forward takes every argument ``m``'s does and it passes
     the probe (see :func:`convert`). ``probes(m)``: for a norm whose forward takes more than its
-    input, the calls to probe it with (a list of :class:`normkit._structure.Probe`; by default
+    input, the calls to probe it with (a list of :class:`normkit.surgery.Probe`; by default
     ``forward(input)`` alone)."""
     if isinstance(match, type):
         cls = match
