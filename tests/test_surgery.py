@@ -549,3 +549,18 @@ def test_a_norm_held_twice_by_one_parent_is_replaced_in_both_slots() -> None:
     assert type(converted[0]) is normkit.RMSNorm and converted[2] is converted[0]
     assert type(converted[3]) is normkit.LayerNorm and converted[4] is converted[3]
     torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
+
+
+def test_a_replaced_norm_keeps_its_hooks_and_their_handles() -> None:
+    norm = _HFStyleRMSNorm(8)
+    model = nn.Sequential(nn.Linear(8, 8), norm)
+    calls: list[str] = []
+    handle = norm.register_forward_hook(lambda m, a, out: calls.append("post"))
+    norm.register_forward_pre_hook(lambda m, a: calls.append("pre"))
+    converted = normkit.convert(model)
+    assert type(converted[1]) is normkit.RMSNorm
+    converted(torch.randn(2, 8))
+    assert calls == ["pre", "post"]
+    handle.remove()  # the handle still reaches the hook
+    converted(torch.randn(2, 8))
+    assert calls == ["pre", "post", "pre"]

@@ -76,6 +76,17 @@ def _gated_probes(m: nn.Module) -> list[Probe]:
     return probes
 
 
+def _carry_attributes(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` given the plain public attributes (numbers, strings) of ``old`` it lacks: model
+    code may read them from the norm without calling it (HF Mamba2's training path passes
+    ``norm.weight`` and ``norm.variance_epsilon`` to a fused kernel). They are copies: set the
+    normkit module's own attributes (``eps``) to change what it computes."""
+    for name, value in vars(old).items():
+        if not name.startswith("_") and isinstance(value, (bool, int, float, str)) and not hasattr(new, name):
+            setattr(new, name, value)
+    return new
+
+
 def _gated_candidates(m: nn.Module) -> list[Candidate]:
     """GatedRMSNorm for a norm whose forward takes a ``gate``, with a 1-D ``weight`` and an eps;
     ``group_size`` from its attribute (one group without it), both gate placements and casts."""
@@ -93,7 +104,8 @@ def _gated_candidates(m: nn.Module) -> list[Candidate]:
         else None
 
     def make(cast: str, before: bool) -> Callable[[nn.Module], nn.Module]:
-        return lambda m: _share(GatedRMSNorm(size, eps, group, before, cast=cast, **_like(m)), m, ("weight",))
+        return lambda m: _carry_attributes(_share(GatedRMSNorm(size, eps, group, before, cast=cast, **_like(m)), m,
+                                                  ("weight",)), m)
 
     return [Candidate(f"GatedRMSNorm(norm_before_gate={before}, cast={cast!r})", make(cast, before), _gated_probes)
             for cast in ("normalize_first", "weight_first") for before in (False, True)]

@@ -408,6 +408,9 @@ def convert(model: nn.Module, backend: str | None = None, *, strict: bool = Fals
                       "report=normkit.ConvertReport() to see why, or strict=True to make this an error.",
                       UserWarning, stacklevel=2)
     replacements = {id(p.module): p.new for p in plans if p.new is not None}
+    for p in plans:
+        if p.new is not None:
+            _carry_hooks(p.module, p.new)
     for parent in list(model.modules()):
         # _modules, not named_children(): that skips a child already seen, so a norm held twice by
         # one parent (a reused module) would keep its second slot
@@ -419,6 +422,22 @@ def convert(model: nn.Module, backend: str | None = None, *, strict: bool = Fals
         if p.twin is not None:
             p.twin.adopt(p.module, backend=backend)
     return replacements.get(id(model), model)
+
+
+# The hooks a module holds (torch.nn.Module's own dicts of them); a replacement takes the very same
+# dicts, so a hook keeps firing and its handle still removes it.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` (a module built to replace ``old``, not a class swap) runs ``old``'s hooks."""
+    for name in _HOOK_DICTS:
+        hooks = getattr(old, name, None)
+        if hooks and not getattr(new, name, None):
+            setattr(new, name, hooks)
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def to_torch(model: nn.Module) -> nn.Module:
