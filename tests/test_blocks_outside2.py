@@ -331,10 +331,6 @@ def test_default_module_supports_double_backward(cls):
     assert torch.allclose(ga, gat, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="forward-mode AD (torch.autograd.forward_ad dual tensors) through a default-backend DyT/Derf "
-                   "module on float32 (256, 1024) raises 'forward-mode AD ... is not supported by normkit's numba "
-                   "kernels': 'auto' picks numba because alpha requires grad; backend='torch' works")
 @pytest.mark.parametrize("cls", [normkit.DyT, normkit.Derf])
 def test_default_module_supports_forward_ad(cls):
     """Forward-mode AD through a default-backend DyT/Derf gives the composition's tangent."""

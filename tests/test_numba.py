@@ -225,3 +225,18 @@ def test_auto_picks_numba_only_where_the_benchmark_measured_it_faster(shape: tup
     picked = resolve("rms_norm", None, x, (shape[-1],), w, None)
     measured = shape_class("rms_norm", x) in MEASURED_FASTER.get("rms_norm", ())
     assert (picked.__module__ == "normkit.ops.numba.row_norm") == measured
+
+
+def test_auto_keeps_forward_mode_calls_off_numba() -> None:
+    """A call carrying forward-mode tangents never goes to the kernels (they have no forward
+    rule): a large float32 RMSNorm under "auto" gives the composition's tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(512, 1024), torch.randn(512, 1024)
+    w = torch.randn(1024, requires_grad=True)
+    with fwAD.dual_level():
+        y = NF.rms_norm(fwAD.make_dual(x, t), (1024,), w)
+        tangent = fwAD.unpack_dual(y).tangent
+    with fwAD.dual_level():
+        want = fwAD.unpack_dual(NF.rms_norm(fwAD.make_dual(x, t), (1024,), w, backend="torch")).tangent
+    torch.testing.assert_close(tangent, want)

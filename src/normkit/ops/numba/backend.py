@@ -53,6 +53,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from normkit.backends import Backend, OpImpl, register_backend
@@ -297,6 +298,10 @@ def _preferred(op: str):
         # "auto" asks this first, on every call: a small CPU tensor, the common case where no
         # class claims small calls, is answered without building its class.
         if x.numel() < SMALL_ELEMENTS and not any("/small" in c for c in classes):
+            return False
+        # The kernels have no forward-mode rule: a call carrying tangents stays on a backend with one.
+        if not torch.compiler.is_compiling() and any(
+                isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None for a in (*args, *kwargs.values())):
             return False
         training = bool(args[5] if len(args) > 5 else kwargs.get("training", False)) if "batch" in op else True
         # Autograd records the call if any tensor argument (the input, a weight) requires grad.
