@@ -57,6 +57,10 @@ def main() -> None:
         if rank == 0:
             print(f"step {step} loss {total.item():.8f}")
     if world > 1:
+        # every rank done with its collectives, and DDP's reducer gone, before the group goes:
+        # gloo's threads are then idle at exit (a rank exiting mid-collective aborts)
+        dist.barrier()
+        del model, optimizer
         dist.destroy_process_group()
 
 
