@@ -254,3 +254,21 @@ def test_compiled_block_matches_eager() -> None:
     x, emb = _randn(2, 3, 8, seed=1), _randn(2, 1, 16, seed=2)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     assert_close_to_reference(compiled(x, emb), block(x, emb))
+
+
+@pytest.mark.parametrize("cast", ["weight_first", "normalize_first"])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_fused_add_rms_norm_takes_rms_norms_cast_and_offset(cast: str, offset: float) -> None:
+    """FusedAddRMSNorm(cast, weight_offset): y is RMSNorm(cast, weight_offset) of x + residual,
+    residual_out the sum, and a state_dict moves between the two."""
+    fused = _randomize(normkit.FusedAddRMSNorm(16, 1e-6, cast=cast, weight_offset=offset), seed=3)
+    plain = normkit.RMSNorm(16, 1e-6, cast=cast, weight_offset=offset)
+    plain.load_state_dict(fused.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = _randn(3, 4, 16, seed=1, dtype=dtype), _randn(3, 4, 16, seed=2, dtype=dtype)
+        with torch.no_grad():
+            y, residual_out = fused.to(dtype)(x, r)
+            want = plain.to(dtype)(x + r)
+        assert y.dtype == want.dtype and torch.equal(residual_out, x + r)
+        one_ulp = 0.0 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(y, want, rtol=one_ulp, atol=1e-6)

@@ -74,7 +74,9 @@ _MODULE_NAMES = sorted(
 # Keyword-only options beyond torch's, after ``backend``.
 # Every module has the precision controls; some have more.
 _PRECISION = ["stats_dtype", "out_dtype"]
-_OPTIONS = {"RMSNorm": _PRECISION + ["cast", "weight_offset"], "GroupNorm": _PRECISION + ["group_size"]}
+_OPTIONS = {"RMSNorm": _PRECISION + ["cast", "weight_offset"],
+            "FusedAddRMSNorm": _PRECISION + ["cast", "weight_offset"],
+            "GroupNorm": _PRECISION + ["group_size"]}
 # torch's required arguments that normkit lets default to None for an option (GroupNorm's
 # num_groups and num_channels, so that ``GroupNorm(num_channels=64, group_size=16)`` works).
 _NONE_DEFAULTS = {"GroupNorm": {"num_groups", "num_channels"}}

@@ -42,9 +42,7 @@ _CONSTRUCTOR_ONLY = {"GroupNorm": {"group_size"}}
 # parameters before normkit's options
 _NO_TWIN = {"GatedRMSNorm", "ModulatedLayerNorm", "ModulatedRMSNorm", "QKRMSNorm", "SandwichRMSNorm", "DyT", "Derf"}
 # known defects, each to be fixed where it lives
-_DEFECTS = {
-    "FusedAddRMSNorm": "its constructor lacks RMSNorm's cast and weight_offset, which adopt() sets (stateless.py)",
-}
+_DEFECTS: dict[str, str] = {}
 
 # A value for each required parameter, to build every class.
 _REQUIRED = {"num_features": 4, "num_channels": 4, "num_groups": 2, "normalized_shape": 4, "size": 3,

@@ -113,6 +113,19 @@ _CASTS = ("weight_first", "normalize_first")
 
 
 @module_leaf
+def add_rms_norm_forward(module: FusedAddRMSNorm, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`FusedAddRMSNorm`, one ``torch.fx`` leaf as :func:`rms_norm_forward`:
+    ``cast``/``weight_offset`` as RMSNorm's, on ``y``."""
+    options = {"residual_dtype": module.residual_dtype, **module.call_options()}
+    if module.cast == "normalize_first" and module.weight is not None:
+        out_dtype = options.pop("out_dtype")
+        y, residual_out = add_rms_norm(x, residual, module.normalized_shape, None, module.eps, **options)
+        y = module._scale() * y
+        return (y if out_dtype is None else y.to(out_dtype)), residual_out
+    return add_rms_norm(x, residual, module.normalized_shape, module._scale(), module.eps, **options)
+
+
+@module_leaf
 def rms_norm_forward(module: RMSNorm, x: Tensor) -> Tensor:
     """The forward of :class:`RMSNorm`: one ``torch.fx`` leaf, as it reads the weight's dtype
     and the ``cast``/``weight_offset`` options."""
@@ -204,21 +217,22 @@ class FusedAddLayerNorm(LayerNorm):
 
 
 class FusedAddRMSNorm(RMSNorm):
-    """:class:`FusedAddLayerNorm` with RMS normalization; same ``state_dict`` as :class:`RMSNorm`."""
+    """:class:`FusedAddLayerNorm` with RMS normalization; same ``state_dict`` as :class:`RMSNorm`,
+    and its ``cast`` and ``weight_offset`` options (applied to ``y``; ``residual_out`` is the sum)."""
 
     _init_attributes = {"residual_dtype": None}  # see BackendMixin.adopt
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
                  residual_dtype: torch.dtype | None = None, backend: str | None = None,
-                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> None:
+                 stats_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
+                 cast: str = "weight_first", weight_offset: float = 0.0) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype, backend=backend,
-                         stats_dtype=stats_dtype, out_dtype=out_dtype)
+                         stats_dtype=stats_dtype, out_dtype=out_dtype, cast=cast, weight_offset=weight_offset)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
-                            residual_dtype=self.residual_dtype, **self.call_options())
+        return add_rms_norm_forward(self, x, residual)
 
 
 class ScaleNorm(BackendMixin, nn.Module):
