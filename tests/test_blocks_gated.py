@@ -13,7 +13,6 @@ Triton runs on CUDA when there is a device, else under ``TRITON_INTERPRET=1`` (s
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import pytest
@@ -22,25 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
+from blocks_cases import BACKENDS, DEVICE, TRITON, needs_triton
 from kernel_bound import assert_within_bound
 from normkit import functional
-from normkit.backends import BackendError, get_backend
+from normkit.backends import BackendError
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_runs() -> bool:
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        return get_backend("triton").is_available()
-    except BackendError:
-        return False
-
-
-TRITON = _triton_runs()
-needs_triton = pytest.mark.skipif(not TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_triton)]
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 
