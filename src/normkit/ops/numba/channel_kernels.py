@@ -16,7 +16,10 @@ and without a copy:
   for GroupNorm) are cut into blocks of ``block`` rows, a size fixed by the shape;
   :func:`col_sums` writes per-(block, channel) partial sums (statistics or gradients),
   :func:`merge` adds them in a fixed order, :func:`col_out` writes the output (or the
-  input gradient) from per-channel coefficients.
+  input gradient) from per-channel coefficients. GroupNorm with enough samples for the
+  threads takes one task per sample instead (:func:`col_group_fwd`, :func:`col_group_bwd`):
+  the same blocks and sums in the same order, then the output while the sample is in cache
+  (one pass over memory fewer; 10-20% less CPU time at the ResNet and U-Net shapes).
 
 Numerics (the same bits at any thread count; for GroupNorm and InstanceNorm a sample's result
 does not depend on the other samples):
@@ -44,7 +47,8 @@ from numba import prange
 
 from normkit.ops.numba._engine import decode, encode, jit, pjit, staging, sum_jit
 
-__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
+__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "col_group_bwd", "col_group_fwd", "col_out", "col_sums", "merge",
+           "seg_bwd", "seg_fwd"]
 
 # Activation codes (normkit.functional.ACTIVATIONS by name): 0 none, 1 relu, 2 silu, 3 gelu (erf).
 ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
@@ -270,6 +274,111 @@ def _block_rows(t, nblk, block, R):
     return n, blk, blk * block, min(R, (blk + 1) * block)
 
 
+@jit(inline="always")
+def _col_block_sums(dy, x, base, row_stride, r0, r1, p, m, rs, wc, bc, act, grads, a1, a2, xbuf,
+                    gbuf):
+    """Adds rows ``[r0, r1)`` of the matrix at ``base`` into ``a1[c]`` and ``a2[c]``, each
+    column in row order: ``d = x - p`` and ``d^2``, or with ``grads`` ``dz`` and ``dz * x_hat``
+    (see :func:`col_sums`)."""
+    C = a1.shape[0]
+    zero = p.dtype.type(0.0)
+    first = r0  # the first row left for the one-row loop below
+    while not grads and first + 1 < r1:
+        # Statistics two rows per pass over the accumulators (1.4x faster; the additions in
+        # the same order as one row at a time).
+        start = base + first * row_stride
+        v = decode(x[start:start + C], xbuf)
+        u = decode(x[start + row_stride:start + row_stride + C], gbuf)
+        for c in range(C):
+            pc = np.float64(p[c])
+            d = np.float64(v[c]) - pc
+            e = np.float64(u[c]) - pc
+            a1[c] = (a1[c] + d) + e
+            a2[c] = (a2[c] + d * d) + e * e
+        first += 2
+    for r in range(first, r1):
+        start = base + r * row_stride
+        v = decode(x[start:start + C], xbuf)
+        if grads and act == 0:
+            g = decode(dy[start:start + C], gbuf)
+            for c in range(C):
+                a1[c] += g[c]
+                a2[c] += np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c])
+        elif grads and act == 1:
+            g = decode(dy[start:start + C], gbuf)
+            for c in range(C):
+                h = ((v[c] - p[c]) - m[c]) * rs[c]
+                gc = g[c]
+                dz = zero if h * wc[c] + bc[c] <= zero else gc
+                a1[c] += dz
+                a2[c] += np.float64(dz) * h
+        elif grads:
+            g = decode(dy[start:start + C], gbuf)
+            for c in range(C):
+                h = ((v[c] - p[c]) - m[c]) * rs[c]
+                dz = _act_grad(g[c], h * wc[c] + bc[c], act)
+                a1[c] += dz
+                a2[c] += np.float64(dz) * h
+        else:
+            for c in range(C):
+                d = np.float64(v[c]) - np.float64(p[c])
+                a1[c] += d
+                a2[c] += d * d
+
+
+@jit(inline="always")
+def _col_block_out(dy, x, out, base, row_stride, r0, r1, p, m, rs, wc, bc, a, e, f, act, grads,
+                   xbuf, gbuf, obuf, ubuf, qbuf):
+    """Rows ``[r0, r1)`` of the matrix at ``base`` of :func:`col_out`'s output."""
+    C = p.shape[0]
+    zero = p.dtype.type(0.0)
+    first = r0  # the first row left for the one-row loop below
+    while not grads and act == 0 and first + 1 < r1:
+        # Two rows per pass over the coefficients (elementwise: the same bits).
+        start = base + first * row_stride
+        nxt = start + row_stride
+        v = decode(x[start:start + C], xbuf)
+        u = decode(x[nxt:nxt + C], ubuf)
+        o = staging(out[start:start + C], obuf)
+        q = staging(out[nxt:nxt + C], qbuf)
+        for c in range(C):
+            o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
+            q[c] = ((u[c] - p[c]) - m[c]) * rs[c] + bc[c]
+        encode(o, out[start:start + C])
+        encode(q, out[nxt:nxt + C])
+        first += 2
+    for r in range(first, r1):
+        start = base + r * row_stride
+        v = decode(x[start:start + C], xbuf)
+        o = staging(out[start:start + C], obuf)
+        if grads and act == 0:
+            g = decode(dy[start:start + C], gbuf)
+            for c in range(C):
+                o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
+        elif grads and act == 1:
+            g = decode(dy[start:start + C], gbuf)
+            for c in range(C):
+                h = ((v[c] - p[c]) - m[c]) * rs[c]
+                gc = g[c]
+                o[c] = a[c] * (zero if h * wc[c] + bc[c] <= zero else gc) + e[c] * h + f[c]
+        elif grads:
+            g = decode(dy[start:start + C], gbuf)
+            for c in range(C):
+                h = ((v[c] - p[c]) - m[c]) * rs[c]
+                o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
+        elif act == 0:
+            for c in range(C):
+                o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
+        elif act == 1:
+            for c in range(C):
+                z = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
+                o[c] = zero if z < zero else z
+        else:
+            for c in range(C):
+                o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] + bc[c], act, zero)
+        encode(o, out[start:start + C])
+
+
 @pjit
 def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, act, grads, s1p,
              s2p):
@@ -279,56 +388,14 @@ def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, ac
     mu) * rstd``, ``dz = dy * act'(x_hat * w + b)``. Matrix n has ``R`` rows of ``C`` channels,
     ``row_stride`` apart, from ``n * sample_stride``; coefficients are per (matrix, channel)."""
     N2, nblk, C = s1p.shape
-    zero = piv.dtype.type(0.0)
     for t in prange(N2 * nblk):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
         xbuf = np.empty(C, piv.dtype)
         gbuf = np.empty(C, piv.dtype)
         a1 = np.zeros(C, np.float64)
         a2 = np.zeros(C, np.float64)
-        p, m, rs, wc, bc = piv[n], mu[n], rstd[n], w[n], b[n]
-        first = r0  # the first row left for the one-row loop below
-        while not grads and first + 1 < r1:
-            # Statistics two rows per pass over the accumulators (1.4x faster; the additions
-            # in the same order as one row at a time).
-            start = n * sample_stride + first * row_stride
-            v = decode(x[start:start + C], xbuf)
-            u = decode(x[start + row_stride:start + row_stride + C], gbuf)
-            for c in range(C):
-                pc = np.float64(p[c])
-                d = np.float64(v[c]) - pc
-                e = np.float64(u[c]) - pc
-                a1[c] = (a1[c] + d) + e
-                a2[c] = (a2[c] + d * d) + e * e
-            first += 2
-        for r in range(first, r1):
-            start = n * sample_stride + r * row_stride
-            v = decode(x[start:start + C], xbuf)
-            if grads and act == 0:
-                g = decode(dy[start:start + C], gbuf)
-                for c in range(C):
-                    a1[c] += g[c]
-                    a2[c] += np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c])
-            elif grads and act == 1:
-                g = decode(dy[start:start + C], gbuf)
-                for c in range(C):
-                    h = ((v[c] - p[c]) - m[c]) * rs[c]
-                    gc = g[c]
-                    dz = zero if h * wc[c] + bc[c] <= zero else gc
-                    a1[c] += dz
-                    a2[c] += np.float64(dz) * h
-            elif grads:
-                g = decode(dy[start:start + C], gbuf)
-                for c in range(C):
-                    h = ((v[c] - p[c]) - m[c]) * rs[c]
-                    dz = _act_grad(g[c], h * wc[c] + bc[c], act)
-                    a1[c] += dz
-                    a2[c] += np.float64(dz) * h
-            else:
-                for c in range(C):
-                    d = np.float64(v[c]) - np.float64(p[c])
-                    a1[c] += d
-                    a2[c] += d * d
+        _col_block_sums(dy, x, n * sample_stride, row_stride, r0, r1, piv[n], mu[n], rstd[n], w[n],
+                        b[n], act, grads, a1, a2, xbuf, gbuf)
         s1p[n, blk, :] = a1
         s2p[n, blk, :] = a2
 
@@ -341,62 +408,121 @@ def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b
     then ``w * rstd``), or with ``grads`` ``out = k1 * dz + k2 * x_hat + k3``, ``dz = dy * act'(z)`` (dx)."""
     N2, C = piv.shape
     nblk = (R + block - 1) // block
-    zero = piv.dtype.type(0.0)
     for t in prange(N2 * nblk):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
         xbuf = np.empty(C, piv.dtype)
         gbuf = np.empty(C, piv.dtype)
         obuf = np.empty(C, piv.dtype)
-        p, m, rs, wc, bc = piv[n], mu[n], rstd[n], w[n], b[n]
-        a, e, f = k1[n], k2[n], k3[n]
-        first = r0  # the first row left for the one-row loop below
-        if not grads and act == 0:
-            # Two rows per pass over the coefficients (elementwise: the same bits).
-            ubuf = np.empty(C, piv.dtype)
-            qbuf = np.empty(C, piv.dtype)
-            while first + 1 < r1:
-                start = n * sample_stride + first * row_stride
-                nxt = start + row_stride
-                v = decode(x[start:start + C], xbuf)
-                u = decode(x[nxt:nxt + C], ubuf)
-                o = staging(out[start:start + C], obuf)
-                q = staging(out[nxt:nxt + C], qbuf)
-                for c in range(C):
-                    o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
-                    q[c] = ((u[c] - p[c]) - m[c]) * rs[c] + bc[c]
-                encode(o, out[start:start + C])
-                encode(q, out[nxt:nxt + C])
-                first += 2
-        for r in range(first, r1):
-            start = n * sample_stride + r * row_stride
-            v = decode(x[start:start + C], xbuf)
-            o = staging(out[start:start + C], obuf)
-            if grads and act == 0:
-                g = decode(dy[start:start + C], gbuf)
-                for c in range(C):
-                    o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
-            elif grads and act == 1:
-                g = decode(dy[start:start + C], gbuf)
-                for c in range(C):
-                    h = ((v[c] - p[c]) - m[c]) * rs[c]
-                    gc = g[c]
-                    o[c] = a[c] * (zero if h * wc[c] + bc[c] <= zero else gc) + e[c] * h + f[c]
-            elif grads:
-                g = decode(dy[start:start + C], gbuf)
-                for c in range(C):
-                    h = ((v[c] - p[c]) - m[c]) * rs[c]
-                    o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
-            elif act == 0:
-                for c in range(C):
-                    o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
-            elif act == 1:
-                for c in range(C):
-                    z = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
-                    o[c] = zero if z < zero else z
-            else:
-                for c in range(C):
-                    o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] + bc[c], act, zero)
-            encode(o, out[start:start + C])
+        ubuf = np.empty(C, piv.dtype)
+        qbuf = np.empty(C, piv.dtype)
+        _col_block_out(dy, x, out, n * sample_stride, row_stride, r0, r1, piv[n], mu[n], rstd[n],
+                       w[n], b[n], k1[n], k2[n], k3[n], act, grads, xbuf, gbuf, obuf, ubuf, qbuf)
+
+
+@jit(inline="always")
+def _sample_sums(dy, x, base, row_stride, R, block, p, m, rs, wc, bc, act, grads, cg, s1, s2,
+                 xbuf, gbuf):
+    """One sample's column sums, block by block as :func:`col_sums` cuts them, each block's
+    added into ``s1[c // cg]`` and ``s2[c // cg]`` in block then channel order, as
+    :func:`merge` adds them."""
+    C = p.shape[0]
+    a1 = np.empty(C, np.float64)
+    a2 = np.empty(C, np.float64)
+    for r0 in range(0, R, block):
+        a1[:] = 0.0
+        a2[:] = 0.0
+        _col_block_sums(dy, x, base, row_stride, r0, min(R, r0 + block), p, m, rs, wc, bc, act,
+                        grads, a1, a2, xbuf, gbuf)
+        for c in range(C):
+            s1[c // cg] += a1[c]
+            s2[c // cg] += a2[c]
+
+
+@pjit
+def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, var, rstd):
+    """GroupNorm's channels_last forward, one task per sample: its statistics, then its output
+    while the sample is still in cache. The same bits as :func:`col_sums`, :func:`merge`, the
+    launcher's moments and :func:`col_out` (the same sums in the same order), so the launcher
+    may pick either (``pivot`` and the statistics: ``(N, G)``)."""
+    N, G = pivot.shape
+    C = w.shape[0]
+    cg = C // G
+    T = w.dtype.type
+    for n in prange(N):
+        base = n * sample_stride
+        xbuf = np.empty(C, w.dtype)
+        gbuf = np.empty(C, w.dtype)
+        first = decode(x[base:base + C], xbuf)
+        p = np.empty(C, w.dtype)
+        for c in range(C):
+            pivot[n, c // cg] = np.float64(first[c - c % cg])
+            p[c] = T(pivot[n, c // cg])
+        s1 = np.zeros(G, np.float64)
+        s2 = np.zeros(G, np.float64)
+        _sample_sums(x, x, base, C, R, block, p, p, p, p, p, 0, False, cg, s1, s2, xbuf, gbuf)
+        m = np.empty(C, w.dtype)
+        scale = np.empty(C, w.dtype)
+        for g in range(G):
+            mu = s1[g] / (R * cg)
+            v = s2[g] / (R * cg) - mu * mu
+            var[n, g] = 0.0 if v < 0.0 else v  # np.maximum(v, 0): NaN stays NaN
+            rstd[n, g] = 0.0 if var[n, g] + eps == 0 else 1.0 / math.sqrt(var[n, g] + eps)
+            mean[n, g] = mu
+            for c in range(g * cg, (g + 1) * cg):
+                m[c] = T(mu)
+                scale[c] = T(rstd[n, g] * np.float64(w[c]))
+        one = np.ones(C, w.dtype)
+        _col_block_out(x, x, y, base, C, 0, R, p, m, scale, one, b, one, one, one, act, False,
+                       xbuf, gbuf, np.empty(C, w.dtype), np.empty(C, w.dtype),
+                       np.empty(C, w.dtype))
+
+
+@pjit
+def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pivot, mean, rstd,
+                  s1, s2):
+    """GroupNorm's channels_last backward, one task per sample: ``s1[n, c]`` and ``s2[n, c]``
+    (``sum(dz)``, ``sum(dz * x_hat)``) as :func:`col_sums` and :func:`merge` give them, then
+    (unless ``dx`` is 0-length) the sample's ``dx`` while it is still in cache, with the
+    coefficients the launcher of :func:`col_out` computes (the same bits)."""
+    N, G = pivot.shape
+    C = w.shape[0]
+    cg = C // G
+    T = w.dtype.type
+    want_dx = dx.shape[0] > 0
+    for n in prange(N):
+        base = n * sample_stride
+        p = np.empty(C, w.dtype)
+        m = np.empty(C, w.dtype)
+        r = np.empty(C, w.dtype)
+        for c in range(C):
+            p[c] = T(pivot[n, c // cg])
+            m[c] = T(mean[n, c // cg])
+            r[c] = T(rstd[n, c // cg])
+        xbuf = np.empty(C, w.dtype)
+        gbuf = np.empty(C, w.dtype)
+        s1[n, :] = 0.0
+        s2[n, :] = 0.0
+        _sample_sums(dy, x, base, C, R, block, p, m, r, w, b, act, True, 1, s1[n], s2[n], xbuf,
+                     gbuf)
+        if not want_dx:
+            continue
+        k1 = np.empty(C, w.dtype)
+        k2 = np.zeros(C, w.dtype)
+        k3 = np.zeros(C, w.dtype)
+        for g in range(G):
+            g1 = 0.0
+            g2 = 0.0
+            for c in range(g * cg, (g + 1) * cg):
+                g1 += s1[n, c] * np.float64(w[c])
+                g2 += s2[n, c] * np.float64(w[c])
+            rs = rstd[n, g]
+            for c in range(g * cg, (g + 1) * cg):
+                k1[c] = T(rs * np.float64(w[c]))
+                if batch_stats:
+                    k2[c] = T(-rs * g2 / (R * cg))
+                    k3[c] = T(-rs * g1 / (R * cg))
+        _col_block_out(dy, x, dx, base, C, 0, R, p, m, r, w, b, k1, k2, k3, act, True, xbuf, gbuf,
+                       np.empty(C, w.dtype), np.empty(C, w.dtype), np.empty(C, w.dtype))
 
 
 @jit

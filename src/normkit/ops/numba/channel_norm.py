@@ -54,6 +54,7 @@ from normkit.ops.numba._engine import (
     as_array,
     autograd_pair,
     launch,
+    threads,
 )
 from normkit.ops.numba.backend import _CHANNEL_OPS
 
@@ -125,6 +126,15 @@ def _seg_geometry(N: int, C: int, S: int, groups: int) -> tuple[int, ...]:
     return (groups, C * S, cg * S, cg, S, S, cg, 1)
 
 
+def _per_sample(N: int) -> bool:
+    """Whether GroupNorm's channels_last kernels take one task per sample (each sample's
+    statistics and output while it is in cache) rather than blocks of rows over all samples
+    (two passes over memory; enough tasks for every thread at small N). Both give the same
+    bits, so the choice may follow the thread count."""
+    n = threads()
+    return N % n == 0 or N >= 4 * n
+
+
 def _tile(stat: np.ndarray, N: int) -> np.ndarray:
     """A per-channel vector repeated for each sample: one value per (sample, channel) row."""
     return np.tile(stat, N)
@@ -177,6 +187,10 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
                _tile(mean, N), _tile(var, N), _tile(rstd, N))
         return y, *stats
     N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
+    if groups and _per_sample(N):
+        launch(k.col_group_fwd, xa, ya, R, sample_stride, block, w, b, float(eps), act,
+               *(s.reshape(N, groups) for s in (pivot, mean, var, rstd)))
+        return y, *stats
     cg = 1 if groups == 0 else C // groups  # channels per statistic
     x3 = x.detach().reshape(N, C, S)
     if not given:
@@ -288,10 +302,17 @@ def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
     """The channels_last backward: partial sums per block, merged per (matrix, channel), then
     the per-channel coefficients of ``dx`` and one more pass for it."""
     N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
+    none = np.empty(0)
+    if groups and _per_sample(N):
+        s1, s2 = np.empty((N, C)), np.empty((N, C))
+        launch(k.col_group_bwd, ga, xa, dxa, R, sample_stride, block, w, b, batch_stats, act,
+               *(s.reshape(N, groups) for s in (p, m, r)), s1, s2)
+        k.merge(s1.reshape(1, N, C), C, none, sums[0])
+        k.merge(s2.reshape(1, N, C), C, none, sums[1])
+        return
     cg = 1 if groups == 0 else C // groups
     piv, mu, rs, wc, bc = _coefficients(N2, cg, p, m, r, w, b, acc)
     geometry = (R, sample_stride, row_stride, block, piv, mu, rs, wc, bc)
-    none = np.empty(0)
     s1 = s2 = np.zeros((N2, C))
     if batch_stats and want_dx or want_params:
         nblk = -(-R // block)
