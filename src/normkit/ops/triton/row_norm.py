@@ -39,6 +39,7 @@ from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
 from normkit.numerics import rms_eps, unbiased, update_running_stats
+from normkit.ops.triton import channels_last
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -174,6 +175,19 @@ def _empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.empty_like(t, dtype=dtype)
 
 
+def _channel_blocked(x3: Tensor, groups: int, per_channel: bool, plain: bool) -> bool:
+    """A GroupNorm/InstanceNorm call (``plain``: no residual, centred) on channels_last input
+    goes to :mod:`normkit.ops.triton.channels_last`'s kernels: a block of whole groups per
+    program, channels the fast axis (issue 15 item 5)."""
+    return per_channel and plain and channels_last.takes(x3, x3.shape[1] // groups)
+
+
+def _out_like(x3: Tensor, blocked: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """y or dx for ``x3``: the channels_last kernels' layout when they run, else
+    :func:`_empty_like`'s (the fake implementations allocate through here too)."""
+    return channels_last.empty_channels_fast(x3, dtype) if blocked else _empty_like(x3, dtype)
+
+
 def _program_count(M: int, device: torch.device) -> int:
     """Programs of the backward: a few per SM (each writes an N-wide row of dw/db partials,
     so more programs is more partial traffic); on the CPU interpreter, a handful."""
@@ -214,6 +228,10 @@ def row_norm_fwd(
     N, C, S = x.shape
     M, R = N * groups, C // groups
     weight, bias = dense(weight), dense(bias)
+    if _channel_blocked(x, groups, per_channel, residual is None and not is_rms):
+        y, mean, rstd, var = channels_last.channels_last_fwd(x, weight, bias, groups=groups, eps=eps, act=act,
+                                                             block_n=block_n)
+        return y, x.new_empty((0,)), mean, rstd, var
     y = _empty_like(x)
     store_residual = residual_dtype is not None
     residual_out = _empty_like(x, residual_dtype) if store_residual else x.new_empty((0,))
@@ -268,6 +286,11 @@ def row_norm_bwd(
     N, C, S = x.shape
     M, R = N * groups, C // groups
     weight, bias = dense(weight), dense(bias)
+    if _channel_blocked(x, groups, per_channel, dresidual_out is None and not dresidual_dtype and not is_rms):
+        dx, dw, db = channels_last.channels_last_bwd(dy, x, weight, bias, mean, rstd, groups=groups,
+                                                     dx_dtype=dx_dtype, dw_dtype=dw_dtype, db_dtype=db_dtype,
+                                                     act=act, block_n=block_n)
+        return dx, dx.new_empty((0,)), dw, db
     dresidual_out = _inner_contiguous(dresidual_out)
     dev = x.device
     dx = _empty_like(x, dx_dtype)
@@ -324,7 +347,8 @@ def _(x, residual, weight, bias, groups, per_channel, eps, is_rms, residual_dtyp
     M = x.shape[0] * groups
     residual_out = _empty_like(x, residual_dtype) if residual_dtype is not None else x.new_empty((0,))
     stats = [x.new_empty((M,), dtype=torch.float32) for _ in range(3)]
-    return _empty_like(x), residual_out, *stats
+    blocked = _channel_blocked(x, groups, per_channel, residual is None and not is_rms)
+    return _out_like(x, blocked), residual_out, *stats
 
 
 @torch.library.custom_op("normkit::row_norm_bwd", mutates_args=())
@@ -349,7 +373,8 @@ def _(dy, x, weight, bias, mean, rstd, dresidual_out, groups, per_channel, is_rm
         return x.new_empty((n_params,) if dtype is not None else (0,), dtype=dtype or torch.float32)
 
     dresidual = _empty_like(x, dresidual_dtype) if dresidual_dtype else x.new_empty((0,), dtype=dx_dtype)
-    return _empty_like(x, dx_dtype), dresidual, grad(dw_dtype), grad(db_dtype)
+    blocked = _channel_blocked(x, groups, per_channel, dresidual_out is None and not dresidual_dtype and not is_rms)
+    return _out_like(x, blocked, dx_dtype), dresidual, grad(dw_dtype), grad(db_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
