@@ -18,8 +18,9 @@ implementations, so ``torch.compile(fullgraph=True)`` traces a norm without a gr
 
 Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kernels`): tasks
 are (sample, channel) segments (BatchNorm, NC*), (sample, group) rows (GroupNorm,
-InstanceNorm, NC*) or fixed blocks of channels_last rows, on ``torch.get_num_threads()``
-threads; partial sums (statistics, weight and bias gradients) are kept per task and added in a
+InstanceNorm, NC*) or fixed blocks of channels_last rows (GroupNorm and InstanceNorm with
+enough samples for the threads: one task per sample, the same blocks inside), on
+``torch.get_num_threads()`` threads; partial sums (statistics, weight and bias gradients) are kept per task and added in a
 fixed order, so results are bit-identical at any thread count, and a GroupNorm or InstanceNorm
 sample's result does not depend on the other samples.
 
