@@ -20,9 +20,9 @@ Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kerne
 are (sample, channel) segments (BatchNorm, NC*), (sample, group) rows (GroupNorm,
 InstanceNorm, NC*) or fixed blocks of channels_last rows (GroupNorm and InstanceNorm with
 enough samples for the threads: one task per sample, the same blocks inside), on
-``torch.get_num_threads()`` threads; partial sums (statistics, weight and bias gradients) are kept per task and added in a
-fixed order, so results are bit-identical at any thread count, and a GroupNorm or InstanceNorm
-sample's result does not depend on the other samples.
+``torch.get_num_threads()`` threads; partial sums (statistics, weight and bias gradients)
+are kept per task and added in a fixed order, so results are bit-identical at any thread
+count, and a GroupNorm or InstanceNorm sample's result does not depend on the other samples.
 
 Numerics: statistics from float64 sums of ``x - pivot`` (one element of the statistic's own)
 and its square; the output and input gradient in float32 (float64 for float64 input; bf16
