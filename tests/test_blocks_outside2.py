@@ -130,8 +130,6 @@ def test_extremes_match_the_composition(kind, dtype):
             assert ((pf - qf).abs() <= tol * (1 + qf.abs())).all(), (alpha, name)
 
 
-@pytest.mark.xfail(strict=True, reason="numba DyT/Derf drop the sign of zero: dyt(-0.0) and dyt(+0.0, alpha=-1) "
-                   "return +0.0 (no weight/bias, or weight only), the composition and torch.tanh give -0.0")
 @pytest.mark.parametrize("kind", KINDS)
 def test_signed_zero_kept(kind):
     """tanh(-0) = erf(-0) = -0: without a bias, y keeps the sign of alpha*x (+ shift) as the composition does."""
@@ -301,23 +299,20 @@ def test_auto_picks_numba_for_large_float32_training_calls(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_explicit_numba_refuses_double_backward_clearly(kind):
-    """Asking numba explicitly for second-order gradients raises a RuntimeError naming the fix (no silent zeros)."""
-    x, a, s, w, b, _ = _args(kind, (4, 64))
-    x.requires_grad_()
-    a.requires_grad_()
-    y = _call(kind, x, a, s, w, b)
-    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order"):
-        torch.autograd.grad(dx.sum(), a)
+def test_explicit_numba_double_backward_matches_the_composition(kind):
+    """Second-order gradients through backend='numba' (a gradient penalty reaching alpha and x) equal the torch
+    composition's."""
+    x0, a0, s, w, b, _ = _args(kind, (4, 64))
+    got = []
+    for backend in ("numba", "torch"):
+        x, a = x0.clone().requires_grad_(), a0.clone().requires_grad_()
+        y = _call(kind, x, a, s, w, b, backend=backend)
+        (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        got.append(torch.autograd.grad(dx.pow(2).sum(), (a, x)))
+    for p, q in zip(*got):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="the default backend ('auto') now routes a float32 DyT/Derf of >= 2^18 elements with rows >= "
-                   "1024 and alpha requiring grad (every DyT module in training) to numba, whose backward has no "
-                   "double backward: a gradient penalty / Hessian-vector product through a default DyT(1024) raises "
-                   "'second-order gradients through normkit's numba kernels (squash_bwd) are not supported'; the "
-                   "composition auto used before supports it")
 @pytest.mark.parametrize("cls", [normkit.DyT, normkit.Derf])
 def test_default_module_supports_double_backward(cls):
     """A default-backend DyT/Derf supports create_graph=True (gradient penalties) as the composition does."""

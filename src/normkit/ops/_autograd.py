@@ -9,7 +9,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-__all__ = ["check_saveable", "forward_ad_refusal", "refuse_forward_ad_early", "vmap_by_loop", "without_graph"]
+__all__ = [
+    "check_saveable",
+    "forward_ad_refusal",
+    "graph_vjp",
+    "records_graph",
+    "refuse_forward_ad_early",
+    "vmap_by_loop",
+    "without_graph",
+]
 
 
 def without_graph(t: Tensor, *inputs: Tensor | None) -> Tensor:
@@ -79,3 +87,60 @@ def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None
             "inference mode in computation tracked by autograd. To work around this, you can make "
             "a clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` "
             "instead of `torch.inference_mode()`.")
+
+
+def records_graph(saved: tuple[Tensor | None, ...], grads: tuple[Tensor | None, ...]) -> bool:
+    """Whether a backward running now must build a graph of its own: autograd runs it with
+    ``create_graph=True`` (grad mode on) and something it reads requires grad, so its results
+    can be differentiated again (gradient penalties, MAML, Hessian-vector products). False for
+    a first-order backward, and under a single ``torch.func.grad`` or ``vmap(grad)``: torch.func
+    always runs the backward with grad mode on, on tensors tracked by that same transform,
+    whose gradient is then taken out of it; only tracking by an outer transform
+    (``jacrev(grad)``) or by autograd outside counts."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [t for t in (*saved, *grads) if t is not None]
+    if not torch._C._are_functorch_transforms_active():
+        return any(t.requires_grad for t in tensors)
+    level = torch._C._functorch.current_level()
+    return any(_tracked_outside(t, level) for t in tensors)
+
+
+def _tracked_outside(t: Tensor, level: int) -> bool:
+    """``t`` is differentiated by a torch.func level below ``level`` or by plain autograd."""
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(t):
+        if ft.is_gradtrackingtensor(t) and ft.maybe_get_level(t) < level:
+            return True
+        t = ft.get_unwrapped(t)
+    return t.requires_grad
+
+
+def graph_vjp(fn: Callable[..., Tensor | tuple[Tensor, ...]], args: tuple[object, ...],
+              grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """The vector-Jacobian product of ``fn`` at ``args`` with the cotangents ``grads`` (one per
+    result of ``fn``, None for none), itself differentiable (a graph back to ``args`` and
+    ``grads``): one entry per argument, the gradient of each Tensor argument that requires grad
+    (zeros where no result depends on it), None for the others. ``fn`` must be written in
+    differentiable torch operations (the composition a kernel's backward stands for).
+
+    ``torch.func.vjp``, not ``torch.autograd.grad``: an argument may be a result of the node
+    whose backward is running (a saved output, such as an add-norm's ``residual_out``), and a
+    reentrant ``autograd.grad`` towards it runs that node's backward again, without end."""
+    wrt = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.requires_grad]
+    if not wrt:
+        return (None,) * len(args)
+
+    def of(*primals: Tensor) -> tuple[Tensor, ...]:
+        full = list(args)
+        for i, p in zip(wrt, primals, strict=True):
+            full[i] = p
+        outs = fn(*full)
+        return outs if isinstance(outs, tuple) else (outs,)
+
+    with torch.enable_grad():
+        outs, pullback = torch.func.vjp(of, *(args[i] for i in wrt))
+        found = pullback(tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                               for o, g in zip(outs, grads, strict=True)))
+    got = dict(zip(wrt, found, strict=True))
+    return tuple(got.get(i) for i in range(len(args)))

@@ -41,6 +41,12 @@ from normkit.ops.numba._row_kernels import (
 )
 from normkit.ops.numba._vector_math import erf_rows, exp_rows, sigmoid_rows, tanh_rows
 
+# numba's on-disk cache keys each kernel by the text of the file that defines it, not of the
+# functions it inlines: a change to _vector_math.py alone leaves these kernels' cached machine code
+# stale. Revision of the inlined math the cached kernels must match (bump it with any change there):
+# 2 (tanh keeps the sign of zero).
+_VECTOR_MATH_REVISION = 2
+
 __all__ = [
     "gated_bwd",
     "gated_fwd",

@@ -65,7 +65,7 @@ from numba.extending import overload
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
-from normkit.ops._autograd import forward_ad_refusal
+from normkit.ops._autograd import forward_ad_refusal, records_graph
 
 __all__ = [
     "LANES",
@@ -250,12 +250,19 @@ def _encode(buf, row):
 # The numba kernels' forward-mode refusal (a jvp for their autograd Functions).
 _refuse_forward_ad = forward_ad_refusal("numba")
 
-def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None,
-                  bwd_impl=None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None, *,
+                  graph_backward=None) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(forward_call, backward_call)`` for a pair of custom ops: eager code goes through an
-    ``autograd.Function`` (works under torch.func; forward mode raises; a second derivative
-    raises instead of silently dropping terms), compiled code calls the ops, whose autograd
-    formula is registered with ``torch.library.register_autograd``.
+    ``autograd.Function`` (works under torch.func; forward mode raises), compiled code calls
+    the ops, whose autograd formula is registered with ``torch.library.register_autograd``.
+
+    ``graph_backward(ctx, *grads)``, with ``backward``'s signature and results, computes the
+    gradients in differentiable torch operations: the eager backward calls it instead of the
+    kernel when it must build a graph (``create_graph=True`` with something it reads requiring
+    grad: gradient penalties, MAML, Hessian-vector products; see
+    :func:`normkit.ops._autograd.records_graph`), so second and higher derivatives are exact.
+    A first-order backward always runs the kernel. Without it a second derivative raises
+    instead of silently dropping terms.
 
     ``fwd_impl``/``bwd_impl``, the ops' own Python implementations, are called directly in
     eager code outside torch.func transforms: the same kernels without the custom-op dispatch
@@ -276,6 +283,8 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None,
 
         @staticmethod
         def backward(ctx, *grads):
+            if graph_backward is not None and torch.is_grad_enabled() and records_graph(ctx.saved_tensors, grads):
+                return graph_backward(ctx, *grads)
             return backward(ctx, *grads)
 
     class Backward(torch.autograd.Function):

@@ -139,6 +139,8 @@ def _tanh_vector(u, s, t, bits):
         p = p * z + np.float32(1.33314422036e-1)
         p = p * z + np.float32(-3.33332819422e-1)
         near = p * z * x + x
+        # tanh(-0) = -0, but -0 * 0 * p is +0 (p(0) < 0) and -0 + +0 is +0: keep x itself there
+        near = x if z == np.float32(0.0) else near
         e = s[j]
         far = (one - e) / (one + e)
         far = far if x >= np.float32(0.0) else -far

@@ -27,6 +27,7 @@ the other rows).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -36,7 +37,7 @@ from torch import Tensor
 from normkit.numerics import acc_dtype, rms_eps
 from normkit.ops._autograd import vmap_by_loop, without_graph
 from normkit.ops.numba import _block_kernels as k
-from normkit.ops.numba import row_norm
+from normkit.ops.numba import _graph_backward, row_norm
 from normkit.ops.numba._engine import acc_np_dtype, as_array, autograd_pair, param, split_run
 from normkit.ops.numba._row_kernels import sum_blocks
 from normkit.ops.numba.backend import modulation_rows
@@ -156,7 +157,7 @@ def _mod_setup(ctx, inputs, output) -> None:
     x, shift, scale, weight, bias, eps, is_rms = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, shift, scale, weight, bias, mean, rstd)
-    ctx.is_rms = is_rms
+    ctx.is_rms, ctx.eps = is_rms, eps
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
@@ -173,7 +174,7 @@ def _mod_backward(ctx, dy, dmean, drstd):
 vmap_by_loop(_mod_fwd_op)
 vmap_by_loop(_mod_bwd_op)
 _mod_norm, _mod_bwd = autograd_pair(_mod_fwd_op, _mod_setup, _mod_backward, _mod_bwd_op, _mod_fwd_impl,
-                                    _mod_bwd_impl)
+                                    _mod_bwd_impl, graph_backward=_graph_backward.modulated)
 
 
 def _modulated(input: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -257,6 +258,7 @@ def _gated_setup(ctx, inputs, output) -> None:
     x, gate, weight, eps, group, gated_after = inputs
     ctx.save_for_backward(x, gate, weight, output[1])
     ctx.params = (group, gated_after, None if weight is None else weight.dtype)
+    ctx.eps = eps
 
 
 def _gated_backward(ctx, dy, drstd):
@@ -271,7 +273,7 @@ def _gated_backward(ctx, dy, drstd):
 vmap_by_loop(_gated_fwd_op)
 vmap_by_loop(_gated_bwd_op)
 _gated_norm, _gated_bwd = autograd_pair(_gated_fwd_op, _gated_setup, _gated_backward, _gated_bwd_op,
-                                        _gated_fwd_impl, _gated_bwd_impl)
+                                        _gated_fwd_impl, _gated_bwd_impl, graph_backward=_graph_backward.gated)
 
 
 def gated_rms_norm(input: Tensor, gate: Tensor | None, weight: Tensor | None = None, eps: float = 1e-6,
@@ -370,7 +372,7 @@ def _sandwich_setup(ctx, inputs, output) -> None:
     hidden, residual, post_weight, next_weight, eps, offset = inputs
     _, rout, rstd1, rstd2 = output
     ctx.save_for_backward(hidden, rout, post_weight, next_weight, rstd1, rstd2)
-    ctx.offset = offset
+    ctx.offset, ctx.eps = offset, eps
     ctx.dtypes = tuple(None if w is None else w.dtype for w in (post_weight, next_weight))
 
 
@@ -389,7 +391,8 @@ def _sandwich_backward(ctx, dy, drout, drstd1, drstd2):
 vmap_by_loop(_sandwich_fwd_op)
 vmap_by_loop(_sandwich_bwd_op)
 _sandwich_norm, _sandwich_bwd = autograd_pair(_sandwich_fwd_op, _sandwich_setup, _sandwich_backward,
-                                              _sandwich_bwd_op, _sandwich_fwd_impl, _sandwich_bwd_impl)
+                                              _sandwich_bwd_op, _sandwich_fwd_impl, _sandwich_bwd_impl,
+                                              graph_backward=_graph_backward.sandwich)
 
 
 def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | None, next_weight: Tensor | None,
@@ -405,8 +408,22 @@ def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | No
 
 
 def _number(t: Tensor | None, dtype: torch.dtype) -> float:
-    """A one-element parameter's value in the statistics dtype (0 for a missing shift)."""
-    return 0.0 if t is None else float(t.detach().reshape(()).to(acc_dtype(dtype)))
+    """A one-element parameter's value in the statistics dtype (-0 for a missing shift: see
+    :func:`_no_bias`)."""
+    return -0.0 if t is None else float(t.detach().reshape(()).to(acc_dtype(dtype)))
+
+
+@functools.lru_cache(maxsize=64)
+def _negative_zeros(D: int, dtype: type) -> np.ndarray:
+    return np.full(D, -0.0, dtype)
+
+
+def _no_bias(bias: Tensor | None, acc: type, D: int) -> np.ndarray:
+    """The bias the kernel adds: -0 for a missing one. ``v + (-0)`` is ``v`` for every ``v``,
+    signed zeros included (``+0`` would turn ``-0`` into ``+0``), so ``dyt(-0.0)`` is ``-0.0``
+    as ``torch.tanh`` gives, with no branch in the kernel. (Not :func:`param`'s fill: its cache
+    cannot tell -0.0 from 0.0.)"""
+    return _negative_zeros(D, acc) if bias is None else param(bias, acc, D, 0)
 
 
 def _free_fwd_impl(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -415,7 +432,7 @@ def _free_fwd_impl(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tenso
     acc = acc_np_dtype(x.dtype)
     y = torch.empty_like(x)
     split_run(k.squash_fwd, M, M * D, as_array(x), _number(alpha, x.dtype), _number(shift, x.dtype),
-              param(weight, acc, D, 1), param(bias, acc, D, 0), is_erf, as_array(y))
+              param(weight, acc, D, 1), _no_bias(bias, acc, D), is_erf, as_array(y))
     return y
 
 
@@ -485,7 +502,7 @@ def _free_backward(ctx, dy):
 vmap_by_loop(_free_fwd_op)
 vmap_by_loop(_free_bwd_op)
 _free_norm, _free_bwd = autograd_pair(_free_fwd_op, _free_setup, _free_backward, _free_bwd_op, _free_fwd_impl,
-                                      _free_bwd_impl)
+                                      _free_bwd_impl, graph_backward=_graph_backward.squash)
 
 
 def _norm_free(input: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,

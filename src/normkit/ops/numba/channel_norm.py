@@ -48,6 +48,7 @@ from torch import Tensor
 from normkit import reference
 from normkit.numerics import acc_dtype, unbiased, update_running_stats
 from normkit.ops._autograd import check_saveable, refuse_forward_ad_early, vmap_by_loop
+from normkit.ops.numba import _graph_backward
 from normkit.ops.numba import channel_kernels as k
 from normkit.ops.numba._engine import (
     _refuse_forward_ad,
@@ -383,7 +384,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, running_mean, running_var, groups, training, eps, act = inputs
     _, pivot, mean, _, rstd = output
     ctx.save_for_backward(x, weight, bias, pivot, mean, rstd)
-    ctx.groups, ctx.batch_stats, ctx.act = groups, groups != 0 or training, act
+    ctx.groups, ctx.batch_stats, ctx.act, ctx.eps = groups, groups != 0 or training, act, eps
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
@@ -399,7 +400,7 @@ def _backward(ctx, dy, *_stats):
 
 vmap_by_loop(_fwd_op)
 vmap_by_loop(_bwd_op)
-_fwd, _bwd = autograd_pair(_fwd_op, _setup_context, _backward, _bwd_op)
+_fwd, _bwd = autograd_pair(_fwd_op, _setup_context, _backward, _bwd_op, graph_backward=_graph_backward.channel)
 
 
 # ---- the norms, with torch.nn.functional's signatures ------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from normkit.numerics import rms_eps
 from normkit.ops._autograd import vmap_by_loop
+from normkit.ops.numba import _graph_backward
 from normkit.ops.numba import _row_kernels as k
 from normkit.ops.numba._engine import (
     acc_np_dtype,
@@ -149,7 +150,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x, residual, weight, bias, eps, is_rms, store_residual = inputs
     _, residual_out, mean, rstd = output
     ctx.save_for_backward(residual_out if store_residual else x, weight, mean, rstd)
-    ctx.is_rms, ctx.store_residual = is_rms, store_residual
+    ctx.is_rms, ctx.store_residual, ctx.eps = is_rms, store_residual, eps
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
@@ -168,7 +169,7 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
 vmap_by_loop(_row_fwd_op)
 vmap_by_loop(_row_bwd_op)
 _row_norm, _row_bwd = autograd_pair(_row_fwd_op, _setup_context, _backward, _row_bwd_op,
-                                   _row_fwd_impl, _row_bwd_impl)
+                                   _row_fwd_impl, _row_bwd_impl, graph_backward=_graph_backward.row)
 
 
 # ---- the norms, with torch.nn.functional's signatures ------------------------------------------

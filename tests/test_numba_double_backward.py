@@ -1,0 +1,309 @@
+"""Second (and higher) derivatives through the numba kernels: explicit ``backend="numba"`` and
+``"auto"`` where it picks numba.
+
+A kernel's backward is first-order; when autograd runs it with ``create_graph=True`` the numba
+ops compute their gradients in differentiable torch operations instead
+(``normkit.ops.numba._graph_backward``). The oracle is torch's double backward of the same call
+(``backend="torch"``): equal within float64 rounding for float64 input, and for the float32
+calls "auto" sends to numba within the self-calibrating bound against torch in float64. Every
+case draws random inputs, weights, first cotangents and second-order directions, and the first
+cotangent itself is differentiated (as ``gradgradcheck`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor
+
+import normkit
+from kernel_bound import assert_within_bound
+from normkit import functional as NF
+from normkit import functional_blocks as FB
+from normkit.backends import get_backend
+
+pytest.importorskip("numba")
+
+F64, F32 = torch.float64, torch.float32
+
+
+class Case(NamedTuple):
+    shapes: tuple[tuple[int, ...], ...]  # the differentiated tensors, in call order
+    call: Callable[..., Tensor | tuple[Tensor, ...]]  # call(backend, *tensors)
+    channels_last: bool = False
+
+
+def _rows(op: str, eps: float = 1e-5) -> Case:
+    calls = {
+        "layer_norm": lambda be, x, w, b: NF.layer_norm(x, x.shape[-1:], w, b, eps, backend=be),
+        "rms_norm": lambda be, x, w: NF.rms_norm(x, x.shape[-1:], w, eps, backend=be),
+        "add_layer_norm": lambda be, x, r, w, b: NF.add_layer_norm(x, r, x.shape[-1:], w, b, eps, backend=be),
+        "add_rms_norm": lambda be, x, r, w: NF.add_rms_norm(x, r, x.shape[-1:], w, eps, backend=be),
+    }
+    return calls[op]
+
+
+# The small float64 cases: one per op of the numba backend (the test below checks none is missing).
+SHAPE, D = (3, 5, 24), 24
+CASES: dict[str, Case] = {
+    "layer_norm": Case((SHAPE, (D,), (D,)), _rows("layer_norm")),
+    "rms_norm": Case((SHAPE, (D,)), _rows("rms_norm")),
+    "add_layer_norm": Case((SHAPE, SHAPE, (D,), (D,)), _rows("add_layer_norm")),
+    "add_rms_norm": Case((SHAPE, SHAPE, (D,)), _rows("add_rms_norm")),
+    "normalize": Case(((2, 6, 4, 5), (6,), (6,)), lambda be, x, w, b: NF.normalize(x, 1, w, b, backend=be)),
+    "batch_norm": Case(
+        ((4, 6, 3, 5), (6,), (6,)), lambda be, x, w, b: NF.batch_norm(x, None, None, w, b, True, backend=be)
+    ),
+    "batch_norm_act": Case(
+        ((4, 6, 3, 5), (6,), (6,)),
+        lambda be, x, w, b: NF.batch_norm_act(x, None, None, w, b, True, act="silu", backend=be),
+        channels_last=True,
+    ),
+    "group_norm": Case(((3, 6, 4, 5), (6,), (6,)), lambda be, x, w, b: NF.group_norm(x, 3, w, b, backend=be)),
+    "group_norm_act": Case(
+        ((3, 6, 4, 5), (6,), (6,)),
+        lambda be, x, w, b: NF.group_norm_act(x, 2, w, b, act="gelu", backend=be),
+        channels_last=True,
+    ),
+    "instance_norm": Case(
+        ((3, 4, 5, 6), (4,), (4,)), lambda be, x, w, b: NF.instance_norm(x, None, None, w, b, backend=be)
+    ),
+    "modulated_layer_norm": Case(
+        (SHAPE, (3, 1, D), (3, 5, D), (D,), (D,)),
+        lambda be, x, sh, sc, w, b: FB.modulated_layer_norm(x, sh, sc, w, b, backend=be),
+    ),
+    "modulated_rms_norm": Case(
+        (SHAPE, (D,), (3, 1, D), (D,)), lambda be, x, sh, sc, w: FB.modulated_rms_norm(x, sh, sc, w, backend=be)
+    ),
+    "gated_rms_norm": Case(
+        (SHAPE, SHAPE, (D,)), lambda be, x, g, w: FB.gated_rms_norm(x, g, w, group_size=8, backend=be)
+    ),
+    "qk_rms_norm": Case(
+        ((2, 3, 4, 16), (2, 1, 4, 16), (16,), (16,)), lambda be, q, k, wq, wk: FB.qk_rms_norm(q, k, wq, wk, backend=be)
+    ),
+    "sandwich_rms_norm": Case(
+        (SHAPE, SHAPE, (D,), (D,)),
+        lambda be, h, r, w1, w2: FB.sandwich_rms_norm(h, r, w1, w2, weight_offset=1.0, backend=be),
+    ),
+    "dyt": Case((SHAPE, (1,), (D,), (D,)), lambda be, x, a, w, b: FB.dyt(x, a, w, b, backend=be)),
+    "derf": Case((SHAPE, (1,), (1,), (D,), (D,)), lambda be, x, a, s, w, b: FB.derf(x, a, s, w, b, backend=be)),
+}
+
+# Variants: the gate after the norm, gradients reaching only some inputs, no affine.
+VARIANTS: dict[str, Case] = {
+    "gated_rms_norm norm_before_gate": Case(
+        (SHAPE, SHAPE, (D,)),
+        lambda be, x, g, w: FB.gated_rms_norm(x, g, w, group_size=12, norm_before_gate=True, backend=be),
+    ),
+    "layer_norm weight only": Case(((D,),), lambda be, w: NF.layer_norm(_FIXED, (D,), w, None, backend=be)),
+    "add_rms_norm residual only": Case((SHAPE,), lambda be, r: NF.add_rms_norm(_FIXED, r, (D,), None, backend=be)),
+    "sandwich next_weight only": Case(
+        ((D,),), lambda be, w2: FB.sandwich_rms_norm(_FIXED, _FIXED.flip(0), None, w2, backend=be)
+    ),
+    "dyt alpha only": Case(((1,),), lambda be, a: FB.dyt(_FIXED, a, None, None, backend=be)),
+    "batch_norm eval": Case(
+        ((4, 6, 3, 5), (6,), (6,)),
+        lambda be, x, w, b: NF.batch_norm(
+            x,
+            torch.linspace(-1, 1, 6, dtype=x.dtype),
+            torch.linspace(0.5, 2, 6, dtype=x.dtype),
+            w,
+            b,
+            False,
+            backend=be,
+        ),
+    ),
+}
+_FIXED = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=F64)
+
+
+def _tensors(case: Case, dtype: torch.dtype, seed: int) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in case.shapes]
+    if case.channels_last:
+        out[0] = out[0].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _second_order(case: Case, backend: str | None, tensors: list[Tensor], seed: int) -> dict[str, Tensor]:
+    """First gradients (with a graph) of ``<y, g>`` for a random ``g`` requiring grad, then the
+    gradients of ``sum_i <grad_i, v_i>`` (random ``v``) with respect to every input and ``g``."""
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = case.call(backend, *leaves)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+    gs = [torch.randn(o.shape, generator=gen, dtype=F64).to(o.dtype).requires_grad_() for o in outs]
+    first = torch.autograd.grad(outs, leaves, gs, create_graph=True, materialize_grads=True)
+    total = sum((f * torch.randn(f.shape, generator=gen, dtype=F64).to(f.dtype)).sum() for f in first)
+    second = torch.autograd.grad(total, leaves + gs, materialize_grads=True)
+    names = (
+        [f"d{i}" for i in range(len(leaves))]
+        + [f"dd{i}" for i in range(len(leaves))]
+        + [f"dg{i}" for i in range(len(gs))]
+    )
+    return dict(zip(names, [t.detach() for t in (*first, *second)], strict=True))
+
+
+def test_every_numba_op_has_a_case() -> None:
+    assert set(get_backend("numba").ops) <= set(CASES)
+
+
+@pytest.mark.parametrize("name", [*CASES, *VARIANTS])
+def test_explicit_numba_second_derivatives_match_torch_float64(name: str) -> None:
+    case = CASES.get(name) or VARIANTS[name]
+    tensors = _tensors(case, F64, seed=len(name))
+    got = _second_order(case, "numba", tensors, seed=3)
+    want = _second_order(case, "torch", tensors, seed=3)
+    for key, ref in want.items():
+        torch.testing.assert_close(got[key], ref, rtol=1e-9, atol=1e-9, msg=f"{name} {key}")
+
+
+SMALL: dict[str, Case] = {
+    "rms_norm": CASES["rms_norm"]._replace(shapes=((2, 3, 6), (6,))),
+    "add_layer_norm": CASES["add_layer_norm"]._replace(shapes=((3, 5), (3, 5), (5,), (5,))),
+    "group_norm_act": CASES["group_norm_act"]._replace(shapes=((2, 4, 2, 3), (4,), (4,))),
+    "batch_norm": CASES["batch_norm"]._replace(shapes=((3, 2, 2, 2), (2,), (2,))),
+    "sandwich_rms_norm": CASES["sandwich_rms_norm"]._replace(shapes=((2, 5), (2, 5), (5,), (5,))),
+    "derf": CASES["derf"]._replace(shapes=((2, 5), (1,), (1,), (5,), (5,))),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_gradgradcheck(name: str) -> None:
+    """The second derivatives against finite differences of the first (float64, small shapes)."""
+    case = SMALL[name]
+    tensors = [t.requires_grad_() for t in _tensors(case, F64, seed=11)]
+    assert torch.autograd.gradgradcheck(lambda *ts: case.call("numba", *ts), tensors)
+
+
+def test_third_derivative_matches_torch() -> None:
+    x0 = torch.randn(4, 9, generator=torch.Generator().manual_seed(5), dtype=F64)
+    w0 = torch.randn(9, generator=torch.Generator().manual_seed(6), dtype=F64)
+    results = {}
+    for be in ("numba", "torch"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(NF.rms_norm(x, (9,), w, backend=be).pow(3).sum(), x, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x, create_graph=True)
+        results[be] = torch.autograd.grad(ddx.sin().sum(), (x, w))
+    for p, q in zip(results["numba"], results["torch"], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+
+
+def test_torch_func_hessian_vector_products() -> None:
+    """``jacrev(grad)`` (torch.func's nested reverse mode) through the kernels equals torch's."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(8), dtype=F64)
+    w = torch.randn(8, generator=torch.Generator().manual_seed(9), dtype=F64)
+
+    def hess(be):
+        return torch.func.jacrev(torch.func.grad(lambda t: NF.layer_norm(t, (8,), w, None, backend=be).pow(2).sum()))(x)
+
+    torch.testing.assert_close(hess("numba"), hess("torch"), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_layer_norm", "group_norm", "dyt"])
+def test_first_order_keeps_the_kernel(op: str) -> None:
+    """A first-order backward, and one under a single ``torch.func.grad`` (grad mode on, nothing
+    to differentiate further), run the kernel: the same bits. With ``create_graph=True`` the
+    composition's first derivatives agree with them to float32 rounding."""
+    case = CASES[op]
+    x, *params = _tensors(case, F32, seed=4)
+    out = case.call("numba", x, *params)
+    g = torch.randn((out[0] if isinstance(out, tuple) else out).shape, generator=torch.Generator().manual_seed(2))
+
+    def first(t):
+        y = case.call("numba", t, *params)
+        return y[0] if isinstance(y, tuple) else y
+
+    leaf = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(first(leaf), leaf, g)
+    assert torch.equal(torch.func.grad(lambda t: (first(t) * g).sum())(x), plain)
+    (graph,) = torch.autograd.grad(first(leaf), leaf, g, create_graph=True)
+    assert graph.requires_grad
+    torch.testing.assert_close(graph, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_double_backward_moves_running_statistics_once(op: str) -> None:
+    x = torch.randn(4, 3, 5, 6, generator=torch.Generator().manual_seed(12), dtype=F64, requires_grad=True)
+    w = torch.randn(3, generator=torch.Generator().manual_seed(13), dtype=F64, requires_grad=True)
+    stats = {}
+    for be in ("numba", "torch"):
+        rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+        if op == "batch_norm":
+            y = NF.batch_norm(x, rm, rv, w, None, True, 0.3, backend=be)
+        else:
+            y = NF.instance_norm(x, rm, rv, w, None, True, 0.3, backend=be)
+        after_forward = (rm.clone(), rv.clone())
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(15), dtype=F64)
+        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        stats[be] = torch.autograd.grad(dx.pow(2).sum(), (x, w))
+        assert torch.equal(rm, after_forward[0]) and torch.equal(rv, after_forward[1])
+    for p, q in zip(stats["numba"], stats["torch"], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+
+
+# ---- "auto": the float32 calls it sends to numba (autograd records them: the "/train" classes) ---------------
+
+M, L = 256, 1024  # 2^18 elements, rows of 1024: "float32/large/train"
+AUTO: dict[str, Case] = {
+    "rms_norm": Case(((M, L), (L,)), _rows("rms_norm")),
+    "add_rms_norm": Case(((M, L), (M, L), (L,)), _rows("add_rms_norm")),
+    "batch_norm": Case(
+        ((4, 64, 32, 32), (64,), (64,)),
+        lambda be, x, w, b: NF.batch_norm(x, None, None, w, b, True, backend=be),
+        channels_last=True,
+    ),
+    "modulated_layer_norm": Case(((2, 128, L), (2, 1, L), (2, 1, L), (L,), (L,)), CASES["modulated_layer_norm"].call),
+    "modulated_rms_norm": Case(((2, 128, L), (2, 128, L), (2, 1, L), (L,)), CASES["modulated_rms_norm"].call),
+    "gated_rms_norm": Case(
+        ((M, L), (M, L), (L,)), lambda be, x, g, w: FB.gated_rms_norm(x, g, w, group_size=L, backend=be)
+    ),
+    "sandwich_rms_norm": Case(((M, L), (M, L), (L,), (L,)), CASES["sandwich_rms_norm"].call),
+    "dyt": Case(((M, L), (1,), (L,), (L,)), CASES["dyt"].call),
+    "derf": Case(((M, L), (1,), (1,), (L,), (L,)), CASES["derf"].call),
+}
+
+
+def _runs_numba(case: Case, backend: str | None, tensors: list[Tensor]) -> bool:
+    """Whether the call's autograd graph holds a numba kernel's node (the op ran on numba)."""
+    out = case.call(backend, *(t.detach().requires_grad_() for t in tensors))
+    todo = [o.grad_fn for o in (out if isinstance(out, tuple) else (out,))]
+    seen = set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(getattr(node, "_forward_cls", None), "__module__", "") == "normkit.ops.numba._engine":
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("op", list(AUTO))
+def test_auto_picks_numba_and_its_second_derivatives_are_within_the_bound(op: str) -> None:
+    case = AUTO[op]
+    tensors = _tensors(case, F32, seed=len(op))
+    assert _runs_numba(case, None, tensors), f"auto does not send this {op} call to numba"
+    assert not _runs_numba(case, "torch", tensors)
+    got = _second_order(case, None, tensors, seed=5)
+    low = _second_order(case, "torch", tensors, seed=5)
+    ref = _second_order(case, "torch", [t.double() for t in tensors], seed=5)
+    if case.channels_last:
+        ref = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in ref.items()}
+    assert_within_bound(got, ref, low)
+
+
+@pytest.mark.parametrize("cls", [normkit.DyT, normkit.Derf])
+def test_default_module_gradient_penalty(cls) -> None:
+    """A gradient penalty through a default DyT/Derf in training (auto -> numba) reaches alpha as torch's does."""
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    grads = []
+    for backend in (None, "torch"):
+        m = cls(1024, backend=backend) if backend else cls(1024)
+        (dx,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+        grads.append(torch.autograd.grad(dx.pow(2).sum(), m.alpha)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
