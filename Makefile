@@ -75,17 +75,20 @@ bench-blocks: $(STAMP)
 GPU_PY ?= python3
 .PHONY: gpu-check
 # SIGINT, not SIGTERM: a test run cut by its budget still prints its summary. The block norms' tests
-# first (the newest kernels), then the rest; each step runs whatever the one before did (7.2 minutes
-# of budgets in all).
+# first (the newest kernels), then the rest, then one sample past 2**31 elements with Triton's
+# overflow checks compiled in (TRITON_DEBUG=1: GroupNorm channels_last and BatchNorm NCHW, about
+# 25 GB); each step runs whatever the one before did (7.8 minutes of budgets in all).
 gpu-check:
-	-PYTHONPATH=src timeout -s INT 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
+	-PYTHONPATH=src timeout -s INT 140 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
 		tests/test_blocks_modulated.py tests/test_blocks_gated.py tests/test_blocks_qk_sandwich.py \
 		tests/test_blocks_norm_free.py tests/test_blocks_outside.py tests/test_triton_split.py
-	-PYTHONPATH=src timeout -s INT 140 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
-		tests/test_triton_kernels.py tests/test_triton_batch_norm.py tests/test_triton_edges.py \
-		tests/test_parity.py tests/test_transforms.py tests/test_support.py
-	-PYTHONPATH=src timeout 80 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
-	-PYTHONPATH=src timeout 60 $(GPU_PY) benchmarks/bench_blocks.py --dtypes bf16 --budget 0.02 --compile-budget 30 \
+	-PYTHONPATH=src timeout -s INT 130 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
+		tests/test_triton_kernels.py tests/test_triton_batch_norm.py tests/test_triton_batch_norm_unaligned.py \
+		tests/test_triton_edges.py tests/test_parity.py tests/test_transforms.py tests/test_support.py
+	-TRITON_DEBUG=1 PYTHONPATH=src timeout -s INT 70 $(GPU_PY) -m pytest -q -p no:cacheprovider \
+		tests/test_triton_large.py
+	-PYTHONPATH=src timeout 75 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
+	-PYTHONPATH=src timeout 55 $(GPU_PY) benchmarks/bench_blocks.py --dtypes bf16 --budget 0.02 --compile-budget 30 \
 		--providers torch torch.compile normkit-triton --out benchmarks/results
 	if [ -n "$$OUT" ]; then cp benchmarks/results/* "$$OUT"/ 2>/dev/null || true; fi
 

@@ -34,7 +34,6 @@ from normkit.ops.triton._launch import (
     eager_and_compiled,
     interpreted,
     refuse_forward_ad_early,
-    sm_count,
     strides,
     vmap_by_loop,
 )
@@ -46,6 +45,7 @@ from normkit.ops.triton.batch_norm_kernels import (
     batch_norm_stats_kernel,
 )
 from normkit.ops.triton.jit_helpers import ACT_CODES
+from normkit.ops.triton.occupancy import resident_programs
 
 __all__ = [
     "BLOCK_ENV_VAR",
@@ -74,6 +74,19 @@ class _Blocks(NamedTuple):
     BLOCK_C: int
     num_warps: int
     SPATIAL: bool  # tiles are (sample, spatial block): see batch_norm_kernels._tile
+    ALIGN: int = 1  # elements of a 16-byte vector where runs start unaligned, else 1
+    FLAT: bool = False  # the elementwise kernels' flat blocks (batch_norm_kernels._flat)
+
+
+# Triton specializes an integer argument on divisibility by 16 only: a channel's run (stride S)
+# is provably 16-byte aligned when S is a multiple of 16 elements, whatever the dtype.
+PROVABLE = 16
+# A flat block, on 8 warps: 8 elements a thread, one 16-byte vector of bf16. Each element gathers
+# up to six per-channel coefficients, held in registers beside it: 16 elements a thread took 128
+# registers in the backward (sm_90), 8 take 74 (make kernel-report).
+FLAT_TILE = 2048
+# fp32 holds integers exactly up to here: the flat kernels' channel arithmetic stays below it.
+FLAT_LIMIT = 2**24
 
 
 def _channel_view(t: Tensor) -> Tensor:
@@ -99,9 +112,16 @@ def _blocks(x3: Tensor, block_n: int | None) -> _Blocks:
     if not columns and x3.stride(2) == 1:
         # NC*: a tile is a run of one sample's spatial positions (as long as fits, so
         # 56x56 keeps 1024-long runs) times as many channels as fill the tile (7x7: 64).
-        block_m = min(triton.next_power_of_2(S), max(1, tile // BLOCK_C_MAX["segments"]))
+        # An aligned window (runs of S elements starting unaligned) is up to ALIGN - 1 longer,
+        # and its per-lane masks and per-channel counts take registers: half the tile, 8
+        # elements a thread (16 took 135-165 registers in the statistics kernel at 14x14, sm_90).
+        align = 16 // x3.element_size() if S % PROVABLE and _aligned(x3) else 1
+        per_warp = 512 if align == 1 else 256
+        if align > 1:
+            tile = max(1, tile // 2)
+        block_m = min(triton.next_power_of_2(S + align - 1), max(1, tile // BLOCK_C_MAX["segments"]))
         block_c = min(triton.next_power_of_2(C), max(1, tile // block_m), BLOCK_C_MAX["columns"])
-        return _Blocks(block_m, block_c, min(max(block_m * block_c // 512, 1), 8), True)
+        return _Blocks(block_m, block_c, min(max(block_m * block_c // per_warp, 1), 8), True, align)
     block_c = min(triton.next_power_of_2(C), BLOCK_C_MAX["columns" if columns else "segments"],
                   tile)
     block_m = min(triton.next_power_of_2(N * S), max(1, tile // block_c))
@@ -109,32 +129,65 @@ def _blocks(x3: Tensor, block_n: int | None) -> _Blocks:
 
 
 def _tiles(x3: Tensor, blocks: _Blocks) -> tuple[int, int]:
-    """(tiles along the rows, spatial blocks per sample): the kernels' row-tile index space."""
-    N, _, S = x3.shape
+    """(tiles along the rows, spatial blocks per sample): the kernels' row-tile index space (an
+    aligned window is up to ALIGN - 1 elements longer than the run)."""
+    N, C, S = x3.shape
+    if blocks.FLAT:
+        return triton.cdiv(N * C * S, blocks.BLOCK_M), 1
     if blocks.SPATIAL:
-        s_blocks = triton.cdiv(S, blocks.BLOCK_M)
+        s_blocks = triton.cdiv(S + blocks.ALIGN - 1, blocks.BLOCK_M)
         return N * s_blocks, s_blocks
     return triton.cdiv(N * S, blocks.BLOCK_M), 1
 
 
-def _row_split(tiles: int, c_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(programs along the rows, tiles per program) of the reducing kernels: a few programs
-    per SM in all, each walking whole tiles; on the CPU interpreter, a handful."""
-    sms = sm_count(device)
-    target = 4 if sms is None else max(1, 4 * sms // c_blocks)
+def _aligned(t: Tensor) -> bool:
+    """``t`` starts on a 16-byte boundary: then an aligned window's vectors lie in the 16-byte
+    chunks that hold ``t``'s own elements (an allocation is never smaller than its chunks), so
+    reading them never leaves the allocation."""
+    return t.data_ptr() % 16 == 0
+
+
+def _aligned_for(blocks: _Blocks, x3: Tensor, *others: Tensor) -> _Blocks:
+    """``blocks`` for a reducing kernel reading ``others`` beside ``x3``: the aligned window
+    only where they share x's strides and element size (one window serves all)."""
+    if all(t.stride() == x3.stride() and t.element_size() == x3.element_size() and _aligned(t)
+           for t in others):
+        return blocks
+    return blocks._replace(ALIGN=1)
+
+
+def _flat_for(blocks: _Blocks, block_n: int | None, *tensors: Tensor) -> _Blocks:
+    """``blocks`` for an elementwise kernel over ``tensors``: flat blocks (whole vectors at any
+    S) where the runs start unaligned and every tensor is contiguous NC*, else ``blocks``' tiles
+    (the elementwise kernels have no aligned window: their stores must not touch a neighbour)."""
+    N, C, S = tensors[0].shape
+    block = min(block_override(block_n) or FLAT_TILE, triton.next_power_of_2(N * C * S))
+    if (blocks.ALIGN == 1 or not all(t.is_contiguous() for t in tensors)
+            or max(S, C) + block > FLAT_LIMIT):
+        return blocks._replace(ALIGN=1)
+    return _Blocks(block, 1, min(max(block // 256, 1), 8), True, 1, True)
+
+
+def _row_split(tiles: int, c_blocks: int, num_warps: int, device: torch.device) -> tuple[int, int]:
+    """(programs along the rows, tiles per program) of the reducing kernels: one wave of
+    resident programs in all (:mod:`~normkit.ops.triton.occupancy`), each walking whole tiles;
+    on the CPU interpreter, a handful."""
+    resident = resident_programs(device, num_warps)
+    target = 4 if resident is None else max(1, resident // c_blocks)
     tiles_per_program = triton.cdiv(tiles, min(tiles, target))
     return triton.cdiv(tiles, tiles_per_program), tiles_per_program
 
 
 def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
-           blocks: _Blocks, act: int) -> None:
+           blocks: _Blocks, act: int, block_n: int | None) -> None:
     N, C, S = x3.shape
+    blocks = _flat_for(blocks, block_n, x3, y3)
     tiles, s_blocks = _tiles(x3, blocks)
-    grid = (tiles, triton.cdiv(C, blocks.BLOCK_C))
+    grid = (tiles, 1 if blocks.FLAT else triton.cdiv(C, blocks.BLOCK_C))
     batch_norm_apply_kernel[grid](
-        x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3), s_blocks,
-        ACT=act, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
-        RNE_BY_HAND=interpreted(),
+        x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3), s_blocks, N * C * S,
+        ACT=act, SPATIAL=blocks.SPATIAL, FLAT=blocks.FLAT, BLOCK_M=blocks.BLOCK_M,
+        BLOCK_C=blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
         num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
     )
 
@@ -153,17 +206,18 @@ def batch_norm_stats(
     blocks = _blocks(x3, block_n)
     c_blocks = triton.cdiv(C, blocks.BLOCK_C)
     tiles, s_blocks = _tiles(x3, blocks)
-    programs, tiles_per_program = _row_split(tiles, c_blocks, dev)
+    programs, tiles_per_program = _row_split(tiles, c_blocks, blocks.num_warps, dev)
     mean_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
     m2_part = torch.empty_like(mean_part)
     scale_part = torch.empty_like(mean_part)
-    counts = torch.empty((programs, 1), dtype=torch.float32, device=dev)
+    counts = torch.empty_like(mean_part)
     shift = x3[0, :, 0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     with device_of(x):
         batch_norm_stats_kernel[(programs, c_blocks)](
             x3, shift, mean_part, m2_part, scale_part, counts, M, C, S, *strides(x3), tiles,
-            s_blocks, tiles_per_program, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M,
-            BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
+            s_blocks, tiles_per_program, SPATIAL=blocks.SPATIAL, ALIGN=blocks.ALIGN,
+            BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     centre = torch.empty((2, C), dtype=torch.float32, device=dev)
     rstd = torch.empty((C,), dtype=torch.float32, device=dev)
@@ -199,7 +253,7 @@ def batch_norm_fwd(
     x3 = _channel_view(x)
     y = _empty_out(x)
     with device_of(x):
-        _apply(x3, _channel_view(y), centre, scale, shift, _blocks(x3, block_n), act)
+        _apply(x3, _channel_view(y), centre, scale, shift, _blocks(x3, block_n), act, block_n)
     return y
 
 
@@ -223,17 +277,18 @@ def batch_norm_bwd(
     sum_dy = sum_dy_xhat = empty()
     # The kernels read scale for dx and (with an activation) both, to recompute its input.
     scale, shift = _scale_shift(weight, bias, rstd) if act or need_dx else (empty(), empty())
-    tiles, s_blocks = _tiles(x3, blocks)
     if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
-        programs, tiles_per_program = _row_split(tiles, c_blocks, dev)
+        reduce_blocks = _aligned_for(blocks, x3, dy3)
+        tiles, s_blocks = _tiles(x3, reduce_blocks)
+        programs, tiles_per_program = _row_split(tiles, c_blocks, blocks.num_warps, dev)
         sum_dy_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
         sum_dy_xhat_part = torch.empty_like(sum_dy_part)
         with device_of(x):
             batch_norm_bwd_reduce_kernel[(programs, c_blocks)](
                 x3, dy3, centre, rstd, scale, shift, sum_dy_part, sum_dy_xhat_part, M, C, S,
                 *strides(x3), *strides(dy3), tiles, s_blocks, tiles_per_program,
-                ACT=act, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C,
-                num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
+                ACT=act, SPATIAL=blocks.SPATIAL, ALIGN=reduce_blocks.ALIGN, BLOCK_M=blocks.BLOCK_M,
+                BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
         # A fixed-shape torch sum: the same partials give the same bits on every run.
         sum_dy, sum_dy_xhat = sum_dy_part.sum(0), sum_dy_xhat_part.sum(0)
@@ -242,14 +297,16 @@ def batch_norm_bwd(
         dx = _empty_out(x)
         dx3 = _channel_view(dx)
         mean_dy, mean_dy_xhat = (sum_dy / M, sum_dy_xhat / M) if batch_stats else (empty(), empty())
-        grid = (tiles, c_blocks)
+        apply_blocks = _flat_for(blocks, block_n, x3, dy3, dx3)
+        tiles, s_blocks = _tiles(x3, apply_blocks)
+        grid = (tiles, 1 if apply_blocks.FLAT else c_blocks)
         with device_of(x):
             batch_norm_bwd_apply_kernel[grid](
                 x3, dy3, dx3, centre, rstd, scale, shift, mean_dy, mean_dy_xhat, M, C, S,
-                *strides(x3), *strides(dy3), *strides(dx3), s_blocks,
-                BATCH_STATS=batch_stats, ACT=act, SPATIAL=blocks.SPATIAL, BLOCK_M=blocks.BLOCK_M,
-                BLOCK_C=blocks.BLOCK_C,
-                RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
+                *strides(x3), *strides(dy3), *strides(dx3), s_blocks, N * C * S,
+                BATCH_STATS=batch_stats, ACT=act, SPATIAL=blocks.SPATIAL, FLAT=apply_blocks.FLAT,
+                BLOCK_M=apply_blocks.BLOCK_M, BLOCK_C=apply_blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
+                num_warps=apply_blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
     # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).
     dw = sum_dy_xhat.to(dw_dtype, copy=True) if dw_dtype is not None else empty()

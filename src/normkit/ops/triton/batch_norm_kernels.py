@@ -21,15 +21,23 @@ channels_last(_3d)     ``S * C``    1            ``C``        a column of an (N*
 A sliced input keeps its strides too; only a layout whose spatial axes do not merge into one
 stride (``reshape`` cannot view it) is copied. Outputs take the input's memory format.
 
-Four kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels. On an NC* input
+Five kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels. On an NC* input
 (``SPATIAL``) a tile's rows are spatial positions of one sample, so the kernels never divide
 per element and a tile's rows are one unit-stride run (a 2-D grid over (sample, spatial
-block), flattened: issue 15 item 6); otherwise a tile is ``BLOCK_M`` consecutive rows:
+block), flattened: issue 15 item 6); otherwise a tile is ``BLOCK_M`` consecutive rows.
+
+Where a channel's run does not start on a 16-byte boundary (NC* with ``S`` not a multiple of
+a vector's elements: ResNet's 14x14 and 7x7), the compiler cannot prove a run's alignment and
+falls to one scalar per lane. Then the reducing kernels read each run through an aligned window
+(``ALIGN``: whole vectors, the lanes outside the run discarded), and the elementwise kernels,
+when every tensor they touch is contiguous, read the tensor flat (``FLAT``: blocks of
+``BLOCK_M`` consecutive elements, each gathering its channel's coefficients): 16-byte loads
+and stores at any ``S``.
 
 * ``batch_norm_stats_kernel``: a program owns a run of tiles and a block of channels; it
   merges per-tile (count, mean, M2) of ``x - pivot`` (pivot: one element of the channel) with
-  Chan's formula, M2 in units of a power-of-two scale, and writes its partial mean, M2 and
-  scale per channel to ``[P, C]`` buffers and its count to ``[P]`` (P programs along rows).
+  Chan's formula, M2 in units of a power-of-two scale, and writes its partial count, mean, M2
+  and scale per channel to ``[P, C]`` buffers (P programs along rows).
 * ``batch_norm_finalize_kernel``: the k-way merge of those partials into the batch's centre,
   rstd, mean and unbiased variance, one program per block of channels.
 * ``batch_norm_apply_kernel``: ``y = ((x - pivot) - mean) * scale + shift`` with per-channel
@@ -64,51 +72,96 @@ __all__ = [
 
 
 @triton.jit
-def _tile(t, c0, M, C, S, S_BLOCKS, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_C: tl.constexpr):
-    """Tile ``t`` (int64) of BLOCK_M rows x BLOCK_C channels from channel c0: its sample and
-    spatial indices, channels, mask and number of valid rows.
+def _tile(t, c0, M, C, S, S_BLOCKS, stride_n, stride_c, SPATIAL: tl.constexpr, ALIGN: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile ``t`` (int64) of BLOCK_M rows x BLOCK_C channels from channel c0: ``(n, c, pos,
+    mask, valid)``, where element ``(n, pos, c)`` lives at :func:`_address` (``pos`` is the
+    spatial index, or a position in an aligned window), ``mask`` bounds the loads and ``valid``
+    marks the lanes that are elements of the channel.
 
     ``SPATIAL`` (an NC* input, unit spatial stride): tile t is spatial block ``t % S_BLOCKS``
     of sample ``t // S_BLOCKS``, so a tile never straddles two samples and its rows are one
-    contiguous run: one division per tile, not per element, and loads as wide as the
-    alignment of ``S`` allows. Otherwise tile t is rows ``[t * BLOCK_M, ...)`` of the
-    ``(N*S, C)`` matrix (channels_last: a row is C contiguous channels)."""
+    contiguous run: one division per tile, not per element. With ``ALIGN`` > 1 elements (a
+    16-byte vector; the launcher sets it when ``S`` is not a multiple of it, as at ResNet's 14x14
+    and 7x7) a channel's run is read through a window starting at the aligned address at or
+    before its first element: loads are whole vectors (the bytes before and after the run
+    share its vectors, within the same 16-byte-aligned chunks of the allocation) and the
+    lanes outside the run are not ``valid``. Otherwise tile t is rows ``[t * BLOCK_M, ...)``
+    of the ``(N*S, C)`` matrix (channels_last: a row is C contiguous channels)."""
     c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]  # c * stride_c may pass 2**31
     if SPATIAL:
-        s0 = (t % S_BLOCKS) * BLOCK_M
         n = t // S_BLOCKS
-        s = s0 + tl.arange(0, BLOCK_M)[:, None]
-        mask = (s < S) & (c < C)
-        rows = tl.minimum(S - s0, BLOCK_M)
+        pos = (t % S_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        if ALIGN > 1:
+            head = (n * stride_n + c * stride_c) % ALIGN  # the run's first element in its vector
+            s = pos - head
+            # Bounds in whole vectors (a mask constant over each vector keeps the load wide).
+            mask = ((pos // ALIGN) * ALIGN < S + head) & (c < C)
+            valid = mask & (s >= 0) & (s < S)
+        else:
+            mask = (pos < S) & (c < C)
+            valid = mask
     else:
-        m0 = t * BLOCK_M
-        m = m0 + tl.arange(0, BLOCK_M)[:, None]
+        m = t * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
         n = m // S  # S == 1 is a constant: no division then
-        s = m % S
+        pos = m % S
         mask = (m < M) & (c < C)
-        rows = tl.minimum(M - m0, BLOCK_M)
-    return n, s, c, mask, rows  # one return: Triton compiles no early return
+        valid = mask
+    return n, c, pos, mask, valid  # one return: Triton compiles no early return
 
 
 @triton.jit
-def _offsets(n, s, c, stride_n, stride_c, stride_s):
-    return n * stride_n + s * stride_s + c * stride_c
+def _address(n, c, pos, stride_n, stride_c, stride_s, ALIGN: tl.constexpr):
+    """Offset of element ``(n, pos, c)`` of :func:`_tile`; with ``ALIGN``, ``pos`` counts from
+    the aligned start of the channel's run, written as a multiple of ALIGN so that the
+    compiler sees the alignment."""
+    start = n * stride_n + c * stride_c
+    if ALIGN > 1:
+        offset = (start // ALIGN) * ALIGN + pos
+    else:
+        offset = start + pos * stride_s
+    return offset
 
 
 @triton.jit
-def _load_channel(P, c0, C, BLOCK_C: tl.constexpr):
-    """A per-channel fp32 vector, as a (1, BLOCK_C) row of the tile."""
-    c = c0 + tl.arange(0, BLOCK_C)[None, :]
+def _floor_div(a, d, inv_d):
+    """``a // d`` for int32 ``0 <= a < 2**24`` and ``d >= 1`` through an fp32 product (exact to
+    one unit, then corrected): a few instructions where an integer division by a runtime value
+    takes a few dozen."""
+    q = (a.to(tl.float32) * inv_d).to(tl.int32)
+    r = a - q * d
+    return tl.where(r < 0, q - 1, tl.where(r >= d, q + 1, q))
+
+
+@triton.jit
+def _flat(t, C, S, TOTAL, BLOCK: tl.constexpr):
+    """Elements ``[t * BLOCK, ...)`` (t int64) of a contiguous NC* tensor, as a ``(BLOCK, 1)``
+    tile: their flat offsets, channels ``(offset // S) % C`` and mask. The offsets run from an
+    aligned start whatever ``S`` is, so loads and stores are whole 16-byte vectors; a block's
+    channels come from one int64 division per program and fp32 reciprocals per element (the
+    launcher keeps ``S + BLOCK`` and ``C + BLOCK`` under 2**24, where they are exact)."""
+    start = t * BLOCK
+    plane = start // S  # (sample, channel) plane of the block's first element
+    a = (start - plane * S).to(tl.int32) + tl.arange(0, BLOCK)  # position from that plane
+    k = (plane % C).to(tl.int32) + _floor_div(a, S, 1.0 / (S * 1.0))
+    c = k - C * _floor_div(k, C, 1.0 / (C * 1.0))
+    offset = (start + tl.arange(0, BLOCK))[:, None]
+    return offset, c.to(tl.int64)[:, None], offset < TOTAL
+
+
+@triton.jit
+def _load_channel(P, c, C):
+    """A per-channel fp32 vector gathered at the tile's channels ``c`` (a ``(1, BLOCK_C)`` row,
+    or one channel per element of a flat tile)."""
     return tl.load(P + c, mask=c < C, other=0.0)
 
 
 @triton.jit
-def _centred(x, CENTRE, c0, C, BLOCK_C: tl.constexpr):
+def _centred(x, CENTRE, c, C):
     """``(x - pivot) - mean`` with ``CENTRE = [pivot; mean]`` (2, C): the batch's shift and the
     mean of ``x - pivot`` (so a large offset cancels exactly first, as in the statistics), or
     the running mean and 0."""
-    return (x - _load_channel(CENTRE, c0, C, BLOCK_C)) - _load_channel(CENTRE + C, c0, C, BLOCK_C)
+    return (x - _load_channel(CENTRE, c, C)) - _load_channel(CENTRE + C, c, C)
 
 
 # M stays specialized (unlike the row norms' backward): the row mask ``m < M`` is what the
@@ -118,12 +171,13 @@ def _centred(x, CENTRE, c0, C, BLOCK_C: tl.constexpr):
 def batch_norm_stats_kernel(
     X, SHIFT, MEAN_PART, M2_PART, SCALE_PART, COUNT_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, TILES, S_BLOCKS, tiles_per_program,
-    SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPATIAL: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (p, j): tiles ``[p * tiles_per_program, ...)`` (see :func:`_tile`), channels
-    of block j; writes the mean and M2 of its rows of ``x - shift`` to ``MEAN_PART[p, c]``
-    and, in units of ``SCALE_PART[p, c]^2``, ``M2_PART[p, c]``, and its row count to
-    ``COUNT_PART[p]``.
+    of block j; writes the mean and M2 of its elements of ``x - shift`` to ``MEAN_PART[p, c]``,
+    in units of ``SCALE_PART[p, c]^2`` ``M2_PART[p, c]``, and their count to
+    ``COUNT_PART[p, c]`` (per channel: an aligned window holds a different part of each
+    channel's run).
 
     ``shift`` is one element of the channel: a constant channel is then exactly 0 (zero
     variance, output exactly the bias), and a large common offset cancels exactly (Sterbenz)
@@ -137,45 +191,72 @@ def batch_norm_stats_kernel(
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # in units of scale^2
     scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    count = 0.0
+    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t in range(t_start, t_end):
-        n, s, c, mask, rows = _tile(t, c0, M, C, S, S_BLOCKS, SPATIAL, BLOCK_M, BLOCK_C)
-        x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
+        n, c, pos, mask, valid = _tile(t, c0, M, C, S, S_BLOCKS, stride_xn, stride_xc, SPATIAL, ALIGN,
+                                       BLOCK_M, BLOCK_C)
+        x = tl.load(X + _address(n, c, pos, stride_xn, stride_xc, stride_xs, ALIGN), mask=mask,
                     other=0.0).to(tl.float32)
-        x = tl.where(mask, x - _load_channel(SHIFT, c0, C, BLOCK_C), 0.0)
-        n_b = rows.to(tl.float32)
+        x = tl.where(valid, x - _load_channel(SHIFT, c, C), 0.0)
+        n_b = tl.sum(valid.to(tl.float32), axis=0)
         scale_b = pow2_floor(tl.max(tl.abs(x), axis=0))
         xs = x * (1.0 / scale_b)[None, :]  # |xs| < 2
-        mean_bs = tl.sum(xs, axis=0) / n_b
-        d = tl.where(mask, xs - mean_bs[None, :], 0.0)
+        mean_bs = tl.sum(xs, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(valid, xs - mean_bs[None, :], 0.0)
         m2_b = tl.sum(d * d, axis=0)  # in units of scale_b^2
-        mean, m2, scale, count = chan_merge(mean, m2, scale, count, mean_bs, m2_b, scale_b, n_b)
+        # An aligned window's last tile may hold none of a channel's elements: merged as one
+        # element of value 0 (no 0 / 0), then dropped.
+        some = n_b > 0.0
+        mean_n, m2_n, scale_n, count_n = chan_merge(mean, m2, scale, count, mean_bs, m2_b, scale_b,
+                                                    tl.where(some, n_b, 1.0))
+        mean = tl.where(some, mean_n, mean)
+        m2 = tl.where(some, m2_n, m2)
+        scale = tl.where(some, scale_n, scale)
+        count = tl.where(some, count_n, count)
     c = c0 + tl.arange(0, BLOCK_C)
     tl.store(MEAN_PART + pid_m * C + c, mean, mask=c < C)
     tl.store(M2_PART + pid_m * C + c, m2, mask=c < C)
     tl.store(SCALE_PART + pid_m * C + c, scale, mask=c < C)
-    if tl.program_id(1) == 0:
-        tl.store(COUNT_PART + pid_m, count)
+    tl.store(COUNT_PART + pid_m * C + c, count, mask=c < C)
+
+
+@triton.jit
+def _elements(t, c0, M, C, S, S_BLOCKS, stride_n, stride_c, stride_s, TOTAL, SPATIAL: tl.constexpr,
+              FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The offsets (in a tensor with strides ``stride_*``), channels and mask of tile ``t`` of
+    the elementwise kernels: a flat block of a contiguous NC* tensor (``FLAT``, see
+    :func:`_flat`), else a :func:`_tile`."""
+    if FLAT:
+        offset, c, mask = _flat(t, C, S, TOTAL, BLOCK_M)
+    else:
+        n, c, pos, mask, _ = _tile(t, c0, M, C, S, S_BLOCKS, stride_n, stride_c, SPATIAL, 1, BLOCK_M,
+                                   BLOCK_C)
+        offset = _address(n, c, pos, stride_n, stride_c, stride_s, 1)
+    return offset, c, mask
 
 
 @triton.jit
 def batch_norm_apply_kernel(
     X, Y, CENTRE, SCALE, SHIFT,
-    M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, S_BLOCKS,
-    ACT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    RNE_BY_HAND: tl.constexpr,
+    M, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, S_BLOCKS, TOTAL,
+    ACT: tl.constexpr, SPATIAL: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):
     """One tile per program: ``y = act((x - mean) * scale + shift)`` (centring first keeps a
-    large common offset from costing precision in ``x * scale``)."""
+    large common offset from costing precision in ``x * scale``). With ``FLAT`` x and y are
+    contiguous NC* and share the offsets."""
     c0 = tl.program_id(1) * BLOCK_C
-    n, s, c, mask, _ = _tile(tl.program_id(0).to(tl.int64), c0, M, C, S, S_BLOCKS, SPATIAL,
-                             BLOCK_M, BLOCK_C)
-    x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
-                other=0.0).to(tl.float32)
-    y = _centred(x, CENTRE, c0, C, BLOCK_C) * _load_channel(SCALE, c0, C, BLOCK_C)
-    y = activate(y + _load_channel(SHIFT, c0, C, BLOCK_C), ACT)
-    tl.store(Y + _offsets(n, s, c, stride_yn, stride_yc, stride_ys), cast_to(y, Y, RNE_BY_HAND),
-             mask=mask)
+    t = tl.program_id(0).to(tl.int64)
+    x_offset, c, mask = _elements(t, c0, M, C, S, S_BLOCKS, stride_xn, stride_xc, stride_xs, TOTAL,
+                                  SPATIAL, FLAT, BLOCK_M, BLOCK_C)
+    y_offset = x_offset
+    if not FLAT:
+        y_offset, _, _ = _elements(t, c0, M, C, S, S_BLOCKS, stride_yn, stride_yc, stride_ys, TOTAL,
+                                   SPATIAL, FLAT, BLOCK_M, BLOCK_C)
+    x = tl.load(X + x_offset, mask=mask, other=0.0).to(tl.float32)
+    y = _centred(x, CENTRE, c, C) * _load_channel(SCALE, c, C)
+    y = activate(y + _load_channel(SHIFT, c, C), ACT)
+    tl.store(Y + y_offset, cast_to(y, Y, RNE_BY_HAND), mask=mask)
 
 
 @triton.jit
@@ -183,31 +264,38 @@ def batch_norm_bwd_reduce_kernel(
     X, DY, CENTRE, RSTD, SCALE, SHIFT, SUM_DY_PART, SUM_DY_XHAT_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     TILES, S_BLOCKS, tiles_per_program,
-    ACT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, SPATIAL: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Program (p, j): fp32 ``sum(dy)`` and ``sum(dy * x_hat)`` over its rows, per channel
-    (``dy`` the gradient at the activation's input when there is one)."""
+    (``dy`` the gradient at the activation's input when there is one). With ``ALIGN`` dy has
+    x's strides (the aligned window is the same for both)."""
     pid_m = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     t_start = pid_m.to(tl.int64) * tiles_per_program
     t_end = tl.minimum(t_start + tiles_per_program, TILES)
-    rstd = _load_channel(RSTD, c0, C, BLOCK_C)
+    cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+    rstd = _load_channel(RSTD, cols, C)
     if ACT:
-        scale = _load_channel(SCALE, c0, C, BLOCK_C)
-        shift = _load_channel(SHIFT, c0, C, BLOCK_C)
+        scale = _load_channel(SCALE, cols, C)
+        shift = _load_channel(SHIFT, cols, C)
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t in range(t_start, t_end):
-        n, s, c, mask, _ = _tile(t, c0, M, C, S, S_BLOCKS, SPATIAL, BLOCK_M, BLOCK_C)
-        x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
+        n, c, pos, mask, valid = _tile(t, c0, M, C, S, S_BLOCKS, stride_xn, stride_xc, SPATIAL, ALIGN,
+                                       BLOCK_M, BLOCK_C)
+        x = tl.load(X + _address(n, c, pos, stride_xn, stride_xc, stride_xs, ALIGN), mask=mask,
                     other=0.0).to(tl.float32)
-        dy = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
+        dy = tl.load(DY + _address(n, c, pos, stride_dyn, stride_dyc, stride_dys, ALIGN), mask=mask,
                      other=0.0).to(tl.float32)
-        x_c = _centred(x, CENTRE, c0, C, BLOCK_C)
+        x_c = _centred(x, CENTRE, c, C)
+        if ALIGN > 1:  # lanes outside the run hold a neighbour's x and dy (inf or NaN, maybe)
+            dy = tl.where(valid, dy, 0.0)
+            x_c = tl.where(valid, x_c, 0.0)
         if ACT:
             dy = activate_grad(dy, x_c * scale + shift, ACT)
         sum_dy += tl.sum(dy, axis=0)
-        sum_dy_xhat += tl.sum(dy * (x_c * rstd), axis=0)  # masked lanes: dy = 0
+        sum_dy_xhat += tl.sum(dy * (x_c * rstd), axis=0)
     c = c0 + tl.arange(0, BLOCK_C)
     tl.store(SUM_DY_PART + pid_m * C + c, sum_dy, mask=c < C)
     tl.store(SUM_DY_XHAT_PART + pid_m * C + c, sum_dy_xhat, mask=c < C)
@@ -217,32 +305,37 @@ def batch_norm_bwd_reduce_kernel(
 def batch_norm_bwd_apply_kernel(
     X, DY, DX, CENTRE, RSTD, SCALE, SHIFT, MEAN_DY, MEAN_DY_XHAT,
     M, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, S_BLOCKS,
-    BATCH_STATS: tl.constexpr, ACT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+    stride_dxn, stride_dxc, stride_dxs, S_BLOCKS, TOTAL,
+    BATCH_STATS: tl.constexpr, ACT: tl.constexpr, SPATIAL: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):
     """``dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` with ``scale = w * rstd``;
     with running statistics (``BATCH_STATS=0``) mean and rstd are constants: ``dx = scale * dy``.
-    With an activation, ``dy`` is first ``dy * act'((x - mean) * scale + shift)``."""
+    With an activation, ``dy`` is first ``dy * act'((x - mean) * scale + shift)``. With ``FLAT``
+    x, dy and dx are contiguous NC* and share the offsets."""
     c0 = tl.program_id(1) * BLOCK_C
-    n, s, c, mask, _ = _tile(tl.program_id(0).to(tl.int64), c0, M, C, S, S_BLOCKS, SPATIAL,
-                             BLOCK_M, BLOCK_C)
-    g = tl.load(DY + _offsets(n, s, c, stride_dyn, stride_dyc, stride_dys), mask=mask,
-                other=0.0).to(tl.float32)
+    t = tl.program_id(0).to(tl.int64)
+    dy_offset, c, mask = _elements(t, c0, M, C, S, S_BLOCKS, stride_dyn, stride_dyc, stride_dys, TOTAL,
+                                   SPATIAL, FLAT, BLOCK_M, BLOCK_C)
+    x_offset = dy_offset
+    dx_offset = dy_offset
+    if not FLAT:
+        x_offset, _, _ = _elements(t, c0, M, C, S, S_BLOCKS, stride_xn, stride_xc, stride_xs, TOTAL,
+                                   SPATIAL, FLAT, BLOCK_M, BLOCK_C)
+        dx_offset, _, _ = _elements(t, c0, M, C, S, S_BLOCKS, stride_dxn, stride_dxc, stride_dxs, TOTAL,
+                                    SPATIAL, FLAT, BLOCK_M, BLOCK_C)
+    g = tl.load(DY + dy_offset, mask=mask, other=0.0).to(tl.float32)
     if BATCH_STATS or ACT:
-        x = tl.load(X + _offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask,
-                    other=0.0).to(tl.float32)
-        x_c = _centred(x, CENTRE, c0, C, BLOCK_C)
+        x = tl.load(X + x_offset, mask=mask, other=0.0).to(tl.float32)
+        x_c = _centred(x, CENTRE, c, C)
     if ACT:
-        z = x_c * _load_channel(SCALE, c0, C, BLOCK_C) + _load_channel(SHIFT, c0, C, BLOCK_C)
+        z = x_c * _load_channel(SCALE, c, C) + _load_channel(SHIFT, c, C)
         g = activate_grad(g, z, ACT)
     if BATCH_STATS:
-        x_hat = x_c * _load_channel(RSTD, c0, C, BLOCK_C)
-        g = g - _load_channel(MEAN_DY, c0, C, BLOCK_C) \
-            - x_hat * _load_channel(MEAN_DY_XHAT, c0, C, BLOCK_C)
-    dx = g * _load_channel(SCALE, c0, C, BLOCK_C)
-    tl.store(DX + _offsets(n, s, c, stride_dxn, stride_dxc, stride_dxs),
-             cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+        x_hat = x_c * _load_channel(RSTD, c, C)
+        g = g - _load_channel(MEAN_DY, c, C) - x_hat * _load_channel(MEAN_DY_XHAT, c, C)
+    dx = g * _load_channel(SCALE, c, C)
+    tl.store(DX + dx_offset, cast_to(dx, DX, RNE_BY_HAND), mask=mask)
 
 
 @triton.jit
@@ -275,7 +368,7 @@ def batch_norm_finalize_kernel(
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)[:, None]
         mask = (p < P) & mask_c[None, :]
-        n_p = tl.load(COUNT_PART + p, mask=p < P, other=0.0)
+        n_p = tl.load(COUNT_PART + p * C + c[None, :], mask=mask, other=0.0)
         mean_p = tl.load(MEAN_PART + p * C + c[None, :], mask=mask, other=0.0)
         total += tl.sum(n_p * (mean_p / scale[None, :]), axis=0)
     shifted_mean = total / M * scale
@@ -283,8 +376,8 @@ def batch_norm_finalize_kernel(
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)[:, None]
         mask = (p < P) & mask_c[None, :]
-        n_p = tl.load(COUNT_PART + p, mask=p < P, other=0.0)
         offs = p * C + c[None, :]
+        n_p = tl.load(COUNT_PART + offs, mask=mask, other=0.0)
         r = tl.load(SCALE_PART + offs, mask=mask, other=0.0) / scale[None, :]
         d = (tl.load(MEAN_PART + offs, mask=mask, other=0.0) - shifted_mean[None, :]) / scale[None, :]
         m2 += tl.sum(tl.load(M2_PART + offs, mask=mask, other=0.0) * (r * r) + n_p * (d * d), axis=0)

@@ -31,10 +31,10 @@ from normkit.ops.triton._launch import (
     device_of,
     eager_and_compiled,
     interpreted,
-    sm_count,
     vmap_by_loop,
 )
 from normkit.ops.triton.gated_kernels import gated_rms_norm_bwd_kernel, gated_rms_norm_fwd_kernel
+from normkit.ops.triton.occupancy import resident_programs
 
 __all__ = ["CHUNK_TILE", "SINGLE_TILE", "gated_rms_norm", "gated_rms_norm_bwd", "gated_rms_norm_fwd"]
 
@@ -60,12 +60,12 @@ def _tile(n: int, direction: str, element_size: int, block_n: int | None) -> tup
     return block, block >= n, min(max(block // 256, 1), 16)
 
 
-def _program_blocks(M: int, groups: int, device: torch.device) -> int:
-    """Row blocks of the backward (each program owns one group of one block of rows): about two
-    programs per SM in all, each writing a ``D``-wide row of weight-gradient partials; on the
-    CPU interpreter a handful."""
-    sms = sm_count(device)
-    target = max(1, (4 if sms is None else 2 * sms) // groups)
+def _program_blocks(M: int, groups: int, num_warps: int, device: torch.device) -> int:
+    """Row blocks of the backward (each program owns one group of one block of rows): one wave
+    of resident programs in all (:mod:`~normkit.ops.triton.occupancy`), each writing a
+    ``D``-wide row of weight-gradient partials; on the CPU interpreter a handful."""
+    resident = resident_programs(device, num_warps)
+    target = max(1, (4 if resident is None else resident) // groups)
     return triton.cdiv(M, triton.cdiv(M, min(M, target)))
 
 
@@ -107,7 +107,7 @@ def gated_rms_norm_bwd(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tenso
     dx = torch.empty((M, D), dtype=x.dtype, device=dev)
     dgate = torch.empty((M, D) if dgate_dtype else (0,), dtype=dgate_dtype or x.dtype, device=dev)
     block, single, num_warps = _tile(group_size, "bwd", x.element_size(), block_n)
-    blocks = _program_blocks(M, groups, dev)
+    blocks = _program_blocks(M, groups, num_warps, dev)
     dw_part = torch.empty((blocks, D) if dweight_dtype else (0,), dtype=torch.float32, device=dev)
     row_dots = torch.empty((0 if single else M * groups,), dtype=torch.float32, device=dev)
     with device_of(x):

@@ -37,10 +37,10 @@ from normkit.ops.triton._launch import (
     device_of,
     eager_and_compiled,
     interpreted,
-    sm_count,
     vmap_by_loop,
 )
 from normkit.ops.triton.modulated_kernels import modulated_norm_bwd_kernel, modulated_norm_fwd_kernel
+from normkit.ops.triton.occupancy import resident_programs
 from normkit.ops.triton.row_norm import _blocks, _inner_contiguous
 
 __all__ = ["BWD_TILE", "modulated_layer_norm", "modulated_norm_bwd", "modulated_norm_fwd", "modulated_rms_norm"]
@@ -71,12 +71,12 @@ def _table(t: Tensor, shape: torch.Size) -> tuple[Tensor, int]:
     return _inner_contiguous(t.to(torch.float32).expand(shape).reshape(-1, n)), 1
 
 
-def _programs(M: int, segment: int, device: torch.device) -> tuple[int, int]:
-    """``(programs per segment, rows per program)`` of the backward: a few programs per SM in
-    all (each writes an N-wide row of partial sums), none straddling a segment; on the CPU
-    interpreter, a handful."""
-    sms = sm_count(device)
-    target = 4 if sms is None else 2 * sms
+def _programs(M: int, segment: int, num_warps: int, device: torch.device) -> tuple[int, int]:
+    """``(programs per segment, rows per program)`` of the backward: one wave of resident
+    programs in all (:mod:`~normkit.ops.triton.occupancy`; each writes an N-wide row of partial
+    sums), none straddling a segment; on the CPU interpreter, a handful."""
+    resident = resident_programs(device, num_warps)
+    target = 4 if resident is None else resident
     per_segment = max(1, triton.cdiv(target, M // segment))
     rows = triton.cdiv(segment, per_segment)
     return triton.cdiv(segment, rows), rows
@@ -130,9 +130,9 @@ def modulated_norm_bwd(
     reduced = [g for g, dtype in ((shift_group, dshift_dtype), (scale_group, dscale_dtype))
                if dtype is not None and g > 1]
     segment = min(reduced, default=M)
-    per_segment, rows = _programs(M, segment, dev)
-    programs = M // segment * per_segment
     blocks = _blocks(1, N, "bwd", x.element_size(), block_override(block_n) or BWD_TILE)
+    per_segment, rows = _programs(M, segment, blocks.num_warps, dev)
+    programs = M // segment * per_segment
 
     def table_grad(group: int, dtype: torch.dtype | None) -> Tensor:
         if dtype is None:

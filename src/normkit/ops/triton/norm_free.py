@@ -37,10 +37,10 @@ from normkit.ops.triton._launch import (
     device_of,
     eager_and_compiled,
     interpreted,
-    sm_count,
     vmap_by_loop,
 )
 from normkit.ops.triton.norm_free_kernels import norm_free_bwd_kernel, norm_free_fwd_kernel
+from normkit.ops.triton.occupancy import resident_programs
 
 __all__ = ["TILE", "derf", "dyt", "norm_free_bwd", "norm_free_fwd"]
 
@@ -92,11 +92,12 @@ def norm_free_fwd(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor
     return y
 
 
-def _row_programs(row_blocks: int, col_blocks: int, device: torch.device) -> int:
-    """Row programs of the backward: about four programs per SM in all (each writes a row of
-    dw/db partials, so more programs is more partial traffic); on the CPU interpreter, a few."""
-    sms = sm_count(device)
-    target = 4 if sms is None else 4 * sms
+def _row_programs(row_blocks: int, col_blocks: int, num_warps: int, device: torch.device) -> int:
+    """Row programs of the backward: one wave of resident programs in all
+    (:mod:`~normkit.ops.triton.occupancy`; each writes a row of dw/db partials, so more programs
+    is more partial traffic); on the CPU interpreter, a few."""
+    resident = resident_programs(device, num_warps)
+    target = 4 if resident is None else resident
     programs = max(1, min(row_blocks, target // col_blocks))
     return triton.cdiv(row_blocks, triton.cdiv(row_blocks, programs))
 
@@ -116,7 +117,7 @@ def norm_free_bwd(
     dy = _rows_contiguous(dy)
     blocks = _blocks(M, L, "bwd", block_n)
     row_blocks, col_blocks = triton.cdiv(M, blocks.BLOCK_M), triton.cdiv(L, blocks.BLOCK_N)
-    programs = _row_programs(row_blocks, col_blocks, dev)
+    programs = _row_programs(row_blocks, col_blocks, blocks.num_warps, dev)
 
     def part(shape: tuple[int, ...], dtype: torch.dtype | None) -> Tensor:
         return torch.empty(shape if dtype is not None else (0,), dtype=torch.float32, device=dev)

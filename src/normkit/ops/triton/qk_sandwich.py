@@ -41,9 +41,9 @@ from normkit.ops.triton._launch import (
     device_of,
     eager_and_compiled,
     interpreted,
-    sm_count,
     vmap_by_loop,
 )
+from normkit.ops.triton.occupancy import resident_programs
 from normkit.ops.triton.qk_sandwich_kernels import (
     qk_rms_norm_bwd_kernel,
     qk_rms_norm_fwd_kernel,
@@ -75,15 +75,14 @@ def _blocks(D: int, M: int, direction: str, element_size: int, block_n: int | No
     return block_m, block_d, block_d >= D, num_warps
 
 
-def _programs(M: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """``(programs, rows_per_program)`` of a backward over ``M`` rows: a few per SM (each writes
-    a D-wide row of weight-gradient partials), a handful on the CPU interpreter; whole tiles."""
-    if M == 0:
-        return 0, block_m
-    sms = sm_count(device)
-    target = 4 if sms is None else 2 * sms
-    rows = triton.cdiv(triton.cdiv(M, target), block_m) * block_m
-    return triton.cdiv(M, rows), rows
+def _programs(M: int, block_m: int, num_warps: int, device: torch.device, share: int = 1) -> int:
+    """Programs of a backward over ``M`` rows: ``1 / share`` of one wave of resident programs
+    (:mod:`~normkit.ops.triton.occupancy`; each writes a D-wide row of weight-gradient partials),
+    a handful on the CPU interpreter, and no more than the tiles of ``block_m`` rows (the kernels
+    share the tiles out evenly)."""
+    resident = resident_programs(device, num_warps)
+    target = 4 if resident is None else max(1, resident // share)
+    return min(triton.cdiv(M, block_m), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +195,9 @@ def qk_rms_norm_bwd(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weig
     MQ, MK = q_rows.shape[0], k_rows.shape[0]
     block_m, block_d, single, num_warps = _blocks(D, max(MQ, MK), "bwd", max(q.element_size(), k.element_size()),
                                                   block_n)
-    q_programs, q_per = _programs(MQ, block_m, dev)
-    k_programs, k_per = _programs(MK, block_m, dev)
+    # q's and k's programs run in one launch: each gets half the wave.
+    q_programs = _programs(MQ, block_m, num_warps, dev, share=2)
+    k_programs = _programs(MK, block_m, num_warps, dev, share=2)
     dqw_part, dkw_part = _partials(q_programs, D, dqw_dtype, dev), _partials(k_programs, D, dkw_dtype, dev)
     row_dots = torch.empty((0 if single else MQ + MK,), dtype=torch.float32, device=dev)
     with device_of(q):
@@ -206,7 +206,7 @@ def qk_rms_norm_bwd(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weig
             dqw_part, dkw_part, row_dots,
             q_rows.stride(0), k_rows.stride(0), dqy_rows.stride(0), dky_rows.stride(0), dq_rows.stride(0),
             dk_rows.stride(0),
-            MQ, MK, D, q_programs, q_per, k_per,
+            MQ, MK, D, q_programs, k_programs,
             Q_HAS_WEIGHT=q_weight is not None, K_HAS_WEIGHT=k_weight is not None,
             COMPUTE_DQW=dqw_dtype is not None, COMPUTE_DKW=dkw_dtype is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_BLOCK=single, RNE_BY_HAND=interpreted(),
@@ -325,7 +325,7 @@ def sandwich_rms_norm_bwd(dy: Tensor, dresidual_out: Tensor, hidden: Tensor, res
     M = h_rows.shape[0]
     block_m, block_d, single, num_warps = _blocks(D, M, "sandwich_bwd", max(hidden.element_size(), dres.element_size()),
                                                   block_n)
-    programs, per = _programs(M, block_m, dev)
+    programs = _programs(M, block_m, num_warps, dev)
     dw1_part, dw2_part = _partials(programs, D, dw1_dtype, dev), _partials(programs, D, dw2_dtype, dev)
     row_dots = torch.empty((0 if single else 2 * M,), dtype=torch.float32, device=dev)
     with device_of(hidden):
@@ -334,7 +334,7 @@ def sandwich_rms_norm_bwd(dy: Tensor, dresidual_out: Tensor, hidden: Tensor, res
             dw1_part, dw2_part, row_dots,
             h_rows.stride(0), rout_rows.stride(0), dy_rows.stride(0), drout_rows.stride(0), dh_rows.stride(0),
             dres_rows.stride(0),
-            M, D, per, offset,
+            M, D, programs, offset,
             HAS_W1=post_weight is not None, HAS_W2=next_weight is not None,
             COMPUTE_DW1=dw1_dtype is not None, COMPUTE_DW2=dw2_dtype is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_BLOCK=single, RNE_BY_HAND=interpreted(),

@@ -54,10 +54,14 @@ def _tile(m0, d0, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _owned_rows(part, rows_per_program, M):
-    """``[row_start, row_end)``: the rows backward program ``part`` owns (int64)."""
-    row_start = part.to(tl.int64) * rows_per_program
-    return row_start, tl.minimum(row_start + rows_per_program, M)
+def _owned_rows(part, programs, M, BLOCK_M: tl.constexpr):
+    """``[row_start, row_end)`` (int64): the rows backward program ``part`` of ``programs``
+    owns, whole tiles of BLOCK_M rows, as even a share as whole tiles allow (so that any number
+    of programs, one wave of them, gets work: 4096 rows on 132 programs are 31 or 32 each)."""
+    tiles = tl.cdiv(M, BLOCK_M)
+    p = part.to(tl.int64)
+    row_start = (p * tiles // programs) * BLOCK_M
+    return row_start, tl.minimum(((p + 1) * tiles // programs) * BLOCK_M, M)
 
 
 @triton.jit
@@ -149,14 +153,15 @@ def qk_rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _rms_bwd_rows(X, DY, DX, W, RSTD, DW_PART, ROW_DOTS, part, M, D, rows_per_program,
+def _rms_bwd_rows(X, DY, DX, W, RSTD, DW_PART, ROW_DOTS, part, M, D, programs,
                   stride_x, stride_dy, stride_dx, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                   RNE_BY_HAND: tl.constexpr):
-    """Rows ``[part * rows_per_program, ...)`` of one tensor: with ``c = mean(x_hat * w * dy)``,
+    """The rows program ``part`` of ``programs`` owns (:func:`_owned_rows`) of one tensor: with
+    ``c = mean(x_hat * w * dy)``,
     ``dx = (w * dy - x_hat * c) * rstd``; ``sum(dy * x_hat)`` over the rows into ``DW_PART[part]``.
     Column tiles outermost, so the weight-gradient sums stay in registers across rows."""
-    row_start, row_end = _owned_rows(part, rows_per_program, M)
+    row_start, row_end = _owned_rows(part, programs, M, BLOCK_M)
     n = D * 1.0
     if not SINGLE_BLOCK:
         for m0 in range(row_start, row_end, BLOCK_M):
@@ -194,7 +199,7 @@ def _rms_bwd_rows(X, DY, DX, W, RSTD, DW_PART, ROW_DOTS, part, M, D, rows_per_pr
 def qk_rms_norm_bwd_kernel(
     Q, K, DQY, DKY, DQ, DK, QW, KW, QRSTD, KRSTD, DQW_PART, DKW_PART, ROW_DOTS,
     stride_q, stride_k, stride_dqy, stride_dky, stride_dq, stride_dk,
-    MQ, MK, D, Q_PROGRAMS, q_rows_per_program, k_rows_per_program,
+    MQ, MK, D, Q_PROGRAMS, K_PROGRAMS,
     Q_HAS_WEIGHT: tl.constexpr, K_HAS_WEIGHT: tl.constexpr, COMPUTE_DQW: tl.constexpr,
     COMPUTE_DKW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
@@ -203,12 +208,12 @@ def qk_rms_norm_bwd_kernel(
     dots follow q's ``MQ`` in ``ROW_DOTS``)."""
     pid = tl.program_id(0)
     if pid < Q_PROGRAMS:
-        _rms_bwd_rows(Q, DQY, DQ, QW, QRSTD, DQW_PART, ROW_DOTS, pid, MQ, D, q_rows_per_program,
+        _rms_bwd_rows(Q, DQY, DQ, QW, QRSTD, DQW_PART, ROW_DOTS, pid, MQ, D, Q_PROGRAMS,
                       stride_q, stride_dqy, stride_dq, Q_HAS_WEIGHT, COMPUTE_DQW,
                       BLOCK_M, BLOCK_D, SINGLE_BLOCK, RNE_BY_HAND)
     else:
         _rms_bwd_rows(K, DKY, DK, KW, KRSTD, DKW_PART, ROW_DOTS + MQ, pid - Q_PROGRAMS, MK, D,
-                      k_rows_per_program, stride_k, stride_dky, stride_dk, K_HAS_WEIGHT, COMPUTE_DKW,
+                      K_PROGRAMS, stride_k, stride_dky, stride_dk, K_HAS_WEIGHT, COMPUTE_DKW,
                       BLOCK_M, BLOCK_D, SINGLE_BLOCK, RNE_BY_HAND)
 
 
@@ -289,16 +294,16 @@ def _sandwich_grad_terms(H, R_OUT, DY, DR_OUT, W1, W2, RSTD1, RSTD2, rows, cols,
 def sandwich_rms_norm_bwd_kernel(
     H, R_OUT, DY, DR_OUT, DH, DRES, W1, W2, RSTD1, RSTD2, DW1_PART, DW2_PART, ROW_DOTS,
     stride_h, stride_rout, stride_dy, stride_drout, stride_dh, stride_dres,
-    M, D, rows_per_program, offset,
+    M, D, programs, offset,
     HAS_W1: tl.constexpr, HAS_W2: tl.constexpr, COMPUTE_DW1: tl.constexpr, COMPUTE_DW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_BLOCK: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):
-    """A program owns rows ``[pid * rows_per_program, ...)``. With ``c2 = mean(x_hat2 * g2)`` and
+    """A program owns the rows :func:`_owned_rows` gives it. With ``c2 = mean(x_hat2 * g2)`` and
     ``c1 = mean(x_hat1 * g1)``: ``dr = dr_out + (g2 - x_hat2 * c2) * rstd2``, ``g1 = dr * w1``,
     ``dh = (g1 - x_hat1 * c1) * rstd1``; ``dw1 = sum dr * x_hat1``, ``dw2 = sum dy * x_hat2``.
     A wide row first stores ``(c2, c1)`` in ``ROW_DOTS[2 * row]``."""
     pid = tl.program_id(0)
-    row_start, row_end = _owned_rows(pid, rows_per_program, M)
+    row_start, row_end = _owned_rows(pid, programs, M, BLOCK_M)
     n = D * 1.0
     if not SINGLE_BLOCK:
         for m0 in range(row_start, row_end, BLOCK_M):

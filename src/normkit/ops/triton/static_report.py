@@ -49,20 +49,24 @@ ARCH = 90
 
 # Pointers the kernels stream through (the tensors as large as the input); the others are
 # parameters, statistics and partial sums.
-STREAMED = frozenset({"X", "DY", "RESIDUAL", "RESIDUAL_OUT", "DRESIDUAL_OUT"})
+STREAMED = frozenset({"X", "DY", "RESIDUAL", "RESIDUAL_OUT", "DRESIDUAL_OUT",
+                      "Z",  # the gated norm's gate
+                      "Q", "K", "DQY", "DKY",  # QK-norm
+                      "H", "RES", "R_OUT", "DR_OUT"})  # the sandwich norm
 
 
 @dataclass(frozen=True)
 class Case:
-    """One reference shape: ``norm`` is a public function of :mod:`~normkit.ops.triton.row_norm`
-    or :mod:`~normkit.ops.triton.batch_norm`, called as a training step."""
+    """One reference shape: ``norm`` is a public function of :mod:`~normkit.ops.triton.row_norm`,
+    :mod:`~normkit.ops.triton.batch_norm` or a block norm's module (:data:`BLOCK_NORMS`), called
+    as a training step."""
 
     shape_class: str
     norm: str
     shape: tuple[int, ...]
     dtype: str
     layout: str = "contiguous"
-    groups: int = 0  # GroupNorm's
+    groups: int = 0  # GroupNorm's; the gated norm's groups per row
     act: str | None = None
 
 
@@ -88,6 +92,13 @@ CASES: tuple[Case, ...] = (
     *(Case("style-transfer", "instance_norm", shape, "float32", layout)
       for shape in ((4, 32, 256, 256), (4, 128, 64, 64))
       for layout in ("contiguous", "channels_last")),
+    # The block norms (issue 13) at the shapes of the models they come from.
+    *(Case("dit-adaln", norm, (8, 1024, 1152), "bfloat16")
+      for norm in ("modulated_layer_norm", "modulated_rms_norm")),
+    Case("mamba2", "gated_rms_norm", (8, 1024, 2048), "bfloat16", groups=2),  # groups of 1024
+    Case("qk-heads", "qk_rms_norm", (8, 32, 1024, 128), "bfloat16"),
+    Case("gemma-sandwich", "sandwich_rms_norm", (4096, 4096), "bfloat16"),
+    *(Case("norm-free", norm, (4096, 4096), "bfloat16") for norm in ("dyt", "derf")),
 )
 
 
@@ -110,6 +121,20 @@ class Launch:
         return n
 
 
+@dataclass(frozen=True)
+class _Pointer:
+    """What compiling a launch needs of a tensor argument: its dtype and address (Triton
+    specializes on 16-byte alignment). Not the tensor: a reference held past the launch keeps
+    autograd from reusing a gradient buffer for ``.grad`` and makes it copy it, a copy the
+    real step does not make (it inflated the launch counts of the QK and sandwich norms)."""
+
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
 @contextlib.contextmanager
 def recorded_launches() -> Iterator[list[Launch]]:
     """Every Triton launch inside the block is recorded, not run (its outputs keep whatever
@@ -120,6 +145,7 @@ def recorded_launches() -> Iterator[list[Launch]]:
     launches: list[Launch] = []
 
     def run(self, *args, grid, warmup=False, **kwargs):
+        args = tuple(_Pointer(a.dtype, a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
         launches.append(Launch(self, tuple(grid), args, kwargs))
 
     saved = [(cls, cls.run) for cls in (jit.JITFunction, interpreter.InterpretedFunction)]
@@ -169,39 +195,65 @@ class Step:
         return len(self.launches) + sum(self.aten_ops.values())
 
 
+# The block norms (issue 13), called as models call them: DiT's adaLN (a shift and scale per
+# sample, no affine), Mamba2's gated norm (gate before the norm), QK-norm with weights, Gemma's
+# sandwich (weight offset 1) and the norm-free drop-ins with every parameter.
+BLOCK_NORMS = ("modulated_layer_norm", "modulated_rms_norm", "gated_rms_norm", "qk_rms_norm",
+               "sandwich_rms_norm", "dyt", "derf")
+
+
 def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
-    """x, weight, bias and the extra inputs of ``case`` (values are never read: every launch
+    """x and the parameters and extra inputs of ``case`` (values are never read: every launch
     is recorded, not run)."""
     dtype = getattr(torch, case.dtype)
     x = torch.empty(case.shape, dtype=dtype)
     if case.layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    rows = case.norm in ("rms_norm", "layer_norm", "add_rms_norm")
-    features = case.shape[-1] if rows else case.shape[1]
-    w, b = (torch.empty(features, dtype=dtype).requires_grad_() for _ in range(2))
-    extra = (torch.empty_like(x),) if case.norm == "add_rms_norm" else (torch.zeros(features),
-                                                                        torch.ones(features))
-    return x.requires_grad_(), w, b, *extra
+    x.requires_grad_()
 
-
-def _forward(case: Case, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-             *extra: torch.Tensor) -> list[torch.Tensor]:
-    from normkit.ops.triton import batch_norm, row_norm
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype).requires_grad_()
 
     n = case.shape[-1]
-    if case.norm == "rms_norm":
-        return [row_norm.rms_norm(x, (n,), w)]
-    if case.norm == "layer_norm":
-        return [row_norm.layer_norm(x, (n,), w, b)]
-    if case.norm == "add_rms_norm":
-        return list(row_norm.add_rms_norm(x, extra[0], (n,), w))
-    if case.norm == "group_norm_act":
-        return [row_norm.group_norm_act(x, case.groups, w, b, act=case.act)]
-    if case.norm == "instance_norm":
-        return [row_norm.instance_norm(x, weight=w, bias=b)]
-    if case.norm == "batch_norm":
-        return [batch_norm.batch_norm(x, *extra, w, b, training=True)]
-    raise ValueError(f"no reference step for {case.norm!r}")
+    if case.norm in ("modulated_layer_norm", "modulated_rms_norm"):
+        return x, leaf(case.shape[0], 1, n), leaf(case.shape[0], 1, n)
+    if case.norm in ("gated_rms_norm", "qk_rms_norm", "sandwich_rms_norm"):
+        second = leaf(*case.shape)  # the gate, k, or the residual stream
+        return (x, second, leaf(n)) if case.norm == "gated_rms_norm" else (x, second, leaf(n), leaf(n))
+    if case.norm in ("dyt", "derf"):
+        return x, leaf(1), *((leaf(1),) if case.norm == "derf" else ()), leaf(n), leaf(n)
+    rows = case.norm in ("rms_norm", "layer_norm", "add_rms_norm")
+    features = n if rows else case.shape[1]
+    w, b = leaf(features), leaf(features)
+    extra = (torch.empty_like(x),) if case.norm == "add_rms_norm" else (torch.zeros(features),
+                                                                        torch.ones(features))
+    return x, w, b, *extra
+
+
+def _forward(case: Case, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    from normkit.ops.triton import batch_norm, gated, modulated, norm_free, qk_sandwich, row_norm
+
+    x, *rest = inputs
+    n = case.shape[-1]
+    calls: dict[str, Callable[[], Any]] = {
+        "rms_norm": lambda: row_norm.rms_norm(x, (n,), rest[0]),
+        "layer_norm": lambda: row_norm.layer_norm(x, (n,), *rest[:2]),
+        "add_rms_norm": lambda: row_norm.add_rms_norm(x, rest[2], (n,), rest[0]),
+        "group_norm_act": lambda: row_norm.group_norm_act(x, case.groups, *rest[:2], act=case.act),
+        "instance_norm": lambda: row_norm.instance_norm(x, weight=rest[0], bias=rest[1]),
+        "batch_norm": lambda: batch_norm.batch_norm(x, *rest[2:], *rest[:2], training=True),
+        "modulated_layer_norm": lambda: modulated.modulated_layer_norm(x, *rest),
+        "modulated_rms_norm": lambda: modulated.modulated_rms_norm(x, *rest),
+        "gated_rms_norm": lambda: gated.gated_rms_norm(x, rest[0], rest[1], 1e-5, n // case.groups, False),
+        "qk_rms_norm": lambda: qk_sandwich.qk_rms_norm(x, *rest),
+        "sandwich_rms_norm": lambda: qk_sandwich.sandwich_rms_norm(x, *rest, weight_offset=1.0),
+        "dyt": lambda: norm_free.dyt(x, *rest),
+        "derf": lambda: norm_free.derf(x, *rest),
+    }
+    if case.norm not in calls:
+        raise ValueError(f"no reference step for {case.norm!r}")
+    out = calls[case.norm]()
+    return list(out) if isinstance(out, tuple) else [out]
 
 
 def record_step(case: Case, sms: int = SMS) -> Step:
@@ -422,13 +474,22 @@ VECTOR_BYTES = 16
 
 def claims(record: dict[str, Any]) -> dict[str, bool]:
     """What a kernel ready for the GPU shows statically: no spills, full-vector loads along the
-    unit-stride axis, and a grid with a program for every SM. A kernel that streams no input
-    tensor (BatchNorm's finalize: a few numbers per channel) is held to the first only."""
+    unit-stride axis, a grid with a program for every SM, and, where the launcher sized the
+    grid as one wave of resident programs (:mod:`~normkit.ops.triton.occupancy`), registers
+    within the budget that wave was planned for and no more programs than it. A kernel that
+    streams no input tensor (BatchNorm's finalize: a few numbers per channel) is held to the
+    first only."""
+    from normkit.ops.triton import occupancy
+
     streams = record["min_load_bytes"] is not None
+    planned = record["kernel"] in occupancy.PLANNED
+    wave = record["sms"] * occupancy.ctas_per_sm(record["num_warps"])
     return {
         "no_spills": record["spill_bytes"] == 0,
         "vector_loads": not streams or record["min_load_bytes"] >= VECTOR_BYTES,
         "fills_sms": not streams or record["programs"] >= record["sms"],
+        "planned_occupancy": not planned or (record["registers"] <= occupancy.REGISTER_BUDGET
+                                             and record["programs"] <= wave),
     }
 
 
