@@ -21,6 +21,10 @@ The public functions (:func:`layer_norm`, :func:`rms_norm`, :func:`group_norm`,
 ``torch.nn.functional``'s arguments and trust them: :mod:`normkit.functional` validates them
 and the backend's ``unsupported`` check (:mod:`normkit.ops.triton.backend`) has accepted the call.
 
+GroupNorm and InstanceNorm on channels_last input go to :mod:`normkit.ops.triton.channels_last`
+instead (a block of whole groups per program, channels the tile's fast axis); the ops and their
+outputs are the same.
+
 Tile size: a row of up to :data:`SINGLE_TILE` elements is one tile; a wider row takes the
 chunked two-pass path in tiles of :data:`CHUNK_TILE`. ``block_n=`` on the launchers, or the
 ``NORMKIT_TRITON_BLOCK_N`` environment variable read at each launch, sets both (a power of two),
@@ -48,11 +52,11 @@ from normkit.ops.triton._launch import (
     device_of,
     eager_and_compiled,
     interpreted,
-    sm_count,
     strides,
     vmap_by_loop,
 )
 from normkit.ops.triton.jit_helpers import ACT_CODES
+from normkit.ops.triton.occupancy import resident_programs
 from normkit.ops.triton.row_norm_kernels import row_norm_bwd_kernel, row_norm_fwd_kernel
 
 __all__ = [
@@ -188,13 +192,25 @@ def _out_like(x3: Tensor, blocked: bool, dtype: torch.dtype | None = None) -> Te
     return channels_last.empty_channels_fast(x3, dtype) if blocked else _empty_like(x3, dtype)
 
 
-def _program_count(M: int, device: torch.device) -> int:
-    """Programs of the backward: a few per SM (each writes an N-wide row of dw/db partials,
-    so more programs is more partial traffic); on the CPU interpreter, a handful."""
-    sms = sm_count(device)
-    target = 4 if sms is None else 2 * sms
-    rows_per_program = triton.cdiv(M, min(M, target))
-    return triton.cdiv(M, rows_per_program)
+# Short rows (a tile of at most SHORT_ROW elements) are normalized several to a program in the
+# forward (issue 15 item 8): 16384 rows of 768 were 16384 programs of 4 warps, living a few
+# hundred cycles each. The grid is FWD_WAVES waves of the programs an SM holds at occupancy's
+# register budget (normkit.ops.triton.occupancy), so that a kernel using a quarter of that budget
+# (the short-row forward compiles to about 32 registers) still fills its SMs in one wave: 2112
+# programs of 7-8 rows at 16384x768. Whether fewer, longer programs beat many short ones (launch
+# cost against the latency a serial row loop does not hide) is for a GPU to say.
+SHORT_ROW = 2048
+FWD_WAVES = 4
+
+
+def _program_count(M: int, device: torch.device, num_warps: int, waves: int = 1) -> int:
+    """Programs for M rows dealt evenly among them: ``waves`` waves of the programs the SMs
+    hold at once (:func:`~normkit.ops.triton.occupancy.resident_programs`), at most one a row;
+    on the CPU interpreter, a handful. The backward takes one wave (each program writes an
+    S-wide row of dw/db partials, so more programs is more partial traffic, fewer leaves SMs
+    idle): 132 programs of 16 warps on an H100, 528 of 4."""
+    resident = resident_programs(device, num_warps)
+    return min(M, 4 if resident is None else waves * resident)
 
 
 def row_norm_fwd(
@@ -242,13 +258,15 @@ def row_norm_fwd(
     split = _split(R, S, blocks, per_channel)
     splits = split.splits
     part = torch.empty((M * splits * 4 if splits > 1 else 0,), dtype=torch.float32, device=x.device)
+    short = blocks.SINGLE_BLOCK and blocks.BLOCK_R * blocks.BLOCK_S <= SHORT_ROW
+    programs = _program_count(M, x.device, blocks.num_warps, FWD_WAVES) if short else M
     with device_of(x):
         # A split row: its partial moments, then their merge and the normalization.
         for phase in (1, 2) if splits > 1 else (0,):
-            row_norm_fwd_kernel[(M, splits)](
+            row_norm_fwd_kernel[(programs, splits)](
                 x, residual, y, residual_out, weight, bias, mean, rstd, var, part,
                 *strides(x), *strides(y), residual.stride(0) if residual is not None else 0,
-                R, S, groups, eps, split.split_r, split.split_s, split.splits_s, splits,
+                M, R, S, groups, eps, split.split_r, split.split_s, split.splits_s, splits,
                 IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
                 ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
@@ -298,7 +316,7 @@ def row_norm_bwd(
     blocks = _blocks(R, S, "bwd", x.element_size(), block_n, _channels_fast(x, R))
     split = _split(R, S, blocks, per_channel)
     splits = split.splits
-    programs = M if splits > 1 else _program_count(M, dev)  # a split row: one row per program
+    programs = M if splits > 1 else _program_count(M, dev, blocks.num_warps)  # a split row: one row per program
     if per_channel:
         part_shape = (N, C, triton.cdiv(S, blocks.BLOCK_S))
     else:
@@ -313,7 +331,7 @@ def row_norm_bwd(
                 x, weight, bias, mean, rstd, dy, dx, dresidual_out, dresidual, dw_part, db_part, row_dots,
                 *strides(x), *strides(dy), *strides(dx),
                 dresidual_out.stride(0) if dresidual_out is not None else 0,
-                M, R, S, groups, triton.cdiv(M, programs), split.split_r, split.split_s, split.splits_s, splits,
+                M, R, S, groups, split.split_r, split.split_s, split.splits_s, splits,
                 IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=dw_dtype is not None,
                 COMPUTE_DB=db_dtype is not None, HAS_DRESIDUAL_OUT=dresidual_out is not None,
                 STORE_DRESIDUAL=dresidual_dtype is not None, PER_SEGMENT=per_channel,

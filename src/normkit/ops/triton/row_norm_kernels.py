@@ -125,6 +125,15 @@ def _tile(r0, s0, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _rows_of_program(M):
+    """``[start, end)``: this program's rows, ``M`` rows dealt in order and evenly (sizes
+    differing by at most one) over the grid's first axis. int64: row * R * S may pass 2**31."""
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    return pid * M // programs, (pid + 1) * M // programs
+
+
+@triton.jit
 def _split_block(split, split_r, split_s, splits_s, R, S):
     """``(r_lo, r_hi, s_lo, s_hi)``: the block of a row that program ``split`` of a split row
     owns (splits numbered s-fastest; block edges are multiples of the tile, so no tile is
@@ -210,52 +219,84 @@ def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s,
 
 
 @triton.jit
-def row_norm_fwd_kernel(
-    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR, PART,
-    stride_xn, stride_xc, stride_xs,
-    stride_yn, stride_yc, stride_ys,  # Y and RESIDUAL_OUT are allocated alike
-    stride_residual_row,  # the add-norms' residual: X's element strides, its own row stride
-    R, S, GROUPS, eps, split_r, split_s, splits_s, splits,
-    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    RNE_BY_HAND: tl.constexpr,
-):
-    """One program per row: statistics, then ``y = act((x - mean) * rstd * w + b)``; stores the
-    row's mean of ``x - pivot``, its rstd and its biased variance.
-
-    ``SPLIT`` (a chunked row split across ``splits`` programs ``(row, split)``, each a block of
-    ``split_r x split_s`` of the row's ``R x S``, see :func:`_split_block`): 1 stores the moments
-    of the program's block to ``PART[row, split]`` (mean, m2, scale, count); 2 merges the row's
-    partials in split order (the same bits in every program of the row) and normalizes its
-    block; the program of split 0 stores the statistics. 0: the whole row in one program."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    r_lo, r_hi, s_lo, s_hi = _split_block(split, split_r, split_s, splits_s, R, S)
+def _row_in_one_tile(row, X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
+                     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_residual_row,
+                     R, S, GROUPS, eps, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     STORE_RESIDUAL_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PER_SEGMENT: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                     RNE_BY_HAND: tl.constexpr):
+    """The forward of a row that fits one tile: read once, kept in registers."""
     X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
     Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
     if HAS_RESIDUAL:
         RESIDUAL += row * stride_residual_row
     if STORE_RESIDUAL_OUT:
         RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
-    n = R * S * 1.0  # (not .to(): Triton passes an int argument equal to 1 as a constant)
+    n = R * S * 1.0
     pivot = _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL, STORE_RESIDUAL_OUT, IS_RMS, RNE_BY_HAND)
+    r, s, _, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
+    mask = mask_r & mask_s
+    y_offs = r * stride_yc + s * stride_ys
+    x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs, y_offs, mask,
+                    HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
+    x = tl.where(mask, x - pivot, 0.0)
+    scale = pow2_floor(tl.max(tl.abs(x)))
+    mean_s, m2 = _tile_moments(x * (1.0 / scale), mask, n, IS_RMS)
+    mean = mean_s * scale
+    var_s = m2 / n
+    rstd = rstd_of(var_s, scale, eps)
+    _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R, GROUPS,
+                  HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    tl.store(VAR + row, var_s * scale * scale)
 
+
+# M (the row count, which varies with the batch) only bounds the row loop: not specialized, so
+# a new batch size does not recompile.
+@triton.jit(do_not_specialize=["M"])
+def row_norm_fwd_kernel(
+    X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR, PART,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,  # Y and RESIDUAL_OUT are allocated alike
+    stride_residual_row,  # the add-norms' residual: X's element strides, its own row stride
+    M, R, S, GROUPS, eps, split_r, split_s, splits_s, splits,
+    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
+    """Statistics, then ``y = act((x - mean) * rstd * w + b)``; stores each row's mean of
+    ``x - pivot``, its rstd and its biased variance.
+
+    ``SINGLE_BLOCK`` rows: a program normalizes its rows (:func:`_rows_of_program`) one after
+    the other (short rows: fewer, longer-lived programs, issue 15 item 8). Wider rows: one
+    program per row, or per (row, split).
+
+    ``SPLIT`` (a chunked row split across ``splits`` programs ``(row, split)``, each a block of
+    ``split_r x split_s`` of the row's ``R x S``, see :func:`_split_block`): 1 stores the moments
+    of the program's block to ``PART[row, split]`` (mean, m2, scale, count); 2 merges the row's
+    partials in split order (the same bits in every program of the row) and normalizes its
+    block; the program of split 0 stores the statistics. 0: the whole row in one program."""
     if SINGLE_BLOCK:
-        r, s, _, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
-        mask = mask_r & mask_s
-        y_offs = r * stride_yc + s * stride_ys
-        x = _load_input(X, RESIDUAL, RESIDUAL_OUT, r * stride_xc + s * stride_xs, y_offs, mask,
-                        HAS_RESIDUAL, STORE_RESIDUAL_OUT, RNE_BY_HAND)
-        x = tl.where(mask, x - pivot, 0.0)
-        scale = pow2_floor(tl.max(tl.abs(x)))
-        mean_s, m2 = _tile_moments(x * (1.0 / scale), mask, n, IS_RMS)
-        mean = mean_s * scale
-        var_s = m2 / n
-        rstd = rstd_of(var_s, scale, eps)
-        _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R, GROUPS,
-                      HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
+        row_start, row_end = _rows_of_program(M)
+        for row in range(row_start, row_end):
+            _row_in_one_tile(row, X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
+                             stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_residual_row,
+                             R, S, GROUPS, eps, IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL_OUT, HAS_WEIGHT, HAS_BIAS,
+                             PER_SEGMENT, ACT, BLOCK_R, BLOCK_S, RNE_BY_HAND)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        r_lo, r_hi, s_lo, s_hi = _split_block(split, split_r, split_s, splits_s, R, S)
+        X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
+        Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
+        if HAS_RESIDUAL:
+            RESIDUAL += row * stride_residual_row
+        if STORE_RESIDUAL_OUT:
+            RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
+        n = R * S * 1.0  # (not .to(): Triton passes an int argument equal to 1 as a constant)
+        pivot = _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL, STORE_RESIDUAL_OUT, IS_RMS, RNE_BY_HAND)
         # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width),
         # over the program's columns (s_lo..s_hi: the whole row unless SPLIT).
         mean = 0.0
@@ -307,10 +348,10 @@ def row_norm_fwd_kernel(
                     x -= pivot
                     _store_output(Y, W, B, x, mean, rstd, row, r, s, y_offs, mask, mask_r, mask_s, R,
                                   GROUPS, HAS_WEIGHT, HAS_BIAS, PER_SEGMENT, ACT, RNE_BY_HAND)
-    if SPLIT != 1 and split == 0:  # (SINGLE_BLOCK rows are never split)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-        tl.store(VAR + row, var_s * scale * scale)
+        if SPLIT != 1 and split == 0:
+            tl.store(MEAN + row, mean)
+            tl.store(RSTD + row, rstd)
+            tl.store(VAR + row, var_s * scale * scale)
 
 
 @triton.jit
@@ -338,8 +379,7 @@ def _load_grad_terms(X_ROW, x_offs, DY_TILE, MEAN, RSTD, w, b, row, mask,
 
 
 # M (the row count, which varies with the batch) only bounds the row loop: not specialized, so
-# a new batch size does not recompile (issue 15 item 9). rows_per_program stays specialized
-# (1 is common and lets the compiler drop the loop).
+# a new batch size does not recompile (issue 15 item 9).
 @triton.jit(do_not_specialize=["M"])
 def row_norm_bwd_kernel(
     X, W, B, MEAN, RSTD, DY, DX, DRESIDUAL_OUT, DRESIDUAL, DW_PART, DB_PART, ROW_DOTS,
@@ -347,14 +387,14 @@ def row_norm_bwd_kernel(
     stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,  # DX and DRESIDUAL are allocated alike
     stride_dresidual_out_row,  # the add-norms' gradient at residual_out: X's element strides
-    M, R, S, GROUPS, rows_per_program, split_r, split_s, splits_s, splits,
+    M, R, S, GROUPS, split_r, split_s, splits_s, splits,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     PER_SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
-    """A program owns rows ``[pid * rows_per_program, ...)``.
+    """A program owns the rows of :func:`_rows_of_program` (a split row: one row per program).
 
     With ``c1 = mean(x_hat * w * dy)`` and ``c2 = mean(w * dy)`` over the row (``c2 = 0`` for
     RMSNorm): ``dx = rstd * (w * dy - x_hat * c1 - c2)``, ``dw = sum dy * x_hat``,
@@ -369,8 +409,7 @@ def row_norm_bwd_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     r_lo, r_hi, s_lo, s_hi = _split_block(split, split_r, split_s, splits_s, R, S)
-    row_start = pid.to(tl.int64) * rows_per_program  # int64: row * R * S may pass 2**31
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    row_start, row_end = _rows_of_program(M)
     n = R * S * 1.0
     num_s_blocks = tl.cdiv(S, BLOCK_S)
 
