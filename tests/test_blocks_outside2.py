@@ -477,20 +477,7 @@ def _normkit_types(m):
     return {type(x).__name__ for x in m.modules() if type(x).__module__.startswith("normkit")}
 
 
-_FALCON_LEFT = pytest.mark.xfail(
-    strict=True,
-    reason="convert leaves Falcon-H1's FalconH1RMSNormGated (norm_before_gate=True) unconverted: the probe drops the "
-    "norm_before_gate=True GatedRMSNorm candidate because the original refuses a 4-D probe input ('too many values "
-    "to unpack'), and the norm_before_gate=False candidates differ by 0.36; README promises Falcon-H1-style gated "
-    "norms become GatedRMSNorm",
-)
-
-
-def _model_params(names):
-    return [pytest.param(n, marks=_FALCON_LEFT) if n == "falcon_h1" else n for n in names]
-
-
-@pytest.mark.parametrize("name", _model_params(sorted(MODELS)))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_convert_replaces_block_norms(name):
     """convert swaps the model's adaLN / gated RMSNorm layers for normkit's adapters and keeps state_dict keys."""
     m, inp, expected = _build(name)

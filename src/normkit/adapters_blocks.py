@@ -63,12 +63,33 @@ def _flat(out: Tensor | tuple[Tensor, ...]) -> Tensor:
 # ---- gated RMSNorm ------------------------------------------------------------------------------
 
 
+def _ranks_taken(m: nn.Module, rows: list[tuple[str, Tensor]]) -> set[int]:
+    """The ranks of ``rows`` whose first input ``m`` computes without an error. Gated norms are
+    often written for the shapes of their model alone (Falcon-H1's ``FalconH1RMSNormGated``
+    unpacks ``(N, L, D)`` or ``(N, D)``): an input of another rank never reaches them there, so it
+    is no evidence for or against a replacement."""
+    taken = set()
+    for rank in sorted({x.dim() for _, x in rows}):
+        x = next(x for _, x in rows if x.dim() == rank)
+        try:
+            with torch.no_grad():
+                m.forward(x)  # (not m(x): a user's hooks must not see the probe)
+        except Exception:  # noqa: BLE001 - any refusal: the module does not take this rank
+            continue
+        taken.add(rank)
+    return taken
+
+
 def _gated_probes(m: nn.Module) -> list[Probe]:
     """Each features-last probe input without a gate, with one, and with the gate varied (its
-    gradient compared)."""
+    gradient compared), of the ranks the module takes (every rank when it takes none of them:
+    the probe then reports its error)."""
     device, dtype = tensor_home(m)
+    rows = _rows(m.weight.shape[0], device, dtype)
+    taken = _ranks_taken(m, rows)
+    rows = [(label, x) for label, x in rows if x.dim() in taken] or rows
     probes = []
-    for seed, (label, x) in enumerate(_rows(m.weight.shape[0], device, dtype)):
+    for seed, (label, x) in enumerate(rows):
         gate = _random(tuple(x.shape), 100 + seed, device, dtype)
         probes += [Probe(f"{label} without a gate", x, lambda f, t: f(t)),
                    Probe(f"{label} with a gate", x, lambda f, t, g=gate: f(t, g)),
@@ -89,7 +110,8 @@ def _carry_attributes(new: nn.Module, old: nn.Module) -> nn.Module:
 
 def _gated_candidates(m: nn.Module) -> list[Candidate]:
     """GatedRMSNorm for a norm whose forward takes a ``gate``, with a 1-D ``weight`` and an eps;
-    ``group_size`` from its attribute (one group without it), both gate placements and casts."""
+    ``group_size`` from its attribute, or from ``n_groups`` (one group without either), both gate
+    placements and casts: the probe decides."""
     weight, (found, eps) = _tensor(m, "weight"), _eps(m)
     if weight is None or weight.dim() != 1 or not found or eps is None:
         return []  # read first: convert asks this of every module of a model
@@ -100,6 +122,10 @@ def _gated_candidates(m: nn.Module) -> list[Candidate]:
         return []
     size = weight.shape[0]
     group = getattr(m, "group_size", None)
+    groups = getattr(m, "n_groups", None)  # Falcon-H1 names the number of groups instead
+    if group is None and isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 \
+            and size % groups == 0:
+        group = size // groups
     group = group if isinstance(group, int) and not isinstance(group, bool) and group > 0 and size % group == 0 \
         else None
 
