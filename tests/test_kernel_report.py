@@ -49,10 +49,6 @@ KNOWN_GAPS = (
     ("few_launches", lambda r: r["norm"] == "batch_norm",
      "issue 15 item 7: the finalize is one kernel; the running update's ATen ops "
      "(numerics.update_running_stats, the one numerics policy) remain"),
-    ("few_launches", lambda r: r["norm"] in ("dyt", "derf"),
-     "issue 15 item 7: DyT and Derf have three and four parameter gradients, each a fixed-order "
-     "torch sum of per-program partials and a cast to the parameter's dtype (2 ATen ops a "
-     "gradient); one finalize kernel for all of them would make it 3 launches"),
 )
 
 

@@ -39,7 +39,7 @@ from normkit.ops.triton._launch import (
     interpreted,
     vmap_by_loop,
 )
-from normkit.ops.triton.norm_free_kernels import norm_free_bwd_kernel, norm_free_fwd_kernel
+from normkit.ops.triton.norm_free_kernels import norm_free_bwd_kernel, norm_free_fwd_kernel, norm_free_grads_kernel
 from normkit.ops.triton.occupancy import resident_programs
 
 __all__ = ["TILE", "derf", "dyt", "norm_free_bwd", "norm_free_fwd"]
@@ -47,6 +47,8 @@ __all__ = ["TILE", "derf", "dyt", "norm_free_bwd", "norm_free_fwd"]
 # Elements per program. The backward keeps four fp32 accumulator tiles live beside x, dy and the
 # squash, so it gets half the forward's tile.
 TILE = {"fwd": 4096, "bwd": 2048}
+# The gradients' kernel: tiles of GRADS_ROWS partial rows x GRADS_TILE / GRADS_ROWS columns.
+GRADS_TILE, GRADS_ROWS = 4096, 16
 
 
 class _Blocks(NamedTuple):
@@ -136,12 +138,24 @@ def norm_free_bwd(
             num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
         )
 
-    # A fixed-shape torch sum: the same partials give the same bits on every run.
-    def total(p: Tensor, dtype: torch.dtype | None, dims: tuple[int, ...]) -> Tensor:
-        return p.sum(dims).reshape(-1).to(dtype) if dtype is not None else p
+    # The partials summed in a fixed order (the same partials give the same bits on every run)
+    # and each gradient rounded to its dtype, in one launch.
+    def grad(shape: tuple[int, ...], dtype: torch.dtype | None) -> Tensor:
+        return torch.empty(shape if dtype is not None else (0,), dtype=dtype or torch.float32, device=dev)
 
-    return (dx, total(dalpha_part, dalpha_dtype, (0, 1)), total(dshift_part, dshift_dtype, (0, 1)),
-            total(dw_part, dw_dtype, (0,)), total(db_part, db_dtype, (0,)))
+    dalpha, dshift = grad((1,), dalpha_dtype), grad((1,), dshift_dtype)
+    dw, db = grad((L,), dw_dtype), grad((L,), db_dtype)
+    if any(d is not None for d in (dalpha_dtype, dshift_dtype, dw_dtype, db_dtype)):
+        block = min(triton.next_power_of_2(max(L, 1)), GRADS_TILE // GRADS_ROWS)
+        with device_of(x):
+            norm_free_grads_kernel[(triton.cdiv(max(L, 1), block),)](
+                dw_part, db_part, dalpha_part, dshift_part, dw, db, dalpha, dshift, programs, L, programs * col_blocks,
+                COMPUTE_DW=dw_dtype is not None, COMPUTE_DB=db_dtype is not None,
+                COMPUTE_DALPHA=dalpha_dtype is not None, COMPUTE_DSHIFT=dshift_dtype is not None,
+                BLOCK_P=GRADS_ROWS, BLOCK_N=block, RNE_BY_HAND=interpreted(), num_warps=4,
+                enable_fp_fusion=FP_FUSION,
+            )
+    return dx, dalpha, dshift, dw, db
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ The backward is deterministic: no atomics. A program walks a fixed run of row bl
 column block, keeps its sums in fp32 registers, and writes them once: the column sums of
 ``dy * s`` and ``dy`` (for ``dw``, ``db``) to row ``pid_m`` of ``[programs_m, L]`` buffers, its
 scalar sums of ``g * x`` and ``g`` (for ``dalpha``, ``dshift``) to ``[programs_m, programs_n]``
-buffers; the launcher sums each buffer over a fixed shape.
+buffers; ``norm_free_grads_kernel`` sums each buffer in a fixed order and rounds each parameter
+gradient once, all in one launch.
 
 Numerics:
 
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from normkit.ops.triton.jit_helpers import cast_to
 
-__all__ = ["norm_free_bwd_kernel", "norm_free_fwd_kernel"]
+__all__ = ["norm_free_bwd_kernel", "norm_free_fwd_kernel", "norm_free_grads_kernel"]
 
 
 @triton.jit
@@ -153,3 +154,41 @@ def norm_free_bwd_kernel(
         tl.store(DALPHA_PART + scalar_part, tl.sum(dalpha_acc))
     if COMPUTE_DSHIFT:
         tl.store(DSHIFT_PART + scalar_part, tl.sum(dshift_acc))
+
+
+@triton.jit
+def _partial_sum(PART, rows, width, cols, BLOCK_P: tl.constexpr):
+    """Column sums over the ``rows`` rows of a ``[rows, width]`` fp32 buffer at ``cols``, in a
+    fixed order (tiles of BLOCK_P rows, each summed as a tree)."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for p0 in range(0, rows, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+        mask = (p < rows) & (cols[None, :] < width)
+        acc += tl.sum(tl.load(PART + p * width + cols[None, :], mask=mask, other=0.0), axis=0)
+    return acc
+
+
+@triton.jit
+def norm_free_grads_kernel(
+    DW_PART, DB_PART, DALPHA_PART, DSHIFT_PART, DW, DB, DALPHA, DSHIFT,
+    P, L, SCALARS,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DALPHA: tl.constexpr,
+    COMPUTE_DSHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+):
+    """The parameter gradients from the backward's partials, each rounded once to its
+    parameter's dtype, in one launch (it took a torch sum and a cast a gradient): program j sums
+    columns ``[j * BLOCK_N, ...)`` of the ``[P, L]`` weight and bias partials; program 0 also
+    the ``SCALARS`` alpha and shift partials."""
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    if COMPUTE_DW:
+        tl.store(DW + cols, cast_to(_partial_sum(DW_PART, P, L, cols, BLOCK_P), DW, RNE_BY_HAND), mask=cols < L)
+    if COMPUTE_DB:
+        tl.store(DB + cols, cast_to(_partial_sum(DB_PART, P, L, cols, BLOCK_P), DB, RNE_BY_HAND), mask=cols < L)
+    if tl.program_id(0) == 0:
+        first = tl.arange(0, 1).to(tl.int64)
+        if COMPUTE_DALPHA:  # the scalar partials as a [SCALARS, 1] buffer
+            total = _partial_sum(DALPHA_PART, SCALARS, 1, first, BLOCK_P)
+            tl.store(DALPHA + first, cast_to(total, DALPHA, RNE_BY_HAND))
+        if COMPUTE_DSHIFT:
+            total = _partial_sum(DSHIFT_PART, SCALARS, 1, first, BLOCK_P)
+            tl.store(DSHIFT + first, cast_to(total, DSHIFT, RNE_BY_HAND))
