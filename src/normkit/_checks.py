@@ -19,17 +19,28 @@ __all__ = [
     "check_batch_norm",
     "check_dtype_option",
     "check_group_norm",
+    "check_group_norm_python",
     "check_instance_norm",
+    "check_instance_norm_python",
     "check_layer_norm",
     "check_local_response_norm",
     "check_precision",
     "check_rms_norm",
+    "plain_trailing",
 ]
 
 _ATEN_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
-    torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -41,7 +52,7 @@ def _aten_name(dtype: torch.dtype) -> str:
 
 def _check_floating(input: Tensor, kernel: str) -> None:
     if not input.is_floating_point():
-        raise NotImplementedError(f'"{kernel}" not implemented for \'{_aten_name(input.dtype)}\'')
+        raise NotImplementedError(f"\"{kernel}\" not implemented for '{_aten_name(input.dtype)}'")
 
 
 def _check_devices(input: Tensor, *tensors: Tensor | None) -> None:
@@ -65,9 +76,7 @@ def _check_dtypes(input: Tensor, *params: Tensor | None) -> None:
         return
     for p in defined:
         if p.dtype != input.dtype:
-            raise RuntimeError(
-                f"expected scalar type {_aten_name(input.dtype)} but found {_aten_name(p.dtype)}"
-            )
+            raise RuntimeError(f"expected scalar type {_aten_name(input.dtype)} but found {_aten_name(p.dtype)}")
 
 
 def _check_mixed_dtypes(input: Tensor, *params: Tensor | None) -> None:
@@ -110,18 +119,26 @@ def _is_float(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     if isinstance(value, Tensor):
-        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
-            and value.dtype != torch.bool
+        return (
+            value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        )
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 _KIND_CHECKS: dict[str, Callable[[object], bool]] = {
-    "Tensor": lambda v: isinstance(v, Tensor), "bool": lambda v: type(v) is bool, "int": _is_int, "float": _is_float,
+    "Tensor": lambda v: isinstance(v, Tensor),
+    "bool": lambda v: type(v) is bool,
+    "int": _is_int,
+    "float": _is_float,
 }
 # The exact types that fit each kind at once (the common call): the full rules only for the rest.
 _PLAIN_TYPES: dict[str, tuple[type, ...]] = {
-    "Tensor": (Tensor, torch.nn.Parameter), "Tensor?": (Tensor, torch.nn.Parameter, type(None)),
-    "bool": (bool,), "int": (int,), "float": (float, int), "float?": (float, int, type(None)),
+    "Tensor": (Tensor, torch.nn.Parameter),
+    "Tensor?": (Tensor, torch.nn.Parameter, type(None)),
+    "bool": (bool,),
+    "int": (int,),
+    "float": (float, int),
+    "float?": (float, int, type(None)),
 }
 
 
@@ -212,10 +229,17 @@ def _check_no_grad_stats(running_mean: Tensor | None, running_var: Tensor | None
 
 def _batch_norm_args(op: str, input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
     # torch.batch_norm / torch.instance_norm put the parameters before the running statistics
-    check_args(op, ("input", "Tensor", input), ("weight", "Tensor?", weight), ("bias", "Tensor?", bias),
-               ("running_mean", "Tensor?", running_mean), ("running_var", "Tensor?", running_var),
-               ("training" if op == "batch_norm" else "use_input_stats", "bool", training),
-               ("momentum", "float", momentum), ("eps", "float", eps))
+    check_args(
+        op,
+        ("input", "Tensor", input),
+        ("weight", "Tensor?", weight),
+        ("bias", "Tensor?", bias),
+        ("running_mean", "Tensor?", running_mean),
+        ("running_var", "Tensor?", running_var),
+        ("training" if op == "batch_norm" else "use_input_stats", "bool", training),
+        ("momentum", "float", momentum),
+        ("eps", "float", eps),
+    )
 
 
 def check_batch_norm(
@@ -227,9 +251,11 @@ def check_batch_norm(
     training: bool,
     eps: float,
     momentum: float = 0.1,
-) -> None:
+) -> bool:
     """torch.nn.functional.batch_norm's checks in its order: its Python checks, the argument
-    types, then ATen's (channel counts, autograd, devices, dtypes, running-statistics rank)."""
+    types, then ATen's (channel counts, autograd, devices, dtypes, running-statistics rank).
+    Returns whether the call is a plain one (:func:`_plain_channels`: exact argument types, so
+    nothing to convert)."""
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
@@ -237,7 +263,7 @@ def check_batch_norm(
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if _plain_channels(input, running_mean, running_var, weight, bias, training, momentum, eps):
-        return
+        return True
     _batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.numel() == 0:
         # ATen returns `input.clone() * weight[0] + bias[0]` before any other check: an empty
@@ -245,7 +271,7 @@ def check_batch_norm(
         for p in (weight, bias):
             if p is not None:
                 p.select(0, 0)
-        return
+        return False
     # ATen reads the channel count as size(1); a 1-D input has none, which it reports as 0.
     channels = input.shape[1] if input.dim() >= 2 else 0
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
@@ -268,6 +294,13 @@ def check_batch_norm(
     for stat in (running_mean, running_var):
         if stat is not None and stat.dim() != 1:
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {stat.dim()}")
+    return False
+
+
+def check_instance_norm_python(input: Tensor, use_input_stats: object) -> None:
+    """The check torch.nn.functional.instance_norm makes in Python before ATen's."""
+    if use_input_stats and math.prod(input.size()[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
 
 
 def check_instance_norm(
@@ -279,11 +312,12 @@ def check_instance_norm(
     use_input_stats: bool,
     eps: float,
     momentum: float = 0.1,
-) -> None:
-    if use_input_stats and math.prod(input.size()[2:]) == 1:
-        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+) -> bool:
+    """torch.nn.functional.instance_norm's checks in its order; returns whether the call is a
+    plain one (as :func:`check_batch_norm`)."""
+    check_instance_norm_python(input, use_input_stats)
     if _plain_channels(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-        return
+        return True
     _batch_norm_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
@@ -296,7 +330,7 @@ def check_instance_norm(
             for p in (weight, bias):
                 if p is not None:
                     p.select(0, 0)
-        return
+        return False
     # ATen runs instance norm as batch norm over (1, N * C, *spatial): hence N * C in the message.
     rows = input.shape[0] * input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
@@ -312,6 +346,7 @@ def check_instance_norm(
     _check_devices(input, weight, bias, running_mean, running_var)
     # ATen copies the running statistics into the input's dtype, so any float dtype works there.
     _check_dtypes(input, weight, bias)
+    return False
 
 
 def _check_normalized_shape(
@@ -331,7 +366,7 @@ def _check_normalized_shape(
             )
     if rms and input.dim() < len(shape):
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()}")
-    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape) :]) != shape:
         star = "*" if rms else "*, "
         raise RuntimeError(
             f"Given normalized_shape={shape}, expected input with shape [{star}{', '.join(map(str, shape))}], "
@@ -346,7 +381,7 @@ def _ordinary(input: Tensor, normalized_shape: Sequence[int], *params: Tensor | 
     costs a fraction of a microsecond, and the full checks read many); the rest take the full
     checks, in torch's order."""
     shape = tuple(normalized_shape)
-    if not shape or input.shape[max(input.dim() - len(shape), 0):] != shape or not input.is_floating_point():
+    if not shape or input.shape[max(input.dim() - len(shape), 0) :] != shape or not input.is_floating_point():
         return False
     return _plain_params(input, shape, *params)
 
@@ -358,18 +393,28 @@ _TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 def _plain_params(input: Tensor, shape: tuple[int, ...], *params: Tensor | None) -> bool:
     """Whether each of ``params`` is absent or a plain tensor of ``input``'s dtype and device
     and of shape ``shape``."""
-    dtype, device = input.dtype, input.device
+    dtype = input.dtype  # (a dtype is a singleton: `is` compares it)
+    if input.is_cpu:  # (no device object built per tensor: the common case, answered by a flag)
+        for p in params:
+            if p is not None and (
+                type(p) not in _TENSOR_TYPES or p.dtype is not dtype or p.shape != shape or not p.is_cpu
+            ):
+                return False
+        return True
+    device = input.device
     for p in params:
-        if p is not None and (type(p) not in _TENSOR_TYPES or p.dtype != dtype or p.shape != shape
-                              or p.device != device):
+        if p is not None and (
+            type(p) not in _TENSOR_TYPES or p.dtype is not dtype or p.shape != shape or p.device != device
+        ):
             return False
     return True
 
 
-def _plain_trailing(input: object, normalized_shape: object, eps_ok: bool, *params: Tensor | None) -> bool:
-    """The ordinary trailing-axis call (:func:`_ordinary`) with its argument types read exactly
-    (a tensor input, a tuple of ints, ``eps_ok``) instead of by torch's parser's rules: nothing
-    can refuse it, and it is answered in about a microsecond."""
+def plain_trailing(input: object, normalized_shape: object, eps_ok: bool, *params: Tensor | None) -> bool:
+    """Whether this is the ordinary trailing-axis call (:func:`_ordinary`) with its argument
+    types exact (a tensor input, a tuple of ints, ``eps_ok``): no check can refuse it and no
+    argument needs converting, so the op skips :func:`check_layer_norm` / :func:`check_rms_norm`
+    (answered in well under a microsecond)."""
     if not eps_ok or type(input) not in _TENSOR_TYPES or type(normalized_shape) is not tuple:
         return False
     for d in normalized_shape:
@@ -381,16 +426,29 @@ def _plain_trailing(input: object, normalized_shape: object, eps_ok: bool, *para
     return _plain_params(input, normalized_shape, *params)  # type: ignore[arg-type]
 
 
-def _plain_channels(input: object, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-                    bias: Tensor | None, use_batch: object, momentum: object, eps: object) -> bool:
+def _plain_channels(
+    input: object,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_batch: object,
+    momentum: object,
+    eps: object,
+) -> bool:
     """Whether no check of :func:`check_batch_norm` / :func:`check_instance_norm` after their
     leading Python checks can refuse this call: exact argument types, a non-empty
     floating-point ``(N, C, ...)`` input, running statistics both given (or both absent in
     training) that do not require grad, every per-channel tensor absent or a plain ``(C,)``
     tensor of the input's dtype and device."""
-    if (type(input) not in _TENSOR_TYPES or type(use_batch) is not bool or type(momentum) is not float
-            or type(eps) is not float or (running_mean is None) != (running_var is None)
-            or (running_mean is None and not use_batch)):
+    if (
+        type(input) not in _TENSOR_TYPES
+        or type(use_batch) is not bool
+        or type(momentum) is not float
+        or type(eps) is not float
+        or (running_mean is None) != (running_var is None)
+        or (running_mean is None and not use_batch)
+    ):
         return False
     if input.dim() < 2 or input.numel() == 0 or not input.is_floating_point():  # type: ignore[attr-defined]
         return False
@@ -411,15 +469,23 @@ def _leading(op: str, input: object, residual: object) -> tuple:
 
 
 def check_layer_norm(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float,
-    *, residual: object = NOT_ADD,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    residual: object = NOT_ADD,
 ) -> None:
     """``residual`` given (a tensor or None): the checks of ``add_layer_norm(x, residual, ...)``,
     whose argument-type messages name it and count the residual as position 2."""
-    if residual is NOT_ADD and _plain_trailing(input, normalized_shape, type(eps) is float, weight, bias):
-        return
-    check_args(*_leading("layer_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
-               ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
+    check_args(
+        *_leading("layer_norm", input, residual),
+        ("normalized_shape", "int[]", normalized_shape),
+        ("weight", "Tensor?", weight),
+        ("bias", "Tensor?", bias),
+        ("eps", "float", eps),
+    )
     if _ordinary(input, normalized_shape, weight, bias):
         return
     if input.device.type == "cpu":
@@ -433,13 +499,19 @@ def check_layer_norm(
 
 
 def check_rms_norm(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None,
-    *, residual: object = NOT_ADD,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    eps: float | None,
+    *,
+    residual: object = NOT_ADD,
 ) -> None:
-    if residual is NOT_ADD and _plain_trailing(input, normalized_shape, eps is None or type(eps) is float, weight):
-        return
-    check_args(*_leading("rms_norm", input, residual), ("normalized_shape", "int[]", normalized_shape),
-               ("weight", "Tensor?", weight), ("eps", "float?", eps))
+    check_args(
+        *_leading("rms_norm", input, residual),
+        ("normalized_shape", "int[]", normalized_shape),
+        ("weight", "Tensor?", weight),
+        ("eps", "float?", eps),
+    )
     if _ordinary(input, normalized_shape, weight):
         return
     _check_normalized_shape(input, normalized_shape, weight, None, rms=True)
@@ -448,21 +520,37 @@ def check_rms_norm(
         _check_floating(input, "rms_norm")
 
 
-def check_group_norm(
-    input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> None:
+def check_group_norm_python(input: Tensor, num_groups: int) -> None:
+    """The checks torch.nn.functional.group_norm makes in Python before ATen's: the rank, then
+    its own arithmetic (a str or None ``num_groups`` fails in it, before the argument types)."""
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    _verify_batch_size([input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:]))
+
+
+def check_group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> bool:
+    """torch.nn.functional.group_norm's checks in its order; returns whether the call is a
+    plain one (exact argument types, so nothing to convert)."""
+    check_group_norm_python(input, num_groups)
     channels = input.shape[1]
-    # torch.nn.functional's own arithmetic first (a str or None num_groups fails in it), then
-    # the argument types.
-    _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
-    if (type(input) in _TENSOR_TYPES and type(num_groups) is int and type(eps) is float and num_groups > 0
-            and channels % num_groups == 0 and input.is_floating_point()
-            and _plain_params(input, (channels,), weight, bias)):
-        return  # the ordinary call: nothing below can refuse it
-    check_args("group_norm", ("input", "Tensor", input), ("num_groups", "int", num_groups),
-               ("weight", "Tensor?", weight), ("bias", "Tensor?", bias), ("eps", "float", eps))
+    if (
+        type(input) in _TENSOR_TYPES
+        and type(num_groups) is int
+        and type(eps) is float
+        and num_groups > 0
+        and channels % num_groups == 0
+        and input.is_floating_point()
+        and _plain_params(input, (channels,), weight, bias)
+    ):
+        return True  # the ordinary call: nothing below can refuse it
+    check_args(
+        "group_norm",
+        ("input", "Tensor", input),
+        ("num_groups", "int", num_groups),
+        ("weight", "Tensor?", weight),
+        ("bias", "Tensor?", bias),
+        ("eps", "float", eps),
+    )
     if num_groups <= 0:
         raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     if channels % num_groups != 0:
@@ -483,17 +571,17 @@ def check_group_norm(
     _check_devices(input, weight, bias)
     _check_dtypes(input, weight, bias)
     _check_floating(input, "GroupNormKernelImpl")
+    return False
 
 
-def check_local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
-                              k: float = 1.0) -> None:
+def check_local_response_norm(
+    input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> None:
     """torch.nn.functional.local_response_norm is Python over pad, avg_pool and arithmetic: its
     errors are theirs, in that order."""
     dim = input.dim()
     if dim < 3:
-        raise ValueError(
-            f"Expected 3D or higher dimensionality                          input (got {dim} dimensions)"
-        )
+        raise ValueError(f"Expected 3D or higher dimensionality                          input (got {dim} dimensions)")
     if input.numel() == 0:
         return
     pad = (0, 0) * (1 if dim == 3 else 2) + (size // 2, (size - 1) // 2)
@@ -505,11 +593,13 @@ def check_local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, bet
             )
     pool = "avg_pool2d" if dim == 3 else "avg_pool3d"
     if not _is_int(size):
-        raise TypeError(f"{pool}(): argument 'kernel_size' (position 2) must be tuple of ints, but found element "
-                        f"of type {_type_name(size)} at pos 0")
+        raise TypeError(
+            f"{pool}(): argument 'kernel_size' (position 2) must be tuple of ints, but found element "
+            f"of type {_type_name(size)} at pos 0"
+        )
     if input.dtype == torch.bool or input.is_complex():
         kernel = "avg_pool2d" if dim == 3 else "avg_pool3d_out_frame"
-        raise NotImplementedError(f'"{kernel}" not implemented for \'{_aten_name(input.dtype)}\'')
+        raise NotImplementedError(f"\"{kernel}\" not implemented for '{_aten_name(input.dtype)}'")
     if size <= 0:
         kernel = f"kH: {size} kW: 1" if dim == 3 else f"kT: {size} kH: 1 kW: 1"
         raise RuntimeError(f"kernel size should be greater than zero, but got {kernel}")
@@ -519,8 +609,10 @@ def check_local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, bet
     if not isinstance(beta, (numbers.Number, Tensor)):
         name = _type_name(beta)
         mismatch = f"      didn't match because some of the arguments have invalid types: (!{name}!)\n"
-        raise TypeError(f"pow() received an invalid combination of arguments - got ({name}), but expected one of:\n"
-                        f" * (Tensor exponent)\n{mismatch} * (Number exponent)\n{mismatch}")
+        raise TypeError(
+            f"pow() received an invalid combination of arguments - got ({name}), but expected one of:\n"
+            f" * (Tensor exponent)\n{mismatch} * (Number exponent)\n{mismatch}"
+        )
     # Tensor alpha / beta / k: torch computes `div.mul(alpha).add(k).pow(beta)` with div of the
     # input's shape (then `input / div`, which always broadcasts); a shape that does not
     # broadcast is its error there, operands in that order (the backends compute in another).
@@ -536,8 +628,10 @@ def _broadcast(a: list[int], b: list[int]) -> list[int]:
     a, b = [1] * (ndim - len(a)) + a, [1] * (ndim - len(b)) + b
     for i, (size_a, size_b) in enumerate(zip(a, b)):
         if size_a != size_b and 1 not in (size_a, size_b):
-            raise RuntimeError(f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
-                               f"at non-singleton dimension {i}")
+            raise RuntimeError(
+                f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
+                f"at non-singleton dimension {i}"
+            )
     return [sa if sb == 1 else sb for sa, sb in zip(a, b)]
 
 
@@ -550,8 +644,9 @@ def check_dtype_option(name: str, dtype: object) -> None:
     """``out_dtype`` / ``residual_dtype``: a floating-point torch.dtype or None (a string such
     as ``"float32"`` is not one: pass ``torch.float32``)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"{name} must be a floating-point torch.dtype such as torch.float32 (or None), "
-                         f"but got {dtype!r}")
+        raise ValueError(
+            f"{name} must be a floating-point torch.dtype such as torch.float32 (or None), but got {dtype!r}"
+        )
 
 
 def check_precision(stats_dtype: object, out_dtype: object) -> None:

@@ -34,7 +34,9 @@ not see it), and raises :class:`BackendError` where blocks of several tasks over
 code that runs compiled models, pass ``backend=`` to the modules instead of ``use_backend``.
 
 ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend that is available, runs
-the call and is preferred for it.
+the call and is preferred for it. Where the input alone settles that walk (a small CPU tensor:
+no kernel backend claims it, so ATen runs it), :func:`auto_choice` answers before the argument
+checks, and :mod:`normkit.functional` hands the call to ATen, whose checks are torch's own.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ __all__ = [
     "OPS",
     "OpImpl",
     "OpSpec",
+    "auto_choice",
     "backends",
     "current_backend",
     "define_op",
@@ -154,9 +157,14 @@ OPS: dict[str, OpSpec] = {}
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def define_op(*, input: str = "input", in_place: tuple[str, ...] = (),
-              residual_dtype: str | None = None, results: tuple[str, ...] = (),
-              kept: tuple[str, ...] = ()) -> Callable[[_F], _F]:
+def define_op(
+    *,
+    input: str = "input",
+    in_place: tuple[str, ...] = (),
+    residual_dtype: str | None = None,
+    results: tuple[str, ...] = (),
+    kept: tuple[str, ...] = (),
+) -> Callable[[_F], _F]:
     """Declare the decorated public function an op (named after it) in :data:`OPS`; its
     backend arguments are its own, less the call options."""
 
@@ -178,22 +186,69 @@ class OpImpl(NamedTuple):
     asks it first, so it answers for any call that passed the argument checks, supported or not
     (``False`` where unsure). Both receive the same arguments as ``fn`` and must not touch the
     tensors' data.
+
+    ``may_prefer(input)``, where given, says from the input tensor alone whether ``preferred``
+    could say yes to any call with that input (``False``: it would say no, whatever the other
+    arguments). It is asked before the argument checks (any tensor, nothing else checked), so
+    that :func:`auto_choice` can settle the common call without them; ``None``: not known.
     """
 
     fn: Callable[..., Any]
     unsupported: Callable[..., str | None] = _never
     preferred: Callable[..., bool] = _always
+    may_prefer: Callable[[torch.Tensor], bool] | None = None
+
+
+def _available() -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     ops: Mapping[str, OpImpl]
-    is_available: Callable[[], bool] = field(default=lambda: True)
+    is_available: Callable[[], bool] = _available
     description: str = ""
 
 
-_REGISTRY: dict[str, Backend] = {}
+class _Table(dict):  # type: ignore[type-arg]
+    """A registry table (:data:`_REGISTRY`, :data:`_LAZY`) that forgets ``"auto"``'s list of
+    candidate backends whenever it changes, however it is changed (``register_backend``, or a
+    test's ``monkeypatch.setitem``): the list is built once, not looked up on every call."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        _CANDIDATES.clear()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        _CANDIDATES.clear()
+
+    def pop(self, *args: Any) -> Any:
+        _CANDIDATES.clear()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        _CANDIDATES.clear()
+        return super().popitem()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        _CANDIDATES.clear()
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        _CANDIDATES.clear()
+
+    def clear(self) -> None:
+        super().clear()
+        _CANDIDATES.clear()
+
+
+# AUTO_ORDER -> the backends its names resolve to (lazy ones loaded, absent ones left out):
+# what "auto" walks, emptied by every change to the registry tables.
+_CANDIDATES: dict[tuple[str, ...], tuple[Backend, ...]] = {}
+_REGISTRY: dict[str, Backend] = _Table()
 # The stack of use_backend() blocks of this thread and asyncio task: the truth, read in eager code.
 _ACTIVE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("normkit_use_backend", default=())
 
@@ -212,7 +267,7 @@ _THREAD = _ThreadBlocks()
 _OVERLAP = None  # the stack of no single context: compiled code must not guess
 # Backends whose module is imported on first use (Triton's import is slow): name -> (probe,
 # loader). The probe is a cheap check, with no import, of whether the backend could be available.
-_LAZY: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = {}
+_LAZY: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = _Table()
 # Lazy backends' ``{op: unsupported}`` checks, importable without their dependencies: what
 # probing() asks, so normkit.support_matrix() is the same on machines with and without them.
 _DECLARED: dict[str, Callable[[], Mapping[str, Callable[..., str | None]]]] = {}
@@ -226,17 +281,19 @@ def register_backend(backend: Backend) -> None:
 
 
 def register_lazy_backend(
-    name: str, loader: Callable[[], None], probe: Callable[[], bool],
+    name: str,
+    loader: Callable[[], None],
+    probe: Callable[[], bool],
     declared: Callable[[], Mapping[str, Callable[..., str | None]]] | None = None,
 ) -> None:
     """Register ``loader``, which registers backend ``name`` when first needed. ``probe`` says,
     without importing anything heavy, whether the backend could be available here at all.
     ``declared`` returns its ops' ``unsupported`` checks without importing its dependencies
     (for :func:`probing`; else probing loads the backend where it can)."""
-    _LAZY[name] = (probe, loader)
+    _TRIED.discard(name)
     if declared is not None:
         _DECLARED[name] = declared
-    _TRIED.discard(name)
+    _LAZY[name] = (probe, loader)  # (last: the change that empties _CANDIDATES)
 
 
 _TRIED: set[str] = set()
@@ -385,10 +442,50 @@ def _probe(op: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     raise WouldRun(name, op)
 
 
+def _auto_candidates() -> tuple[Backend, ...]:
+    """The backends of :data:`AUTO_ORDER` found here, in its order (each lazy one looked up, so
+    loaded or found absent, on the first call)."""
+    found = _CANDIDATES.get(AUTO_ORDER)
+    if found is None:
+        looked_up = [_lookup(name) for name in AUTO_ORDER]  # (a lazy load empties _CANDIDATES)
+        found = _CANDIDATES[AUTO_ORDER] = tuple(b for b in looked_up if b is not None)
+    return found
+
+
+def auto_choice(op: str, input: torch.Tensor) -> Callable[..., Any] | None:
+    """The function a call of ``op`` with this input and no ``backend=`` runs, where that is
+    settled before its other arguments are looked at; else ``None`` (:func:`resolve` decides,
+    after the checks). Settled means: not compiling or probing, no ``use_backend`` block, no
+    ``NORMKIT_BACKEND`` other than ``"auto"``, and in :data:`AUTO_ORDER` every backend before
+    the first that takes every call of ``op`` (``preferred`` and ``unsupported`` the defaults:
+    ``"torch"``) sure from ``input`` that it would not prefer the call (``may_prefer``) or
+    unavailable. The common small call on the CPU, where "auto" always runs ATen, is settled
+    here in a few attribute reads."""
+    if torch.compiler.is_compiling() or _ACTIVE.get() or _PROBING.get():
+        return None
+    if (os.environ.get(ENV_VAR) or "auto") != "auto":
+        return None
+    for impl in _auto_candidates():
+        entry = impl.ops.get(op)
+        if entry is None:
+            continue
+        if entry.preferred is _always and entry.unsupported is _never:
+            return entry.fn if impl.is_available is _available or impl.is_available() else None
+        if entry.may_prefer is None or (entry.may_prefer(input) and impl.is_available()):
+            return None
+    return None
+
+
 def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:
     """The function that computes ``op`` for this call on the resolved backend."""
     compiling = torch.compiler.is_compiling()  # asked once: every branch below reads it
-    name = backend if backend is not None else _current(compiling)
+    if backend is not None:
+        name = backend
+    elif compiling:
+        name = _current(compiling)
+    else:  # _current, inline: this runs on every call of the default path
+        stack = _ACTIVE.get()
+        name = stack[-1] if stack else os.environ.get(ENV_VAR) or "auto"
     if not compiling and _PROBING.get():  # dynamo cannot read a ContextVar
         _probe(op, name, args, kwargs)
     if name != "auto":
@@ -402,12 +499,11 @@ def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable
         if reason is not None:
             raise _declined(f"normkit backend {name!r} cannot run this {op} call: {reason}", reason)
         return entry.fn
-    for candidate in AUTO_ORDER:
-        impl = _lookup(candidate)
-        entry = None if impl is None else impl.ops.get(op)
+    for impl in _auto_candidates():
+        entry = impl.ops.get(op)
         if (  # (the default checks are not called: this loop runs on every call)
             entry is not None
-            and impl.is_available()
+            and (impl.is_available is _available or impl.is_available())
             # preferred first: a kernel backend's says no to most calls in a few attribute reads
             and (entry.preferred is _always or entry.preferred(*args, **kwargs))
             and (entry.unsupported is _never or entry.unsupported(*args, **kwargs) is None)

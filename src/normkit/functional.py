@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, numerics
-from .backends import OPS, define_op, resolve
+from .backends import OPS, auto_choice, define_op, resolve
 
 __all__ = [
     "add_layer_norm",
@@ -132,9 +132,11 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
-    _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
-    args = (input, running_mean, running_var, weight, bias, training, float(momentum), float(eps))
-    return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype)
+    plain = _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
+    if not plain:
+        momentum, eps = float(momentum), float(eps)
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _dispatch("batch_norm", args, backend, stats_dtype, out_dtype, plain)
 
 
 @define_op(in_place=("running_mean", "running_var"))
@@ -158,14 +160,21 @@ def instance_norm(
     With running statistics and ``use_input_stats``, they are updated with the batch average
     of the per-instance statistics. See :class:`torch.nn.InstanceNorm2d`.
     """
-    _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps, momentum)
-    args = (input, running_mean, running_var, weight, bias, use_input_stats, float(momentum), float(eps))
-    if input.numel() == 0:
+    if running_mean is None and running_var is None:  # no state to update: as layer_norm
+        aten = _settled_on_aten("instance_norm", input, backend, stats_dtype, out_dtype, weight, bias)
+        if aten is not None and input.numel():  # (an empty batch is normkit's own, below)
+            _checks.check_instance_norm_python(input, use_input_stats)
+            return aten(input, None, None, weight, bias, use_input_stats, momentum, eps)
+    plain = _checks.check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, eps, momentum)
+    if not plain:
+        momentum, eps = float(momentum), float(eps)
+    args = (input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    if not plain and input.numel() == 0:  # (a plain call's input is never empty)
         # An empty input: the empty output, running statistics untouched, on every backend (on
         # an empty batch ATen averages no instances into them, writing NaN, and fails on affine
         # parameters).
         backend = "reference"
-    return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype)
+    return _dispatch("instance_norm", args, backend, stats_dtype, out_dtype, plain)
 
 
 @define_op()
@@ -182,9 +191,15 @@ def layer_norm(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` axes. See :class:`torch.nn.LayerNorm`."""
-    _checks.check_layer_norm(input, normalized_shape, weight, bias, eps)
-    args = (input, _shape(normalized_shape), weight, bias, float(eps))
-    return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype)
+    aten = _settled_on_aten("layer_norm", input, backend, stats_dtype, out_dtype, weight, bias)
+    if aten is not None:
+        return aten(input, normalized_shape, weight, bias, eps)
+    plain = _checks.plain_trailing(input, normalized_shape, type(eps) is float, weight, bias)
+    if not plain:
+        _checks.check_layer_norm(input, normalized_shape, weight, bias, eps)
+        normalized_shape, eps = _shape(normalized_shape), float(eps)
+    args = (input, normalized_shape, weight, bias, eps)
+    return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype, plain)
 
 
 @define_op()
@@ -202,11 +217,16 @@ def rms_norm(
     """Root-mean-square normalization over the trailing axes (not centred); ``eps=None`` means
     machine epsilon of the statistics' dtype (float32 for fp16/bf16 input, as torch computes it).
     See :class:`torch.nn.RMSNorm`."""
-    _checks.check_rms_norm(input, normalized_shape, weight, eps)
+    aten = _settled_on_aten("rms_norm", input, backend, stats_dtype, out_dtype, weight)
+    if aten is not None:
+        return aten(input, normalized_shape, weight, eps)
+    plain = _checks.plain_trailing(input, normalized_shape, eps is None or type(eps) is float, weight)
+    if not plain:
+        _checks.check_rms_norm(input, normalized_shape, weight, eps)
+        normalized_shape, eps = _shape(normalized_shape), None if eps is None else float(eps)
     if stats_dtype is not None:  # the formula's eps does not move with the precision
         eps = numerics.rms_eps(eps, input.dtype)
-    args = (input, _shape(normalized_shape), weight, None if eps is None else float(eps))
-    return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype)
+    return _dispatch("rms_norm", (input, normalized_shape, weight, eps), backend, stats_dtype, out_dtype, plain)
 
 
 @define_op()
@@ -258,9 +278,14 @@ def group_norm(
 ) -> Tensor:
     """Group normalization: each sample's channels split into ``num_groups`` groups, each group
     normalized over its channels and spatial axes. See :class:`torch.nn.GroupNorm`."""
-    _checks.check_group_norm(input, num_groups, weight, bias, eps)
-    args = (input, int(num_groups), weight, bias, float(eps))
-    return _dispatch("group_norm", args, backend, stats_dtype, out_dtype)
+    aten = _settled_on_aten("group_norm", input, backend, stats_dtype, out_dtype, weight, bias)
+    if aten is not None:
+        _checks.check_group_norm_python(input, num_groups)
+        return aten(input, num_groups, weight, bias, eps)
+    plain = _checks.check_group_norm(input, num_groups, weight, bias, eps)
+    if not plain:
+        num_groups, eps = int(num_groups), float(eps)
+    return _dispatch("group_norm", (input, num_groups, weight, bias, eps), backend, stats_dtype, out_dtype, plain)
 
 
 @define_op(in_place=("running_mean", "running_var"))
@@ -488,14 +513,76 @@ def add_rms_norm(
     return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype)
 
 
-def _dispatch(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
-              out_dtype: torch.dtype | None):
+def _cudnn() -> bool:
+    # what torch.nn.functional passes as ``cudnn_enabled``: torch.backends.cudnn.enabled, read
+    # from its store (the module property costs a quarter of a microsecond)
+    return torch._C._get_cudnn_enabled()
+
+
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})  # exact types: a subclass may override torch functions
+
+# torch.nn.functional's norms, each as the ATen call it ends in. Where every argument is a plain
+# tensor (no ``__torch_function__`` override, no torch function mode in force) and normkit's
+# checks have passed (they include the function's own Python checks), the function makes exactly
+# this call: made directly, it skips the wrapper's repeated checks, about a microsecond at
+# small shapes. Each returns its result in the input's memory format (ATen's batch_norm,
+# group_norm and rms_norm keep a channels_last layout, its layer_norm and instance_norm do not).
+_ATEN: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
+    F.layer_norm: lambda x, shape, w, b, eps: keep_layout(x, torch.layer_norm(x, shape, w, b, eps, _cudnn())),
+    F.rms_norm: torch.rms_norm,
+    F.group_norm: lambda x, groups, w, b, eps: torch.group_norm(x, groups, w, b, eps, _cudnn()),
+    F.batch_norm: lambda x, rm, rv, w, b, training, momentum, eps: torch.batch_norm(
+        x, w, b, rm, rv, training, momentum, eps, _cudnn()
+    ),
+    F.instance_norm: lambda x, rm, rv, w, b, use_input_stats, momentum, eps: keep_layout(
+        x, torch.instance_norm(x, w, b, rm, rv, use_input_stats, momentum, eps, _cudnn())
+    ),
+}
+
+
+def _settled_on_aten(
+    op: str,
+    input: Tensor,
+    backend: str | None,
+    stats_dtype: torch.dtype | None,
+    out_dtype: torch.dtype | None,
+    *params: Tensor | None,
+) -> Callable[..., Tensor] | None:
+    """ATen's function for a call of ``op`` (one with no running statistics to update) that is settled,
+    before its checks, to run torch.nn.functional's op on plain tensors (no option set, an input
+    of an exact tensor type, :func:`normkit.backends.auto_choice`, no ``__torch_function__``);
+    else None. That call is then ATen's: it checks every argument itself, raising torch's own
+    errors (normkit's checks copy them), and with no state to update there is nothing a failed
+    call could leave changed, so normkit's checks are not repeated before it."""
+    if backend is not None or stats_dtype is not None or out_dtype is not None or type(input) not in _PLAIN:
+        return None
+    aten = _ATEN.get(auto_choice(op, input))  # type: ignore[arg-type]
+    if aten is None or torch._C._has_torch_function((input, *params)):
+        return None
+    return aten
+
+
+def _dispatch(
+    op: str,
+    args: tuple,
+    backend: str | None,
+    stats_dtype: torch.dtype | None,
+    out_dtype: torch.dtype | None,
+    plain: bool = False,
+):
     """Resolve the backend for ``op`` and run it, at the precision asked for; the result in
-    the input's memory format."""
+    the input's memory format. ``plain``: the checks passed with every tensor argument of an
+    exact type (:func:`normkit._checks.plain_trailing`), so torch.nn.functional's op, where it
+    is what runs, may be called as its ATen function (:data:`_ATEN`)."""
     spec = OPS[op]
     x = args[spec.input_at]
     if stats_dtype is None and out_dtype is None:  # the default path: nothing to check or cast
-        out = resolve(op, backend, *args)(*args)
+        fn = (plain and backend is None and auto_choice(op, x)) or resolve(op, backend, *args)
+        # (compiled code keeps torch.nn.functional's op: dynamo traces it as it always has)
+        aten = _ATEN.get(fn) if plain and not torch.compiler.is_compiling() else None
+        if aten is not None and not torch._C._has_torch_function(args):
+            return aten(*args)
+        out = fn(*args)
     else:
         out = _run_at_precision(op, args, backend, stats_dtype, out_dtype)
     if type(out) is tuple:
@@ -507,7 +594,7 @@ def keep_layout(x: Tensor, y: Tensor) -> Tensor:
     """``y`` in ``x``'s memory format: a channels_last(_3d) input gives a channels_last(_3d)
     output whatever the backend (ATen's instance_norm and layer_norm return contiguous output
     for it, and a kernel may have read a copy). Costs a copy only where the layout was lost."""
-    if x.dim() not in (4, 5) or y.shape != x.shape or x.is_contiguous():
+    if x.dim() not in (4, 5) or x.is_contiguous() or y.shape != x.shape:
         return y
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     if x.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt):
@@ -515,8 +602,9 @@ def keep_layout(x: Tensor, y: Tensor) -> Tensor:
     return y
 
 
-def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None,
-                      out_dtype: torch.dtype | None):
+def _run_at_precision(
+    op: str, args: tuple, backend: str | None, stats_dtype: torch.dtype | None, out_dtype: torch.dtype | None
+):
     spec = OPS[op]
     x = args[spec.input_at]
     _checks.check_precision(stats_dtype, out_dtype)
@@ -541,8 +629,10 @@ def _run_at_precision(op: str, args: tuple, backend: str | None, stats_dtype: to
     if spec.residual_dtype is not None:  # (y, residual_out): residual_out keeps residual_dtype
         return out[0].to(final), out[1].to(args[spec.at(spec.residual_dtype)] or x.dtype)
     if spec.results:
-        return tuple(t.to(args[spec.at(r)].dtype if r in spec.kept or out_dtype is None else out_dtype)
-                     for t, r in zip(out, spec.results, strict=True))
+        return tuple(
+            t.to(args[spec.at(r)].dtype if r in spec.kept or out_dtype is None else out_dtype)
+            for t, r in zip(out, spec.results, strict=True)
+        )
     return out.to(final)
 
 

@@ -30,9 +30,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["NotScriptableError", "module_leaf", "refuse_scripting"]
+__all__ = ["PLAIN_TENSORS", "NotScriptableError", "module_leaf", "refuse_scripting"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The exact types of a plain tensor: an input of one of them is no fx Proxy, so a forward may
+# skip its leaf's tracer test (a subclass takes the leaf).
+PLAIN_TENSORS = frozenset({torch.Tensor, nn.Parameter})
 
 
 def _tracer_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
@@ -65,7 +69,7 @@ def module_leaf(fn: F) -> F:
     (``torch.fx.wrap`` only patches the defining file's globals, so a forward importing ``fn``
     by name was traced into); outside fx tracing it is ``fn``."""
 
-    @functools.wraps(fn)
+    @functools.wraps(fn)  # (``leaf.__wrapped__`` is ``fn``: forwards call it on plain tensors)
     def leaf(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         tracer = _tracer_of(args, kwargs)
         if tracer is None:
@@ -90,9 +94,11 @@ def refuse_scripting(module: nn.Module) -> nn.Module:
 
     name = type(module).__name__
     if type(module) in TWINS.values():
-        instead = ("convert the model back to torch.nn modules before scripting "
-                   "(model = normkit.to_torch(model) turns each normkit module with torch's options back "
-                   "into its torch.nn class, same parameters), or ")
+        instead = (
+            "convert the model back to torch.nn modules before scripting "
+            "(model = normkit.to_torch(model) turns each normkit module with torch's options back "
+            "into its torch.nn class, same parameters), or "
+        )
     else:
         instead = f"normkit.{name} has no torch.nn twin to convert back to: "
     raise NotScriptableError(

@@ -16,7 +16,7 @@ from ..masked import masked_batch_norm
 from ..numerics import momentum_factor
 from ._base import BackendMixin
 from ._lazy import MaterializeOnSuccess
-from ._tracing import module_leaf
+from ._tracing import PLAIN_TENSORS, module_leaf
 
 __all__ = [
     "BatchNorm1d",
@@ -29,8 +29,9 @@ __all__ = [
 
 
 @module_leaf
-def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor | None = None, *,
-                       act: str | None = None) -> Tensor:
+def batch_norm_forward(
+    module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor | None = None, *, act: str | None = None
+) -> Tensor:
     """torch's ``_BatchNorm.forward`` semantics, with one difference: ``num_batches_tracked`` is
     incremented only after the call succeeds, so a failed call leaves every buffer untouched.
     With a ``mask`` (``(N, L)`` bool, True = real token) the statistics count the real tokens
@@ -45,11 +46,13 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
     counter = module.num_batches_tracked if tracked else None
     check_counter(counter)
     factor = momentum_factor(module.momentum, counter)
-    use_batch_stats = training or (module.running_mean is None and module.running_var is None)
+    # (each buffer and parameter read once: a module's buffer is a __getattr__ call away)
+    running_mean, running_var = module.running_mean, module.running_var
+    use_batch_stats = training or (running_mean is None and running_var is None)
     keep_stats = not training or module.track_running_stats
     args = (
-        module.running_mean if keep_stats else None,
-        module.running_var if keep_stats else None,
+        running_mean if keep_stats else None,
+        running_var if keep_stats else None,
         module.weight,
         module.bias,
         use_batch_stats,
@@ -58,6 +61,8 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
     )
     if act is not None:
         out = NF.batch_norm_act(input, *args, act=act, **module.call_options())
+    elif mask is None and module.backend is None and module.stats_dtype is None and module.out_dtype is None:
+        out = _batch_norm(input, *args)  # the default call: no options to pass
     elif mask is None:
         out = NF.batch_norm(input, *args, **module.call_options())
     else:
@@ -65,6 +70,11 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor, m
     if counter is not None:
         counter.add_(1)
     return out
+
+
+# batch_norm without torch's arity check (the forward passes the right number of arguments)
+_batch_norm = NF.batch_norm.__wrapped__  # type: ignore[attr-defined]
+_batch_norm_forward = batch_norm_forward.__wrapped__  # type: ignore[attr-defined]  # (the leaf's function)
 
 
 def check_counter(counter: Tensor | None) -> None:
@@ -75,8 +85,12 @@ def check_counter(counter: Tensor | None) -> None:
     kernel launch, ~3 us a call) is skipped; compiled code never tries it."""
     if counter is None or torch.compiler.is_compiling():
         return
-    if (type(counter) is not Tensor or counter.requires_grad or counter.is_inference()
-            or torch._C._functorch.maybe_current_level() is not None):
+    if (
+        type(counter) is not Tensor
+        or counter.requires_grad
+        or counter.is_inference()
+        or torch._C._functorch.maybe_current_level() is not None
+    ):
         _checks.check_counter_writable(counter)
 
 
@@ -91,8 +105,14 @@ class NormBaseMixin(BackendMixin):
     torch changes is changed here too.
     """
 
-    def __init__(self, *args: Any, backend: str | None = None, stats_dtype: torch.dtype | None = None,
-                 out_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        backend: str | None = None,
+        stats_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._init_backend(backend, stats_dtype, out_dtype)
 
@@ -124,6 +144,8 @@ def _signed_init(cls: type[NormBaseMixin]) -> Callable[..., None]:
 
 class _BatchNormMixin(NormBaseMixin):
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) in PLAIN_TENSORS:  # not traced by fx: the leaf's tracer test is not needed
+            return _batch_norm_forward(self, input)
         return batch_norm_forward(self, input)
 
 

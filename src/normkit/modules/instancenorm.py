@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from ..masked import masked_instance_norm
 from ._lazy import MaterializeOnSuccess
-from ._tracing import module_leaf
+from ._tracing import PLAIN_TENSORS, module_leaf
 from .batchnorm import NormBaseMixin
 
 __all__ = [
@@ -23,8 +23,9 @@ __all__ = [
 
 
 @module_leaf
-def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: Tensor,
-                          mask: Tensor | None = None) -> Tensor:
+def instance_norm_forward(
+    module: nn.modules.instancenorm._InstanceNorm, input: Tensor, mask: Tensor | None = None
+) -> Tensor:
     """torch's ``_InstanceNorm.forward`` semantics (no-batch-dim input included), as one leaf
     function for ``torch.fx`` symbolic tracing. With a ``mask`` (``(N, L)`` bool, True = real
     token) each instance's statistics count its real tokens only
@@ -45,13 +46,19 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
         )
     if mask is not None:
         return masked_instance_norm(
-            input, mask, module.running_mean, module.running_var, module.weight, module.bias,
+            input,
+            mask,
+            module.running_mean,
+            module.running_var,
+            module.weight,
+            module.bias,
             module.training or not module.track_running_stats,
-            module.momentum if module.momentum is not None else 0.0, module.eps,
+            module.momentum if module.momentum is not None else 0.0,
+            module.eps,
             backend=module.call_options(masked=True)["backend"],
         )
     unbatched = input.dim() == module._get_no_batch_dim()
-    out = NF.instance_norm(
+    args = (
         input.unsqueeze(0) if unbatched else input,
         module.running_mean,
         module.running_var,
@@ -60,14 +67,22 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: 
         module.training or not module.track_running_stats,
         module.momentum if module.momentum is not None else 0.0,
         module.eps,
-        **module.call_options(),
     )
+    if module.backend is None and module.stats_dtype is None and module.out_dtype is None:
+        out = _instance_norm(*args)  # the default call: no options to pass (nor arguments to count)
+    else:
+        out = NF.instance_norm(*args, **module.call_options())
     return out.squeeze(0) if unbatched else out
 
+
+_instance_norm = NF.instance_norm.__wrapped__  # type: ignore[attr-defined]
+_instance_norm_forward = instance_norm_forward.__wrapped__  # type: ignore[attr-defined]  # (the leaf's function)
 
 
 class _InstanceNormMixin(NormBaseMixin):
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) in PLAIN_TENSORS:  # not traced by fx: the leaf's tracer test is not needed
+            return _instance_norm_forward(self, input)
         return instance_norm_forward(self, input)
 
 

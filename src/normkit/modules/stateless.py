@@ -18,6 +18,7 @@ from ..functional import (
     scale_norm,
 )
 from ._base import BackendMixin
+from ._tracing import PLAIN_TENSORS as _PLAIN
 from ._tracing import module_leaf
 
 __all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm",
@@ -27,6 +28,11 @@ __all__ = ["FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "LayerNorm", "Lo
 for _name in ("layer_norm", "rms_norm", "group_norm", "local_response_norm", "add_layer_norm", "add_rms_norm",
               "scale_norm"):
     torch.fx.wrap(_name)
+
+
+# The ops without torch's arity check, for a module's default call on a plain tensor (a module
+# passes the right number of arguments; a torch.fx Proxy takes the wrapped ops above, the leaves).
+_layer_norm, _rms_norm, _group_norm = (op.__wrapped__ for op in (layer_norm, rms_norm, group_norm))
 
 
 class LayerNorm(BackendMixin, nn.LayerNorm):
@@ -49,6 +55,8 @@ class LayerNorm(BackendMixin, nn.LayerNorm):
         self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) in _PLAIN and self.backend is None and self.stats_dtype is None and self.out_dtype is None:
+            return _layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)  # (see _layer_norm)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, **self.call_options())
 
 
@@ -98,6 +106,10 @@ class RMSNorm(BackendMixin, nn.RMSNorm):
         return self.weight + self.weight_offset
 
     def forward(self, x: Tensor) -> Tensor:
+        if (type(x) in _PLAIN and self.cast == "weight_first" and not self.weight_offset and self.backend is None
+                and self.stats_dtype is None and self.out_dtype is None):
+            # the default call on a tensor (a torch.fx Proxy takes the leaf): torch.nn.RMSNorm's call
+            return _rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return rms_norm_forward(self, x)
 
     def extra_repr(self) -> str:
@@ -175,6 +187,8 @@ class GroupNorm(BackendMixin, nn.GroupNorm):
         self._init_backend(backend, stats_dtype, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) in _PLAIN and self.backend is None and self.stats_dtype is None and self.out_dtype is None:
+            return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps)  # (see _layer_norm)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, **self.call_options())
 
 

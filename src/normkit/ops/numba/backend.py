@@ -289,15 +289,31 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
 }
 
 
-def _preferred(op: str):
-    def preferred(*args, **kwargs) -> bool:
+# MEASURED_FASTER's sets of classes -> whether one of them is a small class (asked per call).
+_CLAIMS_SMALL: dict[frozenset[str], bool] = {}
+
+
+def _may_prefer(op: str):
+    def may_prefer(x: Tensor) -> bool:
+        # "auto" asks this first, on every call: a small CPU tensor, the common case where no
+        # class claims small calls, is answered without building its class.
         classes = MEASURED_FASTER.get(op)
         if not classes:
             return False
+        small = _CLAIMS_SMALL.get(classes)
+        if small is None:
+            small = _CLAIMS_SMALL[classes] = any("/small" in c for c in classes)
+        return small or x.numel() >= SMALL_ELEMENTS
+
+    return may_prefer
+
+
+def _preferred(op: str):
+    may_prefer = _may_prefer(op)
+
+    def preferred(*args, **kwargs) -> bool:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-        # "auto" asks this first, on every call: a small CPU tensor, the common case where no
-        # class claims small calls, is answered without building its class.
-        if x.numel() < SMALL_ELEMENTS and not any("/small" in c for c in classes):
+        if not may_prefer(x):
             return False
         # The kernels have no forward-mode rule: a call carrying tangents stays on a backend with one.
         if not torch.compiler.is_compiling() and any(
@@ -307,7 +323,7 @@ def _preferred(op: str):
         # Autograd records the call if any tensor argument (the input, a weight) requires grad.
         autograd = any(isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
         group = args[4] if op == "gated_rms_norm" and len(args) > 4 else kwargs.get("group_size")
-        return shape_class(op, x, training, autograd, group_size=group) in classes
+        return shape_class(op, x, training, autograd, group_size=group) in MEASURED_FASTER[op]
 
     return preferred
 
@@ -341,13 +357,15 @@ def register() -> None:
         return
     from normkit.ops.numba import blocks, row_norm
 
-    ops = {op: OpImpl(getattr(row_norm, op), check, _preferred(op)) for op, check in _ROW_OPS.items()}
-    ops.update({op: OpImpl(getattr(blocks, op), check, _preferred(op)) for op, check in _BLOCK_OPS.items()})
+    ops = {op: OpImpl(getattr(row_norm, op), check, _preferred(op), _may_prefer(op))
+           for op, check in _ROW_OPS.items()}
+    ops.update({op: OpImpl(getattr(blocks, op), check, _preferred(op), _may_prefer(op))
+                for op, check in _BLOCK_OPS.items()})
     channel = _channel_module()
     if channel is not None:
         for op in _CHANNEL_OPS:
             if hasattr(channel, op):
                 ops[op] = OpImpl(getattr(channel, op), channel.UNSUPPORTED.get(op, _CHANNEL_OPS[op]),
-                                 _preferred(op))
+                                 _preferred(op), _may_prefer(op))
     register_backend(Backend("numba", ops=ops, is_available=is_available,
                              description="fused CPU kernels compiled by numba (normkit.ops.numba)"))

@@ -152,10 +152,18 @@ def _block_unsupported(*args, **kwargs):
 MEASURED_FASTER: frozenset[str] = frozenset()
 
 
-def _preferred(op: str):
-    def preferred(*args, **kwargs) -> bool:
-        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+def _may_prefer(op: str):
+    def may_prefer(x: Tensor) -> bool:  # the input alone decides (OpImpl.may_prefer)
         return op in MEASURED_FASTER and x.device.type == "cuda"
+
+    return may_prefer
+
+
+def _preferred(op: str):
+    may_prefer = _may_prefer(op)
+
+    def preferred(*args, **kwargs) -> bool:
+        return may_prefer(args[0] if args else kwargs.get("input", kwargs.get("x")))
 
     return preferred
 
@@ -203,6 +211,6 @@ def register() -> None:
     ops = {}
     for op, (home, check) in _OPS.items():
         fn = globals()[op] if home == "backend" else getattr(homes[home], op)
-        ops[op] = OpImpl(fn, check, _preferred(op))  # type: ignore[arg-type]
+        ops[op] = OpImpl(fn, check, _preferred(op), _may_prefer(op))  # type: ignore[arg-type]
     register_backend(Backend("triton", ops=ops, is_available=is_available,
                              description="Triton row-norm, batch-norm and block-norm kernels (normkit.ops.triton)"))
