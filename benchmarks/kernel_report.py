@@ -29,9 +29,11 @@ def _markdown(records: list[dict], seconds: float) -> str:
         "Written by `make kernel-report` (`benchmarks/kernel_report.py`, engine "
         "`normkit.ops.triton.static_report`); checked by `tests/test_kernel_report.py`. "
         "Registers and spills from ptxas `-v` with Triton's flags; `load B` is the narrowest "
-        "global load of a streamed tensor (x, dy, residual) in bytes per lane (16: a 128-bit "
-        "vector); `programs` is the grid; `launches` counts ATen kernels plus Triton launches "
-        "of one training forward+backward. Timings need a GPU: `make gpu-check`.",
+        "global load of a streamed tensor (x, dy, residual, gate, q/k, hidden) in bytes per lane "
+        "(16: a 128-bit vector); `programs` is the grid; `launches` counts ATen kernels plus "
+        "Triton launches of one training forward+backward. `planned_occupancy`: a grid sized as "
+        "one wave of resident programs (`normkit.ops.triton.occupancy`) compiled within the "
+        "128-register budget it was planned for. Timings need a GPU: `make gpu-check`.",
         "",
         "| shape class | norm | layout | dtype | shape | kernel | tile | warps | regs | spill B "
         "| load B | programs | launches | claims broken |",
