@@ -24,6 +24,7 @@ from kernel_bound import assert_within_bound
 from normkit import functional as NF
 from normkit import functional_blocks as FB
 from normkit.backends import get_backend
+from normkit.ops.numba.backend import MEASURED_FASTER
 
 pytest.importorskip("numba")
 
@@ -161,6 +162,18 @@ def test_explicit_numba_second_derivatives_match_torch_float64(name: str) -> Non
         torch.testing.assert_close(got[key], ref, rtol=1e-9, atol=1e-9, msg=f"{name} {key}")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_explicit_numba_bfloat16_second_derivatives_within_the_bound(name: str) -> None:
+    """bfloat16 input: the composition runs in float32 and rounds like torch's, within twice
+    torch's own bfloat16 error against torch in float64."""
+    case = CASES[name]
+    tensors = _tensors(case, torch.bfloat16, seed=len(name))
+    got = _second_order(case, "numba", tensors, seed=5)
+    low = _second_order(case, "torch", tensors, seed=5)
+    ref = _second_order(case, "torch", [t.double() for t in tensors], seed=5)
+    assert_within_bound(got, ref, low)
+
+
 SMALL: dict[str, Case] = {
     "rms_norm": CASES["rms_norm"]._replace(shapes=((2, 3, 6), (6,))),
     "add_layer_norm": CASES["add_layer_norm"]._replace(shapes=((3, 5), (3, 5), (5,), (5,))),
@@ -264,7 +277,20 @@ AUTO: dict[str, Case] = {
     "sandwich_rms_norm": Case(((M, L), (M, L), (L,), (L,)), CASES["sandwich_rms_norm"].call),
     "dyt": Case(((M, L), (1,), (L,), (L,)), CASES["dyt"].call),
     "derf": Case(((M, L), (1,), (1,), (L,), (L,)), CASES["derf"].call),
+    # Not claimed by auto today (skipped until MEASURED_FASTER lists a "/train" class for them).
+    "layer_norm": Case(((M, L), (L,), (L,)), _rows("layer_norm")),
+    "add_layer_norm": Case(((M, L), (M, L), (L,), (L,)), _rows("add_layer_norm")),
+    "group_norm": Case(((4, 64, 32, 32), (64,), (64,)), lambda be, x, w, b: NF.group_norm(x, 32, w, b, backend=be)),
+    "instance_norm": Case(((4, 64, 32, 32), (64,), (64,)), CASES["instance_norm"].call),
 }
+
+
+def _auto_trains_on_numba(op: str) -> bool:
+    return any(c.endswith("/train") for c in MEASURED_FASTER.get(op, ()))
+
+
+def test_every_op_auto_trains_on_numba_has_a_case() -> None:
+    assert {op for op in MEASURED_FASTER if _auto_trains_on_numba(op)} <= set(AUTO)
 
 
 def _runs_numba(case: Case, backend: str | None, tensors: list[Tensor]) -> bool:
@@ -285,6 +311,8 @@ def _runs_numba(case: Case, backend: str | None, tensors: list[Tensor]) -> bool:
 
 @pytest.mark.parametrize("op", list(AUTO))
 def test_auto_picks_numba_and_its_second_derivatives_are_within_the_bound(op: str) -> None:
+    if not _auto_trains_on_numba(op):
+        pytest.skip(f"auto does not send training calls of {op} to numba")
     case = AUTO[op]
     tensors = _tensors(case, F32, seed=len(op))
     assert _runs_numba(case, None, tensors), f"auto does not send this {op} call to numba"
@@ -292,8 +320,6 @@ def test_auto_picks_numba_and_its_second_derivatives_are_within_the_bound(op: st
     got = _second_order(case, None, tensors, seed=5)
     low = _second_order(case, "torch", tensors, seed=5)
     ref = _second_order(case, "torch", [t.double() for t in tensors], seed=5)
-    if case.channels_last:
-        ref = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in ref.items()}
     assert_within_bound(got, ref, low)
 
 
