@@ -270,7 +270,8 @@ def row_norm_fwd(
                 IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=store_residual,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SEGMENT=per_channel,
                 ACT=act, BLOCK_R=blocks.BLOCK_R, BLOCK_S=blocks.BLOCK_S, SINGLE_BLOCK=blocks.SINGLE_BLOCK,
-                SPLIT=phase, RNE_BY_HAND=interpreted(), num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
+                SPLIT=phase, RNE_BY_HAND=interpreted(), ROW_LOOP=programs < M, num_warps=blocks.num_warps,
+                enable_fp_fusion=FP_FUSION,
             )
     return y, residual_out, mean, rstd, var
 

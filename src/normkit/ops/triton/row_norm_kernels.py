@@ -219,6 +219,19 @@ def _store_output(Y, W, B, x, mean, rstd, row, r, s, offs, mask, mask_r, mask_s,
 
 
 @triton.jit
+def _row_pointers(row, X, RESIDUAL, Y, RESIDUAL_OUT, stride_xn, stride_xc, stride_yn, stride_yc, stride_residual_row,
+                  R, GROUPS, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr):
+    """X, RESIDUAL, Y and RESIDUAL_OUT moved to row ``row``'s first element."""
+    X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
+    Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
+    if HAS_RESIDUAL:
+        RESIDUAL += row * stride_residual_row
+    if STORE_RESIDUAL_OUT:
+        RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
+    return X, RESIDUAL, Y, RESIDUAL_OUT
+
+
+@triton.jit
 def _row_in_one_tile(row, X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
                      stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_residual_row,
                      R, S, GROUPS, eps, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -226,12 +239,9 @@ def _row_in_one_tile(row, X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
                      PER_SEGMENT: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                      RNE_BY_HAND: tl.constexpr):
     """The forward of a row that fits one tile: read once, kept in registers."""
-    X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
-    Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
-    if HAS_RESIDUAL:
-        RESIDUAL += row * stride_residual_row
-    if STORE_RESIDUAL_OUT:
-        RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
+    X, RESIDUAL, Y, RESIDUAL_OUT = _row_pointers(row, X, RESIDUAL, Y, RESIDUAL_OUT, stride_xn, stride_xc, stride_yn,
+                                                 stride_yc, stride_residual_row, R, GROUPS, HAS_RESIDUAL,
+                                                 STORE_RESIDUAL_OUT)
     n = R * S * 1.0
     pivot = _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL, STORE_RESIDUAL_OUT, IS_RMS, RNE_BY_HAND)
     r, s, _, mask_r, mask_s = _tile(0, 0, R, S, BLOCK_R, BLOCK_S)
@@ -264,37 +274,39 @@ def row_norm_fwd_kernel(
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SEGMENT: tl.constexpr, ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    RNE_BY_HAND: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr, ROW_LOOP: tl.constexpr = False,
 ):
     """Statistics, then ``y = act((x - mean) * rstd * w + b)``; stores each row's mean of
     ``x - pivot``, its rstd and its biased variance.
 
-    ``SINGLE_BLOCK`` rows: a program normalizes its rows (:func:`_rows_of_program`) one after
-    the other (short rows: fewer, longer-lived programs, issue 15 item 8). Wider rows: one
-    program per row, or per (row, split).
+    ``SINGLE_BLOCK`` rows: one program per row, or with ``ROW_LOOP`` a program normalizes its
+    rows (:func:`_rows_of_program`) one after the other (short rows: fewer, longer-lived
+    programs, issue 15 item 8). Wider rows: one program per row, or per (row, split).
 
     ``SPLIT`` (a chunked row split across ``splits`` programs ``(row, split)``, each a block of
     ``split_r x split_s`` of the row's ``R x S``, see :func:`_split_block`): 1 stores the moments
     of the program's block to ``PART[row, split]`` (mean, m2, scale, count); 2 merges the row's
     partials in split order (the same bits in every program of the row) and normalizes its
     block; the program of split 0 stores the statistics. 0: the whole row in one program."""
-    if SINGLE_BLOCK:
+    if SINGLE_BLOCK and ROW_LOOP:
         row_start, row_end = _rows_of_program(M)
         for row in range(row_start, row_end):
             _row_in_one_tile(row, X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
                              stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_residual_row,
                              R, S, GROUPS, eps, IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL_OUT, HAS_WEIGHT, HAS_BIAS,
                              PER_SEGMENT, ACT, BLOCK_R, BLOCK_S, RNE_BY_HAND)
+    elif SINGLE_BLOCK:  # (no loop: a loop of one row cost the wide tiles registers, 64 -> 95 at 16384)
+        _row_in_one_tile(tl.program_id(0).to(tl.int64), X, RESIDUAL, Y, RESIDUAL_OUT, W, B, MEAN, RSTD, VAR,
+                         stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_residual_row,
+                         R, S, GROUPS, eps, IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL_OUT, HAS_WEIGHT, HAS_BIAS,
+                         PER_SEGMENT, ACT, BLOCK_R, BLOCK_S, RNE_BY_HAND)
     else:
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         r_lo, r_hi, s_lo, s_hi = _split_block(split, split_r, split_s, splits_s, R, S)
-        X += _row_start(row, R, GROUPS, stride_xn, stride_xc)
-        Y += _row_start(row, R, GROUPS, stride_yn, stride_yc)
-        if HAS_RESIDUAL:
-            RESIDUAL += row * stride_residual_row
-        if STORE_RESIDUAL_OUT:
-            RESIDUAL_OUT += _row_start(row, R, GROUPS, stride_yn, stride_yc)
+        X, RESIDUAL, Y, RESIDUAL_OUT = _row_pointers(row, X, RESIDUAL, Y, RESIDUAL_OUT, stride_xn, stride_xc,
+                                                     stride_yn, stride_yc, stride_residual_row, R, GROUPS,
+                                                     HAS_RESIDUAL, STORE_RESIDUAL_OUT)
         n = R * S * 1.0  # (not .to(): Triton passes an int argument equal to 1 as a constant)
         pivot = _pivot(X, RESIDUAL, RESIDUAL_OUT, HAS_RESIDUAL, STORE_RESIDUAL_OUT, IS_RMS, RNE_BY_HAND)
         # Pass 1: per-tile moments merged with Chan's parallel formula (stable for any width),
