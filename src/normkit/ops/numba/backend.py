@@ -12,6 +12,13 @@ the registry first looks the backend up (``normkit.ops.builtin``).
   ``modulated_rms_norm``, ``gated_rms_norm``, ``sandwich_rms_norm`` (one fused kernel each
   way), ``qk_rms_norm`` (the row kernels' RMSNorm on q and on k), and the normalization-free
   ``dyt`` and ``derf`` (elementwise: one pass each way, all five gradients in the backward's).
+* Derivatives: reverse mode runs the kernels' fused backward, also under ``torch.func.grad``
+  and ``vmap(grad)``. A backward that must itself be differentiated (``create_graph=True``:
+  gradient penalties, MAML, Hessian-vector products; ``jacrev`` of a gradient) computes its
+  gradients with the op's torch composition instead (:mod:`._graph_backward`), so second and
+  higher derivatives are exact; running statistics are never updated twice. Forward mode
+  (``jvp``, ``jacfwd``) raises; ``"auto"`` does not pick this backend for a call carrying
+  tangents.
 * Unsupported (with the reason): tensors not on the CPU; dtypes other than float32, float64
   and bfloat16 (float16 is declined: the CPU has no float16 arithmetic, so the kernels would
   convert every element both ways and gain nothing over float32 or ATen); empty row-norm
