@@ -4,8 +4,10 @@ At these shapes the kernels take a few microseconds, so the difference between a
 and its torch twin is the Python dispatch: argument checks, backend resolution, layout. Each
 case runs normkit and torch interleaved (one timeit block of each per round, so a noisy moment
 hits both), one thread, and reports the minimum and the median per call over the rounds.
+Time is this thread's CPU time by default (``--timer cpu``): on a shared machine the wall clock
+also counts the time other processes hold the core; ``--timer wall`` reads the wall clock.
 
-    .venv/bin/python benchmarks/bench_overhead.py [--rounds 60] [--number 2000] [--out FILE]
+    .venv/bin/python benchmarks/bench_overhead.py [--rounds 60] [--number 2000] [--timer cpu] [--out FILE]
 
 Writes a markdown table (stdout, and ``--out`` if given).
 """
@@ -13,8 +15,10 @@ Writes a markdown table (stdout, and ``--out`` if given).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import time
 import timeit
 
 import torch
@@ -45,17 +49,27 @@ def _cases():
         ("InstanceNorm2d(8) (2, 8, 4, 4)", lambda: inn(x4), lambda: tinn(x4)),
         ("layer_norm (8, 64)", lambda: NF.layer_norm(x2, (64,), w, b), lambda: F.layer_norm(x2, (64,), w, b)),
         ("rms_norm (8, 64)", lambda: NF.rms_norm(x2, (64,), w), lambda: F.rms_norm(x2, (64,), w)),
-        ("batch_norm train (2, 8, 4, 4)", lambda: NF.batch_norm(x4, rm, rv, w8, b8, True),
-         lambda: F.batch_norm(x4, rm, rv, w8, b8, True)),
-        ("batch_norm eval (2, 8, 4, 4)", lambda: NF.batch_norm(x4, rm, rv, w8, b8, False),
-         lambda: F.batch_norm(x4, rm, rv, w8, b8, False)),
+        (
+            "batch_norm train (2, 8, 4, 4)",
+            lambda: NF.batch_norm(x4, rm, rv, w8, b8, True),
+            lambda: F.batch_norm(x4, rm, rv, w8, b8, True),
+        ),
+        (
+            "batch_norm eval (2, 8, 4, 4)",
+            lambda: NF.batch_norm(x4, rm, rv, w8, b8, False),
+            lambda: F.batch_norm(x4, rm, rv, w8, b8, False),
+        ),
         ("group_norm (2, 8, 4, 4)", lambda: NF.group_norm(x4, 2, w8, b8), lambda: F.group_norm(x4, 2, w8, b8)),
         ("instance_norm (2, 8, 4, 4)", lambda: NF.instance_norm(x4), lambda: F.instance_norm(x4)),
     ]
 
 
-def measure(rounds: int, number: int) -> list[tuple[str, float, float, float, float]]:
+TIMERS = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def measure(rounds: int, number: int, timer: str = "cpu") -> list[tuple[str, float, float, float, float]]:
     """Per case: normkit min, torch min, normkit median, torch median (microseconds per call)."""
+    clock = TIMERS[timer]
     rows = []
     with torch.no_grad():
         cases = _cases()
@@ -63,19 +77,21 @@ def measure(rounds: int, number: int) -> list[tuple[str, float, float, float, fl
         ours(), theirs()  # warm up (lazy backend lookup, first-call allocations)
         a, b = [], []
         for _ in range(rounds):
-            a.append(timeit.timeit(ours, number=number) / number * 1e6)
-            b.append(timeit.timeit(theirs, number=number) / number * 1e6)
+            a.append(timeit.Timer(ours, timer=clock).timeit(number) / number * 1e6)
+            b.append(timeit.Timer(theirs, timer=clock).timeit(number) / number * 1e6)
         rows.append((name, min(a), min(b), statistics.median(a), statistics.median(b)))
     return rows
 
 
-def table(rows, rounds: int, number: int) -> str:
+def table(rows, rounds: int, number: int, timer: str = "cpu", load: tuple[float, ...] = ()) -> str:
+    clock = "thread CPU time" if timer == "cpu" else "wall clock"
     lines = [
         f"# Per-call overhead over torch.nn at tiny shapes (torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, 1 thread)",
         "",
-        f"normkit's default path (backend \"auto\", default precision) against its torch twin, "
-        f"interleaved, {rounds} rounds of {number} calls; microseconds per call, autograd on.",
+        f'normkit\'s default path (backend "auto", default precision) against its torch twin, '
+        f"interleaved, {rounds} rounds of {number} calls; microseconds per call ({clock}), autograd on."
+        + (f" Load average before/after: {load[0]:.1f} / {load[1]:.1f}." if load else ""),
         "",
         "| case | normkit min | torch min | overhead (min) | normkit median | torch median | overhead (median) |",
         "|---|---|---|---|---|---|---|",
@@ -89,10 +105,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--number", type=int, default=2000)
+    parser.add_argument("--timer", choices=sorted(TIMERS), default="cpu")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    text = table(measure(args.rounds, args.number), args.rounds, args.number)
+    before = os.getloadavg()[0]
+    rows = measure(args.rounds, args.number, args.timer)
+    text = table(rows, args.rounds, args.number, args.timer, (before, os.getloadavg()[0]))
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:
