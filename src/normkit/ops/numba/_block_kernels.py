@@ -39,13 +39,8 @@ from normkit.ops.numba._row_kernels import (
     _row_sumsq,
     _scaled_stats,
 )
+from normkit.ops.numba._row_kernels import _scale as _scaled_rows
 from normkit.ops.numba._vector_math import erf_rows, exp_rows, sigmoid_rows, tanh_rows
-
-# numba's on-disk cache keys each kernel by the text of the file that defines it, not of the
-# functions it inlines: a change to _vector_math.py alone leaves these kernels' cached machine code
-# stale. Revision of the inlined math the cached kernels must match (bump it with any change there):
-# 2 (tanh keeps the sign of zero).
-_VECTOR_MATH_REVISION = 2
 
 __all__ = [
     "gated_bwd",
@@ -177,13 +172,6 @@ def sum_groups(p, group, out, lo, hi):
 
 
 # ---- gated, grouped RMSNorm --------------------------------------------------------------
-
-
-@jit
-def _scaled_rows(v, r_std, w, out):
-    """``out = v * r_std * w``."""
-    for j in range(v.shape[0]):
-        out[j] = v[j] * r_std * w[j]
 
 
 @jit

@@ -80,15 +80,21 @@ def _row_fwd_impl(x: Tensor, residual: Tensor | None, weight: Tensor | None, bia
                   eps: float, is_rms: bool, store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M, L = x.shape
     acc = acc_np_dtype(x.dtype)
-    y = torch.empty_like(x)
-    residual_out = torch.empty_like(x) if store_residual else x.new_empty((0, L))
     stat_dtype = torch.float64 if acc is np.float64 else torch.float32
+    y = torch.empty_like(x)
     mean = torch.empty(M, dtype=stat_dtype)
     rstd = torch.empty(M, dtype=stat_dtype)
     xa = as_array(x)
-    res = as_array(residual) if residual is not None else _none_rows(xa)
-    split_run(k.row_fwd, M, M * L, xa, res, as_array(residual_out), param(weight, acc, L, 1),
-              param(bias, acc, L, 0), float(eps), is_rms, as_array(y), mean.numpy(), rstd.numpy())
+    none = _none_rows(xa)
+    if store_residual:
+        residual_out = torch.empty_like(x)
+        rout = as_array(residual_out)
+    else:
+        residual_out, rout = x.new_empty((0, L)), none
+    res = none if residual is None else as_array(residual)
+    b = param(None if is_rms else bias, acc, 0 if is_rms else L, 0)  # RMS kernels take no bias
+    split_run(k.ROW_FWD[is_rms], M, M * L, xa, res, rout, param(weight, acc, L, 1), b, float(eps),
+              as_array(y), mean.numpy(), rstd.numpy())
     return y, residual_out, mean, rstd
 
 
@@ -97,22 +103,25 @@ def _row_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rs
                   want_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     M, L = x.shape
     acc = acc_np_dtype(x.dtype)
-    dy = dy.to(x.dtype).contiguous()
+    if dy.dtype != x.dtype or not dy.is_contiguous():
+        dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
     block = _bwd_block(M)
     blocks = -(-M // block)
     part_dtype = mean.dtype
+    # RMS has no bias: no bias partials (the kernel never touches them).
     dwp = torch.empty((blocks, L), dtype=part_dtype)
-    dbp = torch.empty((blocks, L), dtype=part_dtype)
+    dbp = torch.empty((blocks, 0 if is_rms else L), dtype=part_dtype)
     xa = as_array(x)
-    dres = as_array(dresidual_out.to(x.dtype).contiguous()) if dresidual_out is not None else _none_rows(xa)
-    split_run(k.row_bwd, blocks, M * L, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(), rstd.numpy(),
-              is_rms, dres, as_array(dx), dwp.numpy(), dbp.numpy(), block)
-    dw = torch.empty(L, dtype=part_dtype)
-    db = torch.empty(L, dtype=part_dtype)
+    dres = _none_rows(xa) if dresidual_out is None else as_array(dresidual_out.to(x.dtype).contiguous())
+    split_run(k.ROW_BWD[is_rms], blocks, M * L, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(),
+              rstd.numpy(), dres, as_array(dx), dwp.numpy(), dbp.numpy(), block)
+    dw = torch.empty(L if want_dw or want_db else 0, dtype=part_dtype)
+    db = torch.empty(L if want_db else 0, dtype=part_dtype)
     if want_dw or want_db:
-        split_run(k.sum_blocks, L, blocks * L, dwp.numpy(), dbp.numpy(), dw.numpy(), db.numpy())
-    return dx, dw if want_dw else dw[:0], db if want_db else db[:0]
+        dbp_a = dbp.numpy() if want_db else dbp.numpy()[:, :0]
+        split_run(k.sum_blocks, L, blocks * L, dwp.numpy(), dbp_a, dw.numpy(), db.numpy())
+    return dx, dw if want_dw else dw[:0], db
 
 
 # ---- custom ops: what torch.compile sees ---------------------------------------------------
