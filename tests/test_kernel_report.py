@@ -47,8 +47,9 @@ KNOWN_GAPS = (
      "2x640x16x16: 64 rows of 5,120); splitting it would read it twice, and a split that depended "
      "on the batch size would make a sample's bits depend on its batch"),
     ("few_launches", lambda r: r["norm"] == "batch_norm",
-     "issue 15 item 7: the finalize is one kernel; the running update's ATen ops "
-     "(numerics.update_running_stats, the one numerics policy) remain"),
+     "issue 15 item 7: the batch statistics and the backward's sums are each finalized by one "
+     "kernel; the running update's ATen ops (numerics.update_running_stats, the one numerics "
+     "policy) and the fp32 per-channel scale and shift (w * rstd, b) of each direction remain"),
 )
 
 

@@ -40,6 +40,7 @@ from normkit.ops.triton._launch import (
 from normkit.ops.triton.batch_norm_kernels import (
     batch_norm_apply_kernel,
     batch_norm_bwd_apply_kernel,
+    batch_norm_bwd_finalize_kernel,
     batch_norm_bwd_reduce_kernel,
     batch_norm_finalize_kernel,
     batch_norm_stats_kernel,
@@ -274,7 +275,9 @@ def batch_norm_bwd(
     def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # fresh: outputs may not alias
         return torch.empty((0,), dtype=dtype, device=dev)
 
-    sum_dy = sum_dy_xhat = empty()
+    mean_dy = mean_dy_xhat = empty()
+    dw = empty() if dw_dtype is None else torch.empty((C,), dtype=dw_dtype, device=dev)
+    db = empty() if db_dtype is None else torch.empty((C,), dtype=db_dtype, device=dev)
     # The kernels read scale for dx and (with an activation) both, to recompute its input.
     scale, shift = _scale_shift(weight, bias, rstd) if act or need_dx else (empty(), empty())
     if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
@@ -290,13 +293,23 @@ def batch_norm_bwd(
                 ACT=act, SPATIAL=blocks.SPATIAL, ALIGN=reduce_blocks.ALIGN, BLOCK_M=blocks.BLOCK_M,
                 BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
-        # A fixed-shape torch sum: the same partials give the same bits on every run.
-        sum_dy, sum_dy_xhat = sum_dy_part.sum(0), sum_dy_xhat_part.sum(0)
+        # The partials summed in a fixed order (the same partials give the same bits on every
+        # run): the means for dx, dw and db, in one launch.
+        means = batch_stats and need_dx
+        if means:
+            mean_dy, mean_dy_xhat = (torch.empty((C,), dtype=torch.float32, device=dev) for _ in range(2))
+        block_c = min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)
+        with device_of(x):
+            batch_norm_bwd_finalize_kernel[(triton.cdiv(C, block_c),)](
+                sum_dy_part, sum_dy_xhat_part, mean_dy, mean_dy_xhat, dw, db, programs, C, M,
+                MEANS=means, COMPUTE_DW=dw_dtype is not None, COMPUTE_DB=db_dtype is not None,
+                BLOCK_P=min(triton.next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
+                RNE_BY_HAND=interpreted(), enable_fp_fusion=FP_FUSION,
+            )
     dx = empty(x.dtype)
     if need_dx:
         dx = _empty_out(x)
         dx3 = _channel_view(dx)
-        mean_dy, mean_dy_xhat = (sum_dy / M, sum_dy_xhat / M) if batch_stats else (empty(), empty())
         apply_blocks = _flat_for(blocks, block_n, x3, dy3, dx3)
         tiles, s_blocks = _tiles(x3, apply_blocks)
         grid = (tiles, 1 if apply_blocks.FLAT else c_blocks)
@@ -308,9 +321,6 @@ def batch_norm_bwd(
                 BLOCK_M=apply_blocks.BLOCK_M, BLOCK_C=apply_blocks.BLOCK_C, RNE_BY_HAND=interpreted(),
                 num_warps=apply_blocks.num_warps, enable_fp_fusion=FP_FUSION,
             )
-    # .to(copy=True): an fp32 sum must not be returned twice (dw and db never alias).
-    dw = sum_dy_xhat.to(dw_dtype, copy=True) if dw_dtype is not None else empty()
-    db = sum_dy.to(db_dtype, copy=True) if db_dtype is not None else empty()
     return dx, dw, db
 
 

@@ -21,13 +21,13 @@ channels_last(_3d)     ``S * C``    1            ``C``        a column of an (N*
 A sliced input keeps its strides too; only a layout whose spatial axes do not merge into one
 stride (``reshape`` cannot view it) is copied. Outputs take the input's memory format.
 
-Five kernels, each over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels. On an NC* input
-(``SPATIAL``) a tile's rows are spatial positions of one sample, so the kernels never divide
+The kernels that read the input work over tiles of ``BLOCK_M`` rows x ``BLOCK_C`` channels. On
+an NC* input (``SPATIAL``) a tile's rows are spatial positions of one sample, so the kernels never divide
 per element and a tile's rows are one unit-stride run (a 2-D grid over (sample, spatial
 block), flattened: issue 15 item 6); otherwise a tile is ``BLOCK_M`` consecutive rows.
 
-Where a channel's run does not start on a 16-byte boundary (NC* with ``S`` not a multiple of
-a vector's elements: ResNet's 14x14 and 7x7), the compiler cannot prove a run's alignment and
+Where a channel's run is not provably 16-byte aligned (NC* with ``S`` not a multiple of 16:
+Triton specializes integers on divisibility by 16 only; ResNet's 14x14 and 7x7), the compiler
 falls to one scalar per lane. Then the reducing kernels read each run through an aligned window
 (``ALIGN``: whole vectors, the lanes outside the run discarded), and the elementwise kernels,
 when every tensor they touch is contiguous, read the tensor flat (``FLAT``: blocks of
@@ -44,7 +44,9 @@ and stores at any ``S``.
   fp32 vectors (training: the batch's pivot and mean of ``x - pivot``, ``w * rstd``, b; eval:
   the running mean and 0, and the same from the running variance). Every kernel centres x
   this way (``centre = [pivot; mean]``), so a large common offset cancels exactly first.
-* ``batch_norm_bwd_reduce_kernel``: per-program partial ``sum(dy)`` and ``sum(dy * x_hat)``.
+* ``batch_norm_bwd_reduce_kernel``: per-program partial ``sum(dy)`` and ``sum(dy * x_hat)``;
+  ``batch_norm_bwd_finalize_kernel`` adds them up, in a fixed order, into the means the input
+  gradient needs and the parameter gradients.
 * ``batch_norm_bwd_apply_kernel``: ``dx = w * rstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)``
   (batch statistics) or ``dx = w * rstd * dy`` (running statistics).
 
@@ -64,6 +66,7 @@ from normkit.ops.triton.jit_helpers import activate, activate_grad, cast_to, cha
 
 __all__ = [
     "batch_norm_apply_kernel",
+    "batch_norm_bwd_finalize_kernel",
     "batch_norm_bwd_apply_kernel",
     "batch_norm_bwd_reduce_kernel",
     "batch_norm_finalize_kernel",
@@ -336,6 +339,37 @@ def batch_norm_bwd_apply_kernel(
         g = g - _load_channel(MEAN_DY, c, C) - x_hat * _load_channel(MEAN_DY_XHAT, c, C)
     dx = g * _load_channel(SCALE, c, C)
     tl.store(DX + dx_offset, cast_to(dx, DX, RNE_BY_HAND), mask=mask)
+
+
+@triton.jit
+def batch_norm_bwd_finalize_kernel(
+    SUM_DY_PART, SUM_DY_XHAT_PART, MEAN_DY, MEAN_DY_XHAT, DW, DB, P, C, M,
+    MEANS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+):
+    """Program j, channels of block j: ``sum(dy)`` and ``sum(dy * x_hat)`` from the P partials
+    of :func:`batch_norm_bwd_reduce_kernel` in a fixed order (tiles of BLOCK_P rows, each summed
+    as a tree), then their means over the M rows for the input gradient (``MEANS``; IEEE
+    division) and ``db``/``dw`` rounded once to the parameters' dtypes: one launch where it took
+    a torch sum, a division and a cast each."""
+    c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_c = c < C
+    sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+        offs = p * C + c[None, :]
+        mask = (p < P) & mask_c[None, :]
+        sum_dy += tl.sum(tl.load(SUM_DY_PART + offs, mask=mask, other=0.0), axis=0)
+        sum_dy_xhat += tl.sum(tl.load(SUM_DY_XHAT_PART + offs, mask=mask, other=0.0), axis=0)
+    if MEANS:
+        m = M * 1.0
+        tl.store(MEAN_DY + c, tl.math.div_rn(sum_dy, m), mask=mask_c)
+        tl.store(MEAN_DY_XHAT + c, tl.math.div_rn(sum_dy_xhat, m), mask=mask_c)
+    if COMPUTE_DW:
+        tl.store(DW + c, cast_to(sum_dy_xhat, DW, RNE_BY_HAND), mask=mask_c)
+    if COMPUTE_DB:
+        tl.store(DB + c, cast_to(sum_dy, DB, RNE_BY_HAND), mask=mask_c)
 
 
 @triton.jit
