@@ -111,6 +111,10 @@ def _kernel_modules() -> list[str]:
     return [n for n in names if not n.endswith((".backend", "._cache"))]
 
 
+jit_enabled = pytest.mark.skipif(numba.config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT=1: no compiled kernels")
+
+
+@jit_enabled
 def test_every_kernel_uses_the_package_stamp() -> None:
     kernels = []
     for name in _kernel_modules():
@@ -121,6 +125,7 @@ def test_every_kernel_uses_the_package_stamp() -> None:
     assert not stale
 
 
+@jit_enabled
 def test_other_numba_functions_keep_numbas_cache() -> None:
     def f(x):
         return x
