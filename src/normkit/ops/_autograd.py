@@ -15,6 +15,7 @@ __all__ = [
     "graph_vjp",
     "records_graph",
     "refuse_forward_ad_early",
+    "unpacked_once",
     "vmap_by_loop",
     "without_graph",
 ]
@@ -38,8 +39,10 @@ def vmap_by_loop(op) -> None:
     per batch element."""
 
     def rule(info, in_dims, *args):
-        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
-                for i in range(info.batch_size)]
+        outs = [
+            op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
+            for i in range(info.batch_size)
+        ]
         if isinstance(outs[0], Tensor):
             return torch.stack(outs), 0
         return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
@@ -81,12 +84,14 @@ def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None
     if torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return
     if any(t is not None and t.requires_grad for t in inputs) and any(
-            t is not None and t.is_inference() for t in saved):
+        t is not None and t.is_inference() for t in saved
+    ):
         raise RuntimeError(
             "Inference tensors cannot be saved for backward. Please do not use Tensors created in "
             "inference mode in computation tracked by autograd. To work around this, you can make "
             "a clone to get a normal tensor and use it in autograd, or use `torch.no_grad()` "
-            "instead of `torch.inference_mode()`.")
+            "instead of `torch.inference_mode()`."
+        )
 
 
 def records_graph(saved: tuple[Tensor | None, ...], grads: tuple[Tensor | None, ...]) -> bool:
@@ -106,6 +111,27 @@ def records_graph(saved: tuple[Tensor | None, ...], grads: tuple[Tensor | None, 
     return any(_tracked_outside(t, level) for t in tensors)
 
 
+class unpacked_once:  # noqa: N801  (stands in for a ctx, read as one)
+    """``ctx`` with its saved tensors unpacked once, for a backward that reads them more than
+    once (:func:`records_graph`, then the backward it chooses). Each read of
+    ``ctx.saved_tensors`` unpacks them again, and non-reentrant activation checkpointing
+    (``torch.utils.checkpoint(..., use_reentrant=False)``) refuses a second unpack: a double
+    backward through a checkpointed kernel op raised its CheckpointError. Every other attribute
+    is the ctx's own."""
+
+    __slots__ = ("_ctx", "saved_tensors")
+
+    def __init__(self, ctx: object) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", ctx.saved_tensors)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self._ctx, name, value)
+
+
 def _tracked_outside(t: Tensor, level: int) -> bool:
     """``t`` is differentiated by a torch.func level below ``level`` or by plain autograd."""
     ft = torch._C._functorch
@@ -116,8 +142,9 @@ def _tracked_outside(t: Tensor, level: int) -> bool:
     return t.requires_grad
 
 
-def graph_vjp(fn: Callable[..., Tensor | tuple[Tensor, ...]], args: tuple[object, ...],
-              grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+def graph_vjp(
+    fn: Callable[..., Tensor | tuple[Tensor, ...]], args: tuple[object, ...], grads: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...]:
     """The vector-Jacobian product of ``fn`` at ``args`` with the cotangents ``grads`` (one per
     result of ``fn``, None for none), itself differentiable (a graph back to ``args`` and
     ``grads``): one entry per argument, the gradient of each Tensor argument that requires grad
@@ -140,7 +167,8 @@ def graph_vjp(fn: Callable[..., Tensor | tuple[Tensor, ...]], args: tuple[object
 
     with torch.enable_grad():
         outs, pullback = torch.func.vjp(of, *(args[i] for i in wrt))
-        found = pullback(tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
-                               for o, g in zip(outs, grads, strict=True)))
+        found = pullback(
+            tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outs, grads, strict=True))
+        )
     got = dict(zip(wrt, found, strict=True))
     return tuple(got.get(i) for i in range(len(args)))

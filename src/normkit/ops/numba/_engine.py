@@ -70,7 +70,7 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
-from normkit.ops._autograd import forward_ad_refusal, records_graph
+from normkit.ops._autograd import forward_ad_refusal, records_graph, unpacked_once
 from normkit.ops.numba._cache import cached_njit
 
 __all__ = [
@@ -355,8 +355,10 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
 
         @staticmethod
         def backward(ctx, *grads):
-            if graph_backward is not None and torch.is_grad_enabled() and records_graph(ctx.saved_tensors, grads):
-                return graph_backward(ctx, *grads)
+            if graph_backward is not None and torch.is_grad_enabled():
+                ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
+                if records_graph(ctx.saved_tensors, grads):
+                    return graph_backward(ctx, *grads)
             return backward(ctx, *grads)
 
     class Backward(torch.autograd.Function):
