@@ -2,17 +2,25 @@
 :func:`batch_norm` / :func:`batch_norm_act`.
 
 The kernels and the ``(N*S, C)`` matrix view they read both layouts through are in
-:mod:`normkit.ops.triton.batch_norm_kernels`. A training call is the statistics (one kernel,
-then the k-way merge of its per-program partials and the running update), the normalization
-(one kernel), and in the backward a reducing kernel and an applying one.
+:mod:`normkit.ops.triton.batch_norm_kernels`. A training step is six launches and nothing
+between them: the statistics (a reducing kernel, then one finalize kernel that merges its
+per-program partials, forms the normalization's per-channel coefficients and updates the
+running statistics), the normalization, and in the backward a reducing kernel, its finalize
+kernel and an applying one. Eval mode forms its coefficients from the running statistics
+with a few torch ops.
 
-Determinism: no atomics. Partials are merged by fixed-shape torch reductions over the
-``[P, C]`` buffers (P depends only on the shape and the device), so a call gives the same bits
-on every run. The P partial (count, mean, M2) are merged in one step with the k-way form of
-Chan's formula, ``M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)``: deviations are of partial
-means from the global mean, never ``E[x^2] - E[x]^2``. The merge runs in units of the largest
-partial scale; the variance is scaled back in float64 (C numbers), since at ``|x| ~ 1e20`` it
+Determinism: no atomics. Partials are merged by the finalize kernels in a fixed order over
+the ``[P, C]`` buffers (P depends only on the shape and the device), so a call gives the same
+bits on every run. The P partial (count, mean, M2) are merged in one step with the k-way form
+of Chan's formula, ``M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)``: deviations are of
+partial means from the global mean, never ``E[x^2] - E[x]^2``. The merge runs in units of the
+largest partial scale; the variance is scaled back in float64, since at ``|x| ~ 1e20`` it
 exceeds fp32 while rstd does not.
+
+Running statistics: the policy is :mod:`normkit.numerics`' (the momentum factor, Bessel's
+correction, fp32 arithmetic rounded once to the statistics' dtype, all or none); the finalize
+kernel does its arithmetic in the same order, so fp32 running statistics get the bits
+:func:`normkit.numerics.update_running_stats` would give.
 """
 
 from __future__ import annotations
@@ -24,7 +32,6 @@ import triton
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
-from normkit.numerics import update_running_stats
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -193,17 +200,45 @@ def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     )
 
 
+class BatchStats(NamedTuple):
+    """What a training call's statistics give its normalization and backward, per channel,
+    fp32: ``centre = [pivot; mean]`` of shape ``(2, C)`` (a pivot element of each channel and
+    the mean of ``x - pivot``), ``rstd``, and the affine coefficients ``scale = w * rstd`` and
+    ``shift = b`` of ``y = ((x - pivot) - mean) * scale + shift``."""
+
+    centre: Tensor
+    rstd: Tensor
+    scale: Tensor
+    shift: Tensor
+
+
+def _running_arg(running: Tensor | None, C: int) -> tuple[Tensor | None, int]:
+    """A running statistic as the finalize kernel writes it: a 1-D view and its stride (a
+    buffer of another shape with C elements is viewed flat, as ATen's kernel does). The size
+    is checked here, before any launch, so that a bad call writes nothing."""
+    if running is None:
+        return None, 0
+    if running.numel() != C:
+        raise RuntimeError(f"running statistics should contain {C} elements not {running.numel()}")
+    flat = running if running.dim() == 1 else running.view(-1)
+    return flat, flat.stride(0)
+
+
 def batch_norm_stats(
-    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-    eps: float, block_n: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The batch's per-channel ``(centre, rstd)``, fp32: ``centre`` is ``[pivot; mean]`` of
-    shape ``(2, C)`` (a pivot element of each channel and the mean of ``x - pivot``), ``rstd``
-    of shape ``(C,)``; the running statistics, when given, are updated in place."""
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, momentum: float, eps: float, block_n: int | None = None,
+) -> BatchStats:
+    """The batch's statistics and the normalization's coefficients (:class:`BatchStats`); the
+    running statistics, when given, are updated in place by the same launch that finishes
+    the statistics (``momentum`` is the factor: the modules turn ``momentum=None`` into
+    :func:`normkit.numerics.momentum_factor`). Two launches in all."""
     x3 = _channel_view(x)
     N, C, S = x3.shape
     M = N * S
     dev = x.device
+    # Every check before the first launch: a failed call writes nothing.
+    rm, stride_rm = _running_arg(running_mean, C)
+    rv, stride_rv = _running_arg(running_var, C)
     blocks = _blocks(x3, block_n)
     c_blocks = triton.cdiv(C, blocks.BLOCK_C)
     tiles, s_blocks = _tiles(x3, blocks)
@@ -212,45 +247,50 @@ def batch_norm_stats(
     m2_part = torch.empty_like(mean_part)
     scale_part = torch.empty_like(mean_part)
     counts = torch.empty_like(mean_part)
-    shift = x3[0, :, 0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     with device_of(x):
         batch_norm_stats_kernel[(programs, c_blocks)](
-            x3, shift, mean_part, m2_part, scale_part, counts, M, C, S, *strides(x3), tiles,
+            x3, mean_part, m2_part, scale_part, counts, M, C, S, *strides(x3), tiles,
             s_blocks, tiles_per_program, SPATIAL=blocks.SPATIAL, ALIGN=blocks.ALIGN,
             BLOCK_M=blocks.BLOCK_M, BLOCK_C=blocks.BLOCK_C, num_warps=blocks.num_warps,
             enable_fp_fusion=FP_FUSION,
         )
     centre = torch.empty((2, C), dtype=torch.float32, device=dev)
-    rstd = torch.empty((C,), dtype=torch.float32, device=dev)
-    batch_mean, batch_var = torch.empty_like(rstd), torch.empty_like(rstd)
+    rstd, scale, shift = (torch.empty((C,), dtype=torch.float32, device=dev) for _ in range(3))
     block_c = min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)
+    momentum = float(momentum)
     with device_of(x):
         batch_norm_finalize_kernel[(triton.cdiv(C, block_c),)](
-            mean_part, m2_part, scale_part, counts, shift, centre, rstd, batch_mean, batch_var,
-            programs, C, M, eps, BLOCK_P=min(triton.next_power_of_2(programs), FINALIZE_BLOCK_P),
-            BLOCK_C=block_c, enable_fp_fusion=FP_FUSION,
+            mean_part, m2_part, scale_part, counts, x3, weight, bias, centre, rstd, scale, shift,
+            rm, rv, programs, C, M, x3.stride(1), _stride0(weight), _stride0(bias), stride_rm,
+            stride_rv, eps, momentum, 1.0 - momentum,  # both rounded to fp32, as ATen's scalars
+            HAS_W=weight is not None, HAS_B=bias is not None, UPDATE_MEAN=rm is not None,
+            UPDATE_VAR=rv is not None,
+            BLOCK_P=min(triton.next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
+            RNE_BY_HAND=interpreted(), enable_fp_fusion=FP_FUSION,
         )
-    # As ATen: r = momentum * batch + (1 - momentum) * r, the unbiased variance.
-    update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum)
-    return centre, rstd
+    return BatchStats(centre, rstd, scale, shift)
+
+
+def _stride0(t: Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
 
 
 def _scale_shift(weight: Tensor | None, bias: Tensor | None,
                  rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """The per-channel fp32 ``(w * rstd, b)`` of ``y = (x - mean) * scale + shift``, dense (the
-    kernels read them at unit stride; a parameter may be a strided or expanded view)."""
+    """Eval mode's per-channel fp32 ``(w * rstd, b)`` (training's come from the finalize
+    kernel), dense: the kernels read them at unit stride; a parameter may be a strided or
+    expanded view."""
     scale = rstd if weight is None else rstd * weight.float()
     shift = torch.zeros_like(rstd) if bias is None else bias.float()
     return scale.contiguous(), shift.contiguous()
 
 
 def batch_norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor, rstd: Tensor,
-    act: int = 0, block_n: int | None = None,
+    x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, act: int = 0,
+    block_n: int | None = None,
 ) -> Tensor:
-    """``y = act((x - mean) * rstd * weight + bias)`` in x's memory format, with ``x - mean``
-    formed as ``(x - centre[0]) - centre[1]`` (see :func:`batch_norm_stats`)."""
-    scale, shift = _scale_shift(weight, bias, rstd)
+    """``y = act((x - mean) * scale + shift)`` in x's memory format, with ``x - mean`` formed
+    as ``(x - centre[0]) - centre[1]`` (see :class:`BatchStats`)."""
     x3 = _channel_view(x)
     y = _empty_out(x)
     with device_of(x):
@@ -259,12 +299,13 @@ def batch_norm_fwd(
 
 
 def batch_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor,
-    rstd: Tensor, batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
+    dy: Tensor, x: Tensor, centre: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
+    batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
     db_dtype: torch.dtype | None, act: int = 0, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)``; one not asked for (``need_dx`` False, dtype None) comes back empty.
-    ``bias`` is read only with an activation ``act``, whose input the kernels recompute."""
+    ``scale`` and ``shift`` are the forward's (:class:`BatchStats`); ``shift`` is read only
+    with an activation ``act``, whose input the kernels recompute."""
     x3, dy3 = _channel_view(x), _channel_view(dy)
     N, C, S = x3.shape
     M = N * S
@@ -278,8 +319,6 @@ def batch_norm_bwd(
     mean_dy = mean_dy_xhat = empty()
     dw = empty() if dw_dtype is None else torch.empty((C,), dtype=dw_dtype, device=dev)
     db = empty() if db_dtype is None else torch.empty((C,), dtype=db_dtype, device=dev)
-    # The kernels read scale for dx and (with an activation) both, to recompute its input.
-    scale, shift = _scale_shift(weight, bias, rstd) if act or need_dx else (empty(), empty())
     if batch_stats and need_dx or dw_dtype is not None or db_dtype is not None:
         reduce_blocks = _aligned_for(blocks, x3, dy3)
         tiles, s_blocks = _tiles(x3, reduce_blocks)
@@ -333,43 +372,45 @@ def batch_norm_bwd(
 
 @torch.library.custom_op("normkit::batch_norm_stats", mutates_args=("running_mean", "running_var"))
 def _batch_norm_stats_op(
-    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    return batch_norm_stats(x, running_mean, running_var, momentum, eps)
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, momentum: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(batch_norm_stats(x, weight, bias, running_mean, running_var, momentum, eps))
 
 
 @_batch_norm_stats_op.register_fake
-def _(x, running_mean, running_var, momentum, eps):
+def _(x, weight, bias, running_mean, running_var, momentum, eps):
     C = x.shape[1]
-    return x.new_empty((2, C), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+    return x.new_empty((2, C), dtype=torch.float32), *(x.new_empty((C,), dtype=torch.float32)
+                                                       for _ in range(3))
 
 
 @torch.library.custom_op("normkit::batch_norm_fwd", mutates_args=())
 def _batch_norm_fwd_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor, rstd: Tensor,
-    batch_stats: bool, act: int,
+    scale: Tensor, shift: Tensor, batch_stats: bool, act: int,
 ) -> Tensor:
-    return batch_norm_fwd(x, weight, bias, centre, rstd, act)
+    # weight and bias enter through scale and shift; they are inputs for their gradients.
+    return batch_norm_fwd(x, centre, scale, shift, act)
 
 
 @_batch_norm_fwd_op.register_fake
-def _(x, weight, bias, mean, rstd, batch_stats, act):
+def _(x, weight, bias, centre, rstd, scale, shift, batch_stats, act):
     return _empty_out(x)
 
 
 @torch.library.custom_op("normkit::batch_norm_bwd", mutates_args=())
 def _batch_norm_bwd_op(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, centre: Tensor,
-    rstd: Tensor, batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
+    dy: Tensor, x: Tensor, centre: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
+    batch_stats: bool, need_dx: bool, dw_dtype: torch.dtype | None,
     db_dtype: torch.dtype | None, act: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return batch_norm_bwd(dy, x, weight, bias, centre, rstd, batch_stats, need_dx, dw_dtype,
+    return batch_norm_bwd(dy, x, centre, rstd, scale, shift, batch_stats, need_dx, dw_dtype,
                           db_dtype, act)
 
 
 @_batch_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype, act):
+def _(dy, x, centre, rstd, scale, shift, batch_stats, need_dx, dw_dtype, db_dtype, act):
     C = x.shape[1]
     dx = _empty_out(x) if need_dx else x.new_empty((0,))
 
@@ -380,21 +421,23 @@ def _(dy, x, weight, bias, mean, rstd, batch_stats, need_dx, dw_dtype, db_dtype,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, mean, rstd, batch_stats, act = inputs
-    ctx.save_for_backward(x, weight, bias if act else None, mean, rstd)
+    x, weight, bias, centre, rstd, scale, shift, batch_stats, act = inputs
+    # weight (and bias, read with an activation) for the graph-building backward; the kernels
+    # read scale and shift.
+    ctx.save_for_backward(x, weight, bias if act else None, centre, rstd, scale, shift)
     ctx.batch_stats, ctx.act = batch_stats, act
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, dy):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+    x, _, _, centre, rstd, scale, shift = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
     need = ctx.needs_input_grad
-    dx, dw, db = _batch_norm_backward(dy, x, weight, bias, mean, rstd, ctx.batch_stats,
-                                          need[0], w_dtype if need[1] else None,
-                                          b_dtype if need[2] else None, ctx.act)
+    dx, dw, db = _batch_norm_backward(dy, x, centre, rstd, scale, shift, ctx.batch_stats,
+                                      need[0], w_dtype if need[1] else None,
+                                      b_dtype if need[2] else None, ctx.act)
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-            None, None, None, None)
+            None, None, None, None, None, None)
 
 
 torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_context=_setup_context)
@@ -404,20 +447,22 @@ _batch_norm, _batch_norm_backward = eager_and_compiled(_batch_norm_fwd_op, _setu
                                                        _batch_norm_bwd_op)
 
 
-def _batch_norm_stats_vmap(info, in_dims, x, running_mean, running_var, momentum, eps):
+def _batch_norm_stats_vmap(info, in_dims, x, weight, bias, running_mean, running_var, momentum,
+                           eps):
     """vmap of the statistics: each batch element's own, as torch; running statistics are
     updated per element only when they are batched too (torch's rule and message)."""
-    x_dim, mean_dim, var_dim = in_dims[:3]
+    x_dim, mean_dim, var_dim = in_dims[0], in_dims[3], in_dims[4]
     if x_dim is not None and any(r is not None and d is None for r, d in
                                  ((running_mean, mean_dim), (running_var, var_dim))):
         raise RuntimeError(VMAP_SHARED_RUNNING_STATS)
     def pick(t: Tensor | None, d: int | None, i: int) -> Tensor | None:
         return t if t is None or d is None else t.select(d, i)
 
-    out = [_batch_norm_stats_op(pick(x, x_dim, i), pick(running_mean, mean_dim, i),
-                                pick(running_var, var_dim, i), momentum, eps)
+    tensors = (x, weight, bias, running_mean, running_var)
+    out = [_batch_norm_stats_op(*(pick(t, d, i) for t, d in zip(tensors, in_dims[:5], strict=True)),
+                                momentum, eps)
            for i in range(info.batch_size)]
-    return tuple(torch.stack(o) for o in zip(*out, strict=True)), (0, 0)
+    return tuple(torch.stack(o) for o in zip(*out, strict=True)), (0, 0, 0, 0)
 
 
 torch.library.register_vmap(_batch_norm_stats_op, _batch_norm_stats_vmap)
@@ -451,13 +496,20 @@ def batch_norm(
     check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
     if training:
         refuse_forward_ad_early(input, weight, bias)
-        centre, rstd = _batch_norm_stats_op(input.detach(), running_mean, running_var,
-                                            float(momentum), float(eps))
+        centre, rstd, scale, shift = _batch_norm_stats_op(
+            input.detach(), _detached(weight), _detached(bias), running_mean, running_var,
+            float(momentum), float(eps))
     else:
         mean = running_mean.detach().float()
         centre = torch.stack([mean, torch.zeros_like(mean)])
         rstd = torch.rsqrt(running_var.detach().float() + eps)
-    return _batch_norm(input, weight, bias, centre, rstd, bool(training), ACT_CODES[act])
+        scale, shift = _scale_shift(_detached(weight), _detached(bias), rstd)
+    return _batch_norm(input, weight, bias, centre, rstd, scale, shift, bool(training),
+                       ACT_CODES[act])
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
 
 
 def batch_norm_act(

@@ -38,8 +38,10 @@ and stores at any ``S``.
   merges per-tile (count, mean, M2) of ``x - pivot`` (pivot: one element of the channel) with
   Chan's formula, M2 in units of a power-of-two scale, and writes its partial count, mean, M2
   and scale per channel to ``[P, C]`` buffers (P programs along rows).
-* ``batch_norm_finalize_kernel``: the k-way merge of those partials into the batch's centre,
-  rstd, mean and unbiased variance, one program per block of channels.
+* ``batch_norm_finalize_kernel``: the k-way merge of those partials into the batch's centre
+  and rstd, the apply kernel's per-channel ``scale = w * rstd`` and ``shift = b``, and the
+  running-statistics update, one program per block of channels: nothing runs between the
+  kernels of a training step.
 * ``batch_norm_apply_kernel``: ``y = ((x - pivot) - mean) * scale + shift`` with per-channel
   fp32 vectors (training: the batch's pivot and mean of ``x - pivot``, ``w * rstd``, b; eval:
   the running mean and 0, and the same from the running variance). Every kernel centres x
@@ -54,7 +56,7 @@ Norm + activation (``ACT``, as the row norms): the apply kernel applies the acti
 its store; both backward kernels recompute its input ``z = (x - mean) * scale + shift`` and use
 ``dz = dy * act'(z)`` in place of ``dy``.
 
-The partials are merged by the launcher, in a fixed order (no atomics).
+The partials are merged by the finalize kernels, in a fixed order (no atomics).
 """
 
 from __future__ import annotations
@@ -160,6 +162,13 @@ def _load_channel(P, c, C):
 
 
 @triton.jit
+def _pivot(X, c, C, stride_xc):
+    """Each channel's pivot, its first element ``x[0, c, 0]`` in fp32: read from x itself by
+    both the statistics and the finalize kernel (a copy would be one more launch)."""
+    return tl.load(X + c.to(tl.int64) * stride_xc, mask=c < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _centred(x, CENTRE, c, C):
     """``(x - pivot) - mean`` with ``CENTRE = [pivot; mean]`` (2, C): the batch's shift and the
     mean of ``x - pivot`` (so a large offset cancels exactly first, as in the statistics), or
@@ -172,7 +181,7 @@ def _centred(x, CENTRE, c, C):
 # report showed 16 -> 2 bytes per lane at ResNet's 56x56).
 @triton.jit
 def batch_norm_stats_kernel(
-    X, SHIFT, MEAN_PART, M2_PART, SCALE_PART, COUNT_PART,
+    X, MEAN_PART, M2_PART, SCALE_PART, COUNT_PART,
     M, C, S, stride_xn, stride_xc, stride_xs, TILES, S_BLOCKS, tiles_per_program,
     SPATIAL: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -182,8 +191,9 @@ def batch_norm_stats_kernel(
     ``COUNT_PART[p, c]`` (per channel: an aligned window holds a different part of each
     channel's run).
 
-    ``shift`` is one element of the channel: a constant channel is then exactly 0 (zero
-    variance, output exactly the bias), and a large common offset cancels exactly (Sterbenz)
+    ``shift`` is the channel's first element (``x[0, c, 0]``, :func:`_pivot`): a constant
+    channel is then exactly 0 (zero variance, output exactly the bias), and a large common
+    offset cancels exactly (Sterbenz)
     before any rounding. The scale, a power of two near the largest ``|x - shift|`` seen, keeps
     the squares in range: at ``|x| ~ 1e20`` they would overflow fp32 (1e40), and the M2 of a
     channel may exceed fp32 while its rstd does not. Scaling by a power of two is exact."""
@@ -195,12 +205,13 @@ def batch_norm_stats_kernel(
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # in units of scale^2
     scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
     count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    shift = _pivot(X, (c0 + tl.arange(0, BLOCK_C))[None, :], C, stride_xc)
     for t in range(t_start, t_end):
         n, c, pos, mask, valid = _tile(t, c0, M, C, S, S_BLOCKS, stride_xn, stride_xc, SPATIAL, ALIGN,
                                        BLOCK_M, BLOCK_C)
         x = tl.load(X + _address(n, c, pos, stride_xn, stride_xc, stride_xs, ALIGN), mask=mask,
                     other=0.0).to(tl.float32)
-        x = tl.where(valid, x - _load_channel(SHIFT, c, C), 0.0)
+        x = tl.where(valid, x - shift, 0.0)
         n_b = tl.sum(valid.to(tl.float32), axis=0)
         scale_b = pow2_floor(tl.max(tl.abs(x), axis=0))
         xs = x * (1.0 / scale_b)[None, :]  # |xs| < 2
@@ -373,23 +384,42 @@ def batch_norm_bwd_finalize_kernel(
 
 
 @triton.jit
+def _running_update(R, stride_r, batch, c, mask_c, momentum, keep, RNE_BY_HAND: tl.constexpr):
+    """``R[c] = batch * momentum + R[c] * keep`` in fp32 (``keep = 1 - momentum``, both rounded
+    to fp32 by the launcher), each product and the sum rounded as written (no FMA), then rounded
+    once to R's dtype: :func:`normkit.numerics.update_running_stats`'s arithmetic and order, so
+    fp32 statistics get the same bits."""
+    r = tl.load(R + c * stride_r, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(R + c * stride_r, cast_to(batch * momentum + r * keep, R, RNE_BY_HAND), mask=mask_c)
+
+
+@triton.jit
 def batch_norm_finalize_kernel(
-    MEAN_PART, M2_PART, SCALE_PART, COUNT_PART, SHIFT, CENTRE, RSTD, BATCH_MEAN, BATCH_VAR,
-    P, C, M, eps,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    MEAN_PART, M2_PART, SCALE_PART, COUNT_PART, X, W, B, CENTRE, RSTD, SCALE, SHIFT,
+    RUNNING_MEAN, RUNNING_VAR, P, C, M, stride_xc, stride_w, stride_b, stride_rm, stride_rv,
+    eps, momentum, keep,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE_MEAN: tl.constexpr,
+    UPDATE_VAR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
 ):
     """Program j, channels of block j: the k-way Chan merge of the P partials of
-    :func:`batch_norm_stats_kernel`, in one launch where it took ~27 small ATen ops (issue 15
-    item 7). In units of the largest partial scale (powers of two: exact)::
+    :func:`batch_norm_stats_kernel`, the apply kernel's coefficients and the running update,
+    in one launch where it took ~27 small ATen ops (issue 15 item 7). In units of the largest
+    partial scale (powers of two: exact)::
 
         mean = sum(n_p * mean_p) / M,   M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)
 
-    (deviations of partial means, never ``E[x^2] - E[x]^2``). Writes ``CENTRE = [shift; mean
-    of x - shift]``, ``RSTD``, and the batch mean and unbiased variance the running update
-    reads. The variance is scaled back in float64: at ``|x| ~ 1e20`` it exceeds fp32 where
-    rstd does not; rstd is ``1 / sqrt(var + eps)`` in float64 rounded once to fp32, and 0
-    where ``var + eps == 0`` (ATen's rule)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    (deviations of partial means, never ``E[x^2] - E[x]^2``). Writes ``CENTRE = [pivot; mean
+    of x - pivot]``, ``RSTD``, ``SCALE = rstd * w`` and ``SHIFT = b`` (fp32; 1 and 0 without
+    parameters) for the normalization and its backward. The variance is scaled back in
+    float64: at ``|x| ~ 1e20`` it exceeds fp32 where rstd does not; rstd is ``1 / sqrt(var +
+    eps)`` in float64 rounded once to fp32, and 0 where ``var + eps == 0`` (ATen's rule).
+
+    The running statistics (``UPDATE_MEAN``/``UPDATE_VAR``; any stride, fp32/bf16/fp16) take
+    the batch mean and the unbiased variance (Bessel's ``M / (M - 1)`` in float64 for ``M > 1``,
+    then fp32) through :func:`_running_update`; the launcher has checked every argument, so
+    the kernel writes all of them or the call fails before it."""
+    c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_c = c < C
     scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
@@ -415,15 +445,26 @@ def batch_norm_finalize_kernel(
         r = tl.load(SCALE_PART + offs, mask=mask, other=0.0) / scale[None, :]
         d = (tl.load(MEAN_PART + offs, mask=mask, other=0.0) - shifted_mean[None, :]) / scale[None, :]
         m2 += tl.sum(tl.load(M2_PART + offs, mask=mask, other=0.0) * (r * r) + n_p * (d * d), axis=0)
-    shift = tl.load(SHIFT + c, mask=mask_c, other=0.0)
+    pivot = _pivot(X, c, C, stride_xc)
     scale64 = scale.to(tl.float64)
     var = m2.to(tl.float64) * (scale64 * scale64) / M  # biased
     v = var + eps
-    rstd = tl.where(v == 0.0, 0.0, 1.0 / tl.sqrt(v))
-    m = M.to(tl.float64)
-    unbiased = tl.where(M > 1, var * (m / (m - 1.0)), var)
-    tl.store(CENTRE + c, shift, mask=mask_c)
+    rstd = tl.where(v == 0.0, 0.0, 1.0 / tl.sqrt(v)).to(tl.float32)
+    tl.store(CENTRE + c, pivot, mask=mask_c)
     tl.store(CENTRE + C + c, shifted_mean, mask=mask_c)
-    tl.store(RSTD + c, rstd.to(tl.float32), mask=mask_c)
-    tl.store(BATCH_MEAN + c, shift + shifted_mean, mask=mask_c)
-    tl.store(BATCH_VAR + c, unbiased.to(tl.float32), mask=mask_c)
+    tl.store(RSTD + c, rstd, mask=mask_c)
+    w_rstd = rstd
+    if HAS_W:
+        w_rstd = rstd * tl.load(W + c * stride_w, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(SCALE + c, w_rstd, mask=mask_c)
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(B + c * stride_b, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(SHIFT + c, b, mask=mask_c)
+    if UPDATE_MEAN:
+        _running_update(RUNNING_MEAN, stride_rm, pivot + shifted_mean, c, mask_c, momentum, keep,
+                        RNE_BY_HAND)
+    if UPDATE_VAR:
+        m = M.to(tl.float64)
+        unbiased = tl.where(M > 1, var * (m / (m - 1.0)), var).to(tl.float32)
+        _running_update(RUNNING_VAR, stride_rv, unbiased, c, mask_c, momentum, keep, RNE_BY_HAND)
