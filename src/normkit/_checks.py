@@ -319,10 +319,11 @@ def check_instance_norm(
     if _plain_channels(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
         return True
     _batch_norm_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    # (ATen's instance_norm asks for both statistics in eval before its batch_norm sees one alone)
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not use_input_stats and running_mean is None:
-        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     if input.numel() == 0:
         # ATen repeats the parameters N times and reads element 0 of the result: with N > 0 and
         # C = 0 that is its IndexError. (With N = 0 normkit returns the empty output instead.)
