@@ -395,8 +395,8 @@ def _running_update(R, stride_r, batch, c, mask_c, momentum, keep, RNE_BY_HAND: 
 
 @triton.jit
 def batch_norm_finalize_kernel(
-    MEAN_PART, M2_PART, SCALE_PART, COUNT_PART, X, W, B, CENTRE, RSTD, SCALE, SHIFT,
-    RUNNING_MEAN, RUNNING_VAR, P, C, M, stride_xc, stride_w, stride_b, stride_rm, stride_rv,
+    MEAN_PART, M2_PART, SCALE_PART, COUNT_PART, PIVOTS, W, B, CENTRE, RSTD, SCALE, SHIFT,
+    RUNNING_MEAN, RUNNING_VAR, P, C, M, stride_pivot, stride_w, stride_b, stride_rm, stride_rv,
     eps, momentum, keep,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE_MEAN: tl.constexpr,
     UPDATE_VAR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -410,7 +410,8 @@ def batch_norm_finalize_kernel(
         mean = sum(n_p * mean_p) / M,   M2 = sum(M2_p) + sum(n_p * (mean_p - mean)^2)
 
     (deviations of partial means, never ``E[x^2] - E[x]^2``). Writes ``CENTRE = [pivot; mean
-    of x - pivot]``, ``RSTD``, ``SCALE = rstd * w`` and ``SHIFT = b`` (fp32; 1 and 0 without
+    of x - pivot]`` (``PIVOTS``: x, of which the kernel reads the C pivots only, at
+    ``c * stride_pivot``), ``RSTD``, ``SCALE = rstd * w`` and ``SHIFT = b`` (fp32; 1 and 0 without
     parameters) for the normalization and its backward. The variance is scaled back in
     float64: at ``|x| ~ 1e20`` it exceeds fp32 where rstd does not; rstd is ``1 / sqrt(var +
     eps)`` in float64 rounded once to fp32, and 0 where ``var + eps == 0`` (ATen's rule).
@@ -445,7 +446,7 @@ def batch_norm_finalize_kernel(
         r = tl.load(SCALE_PART + offs, mask=mask, other=0.0) / scale[None, :]
         d = (tl.load(MEAN_PART + offs, mask=mask, other=0.0) - shifted_mean[None, :]) / scale[None, :]
         m2 += tl.sum(tl.load(M2_PART + offs, mask=mask, other=0.0) * (r * r) + n_p * (d * d), axis=0)
-    pivot = _pivot(X, c, C, stride_xc)
+    pivot = _pivot(PIVOTS, c, C, stride_pivot)
     scale64 = scale.to(tl.float64)
     var = m2.to(tl.float64) * (scale64 * scale64) / M  # biased
     v = var + eps
