@@ -11,6 +11,7 @@ weights and upstream gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,7 @@ MODULES: dict[str, Callable[[Any], nn.Module]] = {
     "LayerNorm": lambda ns: ns.LayerNorm([5, 5]),
     "LayerNorm no bias": lambda ns: ns.LayerNorm(5, bias=False),
     "RMSNorm": lambda ns: ns.RMSNorm([5], eps=1e-3),
+    "RMSNorm default eps": lambda ns: ns.RMSNorm(5),
     "LazyBatchNorm2d": lambda ns: ns.LazyBatchNorm2d(),
     "LazyInstanceNorm2d": lambda ns: ns.LazyInstanceNorm2d(affine=True, track_running_stats=True),
 }
@@ -373,3 +375,63 @@ def test_numba_jacrev_of_grad_through_residual_out() -> None:
     for argnums in (0, 1, 2):
         jac = torch.func.jacrev(torch.func.grad(loss, argnums=2), argnums=argnums)
         torch.testing.assert_close(jac(x, r, w, "numba"), jac(x, r, w, "torch"), rtol=1e-10, atol=1e-10)
+
+
+CHANNEL_OPS: dict[str, Callable[..., Tensor]] = {
+    "batch_norm": lambda x, w, b, be: NF.batch_norm(x, None, None, w, b, True, backend=be),
+    "batch_norm_act": lambda x, w, b, be: NF.batch_norm_act(x, None, None, w, b, True, act="silu", backend=be),
+    "group_norm": lambda x, w, b, be: NF.group_norm(x, 3, w, b, backend=be),
+    "group_norm_act": lambda x, w, b, be: NF.group_norm_act(x, 3, w, b, act="gelu", backend=be),
+    "instance_norm": lambda x, w, b, be: NF.instance_norm(x, None, None, w, b, backend=be),
+}
+
+
+@pytest.mark.parametrize("name", list(CHANNEL_OPS))
+def test_numba_nested_torch_func_grad_matches_torch(name: str) -> None:
+    op = CHANNEL_OPS[name]
+    x, w, b = _randn(4, 6, 3, 5, dtype=F64), _randn(6, dtype=F64, seed=1), _randn(6, dtype=F64, seed=2)
+    direction, upstream = _randn(6, dtype=F64, seed=3), _randn(4, 6, 3, 5, dtype=F64, seed=4)
+
+    def loss(w: Tensor, x: Tensor, backend: str) -> Tensor:
+        return (op(x, w, b, backend) ** 3 * upstream).sum()
+
+    def grad_of_grad(argnums: int, backend: str) -> Tensor:
+        return torch.func.grad(lambda *wx: (torch.func.grad(loss)(*wx, backend) * direction).sum(), argnums=argnums)(
+            w, x
+        )
+
+    for argnums in (0, 1):
+        torch.testing.assert_close(
+            grad_of_grad(argnums, "numba"), grad_of_grad(argnums, "torch"), rtol=1e-10, atol=1e-10
+        )
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    per_group=st.integers(1, 3),
+    spatial=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_numba_group_norm_second_derivatives_over_random_shapes(
+    n, groups, per_group, spatial, channels_last, seed
+) -> None:  # noqa: ANN001
+    shape = (n, groups * per_group, *spatial)
+    if n * per_group * math.prod(spatial) < 2:
+        return  # (torch refuses one value a group)
+    x = _randn(*shape, dtype=F64, seed=seed)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = _randn(shape[1], dtype=F64, seed=seed + 1), _randn(shape[1], dtype=F64, seed=seed + 2)
+    upstream, direction = _randn(*shape, dtype=F64, seed=seed + 3), _randn(*shape, dtype=F64, seed=seed + 4)
+
+    def second(backend: str) -> list[Tensor]:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = NF.group_norm(leaves[0], groups, leaves[1], leaves[2], backend=backend)
+        first = torch.autograd.grad(y, leaves, upstream, create_graph=True)
+        return list(torch.autograd.grad((first[0] * direction).sum(), leaves, materialize_grads=True))
+
+    for a, e in zip(second("numba"), second("torch"), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
