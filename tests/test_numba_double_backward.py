@@ -12,14 +12,14 @@ cotangent itself is differentiated (as ``gradgradcheck`` does).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import pytest
 import torch
 from torch import Tensor
 
 import normkit
+from double_backward_cases import CASES, SHAPE, Case, D, check_first_order_keeps_the_kernel, rows
+from double_backward_cases import second_order as _second_order
+from double_backward_cases import tensors as _tensors
 from kernel_bound import assert_within_bound
 from normkit import functional as NF
 from normkit import functional_blocks as FB
@@ -30,68 +30,6 @@ pytest.importorskip("numba")
 
 F64, F32 = torch.float64, torch.float32
 
-
-class Case(NamedTuple):
-    shapes: tuple[tuple[int, ...], ...]  # the differentiated tensors, in call order
-    call: Callable[..., Tensor | tuple[Tensor, ...]]  # call(backend, *tensors)
-    channels_last: bool = False
-
-
-def _rows(op: str, eps: float = 1e-5) -> Case:
-    calls = {
-        "layer_norm": lambda be, x, w, b: NF.layer_norm(x, x.shape[-1:], w, b, eps, backend=be),
-        "rms_norm": lambda be, x, w: NF.rms_norm(x, x.shape[-1:], w, eps, backend=be),
-        "add_layer_norm": lambda be, x, r, w, b: NF.add_layer_norm(x, r, x.shape[-1:], w, b, eps, backend=be),
-        "add_rms_norm": lambda be, x, r, w: NF.add_rms_norm(x, r, x.shape[-1:], w, eps, backend=be),
-    }
-    return calls[op]
-
-
-# The small float64 cases: one per op of the numba backend (the test below checks none is missing).
-SHAPE, D = (3, 5, 24), 24
-CASES: dict[str, Case] = {
-    "layer_norm": Case((SHAPE, (D,), (D,)), _rows("layer_norm")),
-    "rms_norm": Case((SHAPE, (D,)), _rows("rms_norm")),
-    "add_layer_norm": Case((SHAPE, SHAPE, (D,), (D,)), _rows("add_layer_norm")),
-    "add_rms_norm": Case((SHAPE, SHAPE, (D,)), _rows("add_rms_norm")),
-    "normalize": Case(((2, 6, 4, 5), (6,), (6,)), lambda be, x, w, b: NF.normalize(x, 1, w, b, backend=be)),
-    "batch_norm": Case(
-        ((4, 6, 3, 5), (6,), (6,)), lambda be, x, w, b: NF.batch_norm(x, None, None, w, b, True, backend=be)
-    ),
-    "batch_norm_act": Case(
-        ((4, 6, 3, 5), (6,), (6,)),
-        lambda be, x, w, b: NF.batch_norm_act(x, None, None, w, b, True, act="silu", backend=be),
-        channels_last=True,
-    ),
-    "group_norm": Case(((3, 6, 4, 5), (6,), (6,)), lambda be, x, w, b: NF.group_norm(x, 3, w, b, backend=be)),
-    "group_norm_act": Case(
-        ((3, 6, 4, 5), (6,), (6,)),
-        lambda be, x, w, b: NF.group_norm_act(x, 2, w, b, act="gelu", backend=be),
-        channels_last=True,
-    ),
-    "instance_norm": Case(
-        ((3, 4, 5, 6), (4,), (4,)), lambda be, x, w, b: NF.instance_norm(x, None, None, w, b, backend=be)
-    ),
-    "modulated_layer_norm": Case(
-        (SHAPE, (3, 1, D), (3, 5, D), (D,), (D,)),
-        lambda be, x, sh, sc, w, b: FB.modulated_layer_norm(x, sh, sc, w, b, backend=be),
-    ),
-    "modulated_rms_norm": Case(
-        (SHAPE, (D,), (3, 1, D), (D,)), lambda be, x, sh, sc, w: FB.modulated_rms_norm(x, sh, sc, w, backend=be)
-    ),
-    "gated_rms_norm": Case(
-        (SHAPE, SHAPE, (D,)), lambda be, x, g, w: FB.gated_rms_norm(x, g, w, group_size=8, backend=be)
-    ),
-    "qk_rms_norm": Case(
-        ((2, 3, 4, 16), (2, 1, 4, 16), (16,), (16,)), lambda be, q, k, wq, wk: FB.qk_rms_norm(q, k, wq, wk, backend=be)
-    ),
-    "sandwich_rms_norm": Case(
-        (SHAPE, SHAPE, (D,), (D,)),
-        lambda be, h, r, w1, w2: FB.sandwich_rms_norm(h, r, w1, w2, weight_offset=1.0, backend=be),
-    ),
-    "dyt": Case((SHAPE, (1,), (D,), (D,)), lambda be, x, a, w, b: FB.dyt(x, a, w, b, backend=be)),
-    "derf": Case((SHAPE, (1,), (1,), (D,), (D,)), lambda be, x, a, s, w, b: FB.derf(x, a, s, w, b, backend=be)),
-}
 
 # Variants: the gate after the norm, gradients reaching only some inputs, no affine.
 VARIANTS: dict[str, Case] = {
@@ -119,33 +57,6 @@ VARIANTS: dict[str, Case] = {
     ),
 }
 _FIXED = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=F64)
-
-
-def _tensors(case: Case, dtype: torch.dtype, seed: int) -> list[Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    out = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in case.shapes]
-    if case.channels_last:
-        out[0] = out[0].contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _second_order(case: Case, backend: str | None, tensors: list[Tensor], seed: int) -> dict[str, Tensor]:
-    """First gradients (with a graph) of ``<y, g>`` for a random ``g`` requiring grad, then the
-    gradients of ``sum_i <grad_i, v_i>`` (random ``v``) with respect to every input and ``g``."""
-    gen = torch.Generator().manual_seed(seed)
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = case.call(backend, *leaves)
-    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
-    gs = [torch.randn(o.shape, generator=gen, dtype=F64).to(o.dtype).requires_grad_() for o in outs]
-    first = torch.autograd.grad(outs, leaves, gs, create_graph=True, materialize_grads=True)
-    total = sum((f * torch.randn(f.shape, generator=gen, dtype=F64).to(f.dtype)).sum() for f in first)
-    second = torch.autograd.grad(total, leaves + gs, materialize_grads=True)
-    names = (
-        [f"d{i}" for i in range(len(leaves))]
-        + [f"dd{i}" for i in range(len(leaves))]
-        + [f"dg{i}" for i in range(len(gs))]
-    )
-    return dict(zip(names, [t.detach() for t in (*first, *second)], strict=True))
 
 
 def test_every_numba_op_has_a_case() -> None:
@@ -218,24 +129,7 @@ def test_torch_func_hessian_vector_products() -> None:
 
 @pytest.mark.parametrize("op", ["rms_norm", "add_layer_norm", "group_norm", "dyt"])
 def test_first_order_keeps_the_kernel(op: str) -> None:
-    """A first-order backward, and one under a single ``torch.func.grad`` (grad mode on, nothing
-    to differentiate further), run the kernel: the same bits. With ``create_graph=True`` the
-    composition's first derivatives agree with them to float32 rounding."""
-    case = CASES[op]
-    x, *params = _tensors(case, F32, seed=4)
-    out = case.call("numba", x, *params)
-    g = torch.randn((out[0] if isinstance(out, tuple) else out).shape, generator=torch.Generator().manual_seed(2))
-
-    def first(t):
-        y = case.call("numba", t, *params)
-        return y[0] if isinstance(y, tuple) else y
-
-    leaf = x.clone().requires_grad_()
-    (plain,) = torch.autograd.grad(first(leaf), leaf, g)
-    assert torch.equal(torch.func.grad(lambda t: (first(t) * g).sum())(x), plain)
-    (graph,) = torch.autograd.grad(first(leaf), leaf, g, create_graph=True)
-    assert graph.requires_grad
-    torch.testing.assert_close(graph, plain, rtol=1e-4, atol=1e-5)
+    check_first_order_keeps_the_kernel(CASES[op], "numba")
 
 
 @pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
@@ -262,8 +156,8 @@ def test_double_backward_moves_running_statistics_once(op: str) -> None:
 
 M, L = 256, 1024  # 2^18 elements, rows of 1024: "float32/large/train"
 AUTO: dict[str, Case] = {
-    "rms_norm": Case(((M, L), (L,)), _rows("rms_norm")),
-    "add_rms_norm": Case(((M, L), (M, L), (L,)), _rows("add_rms_norm")),
+    "rms_norm": Case(((M, L), (L,)), rows("rms_norm")),
+    "add_rms_norm": Case(((M, L), (M, L), (L,)), rows("add_rms_norm")),
     "batch_norm": Case(
         ((4, 64, 32, 32), (64,), (64,)),
         lambda be, x, w, b: NF.batch_norm(x, None, None, w, b, True, backend=be),
@@ -278,8 +172,8 @@ AUTO: dict[str, Case] = {
     "dyt": Case(((M, L), (1,), (L,), (L,)), CASES["dyt"].call),
     "derf": Case(((M, L), (1,), (1,), (L,), (L,)), CASES["derf"].call),
     # Not claimed by auto today (skipped until MEASURED_FASTER lists a "/train" class for them).
-    "layer_norm": Case(((M, L), (L,), (L,)), _rows("layer_norm")),
-    "add_layer_norm": Case(((M, L), (M, L), (L,), (L,)), _rows("add_layer_norm")),
+    "layer_norm": Case(((M, L), (L,), (L,)), rows("layer_norm")),
+    "add_layer_norm": Case(((M, L), (M, L), (L,), (L,)), rows("add_layer_norm")),
     "group_norm": Case(((4, 64, 32, 32), (64,), (64,)), lambda be, x, w, b: NF.group_norm(x, 32, w, b, backend=be)),
     "instance_norm": Case(((4, 64, 32, 32), (64,), (64,)), CASES["instance_norm"].call),
 }
