@@ -250,13 +250,13 @@ def test_triton_nan_propagates() -> None:
 
 
 @needs_triton
-def test_triton_refuses_double_backward_and_forward_ad() -> None:
+def test_triton_double_backward_runs_and_forward_ad_is_refused() -> None:
     x = torch.randn(2, 8, device=DEVICE, requires_grad=True)
     gate = torch.randn(2, 8, device=DEVICE)
     y = functional.gated_rms_norm(x, gate, None, backend="triton")
     (dx,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order"):
-        dx.sum().backward()
+    dx.pow(2).sum().backward()  # the composition's second derivatives (test_triton_double_backward.py)
+    assert x.grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="forward-mode AD"):
         torch.func.jvp(lambda t: functional.gated_rms_norm(t, gate, None, backend="triton"), (x,), (x,))
 

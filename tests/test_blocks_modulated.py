@@ -324,13 +324,13 @@ def test_compile_fullgraph(op: str, backend: str) -> None:
 
 
 @needs_triton
-def test_triton_refuses_forward_mode_and_second_order() -> None:
+def test_triton_refuses_forward_mode_and_runs_second_order() -> None:
     case = Case(LN, (2, 3, 8), (2, 1, 8))
     leaves = _leaves(_make(case, seed=8))
     y = functional.modulated_layer_norm(*_args(case, leaves), backend="triton")
     (dx,) = torch.autograd.grad(y, leaves["x"], torch.randn_like(y), create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order"):
-        dx.sum().backward()
+    dx.pow(2).sum().backward()  # the composition's second derivatives (test_triton_double_backward.py)
+    assert leaves["x"].grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="forward-mode"):
         torch.func.jvp(lambda x: functional.modulated_layer_norm(x, *_args(case, leaves)[1:], backend="triton"),
                        (leaves["x"].detach(),), (torch.ones_like(leaves["x"]),))

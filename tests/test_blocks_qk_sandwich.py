@@ -262,8 +262,8 @@ def test_triton_layouts() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 def test_triton_refusals() -> None:
-    """float64 is declined with the reason; forward-mode AD and double backward are errors, not
-    silent zeros."""
+    """float64 is declined with the reason; forward-mode AD is an error, not silent zeros; a
+    double backward runs the composition (tests/test_triton_double_backward.py)."""
     impl = get_backend("triton").ops[SW]
     x = torch.randn(2, 8, dtype=f64, device=DEVICE)
     assert "float64" in impl.unsupported(x, x, None, None, None, 0.0)
@@ -273,8 +273,8 @@ def test_triton_refusals() -> None:
     q = torch.randn(2, 8, device=DEVICE, requires_grad=True)
     (q_out, _) = functional.qk_rms_norm(q, q.detach(), None, None, backend="triton")
     (dq,) = torch.autograd.grad(q_out, q, torch.randn_like(q_out), create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order"):
-        dq.sum().backward()
+    dq.pow(2).sum().backward()
+    assert q.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normkit.ops._autograd import check_saveable, forward_ad_refusal, vmap_by_loop
+from normkit.ops._autograd import check_saveable, forward_ad_refusal, records_graph, unpacked_once, vmap_by_loop
 from normkit.ops._autograd import refuse_forward_ad_early as _refuse_early
 from normkit.ops.triton.backend import interpreting as interpreted
 
@@ -127,8 +127,9 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
         def backward(ctx, *grads):
             raise RuntimeError(
                 f"second-order gradients through normkit's triton kernels ({op._namespace}::{op._name}) are not "
-                "supported: the backward kernels have no derivative; use backend='torch' "
-                "(or 'reference') for double backward, Hessians or gradient penalties"
+                "supported here: the backward kernels have no derivative, and the eager backward builds "
+                "the differentiable graph only when autograd records one (create_graph=True); use "
+                "backend='torch' (or 'reference') for double backward under torch.compile"
             )
 
         jvp = staticmethod(refuse_forward_ad)
@@ -137,21 +138,38 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
     return FirstOrder
 
 
-def eager_and_compiled(fwd_op, setup, bwd, bwd_op) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def eager_and_compiled(
+    fwd_op, setup, bwd, bwd_op, *, graph_backward: Callable[..., Any] | None = None
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The forward and backward calls of a kernel pair. Compiled code calls the custom ops
     ``fwd_op``/``bwd_op`` themselves, whose registered autograd Dynamo traces (it cannot trace
     an ``autograd.Function`` with a custom ``jvp``). Eager code calls an ``autograd.Function``
     (``setup``/``bwd`` its autograd formula, forward mode refused, and :func:`first_order`
     around the backward): under ``torch.func`` one whose forward is the custom op (vmap rules
     generated from the ops' own), otherwise one whose forward is the op's Python body itself,
-    the cheapest eager path (no dispatcher round trip, no schema checks: issue 15 item 9)."""
+    the cheapest eager path (no dispatcher round trip, no schema checks: issue 15 item 9).
+
+    ``graph_backward(ctx, *grads)``, with ``bwd``'s signature and results, computes the
+    gradients in differentiable torch operations (:mod:`normkit.ops.triton._graph_backward`):
+    the eager backward calls it instead of the kernel when it must build a graph
+    (``create_graph=True`` with something it reads requiring grad:
+    :func:`normkit.ops._autograd.records_graph`), so second and higher derivatives (gradient
+    penalties, MAML, Hessian-vector products) are those of the op's torch composition. A
+    first-order backward always runs the kernel."""
+
+    def either_backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
+            if records_graph(ctx.saved_tensors, grads):
+                return graph_backward(ctx, *grads)
+        return bwd(ctx, *grads)
 
     def function(fwd, name: str) -> type[torch.autograd.Function]:
         class Kernel(torch.autograd.Function):
             generate_vmap_rule = True
             forward = staticmethod(fwd)
             setup_context = staticmethod(setup)
-            backward = staticmethod(bwd)
+            backward = staticmethod(bwd if graph_backward is None else either_backward)
             jvp = staticmethod(refuse_forward_ad)
 
         Kernel.__name__ = Kernel.__qualname__ = name

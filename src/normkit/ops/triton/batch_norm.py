@@ -32,6 +32,7 @@ import triton
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
+from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -444,7 +445,7 @@ torch.library.register_autograd("normkit::batch_norm_fwd", _backward, setup_cont
 vmap_by_loop(_batch_norm_fwd_op)
 vmap_by_loop(_batch_norm_bwd_op)
 _batch_norm, _batch_norm_backward = eager_and_compiled(_batch_norm_fwd_op, _setup_context, _backward,
-                                                       _batch_norm_bwd_op)
+                                                       _batch_norm_bwd_op, graph_backward=_graph_backward.batch)
 
 
 def _batch_norm_stats_vmap(info, in_dims, x, weight, bias, running_mean, running_var, momentum,

@@ -24,6 +24,7 @@ import torch
 import triton
 from torch import Tensor
 
+from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
@@ -163,6 +164,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # rstd is an output nobody differentiates
     ctx.save_for_backward(x, gate, weight, output[1])
     ctx.meta = (group_size, norm_before_gate)
+    ctx.eps = eps
 
 
 def _backward(ctx, dy, _drstd):
@@ -182,7 +184,8 @@ def _backward(ctx, dy, _drstd):
 torch.library.register_autograd("normkit::gated_rms_norm_fwd", _backward, setup_context=_setup_context)
 vmap_by_loop(_fwd_op)
 vmap_by_loop(_bwd_op)
-_forward_call, _backward_call = eager_and_compiled(_fwd_op, _setup_context, _backward, _bwd_op)
+_forward_call, _backward_call = eager_and_compiled(_fwd_op, _setup_context, _backward, _bwd_op,
+                                                   graph_backward=_graph_backward.gated)
 
 
 def _rows(t: Tensor) -> Tensor:

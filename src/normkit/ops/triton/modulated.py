@@ -30,6 +30,7 @@ import triton
 from torch import Tensor
 
 from normkit.numerics import rms_eps
+from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
@@ -222,6 +223,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # the statistics are outputs nobody differentiates
     ctx.save_for_backward(x, scale, weight, bias, mean, rstd)
     ctx.meta = (shift_group, scale_group, is_rms)
+    ctx.eps = eps
     ctx.dtypes = (x.dtype, shift.dtype, scale.dtype, None if weight is None else weight.dtype,
                   None if bias is None else bias.dtype)
 
@@ -242,7 +244,8 @@ def _backward(ctx, dy, dmean, drstd):
 torch.library.register_autograd("normkit::modulated_norm_fwd", _backward, setup_context=_setup_context)
 vmap_by_loop(_fwd_op)
 vmap_by_loop(_bwd_op)
-_modulated, _modulated_backward = eager_and_compiled(_fwd_op, _setup_context, _backward, _bwd_op)
+_modulated, _modulated_backward = eager_and_compiled(_fwd_op, _setup_context, _backward, _bwd_op,
+                                                     graph_backward=_graph_backward.modulated)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 import triton
 from torch import Tensor
 
+from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
@@ -215,7 +216,7 @@ torch.library.register_autograd("normkit::norm_free_fwd", _backward, setup_conte
 vmap_by_loop(_norm_free_fwd_op)
 vmap_by_loop(_norm_free_bwd_op)
 _norm_free, _norm_free_backward = eager_and_compiled(_norm_free_fwd_op, _setup_context, _backward,
-                                                     _norm_free_bwd_op)
+                                                     _norm_free_bwd_op, graph_backward=_graph_backward.squash)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from normkit.numerics import rms_eps
 from normkit.ops._autograd import without_graph
+from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
@@ -244,9 +245,10 @@ def _(dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, dqw_dtype, dkw_d
 
 
 def _qk_setup_context(ctx, inputs, output) -> None:
-    q, k, q_weight, k_weight, _ = inputs
+    q, k, q_weight, k_weight, eps = inputs
     ctx.set_materialize_grads(False)  # the rstd outputs are never differentiated
     ctx.save_for_backward(q, k, q_weight, k_weight, output[2], output[3])
+    ctx.eps = eps
 
 
 def _qk_backward(ctx, dq_out, dk_out, _dq_rstd, _dk_rstd):
@@ -267,7 +269,8 @@ def _qk_backward(ctx, dq_out, dk_out, _dq_rstd, _dk_rstd):
 torch.library.register_autograd("normkit::qk_rms_norm_fwd", _qk_backward, setup_context=_qk_setup_context)
 vmap_by_loop(_qk_fwd_op)
 vmap_by_loop(_qk_bwd_op)
-_qk_forward, _qk_backward_call = eager_and_compiled(_qk_fwd_op, _qk_setup_context, _qk_backward, _qk_bwd_op)
+_qk_forward, _qk_backward_call = eager_and_compiled(_qk_fwd_op, _qk_setup_context, _qk_backward, _qk_bwd_op,
+                                                    graph_backward=_graph_backward.qk)
 
 
 def qk_rms_norm(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
@@ -374,11 +377,11 @@ def _(dy, dresidual_out, hidden, residual_out, post_weight, next_weight, rstd1, 
 
 
 def _sandwich_setup_context(ctx, inputs, output) -> None:
-    hidden, residual, post_weight, next_weight, _, offset = inputs
+    hidden, residual, post_weight, next_weight, eps, offset = inputs
     ctx.set_materialize_grads(False)  # the rstd outputs are never differentiated
     # The backward reads what was normalized: hidden, and residual_out as stored.
     ctx.save_for_backward(hidden, output[1], post_weight, next_weight, output[2], output[3])
-    ctx.offset = offset
+    ctx.offset, ctx.eps = offset, eps
 
 
 def _sandwich_backward(ctx, dy, dresidual_out, _drstd1, _drstd2):
@@ -401,7 +404,8 @@ torch.library.register_autograd("normkit::sandwich_rms_norm_fwd", _sandwich_back
 vmap_by_loop(_sandwich_fwd_op)
 vmap_by_loop(_sandwich_bwd_op)
 _sandwich_forward, _sandwich_backward_call = eager_and_compiled(_sandwich_fwd_op, _sandwich_setup_context,
-                                                                _sandwich_backward, _sandwich_bwd_op)
+                                                                _sandwich_backward, _sandwich_bwd_op,
+                                                                graph_backward=_graph_backward.sandwich)
 
 
 def sandwich_rms_norm(hidden: Tensor, residual: Tensor, post_weight: Tensor | None, next_weight: Tensor | None,

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
 from normkit.numerics import rms_eps, unbiased, update_running_stats
-from normkit.ops.triton import channels_last
+from normkit.ops.triton import _graph_backward, channels_last
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
@@ -406,6 +406,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(residual_out if residual_dtype is not None else x, weight,
                           bias if act else None, mean, rstd)
     ctx.meta = (groups, per_channel, is_rms, residual_dtype is not None, act)
+    ctx.eps = eps
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype,
                   None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
@@ -464,7 +465,8 @@ def _row_norm_fwd_vmap(info, in_dims, x, residual, weight, bias, *flags):
 
 
 torch.library.register_vmap(_row_norm_fwd_op, _row_norm_fwd_vmap)
-_row_norm, _row_norm_backward = eager_and_compiled(_row_norm_fwd_op, _setup_context, _backward, _row_norm_bwd_op)
+_row_norm, _row_norm_backward = eager_and_compiled(_row_norm_fwd_op, _setup_context, _backward, _row_norm_bwd_op,
+                                                   graph_backward=_graph_backward.row)
 
 
 @torch.library.custom_op("normkit::update_running_stats", mutates_args=("running_mean", "running_var"))
