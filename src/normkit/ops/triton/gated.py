@@ -9,7 +9,8 @@ Two ``torch.library`` custom ops with fake (meta) implementations, so
 on ``(M, D)`` views (any row stride, unit element stride); ``rstd`` is fp32, one per group of
 ``group_size`` channels of a row. Eager code calls them through the ``autograd.Function`` of
 :func:`~normkit.ops.triton._launch.eager_and_compiled` (``torch.func`` transforms work, forward
-mode and double backward are refused with an error); ``vmap`` runs one call per batch element.
+mode is refused with an error, a double backward runs the torch composition); ``vmap`` runs one
+call per batch element.
 
 :func:`gated_rms_norm` takes the backend arguments of :func:`normkit.functional.gated_rms_norm`
 (``group_size`` already resolved to a divisor of ``D``) and trusts them. Tiles: a group of up

@@ -9,7 +9,7 @@ Both are one call of two custom ops over the input seen as ``(M, L)`` rows (``L`
 with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through without a
 graph break, called through ``_launch.eager_and_compiled`` as the row norms are (``torch.func``
 reverse mode and ``vmap`` work; forward-mode AD is refused with an error; the backward has no
-derivative of its own).
+derivative of its own: a double backward runs the torch composition instead).
 
 :func:`dyt` and :func:`derf` take the backend arguments of :mod:`normkit.functional_blocks` and
 trust them (checked there and by the backend's ``unsupported`` check). ``weight`` and ``bias`` may
