@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 import normkit
-from _outside import assert_same_error
+from _outside import assert_same_error, raised
 from normkit import functional as NF
 from normkit import functional_blocks as FB
 
@@ -435,3 +435,32 @@ def test_numba_group_norm_second_derivatives_over_random_shapes(
 
     for a, e in zip(second("numba"), second("torch"), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "reference", "numba"])
+@pytest.mark.parametrize("inference", ["running_mean", "running_var"])
+def test_instance_norm_running_stat_made_in_inference_mode_fails_as_torch_and_changes_nothing(
+    inference: str, backend: str | None
+) -> None:
+    # ATen's instance_norm copies the new statistics in after its batch norm, the mean first:
+    # its refusal of an inference tensor came after a write (of the mean, or of the inference
+    # tensor itself). (ATen's batch_norm updates such statistics without complaint, as normkit.)
+    op = "instance_norm"
+    x = _randn(4, 6, 3, 3)
+
+    def stats() -> dict[str, Tensor]:
+        out = {"running_mean": _randn(6, seed=1), "running_var": _randn(6, seed=2).abs() + 0.5}
+        with torch.inference_mode():
+            out[inference] = out[inference].clone()
+        return out
+
+    theirs, ours = stats(), stats()
+    error = raised(lambda: getattr(F, op)(x, theirs["running_mean"], theirs["running_var"], None, None, True))
+    assert error is not None
+    before = {k: v.clone() for k, v in ours.items()}
+    got = raised(
+        lambda: getattr(NF, op)(x, ours["running_mean"], ours["running_var"], None, None, True, backend=backend)
+    )
+    assert_same_error(error, got, f"{op} with an inference {inference}, backend={backend}")
+    for k in ours:
+        assert torch.equal(ours[k], before[k]), f"{k} changed by a failed call"

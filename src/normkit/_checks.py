@@ -317,6 +317,8 @@ def check_instance_norm(
     plain one (as :func:`check_batch_norm`)."""
     check_instance_norm_python(input, use_input_stats)
     if _plain_channels(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+        if use_input_stats and running_mean is not None:
+            _check_stats_writable(running_mean, running_var)
         return True
     _batch_norm_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     # (ATen's instance_norm asks for both statistics in eval before its batch_norm sees one alone)
@@ -347,7 +349,22 @@ def check_instance_norm(
     _check_devices(input, weight, bias, running_mean, running_var)
     # ATen copies the running statistics into the input's dtype, so any float dtype works there.
     _check_dtypes(input, weight, bias)
+    if use_input_stats:
+        _check_stats_writable(running_mean, running_var)
     return False
+
+
+def _check_stats_writable(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """Raise, before any statistic is written, torch's error for a running statistic made under
+    ``torch.inference_mode()`` and updated outside it: ATen's instance_norm copies the new mean
+    in, then the variance, and refuses an inference tensor only after writing into it (and into
+    the mean before the variance). An in-place add of zero to an inference tensor outside
+    inference mode raises that error without writing."""
+    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        return
+    for stat in (running_mean, running_var):
+        if stat is not None and stat.is_inference():
+            stat.add_(0)
 
 
 def _check_normalized_shape(
