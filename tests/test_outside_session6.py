@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -464,3 +465,31 @@ def test_instance_norm_running_stat_made_in_inference_mode_fails_as_torch_and_ch
     assert_same_error(error, got, f"{op} with an inference {inference}, backend={backend}")
     for k in ours:
         assert torch.equal(ours[k], before[k]), f"{k} changed by a failed call"
+
+
+def test_numba_double_backward_in_threads_is_the_single_thread_bits() -> None:
+    def penalty_gradients(seed: int) -> list[Tensor]:
+        x, w = _randn(4, 6, 8, 8, seed=seed).requires_grad_(), _randn(6, seed=seed + 1).requires_grad_()
+        y = NF.group_norm(x, 3, w, None, backend="numba")
+        dx, dw = torch.autograd.grad(y, (x, w), _randn(*y.shape, seed=seed + 2), create_graph=True)
+        return list(torch.autograd.grad((dx**2).sum() + (dw**2).sum(), (x, w)))
+
+    expected = {seed: penalty_gradients(seed) for seed in range(6)}
+    got: dict[int, list[Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for _ in range(3):
+                got[seed] = penalty_gradients(seed)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for seed, grads in expected.items():
+        assert all(torch.equal(a, e) for a, e in zip(got[seed], grads, strict=True)), seed
