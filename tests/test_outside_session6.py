@@ -440,9 +440,10 @@ def test_numba_group_norm_second_derivatives_over_random_shapes(
 
 
 @pytest.mark.parametrize("backend", [None, "torch", "reference", "numba"])
+@pytest.mark.parametrize("unwritable", ["inference", "expanded"])
 @pytest.mark.parametrize("inference", ["running_mean", "running_var"])
-def test_instance_norm_running_stat_made_in_inference_mode_fails_as_torch_and_changes_nothing(
-    inference: str, backend: str | None
+def test_instance_norm_unwritable_running_stat_fails_as_torch_and_changes_nothing(
+    inference: str, unwritable: str, backend: str | None
 ) -> None:
     # ATen's instance_norm copies the new statistics in after its batch norm, the mean first:
     # its refusal of an inference tensor came after a write (of the mean, or of the inference
@@ -452,8 +453,11 @@ def test_instance_norm_running_stat_made_in_inference_mode_fails_as_torch_and_ch
 
     def stats() -> dict[str, Tensor]:
         out = {"running_mean": _randn(6, seed=1), "running_var": _randn(6, seed=2).abs() + 0.5}
-        with torch.inference_mode():
-            out[inference] = out[inference].clone()
+        if unwritable == "expanded":  # (every element the same memory)
+            out[inference] = out[inference][:1].expand(6)
+        else:
+            with torch.inference_mode():
+                out[inference] = out[inference].clone()
         return out
 
     theirs, ours = stats(), stats()

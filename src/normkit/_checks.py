@@ -355,15 +355,19 @@ def check_instance_norm(
 
 
 def _check_stats_writable(running_mean: Tensor | None, running_var: Tensor | None) -> None:
-    """Raise, before any statistic is written, torch's error for a running statistic made under
-    ``torch.inference_mode()`` and updated outside it: ATen's instance_norm copies the new mean
-    in, then the variance, and refuses an inference tensor only after writing into it (and into
-    the mean before the variance). An in-place add of zero to an inference tensor outside
-    inference mode raises that error without writing."""
-    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+    """Raise, before any statistic is written, torch's error for a running statistic that cannot
+    be written: one made under ``torch.inference_mode()`` and updated outside it, or one whose
+    elements share memory (an ``expand``-ed tensor). ATen's instance_norm copies the new mean in,
+    then the variance, and refuses the variance only after writing the mean (an inference tensor
+    only after writing into it). An in-place add of zero to such a tensor raises that error
+    before it writes."""
+    if torch.compiler.is_compiling():
         return
+    inference = torch.is_inference_mode_enabled()
     for stat in (running_mean, running_var):
-        if stat is not None and stat.is_inference():
+        if stat is not None and (
+            (stat.is_inference() and not inference) or torch._debug_has_internal_overlap(stat) == 1
+        ):
             stat.add_(0)
 
 
