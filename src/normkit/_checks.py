@@ -363,10 +363,11 @@ def _check_stats_writable(running_mean: Tensor | None, running_var: Tensor | Non
     before it writes."""
     if torch.compiler.is_compiling():
         return
-    inference = torch.is_inference_mode_enabled()
     for stat in (running_mean, running_var):
         if stat is not None and (
-            (stat.is_inference() and not inference) or torch._debug_has_internal_overlap(stat) == 1
+            (stat.is_inference() and not torch.is_inference_mode_enabled())
+            # (a contiguous tensor has no overlap: the common case skips the slower test)
+            or (not stat.is_contiguous() and torch._debug_has_internal_overlap(stat) == 1)
         ):
             stat.add_(0)
 
