@@ -44,6 +44,12 @@ bench: $(STAMP)
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
 
+# Host time per call of the Triton path on the CPU with every kernel launch mocked (issue 15 item 9),
+# three dispatch routes against torch eager: benchmarks/results/triton_host_cpu.{md,json} (a few minutes).
+.PHONY: bench-triton-host
+bench-triton-host: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) benchmarks/bench_triton_host.py --out benchmarks/results
+
 # SyncBatchNorm on gloo: 1, 2 and 4 CPU ranks on 127.0.0.1, step time and bytes per collective.
 bench-syncbn: $(STAMP)
 	$(PY) benchmarks/bench_syncbn.py
