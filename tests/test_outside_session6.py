@@ -527,3 +527,28 @@ def test_checkpointed_double_backward_is_the_unchecked_bits(name: str, backend: 
     plain = penalty_gradients(lambda fn, *t: fn(*t))
     checkpointed = penalty_gradients(_checkpointed)
     assert all(torch.equal(a, e) for a, e in zip(checkpointed, plain, strict=True))
+
+
+# Upstream gradients as autograd hands them over: expanded (``y.sum()``, ``y.mean()``) or
+# strided (a cotangent of another layout), into a double backward.
+UPSTREAM: dict[str, Callable[[Tensor], Tensor]] = {
+    "sum and mean": lambda y: (y**3).sum() + y.mean(),
+    "transposed": lambda y: (
+        y * _randn(*reversed(y.shape), dtype=F64, seed=3).permute(*reversed(range(y.dim())))
+    ).sum(),
+}
+
+
+@pytest.mark.parametrize("upstream", list(UPSTREAM))
+@pytest.mark.parametrize("name", list(KERNEL_OPS))
+def test_numba_double_backward_of_expanded_and_strided_upstream_gradients(name: str, upstream: str) -> None:
+    shape, call = KERNEL_OPS[name]
+
+    def second(backend: str) -> list[Tensor]:
+        x, w = _randn(*shape, dtype=F64).requires_grad_(), _randn(64, dtype=F64, seed=1).requires_grad_()
+        dx, dw = torch.autograd.grad(UPSTREAM[upstream](call(x, w, backend)), (x, w), create_graph=True)
+        direction = _randn(64, dtype=F64, seed=4)
+        return [dx, dw, *torch.autograd.grad((dx**2).sum() + (dw * direction).sum(), (x, w))]
+
+    for a, e in zip(second("numba"), second("torch"), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
