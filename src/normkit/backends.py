@@ -52,6 +52,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
+from ._environ import EnvWatch
+
 __all__ = [
     "AUTO_ORDER",
     "Backend",
@@ -71,6 +73,8 @@ __all__ = [
 ]
 
 ENV_VAR = "NORMKIT_BACKEND"
+# NORMKIT_BACKEND as eager calls read it: os.environ's value, re-read only after a change
+_ENV = EnvWatch(ENV_VAR)
 
 # "auto" tries these in order. The kernel backends first: each claims only the calls its
 # committed benchmark shows it winning (its ``preferred`` check), Triton on CUDA tensors, numba
@@ -463,7 +467,7 @@ def auto_choice(op: str, input: torch.Tensor) -> Callable[..., Any] | None:
     here in a few attribute reads."""
     if torch.compiler.is_compiling() or _ACTIVE.get() or _PROBING.get():
         return None
-    if (os.environ.get(ENV_VAR) or "auto") != "auto":
+    if (_ENV.get() or "auto") != "auto":
         return None
     for impl in _auto_candidates():
         entry = impl.ops.get(op)
@@ -485,7 +489,7 @@ def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable
         name = _current(compiling)
     else:  # _current, inline: this runs on every call of the default path
         stack = _ACTIVE.get()
-        name = stack[-1] if stack else os.environ.get(ENV_VAR) or "auto"
+        name = stack[-1] if stack else _ENV.get() or "auto"
     if not compiling and _PROBING.get():  # dynamo cannot read a ContextVar
         _probe(op, name, args, kwargs)
     if name != "auto":
