@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from normkit.ops._autograd import check_saveable, forward_ad_refusal, records_graph, unpacked_once, vmap_by_loop
 from normkit.ops._autograd import refuse_forward_ad_early as _refuse_early
@@ -180,19 +181,25 @@ def eager_and_compiled(
     through_op = function(fwd_op, f"Kernel_{fwd_op._name}")
     direct = function(fwd_body, f"Direct_{fwd_op._name}")
     backward_through_op, backward_direct = first_order(bwd_op), first_order(bwd_op, bwd_body)
+    # Function.apply binds the arguments to forward's signature with inspect (26-36 us a call
+    # measured with the launches mocked: benchmarks/results/triton_host_cpu.md) before the C++
+    # apply; these calls pass every argument positionally, so outside torch.func they go to
+    # the C++ apply directly, as Function.apply then does.
+    fast_direct = super(torch.autograd.Function, direct).apply
+    fast_backward_direct = super(torch.autograd.Function, backward_direct).apply
 
     def forward_call(*args):
         if torch.compiler.is_compiling():
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return through_op.apply(*args)
-        return direct.apply(*args)
+        return fast_direct(*unwrap_dead_wrappers(args))
 
     def backward_call(*args):
         if torch.compiler.is_compiling():
             return bwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return backward_through_op.apply(*args)
-        return backward_direct.apply(*args)
+        return fast_backward_direct(*unwrap_dead_wrappers(args))
 
     return forward_call, backward_call
