@@ -224,7 +224,61 @@ BAD = {
         lambda **kw: NF.group_norm(_x4, 2, torch.ones(3), **kw),
         lambda: F.group_norm(_x4, 2, torch.ones(3)),
     ),
+    # batch_norm in eval is settled on ATen (it only reads the running statistics)
+    "bn-eval-no-stats": (
+        lambda **kw: NF.batch_norm(_x4, None, torch.ones(4), **kw),
+        lambda: F.batch_norm(_x4, None, torch.ones(4)),
+    ),
+    "bn-eval-negative-eps": (
+        lambda **kw: NF.batch_norm(_x4, torch.zeros(4), torch.ones(4), eps=-1.0, **kw),
+        lambda: F.batch_norm(_x4, torch.zeros(4), torch.ones(4), eps=-1.0),
+    ),
+    "bn-eval-stat-size": (
+        lambda **kw: NF.batch_norm(_x4, torch.zeros(3), torch.ones(4), **kw),
+        lambda: F.batch_norm(_x4, torch.zeros(3), torch.ones(4)),
+    ),
+    "bn-eval-weight-meta": (
+        lambda **kw: NF.batch_norm(_x4, torch.zeros(4), torch.ones(4), torch.ones(4, device="meta"), **kw),
+        lambda: F.batch_norm(_x4, torch.zeros(4), torch.ones(4), torch.ones(4, device="meta")),
+    ),
+    "bn-eval-stat-dtype": (
+        lambda **kw: NF.batch_norm(_x4, torch.zeros(4, dtype=torch.float64), torch.ones(4), **kw),
+        lambda: F.batch_norm(_x4, torch.zeros(4, dtype=torch.float64), torch.ones(4)),
+    ),
+    "bn-eval-stat-grad": (
+        lambda **kw: NF.batch_norm(_x4, torch.zeros(4, requires_grad=True), torch.ones(4), **kw),
+        lambda: F.batch_norm(_x4, torch.zeros(4, requires_grad=True), torch.ones(4)),
+    ),
+    "bn-eval-1d": (
+        lambda **kw: NF.batch_norm(torch.randn(4), torch.zeros(4), torch.ones(4), **kw),
+        lambda: F.batch_norm(torch.randn(4), torch.zeros(4), torch.ones(4)),
+    ),
 }
+
+
+def test_batch_norm_eval_is_torch_to_the_bit() -> None:
+    """In eval the settled call is ATen's: output and every gradient (input, weight, bias) equal
+    torch's exactly, with random running statistics, and the statistics are not written."""
+    stats = [_rand(8, seed="bn eval mean"), _rand(8, seed="bn eval var").abs() + 0.5]
+    mine, theirs = _leaves("batch_norm"), _leaves("batch_norm")
+    y = NF.batch_norm(mine[0], *[s.clone() for s in stats], mine[1], mine[2], False)
+    assert auto_choice("batch_norm", mine[0]) is F.batch_norm
+    expected = F.batch_norm(theirs[0], *stats, theirs[1], theirs[2], False)
+    dy = _rand(*y.shape, seed="bn eval dy")
+    y.backward(dy)
+    expected.backward(dy)
+    assert torch.equal(y, expected)
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_batch_norm_eval_failed_call_changes_nothing() -> None:
+    rm, rv = _rand(4, seed="bn eval rm"), _rand(4, seed="bn eval rv").abs()
+    before = rm.clone(), rv.clone()
+    for bad in (torch.ones(4, device="meta"), torch.ones(3), torch.ones(4, dtype=torch.float64)):
+        with pytest.raises(RuntimeError):
+            NF.batch_norm(_x4, rm, rv, bad, None, False)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
 
 def _error(call) -> tuple[type, str]:

@@ -258,10 +258,7 @@ def check_batch_norm(
     nothing to convert)."""
     if training:
         _verify_batch_size(input.size())
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check_batch_norm_eps(training, eps)
     if _plain_channels(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return True
     _batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -295,6 +292,14 @@ def check_batch_norm(
         if stat is not None and stat.dim() != 1:
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {stat.dim()}")
     return False
+
+
+def check_batch_norm_eps(training: object, eps: float) -> None:
+    """torch.nn.functional.batch_norm's check of ``eps``, made in Python before ATen's."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_instance_norm_python(input: Tensor, use_input_stats: object) -> None:

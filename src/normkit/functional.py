@@ -132,6 +132,13 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
+    if training is False:  # ATen only reads the running statistics: as layer_norm, no state to protect
+        aten = _settled_on_aten(
+            "batch_norm", input, backend, stats_dtype, out_dtype, running_mean, running_var, weight, bias
+        )
+        if aten is not None:
+            _checks.check_batch_norm_eps(training, eps)
+            return aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
     plain = _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
     if not plain:
         momentum, eps = float(momentum), float(eps)
