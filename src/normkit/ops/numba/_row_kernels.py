@@ -307,11 +307,11 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
     :func:`~normkit.ops.numba._engine.split_run` spreads row ranges over threads (each row's
     result is the same in any range).
 
-    The next row's ``x`` is prefetched before the current row's sums and its ``y`` (the lines
-    the stores will need) before the current row is written: the output's lines arrive while
-    the row is computed instead of stalling the stores (4096x1024 float32, one thread: 1.3-1.4x
-    faster than prefetching only ``x``; every hint at once at the row's start was 1.1x slower
-    than spreading them).
+    The next row's ``x`` is prefetched before the current row's sums, and its ``y`` and
+    ``rout`` (the lines the stores will need) before the current row is written: the output's
+    lines arrive while the row is computed instead of stalling the stores (4096x1024 float32,
+    one thread: 1.3-1.4x faster than prefetching only ``x``; add_layer_norm 1.05-1.08x faster
+    with ``rout``; every hint at once at the row's start was 1.1x slower than spreading them).
 
     Rows whose variance is not finite or whose ``var + eps`` is 0 are finished after the
     others by :func:`_scaled_stats` (their ``rstd`` holds -1 in between): with that rare path
@@ -354,6 +354,8 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
         rstd[i] = r_std
         if ahead:
             prefetch_row(row_of(y, i + 1))
+            if store_r:
+                prefetch_row(row_of(rout, i + 1))
         _normalize_row(v, shift, mu, r_std, w, b, is_rms, row_of(y, i), ybuf)
     if unusual == 0:
         return
