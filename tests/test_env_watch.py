@@ -19,14 +19,14 @@ from normkit.backends import ENV_VAR, auto_choice
 
 backends_module = sys.modules["normkit.backends"]
 NAME = f"NORMKIT_TEST_ENV_WATCH_{os.getpid()}"
+_WATCH = EnvWatch(NAME)  # one for the module: an audit hook stays installed for the process
 
 
 @pytest.fixture
 def watch(monkeypatch: pytest.MonkeyPatch) -> EnvWatch:
     monkeypatch.delenv(NAME, raising=False)
-    w = EnvWatch(NAME)
-    assert w._hooked
-    return w
+    assert _WATCH._hooked
+    return _WATCH
 
 
 def _cached(w: EnvWatch) -> bool:
@@ -115,11 +115,13 @@ def test_a_change_another_thread_has_not_written_yet_is_not_cached(watch: EnvWat
 
 
 def test_a_change_in_another_thread_is_seen(watch: EnvWatch) -> None:
-    assert watch.get() is None
+    os.environ[NAME] = "torch"
+    assert watch.get() == "torch"
     t = threading.Thread(target=os.environ.__setitem__, args=(NAME, "reference"))
     t.start()
     t.join()
     assert watch.get() == "reference"
+    assert _cached(watch)  # this thread's own earlier change, and the finished thread's, are settled
     del os.environ[NAME]
     assert watch.get() is None
 
