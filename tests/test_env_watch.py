@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import threading
 from unittest import mock
@@ -160,3 +161,23 @@ def test_normkit_backend_set_at_runtime_takes_effect_next_call(monkeypatch: pyte
     NF.layer_norm(x, (16,))
     assert seen == [1]
     assert auto_choice("layer_norm", x) is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_its_own_environment(watch: EnvWatch) -> None:
+    os.environ[NAME] = "torch"
+    assert watch.get() == "torch"
+    with watch._lock:  # held at the fork (as by another thread): the child must not wait on it
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 only if the watch works there
+            ok = False
+            signal.alarm(10)  # a deadlock on the inherited lock ends the child (SIGALRM)
+            try:
+                os.environ[NAME] = "reference"
+                ok = watch.get() == "reference" and _cached(watch)
+            finally:
+                os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert watch.get() == "torch"
+    del os.environ[NAME]

@@ -65,6 +65,13 @@ class EnvWatch:
 
         sys.addaudithook(hook)
         sys.audit(_CHECK, self)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        # a lock another thread held at the fork stays held in the child: a new one, and a new read
+        self._lock = threading.Lock()
+        self._token = object()
 
     def _on_event(self, event: str, args: tuple[Any, ...]) -> None:
         if event != _CHECK:
