@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
+from normkit._environ import EnvWatch
 from normkit.ops._autograd import check_saveable, forward_ad_refusal, records_graph, unpacked_once, vmap_by_loop
 from normkit.ops._autograd import refuse_forward_ad_early as _refuse_early
 from normkit.ops.triton.backend import interpreting as interpreted
@@ -24,8 +25,11 @@ __all__ = [
     "dense",
     "device_of",
     "eager_and_compiled",
+    "eager_direct",
     "first_order",
+    "cdiv",
     "interpreted",
+    "next_power_of_2",
     "planned_for",
     "refuse_forward_ad",
     "refuse_forward_ad_early",
@@ -35,8 +39,23 @@ __all__ = [
 ]
 
 # Caps a launcher's tile, in elements (a power of two): how the tests reach the chunked paths
-# and many programs with small shapes. Read at each launch; ``block_n=`` on a launcher wins.
+# and many programs with small shapes. Read at each launch (a change takes effect on the next
+# one; cached between changes: normkit._environ); ``block_n=`` on a launcher wins.
 BLOCK_ENV_VAR = "NORMKIT_TRITON_BLOCK_N"
+_BLOCK_ENV = EnvWatch(BLOCK_ENV_VAR)
+
+
+# The launchers' integer arithmetic on the host. triton.cdiv and triton.next_power_of_2 give
+# the same values but are Triton constexpr functions, about 2.5 us a call from Python: several
+# a launch made them a large share of a small call's host time (issue 15 item 9).
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (``triton.cdiv``)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``triton.next_power_of_2``: 0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 # Every launch passes enable_fp_fusion=FP_FUSION: no multiply-add contraction into FMA, so each
@@ -68,14 +87,22 @@ def sm_count(device: torch.device) -> int | None:
     if planned is not None:
         return planned
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return None
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    # A device's SM count does not change while the process runs.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def block_override(block_n: int | None) -> int | None:
     """``block_n``, else ``$NORMKIT_TRITON_BLOCK_N``, else None; checked to be a power of two."""
-    if block_n is None and os.environ.get(BLOCK_ENV_VAR):
-        block_n = int(os.environ[BLOCK_ENV_VAR])
+    if block_n is None:
+        env = _BLOCK_ENV.get()
+        if env:
+            block_n = int(env)
     if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two >= 1, got {block_n}")
     return block_n
@@ -137,6 +164,13 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
 
     FirstOrder.__name__ = FirstOrder.__qualname__ = f"FirstOrder_{op._name}"
     return FirstOrder
+
+
+def eager_direct() -> bool:
+    """A custom op's Python body may be called directly, skipping the dispatcher (issue 15
+    item 9): neither compiled code (which must see the op) nor a torch.func transform (which
+    needs the op's vmap rule) is running."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 def eager_and_compiled(

@@ -30,11 +30,11 @@ first looks the backend up (``normkit.backends.register_lazy_backend("triton", r
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
+from normkit._environ import EnvWatch
 from normkit.backends import Backend, OpImpl, register_backend
 
 __all__ = ["DTYPES", "MEASURED_FASTER", "declared_ops", "interpreting", "is_available", "normalize", "register"]
@@ -46,9 +46,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+# Read on every launch (the kernels' RNE_BY_HAND) and every support check: cached between
+# changes of the variable (normkit._environ), a change still seen on the next call.
+_INTERPRET = EnvWatch("TRITON_INTERPRET")
+
+
 def interpreting() -> bool:
     """Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``), read at each call."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET.get() == "1"
 
 
 def is_available() -> bool:

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
@@ -37,10 +36,13 @@ from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
     block_override,
+    cdiv,
     check_saveable,
     device_of,
     eager_and_compiled,
+    eager_direct,
     interpreted,
+    next_power_of_2,
     refuse_forward_ad_early,
     strides,
     vmap_by_loop,
@@ -128,12 +130,12 @@ def _blocks(x3: Tensor, block_n: int | None) -> _Blocks:
         per_warp = 512 if align == 1 else 256
         if align > 1:
             tile = max(1, tile // 2)
-        block_m = min(triton.next_power_of_2(S + align - 1), max(1, tile // BLOCK_C_MAX["segments"]))
-        block_c = min(triton.next_power_of_2(C), max(1, tile // block_m), BLOCK_C_MAX["columns"])
+        block_m = min(next_power_of_2(S + align - 1), max(1, tile // BLOCK_C_MAX["segments"]))
+        block_c = min(next_power_of_2(C), max(1, tile // block_m), BLOCK_C_MAX["columns"])
         return _Blocks(block_m, block_c, min(max(block_m * block_c // per_warp, 1), 8), True, align)
-    block_c = min(triton.next_power_of_2(C), BLOCK_C_MAX["columns" if columns else "segments"],
+    block_c = min(next_power_of_2(C), BLOCK_C_MAX["columns" if columns else "segments"],
                   tile)
-    block_m = min(triton.next_power_of_2(N * S), max(1, tile // block_c))
+    block_m = min(next_power_of_2(N * S), max(1, tile // block_c))
     return _Blocks(block_m, block_c, min(max(block_m * block_c // 512, 1), 8), False)
 
 
@@ -142,11 +144,11 @@ def _tiles(x3: Tensor, blocks: _Blocks) -> tuple[int, int]:
     aligned window is up to ALIGN - 1 elements longer than the run)."""
     N, C, S = x3.shape
     if blocks.FLAT:
-        return triton.cdiv(N * C * S, blocks.BLOCK_M), 1
+        return cdiv(N * C * S, blocks.BLOCK_M), 1
     if blocks.SPATIAL:
-        s_blocks = triton.cdiv(S + blocks.ALIGN - 1, blocks.BLOCK_M)
+        s_blocks = cdiv(S + blocks.ALIGN - 1, blocks.BLOCK_M)
         return N * s_blocks, s_blocks
-    return triton.cdiv(N * S, blocks.BLOCK_M), 1
+    return cdiv(N * S, blocks.BLOCK_M), 1
 
 
 def _aligned(t: Tensor) -> bool:
@@ -170,7 +172,7 @@ def _flat_for(blocks: _Blocks, block_n: int | None, *tensors: Tensor) -> _Blocks
     S) where the runs start unaligned and every tensor is contiguous NC*, else ``blocks``' tiles
     (the elementwise kernels have no aligned window: their stores must not touch a neighbour)."""
     N, C, S = tensors[0].shape
-    block = min(block_override(block_n) or FLAT_TILE, triton.next_power_of_2(N * C * S))
+    block = min(block_override(block_n) or FLAT_TILE, next_power_of_2(N * C * S))
     if (blocks.ALIGN == 1 or not all(t.is_contiguous() for t in tensors)
             or max(S, C) + block > FLAT_LIMIT):
         return blocks._replace(ALIGN=1)
@@ -183,8 +185,8 @@ def _row_split(tiles: int, c_blocks: int, num_warps: int, device: torch.device) 
     on the CPU interpreter, a handful."""
     resident = resident_programs(device, num_warps)
     target = 4 if resident is None else max(1, resident // c_blocks)
-    tiles_per_program = triton.cdiv(tiles, min(tiles, target))
-    return triton.cdiv(tiles, tiles_per_program), tiles_per_program
+    tiles_per_program = cdiv(tiles, min(tiles, target))
+    return cdiv(tiles, tiles_per_program), tiles_per_program
 
 
 def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
@@ -192,7 +194,7 @@ def _apply(x3: Tensor, y3: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     N, C, S = x3.shape
     blocks = _flat_for(blocks, block_n, x3, y3)
     tiles, s_blocks = _tiles(x3, blocks)
-    grid = (tiles, 1 if blocks.FLAT else triton.cdiv(C, blocks.BLOCK_C))
+    grid = (tiles, 1 if blocks.FLAT else cdiv(C, blocks.BLOCK_C))
     batch_norm_apply_kernel[grid](
         x3, y3, centre, scale, shift, N * S, C, S, *strides(x3), *strides(y3), s_blocks, N * C * S,
         ACT=act, SPATIAL=blocks.SPATIAL, FLAT=blocks.FLAT, BLOCK_M=blocks.BLOCK_M,
@@ -241,7 +243,7 @@ def batch_norm_stats(
     rm, stride_rm = _running_arg(running_mean, C)
     rv, stride_rv = _running_arg(running_var, C)
     blocks = _blocks(x3, block_n)
-    c_blocks = triton.cdiv(C, blocks.BLOCK_C)
+    c_blocks = cdiv(C, blocks.BLOCK_C)
     tiles, s_blocks = _tiles(x3, blocks)
     programs, tiles_per_program = _row_split(tiles, c_blocks, blocks.num_warps, dev)
     mean_part = torch.empty((programs, C), dtype=torch.float32, device=dev)
@@ -257,16 +259,16 @@ def batch_norm_stats(
         )
     centre = torch.empty((2, C), dtype=torch.float32, device=dev)
     rstd, scale, shift = (torch.empty((C,), dtype=torch.float32, device=dev) for _ in range(3))
-    block_c = min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)
+    block_c = min(next_power_of_2(C), FINALIZE_BLOCK_C)
     momentum = float(momentum)
     with device_of(x):
-        batch_norm_finalize_kernel[(triton.cdiv(C, block_c),)](
+        batch_norm_finalize_kernel[(cdiv(C, block_c),)](
             mean_part, m2_part, scale_part, counts, x3, weight, bias, centre, rstd, scale, shift,
             rm, rv, programs, C, M, x3.stride(1), _stride0(weight), _stride0(bias), stride_rm,
             stride_rv, eps, momentum, 1.0 - momentum,  # both rounded to fp32, as ATen's scalars
             HAS_W=weight is not None, HAS_B=bias is not None, UPDATE_MEAN=rm is not None,
             UPDATE_VAR=rv is not None,
-            BLOCK_P=min(triton.next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
+            BLOCK_P=min(next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
             RNE_BY_HAND=interpreted(), enable_fp_fusion=FP_FUSION,
         )
     return BatchStats(centre, rstd, scale, shift)
@@ -312,7 +314,7 @@ def batch_norm_bwd(
     M = N * S
     dev = x.device
     blocks = _blocks(x3, block_n)
-    c_blocks = triton.cdiv(C, blocks.BLOCK_C)
+    c_blocks = cdiv(C, blocks.BLOCK_C)
 
     def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # fresh: outputs may not alias
         return torch.empty((0,), dtype=dtype, device=dev)
@@ -338,12 +340,12 @@ def batch_norm_bwd(
         means = batch_stats and need_dx
         if means:
             mean_dy, mean_dy_xhat = (torch.empty((C,), dtype=torch.float32, device=dev) for _ in range(2))
-        block_c = min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)
+        block_c = min(next_power_of_2(C), FINALIZE_BLOCK_C)
         with device_of(x):
-            batch_norm_bwd_finalize_kernel[(triton.cdiv(C, block_c),)](
+            batch_norm_bwd_finalize_kernel[(cdiv(C, block_c),)](
                 sum_dy_part, sum_dy_xhat_part, mean_dy, mean_dy_xhat, dw, db, programs, C, M,
                 MEANS=means, COMPUTE_DW=dw_dtype is not None, COMPUTE_DB=db_dtype is not None,
-                BLOCK_P=min(triton.next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
+                BLOCK_P=min(next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
                 RNE_BY_HAND=interpreted(), enable_fp_fusion=FP_FUSION,
             )
     dx = empty(x.dtype)
@@ -497,7 +499,10 @@ def batch_norm(
     check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
     if training:
         refuse_forward_ad_early(input, weight, bias)
-        centre, rstd, scale, shift = _batch_norm_stats_op(
+        # Eager calls skip the dispatcher: its inputs are detached, so the op adds nothing
+        # but its cost there (about 60 us with the launches mocked).
+        stats = batch_norm_stats if eager_direct() else _batch_norm_stats_op
+        centre, rstd, scale, shift = stats(
             input.detach(), _detached(weight), _detached(bias), running_mean, running_var,
             float(momentum), float(eps))
     else:

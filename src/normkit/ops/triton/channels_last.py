@@ -10,13 +10,13 @@ batch size, so a sample's result does not depend on the batch around it.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
-import triton
 from torch import Tensor
 
-from normkit.ops.triton._launch import FP_FUSION, block_override, device_of, interpreted
+from normkit.ops.triton._launch import FP_FUSION, block_override, cdiv, device_of, interpreted, next_power_of_2
 from normkit.ops.triton.channels_last_kernels import channels_last_bwd_kernel, channels_last_fwd_kernel
 
 __all__ = [
@@ -80,14 +80,14 @@ def _groups_per_block(C: int, R: int, element_size: int) -> int:
     GroupNorm (R = 10, bf16): 12 groups, 120 of 128 channels; InstanceNorm fp32: 16 channels."""
     groups = C // R
     vector = max(1, VECTOR_BYTES // element_size)
-    block_c = max(triton.next_power_of_2(R), MIN_BLOCK_BYTES // element_size)
+    block_c = max(next_power_of_2(R), MIN_BLOCK_BYTES // element_size)
     best, best_used = None, 0.0
     while block_c <= MAX_BLOCK_C:
         fit = min(block_c // R, groups)
         # A block of every group starts at channel 0: aligned as the pixel is.
         aligned = [g for g in range(fit, 0, -1) if (g * R) % vector == 0 or g == groups]
         if aligned:
-            used = aligned[0] * R / triton.next_power_of_2(aligned[0] * R)
+            used = aligned[0] * R / next_power_of_2(aligned[0] * R)
             if used > best_used:
                 best, best_used = aligned[0], used
             if used >= 0.75 or fit == groups:
@@ -102,20 +102,25 @@ def channel_blocks(
     """The block and tile for ``(N, C, S)`` channels_last input of ``C / R`` groups.
     ``block_n`` (else ``$NORMKIT_TRITON_BLOCK_N``) caps the tile's pixels times its channels
     (never below one pixel): how the tests reach the streamed and split paths."""
+    return _channel_tiles(C, R, S, direction, element_size, block_override(block_n))
+
+
+@functools.lru_cache(maxsize=1024)
+def _channel_tiles(C: int, R: int, S: int, direction: str, element_size: int, block_n: int | None) -> ChannelBlocks:
+    # A pure function of its ints, called on every launch: memoized (issue 15 item 9).
     gpb = _groups_per_block(C, R, element_size)
-    block_c = triton.next_power_of_2(gpb * R)
-    block_g = triton.next_power_of_2(gpb)
-    block_n = block_override(block_n)
+    block_c = next_power_of_2(gpb * R)
+    block_g = next_power_of_2(gpb)
     single_tile = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
-    s_all = triton.next_power_of_2(S)
+    s_all = next_power_of_2(S)
     single = s_all * block_c <= (block_n or single_tile)
     block_s = s_all if single else max(1, (block_n or CHUNK_TILE[direction]) // block_c)
     splits = 1
     split_s = S
     if not single:
-        tiles = max(SPLIT_TILES, triton.cdiv(S, block_s * MAX_GRID_Y))
+        tiles = max(SPLIT_TILES, cdiv(S, block_s * MAX_GRID_Y))
         split_s = block_s * tiles
-        splits = triton.cdiv(S, split_s)
+        splits = cdiv(S, split_s)
         if splits == 1:
             split_s = S
     num_warps = min(max(block_c * block_s // 256, 1), MAX_WARPS)
@@ -127,7 +132,7 @@ def takes(x3: Tensor, R: int) -> bool:
     are the unit-stride axis (channels_last), there is more than one channel and one pixel, and
     a group fits a block."""
     _, C, S = x3.shape
-    return C > 1 and S > 1 and x3.stride(1) == 1 and triton.next_power_of_2(R) <= MAX_BLOCK_C
+    return C > 1 and S > 1 and x3.stride(1) == 1 and next_power_of_2(R) <= MAX_BLOCK_C
 
 
 def empty_channels_fast(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -138,7 +143,7 @@ def empty_channels_fast(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def _grid(N: int, C: int, R: int, blocks: ChannelBlocks) -> tuple[int, int]:
-    return N * triton.cdiv(C // R, blocks.GROUPS_PER_BLOCK), blocks.splits
+    return N * cdiv(C // R, blocks.GROUPS_PER_BLOCK), blocks.splits
 
 
 def _launch(kernel, x: Tensor, R: int, blocks: ChannelBlocks, *args, **flags) -> None:

@@ -22,17 +22,18 @@ path with small groups).
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
+    cdiv,
     dense,
     device_of,
     eager_and_compiled,
     interpreted,
+    next_power_of_2,
     vmap_by_loop,
 )
 from normkit.ops.triton.gated_kernels import gated_rms_norm_bwd_kernel, gated_rms_norm_fwd_kernel
@@ -54,7 +55,7 @@ def _tile(n: int, direction: str, element_size: int, block_n: int | None) -> tup
     """``(BLOCK_N, SINGLE_BLOCK, num_warps)`` for groups of ``n`` elements."""
     block_n = block_override(block_n)
     single = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
-    width = triton.next_power_of_2(n)
+    width = next_power_of_2(n)
     if block_n:
         block = min(width, block_n)
     else:
@@ -68,7 +69,7 @@ def _program_blocks(M: int, groups: int, num_warps: int, device: torch.device) -
     ``D``-wide row of weight-gradient partials; on the CPU interpreter a handful."""
     resident = resident_programs(device, num_warps)
     target = max(1, (4 if resident is None else resident) // groups)
-    return triton.cdiv(M, triton.cdiv(M, min(M, target)))
+    return cdiv(M, cdiv(M, min(M, target)))
 
 
 def gated_rms_norm_fwd(x: Tensor, gate: Tensor | None, weight: Tensor | None, eps: float, group_size: int,
@@ -118,7 +119,7 @@ def gated_rms_norm_bwd(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tenso
             row_dots,
             x.stride(0), 0 if gate is None else gate.stride(0), dy.stride(0), dx.stride(0),
             dgate.stride(0) if dgate_dtype else 0,
-            M, group_size, groups, triton.cdiv(M, blocks),
+            M, group_size, groups, cdiv(M, blocks),
             HAS_GATE=gate is not None, GATE_FIRST=not norm_before_gate, HAS_WEIGHT=weight is not None,
             COMPUTE_DZ=dgate_dtype is not None, COMPUTE_DW=dweight_dtype is not None,
             BLOCK_N=block, SINGLE_BLOCK=single, RNE_BY_HAND=interpreted(), num_warps=num_warps,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 from torch import Tensor
 
 from normkit.numerics import rms_eps
@@ -34,6 +33,7 @@ from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
+    cdiv,
     dense,
     device_of,
     eager_and_compiled,
@@ -78,9 +78,9 @@ def _programs(M: int, segment: int, num_warps: int, device: torch.device) -> tup
     sums), none straddling a segment; on the CPU interpreter, a handful."""
     resident = resident_programs(device, num_warps)
     target = 4 if resident is None else resident
-    per_segment = max(1, triton.cdiv(target, M // segment))
-    rows = triton.cdiv(segment, per_segment)
-    return triton.cdiv(segment, rows), rows
+    per_segment = max(1, cdiv(target, M // segment))
+    rows = cdiv(segment, per_segment)
+    return cdiv(segment, rows), rows
 
 
 def modulated_norm_fwd(

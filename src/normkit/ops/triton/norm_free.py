@@ -27,17 +27,18 @@ import math
 from typing import NamedTuple
 
 import torch
-import triton
 from torch import Tensor
 
 from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
+    cdiv,
     dense,
     device_of,
     eager_and_compiled,
     interpreted,
+    next_power_of_2,
     vmap_by_loop,
 )
 from normkit.ops.triton.norm_free_kernels import norm_free_bwd_kernel, norm_free_fwd_kernel, norm_free_grads_kernel
@@ -61,8 +62,8 @@ class _Blocks(NamedTuple):
 def _blocks(M: int, L: int, direction: str, block_n: int | None) -> _Blocks:
     """As much of a row as fits in the tile, then as many rows as fit."""
     tile = block_override(block_n) or TILE[direction]
-    bn = min(triton.next_power_of_2(L), tile)
-    bm = min(triton.next_power_of_2(M), max(1, tile // bn))
+    bn = min(next_power_of_2(L), tile)
+    bm = min(next_power_of_2(M), max(1, tile // bn))
     return _Blocks(bm, bn, min(max(bm * bn // 256, 1), 8))
 
 
@@ -84,7 +85,7 @@ def norm_free_fwd(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor
     weight, bias = dense(weight), dense(bias)
     y = torch.empty((M, L), dtype=x.dtype, device=x.device)
     blocks = _blocks(M, L, "fwd", block_n)
-    grid = (triton.cdiv(M, blocks.BLOCK_M), triton.cdiv(L, blocks.BLOCK_N))
+    grid = (cdiv(M, blocks.BLOCK_M), cdiv(L, blocks.BLOCK_N))
     with device_of(x):
         norm_free_fwd_kernel[grid](
             x, _one(alpha), _one(shift), weight, bias, y, M, L, x.stride(0),
@@ -102,7 +103,7 @@ def _row_programs(row_blocks: int, col_blocks: int, num_warps: int, device: torc
     resident = resident_programs(device, num_warps)
     target = 4 if resident is None else resident
     programs = max(1, min(row_blocks, target // col_blocks))
-    return triton.cdiv(row_blocks, triton.cdiv(row_blocks, programs))
+    return cdiv(row_blocks, cdiv(row_blocks, programs))
 
 
 def norm_free_bwd(
@@ -119,7 +120,7 @@ def norm_free_bwd(
     weight = dense(weight)
     dy = _rows_contiguous(dy)
     blocks = _blocks(M, L, "bwd", block_n)
-    row_blocks, col_blocks = triton.cdiv(M, blocks.BLOCK_M), triton.cdiv(L, blocks.BLOCK_N)
+    row_blocks, col_blocks = cdiv(M, blocks.BLOCK_M), cdiv(L, blocks.BLOCK_N)
     programs = _row_programs(row_blocks, col_blocks, blocks.num_warps, dev)
 
     def part(shape: tuple[int, ...], dtype: torch.dtype | None) -> Tensor:
@@ -131,7 +132,7 @@ def norm_free_bwd(
     with device_of(x):
         norm_free_bwd_kernel[(programs, col_blocks)](
             x, dy, _one(alpha), _one(shift), weight, dx, dw_part, db_part, dalpha_part, dshift_part,
-            M, L, x.stride(0), dy.stride(0), triton.cdiv(row_blocks, programs),
+            M, L, x.stride(0), dy.stride(0), cdiv(row_blocks, programs),
             IS_ERF=is_erf, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             COMPUTE_DX=dx_dtype is not None, COMPUTE_DW=dw_dtype is not None, COMPUTE_DB=db_dtype is not None,
             COMPUTE_DALPHA=dalpha_dtype is not None, COMPUTE_DSHIFT=dshift_dtype is not None,
@@ -147,9 +148,9 @@ def norm_free_bwd(
     dalpha, dshift = grad((1,), dalpha_dtype), grad((1,), dshift_dtype)
     dw, db = grad((L,), dw_dtype), grad((L,), db_dtype)
     if any(d is not None for d in (dalpha_dtype, dshift_dtype, dw_dtype, db_dtype)):
-        block = min(triton.next_power_of_2(max(L, 1)), GRADS_TILE // GRADS_ROWS)
+        block = min(next_power_of_2(max(L, 1)), GRADS_TILE // GRADS_ROWS)
         with device_of(x):
-            norm_free_grads_kernel[(triton.cdiv(max(L, 1), block),)](
+            norm_free_grads_kernel[(cdiv(max(L, 1), block),)](
                 dw_part, db_part, dalpha_part, dshift_part, dw, db, dalpha, dshift, programs, L, programs * col_blocks,
                 COMPUTE_DW=dw_dtype is not None, COMPUTE_DB=db_dtype is not None,
                 COMPUTE_DALPHA=dalpha_dtype is not None, COMPUTE_DSHIFT=dshift_dtype is not None,

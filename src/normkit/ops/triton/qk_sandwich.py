@@ -29,7 +29,6 @@ through 4096-wide tiles. ``block_n=`` or
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from normkit.numerics import rms_eps
@@ -38,10 +37,12 @@ from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     FP_FUSION,
     block_override,
+    cdiv,
     dense,
     device_of,
     eager_and_compiled,
     interpreted,
+    next_power_of_2,
     vmap_by_loop,
 )
 from normkit.ops.triton.occupancy import resident_programs
@@ -68,10 +69,10 @@ def _blocks(D: int, M: int, direction: str, element_size: int, block_n: int | No
     """``(BLOCK_M, BLOCK_D, SINGLE_BLOCK, num_warps)`` for rows of ``D`` elements, ``M`` rows at most."""
     block_n = block_override(block_n)
     single = SINGLE_TILE[direction] // (2 if direction != "fwd" and element_size > 2 else 1)
-    block_d = min(triton.next_power_of_2(D), block_n or single)
+    block_d = min(next_power_of_2(D), block_n or single)
     if block_n is None and block_d < D:
         block_d = min(4096, single)  # the chunk of a row too wide for one tile
-    block_m = max(1, min((block_n or ROWS_TILE) // block_d, triton.next_power_of_2(max(M, 1))))
+    block_m = max(1, min((block_n or ROWS_TILE) // block_d, next_power_of_2(max(M, 1))))
     num_warps = min(max(block_m * block_d // 256, 1), 16)
     return block_m, block_d, block_d >= D, num_warps
 
@@ -83,7 +84,7 @@ def _programs(M: int, block_m: int, num_warps: int, device: torch.device, share:
     share the tiles out evenly)."""
     resident = resident_programs(device, num_warps)
     target = 4 if resident is None else max(1, resident // share)
-    return min(triton.cdiv(M, block_m), target)
+    return min(cdiv(M, block_m), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def qk_rms_norm_fwd(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Ten
     k_rstd = torch.empty((MK,), dtype=torch.float32, device=q.device)
     block_m, block_d, single, num_warps = _blocks(D, max(MQ, MK), "fwd", max(q.element_size(), k.element_size()),
                                                   block_n)
-    q_programs, k_programs = triton.cdiv(MQ, block_m), triton.cdiv(MK, block_m)
+    q_programs, k_programs = cdiv(MQ, block_m), cdiv(MK, block_m)
     with device_of(q):
         qk_rms_norm_fwd_kernel[(q_programs + k_programs,)](
             q_rows, k_rows, qy_rows, ky_rows, q_weight, k_weight, q_rstd, k_rstd,
@@ -301,7 +302,7 @@ def sandwich_rms_norm_fwd(hidden: Tensor, residual: Tensor, post_weight: Tensor 
     block_m, block_d, single, num_warps = _blocks(D, M, "fwd", max(hidden.element_size(), residual.element_size()),
                                                   block_n)
     with device_of(hidden):
-        sandwich_rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        sandwich_rms_norm_fwd_kernel[(cdiv(M, block_m),)](
             h_rows, res_rows, y_rows, rout_rows, post_weight, next_weight, rstd1, rstd2,
             h_rows.stride(0), res_rows.stride(0), y_rows.stride(0), rout_rows.stride(0),
             M, D, eps, offset,

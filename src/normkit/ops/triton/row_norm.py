@@ -33,12 +33,12 @@ which is how the tests reach the chunked path with small rows.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import triton
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
@@ -48,10 +48,12 @@ from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
     FP_FUSION,
     block_override,
+    cdiv,
     dense,
     device_of,
     eager_and_compiled,
     interpreted,
+    next_power_of_2,
     strides,
     vmap_by_loop,
 )
@@ -108,15 +110,20 @@ def _blocks(R: int, S: int, direction: str, element_size: int, block_n: int | No
     stride C (issue 15 item 5; full vectors where R is a multiple of 16, so that a group's
     first channel is aligned). ``block_n`` (else ``$NORMKIT_TRITON_BLOCK_N``) caps both the
     single-tile and the chunk size."""
-    block_n = block_override(block_n)
+    return _tile_shape(R, S, direction, element_size, block_override(block_n), channels_fast)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile_shape(R: int, S: int, direction: str, element_size: int, block_n: int | None, channels_fast: bool) -> _Blocks:
+    # A pure function of its ints, called on every launch: memoized (issue 15 item 9).
     single_tile = SINGLE_TILE[direction] // (2 if direction == "bwd" and element_size > 2 else 1)
     for block in (block_n,) if block_n else (single_tile, CHUNK_TILE):
         if channels_fast:
-            block_r = min(triton.next_power_of_2(R), block)
-            block_s = min(triton.next_power_of_2(S), max(1, block // block_r))
+            block_r = min(next_power_of_2(R), block)
+            block_s = min(next_power_of_2(S), max(1, block // block_r))
         else:
-            block_s = min(triton.next_power_of_2(S), block)
-            block_r = min(triton.next_power_of_2(R), max(1, block // block_s))
+            block_s = min(next_power_of_2(S), block)
+            block_r = min(next_power_of_2(R), max(1, block // block_s))
         single = block_r >= R and block_s >= S
         if single:
             break
@@ -150,11 +157,11 @@ def _split(R: int, S: int, blocks: _Blocks, per_channel: bool) -> _Split:
     whole = _Split(1, R, S, 1)
     if not per_channel or blocks.SINGLE_BLOCK:
         return whole
-    s_tiles = min(triton.cdiv(S, blocks.BLOCK_S), SPLIT_TILES)
+    s_tiles = min(cdiv(S, blocks.BLOCK_S), SPLIT_TILES)
     split_s = blocks.BLOCK_S * s_tiles
     split_r = blocks.BLOCK_R * max(1, SPLIT_TILES // s_tiles)
-    splits_s = triton.cdiv(S, split_s)
-    splits = splits_s * triton.cdiv(R, split_r)
+    splits_s = cdiv(S, split_s)
+    splits = splits_s * cdiv(R, split_r)
     return _Split(splits, min(split_r, R), min(split_s, S), splits_s) if splits > 1 else whole
 
 
@@ -319,7 +326,7 @@ def row_norm_bwd(
     splits = split.splits
     programs = M if splits > 1 else _program_count(M, dev, blocks.num_warps)  # a split row: one row per program
     if per_channel:
-        part_shape = (N, C, triton.cdiv(S, blocks.BLOCK_S))
+        part_shape = (N, C, cdiv(S, blocks.BLOCK_S))
     else:
         part_shape = (programs, S)
     dw_part = torch.empty(part_shape if dw_dtype else (0,), dtype=torch.float32, device=dev)
