@@ -38,6 +38,7 @@ from typing import Any
 __all__ = ["EnvWatch"]
 
 _CHECK = "normkit.env_watch"  # an event of our own: proves the hook runs
+_EVENTS = frozenset({"os.putenv", "os.unsetenv", _CHECK})
 
 
 class EnvWatch:
@@ -45,45 +46,30 @@ class EnvWatch:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._names = (name, os.fsencode(name))
         self._lock = threading.Lock()
         # per thread that changed the variable and is not yet known to have written it:
         # thread -> the value its last event set (None: deleted)
         self._pending: dict[threading.Thread, str | None] = {}
         self._token = object()  # replaced by every change event
         self._cache: tuple[object, Any, str | None] = (None, None, None)
-        self._hooked = False
         self._environ = os.environ  # a mapping put in its place is read, never cached
-        events = frozenset({"os.putenv", "os.unsetenv", _CHECK})
-        on_event = self._on_event
+        for key in (name, os.fsencode(name)):
+            _WATCHES.setdefault(key, []).append(self)
+        _install()
 
-        def hook(event: str, args: tuple[Any, ...]) -> None:
-            # runs on every audit event of the process (sys._getframe, open, import, ...): a
-            # plain function and one set lookup, about 25 ns over CPython's own cost of a hook
-            if event in events:
-                on_event(event, args)
+    @property
+    def _hooked(self) -> bool:
+        return _hook_runs
 
-        sys.addaudithook(hook)
-        sys.audit(_CHECK, self)
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forked)
+    def _changed(self, value: str | None) -> None:
+        with self._lock:
+            self._pending[threading.current_thread()] = value
+            self._token = object()
 
     def _forked(self) -> None:
         # a lock another thread held at the fork stays held in the child: a new one, and a new read
         self._lock = threading.Lock()
         self._token = object()
-
-    def _on_event(self, event: str, args: tuple[Any, ...]) -> None:
-        if event != _CHECK:
-            if args and isinstance(args[0], (str, bytes)) and args[0] in self._names:
-                value = args[1] if event == "os.putenv" else None
-                if isinstance(value, bytes):
-                    value = os.fsdecode(value)
-                with self._lock:
-                    self._pending[threading.current_thread()] = value
-                    self._token = object()
-        elif args and args[0] is self:
-            self._hooked = True
 
     def get(self) -> str | None:
         """``os.environ.get(name)``."""
@@ -109,3 +95,50 @@ class EnvWatch:
                 if token is self._token:  # no change began while reading
                     self._cache = (token, mapping, value)
         return value
+
+
+# One audit hook for every watch (a hook cannot be removed, and each costs every audit event).
+_WATCHES: dict[str | bytes, list[EnvWatch]] = {}  # a variable's name, str and bytes -> its watches
+_install_lock = threading.Lock()
+_installed = False
+_hook_runs = False
+
+
+def _hook(event: str, args: tuple[Any, ...]) -> None:
+    # runs on every audit event of the process (sys._getframe, open, import, ...): a plain
+    # function and one set lookup, about 25 ns over CPython's own cost of a Python hook
+    if event in _EVENTS:
+        _on_event(event, args)
+
+
+def _on_event(event: str, args: tuple[Any, ...]) -> None:
+    global _hook_runs
+    if event == _CHECK:
+        _hook_runs = True
+        return
+    key = args[0] if args else None
+    watches = _WATCHES.get(key) if isinstance(key, (str, bytes)) else None
+    if watches:
+        value = args[1] if event == "os.putenv" else None
+        if isinstance(value, bytes):
+            value = os.fsdecode(value)
+        for watch in watches:
+            watch._changed(value)
+
+
+def _install() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        _installed = True
+        sys.addaudithook(_hook)  # (silently not added where an installed hook refuses it)
+        sys.audit(_CHECK)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forked)
+
+
+def _forked() -> None:
+    for watches in list(_WATCHES.values()):
+        for watch in watches:
+            watch._forked()
