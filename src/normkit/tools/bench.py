@@ -25,7 +25,8 @@ The API:
   papers' DyT/Derf): :data:`TORCH`.
 - Providers by name: ``torch`` (torch.nn.functional eager; ``add_*`` composed), ``torch.compile``
   (the same, compiled; one compiled function per op, within a time budget), ``normkit-<backend>``
-  (``normkit.functional`` with ``backend=<backend>``, any registered backend, ``auto`` included),
+  (``normkit.functional`` with ``backend=<backend>``, any registered backend; ``normkit-auto``
+  is the default call, no backend named, as users make it),
   ``liger`` and ``flash-attn`` (CUDA, when importable); :func:`register_provider` adds one.
 - Directions ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one graph,
   random upstream gradients) and ``fwd+bwd``; thread counts (CPU): each row says its own.
@@ -376,7 +377,9 @@ class _Compiler:
 
 def _normkit(backend: str) -> Callable[[Problem, str], Callable[[dict[str, Tensor]], Any] | None]:
     def factory(p: Problem, device: str) -> Callable[[dict[str, Tensor]], Any] | None:
-        if backend != "auto" and p.op not in get_backend(backend).ops:
+        if backend == "auto":
+            return _call(p, nkf)  # the default call users make: no backend named
+        if p.op not in get_backend(backend).ops:
             return None  # the backend has no such op: left out, not an error row
         return _call(p, nkf, backend=backend)
 
