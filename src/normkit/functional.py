@@ -493,7 +493,7 @@ def add_layer_norm(
     _check_residual(x, residual)
     _checks.check_dtype_option("residual_dtype", residual_dtype)
     args = (x, residual, _shape(normalized_shape), weight, bias, float(eps), residual_dtype)
-    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype)
+    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype, _plain_pair(x, residual))
 
 
 @define_op(input="x", residual_dtype="residual_dtype")
@@ -517,7 +517,13 @@ def add_rms_norm(
     if stats_dtype is not None:
         eps = numerics.rms_eps(eps, residual_dtype or x.dtype)
     args = (x, residual, _shape(normalized_shape), weight, None if eps is None else float(eps), residual_dtype)
-    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype)
+    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype, _plain_pair(x, residual))
+
+
+def _plain_pair(x: Tensor, residual: Tensor | None) -> bool:
+    """An add-norm call whose checks passed, its input and residual of exact tensor types: "auto"
+    may settle it from the input alone (:func:`normkit.backends.auto_choice`), as the plain norms."""
+    return type(x) in _PLAIN and (residual is None or type(residual) in _PLAIN)
 
 
 def _cudnn() -> bool:

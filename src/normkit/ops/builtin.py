@@ -31,15 +31,15 @@ __all__: list[str] = []
 def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, residual_dtype=None):
     residual_out = reference._add(x, residual, residual_dtype)
     dt = residual_out.dtype  # normalize the residual stream at its own precision
-    weight, bias = (None if p is None else p.to(dt) for p in (weight, bias))
-    return F.layer_norm(residual_out, normalized_shape, weight, bias, eps).to(x.dtype), residual_out
+    weight, bias = (None if p is None else reference._as(p, dt) for p in (weight, bias))
+    return reference._as(F.layer_norm(residual_out, normalized_shape, weight, bias, eps), x.dtype), residual_out
 
 
 def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
     residual_out = reference._add(x, residual, residual_dtype)
     eps = numerics.rms_eps(eps, residual_out.dtype)
-    weight = None if weight is None else weight.to(residual_out.dtype)
-    return F.rms_norm(residual_out, normalized_shape, weight, eps).to(x.dtype), residual_out
+    weight = None if weight is None else reference._as(weight, residual_out.dtype)
+    return reference._as(F.rms_norm(residual_out, normalized_shape, weight, eps), x.dtype), residual_out
 
 
 def _torch_normalize(input, dims, weight=None, bias=None, eps=1e-5, center=True):
