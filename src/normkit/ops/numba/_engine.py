@@ -68,9 +68,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch import Tensor
-from torch._functorch.utils import unwrap_dead_wrappers
 
-from normkit.ops._autograd import forward_ad_refusal, records_graph, unpacked_once
+from normkit.ops._autograd import direct_apply, forward_ad_refusal, records_graph, unpacked_once
 from normkit.ops.numba._cache import cached_njit
 
 __all__ = [
@@ -381,25 +380,21 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
 
         jvp = staticmethod(_refuse_forward_ad)
 
-    # Function.apply binds the arguments to forward's signature (inspect, ~20 us a call) before
-    # the C++ apply; these calls always pass every argument positionally, so outside torch.func
-    # they go to the C++ apply directly (as Function.apply then does).
-    fast_fwd = super(torch.autograd.Function, Forward).apply
-    fast_bwd = super(torch.autograd.Function, Backward).apply
+    fast_fwd, fast_bwd = direct_apply(Forward), direct_apply(Backward)
 
     def forward_call(*args):
         if torch.compiler.is_compiling():
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return Forward.apply(*args)
-        return fast_fwd(*unwrap_dead_wrappers(args))
+        return fast_fwd(*args)
 
     def backward_call(*args):
         if torch.compiler.is_compiling():
             return bwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return Backward.apply(*args)
-        return fast_bwd(*unwrap_dead_wrappers(args))
+        return fast_bwd(*args)
 
     return forward_call, backward_call
 

@@ -10,10 +10,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._functorch.utils import unwrap_dead_wrappers
 
 from normkit._environ import EnvWatch
-from normkit.ops._autograd import check_saveable, forward_ad_refusal, records_graph, unpacked_once, vmap_by_loop
+from normkit.ops._autograd import (
+    check_saveable,
+    direct_apply,
+    forward_ad_refusal,
+    records_graph,
+    unpacked_once,
+    vmap_by_loop,
+)
 from normkit.ops._autograd import refuse_forward_ad_early as _refuse_early
 from normkit.ops.triton.backend import interpreting as interpreted
 
@@ -215,25 +221,20 @@ def eager_and_compiled(
     through_op = function(fwd_op, f"Kernel_{fwd_op._name}")
     direct = function(fwd_body, f"Direct_{fwd_op._name}")
     backward_through_op, backward_direct = first_order(bwd_op), first_order(bwd_op, bwd_body)
-    # Function.apply binds the arguments to forward's signature with inspect (26-36 us a call
-    # measured with the launches mocked: benchmarks/results/triton_host_cpu.md) before the C++
-    # apply; these calls pass every argument positionally, so outside torch.func they go to
-    # the C++ apply directly, as Function.apply then does.
-    fast_direct = super(torch.autograd.Function, direct).apply
-    fast_backward_direct = super(torch.autograd.Function, backward_direct).apply
+    fast_direct, fast_backward_direct = direct_apply(direct), direct_apply(backward_direct)
 
     def forward_call(*args):
         if torch.compiler.is_compiling():
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return through_op.apply(*args)
-        return fast_direct(*unwrap_dead_wrappers(args))
+        return fast_direct(*args)
 
     def backward_call(*args):
         if torch.compiler.is_compiling():
             return bwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return backward_through_op.apply(*args)
-        return fast_backward_direct(*unwrap_dead_wrappers(args))
+        return fast_backward_direct(*args)
 
     return forward_call, backward_call
