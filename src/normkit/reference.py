@@ -19,7 +19,9 @@ Every named norm is that primitive on a view chosen by :func:`normkit.norms.layo
 ScaleNorm, whose statistic is the L2 norm clamped at eps (:class:`ScaleNormalize`).
 
 :class:`MaskedNormalize` is the same with statistics over the real elements of a 0/1 mask only
-(padded sequences: :func:`masked_batch_norm`, :func:`masked_instance_norm`).
+(padded sequences: :func:`masked_batch_norm`, :func:`masked_instance_norm`), in
+:mod:`normkit.reference_masked`; :func:`local_response_norm` is in :mod:`normkit.reference_lrn`.
+Both are re-exported here.
 
 Numerics: statistics and arithmetic in float32 (float64 for float64 input), the parameter
 gradients summed in float64; results are cast back to the input's (and parameters') dtype. The
@@ -39,6 +41,7 @@ from .norms import NORMS, layout
 from .numerics import _is_batched, acc_dtype, default_rms_eps, rms_eps, unbiased, update_running_stats
 
 __all__ = [
+    "LocalResponseNorm",
     "MaskedNormalize",
     "Normalize",
     "acc_dtype",
@@ -334,177 +337,6 @@ def batch_norm(
     return y
 
 
-class MaskedNormalize(torch.autograd.Function):
-    """:class:`Normalize` counting only the elements where ``mask`` is 1 (sequences with padding).
-
-    With ``m`` the 0/1 mask broadcast against ``x`` and ``n = sum(m)`` over ``dims``::
-
-        mean  = sum(m * x) / n
-        var   = sum(m * (x - mean)^2) / n          (biased, over the real elements only)
-        x_hat = m * (x - mean) * rstd              (0 at padded positions)
-        y     = m * (x_hat * weight + bias)        (padded outputs are 0)
-
-    Backward, with ``g = m * dy * weight`` (padded upstream gradients are ignored)::
-
-        dx = m * rstd * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)   (batch statistics)
-        dx = m * rstd * g                                               (given statistics)
-        dweight = sum(dy * x_hat),  dbias = sum(m * dy)
-
-    so a padded position gets ``dx = 0`` and enters no sum. Forward mode, with ``dx, dw, db``
-    the tangents (the mask has none)::
-
-        dx_hat = m * rstd * (dx - sum(m * dx) / n - x_hat * sum(x_hat * dx) / n)   (batch statistics)
-        dx_hat = m * rstd * dx                                                     (given statistics)
-        dy     = m * (dx_hat * weight + x_hat * dw + db)
-
-    Returns ``(y, mean, var)`` as :class:`Normalize` does; ``n`` must be at least 1 for every
-    statistic (checked by callers).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        x: Tensor,
-        m: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        dims: tuple[int, ...],
-        eps: float,
-        given_mean: Tensor | None,
-        given_var: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        acc = acc_dtype(x.dtype)
-        xa, m = x.to(acc), m.to(acc)
-        mean, var = _masked_stats(xa, m, dims, given_mean, given_var)
-        x_hat = m * (xa - mean) * torch.rsqrt(var + eps)
-        y = x_hat
-        if weight is not None:
-            y = y * weight.to(acc)
-        if bias is not None:
-            y = y + bias.to(acc)
-        return (m * y).to(x.dtype), mean, var
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, m, weight, bias, dims, eps, given_mean, given_var = inputs
-        ctx.save_for_backward(x, m, weight, bias, given_mean, given_var)
-        ctx.save_for_forward(x, m, weight, bias, given_mean, given_var)
-        ctx.dims, ctx.eps = dims, eps
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    @staticmethod
-    def jvp(ctx, dx: Tensor | None, _dm: None, dweight: Tensor | None, dbias: Tensor | None, *_):  # type: ignore[override]
-        x, m, weight, bias, given_mean, given_var = ctx.saved_tensors
-        dims, eps = ctx.dims, ctx.eps
-        acc = acc_dtype(x.dtype)
-        xa, m = x.to(acc), m.to(acc)
-        mean, var = _masked_stats(xa, m, dims, given_mean, given_var)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = m * (xa - mean) * rstd
-        dy = torch.zeros_like(x_hat)
-        if dx is not None:
-            dxa = m * dx.to(acc)
-            if given_var is not None:
-                dx_hat = rstd * dxa
-            else:
-                n = m.sum(dims, keepdim=True)
-                dx_hat = m * rstd * (dxa - dxa.sum(dims, keepdim=True) / n
-                                     - x_hat * (x_hat * dxa).sum(dims, keepdim=True) / n)
-            dy = dy + (dx_hat * weight.to(acc) if weight is not None else dx_hat)
-        if dweight is not None:
-            dy = dy + x_hat * dweight.to(acc)
-        if dbias is not None:
-            dy = dy + m * dbias.to(acc)
-        return dy.to(x.dtype), None, None
-
-    @staticmethod
-    def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):  # type: ignore[override]
-        x, m, weight, bias, given_mean, given_var = ctx.saved_tensors
-        dims, eps = ctx.dims, ctx.eps
-        acc = acc_dtype(x.dtype)
-        xa, dy = x.to(acc), m * dy.to(acc)
-        mean, var = _masked_stats(xa, m, dims, given_mean, given_var)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = m * (xa - mean) * rstd
-        g = dy * weight.to(acc) if weight is not None else dy
-
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if given_var is not None:
-                dx = g * rstd
-            else:
-                n = m.sum(dims, keepdim=True)
-                dx = m * rstd * (g - g.sum(dims, keepdim=True) / n - x_hat * (g * x_hat).sum(dims, keepdim=True) / n)
-            dx = dx.to(x.dtype)
-        dweight = dbias = None
-        if weight is not None and ctx.needs_input_grad[2]:
-            dweight = (dy * x_hat).double().sum_to_size(weight.shape).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[3]:
-            dbias = dy.double().sum_to_size(bias.shape).to(bias.dtype)
-        return dx, None, dweight, dbias, None, None, None, None
-
-
-def _masked_stats(xa: Tensor, m: Tensor, dims: tuple[int, ...], given_mean: Tensor | None,
-                  given_var: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance of the real elements (two-pass), or the given statistics."""
-    if given_var is not None:
-        return given_mean.to(xa.dtype, copy=True), given_var.to(xa.dtype, copy=True)  # never an input as-is
-    n = m.sum(dims, keepdim=True)
-    mean = (m * xa).sum(dims, keepdim=True) / n
-    return mean, (m * (xa - mean).square()).sum(dims, keepdim=True) / n
-
-
-def masked_batch_norm(
-    input: Tensor,
-    mask: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
-    """BatchNorm of ``(N, C, L)`` over the real tokens only (``mask`` ``(N, L)``, True = real):
-    batch norm of the ``(T, C)`` tokens, running variance unbiased over ``T``; padded outputs 0."""
-    m = mask[:, None, :]
-    view = (1, input.shape[1], 1)
-    given = None if training else (running_mean.reshape(view), running_var.reshape(view))
-    y, mean, var = apply_traced(MaskedNormalize, _MaskedNormalizeTraced, input, m, _param(weight, view),
-                                _param(bias, view), (0, 2), eps, *(given or (None, None)))
-    if training:
-        n = int(mask.sum())
-        update_running_stats(running_mean, running_var, mean.flatten(), unbiased(var, n).flatten(), momentum)
-    return y
-
-
-def masked_instance_norm(
-    input: Tensor,
-    mask: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    use_input_stats: bool = True,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
-    """InstanceNorm of ``(N, C, L)``, each (sample, channel) over its real tokens only; running
-    statistics move towards the batch average of the per-sample mean and unbiased variance (each
-    unbiased over its own real count); padded outputs 0."""
-    m = mask[:, None, :]
-    view = (1, input.shape[1], 1)
-    given = None if use_input_stats else (running_mean.reshape(view), running_var.reshape(view))
-    y, mean, var = apply_traced(MaskedNormalize, _MaskedNormalizeTraced, input, m, _param(weight, view),
-                                _param(bias, view), (2,), eps, *(given or (None, None)))
-    if use_input_stats:
-        n = m.sum(2, keepdim=True).to(var.dtype)
-        update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0),
-                             momentum)
-    return y
-
-
 def layer_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -644,77 +476,6 @@ def scale_norm(input: Tensor, g: Tensor | None = None, eps: float = 1e-5) -> Ten
     return apply_traced(ScaleNormalize, _ScaleNormalizeTraced, input, g, eps)
 
 
-def local_response_norm(
-    input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
-) -> Tensor:
-    """``y = x / (k + alpha * mean_window(x^2)) ** beta``, the window spanning ``size`` channels."""
-    if input.numel() == 0:
-        return input
-    if not input.is_floating_point():
-        # torch squares and averages integer input in integer arithmetic (the window mean
-        # truncates), and only the final division is in floating point.
-        mean_sq = _window_sum(input * input, size // 2, (size - 1) // 2).div(size, rounding_mode="trunc")
-        return input / (mean_sq * alpha + k).pow(beta)
-    return apply_traced(LocalResponseNorm, _LocalResponseNormTraced, input, size, alpha, beta, k)
-
-
-def _window_sum(t: Tensor, before: int, after: int) -> Tensor:
-    """Sum over channel windows ``[c - before, c + after]`` (zero beyond the edges)."""
-    channels = t.shape[1]
-    padded = torch.nn.functional.pad(t.movedim(1, -1), (before, after)).movedim(-1, 1)
-    return sum(padded.narrow(1, i, channels) for i in range(before + after + 1))
-
-
-class LocalResponseNorm(torch.autograd.Function):
-    """Local response normalization across channels with a hand-derived backward.
-
-    With ``s = k + alpha/size * window_sum(x^2)`` and ``y = x * s^-beta``::
-
-        dx = dy * s^-beta - (2 alpha beta / size) * x * window_sum^T(dy * x * s^(-beta-1))
-
-    where ``window_sum^T`` (the adjoint) sums over the mirrored window. Forward mode:
-    ``dy = dx * s^-beta - beta * x * s^(-beta-1) * ds`` with ``ds = 2 alpha/size * window_sum(x * dx)``.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:  # type: ignore[override]
-        xa = x.to(acc_dtype(x.dtype))
-        s = k + alpha / size * _window_sum(xa.square(), size // 2, (size - 1) // 2)
-        return (xa * s.pow(-beta)).to(x.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, size, alpha, beta, k = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
-        ctx.params = (size, alpha, beta, k)
-
-    @staticmethod
-    def jvp(ctx, dx: Tensor, *_) -> Tensor:  # type: ignore[override]
-        """``dy = dx * s^-beta - beta * x * s^(-beta-1) * (2 alpha / size) * window_sum(x * dx)``."""
-        (x,) = ctx.saved_tensors
-        size, alpha, beta, k = ctx.params
-        acc = acc_dtype(x.dtype)
-        xa, dxa = x.to(acc), dx.to(acc)
-        before, after = size // 2, (size - 1) // 2
-        s = k + alpha / size * _window_sum(xa.square(), before, after)
-        ds = 2 * alpha / size * _window_sum(xa * dxa, before, after)
-        return (dxa * s.pow(-beta) - beta * xa * s.pow(-beta - 1) * ds).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        size, alpha, beta, k = ctx.params
-        acc = acc_dtype(x.dtype)
-        xa, dy = x.to(acc), dy.to(acc)
-        s = k + alpha / size * _window_sum(xa.square(), size // 2, (size - 1) // 2)
-        u = dy * xa * s.pow(-beta - 1)
-        dx = dy * s.pow(-beta) - (2 * alpha * beta / size) * xa * _window_sum(u, (size - 1) // 2, size // 2)
-        return dx.to(x.dtype), None, None, None, None
-
-
 def add_layer_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -761,8 +522,6 @@ def _without_jvp(fn: type[torch.autograd.Function]) -> type[torch.autograd.Funct
 
 
 _NormalizeTraced = _without_jvp(Normalize)
-_MaskedNormalizeTraced = _without_jvp(MaskedNormalize)
-_LocalResponseNormTraced = _without_jvp(LocalResponseNorm)
 _ScaleNormalizeTraced = _without_jvp(ScaleNormalize)
 
 
@@ -772,3 +531,8 @@ from .blocks.gated import gated_rms_norm  # noqa: E402
 from .blocks.modulated import modulated_layer_norm, modulated_rms_norm  # noqa: E402
 from .blocks.norm_free import derf, dyt  # noqa: E402
 from .blocks.qk_sandwich import qk_rms_norm, sandwich_rms_norm  # noqa: E402
+
+# The norms that are not the primitive above live in their own modules (they use its helpers,
+# hence imported last), re-exported here.
+from .reference_lrn import LocalResponseNorm, local_response_norm  # noqa: E402
+from .reference_masked import MaskedNormalize, masked_batch_norm, masked_instance_norm  # noqa: E402
