@@ -384,10 +384,11 @@ def instance_norm(
         return y
     _check_vmap_running(input, running_mean, running_var)
     y, mean, var = _normalize("instance_norm", input, weight, bias, eps)
-    # Each instance's statistics update the running ones; torch averages them over the batch.
+    # Each instance's statistics update the running ones; torch averages them over the batch,
+    # and copies the results in (inference_ok=False: its write, not batch_norm's).
     n = input[0, 0].numel()
     update_running_stats(running_mean, running_var, mean.flatten(1).mean(0), unbiased(var, n).flatten(1).mean(0),
-                         momentum)
+                         momentum, inference_ok=False)
     return y
 
 

@@ -20,7 +20,8 @@ exceeds fp32 while rstd does not.
 Running statistics: the policy is :mod:`normkit.numerics`' (the momentum factor, Bessel's
 correction, fp32 arithmetic rounded once to the statistics' dtype, all or none); the finalize
 kernel does its arithmetic in the same order, so fp32 running statistics get the bits
-:func:`normkit.numerics.update_running_stats` would give.
+:func:`normkit.numerics.update_running_stats` would give. Statistics that share memory are
+written by that function itself, in ATen's loop order (:func:`batch_norm_stats`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from normkit._checks import VMAP_SHARED_RUNNING_STATS
+from normkit.numerics import _shares_memory, update_running_stats
 from normkit.ops.triton import _graph_backward
 from normkit.ops.triton._launch import (
     BLOCK_ENV_VAR,
@@ -261,16 +263,29 @@ def batch_norm_stats(
     rstd, scale, shift = (torch.empty((C,), dtype=torch.float32, device=dev) for _ in range(3))
     block_c = min(next_power_of_2(C), FINALIZE_BLOCK_C)
     momentum = float(momentum)
+    keep = 1.0 - momentum  # (both rounded to fp32 by the launch, as ATen's scalars)
+    # Statistics that share memory (one tensor as both, an expand-ed one) are updated in ATen's
+    # loop order, which parallel programs cannot keep: the kernel then writes the batch's values
+    # (momentum 1; keep -0.0 so that 0 * keep adds nothing, not even to a -0.0) to a scratch
+    # buffer, and numerics writes them channel by channel with the kernel's arithmetic.
+    shared = _shares_memory([t for t in (rm, rv) if t is not None])
+    if shared:
+        batch = torch.zeros((2, C), dtype=torch.float32, device=dev)
+        k_rm, k_rv, k_stride_rm, k_stride_rv, k_momentum, k_keep = batch[0], batch[1], 1, 1, 1.0, -0.0
+    else:
+        k_rm, k_rv, k_stride_rm, k_stride_rv, k_momentum, k_keep = rm, rv, stride_rm, stride_rv, momentum, keep
     with device_of(x):
         batch_norm_finalize_kernel[(cdiv(C, block_c),)](
             mean_part, m2_part, scale_part, counts, x3, weight, bias, centre, rstd, scale, shift,
-            rm, rv, programs, C, M, x3.stride(1), _stride0(weight), _stride0(bias), stride_rm,
-            stride_rv, eps, momentum, 1.0 - momentum,  # both rounded to fp32, as ATen's scalars
+            k_rm, k_rv, programs, C, M, x3.stride(1), _stride0(weight), _stride0(bias), k_stride_rm,
+            k_stride_rv, eps, k_momentum, k_keep,
             HAS_W=weight is not None, HAS_B=bias is not None, UPDATE_MEAN=rm is not None,
             UPDATE_VAR=rv is not None,
             BLOCK_P=min(next_power_of_2(programs), FINALIZE_BLOCK_P), BLOCK_C=block_c,
             RNE_BY_HAND=interpreted(), enable_fp_fusion=FP_FUSION,
         )
+    if shared:
+        update_running_stats(rm, rv, batch[0], batch[1], momentum)
     return BatchStats(centre, rstd, scale, shift)
 
 
