@@ -37,7 +37,7 @@ from torch import Tensor
 from normkit.numerics import acc_dtype, rms_eps
 from normkit.ops._autograd import vmap_by_loop, without_graph
 from normkit.ops.numba import _block_kernels as k
-from normkit.ops.numba import _graph_backward, row_norm
+from normkit.ops.numba import _graph_backward, _pages, row_norm
 from normkit.ops.numba._engine import acc_np_dtype, as_array, autograd_pair, param, split_run
 from normkit.ops.numba._row_kernels import sum_blocks
 from normkit.ops.numba.backend import modulation_rows
@@ -83,7 +83,7 @@ def _mod_fwd_impl(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None
                   eps: float, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     M, D = x.shape
     acc = acc_np_dtype(x.dtype)
-    y = torch.empty_like(x)
+    y = _pages.empty_like(x)
     mean = torch.empty(M, dtype=acc_dtype(x.dtype))
     rstd = torch.empty(M, dtype=acc_dtype(x.dtype))
     split_run(k.mod_fwd, M, M * D, as_array(x), shift.numpy(), scale.numpy(), param(weight, acc, D, 1),
@@ -112,7 +112,7 @@ def _mod_bwd_impl(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, weight: T
     S = max(shift.shape[0], scale.shape[0])  # the finer modulation: its rows cut the blocks
     rows = M // S
     cpb, spb, blocks = _mod_blocks(M, rows)
-    dx = torch.empty_like(x)
+    dx = _pages.empty_like(x)
     dshp = torch.empty((S * cpb, D), dtype=mean.dtype)
     dscp = torch.empty((S * cpb, D), dtype=mean.dtype)
     dwp = torch.empty((blocks, D), dtype=mean.dtype)
@@ -206,7 +206,7 @@ def modulated_rms_norm(input: Tensor, shift: Tensor, scale: Tensor, weight: Tens
 def _gated_fwd_impl(x: Tensor, gate: Tensor | None, weight: Tensor | None, eps: float, group: int,
                     gated_after: bool) -> tuple[Tensor, Tensor]:
     M, D = x.shape
-    y = torch.empty_like(x)
+    y = _pages.empty_like(x)
     rstd = torch.empty((M, D // group), dtype=acc_dtype(x.dtype))
     ga = as_array(gate) if gate is not None else _no_rows(x)
     split_run(k.gated_fwd, M, M * D, as_array(x), ga, param(weight, acc_np_dtype(x.dtype), D, 1), float(eps),
@@ -220,8 +220,8 @@ def _gated_bwd_impl(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tensor |
     dy = dy.to(x.dtype).contiguous()
     block = row_norm._bwd_block(M)
     blocks = -(-M // block)
-    dx = torch.empty_like(x)
-    dgate = torch.empty_like(gate) if gate is not None else x.new_empty((0, D))
+    dx = _pages.empty_like(x)
+    dgate = _pages.empty_like(gate) if gate is not None else x.new_empty((0, D))
     dwp = torch.empty((blocks, D), dtype=rstd.dtype)
     ga = as_array(gate) if gate is not None else _no_rows(x)
     split_run(k.gated_bwd, blocks, M * D, as_array(dy), as_array(x), ga,
@@ -311,7 +311,7 @@ def _sandwich_fwd_impl(hidden: Tensor, residual: Tensor, post_weight: Tensor | N
                        eps: float, offset: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M, D = hidden.shape
     acc = acc_np_dtype(hidden.dtype)
-    y, rout = torch.empty_like(hidden), torch.empty_like(residual)
+    y, rout = _pages.empty_like(hidden), _pages.empty_like(residual)
     rstd1 = torch.empty(M, dtype=acc_dtype(hidden.dtype))
     rstd2 = torch.empty(M, dtype=acc_dtype(hidden.dtype))
     split_run(k.sandwich_fwd, M, M * D, as_array(hidden), as_array(residual), _effective(post_weight, offset, acc, D),
@@ -329,7 +329,7 @@ def _sandwich_bwd_impl(dy: Tensor, drout: Tensor | None, hidden: Tensor, rout: T
     dro = as_array(drout.to(hidden.dtype).contiguous()) if drout is not None else _no_rows(hidden)
     block = row_norm._bwd_block(M)
     blocks = -(-M // block)
-    dh, dres = torch.empty_like(hidden), torch.empty_like(rout)
+    dh, dres = _pages.empty_like(hidden), _pages.empty_like(rout)
     dw1p = torch.empty((blocks, D), dtype=rstd1.dtype)
     dw2p = torch.empty((blocks, D), dtype=rstd1.dtype)
     split_run(k.sandwich_bwd, blocks, M * D, as_array(dy), dro, as_array(hidden), as_array(rout),
@@ -430,7 +430,7 @@ def _free_fwd_impl(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tenso
                    is_erf: bool) -> Tensor:
     M, D = x.shape
     acc = acc_np_dtype(x.dtype)
-    y = torch.empty_like(x)
+    y = _pages.empty_like(x)
     split_run(k.squash_fwd, M, M * D, as_array(x), _number(alpha, x.dtype), _number(shift, x.dtype),
               param(weight, acc, D, 1), _no_bias(bias, acc, D), is_erf, as_array(y))
     return y
@@ -443,7 +443,7 @@ def _free_bwd_impl(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, w
     block = row_norm._bwd_block(M)
     blocks = -(-M // block)
     stat = acc_dtype(x.dtype)
-    dx = torch.empty_like(x)
+    dx = _pages.empty_like(x)
     dwp = torch.empty((blocks, D), dtype=stat)
     dbp = torch.empty((blocks, D), dtype=stat)
     dsp = np.empty((blocks, 2))

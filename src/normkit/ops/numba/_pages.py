@@ -1,0 +1,132 @@
+"""Output tensors of the numba kernels backed by transparent huge pages where the OS offers them.
+
+A large fresh tensor costs more in the operating system than in the kernel that fills it: glibc
+serves every block above its mmap threshold (at most 32 MiB on 64-bit systems) with a new
+anonymous mapping, and the first write to each 4 KiB page of it is a page fault that zeroes the
+page. A 4096x4096 float32 output is 16,384 faults, ~40 ms of a ~70 ms LayerNorm forward on the
+2-core machine of ``benchmarks/results/pages_cpu.md``. With ``madvise(MADV_HUGEPAGE)`` on the
+block before its first write, Linux fills it with 2 MiB pages instead: 32 faults instead of
+16,384, and the zeroing runs as one long loop per 2 MiB.
+
+:func:`empty_like` and :func:`empty` are ``torch.empty_like`` and ``torch.empty``, then that
+advice on the 2 MiB-aligned interior of the new tensor's data. The tensor is torch's own in
+every respect (its allocator, resizable storage, ``share_memory_``, pickling, gradients
+stolen by autograd); only the kernel's choice of page size for its interior differs. The
+unaligned head and tail (at most 2 MiB each) stay in 4 KiB pages, so no memory beyond the
+tensor's own bytes becomes resident.
+
+It applies only where all of this holds, and is a plain ``torch.empty`` otherwise:
+
+* Linux, with ``/sys/kernel/mm/transparent_hugepage/enabled`` set to ``madvise`` or ``always``
+  (read once per process) and ``madvise`` found in the C library;
+* a tensor of at least :data:`MIN_BYTES` bytes. Below that glibc recycles its heap: after the
+  first block of a size is freed, the next one reuses pages already present and faults
+  nothing, so there is nothing to save (measured in ``benchmarks/bench_pages.py``);
+* the interior holds at least one whole huge page (``hpage_pmd_size``: 2 MiB on x86-64).
+
+The advice is a hint: if the kernel has no free 2 MiB page it falls back to 4 KiB pages, and a
+failed ``madvise`` is ignored (the tensor is valid either way). With the ``defrag`` setting
+``madvise`` (a common default) a fault in advised memory may wait for the kernel to compact
+memory when free 2 MiB blocks are scarce, so on a long-running, fragmented machine a single
+allocation can take longer than without the advice; ``PYTORCH`` users who already run with
+``THP_MEM_ALLOC_ENABLE=1`` get the same advice from torch's allocator, and this adds nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MIN_BYTES", "advise", "empty", "empty_like", "huge_page_size"]
+
+MIN_BYTES = (32 << 20) + 1
+"""Smallest tensor (bytes) given huge pages: just above glibc's largest dynamic mmap threshold
+(32 MiB), so every block it advises is one glibc maps afresh for this call."""
+
+SYSFS = "/sys/kernel/mm/transparent_hugepage"
+
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # 14 on every Linux architecture
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+@functools.cache
+def _libc() -> tuple[Callable[[int, int, int], int], Callable[[int, int, object], int], int] | None:
+    """``(madvise, mincore, huge page size)`` where the OS offers huge pages to ``madvise``, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        enabled = _read(f"{SYSFS}/enabled")  # e.g. "always [madvise] never"
+        mode = enabled[enabled.index("[") + 1 : enabled.index("]")]
+        if mode not in ("always", "madvise"):
+            return None
+        try:
+            huge = int(_read(f"{SYSFS}/hpage_pmd_size"))
+        except (OSError, ValueError):
+            huge = 2 << 20
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, mincore = libc.madvise, libc.mincore
+    except (OSError, ValueError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    madvise.restype = mincore.restype = ctypes.c_int
+    return madvise, mincore, huge
+
+
+def huge_page_size() -> int:
+    """The huge page size this process would advise (0 where huge pages are not offered)."""
+    found = _libc()
+    return 0 if found is None else found[2]
+
+
+def advise(t: Tensor) -> bool:
+    """Ask for huge pages under the whole 2 MiB-aligned interior of ``t``'s data, which nothing
+    may have written yet. True if the advice was taken.
+
+    Memory whose first interior page is already resident is left alone: it is recycled (an
+    allocator's heap, not a fresh mapping), has no faults left to save, and advice on it would
+    outlive the tensor (the kernel's khugepaged may later fill a partly used 2 MiB range)."""
+    found = _libc()
+    if found is None:
+        return False
+    madvise, mincore, huge = found
+    start = t.data_ptr()
+    lo = -(-start // huge) * huge
+    hi = (start + t.nbytes) // huge * huge
+    if hi <= lo:
+        return False
+    resident = ctypes.create_string_buffer(1)
+    if mincore(lo, 1, resident) != 0 or resident.raw[0] & 1:
+        return False
+    return madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0
+
+
+def _large(t: Tensor) -> bool:
+    return t.nbytes >= MIN_BYTES and t.device.type == "cpu" and type(t) is Tensor
+
+
+def empty_like(x: Tensor) -> Tensor:
+    """``torch.empty_like(x)`` (same dtype, device, shape and strides; no autograd history),
+    in huge pages when it is large (see the module docstring)."""
+    t = torch.empty_like(x)
+    if _large(t):
+        advise(t)
+    return t
+
+
+def empty(shape: int | Sequence[int], dtype: torch.dtype) -> Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, in huge pages when it is large."""
+    t = torch.empty(shape, dtype=dtype)
+    if _large(t):
+        advise(t)
+    return t
