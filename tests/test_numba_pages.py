@@ -132,6 +132,7 @@ def test_below_threshold_never_advised(monkeypatch):
     monkeypatch.setattr(_pages, "advise", fail)
     _pages.empty_like(torch.empty(8, 4096))
     _pages.empty((_pages.MIN_BYTES - 1,), torch.uint8)
+    _pages.empty_like(torch.empty(_pages.MIN_BYTES // 4 - 1))
 
 
 @needs_thp

@@ -1,35 +1,36 @@
 """Output tensors of the numba kernels backed by transparent huge pages where the OS offers them.
 
-A large fresh tensor costs more in the operating system than in the kernel that fills it: glibc
-serves every block above its mmap threshold (at most 32 MiB on 64-bit systems) with a new
-anonymous mapping, and the first write to each 4 KiB page of it is a page fault that zeroes the
-page. A 4096x4096 float32 output is 16,384 faults, ~40 ms of a ~70 ms LayerNorm forward on the
-2-core machine of ``benchmarks/results/pages_cpu.md``. With ``madvise(MADV_HUGEPAGE)`` on the
-block before its first write, Linux fills it with 2 MiB pages instead: 32 faults instead of
-16,384, and the zeroing runs as one long loop per 2 MiB.
+A large fresh tensor can cost more in the operating system than in the kernel that fills it.
+glibc serves every block of 32 MiB or more with a new anonymous mapping and unmaps it on free, so
+the first write to each 4 KiB page of every such output is a page fault that zeroes the page: a
+4096x4096 float32 output is 16,384 faults, about 30 ms on the 2-core machine of
+``benchmarks/results/pages_cpu.md``, more than the LayerNorm kernel that writes it. Advised with
+``madvise(MADV_HUGEPAGE)`` before its first write, Linux fills the block with 2 MiB pages instead:
+~540 faults, most of them in the unaligned head and tail, and about a third of the time.
 
 :func:`empty_like` and :func:`empty` are ``torch.empty_like`` and ``torch.empty``, then that
-advice on the 2 MiB-aligned interior of the new tensor's data. The tensor is torch's own in
-every respect (its allocator, resizable storage, ``share_memory_``, pickling, gradients
-stolen by autograd); only the kernel's choice of page size for its interior differs. The
-unaligned head and tail (at most 2 MiB each) stay in 4 KiB pages, so no memory beyond the
-tensor's own bytes becomes resident.
+advice on the 2 MiB-aligned interior of the new tensor's data. The tensor is torch's own in every
+respect (torch's allocator, a resizable storage, ``share_memory_``, pickling, a gradient autograd
+may keep as ``.grad``); only the page size under its interior differs. The head and tail (up to
+2 MiB each) stay in 4 KiB pages, so no byte outside the tensor becomes resident.
 
 It applies only where all of this holds, and is a plain ``torch.empty`` otherwise:
 
 * Linux, with ``/sys/kernel/mm/transparent_hugepage/enabled`` set to ``madvise`` or ``always``
-  (read once per process) and ``madvise`` found in the C library;
-* a tensor of at least :data:`MIN_BYTES` bytes. Below that glibc recycles its heap: after the
-  first block of a size is freed, the next one reuses pages already present and faults
-  nothing, so there is nothing to save (measured in ``benchmarks/bench_pages.py``);
-* the interior holds at least one whole huge page (``hpage_pmd_size``: 2 MiB on x86-64).
+  (read once per process) and ``madvise`` in the C library (not macOS or Windows);
+* a tensor of at least :data:`MIN_BYTES` (32 MiB). Below that glibc keeps freed blocks in its
+  heap and hands them out again with their pages present: no faults to save, and advice on heap
+  memory would outlive the tensor;
+* the start of the interior not yet resident (memory recycled by an allocator, for instance
+  glibc with ``M_MMAP_THRESHOLD`` raised or jemalloc, is left alone);
+* the interior holding at least one whole huge page (``hpage_pmd_size``: 2 MiB on x86-64).
 
-The advice is a hint: if the kernel has no free 2 MiB page it falls back to 4 KiB pages, and a
-failed ``madvise`` is ignored (the tensor is valid either way). With the ``defrag`` setting
-``madvise`` (a common default) a fault in advised memory may wait for the kernel to compact
-memory when free 2 MiB blocks are scarce, so on a long-running, fragmented machine a single
-allocation can take longer than without the advice; ``PYTORCH`` users who already run with
-``THP_MEM_ALLOC_ENABLE=1`` get the same advice from torch's allocator, and this adds nothing.
+The advice is a hint: without a free 2 MiB page the kernel uses 4 KiB pages, and a failed
+``madvise`` is ignored (the tensor is valid either way). With the ``defrag`` setting ``madvise``
+(a common default) a fault in advised memory may wait for the kernel to compact memory when free
+2 MiB blocks are scarce, so on a long-running, fragmented machine one allocation can take longer
+than without the advice. Processes run with ``THP_MEM_ALLOC_ENABLE=1`` already get the same
+advice from torch's allocator for every tensor of 2 MiB or more; this adds nothing there.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from torch import Tensor
 
 __all__ = ["MIN_BYTES", "advise", "empty", "empty_like", "huge_page_size"]
 
-MIN_BYTES = (32 << 20) + 1
-"""Smallest tensor (bytes) given huge pages: just above glibc's largest dynamic mmap threshold
-(32 MiB), so every block it advises is one glibc maps afresh for this call."""
+MIN_BYTES = 32 << 20
+"""Smallest tensor (bytes) given huge pages: glibc's largest mmap threshold on 64-bit systems, so
+every block advised is one glibc mapped afresh for this call (its request adds a header)."""
 
 SYSFS = "/sys/kernel/mm/transparent_hugepage"
 
@@ -95,7 +96,7 @@ def advise(t: Tensor) -> bool:
 
     Memory whose first interior page is already resident is left alone: it is recycled (an
     allocator's heap, not a fresh mapping), has no faults left to save, and advice on it would
-    outlive the tensor (the kernel's khugepaged may later fill a partly used 2 MiB range)."""
+    outlive the tensor (khugepaged may later back a partly used 2 MiB range of the heap)."""
     found = _libc()
     if found is None:
         return False
