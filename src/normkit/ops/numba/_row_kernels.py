@@ -9,17 +9,21 @@ float64 input), which also types the kernels' scratch rows, so one specialisatio
 per input dtype (float32, float64, bf16 bits).
 
 Speed: a row is a view without reference counting (:func:`~normkit.ops.numba._engine.row_of`);
-the next row is prefetched while the current one is computed, what it reads and what it
-writes, each hint spread between the current row's passes (:func:`_row_fwd`, :func:`_row_bwd`);
-the forward reads a row from memory once (its later passes hit the cache) and writes it once;
-the backward reads x and dy once (:func:`_row_grads`: the row sums and the row's weight/bias
-terms in one pass) and writes dx once.
+where it pays on the machine (:data:`PREFETCH`) the next row is prefetched while the current
+one is computed, what it reads and what it writes, each hint spread between the current row's
+passes (:func:`_row_fwd`, :func:`_row_bwd`); the forward reads a row from memory once (its
+moments in one pass, :func:`_centred_stats`; the normalizing pass hits the cache) and writes it
+once; the backward reads x and dy once (:func:`_row_grads`: the row sums and the row's
+weight/bias terms in one pass) and writes dx once.
 
 Numerics (the same for every row, whatever the batch or the thread count):
 
 * a centred row is shifted by its first element (``d = x - x[0]``: a large common offset
-  cancels exactly, a constant row has variance exactly 0), then two passes: ``mean`` of ``d``,
-  then the biased variance ``sum((d - mean)^2) / L``, never ``E[x^2] - E[x]^2``;
+  cancels exactly, a constant row has variance exactly 0); one pass gives ``mean`` of ``d``
+  and the biased variance ``E[d^2] - mean^2``, kept where ``mean^2 <= var`` (``x[0]`` within
+  one standard deviation of the mean: the subtraction cancels at most about a bit), else a
+  second pass gives ``sum((d - mean)^2) / L`` (:func:`_centred_stats`); never
+  ``E[x^2] - E[x]^2`` of the unshifted row;
 * the row sums (:func:`_row_sum` and its twins; chunks of :data:`CHUNK` elements, their sums
   added in float64 in chunk order) may be reassociated by the compiler, which
   vectorizes them: the order of additions is fixed in the compiled code and depends on ``L``
@@ -44,6 +48,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite.binding import get_host_cpu_name
 
 from normkit.ops.numba._engine import decode, encode, jit, prefetch_row, row_of, staging, sum_jit
 
@@ -56,6 +61,17 @@ __all__ = ["ROW_BWD", "ROW_FWD", "row_bwd_ln", "row_bwd_rms", "row_fwd_ln", "row
 # the row (2^24 elements in one float32 sum: 1.5e-4 relative error, 300x ATen's). The order
 # still depends on the row length alone.
 CHUNK = 4096
+
+# Whether the kernels hint the next row to the CPU while they work on the current one (see
+# _row_fwd, _row_bwd). A hint never changes a result, only the time: on an Intel Xeon the hints
+# made LayerNorm's kernels 1.3-1.4x faster (4096x1024 float32, one thread); on an AMD Zen 4
+# (EPYC, "znver4"), whose own prefetchers follow the rows, every schedule of them tried
+# (whole next row, first 256 or 1024 bytes, two rows ahead, one array only) was slower than
+# none for float32: 1.1-1.4x at 4096x1024, 1.0-1.3x at 4096x4096, forward and backward. The
+# bf16 backward there still gains from them (1.04-1.19x: its rows are first widened by a short
+# loop that waits on each line), so it keeps them. Fixed per machine: numba compiles for, and
+# caches per, the host CPU.
+PREFETCH = not get_host_cpu_name().startswith("znver")
 
 
 @sum_jit
@@ -76,6 +92,18 @@ def _chunk_sumsq(v, shift, centre):
         d = v[j] - shift - centre
         acc += d * d
     return acc
+
+
+@sum_jit
+def _chunk_moments(v, shift):
+    """``(sum(d), sum(d * d))`` of ``d = v - shift``, in one pass."""
+    acc = shift - shift
+    acc_sq = shift - shift
+    for j in range(v.shape[0]):
+        d = v[j] - shift
+        acc += d
+        acc_sq += d * d
+    return acc, acc_sq
 
 
 @sum_jit
@@ -112,6 +140,38 @@ def _row_sumsq(v, shift, centre):
     for lo in range(0, n, CHUNK):
         total += _chunk_sumsq(v[lo : lo + CHUNK], shift, centre)
     return v.dtype.type(total)
+
+
+@jit(inline="always")
+def _row_moments(v, shift):
+    """``(sum(v - shift), sum((v - shift)^2))``, in chunks."""
+    n = v.shape[0]
+    if n <= CHUNK:
+        return _chunk_moments(v, shift)
+    total, total_sq = 0.0, 0.0
+    for lo in range(0, n, CHUNK):
+        a, q = _chunk_moments(v[lo : lo + CHUNK], shift)
+        total += a
+        total_sq += q
+    return v.dtype.type(total), v.dtype.type(total_sq)
+
+
+@jit(inline="always")
+def _centred_stats(v, shift, n):
+    """``(mean, var)`` of ``d = v - shift`` (``n`` its length, in the statistics dtype).
+
+    One pass gives ``mean = sum(d) / n`` and ``var = sum(d^2) / n - mean^2``, kept where
+    ``mean^2 <= var`` (the first element within one standard deviation of the mean: the
+    subtraction then cancels at most about one bit, so the variance stays within a few
+    rounding errors of the two-pass one). Elsewhere (a first element far from the mean, a
+    large common offset with a small spread seen from an outlying first element, NaN, inf) the
+    row, now in cache, is read a second time: ``var = sum((d - mean)^2) / n``."""
+    total, total_sq = _row_moments(v, shift)
+    mu = total / n
+    var = total_sq / n - mu * mu
+    if not mu * mu <= var:
+        var = _row_sumsq(v, shift, mu) / n
+    return mu, var
 
 
 @jit(inline="always")
@@ -307,11 +367,12 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
     :func:`~normkit.ops.numba._engine.split_run` spreads row ranges over threads (each row's
     result is the same in any range).
 
-    The next row's ``x`` is prefetched before the current row's sums, and its ``y`` and
-    ``rout`` (the lines the stores will need) before the current row is written: the output's
-    lines arrive while the row is computed instead of stalling the stores (4096x1024 float32,
-    one thread: 1.3-1.4x faster than prefetching only ``x``; add_layer_norm 1.05-1.08x faster
-    with ``rout``; every hint at once at the row's start was 1.1x slower than spreading them).
+    With :data:`PREFETCH`, the next row's ``x`` is prefetched before the current row's sums,
+    and its ``y`` and ``rout`` (the lines the stores will need) before the current row is
+    written: the output's lines arrive while the row is computed instead of stalling the stores
+    (Intel Xeon, 4096x1024 float32, one thread: 1.3-1.4x faster than prefetching only ``x``;
+    add_layer_norm 1.05-1.08x faster with ``rout``; every hint at once at the row's start was
+    1.1x slower than spreading them).
 
     Rows whose variance is not finite or whose ``var + eps`` is 0 are finished after the
     others by :func:`_scaled_stats` (their ``rstd`` holds -1 in between): with that rare path
@@ -325,7 +386,7 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
     ybuf = np.empty(L, w.dtype)
     unusual = 0
     for i in range(lo, hi):
-        ahead = i + 1 < hi
+        ahead = PREFETCH and i + 1 < hi
         if ahead:
             prefetch_row(row_of(x, i + 1))
             if has_res:
@@ -342,9 +403,12 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
                     s[j] = v[j]
             encode(s, row_of(rout, i))
             v = decode(row_of(rout, i), rbuf)  # the rounded sum is what is normalized
-        shift = zero if is_rms else v[0]
-        mu = zero if is_rms else _row_sum(v, shift) / n
-        var = _row_sumsq(v, shift, mu) / n
+        if is_rms:
+            shift, mu = zero, zero
+            var = _row_sumsq(v, zero, zero) / n
+        else:
+            shift = v[0]
+            mu, var = _centred_stats(v, shift, n)
         if not np.isfinite(var) or var + eps_ == zero:
             rstd[i] = -one
             unusual += 1
@@ -377,8 +441,9 @@ def _row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block, lo, hi):
     where the norm has none); each block's partial sums of ``dy * x_hat`` and ``dy`` into rows
     ``dwp[blk]`` and ``dbp[blk]``, in row order (RMS: ``dbp`` untouched).
 
-    Prefetch hints for the next row, one array per pass of the current row: ``x`` before its
-    sums, ``dy`` before its ``dx`` pass, ``dx`` (the lines the stores will need) after it
+    Prefetch hints for the next row (with :data:`PREFETCH`, and for bf16 rows), one array per
+    pass of the current row: ``x`` before its sums, ``dy`` before its ``dx`` pass, ``dx`` (the
+    lines the stores will need) after it
     (1.1x faster than ``x`` and ``dy`` together at the row's start: likely because a few
     hundred hints at once fill the core's queue of outstanding misses, and the current row's
     loads wait behind them)."""
@@ -398,7 +463,7 @@ def _row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block, lo, hi):
                 db[j] = zero
         last = min(M, (blk + 1) * block)
         for i in range(blk * block, last):
-            ahead = i + 1 < M
+            ahead = (PREFETCH or x.itemsize < w.itemsize) and i + 1 < M
             if ahead:
                 prefetch_row(row_of(x, i + 1))
                 if has_dres:

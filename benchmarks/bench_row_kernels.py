@@ -1,0 +1,252 @@
+"""Kernel time per row of the numba row kernels (LayerNorm / RMSNorm, forward / backward), the
+working tree's kernels against those of a git revision, interleaved in one process, on
+preallocated outputs (no allocation, no page zeroing, no autograd: the kernel alone).
+
+    python benchmarks/bench_row_kernels.py                 # against HEAD
+    python benchmarks/bench_row_kernels.py --base HEAD~3 --e2e
+
+``--e2e`` adds LayerNorm forward+backward end to end (torch eager, torch.compile, normkit's
+numba backend with the revision's kernels and with the tree's), the same interleaving.
+Prints ns per row: median over ``--repeats`` calls, min-max in brackets, and the load; by
+default in CPU time (``--clock wall`` for wall-clock time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+import normkit.functional as NF
+from normkit.ops.numba import _row_kernels as tree
+from normkit.ops.numba._engine import split_run
+
+KERNELS = ("ln fwd", "ln bwd", "rms fwd", "rms bwd")
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_PATH = "src/normkit/ops/numba/_row_kernels.py"
+
+
+def load_revision(rev: str):
+    """The row kernels module as it was at git revision ``rev`` (imported from a temporary file)."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{KERNEL_PATH}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    folder = Path(tempfile.gettempdir()) / f"normkit_rows_{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    path = folder / "_row_kernels_base.py"
+    if not path.exists() or path.read_text() != source:
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location("_row_kernels_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The clock of every timing: "cpu" (the process's CPU time: on a machine shared with other
+# jobs, time spent waiting for a core is not counted; at two threads it is both threads' sum)
+# or "wall". Set by --clock.
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCK["cpu"]
+
+
+def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` times, the calls alternating (after one warm-up each)."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = clock()
+            call()
+            times[name].append(clock() - t0)
+    return times
+
+
+def summary(seconds: list[float], scale: float) -> str:
+    s = sorted(t * scale for t in seconds)
+    return f"{statistics.median(s):8.1f} ({s[0]:.1f}-{s[-1]:.1f})"
+
+
+def as_bits(a: np.ndarray, bf16: bool) -> np.ndarray:
+    return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if bf16 else a
+
+
+def kernel_calls(module, M: int, L: int, bf16: bool, threads: int, arrays: dict) -> dict[str, Callable[[], object]]:
+    """The four kernels of ``module`` on ``arrays`` (shared by every module: same inputs, outputs)."""
+    a = arrays
+    none = a["none"]
+    bwd_block = max(1, -(-M // 32))
+    blocks = -(-M // bwd_block)
+
+    def run(kernel, n_items, *args):
+        if threads == 1:
+            return lambda: kernel(*args, 0, n_items)
+        return lambda: split_run(kernel, n_items, M * L, *args)
+
+    return {
+        "ln fwd": run(module.row_fwd_ln, M, a["x"], none, none, a["w"], a["b"], 1e-5, a["y"], a["mean"], a["rstd"]),
+        "ln bwd": run(
+            module.row_bwd_ln,
+            blocks,
+            a["dy"],
+            a["x"],
+            a["w"],
+            a["mean"],
+            a["rstd"],
+            none,
+            a["dx"],
+            a["dwp"],
+            a["dbp"],
+            bwd_block,
+        ),
+        "rms fwd": run(
+            module.row_fwd_rms, M, a["x"], none, none, a["w"], a["b"][:0], 1e-6, a["y"], a["mean2"], a["rstd2"]
+        ),
+        "rms bwd": run(
+            module.row_bwd_rms,
+            blocks,
+            a["dy"],
+            a["x"],
+            a["w"],
+            a["mean2"],
+            a["rstd2"],
+            none,
+            a["dx"],
+            a["dwp"],
+            a["dbp"][:, :0],
+            bwd_block,
+        ),
+    }
+
+
+def kernels(
+    base, M: int, widths: list[int], repeats: int, dtypes: list[str], names: list[str], thread_counts: list[int]
+) -> None:
+    g = np.random.default_rng(0)
+    print(f"kernel ns/row, M={M}, median (min-max) over {repeats}; base vs tree, interleaved")
+    for L in widths:
+        for bf16 in [d == "bf16" for d in dtypes]:
+            x = (g.standard_normal((M, L), np.float32) * 2 + 3).astype(np.float32)
+            dy = g.standard_normal((M, L), np.float32)
+            bwd_block = max(1, -(-M // 32))
+            blocks = -(-M // bwd_block)
+            arrays = {
+                "x": as_bits(x, bf16),
+                "dy": as_bits(dy, bf16),
+                "w": g.standard_normal(L, np.float32),
+                "b": g.standard_normal(L, np.float32),
+                "y": as_bits(np.empty_like(x), bf16),
+                "dx": as_bits(np.empty_like(x), bf16),
+                "mean": np.empty(M, np.float32),
+                "rstd": np.empty(M, np.float32),
+                "mean2": np.empty(M, np.float32),
+                "rstd2": np.empty(M, np.float32),
+                "dwp": np.empty((blocks, L), np.float32),
+                "dbp": np.empty((blocks, L), np.float32),
+                "none": np.empty((0, L), np.uint16 if bf16 else np.float32),
+            }
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                for name in names:
+                    calls = {
+                        "base": kernel_calls(base, M, L, bf16, threads, arrays)[name],
+                        "tree": kernel_calls(tree, M, L, bf16, threads, arrays)[name],
+                    }
+                    # The backward reads the forward's statistics: run that first.
+                    stats = "ln fwd" if name.startswith("ln") else "rms fwd"
+                    kernel_calls(tree, M, L, bf16, threads, arrays)[stats]()
+                    t = timed(calls, repeats)
+                    ratio = statistics.median(t["base"]) / statistics.median(t["tree"])
+                    print(
+                        f"{name:8s} L={L:5d} {'bf16' if bf16 else 'fp32'} t={threads}: "
+                        f"base {summary(t['base'], 1e9 / M)}  tree {summary(t['tree'], 1e9 / M)}  "
+                        f"tree {ratio:.2f}x",
+                        flush=True,
+                    )
+
+
+def end_to_end(
+    base, shapes: list[tuple[int, int]], repeats: int, dtypes: list[torch.dtype], thread_counts: list[int]
+) -> None:
+    """LayerNorm forward+backward, ms: eager, torch.compile, numba with the base and tree kernels."""
+    compiled = torch.compile(TF.layer_norm)
+    print(f"LayerNorm fwd+bwd ms, median (min-max) over {repeats}")
+    for M, L in shapes:
+        for dtype in dtypes:
+            x = torch.randn(M, L, dtype=dtype).requires_grad_()
+            w = torch.randn(L, dtype=dtype).requires_grad_()
+            b = torch.randn(L, dtype=dtype).requires_grad_()
+            dy = torch.randn(M, L, dtype=dtype)
+
+            def step(fn, x=x, w=w, b=b, dy=dy, L=L):
+                def call():
+                    y = fn(x, (L,), w, b, 1e-5)
+                    y.backward(dy)
+                    x.grad = w.grad = b.grad = None
+
+                return call
+
+            def numba_with(module):
+                def fn(*args):
+                    tree.ROW_FWD[False], tree.ROW_BWD[False] = module.row_fwd_ln, module.row_bwd_ln
+                    return NF.layer_norm(*args, backend="numba")
+
+                return fn
+
+            new = (tree.row_fwd_ln, tree.row_bwd_ln)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                calls = {
+                    "eager": step(TF.layer_norm),
+                    "compile": step(compiled),
+                    "numba base": step(numba_with(base)),
+                    "numba tree": step(numba_with(tree)),
+                }
+                try:
+                    t = timed(calls, repeats)
+                finally:
+                    tree.ROW_FWD[False], tree.ROW_BWD[False] = new
+                eager = statistics.median(t["eager"])
+                parts = "  ".join(f"{n} {summary(s, 1e3)} {eager / statistics.median(s):.2f}x" for n, s in t.items())
+                print(f"{M}x{L} {str(dtype)[6:]} t={threads}: {parts}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD", help="git revision of the kernels to compare with")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--e2e", action="store_true", help="also LayerNorm fwd+bwd end to end")
+    parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
+    args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
+    print(f"load {os.getloadavg()}, clock {args.clock}, torch {torch.__version__}, {sys.platform}")
+    base = load_revision(args.base)
+    if not args.no_kernels:
+        kernels(base, args.rows, args.widths, args.repeats, args.dtypes, args.kernels, args.threads)
+    if args.e2e:
+        shapes = [(args.rows, L) for L in args.widths]
+        torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        end_to_end(base, shapes, args.repeats, [torch_dtypes[d] for d in args.dtypes], args.threads)
+    print(f"load {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
