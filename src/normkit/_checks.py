@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "STATS_DTYPES",
+    "batch_norm_refuses_first",
     "check_batch_norm",
     "check_dtype_option",
     "check_group_norm",
@@ -27,6 +28,7 @@ __all__ = [
     "check_precision",
     "check_rms_norm",
     "plain_trailing",
+    "verify_batch_size",
 ]
 
 _ATEN_NAMES = {
@@ -91,7 +93,7 @@ def _check_mixed_dtypes(input: Tensor, *params: Tensor | None) -> None:
         raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
 
 
-def _verify_batch_size(size: Sequence[int]) -> None:
+def verify_batch_size(size: Sequence[int]) -> None:
     # size[0] first, as torch.nn.functional does: a 0-dim input is its IndexError
     if size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
@@ -257,7 +259,7 @@ def check_batch_norm(
     Returns whether the call is a plain one (:func:`_plain_channels`: exact argument types, so
     nothing to convert)."""
     if training:
-        _verify_batch_size(input.size())
+        verify_batch_size(input.size())
     check_batch_norm_eps(training, eps)
     if _plain_channels(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return True
@@ -285,13 +287,45 @@ def check_batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     _check_floating(input, "batch_norm")
-    _check_dtypes(input, weight, bias, running_mean, running_var)
+    defined = [p for p in (weight, bias, running_mean, running_var) if p is not None]
+    mixed = bool(defined) and defined[0].dtype != input.dtype
+    if mixed:  # ATen's mixed-dtype rule comes first
+        _check_dtypes(input, weight, bias, running_mean, running_var)
     # The running statistics are written in place: a (1, C) or (C, 1) one must fail before any
-    # backend scales it (ATen's CPU kernel accesses them as vectors).
+    # backend scales it. ATen's CPU kernel reads each as a vector of the input's dtype (rank,
+    # then dtype), and only after writing them reads the bias in its dtype.
     for stat in (running_mean, running_var):
         if stat is not None and stat.dim() != 1:
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {stat.dim()}")
+        if stat is not None and not mixed and input.device.type == "cpu" and stat.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {_aten_name(input.dtype)} but found {_aten_name(stat.dtype)}")
+    _check_dtypes(input, weight, bias, running_mean, running_var)
     return False
+
+
+def batch_norm_refuses_first(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> bool:
+    """Whether ATen's training batch_norm, if it refuses these tensors at all, refuses them
+    before it writes the running statistics: then a call may go to ATen with no checks of
+    normkit's in front (its errors are torch's, and a refused call changes nothing).
+
+    Established by trial on the CPU (``tests/test_front_end_session7.py`` sweeps the cases):
+    ATen checks the channel counts, the statistics' rank, the input's dtype and the weight's
+    and statistics' dtypes before it computes, but updates the running statistics before it
+    refuses a weight, bias or ``running_var`` on another device, or a bias whose dtype differs
+    from a weight of the input's dtype. So: every tensor on the CPU, and a bias of the weight's
+    dtype (or no weight or no bias); anything else takes normkit's checks first."""
+    if not input.is_cpu:
+        return False
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and not t.is_cpu:
+            return False
+    return weight is None or bias is None or bias.dtype is weight.dtype
 
 
 def check_batch_norm_eps(training: object, eps: float) -> None:
@@ -553,7 +587,7 @@ def check_group_norm_python(input: Tensor, num_groups: int) -> None:
     its own arithmetic (a str or None ``num_groups`` fails in it, before the argument types)."""
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
-    _verify_batch_size([input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:]))
+    verify_batch_size([input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:]))
 
 
 def check_group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> bool:

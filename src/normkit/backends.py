@@ -216,42 +216,64 @@ class Backend:
 
 
 class _Table(dict):  # type: ignore[type-arg]
-    """A registry table (:data:`_REGISTRY`, :data:`_LAZY`) that forgets ``"auto"``'s list of
-    candidate backends whenever it changes, however it is changed (``register_backend``, or a
-    test's ``monkeypatch.setitem``): the list is built once, not looked up on every call."""
+    """A registry table (:data:`_REGISTRY`, :data:`_LAZY`) that forgets what ``"auto"`` worked
+    out from it (its candidate backends, each op's plan) whenever it changes, however it is
+    changed (``register_backend``, or a test's ``monkeypatch.setitem``): that is built once,
+    not looked up on every call. (A registered :class:`Backend`'s table of ops is not changed
+    in place: a changed backend is registered again.)"""
 
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, value)
-        _CANDIDATES.clear()
+        _forget()
 
     def __delitem__(self, key: Any) -> None:
         super().__delitem__(key)
-        _CANDIDATES.clear()
+        _forget()
 
     def pop(self, *args: Any) -> Any:
-        _CANDIDATES.clear()
+        _forget()
         return super().pop(*args)
 
     def popitem(self) -> Any:
-        _CANDIDATES.clear()
+        _forget()
         return super().popitem()
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        _CANDIDATES.clear()
+        _forget()
         return super().setdefault(key, default)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
-        _CANDIDATES.clear()
+        _forget()
 
     def clear(self) -> None:
         super().clear()
-        _CANDIDATES.clear()
+        _forget()
 
 
 # AUTO_ORDER -> the backends its names resolve to (lazy ones loaded, absent ones left out):
 # what "auto" walks, emptied by every change to the registry tables.
 _CANDIDATES: dict[tuple[str, ...], tuple[Backend, ...]] = {}
+
+
+class _Plan(NamedTuple):
+    """What settles "auto" for one op before its checks (:func:`auto_choice`): the function of
+    the first backend that takes every call (``fn``, with its ``is_available`` where that is not
+    always true), after asking each kernel backend before it whether it may prefer the input
+    (``asks``: its ``may_prefer`` and ``is_available``). ``fn`` None: never settled early."""
+
+    fn: Callable[..., Any] | None
+    asks: tuple[tuple[Callable[[torch.Tensor], bool], Callable[[], bool]], ...] = ()
+    available: Callable[[], bool] | None = None
+
+
+# op -> its plan, built from _CANDIDATES on the op's first call; emptied with it.
+_PLANS: dict[str, _Plan] = {}
+
+
+def _forget() -> None:
+    _CANDIDATES.clear()
+    _PLANS.clear()
 _REGISTRY: dict[str, Backend] = _Table()
 # The stack of use_backend() blocks of this thread and asyncio task: the truth, read in eager code.
 _ACTIVE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("normkit_use_backend", default=())
@@ -449,6 +471,20 @@ def _probe(op: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 def _auto_candidates() -> tuple[Backend, ...]:
     """The backends of :data:`AUTO_ORDER` found here, in its order (each lazy one looked up, so
     loaded or found absent, on the first call)."""
+    if torch.compiler.is_compiling():
+        _find_candidates()  # run, not traced: see there
+    found = _CANDIDATES.get(AUTO_ORDER)
+    if found is None:
+        found = _find_candidates()
+    return found
+
+
+@torch.compiler.assume_constant_result
+def _find_candidates() -> tuple[Backend, ...]:
+    # Under torch.compile dynamo runs this instead of tracing it. The first call of a process may
+    # come from compiled code: traced, a lazy backend's import (numba's) fails a fullgraph
+    # compile, and filling _CANDIDATES while tracing changed a global that the graph's guards
+    # had read empty, so the second call recompiled.
     found = _CANDIDATES.get(AUTO_ORDER)
     if found is None:
         looked_up = [_lookup(name) for name in AUTO_ORDER]  # (a lazy load empties _CANDIDATES)
@@ -464,20 +500,37 @@ def auto_choice(op: str, input: torch.Tensor) -> Callable[..., Any] | None:
     the first that takes every call of ``op`` (``preferred`` and ``unsupported`` the defaults:
     ``"torch"``) sure from ``input`` that it would not prefer the call (``may_prefer``) or
     unavailable. The common small call on the CPU, where "auto" always runs ATen, is settled
-    here in a few attribute reads."""
-    if torch.compiler.is_compiling() or _ACTIVE.get() or _PROBING.get():
+    here in a few attribute reads (the walk over the backends is worked out once per op)."""
+    if torch.compiler.is_compiling() or _ACTIVE.get() or _PROBING.get():  # (dynamo cannot read a ContextVar)
         return None
-    if (_ENV.get() or "auto") != "auto":
+    env = _ENV.get()
+    if env and env != "auto":
         return None
+    plan = _PLANS.get(op) or _plan(op)
+    for may_prefer, is_available in plan.asks:
+        if may_prefer(input) and is_available():
+            return None
+    if plan.available is not None and not plan.available():
+        return None
+    return plan.fn
+
+
+def _plan(op: str) -> _Plan:
+    asks = []
+    plan = _Plan(None)
     for impl in _auto_candidates():
         entry = impl.ops.get(op)
         if entry is None:
             continue
         if entry.preferred is _always and entry.unsupported is _never:
-            return entry.fn if impl.is_available is _available or impl.is_available() else None
-        if entry.may_prefer is None or (entry.may_prefer(input) and impl.is_available()):
-            return None
-    return None
+            available = None if impl.is_available is _available else impl.is_available
+            plan = _Plan(entry.fn, tuple(asks), available)
+            break
+        if entry.may_prefer is None:  # not known from the input: resolve() asks after the checks
+            break
+        asks.append((entry.may_prefer, impl.is_available))
+    _PLANS[op] = plan
+    return plan
 
 
 def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:

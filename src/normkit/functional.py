@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function
 
 from . import _checks, numerics
 from .backends import OPS, auto_choice, define_op, resolve
@@ -84,10 +85,20 @@ def activate(act: str | None, y: Tensor) -> Tensor:
     return y if fn is None else fn(y)
 
 
-def _torch_arity(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` raising Python's too-many-positional TypeError as torch's twin words it: torch's
-    functions have no keyword-only arguments, so Python's message for them never adds the
-    "(and 1 keyword-only argument)" that ``backend=`` would add here."""
+def _public(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a public op, behaving as torch.nn.functional's functions do at their door:
+
+    * too many positional arguments raise Python's TypeError in the words torch's twin gets
+      (torch's functions have no keyword-only arguments, so Python's message for them never adds
+      the "(and 1 keyword-only argument)" that ``backend=`` would add here);
+    * the call takes part in torch's ``__torch_function__`` protocol: where an argument overrides
+      it (a ``torch.fx`` Proxy, a tensor subclass) or a torch function mode is in force, the
+      override receives this public function and the arguments as given. ``torch.fx`` records
+      the call as one ``call_function`` node, a subclass sees one call instead of the torch ops
+      inside it. Every argument is asked (plain tensors and Python scalars are answered in a
+      few nanoseconds), so a Proxy passed as ``weight`` or by keyword is seen too.
+
+    ``__wrapped__`` is ``fn`` itself: the modules' default forward calls it on plain tensors."""
     params = inspect.signature(fn).parameters.values()
     positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     most = len(positional)
@@ -98,9 +109,14 @@ def _torch_arity(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         if len(args) > most:
             raise TypeError(f"{fn.__name__}() takes {takes} positional arguments but {len(args)} were given")
+        if _has_torch_function(args) or (kwargs and _has_torch_function(tuple(kwargs.values()))):
+            return handle_torch_function(call, (*args, *kwargs.values()), *args, **kwargs)
         return fn(*args, **kwargs)
 
     return call
+
+
+_has_torch_function = torch._C._has_torch_function  # (torch.overrides.has_torch_function, one lookup less)
 
 
 def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
@@ -110,7 +126,7 @@ def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 @define_op(in_place=("running_mean", "running_var"))
-@_torch_arity
+@_public
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -132,13 +148,19 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
-    if training is False:  # ATen only reads the running statistics: as layer_norm, no state to protect
-        aten = _settled_on_aten(
-            "batch_norm", input, backend, stats_dtype, out_dtype, running_mean, running_var, weight, bias
-        )
-        if aten is not None:
-            _checks.check_batch_norm_eps(training, eps)
-            return aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    stats = (running_mean, running_var)
+    aten = _settled_on_aten("batch_norm", input, backend, stats_dtype, out_dtype, *stats, weight, bias)
+    # In eval ATen only reads the running statistics: as layer_norm, no state to protect. In
+    # training it writes them, and refuses a few calls only after that: those take normkit's
+    # checks first (_checks.batch_norm_refuses_first).
+    if aten is not None and (
+        training is False
+        or (training is True and _checks.batch_norm_refuses_first(input, *stats, weight, bias))
+    ):
+        if training:  # torch.nn.functional.batch_norm's own Python checks, in its order
+            _checks.verify_batch_size(input.size())
+        _checks.check_batch_norm_eps(training, eps)
+        return aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
     plain = _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
     if not plain:
         momentum, eps = float(momentum), float(eps)
@@ -147,7 +169,7 @@ def batch_norm(
 
 
 @define_op(in_place=("running_mean", "running_var"))
-@_torch_arity
+@_public
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -185,7 +207,7 @@ def instance_norm(
 
 
 @define_op()
-@_torch_arity
+@_public
 def layer_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -210,7 +232,7 @@ def layer_norm(
 
 
 @define_op()
-@_torch_arity
+@_public
 def rms_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -230,14 +252,14 @@ def rms_norm(
     plain = _checks.plain_trailing(input, normalized_shape, eps is None or type(eps) is float, weight)
     if not plain:
         _checks.check_rms_norm(input, normalized_shape, weight, eps)
-        normalized_shape, eps = _shape(normalized_shape), None if eps is None else float(eps)
+        normalized_shape, eps = _shape(normalized_shape), _float(eps)
     if stats_dtype is not None:  # the formula's eps does not move with the precision
         eps = numerics.rms_eps(eps, input.dtype)
     return _dispatch("rms_norm", (input, normalized_shape, weight, eps), backend, stats_dtype, out_dtype, plain)
 
 
 @define_op()
-@_torch_arity
+@_public
 def scale_norm(
     input: Tensor,
     g: Tensor | None = None,
@@ -271,7 +293,7 @@ def scale_norm(
 
 
 @define_op()
-@_torch_arity
+@_public
 def group_norm(
     input: Tensor,
     num_groups: int,
@@ -296,7 +318,7 @@ def group_norm(
 
 
 @define_op(in_place=("running_mean", "running_var"))
-@_torch_arity
+@_public
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -327,7 +349,7 @@ def batch_norm_act(
 
 
 @define_op()
-@_torch_arity
+@_public
 def group_norm_act(
     input: Tensor,
     num_groups: int,
@@ -349,7 +371,7 @@ def group_norm_act(
 
 
 @define_op()
-@_torch_arity
+@_public
 def local_response_norm(
     input: Tensor,
     size: int,
@@ -385,7 +407,7 @@ def _lrn_dtype_under_autocast(input: Tensor) -> torch.dtype | None:
 
 
 @define_op()
-@_torch_arity
+@_public
 def normalize(
     input: Tensor,
     dims: int | Sequence[int],
@@ -468,7 +490,7 @@ def _check_normalize(
 
 
 @define_op(input="x", residual_dtype="residual_dtype")
-@_torch_arity
+@_public
 def add_layer_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -489,15 +511,18 @@ def add_layer_norm(
     ``x.dtype``. ``residual=None`` means a zero residual. Gradients reach ``x`` and
     ``residual``. The triton backend does it in one pass; the others compose the two steps.
     """
-    _checks.check_layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
-    _check_residual(x, residual)
-    _checks.check_dtype_option("residual_dtype", residual_dtype)
-    args = (x, residual, _shape(normalized_shape), weight, bias, float(eps), residual_dtype)
-    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype, _plain_pair(x, residual))
+    plain = _plain_add(x, residual, residual_dtype, normalized_shape, type(eps) is float, weight, bias)
+    if not plain:
+        _checks.check_layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
+        _check_residual(x, residual)
+        _checks.check_dtype_option("residual_dtype", residual_dtype)
+        normalized_shape, eps, plain = _shape(normalized_shape), float(eps), _plain_pair(x, residual)
+    args = (x, residual, normalized_shape, weight, bias, eps, residual_dtype)
+    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype, plain)
 
 
 @define_op(input="x", residual_dtype="residual_dtype")
-@_torch_arity
+@_public
 def add_rms_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -511,13 +536,34 @@ def add_rms_norm(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
-    _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
-    _check_residual(x, residual)
-    _checks.check_dtype_option("residual_dtype", residual_dtype)
+    plain = _plain_add(x, residual, residual_dtype, normalized_shape, eps is None or type(eps) is float, weight)
+    if not plain:
+        _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
+        _check_residual(x, residual)
+        _checks.check_dtype_option("residual_dtype", residual_dtype)
+        normalized_shape, eps, plain = _shape(normalized_shape), _float(eps), _plain_pair(x, residual)
     if stats_dtype is not None:
         eps = numerics.rms_eps(eps, residual_dtype or x.dtype)
-    args = (x, residual, _shape(normalized_shape), weight, None if eps is None else float(eps), residual_dtype)
-    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype, _plain_pair(x, residual))
+    args = (x, residual, normalized_shape, weight, eps, residual_dtype)
+    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype, plain)
+
+
+def _float(eps: float | None) -> float | None:
+    return None if eps is None else float(eps)
+
+
+def _plain_add(
+    x: Tensor, residual: Tensor | None, residual_dtype: object, normalized_shape: object, eps_ok: bool,
+    *params: Tensor | None,
+) -> bool:
+    """Whether an add-norm call is the ordinary one (:func:`normkit._checks.plain_trailing` for
+    ``x``, a residual absent or a plain tensor of ``x``'s shape, no ``residual_dtype``): no
+    check can refuse it and nothing needs converting, so the checks are skipped."""
+    return (
+        residual_dtype is None
+        and _checks.plain_trailing(x, normalized_shape, eps_ok, *params)
+        and (residual is None or (type(residual) in _PLAIN and residual.shape == x.shape))
+    )
 
 
 def _plain_pair(x: Tensor, residual: Tensor | None) -> bool:
@@ -598,6 +644,8 @@ def _dispatch(
         out = fn(*args)
     else:
         out = _run_at_precision(op, args, backend, stats_dtype, out_dtype)
+    if x.dim() not in (4, 5):  # (only these have a channels_last layout to keep: see keep_layout)
+        return out
     if type(out) is tuple:
         return tuple(keep_layout(x, t) for t in out)
     return keep_layout(x, out)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _checks, numerics
 from .backends import define_op
-from .functional import _dispatch, _torch_arity
+from .functional import _dispatch, _float, _public
 
 __all__ = [
     "derf",
@@ -83,12 +83,8 @@ def _check_scalar(op: str, name: str, t: Tensor) -> None:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _float(eps: float | None) -> float | None:
-    return None if eps is None else float(eps)
-
-
 @define_op()
-@_torch_arity
+@_public
 def modulated_layer_norm(
     input: Tensor,
     shift: Tensor,
@@ -134,7 +130,7 @@ def modulated_layer_norm(
 
 
 @define_op()
-@_torch_arity
+@_public
 def modulated_rms_norm(
     input: Tensor,
     shift: Tensor,
@@ -168,7 +164,7 @@ def modulated_rms_norm(
 
 
 @define_op()
-@_torch_arity
+@_public
 def gated_rms_norm(
     input: Tensor,
     gate: Tensor | None,
@@ -221,7 +217,7 @@ def gated_rms_norm(
 
 
 @define_op(input="q", results=("q", "k"))
-@_torch_arity
+@_public
 def qk_rms_norm(
     q: Tensor,
     k: Tensor,
@@ -261,7 +257,7 @@ def qk_rms_norm(
 
 
 @define_op(input="hidden", results=("hidden", "residual"), kept=("residual",))
-@_torch_arity
+@_public
 def sandwich_rms_norm(
     hidden: Tensor,
     residual: Tensor,
@@ -330,7 +326,7 @@ def _check_free(op: str, input: Tensor, scalars: Sequence[tuple[str, Tensor]], w
 
 
 @define_op()
-@_torch_arity
+@_public
 def dyt(
     input: Tensor,
     alpha: Tensor,
@@ -359,7 +355,7 @@ def dyt(
 
 
 @define_op()
-@_torch_arity
+@_public
 def derf(
     input: Tensor,
     alpha: Tensor,
