@@ -18,6 +18,8 @@ to any backend, so every backend must give torch's bits.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,11 +64,10 @@ def _random_input(seed: int) -> torch.Tensor:
 
 
 def _call(op: str, backend: str | None, x, rm, rv, training: bool, momentum: float):
-    fn = F.batch_norm if backend == "aten" else lambda *a, **k: NF.batch_norm(*a, **k, backend=backend)
-    if op == "instance_norm":
-        fn = F.instance_norm if backend == "aten" else lambda *a, **k: NF.instance_norm(*a, **k, backend=backend)
-        return fn(x, rm, rv, use_input_stats=training, momentum=momentum)
-    return fn(x, rm, rv, training=training, momentum=momentum)
+    """``op`` on ATen (``backend="aten"``) or through normkit.functional on ``backend``."""
+    fn = getattr(F, op) if backend == "aten" else functools.partial(getattr(NF, op), backend=backend)
+    mode = {"use_input_stats" if op == "instance_norm" else "training": training}
+    return fn(x, rm, rv, momentum=momentum, **mode)
 
 
 def _outcome(op, backend, x, layout, training, momentum=0.5, seed=0):
