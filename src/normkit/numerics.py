@@ -148,6 +148,8 @@ def _same_elements(a: Tensor, b: Tensor) -> bool:
 def _has_internal_overlap(t: Tensor) -> bool:
     """Whether two elements of ``t`` are one memory location (an ``expand``-ed tensor); a
     contiguous tensor never has them, and is answered without the slower test."""
+    if t.dim() == 1:  # (the usual running statistic: only a zero stride repeats an element)
+        return t.stride()[0] == 0 and t.numel() > 1
     return not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1
 
 
@@ -172,7 +174,9 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
     start = t.data_ptr()
     if t.numel() == 0:
         return start, start
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))  # (torch's strides are never negative)
+    last = 0
+    for n, stride in zip(t.shape, t.stride()):  # (torch's strides are never negative)
+        last += (n - 1) * stride
     return start, start + (last + 1) * t.element_size()
 
 
