@@ -49,6 +49,7 @@ def load_revision(rev: str):
         path.write_text(source)
     spec = importlib.util.spec_from_file_location("_row_kernels_base", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's cache finds a kernel's module by name
     spec.loader.exec_module(module)
     return module
 
@@ -60,6 +61,13 @@ CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCK["cpu"]
 
 
+# With --flush, each timed call starts with none of its arrays in the caches (a copy of
+# FLUSH_BYTES through other memory first, untimed): no call inherits the lines the one before
+# it left (a kernel storing y through the cache leaves y's lines there for the next one).
+FLUSH_BYTES = 1 << 27
+flush: Callable[[], object] | None = None
+
+
 def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Seconds of each call, ``repeats`` times, the calls alternating (after one warm-up each)."""
     for call in calls.values():
@@ -67,6 +75,8 @@ def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, lis
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            if flush is not None:
+                flush()
             t0 = clock()
             call()
             times[name].append(clock() - t0)
@@ -234,9 +244,14 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also LayerNorm fwd+bwd end to end")
     parser.add_argument("--no-kernels", action="store_true")
     parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
+    parser.add_argument("--flush", action="store_true", help="start each timed call with cold caches")
     args = parser.parse_args()
-    global clock
+    parser_flush = args.flush
+    global clock, flush
     clock = CLOCK[args.clock]
+    if parser_flush:
+        src, dst = torch.empty(FLUSH_BYTES // 4), torch.empty(FLUSH_BYTES // 4)
+        flush = lambda: dst.copy_(src)  # noqa: E731
     print(f"load {os.getloadavg()}, clock {args.clock}, torch {torch.__version__}, {sys.platform}")
     base = load_revision(args.base)
     if not args.no_kernels:

@@ -132,3 +132,37 @@ def test_rows_of_both_paths_bits_do_not_depend_on_batch_or_threads(monkeypatch) 
                 assert torch.equal(dx[i].view(torch.int32), dx_alone[0].view(torch.int32)), f"dx {where}"
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("op", "L", "dtype"),
+    [("layer_norm", 2049, torch.float32), ("rms_norm", 2049, torch.float32), ("layer_norm", 4099, torch.bfloat16)],
+    ids=str,
+)
+def test_streamed_outputs_equal_cached_ones(op: str, L: int, dtype: torch.dtype) -> None:
+    """Outputs of at least ``STREAM_MIN_BYTES`` are written with non-temporal stores (rows not
+    64-byte aligned here: element-wise ends around the streamed middle); the same rows in
+    slices too small to stream give the same bits, y and dx."""
+    kernels = pytest.importorskip("normkit.ops.numba._row_kernels")
+    item = torch.finfo(dtype).bits // 8
+    M = kernels.STREAM_MIN_BYTES // (L * item) + 3
+    g = torch.Generator().manual_seed(seed_of(op, L, dtype, "stream"))
+    x = (torch.randn(M, L, generator=g) * 2 + 1).to(dtype)
+    w, b = torch.randn(L, generator=g).to(dtype), torch.randn(L, generator=g).to(dtype)
+    dy = torch.randn(M, L, generator=g).to(dtype)
+
+    def run(rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        xl = rows.clone().requires_grad_()
+        if op == "layer_norm":
+            y = NF.layer_norm(xl, (L,), w, b, backend="numba")
+        else:
+            y = NF.rms_norm(xl, (L,), w, backend="numba")
+        (dx,) = torch.autograd.grad(y, xl, grads)
+        return y.detach(), dx
+
+    y, dx = run(x, dy)
+    step = M // 8 + 1
+    for lo in range(0, M, step):
+        y_part, dx_part = run(x[lo : lo + step], dy[lo : lo + step])
+        assert torch.equal(y[lo : lo + step].view(torch.int16), y_part.view(torch.int16)), f"y rows {lo}.."
+        assert torch.equal(dx[lo : lo + step].view(torch.int16), dx_part.view(torch.int16)), f"dx rows {lo}.."
