@@ -212,3 +212,21 @@ def test_reference_split_keeps_import_paths():
         assert getattr(reference, name) is getattr(reference_lrn, name)
     assert set(reference_masked.__all__) | set(reference_lrn.__all__) <= set(reference.__all__)
     assert normkit.reference.masked_batch_norm is reference_masked.masked_batch_norm
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@skip_if_declined
+def test_compiled_batch_norm_with_one_tensor_as_both_stats(backend):
+    """Under torch.compile (no memory addresses to compare) one tensor given as both statistics
+    still gets the mean's update then the variance's, the eager bits."""
+    x = _random_input(8)
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        return NF.batch_norm(x, t, t, training=True, backend=backend)
+
+    eager, compiled = torch.full((C,), 0.5), torch.full((C,), 0.5)
+    step(eager)
+    torch._dynamo.reset()
+    torch.compile(step, backend="eager", fullgraph=False)(compiled)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager), (compiled, eager)

@@ -102,7 +102,8 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     inference = below and not torch.is_inference_mode_enabled() and any(r.is_inference() for r, _ in pairs)
     if inference and not inference_ok:
         raise RuntimeError(INFERENCE_INPLACE)
-    shared = below and _shares_memory([r for r, _ in pairs])
+    # (compiled code has no memory addresses to compare: there, one tensor given as both)
+    shared = _shares_memory([r for r, _ in pairs]) if below else len(pairs) == 2 and pairs[0][0] is pairs[1][0]
     with torch.no_grad(), (torch._C._DisableFuncTorch() if below else contextlib.nullcontext()):
         with torch.inference_mode() if inference else contextlib.nullcontext():
             if shared and inference_ok:
@@ -127,7 +128,7 @@ def _update_channel_by_channel(pairs: list[tuple[Tensor, Tensor]], momentum: flo
     keep = 1.0 - momentum
     steps = [(r, (b.to(acc_dtype(r.dtype)) * momentum).flatten(), acc_dtype(r.dtype)) for r, b in pairs]
     (rm, _, _), (rv, _, _) = steps[0], steps[-1]
-    if len(steps) == 2 and _same_elements(rm, rv) and not _has_internal_overlap(rm):
+    if len(steps) == 2 and (rm is rv or _same_elements(rm, rv) and not _has_internal_overlap(rm)):
         value = rm
         for _, batch, acc in steps:
             value = (batch.view_as(rm) + value.to(acc) * keep).to(rm.dtype)
