@@ -239,8 +239,8 @@ def test_failed_madvise_is_ignored(monkeypatch, low_threshold):
     """A refused advice leaves an ordinary tensor (madvise returns -1)."""
     if not OFFERED:
         pytest.skip("huge pages not offered")
-    _, mincore, huge = _pages._libc()
-    monkeypatch.setattr(_pages, "_libc", lambda: (lambda *a: -1, mincore, huge))
+    _, mincore, sbrk, huge = _pages._libc()
+    monkeypatch.setattr(_pages, "_libc", lambda: (lambda *a: -1, mincore, sbrk, huge))
     t = _pages.empty_like(torch.empty(2048, 1024))
     assert not _pages.advise(t) and t.fill_(2).sum() == 2 * t.numel()
 
@@ -289,3 +289,20 @@ def test_block_outputs_advised_and_exact(op, monkeypatch):
     ref = run(torch.float64, "reference", rows=64)
     for a, b in zip(on, ref):
         torch.testing.assert_close(a[:64], b.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_thp
+def test_heap_memory_left_alone():
+    """With glibc told to serve large blocks from its heap, nothing is advised (in a fresh process:
+    the setting is process-wide)."""
+    import subprocess
+
+    probe = (
+        "import ctypes, torch\n"
+        "from normkit.ops.numba import _pages\n"
+        "ctypes.CDLL(None).mallopt(-3, 1 << 30)\n"  # M_MMAP_THRESHOLD
+        "ts = [torch.empty(64 << 20, dtype=torch.uint8) for _ in range(3)]\n"
+        "print([_pages.advise(t) for t in ts])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[False, False, False]"

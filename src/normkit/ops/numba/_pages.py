@@ -61,8 +61,11 @@ def _read(path: str) -> str:
 
 
 @functools.cache
-def _libc() -> tuple[Callable[[int, int, int], int], Callable[[int, int, object], int], int] | None:
-    """``(madvise, mincore, huge page size)`` where the OS offers huge pages to ``madvise``, else None."""
+def _libc() -> (
+    tuple[Callable[[int, int, int], int], Callable[[int, int, object], int], Callable[[int], int], int] | None
+):
+    """``(madvise, mincore, sbrk, huge page size)`` where the OS offers huge pages to ``madvise``,
+    else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -75,36 +78,38 @@ def _libc() -> tuple[Callable[[int, int, int], int], Callable[[int, int, object]
         except (OSError, ValueError):
             huge = 2 << 20
         libc = ctypes.CDLL(None, use_errno=True)
-        madvise, mincore = libc.madvise, libc.mincore
+        madvise, mincore, sbrk = libc.madvise, libc.mincore, libc.sbrk
     except (OSError, ValueError, AttributeError):
         return None
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
     madvise.restype = mincore.restype = ctypes.c_int
-    return madvise, mincore, huge
+    sbrk.argtypes, sbrk.restype = (ctypes.c_ssize_t,), ctypes.c_void_p
+    return madvise, mincore, sbrk, huge
 
 
 def huge_page_size() -> int:
     """The huge page size this process would advise (0 where huge pages are not offered)."""
     found = _libc()
-    return 0 if found is None else found[2]
+    return 0 if found is None else found[3]
 
 
 def advise(t: Tensor) -> bool:
     """Ask for huge pages under the whole 2 MiB-aligned interior of ``t``'s data, which nothing
     may have written yet. True if the advice was taken.
 
-    Memory whose first interior page is already resident is left alone: it is recycled (an
-    allocator's heap, not a fresh mapping), has no faults left to save, and advice on it would
-    outlive the tensor (khugepaged may later back a partly used 2 MiB range of the heap)."""
+    Heap memory is left alone: below the program break (glibc's main heap), or with its first
+    interior page already resident (recycled by some allocator). It has few faults to save, and
+    the advice would outlive the tensor: glibc keeps huge pages of its heap resident after free,
+    and each advised range splits the heap's mapping (see ``benchmarks/results/pages_cpu.md``)."""
     found = _libc()
     if found is None:
         return False
-    madvise, mincore, huge = found
+    madvise, mincore, sbrk, huge = found
     start = t.data_ptr()
     lo = -(-start // huge) * huge
     hi = (start + t.nbytes) // huge * huge
-    if hi <= lo:
+    if hi <= lo or lo < (sbrk(0) or 0):
         return False
     resident = ctypes.create_string_buffer(1)
     if mincore(lo, 1, resident) != 0 or resident.raw[0] & 1:
