@@ -274,6 +274,8 @@ _PLANS: dict[str, _Plan] = {}
 def _forget() -> None:
     _CANDIDATES.clear()
     _PLANS.clear()
+
+
 _REGISTRY: dict[str, Backend] = _Table()
 # The stack of use_backend() blocks of this thread and asyncio task: the truth, read in eager code.
 _ACTIVE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("normkit_use_backend", default=())
