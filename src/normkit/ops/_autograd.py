@@ -12,6 +12,8 @@ from torch._functorch.utils import unwrap_dead_wrappers
 
 __all__ = [
     "check_saveable",
+    "direct_apply",
+    "eager_plain",
     "forward_ad_refusal",
     "graph_vjp",
     "records_graph",
@@ -33,6 +35,21 @@ def direct_apply(function: type[torch.autograd.Function]) -> Callable[..., objec
         return apply(*unwrap_dead_wrappers(args))
 
     return call
+
+
+def eager_plain(*tensors: Tensor | None) -> bool:
+    """Whether a call on ``tensors`` runs eagerly on plain tensors, so that a launcher may skip
+    its custom op and, without autograd recording, its autograd Function: not traced by
+    torch.compile, no torch.func transform active, no forward-mode ``dual_level`` open (a
+    tangent needs the Function's refusal), and none of ``tensors`` a functorch wrapper left
+    behind by a finished transform (it has no storage to read). About half a microsecond."""
+    if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0 or torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:
+        if t is not None and wrapped(t):
+            return False
+    return True
 
 
 def without_graph(t: Tensor, *inputs: Tensor | None) -> Tensor:

@@ -15,11 +15,15 @@ API (for the kernel files of :mod:`normkit.ops.numba`):
   (the calling thread and a small Python thread pool; the kernels release the GIL), or once
   over everything when the call has fewer than :data:`PARALLEL_MIN_ELEMENTS` elements: no
   numba thread pool, no lock, no parfor compilation (see Threads below).
+  :func:`split_threads` says how many ranges it will use.
 * Inside kernels: ``row_of(a, i)``, row ``i`` of a C-contiguous 2-D array as a 1-D array
   without reference counting (``a[i]`` costs two atomic operations per use);
   ``prefetch_row(row)``, a hint to fetch a row the kernel reads next.
 * :func:`as_array` ``(tensor)``: the NumPy view of a contiguous CPU tensor, no copy; bfloat16
-  comes as ``uint16`` (its bits). :func:`acc_np_dtype` is the statistics dtype for an input
+  comes as ``uint16`` (its bits). Where a launcher's Python cost matters (small calls), pass
+  ``tensor.data_ptr()`` instead and rebuild the array inside a jitted launcher with
+  ``array_at(address, shape, like)`` (:func:`element_like` gives ``like``): ``.numpy()``
+  costs 1-2 us a tensor, an address 0.1 us. :func:`acc_np_dtype` is the statistics dtype for an input
   dtype (float64 for float64, else float32); :func:`param` gives a weight/bias as a
   contiguous array in that dtype (a 0-length one for None).
 * Inside kernels: ``decode(row, buf)`` returns ``row`` itself when it is float, else fills
@@ -31,6 +35,10 @@ API (for the kernel files of :mod:`normkit.ops.numba`):
 * :func:`autograd_pair` ``(fwd_op, setup_context, backward, bwd_op)``: an autograd.Function
   around a ``torch.library`` forward op, its backward op wrapped for ``torch.func``; compiled
   code calls the custom ops directly (their fake implementations keep ``fullgraph=True``).
+  Without autograd recording an eager call runs the op's implementation alone.
+* :func:`eager_function` ``(name, forward, backward, graph_backward)``: a leaner Function for
+  eager calls on plain tensors, no custom op at all (the row norms at small shapes, where
+  each microsecond shows).
 
 Threads: a kernel uses ``min(torch.get_num_threads(), numba's pool)`` threads, read at each
 call, so ``torch.set_num_threads`` governs both libraries and the two pools never run at
@@ -69,15 +77,18 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from normkit.ops._autograd import direct_apply, forward_ad_refusal, records_graph, unpacked_once
+from normkit.ops._autograd import direct_apply, eager_plain, forward_ad_refusal, records_graph, unpacked_once
 from normkit.ops.numba._cache import cached_njit
 
 __all__ = [
     "LANES",
     "acc_np_dtype",
+    "array_at",
     "as_array",
     "autograd_pair",
     "decode",
+    "eager_function",
+    "element_like",
     "encode",
     "jit",
     "launch",
@@ -85,8 +96,9 @@ __all__ = [
     "pjit",
     "prefetch_row",
     "row_of",
-    "staging",
     "split_run",
+    "split_threads",
+    "staging",
     "sum_jit",
     "threads",
 ]
@@ -177,6 +189,27 @@ def prefetch_row(row):
     for j in range(0, min(row.shape[0], PREFETCH_BYTES // row.itemsize), step):
         _prefetch(row, j)
 
+@intrinsic
+def _pointer(typingctx, address):
+    """The integer ``address`` as a ``void*``."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+@jit(inline="always")
+def array_at(address, shape, like):
+    """The C-contiguous array of ``shape`` and ``like``'s dtype at ``address`` (a tensor's
+    ``data_ptr()``), neither owning nor counting a reference to the memory, as :func:`row_of`'s
+    rows: the tensor must outlive the kernel call, which the Python caller holding it ensures.
+    A 0-size array may have address 0."""
+    return numba.carray(_pointer(address), shape, like.dtype)
+
+
 _LAUNCH = threading.Lock()
 
 
@@ -207,12 +240,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOL[0]
 
 
+def split_threads(n_items: int, elements: int) -> int:
+    """How many ranges :func:`split_run` ``(kernel, n_items, elements, ...)`` runs now: one per
+    thread of ``torch.get_num_threads()``, at most ``n_items``, and 1 below
+    :data:`PARALLEL_MIN_ELEMENTS` elements."""
+    return min(torch.get_num_threads(), n_items) if elements >= PARALLEL_MIN_ELEMENTS else 1
+
+
 def split_run(kernel: Callable[..., Any], n_items: int, elements: int, *args: Any) -> None:
     """``kernel(*args, lo, hi)`` over contiguous ranges ``[lo, hi)`` covering ``[0, n_items)``:
     one range per thread of ``torch.get_num_threads()`` (at most ``n_items``), the first on the
     calling thread; a single call ``kernel(*args, 0, n_items)`` when ``elements`` (the call's
     size) is below :data:`PARALLEL_MIN_ELEMENTS` or one thread is allowed."""
-    n = min(torch.get_num_threads(), n_items) if elements >= PARALLEL_MIN_ELEMENTS else 1
+    n = split_threads(n_items, elements)
     if n <= 1:
         kernel(*args, 0, n_items)
         return
@@ -238,6 +278,21 @@ def as_array(t: Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+# A 0-length array per dtype the kernels see, by torch dtype: bfloat16 as its uint16 bits.
+_ELEMENT_LIKE = {
+    torch.float32: np.empty(0, np.float32),
+    torch.float64: np.empty(0, np.float64),
+    torch.bfloat16: np.empty(0, np.uint16),
+}
+
+
+def element_like(dtype: torch.dtype) -> np.ndarray:
+    """A 0-length array whose dtype is how the kernels see elements of torch ``dtype`` (bfloat16
+    as ``uint16`` bits): the ``like`` of :func:`array_at`, which also selects the kernel's
+    compiled specialisation."""
+    return _ELEMENT_LIKE[dtype]
 
 
 def param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
@@ -342,6 +397,7 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
     torch.library.register_autograd(fwd_op, backward, setup_context=setup)
     direct_fwd = _direct(fwd_op, fwd_impl)
     direct_bwd = _direct(bwd_op, bwd_impl)
+    run_backward = _kernel_or_graph(backward, graph_backward)
 
     class Forward(torch.autograd.Function):
         generate_vmap_rule = True
@@ -352,13 +408,7 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
         def forward(*args):
             return direct_fwd(*args)
 
-        @staticmethod
-        def backward(ctx, *grads):
-            if graph_backward is not None and torch.is_grad_enabled():
-                ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
-                if records_graph(ctx.saved_tensors, grads):
-                    return graph_backward(ctx, *grads)
-            return backward(ctx, *grads)
+        backward = staticmethod(run_backward)
 
     class Backward(torch.autograd.Function):
         generate_vmap_rule = True
@@ -387,6 +437,8 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return Forward.apply(*args)
+        if fwd_impl is not None and _untracked(args):
+            return fwd_impl(*args)
         return fast_fwd(*args)
 
     def backward_call(*args):
@@ -394,9 +446,60 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
             return bwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return Backward.apply(*args)
+        if bwd_impl is not None and _untracked(args):
+            return bwd_impl(*args)
         return fast_bwd(*args)
 
     return forward_call, backward_call
+
+
+def eager_function(name: str, forward: Callable[..., Any], backward: Callable[..., Any],
+                   graph_backward: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """The apply (:func:`~normkit.ops._autograd.direct_apply`) of an autograd Function named
+    ``name`` for eager calls on plain tensors (:func:`~normkit.ops._autograd.eager_plain`):
+    ``forward(ctx, *args)`` runs the kernels and saves what ``backward(ctx, *grads)`` reads,
+    without a custom op, so a call costs the Function alone (the custom ops and
+    :func:`autograd_pair`'s Function serve torch.compile and torch.func). ``graph_backward``
+    as :func:`autograd_pair`'s: the backward when it must build a graph. Forward mode
+    raises."""
+
+    run_backward = _kernel_or_graph(backward, graph_backward)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            return forward(ctx, *args)
+
+        backward = staticmethod(run_backward)
+        jvp = staticmethod(_refuse_forward_ad)
+
+    Eager.__name__ = Eager.__qualname__ = name
+    return direct_apply(Eager)
+
+
+def _kernel_or_graph(backward: Callable[..., Any], graph_backward: Callable[..., Any] | None) -> Callable[..., Any]:
+    """A Function's backward: ``backward(ctx, *grads)`` (the kernel), or ``graph_backward``
+    where autograd needs a graph of the backward itself (:func:`records_graph`)."""
+
+    def run(ctx, *grads):
+        if graph_backward is not None and torch.is_grad_enabled():
+            ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
+            if records_graph(ctx.saved_tensors, grads):
+                return graph_backward(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
+
+
+def _untracked(args: tuple) -> bool:
+    """An eager call on ``args`` that autograd would not record (grad mode off, as in every
+    first-order backward, or no tensor requiring grad) and :func:`eager_plain`: its autograd
+    Function would only add its cost (4-8 us a call), so the launcher runs the kernel itself."""
+    grad = torch.is_grad_enabled()
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if grad and any(t.requires_grad for t in tensors):
+        return False
+    return eager_plain(*tensors)
 
 
 def _direct(op, impl):

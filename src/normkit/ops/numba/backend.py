@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_DTYPE_SET = frozenset(DTYPES)
 
 _NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None
 
@@ -96,9 +97,13 @@ def is_available() -> bool:
 
 def tensors_unsupported(x: Tensor, *others: Tensor | None, empty_ok: bool = False) -> str | None:
     """Why the kernels cannot take ``x`` with ``others`` (parameters, residual), or None."""
-    if x.device.type != "cpu":
+    # (asked on every call the backend runs: a loop, not a generator; is_cpu, not device.type)
+    if not x.is_cpu:
         return f"numba kernels run on CPU tensors; got a {x.device.type} tensor"
-    bad = next((t.dtype for t in (x, *others) if t is not None and t.dtype not in DTYPES), None)
+    bad = None if x.dtype in _DTYPE_SET else x.dtype
+    for t in others:
+        if bad is None and t is not None and t.dtype not in _DTYPE_SET:
+            bad = t.dtype
     if bad == torch.float16:
         return ("float16 is declined by the numba kernels (the CPU has no float16 arithmetic: every "
                 "element converted both ways, no faster than float32): use bfloat16, float32, or "
@@ -231,6 +236,9 @@ _CHANNEL_OPS = {
 }
 
 
+_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES}
+
+
 def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None = None, *,
                 group_size: int | None = None) -> str:
     """The benchmark's class of a call: ``"<dtype>/<small|large>"``, plus ``"/short"`` where
@@ -242,7 +250,7 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
     autograd will record the call (``autograd``; by default whether ``x`` requires grad; the
     benchmark's forward+backward column decides those)."""
     size = "small" if x.numel() < SMALL_ELEMENTS else "large"
-    parts = [str(x.dtype).removeprefix("torch."), size]
+    parts = [_DTYPE_NAMES.get(x.dtype) or str(x.dtype).removeprefix("torch."), size]
     if op == "gated_rms_norm":  # its reductions are the groups of the last dim
         extent = group_size or x.shape[-1]
     elif op in _ROW_OPS or op in _BLOCK_OPS:
@@ -318,19 +326,27 @@ def _may_prefer(op: str):
 
 def _preferred(op: str):
     may_prefer = _may_prefer(op)
+    batch, gated = "batch" in op, op == "gated_rms_norm"
 
     def preferred(*args, **kwargs) -> bool:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if not may_prefer(x):
             return False
-        # The kernels have no forward-mode rule: a call carrying tangents stays on a backend with one.
-        if not torch.compiler.is_compiling() and any(
+        # The kernels have no forward-mode rule: a call carrying tangents stays on a backend with
+        # one. Tangents exist only inside a dual_level (unpacking each argument: ~1 us apiece).
+        if fwAD._current_level >= 0 and not torch.compiler.is_compiling() and any(
                 isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None for a in (*args, *kwargs.values())):
             return False
-        training = bool(args[5] if len(args) > 5 else kwargs.get("training", False)) if "batch" in op else True
-        # Autograd records the call if any tensor argument (the input, a weight) requires grad.
-        autograd = any(isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
-        group = args[4] if op == "gated_rms_norm" and len(args) > 4 else kwargs.get("group_size")
+        training = bool(args[5] if len(args) > 5 else kwargs.get("training", False)) if batch else True
+        # Autograd records the call if grad mode is on and any tensor argument (the input, a
+        # weight) requires grad (a loop: this runs on every call "auto" may send here).
+        autograd = False
+        if torch.is_grad_enabled():
+            for a in (*args, *kwargs.values()) if kwargs else args:
+                if isinstance(a, Tensor) and a.requires_grad:
+                    autograd = True
+                    break
+        group = args[4] if gated and len(args) > 4 else kwargs.get("group_size")
         return shape_class(op, x, training, autograd, group_size=group) in MEASURED_FASTER[op]
 
     return preferred

@@ -33,15 +33,17 @@ import torch
 from torch import Tensor
 
 from normkit.numerics import rms_eps
-from normkit.ops._autograd import vmap_by_loop
+from normkit.ops._autograd import eager_plain, vmap_by_loop
 from normkit.ops.numba import _graph_backward
 from normkit.ops.numba import _row_kernels as k
 from normkit.ops.numba._engine import (
-    acc_np_dtype,
-    as_array,
+    array_at,
     autograd_pair,
-    param,
+    eager_function,
+    element_like,
+    jit,
     split_run,
+    split_threads,
 )
 
 __all__ = [
@@ -76,52 +78,184 @@ def _bwd_block(M: int) -> int:
     return max(1, -(-M // MAX_BLOCKS))
 
 
+# ---- launchers: tensors passed by address --------------------------------------------------
+# A launcher takes every tensor as its data_ptr() and rebuilds the kernels' arrays inside
+# (array_at): .numpy() costs 1-2 us a tensor, five to nine tensors a call, several times the
+# kernel itself at small shapes. ``like``/``acc`` (element_like) type the elements and the
+# statistics. A statistics address of 0 means "not kept" (a no-grad forward): per-call scratch.
+
+
+@jit(inline="always")
+def _stats_at(address, M, acc):
+    if address == 0:
+        return np.empty(M, acc.dtype)
+    return array_at(address, (M,), acc)
+
+
+@jit(inline="always")
+def _partials_at(address, blocks, n, acc):
+    if address == 0:  # a gradient not asked for: scratch for the kernel to write
+        return np.empty((blocks, n), acc.dtype)
+    return array_at(address, (blocks, n), acc)
+
+
+@jit
+def _row_fwd_ln_at(x, res, rout, w, b, eps, y, mean, rstd, M, L, n_res, n_rout, like, acc, lo, hi):
+    k.row_fwd_ln(array_at(x, (M, L), like), array_at(res, (n_res, L), like), array_at(rout, (n_rout, L), like),
+                 array_at(w, (L,), acc), array_at(b, (L,), acc), eps, array_at(y, (M, L), like),
+                 _stats_at(mean, M, acc), _stats_at(rstd, M, acc), lo, hi)
+
+
+@jit
+def _row_fwd_rms_at(x, res, rout, w, b, eps, y, mean, rstd, M, L, n_res, n_rout, like, acc, lo, hi):
+    k.row_fwd_rms(array_at(x, (M, L), like), array_at(res, (n_res, L), like), array_at(rout, (n_rout, L), like),
+                  array_at(w, (L,), acc), array_at(b, (0,), acc), eps, array_at(y, (M, L), like),
+                  _stats_at(mean, M, acc), _stats_at(rstd, M, acc), lo, hi)
+
+
+@jit
+def _row_bwd_ln_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, blocks, block, like, acc, lo, hi):
+    k.row_bwd_ln(array_at(dy, (M, L), like), array_at(x, (M, L), like), array_at(w, (L,), acc),
+                 array_at(mean, (M,), acc), array_at(rstd, (M,), acc), array_at(dres, (n_dres, L), like),
+                 array_at(dx, (M, L), like), _partials_at(dwp, blocks, L, acc), _partials_at(dbp, blocks, L, acc),
+                 block, lo, hi)
+
+
+@jit
+def _row_bwd_rms_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, blocks, block, like, acc, lo, hi):
+    k.row_bwd_rms(array_at(dy, (M, L), like), array_at(x, (M, L), like), array_at(w, (L,), acc),
+                  array_at(mean, (M,), acc), array_at(rstd, (M,), acc), array_at(dres, (n_dres, L), like),
+                  array_at(dx, (M, L), like), _partials_at(dwp, blocks, L, acc), _partials_at(dbp, blocks, 0, acc),
+                  block, lo, hi)
+
+
+_FWD_AT = {False: _row_fwd_ln_at, True: _row_fwd_rms_at}
+_BWD_AT = {False: _row_bwd_ln_at, True: _row_bwd_rms_at}
+
+
+class _Types(NamedTuple):
+    stat: torch.dtype  # of the statistics, partial sums and parameters as the kernels read them
+    stat_size: int  # its bytes
+    like: np.ndarray  # element_like of the input
+    acc: np.ndarray  # element_like of stat
+
+
+_TYPES = {
+    dtype: _Types(stat, stat.itemsize, element_like(dtype), element_like(stat))
+    for dtype, stat in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                        (torch.float64, torch.float64))
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(n: int, dtype: torch.dtype, fill: float) -> Tensor:
+    """``n`` copies of ``fill`` (a missing weight's ones, a bias's zeros), shared between calls:
+    the kernels only read them."""
+    return torch.full((n,), fill, dtype=dtype)
+
+
+def _param(t: Tensor | None, dtype: torch.dtype, n: int, fill: float) -> Tensor:
+    """A weight or bias as a contiguous tensor of the statistics ``dtype`` (itself where it is
+    one already), ``n`` copies of ``fill`` for None."""
+    if t is None:
+        return _filled(n, dtype, fill)
+    if t.dtype is dtype and t.is_contiguous():
+        return t
+    return t.detach().reshape(-1).to(dtype).contiguous()
+
+
+def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+             is_rms: bool, store_residual: bool, L: int, mean_at: int, rstd_at: int) -> tuple[Tensor, Tensor | None]:
+    """``(y, residual_out)`` of rows of ``L`` elements of ``x`` (any shape; ``residual_out``
+    None unless ``store_residual``), the statistics written at ``mean_at``/``rstd_at``
+    (addresses of ``M`` values in the statistics dtype; 0: not kept)."""
+    t = _TYPES[x.dtype]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    M = x.numel() // L
+    y = torch.empty_like(x)
+    rout = torch.empty_like(x) if store_residual else None
+    n_res = 0 if residual is None else M
+    if n_res and not residual.is_contiguous():
+        residual = residual.contiguous()
+    w = _param(weight, t.stat, L, 1.0)
+    b = None if is_rms else _param(bias, t.stat, L, 0.0)  # RMS kernels take no bias
+    split_run(_FWD_AT[is_rms], M, M * L, x.data_ptr(), residual.data_ptr() if n_res else 0,
+              0 if rout is None else rout.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), float(eps),
+              y.data_ptr(), mean_at, rstd_at, M, L, n_res, 0 if rout is None else M, t.like, t.acc)
+    return y, rout
+
+
+def _launch_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean_at: int, rstd_at: int,
+              dresidual_out: Tensor | None, is_rms: bool, want_dw: bool, want_db: bool, L: int,
+              param_shape: Sequence[int]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dx, dw, db)`` of :func:`_launch_fwd` (``dx`` plus ``dresidual_out``, the gradient that
+    reached ``residual_out``, when given), from the statistics at ``mean_at``/``rstd_at``; ``dw``
+    and ``db`` of ``param_shape`` in the statistics dtype, None where not wanted.
+
+    The weight/bias gradients are summed per block of ``_bwd_block(M)`` rows, then over the
+    blocks in block order. Up to :data:`MAX_BLOCKS` rows the blocks are single rows, so that
+    order is the rows' order: a call that runs on one thread then sums every row into ``dw``
+    and ``db`` directly, one block of all rows (the same bits, without the partials and the
+    second kernel)."""
+    t = _TYPES[x.dtype]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    M = x.numel() // L
+    if dy.dtype is not x.dtype or not dy.is_contiguous():
+        dy = dy.to(x.dtype).contiguous()
+    n_dres = 0
+    if dresidual_out is not None:
+        n_dres = M
+        if dresidual_out.dtype is not x.dtype or not dresidual_out.is_contiguous():
+            dresidual_out = dresidual_out.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)
+    w = _param(weight, t.stat, L, 1.0)
+    kernel = _BWD_AT[is_rms]
+    args = (dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean_at, rstd_at,
+            dresidual_out.data_ptr() if n_dres else 0, dx.data_ptr())
+    block = _bwd_block(M)
+    blocks = -(-M // block)
+    if M <= MAX_BLOCKS and split_threads(blocks, M * L) == 1:
+        dw = torch.empty(param_shape, dtype=t.stat) if want_dw else None
+        db = torch.empty(param_shape, dtype=t.stat) if want_db and not is_rms else None
+        kernel(*args, 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(),
+               M, L, n_dres, 1, M, t.like, t.acc, 0, 1)
+        return dx, dw, db
+    # RMS has no bias: no bias partials (the kernel never touches them).
+    dwp = torch.empty((blocks, L), dtype=t.stat)
+    dbp = torch.empty((blocks, 0 if is_rms else L), dtype=t.stat)
+    split_run(kernel, blocks, M * L, *args, dwp.data_ptr(), dbp.data_ptr(), M, L, n_dres, blocks, block,
+              t.like, t.acc)
+    if not (want_dw or want_db):
+        return dx, None, None
+    dw = torch.empty(param_shape, dtype=t.stat)
+    db = torch.empty(param_shape if want_db else (0,), dtype=t.stat)
+    dbp_a = dbp.numpy() if want_db else dbp.numpy()[:, :0]
+    split_run(k.sum_blocks, L, blocks * L, dwp.numpy(), dbp_a, dw.numpy().reshape(-1), db.numpy().reshape(-1))
+    return dx, dw if want_dw else None, db if want_db else None
+
+
 def _row_fwd_impl(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                   eps: float, is_rms: bool, store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M, L = x.shape
-    acc = acc_np_dtype(x.dtype)
-    stat_dtype = torch.float64 if acc is np.float64 else torch.float32
-    y = torch.empty_like(x)
-    mean = torch.empty(M, dtype=stat_dtype)
-    rstd = torch.empty(M, dtype=stat_dtype)
-    xa = as_array(x)
-    none = _none_rows(xa)
-    if store_residual:
-        residual_out = torch.empty_like(x)
-        rout = as_array(residual_out)
-    else:
-        residual_out, rout = x.new_empty((0, L)), none
-    res = none if residual is None else as_array(residual)
-    b = param(None if is_rms else bias, acc, 0 if is_rms else L, 0)  # RMS kernels take no bias
-    split_run(k.ROW_FWD[is_rms], M, M * L, xa, res, rout, param(weight, acc, L, 1), b, float(eps),
-              as_array(y), mean.numpy(), rstd.numpy())
-    return y, residual_out, mean, rstd
+    stat = _TYPES[x.dtype].stat
+    mean = torch.empty(M, dtype=stat)
+    rstd = torch.empty(M, dtype=stat)
+    y, residual_out = _launch_fwd(x, residual, weight, bias, eps, is_rms, store_residual, L,
+                               mean.data_ptr(), rstd.data_ptr())
+    return y, x.new_empty((0, L)) if residual_out is None else residual_out, mean, rstd
 
 
 def _row_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
                   dresidual_out: Tensor | None, is_rms: bool, want_dw: bool,
                   want_db: bool) -> tuple[Tensor, Tensor, Tensor]:
-    M, L = x.shape
-    acc = acc_np_dtype(x.dtype)
-    if dy.dtype != x.dtype or not dy.is_contiguous():
-        dy = dy.to(x.dtype).contiguous()
-    dx = torch.empty_like(x)
-    block = _bwd_block(M)
-    blocks = -(-M // block)
-    part_dtype = mean.dtype
-    # RMS has no bias: no bias partials (the kernel never touches them).
-    dwp = torch.empty((blocks, L), dtype=part_dtype)
-    dbp = torch.empty((blocks, 0 if is_rms else L), dtype=part_dtype)
-    xa = as_array(x)
-    dres = _none_rows(xa) if dresidual_out is None else as_array(dresidual_out.to(x.dtype).contiguous())
-    split_run(k.ROW_BWD[is_rms], blocks, M * L, as_array(dy), xa, param(weight, acc, L, 1), mean.numpy(),
-              rstd.numpy(), dres, as_array(dx), dwp.numpy(), dbp.numpy(), block)
-    dw = torch.empty(L if want_dw or want_db else 0, dtype=part_dtype)
-    db = torch.empty(L if want_db else 0, dtype=part_dtype)
-    if want_dw or want_db:
-        dbp_a = dbp.numpy() if want_db else dbp.numpy()[:, :0]
-        split_run(k.sum_blocks, L, blocks * L, dwp.numpy(), dbp_a, dw.numpy(), db.numpy())
-    return dx, dw if want_dw else dw[:0], db
+    L = x.shape[1]
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    dx, dw, db = _launch_bwd(dy, x, weight, mean.data_ptr(), rstd.data_ptr(), dresidual_out, is_rms,
+                           want_dw, want_db, L, (L,))
+    # (a custom op's results may not alias one another: a fresh empty tensor for each)
+    return dx, mean.new_empty(0) if dw is None else dw, mean.new_empty(0) if db is None else db
 
 
 # ---- custom ops: what torch.compile sees ---------------------------------------------------
@@ -181,18 +315,102 @@ _row_norm, _row_bwd = autograd_pair(_row_fwd_op, _setup_context, _backward, _row
                                    _row_fwd_impl, _row_bwd_impl, graph_backward=_graph_backward.row)
 
 
+# ---- eager calls: one autograd Function, no custom op ----------------------------------------
+
+
+def _eager_forward(ctx, x, residual, weight, bias, eps, is_rms, store_residual, L, param_shape):
+    """Forward of the row norms' eager Function (:func:`_apply_row_norm`): the kernels on the
+    tensors as they are (rows of ``L``, any leading shape), the statistics in one saved tensor.
+    Returns ``y``, or ``(y, residual_out)`` where ``store_residual``."""
+    M = x.numel() // L
+    t = _TYPES[x.dtype]
+    stats = torch.empty(2 * M, dtype=t.stat)  # mean, then rstd
+    at = stats.data_ptr()
+    y, rout = _launch_fwd(x, residual, weight, bias, eps, is_rms, store_residual, L, at, at + M * t.stat_size)
+    ctx.save_for_backward(x if rout is None else rout, weight, stats)
+    ctx.set_materialize_grads(False)
+    ctx.eps, ctx.is_rms, ctx.store_residual, ctx.L, ctx.param_shape = eps, is_rms, store_residual, L, param_shape
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    return y if rout is None else (y, rout)
+
+
+def _eager_backward(ctx, dy, dresidual_out=None):
+    x, weight, stats = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if dy is None:  # only residual_out reached the loss
+        dy = torch.zeros_like(x)
+    at = stats.data_ptr()
+    dx, dw, db = _launch_bwd(dy, x, weight, at, at + (stats.numel() // 2) * stats.element_size(), dresidual_out,
+                             ctx.is_rms, need[2], need[3], ctx.L, ctx.param_shape)
+    w_dtype, b_dtype = ctx.dtypes
+    if dw is not None and dw.dtype is not w_dtype:
+        dw = dw.to(w_dtype)
+    if db is not None and db.dtype is not b_dtype:
+        db = db.to(b_dtype)
+    return dx, dx if need[1] else None, dw, db, None, None, None, None, None
+
+
+class _FlatCtx(NamedTuple):
+    """What :func:`normkit.ops.numba._graph_backward.row` reads of the custom op's ctx, from
+    the eager Function's: the saved rows as ``(M, L)``, the weight flat."""
+
+    saved_tensors: tuple[Tensor | None, ...]
+    needs_input_grad: tuple[bool, ...]
+    dtypes: tuple[torch.dtype | None, torch.dtype | None]
+    eps: float
+    is_rms: bool
+    store_residual: bool
+
+
+def _graph_grads(ctx, dy: Tensor | None, dresidual_out: Tensor | None = None) -> tuple[Tensor | None, ...]:
+    """The eager Function's gradients in differentiable torch operations (a backward that
+    builds a graph): the custom op's formula on the rows, reshaped back."""
+    x, weight, _ = ctx.saved_tensors
+    L = ctx.L
+
+    def rows(t):
+        return None if t is None else t.reshape(-1, L)
+
+    flat = _FlatCtx((rows(x), None if weight is None else weight.reshape(-1), None, None), ctx.needs_input_grad,
+                    ctx.dtypes, ctx.eps, ctx.is_rms, ctx.store_residual)
+    dx, dres, dw, db, *_ = _graph_backward.row(flat, rows(dy), rows(dresidual_out), None, None)
+    shape = x.shape
+    return (None if dx is None else dx.reshape(shape), None if dres is None else dres.reshape(shape),
+            None if dw is None else dw.reshape(ctx.param_shape), None if db is None else db.reshape(ctx.param_shape),
+            None, None, None, None, None)
+
+
+# The row norms' autograd in eager code on plain tensors (:func:`eager_plain`), called with
+# ``(x, residual, weight, bias, eps, is_rms, store_residual, L, param_shape)``: no custom-op
+# dispatch, the tensors as they are. The custom ops' Function (``_row_norm``) serves torch.func,
+# whose transforms need its vmap rule and ``setup_context``; compiled code calls the ops.
+_apply_row_norm = eager_function("RowNorm", _eager_forward, _eager_backward, _graph_grads)
+
+
 # ---- the norms, with torch.nn.functional's signatures ------------------------------------------
 
 
 def _trailing_norm(x: Tensor, residual: Tensor | None, normalized_shape: Sequence[int],
                    weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
-                   store_residual: bool) -> tuple[Tensor, Tensor]:
+                   store_residual: bool) -> tuple[Tensor, Tensor | None]:
+    """``(y, residual_out)`` (``residual_out`` None unless ``store_residual``)."""
     L = math.prod(normalized_shape)
+    if eager_plain(x, residual, weight, bias):
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            if not x.is_contiguous():  # (recorded: the copy's gradient flows back to x)
+                x = x.contiguous()
+            if residual is not None and not residual.is_contiguous():
+                residual = residual.contiguous()
+            out = _apply_row_norm(x, residual, weight, bias, eps, is_rms, store_residual, L, normalized_shape)
+            return out if store_residual else (out, None)
+        return _launch_fwd(x, residual, weight, bias, eps, is_rms, store_residual, L, 0, 0)
     rows = x.reshape(-1, L).contiguous()
     res_rows = None if residual is None else residual.reshape(-1, L).contiguous()
     flat = (None if p is None else p.reshape(-1) for p in (weight, bias))
     y, residual_out, _, _ = _row_norm(rows, res_rows, *flat, eps, is_rms, store_residual)
-    return y.view(x.shape), residual_out.view(x.shape) if store_residual else residual_out
+    return y.view(x.shape), residual_out.view(x.shape) if store_residual else None
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
