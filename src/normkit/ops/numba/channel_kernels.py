@@ -41,9 +41,13 @@ does not depend on the other samples):
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from normkit.ops.numba._engine import decode, encode, jit, pjit, staging, sum_jit
 
@@ -174,6 +178,102 @@ def _dx(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act):
             out[i] = k1 * _act_grad(g[i], h * wc + bc, act) + k2 * h + k3
 
 
+# Outputs of at least this many bytes (y, dx) are written with non-temporal stores: they go to
+# memory without first reading each cache line in (a plain store of a line not in cache reads
+# it, so writing costs twice its bytes of memory traffic). Below that, an output may still be
+# in the last-level cache when the next layer reads it, which a non-temporal store would give
+# up. Measured on a 32 MiB-L3 EPYC, 2^23 float32 elements: 1.96 -> 1.48 ms (min) for an
+# elementwise pass. x86-64 only (elsewhere plain stores).
+STREAM_BYTES = 8 << 20
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# Elements computed into a buffer in L1 before they are stored to memory in one burst.
+STREAM_BLOCK = 512
+
+
+@intrinsic
+def _store_stream(typingctx, dst, offset, src):
+    """``dst[offset:offset + len(src)] = src`` with 32-byte non-temporal vector stores:
+    ``dst``'s address at ``offset`` 32-byte aligned, ``len(src)`` a multiple of 32 bytes."""
+
+    def codegen(context, builder, sig, args):
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        elt = context.get_data_type(sig.args[0].dtype)
+        lanes = 32 // context.get_abi_sizeof(elt)
+        vec = ir.VectorType(elt, lanes)
+        n = cgutils.unpack_tuple(builder, s.shape, 1)[0]
+        base = builder.gep(d.data, [args[1]])
+        hint = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        with cgutils.for_range_slice(builder, ir.Constant(n.type, 0), n, ir.Constant(n.type, lanes)) as (i, _):
+            v = builder.load(builder.bitcast(builder.gep(s.data, [i]), vec.as_pointer()), align=4)
+            store = builder.store(v, builder.bitcast(builder.gep(base, [i]), vec.as_pointer()), align=32)
+            store.set_metadata("nontemporal", hint)
+        return context.get_dummy_value()
+
+    return types.void(dst, types.intp, src), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """``sfence``: non-temporal stores are weakly ordered; a task fences them before the
+    launch returns and another thread reads the output."""
+
+    def codegen(context, builder, sig, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+def streams(out):  # pragma: no cover - replaced by the overload inside kernels
+    """Whether results bound for ``out`` (the whole flat output) are stored non-temporally."""
+
+
+@overload(streams)
+def _streams(out):
+    if not _X86 or not isinstance(out.dtype, types.Float):
+        return lambda out: False  # bf16 goes through a staging buffer that encode reads back
+    return lambda out: out.shape[0] * out.itemsize >= STREAM_BYTES
+
+
+@jit(inline="always")
+def _stream_head(out):
+    """Elements of ``out`` before its first 32-byte aligned one."""
+    return min(out.shape[0], ((32 - out.ctypes.data % 32) % 32) // out.itemsize)
+
+
+@jit(inline="always")
+def _apply_stream(v, out, pt, mt, k1, k0, act, zero, buf):
+    """:func:`_apply` with the aligned middle of ``out`` stored non-temporally, ``buf`` a
+    STREAM_BLOCK-element scratch (the same values: only the stores differ)."""
+    n = v.shape[0]
+    i0 = _stream_head(out)
+    _apply(v[:i0], out[:i0], pt, mt, k1, k0, act, zero)
+    while i0 + STREAM_BLOCK <= n:
+        _apply(v[i0:i0 + STREAM_BLOCK], buf, pt, mt, k1, k0, act, zero)
+        _store_stream(out, i0, buf)
+        i0 += STREAM_BLOCK
+    _apply(v[i0:], out[i0:], pt, mt, k1, k0, act, zero)
+
+
+@jit(inline="always")
+def _dx_stream(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act, buf):
+    """:func:`_dx` with the aligned middle of ``out`` stored non-temporally (see
+    :func:`_apply_stream`)."""
+    n = v.shape[0]
+    i0 = _stream_head(out)
+    _dx(v[:i0], g[:i0], out[:i0], pt, mt, rt, wc, bc, k1, k2, k3, act)
+    while i0 + STREAM_BLOCK <= n:
+        _dx(v[i0:i0 + STREAM_BLOCK], g[i0:i0 + STREAM_BLOCK], buf, pt, mt, rt, wc, bc, k1, k2, k3,
+            act)
+        _store_stream(out, i0, buf)
+        i0 += STREAM_BLOCK
+    _dx(v[i0:], g[i0:], out[i0:], pt, mt, rt, wc, bc, k1, k2, k3, act)
+
+
 # seg_fwd's modes: what a task does with its row.
 FULL, SUMS, APPLY = 0, 1, 2
 
@@ -193,9 +293,11 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
       or eval BatchNorm with the running statistics)."""
     T = w.dtype.type
     zero = T(0.0)
+    stream = streams(y)
     for r in prange(pivot.shape[0]):
         xbuf = np.empty(S, w.dtype)
         ybuf = np.empty(S, w.dtype)
+        sbuf = np.empty(STREAM_BLOCK if stream else 0, w.dtype)
         base, bi = _row_start(r, nb, stride_a, stride_b)
         if mode != APPLY:
             if mode == FULL:
@@ -216,9 +318,15 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
             c = bi * cpr + j * cps
             start = base + j * seg_stride
             out = staging(y[start:start + S], ybuf)
-            _apply(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c], act,
-                   zero)
+            if stream:
+                _apply_stream(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]),
+                              b[c], act, zero, sbuf)
+            else:
+                _apply(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c],
+                       act, zero)
             encode(out, y[start:start + S])
+        if stream:
+            _store_fence()
 
 
 @pjit
@@ -232,10 +340,12 @@ def seg_bwd(dy, x, dx, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w,
     ``dx = k1 * dz + k2 * x_hat + k3`` with ``(k1, k2, k3) = coef[r]``."""
     T = w.dtype.type
     want_dx, given = dx.shape[0] > 0, coef.shape[0] > 0
+    stream = streams(dx)
     for r in prange(pivot.shape[0]):
         xbuf = np.empty(S, w.dtype)
         gbuf = np.empty(S, w.dtype)
         obuf = np.empty(S, w.dtype)
+        sbuf = np.empty(STREAM_BLOCK if stream else 0, w.dtype)
         base, bi = _row_start(r, nb, stride_a, stride_b)
         pt, mt, rt = T(pivot[r]), T(mean[r]), T(rstd[r])
         g1 = 0.0
@@ -261,9 +371,15 @@ def seg_bwd(dy, x, dx, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w,
                 k3 = T(-rstd[r] * g1 / n) if batch_stats else T(0.0)
             start = base + j * seg_stride
             out = staging(dx[start:start + S], obuf)
-            _dx(decode(x[start:start + S], xbuf), decode(dy[start:start + S], gbuf), out, pt, mt,
-                rt, w[c], b[c], k1, k2, k3, act)
+            v = decode(x[start:start + S], xbuf)
+            g = decode(dy[start:start + S], gbuf)
+            if stream:
+                _dx_stream(v, g, out, pt, mt, rt, w[c], b[c], k1, k2, k3, act, sbuf)
+            else:
+                _dx(v, g, out, pt, mt, rt, w[c], b[c], k1, k2, k3, act)
             encode(out, dx[start:start + S])
+        if stream:
+            _store_fence()
 
 
 @jit(inline="always")

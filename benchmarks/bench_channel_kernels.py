@@ -1,0 +1,201 @@
+"""The numba channel kernels against torch eager and torch.compile, forward, backward and both,
+with the kernels' own time apart from the output's allocation.
+
+    python benchmarks/bench_channel_kernels.py [--threads 1 2] [--compile] [--old DIR] [--repeats 15]
+
+Cases: BatchNorm 32x64x56x56 (NCHW and channels_last), GroupNorm 32x64x56x56 G=32, the U-Net
+GroupNorm 8x320x64x64 G=32 and InstanceNorm 1x64x256x256 (GroupNorm with G = C), float32,
+training, random weight, bias and upstream gradient. Providers are interleaved call by call;
+each figure is the median over the repeats with its min-max.
+
+``kernel`` rows time the launcher (``_fwd_impl`` / ``_bwd_impl``) with its output buffers
+allocated once and reused: the kernels' time without the page faults of a fresh 25-40 MB
+output, which eager torch and numba pay alike on every call. ``--old DIR`` adds the same
+launcher from a copy of an earlier ``channel_norm.py`` (as ``old_channel_norm`` in DIR,
+its custom ops renamed) for an A/B comparison in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from normkit.ops.numba import channel_norm as cn
+
+CASES = {
+    "bn 32x64x56x56": ((32, 64, 56, 56), 0, False),
+    "bn 32x64x56x56 cl": ((32, 64, 56, 56), 0, True),
+    "gn 32x64x56x56 G=32": ((32, 64, 56, 56), 32, False),
+    "gn 8x320x64x64 G=32": ((8, 320, 64, 64), 32, False),
+    "in 1x64x256x256": ((1, 64, 256, 256), 64, False),
+}
+
+
+class _Reuse:
+    """``torch`` for a launcher module, whose ``empty_like`` hands back one buffer per shape,
+    allocated once (its pages already touched)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[Any, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def empty_like(self, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        key = (tuple(t.shape), t.stride(), t.dtype)
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty_like(t, **kw).zero_()
+        return self._bufs[key]
+
+
+def _torch_fn(groups: int) -> Callable[..., torch.Tensor]:
+    if groups == 0:
+        return lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    return lambda x, w, b: F.group_norm(x, groups, w, b, 1e-5)
+
+
+def _numba_fn(mod: Any, groups: int) -> Callable[..., torch.Tensor]:
+    if groups == 0:
+        return lambda x, w, b: mod.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    return lambda x, w, b: mod.group_norm(x, groups, w, b, 1e-5)
+
+
+def _autograd_timers(fn: Callable[..., torch.Tensor], x, w, b, dy) -> dict[str, Callable[[], None]]:
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    graph: list[torch.Tensor] = []
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*leaves)
+
+    def bwd() -> None:
+        if not graph:
+            graph.append(fn(*leaves))
+        torch.autograd.grad(graph[0], leaves, dy, retain_graph=True)
+
+    def both() -> None:
+        torch.autograd.grad(fn(*leaves), leaves, dy)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+
+
+def _kernel_timers(mod: Any, groups: int, x, w, b, dy) -> dict[str, Callable[[], None]]:
+    saved: list[Any] = []
+
+    def fwd() -> None:
+        out = mod._fwd_impl(x, w, b, None, None, groups, True, 1e-5, 0)
+        if not saved:
+            saved.append(tuple(t.clone() for t in out))
+
+    def bwd() -> None:
+        if not saved:
+            fwd()
+        _, pivot, mean, _, rstd = saved[0]
+        mod._bwd_impl(dy, x, w, b, pivot, mean, rstd, groups, True, 0, True, True, True)
+
+    def both() -> None:
+        _, pivot, mean, _, rstd = mod._fwd_impl(x, w, b, None, None, groups, True, 1e-5, 0)
+        mod._bwd_impl(dy, x, w, b, pivot, mean, rstd, groups, True, 0, True, True, True)
+
+    def reusing(f: Callable[[], None]) -> Callable[[], None]:
+        def call() -> None:
+            real, mod.torch = mod.torch, _Reuse.shared
+            try:
+                f()
+            finally:
+                mod.torch = real
+
+        return call
+
+    return {"fwd": reusing(fwd), "bwd": reusing(bwd), "fwd+bwd": reusing(both)}
+
+
+_Reuse.shared = _Reuse()
+
+
+def run(
+    threads: int,
+    compile_: bool,
+    old: Any,
+    repeats: int,
+    only: list[str] | None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
+    torch.set_num_threads(threads)
+    torch._dynamo.config.recompile_limit = 64  # one compiled function per case, grad mode and thread count
+    for name, (shape, groups, cl) in CASES.items():
+        if only and not any(o in name for o in only):
+            continue
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g) * 2 + 1
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        C = shape[1]
+        w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+        dy = torch.randn(shape, generator=g)
+        if cl:
+            dy = dy.contiguous(memory_format=torch.channels_last)
+        providers: dict[str, dict[str, Callable[[], None]]] = {
+            "eager": _autograd_timers(_torch_fn(groups), x, w, b, dy),
+        }
+        if compile_:
+            providers["compile"] = _autograd_timers(torch.compile(_torch_fn(groups), dynamic=False), x, w, b, dy)
+        providers["numba"] = _autograd_timers(_numba_fn(cn, groups), x, w, b, dy)
+        if old is not None:
+            providers["numba-old"] = _autograd_timers(_numba_fn(old, groups), x, w, b, dy)
+        providers["kernel"] = _kernel_timers(cn, groups, x, w, b, dy)
+        if old is not None:
+            providers["kernel-old"] = _kernel_timers(old, groups, x, w, b, dy)
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(2):  # warm-up (compilation, first-touch of buffers)
+            for p in providers.values():
+                for f in p.values():
+                    f()
+        for _ in range(repeats):
+            for pname, p in providers.items():
+                for d, f in p.items():
+                    t0 = clock()
+                    f()
+                    times.setdefault((pname, d), []).append(clock() - t0)
+        print(f"\n{name}, {threads} thread(s), ms median (min-max)")
+        for pname in providers:
+            cells = []
+            for d in ("fwd", "bwd", "fwd+bwd"):
+                ts = [t * 1e3 for t in times[(pname, d)]]
+                cells.append(f"{d} {statistics.median(ts):7.2f} ({min(ts):.2f}-{max(ts):.2f})")
+            print(f"  {pname:11s} " + "  ".join(cells))
+        sys.stdout.flush()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--old", help="directory holding old_channel_norm.py")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the process's CPU seconds instead of the wall clock (robust to other "
+        "load at 1 thread; at 2, waiting threads that spin count too)",
+    )
+    args = ap.parse_args()
+    old = None
+    if args.old:
+        sys.path.insert(0, args.old)
+        old = importlib.import_module("old_channel_norm")
+    for t in args.threads:
+        run(t, args.compile, old, args.repeats, args.only, time.process_time if args.cpu_time else time.perf_counter)
+
+
+if __name__ == "__main__":
+    main()
