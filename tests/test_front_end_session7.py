@@ -220,11 +220,6 @@ def test_compile_fullgraph_functions_and_module() -> None:
     torch.testing.assert_close(compiled_bn.running_var, eager_bn.running_var, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normkit.ops.numba.backend fills _CLAIMS_SMALL on its first use and dynamo guards it: "
-    "a module compiled before that recompiles on its second call (fix proposed: fill it at import)",
-)
 def test_compiled_module_does_not_recompile_on_its_second_call(monkeypatch: pytest.MonkeyPatch) -> None:
     numba_backend = pytest.importorskip("normkit.ops.numba.backend")
     x = _randn(8, 64, seed="recompile")

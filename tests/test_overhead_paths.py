@@ -167,14 +167,14 @@ class _Seen(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("op", list(CALLS))
-def test_a_torch_function_mode_sees_torch_nn_functional(op: str) -> None:
-    """Under a torch function mode the call goes the long way, so the mode sees the same call
-    as under torch: torch.nn.functional's op."""
+def test_a_torch_function_mode_sees_the_normkit_op(op: str) -> None:
+    """normkit.functional's ops take part in __torch_function__ as torch.nn.functional's do: a
+    torch function mode sees the normkit op (and, as under torch, not the ops inside it)."""
     ours, theirs, _ = CALLS[op]
     leaves = [t.detach() for t in _leaves(op)]
     with _Seen() as seen:
         ours(*leaves)
-    assert getattr(F, op) in seen.funcs
+    assert getattr(NF, op) in seen.funcs
 
 
 # Bad calls on the settled path: (op, normkit call, torch call), the same arguments.

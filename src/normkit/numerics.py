@@ -63,7 +63,7 @@ def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) 
     counter, as torch)."""
     if momentum is not None:
         return momentum
-    return 1.0 / float(num_batches_tracked + 1) if num_batches_tracked is not None else 0.0
+    return 1.0 / (float(num_batches_tracked) + 1.0) if num_batches_tracked is not None else 0.0
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, batch_mean: Tensor,

@@ -59,6 +59,10 @@ class _Reported(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if any(func is spec.function for spec in OPS.values()):
+            # a normkit op hands its call to the subclass first (torch's protocol): run its body on
+            # the stand-ins, so that each torch op inside (a cast to stats_dtype) reports the device too
+            return func.__wrapped__(*args, **(kwargs or {}))
         where = next(a._where for a in (*args, *(kwargs or {}).values()) if isinstance(a, _Reported))
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))

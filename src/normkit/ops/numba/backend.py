@@ -305,8 +305,14 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
 }
 
 
+def _claims_small(classes: frozenset[str]) -> bool:
+    return any("/small" in c for c in classes)
+
+
 # MEASURED_FASTER's sets of classes -> whether one of them is a small class (asked per call).
-_CLAIMS_SMALL: dict[frozenset[str], bool] = {}
+# Filled at import, never after: torch.compile guards what it reads here, and a memo filled on
+# the first call would make a module compiled before it recompile on its second call.
+_CLAIMS_SMALL: dict[frozenset[str], bool] = {classes: _claims_small(classes) for classes in MEASURED_FASTER.values()}
 
 
 def _may_prefer(op: str):
@@ -317,8 +323,8 @@ def _may_prefer(op: str):
         if not classes:
             return False
         small = _CLAIMS_SMALL.get(classes)
-        if small is None:
-            small = _CLAIMS_SMALL[classes] = any("/small" in c for c in classes)
+        if small is None:  # a table changed since import: asked, not kept
+            small = _claims_small(classes)
         return small or x.numel() >= SMALL_ELEMENTS
 
     return may_prefer

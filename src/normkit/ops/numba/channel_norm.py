@@ -48,7 +48,7 @@ from torch import Tensor
 from normkit import reference
 from normkit.numerics import acc_dtype, unbiased, update_running_stats
 from normkit.ops._autograd import check_saveable, refuse_forward_ad_early, vmap_by_loop
-from normkit.ops.numba import _graph_backward
+from normkit.ops.numba import _graph_backward, _pages
 from normkit.ops.numba import channel_kernels as k
 from normkit.ops.numba._engine import (
     _refuse_forward_ad,
@@ -98,7 +98,7 @@ def _flat(t: Tensor) -> np.ndarray:
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` (dy) in x's dtype and strides."""
     t = t.to(x.dtype)
-    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+    return t if t.stride() == x.stride() else _pages.empty_like(x).copy_(t)
 
 
 def _shape(x: Tensor) -> tuple[int, int, int, bool]:
@@ -160,7 +160,7 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     N, C, S, columns = _shape(x)
     acc = acc_np_dtype(x.dtype)
     rows = C if groups == 0 else N * groups
-    y = torch.empty_like(x)
+    y = _pages.empty_like(x)
     stats = [torch.empty(rows, dtype=torch.float64) for _ in range(4)]
     pivot, mean, var, rstd = (s.numpy() for s in stats)
     given = groups == 0 and not training
@@ -250,7 +250,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     N, C, S, columns = _shape(x)
     acc = acc_np_dtype(x.dtype)
     dy = _like(dy, x)
-    dx = torch.empty_like(x) if want_dx else x.new_empty(0)
+    dx = _pages.empty_like(x) if want_dx else x.new_empty(0)
     w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
     xa, ga, dxa = _flat(x), _flat(dy), _flat(dx)
     p, m, r = pivot.numpy(), mean.numpy(), rstd.numpy()

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from normkit.numerics import rms_eps
 from normkit.ops._autograd import eager_plain, vmap_by_loop
-from normkit.ops.numba import _graph_backward
+from normkit.ops.numba import _graph_backward, _pages
 from normkit.ops.numba import _row_kernels as k
 from normkit.ops.numba._engine import (
     array_at,
@@ -173,8 +173,8 @@ def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
     if not x.is_contiguous():
         x = x.contiguous()
     M = x.numel() // L
-    y = torch.empty_like(x)
-    rout = torch.empty_like(x) if store_residual else None
+    y = _pages.empty_like(x)
+    rout = _pages.empty_like(x) if store_residual else None
     n_res = 0 if residual is None else M
     if n_res and not residual.is_contiguous():
         residual = residual.contiguous()
@@ -209,7 +209,7 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean_at: int, rstd
         n_dres = M
         if dresidual_out.dtype is not x.dtype or not dresidual_out.is_contiguous():
             dresidual_out = dresidual_out.to(x.dtype).contiguous()
-    dx = torch.empty_like(x)
+    dx = _pages.empty_like(x)
     w = _param(weight, t.stat, L, 1.0)
     kernel = _BWD_AT[is_rms]
     args = (dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean_at, rstd_at,
