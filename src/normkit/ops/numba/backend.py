@@ -274,15 +274,18 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
 # the class and both thread counts, the samples' ranges apart ("train": the forward+backward
 # column; otherwise the forward). "auto" picks numba there and nowhere else.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
-    # benchmarks/results/cpu.md of 2026-12-02 16:45 (commit 124b602 with the benchmark's
-    # default-call auto provider; a quiet machine, load < 1.5):
-    # 4096x1024 and 4096x4096, fwd+bwd 7.6-10.0x and 4.9x torch eager, forward 2.3-3.7x and 2.9x.
-    "rms_norm": frozenset({"float32/large/train", "float32/large"}),
-    # the same shapes: fwd+bwd 4.9-5.6x and 4.1x; forward 2.2-2.5x and 1.9-2.0x.
-    "add_rms_norm": frozenset({"float32/large/train", "float32/large"}),
-    # 32x64x56x56 training, channels_last, fwd+bwd 3.0-5.6x. NCHW is not claimed: its training
-    # forward was 2.0x at one thread but even at two (ranges overlapping), fwd+bwd even at both.
-    "batch_norm": frozenset({"float32/large/channels_last/train"}),
+    # benchmarks/results/cpu.md of 2026-12-02 19:32 (commit 9209373, AMD EPYC, 2 cores, load
+    # about 1): 4096x1024 and 4096x4096, fwd+bwd 6.3-12.8x and 10.8-11.4x torch eager, forward
+    # 1.85x and 6.0-7.7x; 8x4096 fwd+bwd 1.7-1.8x (its forward alone is not claimed: 0.86x at
+    # one thread).
+    "rms_norm": frozenset({"float32/large/train", "float32/large", "float32/small/train"}),
+    # the same large shapes: fwd+bwd 3.7-5.5x and 4.7-5.9x. The forward is no longer claimed:
+    # 4096x1024 was 0.96x at two threads in that run (1.9-2.5x in the earlier Intel run);
+    # 8x4096 fwd+bwd (1.7-1.8x by the medians) had overlapping ranges.
+    "add_rms_norm": frozenset({"float32/large/train"}),
+    # 32x64x56x56 training, channels_last, fwd+bwd 5.0-5.8x; NCHW training forward without
+    # autograd 1.5-2.3x (fwd+bwd: 1.7x at one thread, 0.9x at two: not claimed).
+    "batch_norm": frozenset({"float32/large/channels_last/train", "float32/large"}),
     # The block norms against their torch composition (benchmarks/results/blocks_numba_cpu.md of
     # 2026-12-02 11:00, a loaded machine): DiT (8,1024,1152) per-sample and (4,1024,1024)
     # per-token adaLN, fwd+bwd 1.7-3.6x (LN) and 3.3-9.3x (RMS), forward 2.4-4.3x and 2.8-7.7x.
@@ -305,27 +308,36 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
 }
 
 
-def _claims_small(classes: frozenset[str]) -> bool:
-    return any("/small" in c for c in classes)
+def _claims_small(classes: frozenset[str]) -> tuple[bool, bool]:
+    """Whether a class of ``classes`` is small, and whether one of those is also short."""
+    small = [c for c in classes if "/small" in c]
+    return bool(small), any("/short" in c for c in small)
 
 
-# MEASURED_FASTER's sets of classes -> whether one of them is a small class (asked per call).
-# Filled at import, never after: torch.compile guards what it reads here, and a memo filled on
-# the first call would make a module compiled before it recompile on its second call.
-_CLAIMS_SMALL: dict[frozenset[str], bool] = {classes: _claims_small(classes) for classes in MEASURED_FASTER.values()}
+# MEASURED_FASTER's sets of classes -> _claims_small of them (asked per call). Filled at import,
+# never after: torch.compile guards what it reads here, and a memo filled on the first call would
+# make a module compiled before it recompile on its second call.
+_CLAIMS_SMALL: dict[frozenset[str], tuple[bool, bool]] = {
+    classes: _claims_small(classes) for classes in MEASURED_FASTER.values()}
 
 
 def _may_prefer(op: str):
+    rows = op in _ROW_OPS
+
     def may_prefer(x: Tensor) -> bool:
         # "auto" asks this first, on every call: a small CPU tensor, the common case where no
-        # class claims small calls, is answered without building its class.
+        # class claims small calls (or, for the row norms, none claims short small rows), is
+        # answered without building its class.
         classes = MEASURED_FASTER.get(op)
         if not classes:
             return False
-        small = _CLAIMS_SMALL.get(classes)
-        if small is None:  # a table changed since import: asked, not kept
-            small = _claims_small(classes)
-        return small or x.numel() >= SMALL_ELEMENTS
+        if x.numel() >= SMALL_ELEMENTS:
+            return True
+        claims = _CLAIMS_SMALL.get(classes)
+        if claims is None:  # a table changed since import: asked, not kept
+            claims = _claims_small(classes)
+        small, short = claims
+        return small and (short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT)
 
     return may_prefer
 
