@@ -1,0 +1,580 @@
+"""An outside user's attack on session 7's changes: the default path's float32 rms_norm under
+autograd on numba's lean eager Function (rows of 1024 or more, small batches), huge-page
+outputs of 32 MiB or more, normkit.functional under ``__torch_function__``, and BatchNorm
+training on ATen.
+
+The oracle is torch: ``torch.nn.functional.rms_norm`` in float64 (or the same call in torch at
+float32 within a tolerance), ``torch.nn.BatchNorm2d`` for the statistics and errors. Random
+inputs, weights and upstream gradients throughout.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+import normkit
+import normkit.functional as NF
+
+pytestmark = pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered")
+
+F64 = torch.float64
+# The default path's small float32 training shapes that now run numba's eager Function.
+SHAPES = [(8, 4096), (1, 1024), (3, 5, 2048), (2, 1031)]
+
+
+def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+
+
+def _on_numba(y: Tensor) -> bool:
+    """Whether the default path sent the call to numba's eager Function (its grad_fn)."""
+    return y.grad_fn is not None and "Eager" in type(y.grad_fn).__name__
+
+
+def _ref_grads(x: Tensor, w: Tensor | None, dy: Tensor, eps: float | None = None):
+    """torch's rms_norm in float64: y, dx, dw."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = None if w is None else w.detach().double().requires_grad_()
+    y = F.rms_norm(x64, (x.shape[-1],), w64, eps if eps is not None else torch.finfo(torch.float32).eps)
+    inputs = [x64] if w64 is None else [x64, w64]
+    grads = torch.autograd.grad(y, inputs, dy.double())
+    return y, grads[0], None if w64 is None else grads[1]
+
+
+# ---- 1. the default path's rms_norm on the lean eager Function ------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_default_rms_norm_matches_torch_float64(shape, with_weight):
+    L = shape[-1]
+    x = _randn(*shape, seed=1).requires_grad_()
+    w = _randn(L, seed=2).requires_grad_() if with_weight else None
+    y = NF.rms_norm(x, (L,), w)
+    assert _on_numba(y)
+    dy = _randn(*shape, seed=3)
+    grads = torch.autograd.grad(y, [x] if w is None else [x, w], dy)
+    ry, rdx, rdw = _ref_grads(x, w, dy)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), rdx, rtol=1e-4, atol=1e-4)
+    if w is not None:
+        torch.testing.assert_close(grads[1].double(), rdw, rtol=1e-4, atol=1e-3)
+        assert grads[1].dtype == torch.float32
+
+
+def test_module_matches_torch_module():
+    torch.manual_seed(0)
+    ours, theirs = normkit.RMSNorm(2048), nn.RMSNorm(2048)
+    with torch.no_grad():
+        ours.weight.copy_(_randn(2048, seed=4))
+        theirs.weight.copy_(ours.weight)
+    x = _randn(3, 5, 2048, seed=5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert _on_numba(ya)
+    dy = _randn(3, 5, 2048, seed=6)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["x", "weight"])
+def test_requires_grad_on_one_argument(which):
+    x, w = _randn(8, 4096, seed=7), _randn(4096, seed=8)
+    (x if which == "x" else w).requires_grad_()
+    y = NF.rms_norm(x, (4096,), w)
+    assert _on_numba(y)
+    dy = _randn(8, 4096, seed=9)
+    (g,) = torch.autograd.grad(y, [x if which == "x" else w], dy)
+    _, rdx, rdw = _ref_grads(x, w, dy)
+    torch.testing.assert_close(g.double(), rdx if which == "x" else rdw, rtol=1e-4, atol=1e-3)
+    assert (x.grad, w.grad) == (None, None)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "strided", "sliced_rows"])
+def test_non_contiguous_inputs(layout):
+    base = _randn(4096, 8, seed=10)
+    if layout == "transposed":
+        leaf = base.clone().requires_grad_()
+        x = leaf.t()
+    elif layout == "expanded":
+        leaf = _randn(1, 1024, seed=11).requires_grad_()
+        x = leaf.expand(6, 1024)
+    elif layout == "strided":
+        leaf = _randn(8, 8192, seed=12).requires_grad_()
+        x = leaf[:, ::2]
+    else:
+        leaf = _randn(16, 4096, seed=13).requires_grad_()
+        x = leaf[::3]
+    w = _randn(x.shape[-1], seed=14).requires_grad_()
+    y = NF.rms_norm(x, (x.shape[-1],), w)
+    assert _on_numba(y)
+    dy = _randn(*x.shape, seed=15)
+    dleaf, dw = torch.autograd.grad(y, [leaf, w], dy)
+    leaf64 = leaf.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    x64 = {"transposed": lambda t: t.t(), "expanded": lambda t: t.expand(6, 1024),
+           "strided": lambda t: t[:, ::2], "sliced_rows": lambda t: t[::3]}[layout](leaf64)
+    ry = F.rms_norm(x64, (x.shape[-1],), w64, torch.finfo(torch.float32).eps)
+    rl, rw = torch.autograd.grad(ry, [leaf64, w64], dy.double())
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dleaf.double(), rl, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw.double(), rw, rtol=1e-4, atol=1e-3)
+
+
+def test_zero_size_batch():
+    x = torch.zeros(0, 2048, requires_grad=True)
+    w = _randn(2048, seed=16).requires_grad_()
+    y, yt = NF.rms_norm(x, (2048,), w), F.rms_norm(x, (2048,), w)
+    assert y.shape == yt.shape == (0, 2048)
+    dx, dw = torch.autograd.grad(y, [x, w], torch.zeros(0, 2048))
+    assert dx.shape == (0, 2048) and torch.equal(dw, torch.zeros(2048))
+
+
+def test_retain_graph_backward_twice_accumulates():
+    x = _randn(8, 4096, seed=17).requires_grad_()
+    w = _randn(4096, seed=18).requires_grad_()
+    y = NF.rms_norm(x, (4096,), w)
+    dy = _randn(8, 4096, seed=19)
+    y.backward(dy, retain_graph=True)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    y.backward(dy)
+    assert torch.equal(x.grad, gx * 2) and torch.equal(w.grad, gw * 2)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.backward(dy)
+
+
+def test_double_backward_matches_torch():
+    x = _randn(2, 1024, seed=20).requires_grad_()
+    w = _randn(1024, seed=21).requires_grad_()
+    dy = _randn(2, 1024, seed=22)
+    y = NF.rms_norm(x, (1024,), w)
+    assert _on_numba(y)
+    dx, dw = torch.autograd.grad(y, [x, w], dy, create_graph=True)
+    v1, v2 = _randn(2, 1024, seed=23), _randn(1024, seed=24)
+    ggx, ggw = torch.autograd.grad((dx * v1).sum() + (dw * v2).sum(), [x, w])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ry = F.rms_norm(x64, (1024,), w64, torch.finfo(torch.float32).eps)
+    rdx, rdw = torch.autograd.grad(ry, [x64, w64], dy.double(), create_graph=True)
+    rgx, rgw = torch.autograd.grad((rdx * v1.double()).sum() + (rdw * v2.double()).sum(), [x64, w64])
+    torch.testing.assert_close(ggx.double(), rgx, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ggw.double(), rgw, rtol=1e-3, atol=1e-3)
+
+
+def test_gradcheck_float64_default_path():
+    x = _randn(2, 1024, dtype=F64, seed=25).requires_grad_()
+    w = _randn(1024, dtype=F64, seed=26).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: NF.rms_norm(a, (1024,), b, 1e-6), (x, w), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: NF.rms_norm(a, (1024,), b, 1e-6), (x, w), fast_mode=True)
+
+
+def test_gradcheck_float64_numba_eager_function():
+    x = _randn(2, 1024, dtype=F64, seed=27).requires_grad_()
+    w = _randn(1024, dtype=F64, seed=28).requires_grad_()
+    fn = lambda a, b: NF.rms_norm(a, (1024,), b, 1e-6, backend="numba")  # noqa: E731
+    assert _on_numba(fn(x, w))
+    assert torch.autograd.gradcheck(fn, (x, w), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w), fast_mode=True)
+
+
+def test_torch_func_grad_vmap_jvp():
+    x, w = _randn(4, 1024, seed=29), _randn(1024, seed=30)
+    dy = _randn(4, 1024, seed=31)
+
+    def loss(f):
+        return lambda a, b: (f(a, (1024,), b) * dy).sum()
+
+    gx, gw = torch.func.grad(loss(NF.rms_norm), argnums=(0, 1))(x, w)
+    tx, tw = torch.func.grad(loss(F.rms_norm), argnums=(0, 1))(x, w)
+    torch.testing.assert_close(gx, tx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, tw, rtol=1e-4, atol=1e-3)
+    xs = _randn(3, 2, 1024, seed=32)
+    torch.testing.assert_close(torch.vmap(lambda a: NF.rms_norm(a, (1024,), w))(xs),
+                               F.rms_norm(xs, (1024,), w), rtol=1e-5, atol=1e-5)
+    t = _randn(4, 1024, seed=33)
+    out, tan = torch.func.jvp(lambda a: NF.rms_norm(a, (1024,), w), (x,), (t,))
+    rout, rtan = torch.func.jvp(lambda a: F.rms_norm(a, (1024,), w), (x,), (t,))
+    torch.testing.assert_close(out, rout, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tan, rtan, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_dual_tensors_default_path():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, t = _randn(8, 4096, seed=34), _randn(4096, seed=35).requires_grad_(), _randn(8, 4096, seed=36)
+    with fwAD.dual_level():
+        y = NF.rms_norm(fwAD.make_dual(x, t), (4096,), w)
+        ry = F.rms_norm(fwAD.make_dual(x, t), (4096,), w)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, fwAD.unpack_dual(ry).tangent, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_and_no_grad():
+    x, w = _randn(8, 4096, seed=37).requires_grad_(), _randn(4096, seed=38).requires_grad_()
+    with torch.inference_mode():
+        y = NF.rms_norm(x, (4096,), w)
+        assert y.is_inference() and y.grad_fn is None
+    with torch.no_grad():
+        z = NF.rms_norm(x, (4096,), w)
+    assert z.grad_fn is None and not z.requires_grad
+    torch.testing.assert_close(y, F.rms_norm(x.detach(), (4096,), w.detach()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, y, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = normkit.RMSNorm(1024)
+    with torch.no_grad():
+        m.weight.copy_(_randn(1024, seed=39))
+    x = _randn(4, 1024, seed=40).requires_grad_()
+    dy = _randn(4, 1024, seed=41)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y, [x], dy)
+    ye = m(x)
+    (ex,) = torch.autograd.grad(ye, [x], dy)
+    torch.testing.assert_close(y, ye, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint(reentrant):
+    x = _randn(8, 4096, seed=42).requires_grad_()
+    w = _randn(4096, seed=43).requires_grad_()
+    dy = _randn(8, 4096, seed=44)
+    y = checkpoint.checkpoint(lambda a, b: NF.rms_norm(a, (4096,), b), x, w, use_reentrant=reentrant)
+    y.backward(dy)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    NF.rms_norm(x, (4096,), w).backward(dy)
+    assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+
+
+def test_output_hook_and_version_counter():
+    x = _randn(8, 4096, seed=45).requires_grad_()
+    w = _randn(4096, seed=46).requires_grad_()
+    dy = _randn(8, 4096, seed=47)
+    seen = []
+    y = NF.rms_norm(x, (4096,), w)
+    y.register_hook(lambda g: seen.append(g.clone()) or g * 2)
+    y.backward(dy)
+    assert torch.equal(seen[0], dy)
+    gx2 = x.grad.clone()
+    x.grad = None
+    NF.rms_norm(x, (4096,), w).backward(dy)
+    torch.testing.assert_close(gx2, x.grad * 2, rtol=1e-6, atol=1e-6)
+    # modifying the output in place afterwards: the backward does not read y, as torch's
+    y = NF.rms_norm(x, (4096,), w)
+    yt = F.rms_norm(x, (4096,), w)
+    y.mul_(2)
+    yt.mul_(2)
+    y.backward(dy)
+    yt.backward(dy)
+    # modifying a saved input in place: torch's version-counter error
+    x2 = _randn(8, 4096, seed=48).requires_grad_()
+    for fn in (NF.rms_norm, F.rms_norm):
+        a = x2.clone()
+        y = fn(a, (4096,), w)
+        a.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(dy)
+
+
+def test_weight_modified_in_place_raises_like_torch():
+    x = _randn(8, 4096, seed=49).requires_grad_()
+    w = _randn(4096, seed=50).requires_grad_()
+    dy = _randn(8, 4096, seed=51)
+    for fn in (NF.rms_norm, F.rms_norm):
+        w2 = w.detach().clone().requires_grad_()
+        y = fn(x, (4096,), w2)
+        with torch.no_grad():
+            w2.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(dy)
+
+
+def test_two_threads_concurrently():
+    xs = [_randn(8, 4096, seed=60 + i).requires_grad_() for i in range(2)]
+    w = _randn(4096, seed=62)
+    dy = _randn(8, 4096, seed=63)
+    expected = []
+    for x in xs:
+        y = NF.rms_norm(x, (4096,), w)
+        expected.append((y.detach(), torch.autograd.grad(y, [x], dy)[0]))
+    results: dict[int, list] = {0: [], 1: []}
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                y = NF.rms_norm(xs[i], (4096,), w)
+                results[i].append((y.detach(), torch.autograd.grad(y, [xs[i]], dy)[0]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        for y, g in results[i]:
+            assert torch.equal(y, expected[i][0]) and torch.equal(g, expected[i][1])
+
+
+def _run_bits(shape, seed):
+    x = _randn(*shape, seed=seed).requires_grad_()
+    w = _randn(shape[-1], seed=seed + 1).requires_grad_()
+    y = NF.rms_norm(x, (shape[-1],), w)
+    dx, dw = torch.autograd.grad(y, [x, w], _randn(*shape, seed=seed + 2))
+    return y.detach(), dx, dw
+
+
+@pytest.mark.parametrize("shape", [(8, 4096), (33, 1024), (3, 5, 2048)])
+def test_thread_count_and_run_invariance(shape):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_bits(shape, 70)
+        torch.set_num_threads(2)
+        two = _run_bits(shape, 70)
+        again = _run_bits(shape, 70)
+    finally:
+        torch.set_num_threads(before)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_batch_invariance():
+    x = _randn(8, 4096, seed=80)
+    w = _randn(4096, seed=81).requires_grad_()
+    dy = _randn(8, 4096, seed=82)
+    xb = x.clone().requires_grad_()
+    yb = NF.rms_norm(xb, (4096,), w)
+    (dxb,) = torch.autograd.grad(yb, [xb], dy)
+    for i in (0, 3, 7):
+        xi = x[i : i + 1].clone().requires_grad_()
+        yi = NF.rms_norm(xi, (4096,), w)
+        (dxi,) = torch.autograd.grad(yi, [xi], dy[i : i + 1])
+        assert torch.equal(yi[0], yb[i]) and torch.equal(dxi[0], dxb[i])
+
+
+# ---- 2. huge-page outputs -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big():
+    x = _randn(4096, 4096, seed=90)
+    w = _randn(4096, seed=91)
+    return x, w
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_huge_page_output_is_an_ordinary_tensor(big, op, tmp_path):
+    x, w = big
+    call = {"rms_norm": lambda t: NF.rms_norm(t, (4096,), w, 1e-6, backend="numba"),
+            "layer_norm": lambda t: NF.layer_norm(t, (4096,), w, None, 1e-5, backend="numba")}[op]
+    ref = {"rms_norm": lambda t: F.rms_norm(t, (4096,), w, 1e-6),
+           "layer_norm": lambda t: F.layer_norm(t, (4096,), w, None, 1e-5)}[op]
+    y = call(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    snapshot = y.clone()
+    # pickle and torch.save round trips
+    assert torch.equal(pickle.loads(pickle.dumps(y)), snapshot)
+    buf = io.BytesIO()
+    torch.save({"y": y}, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf)["y"], snapshot)
+    # in-place ops
+    y.mul_(2).add_(1)
+    assert torch.equal(y, snapshot * 2 + 1)
+    # share_memory_ moves it to shared memory with the same values
+    y.share_memory_()
+    assert y.is_shared() and torch.equal(y, snapshot * 2 + 1)
+    # resize_ larger and smaller
+    z = call(x)
+    z.resize_(4096 * 4097)
+    assert torch.equal(z[: 4096 * 4096].view(4096, 4096), snapshot)
+    z.resize_(10)
+    assert torch.equal(z, snapshot.reshape(-1)[:10])
+    del y, z
+
+
+def test_huge_page_grads_accumulate(big):
+    x, w = big
+    xr = x.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    dy = _randn(4096, 4096, seed=92)
+    for _ in range(2):
+        NF.rms_norm(xr, (4096,), wr, 1e-6, backend="numba").backward(dy)
+    gx, gw = xr.grad.clone(), wr.grad.clone()
+    xr.grad = wr.grad = None
+    NF.rms_norm(xr, (4096,), wr, 1e-6, backend="numba").backward(dy)
+    torch.testing.assert_close(gx, xr.grad * 2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, wr.grad * 2, rtol=1e-6, atol=1e-6)
+    xr.grad.add_(1)  # the gradient buffer itself is writable
+
+
+# ---- 3. __torch_function__ ------------------------------------------------------------------
+
+
+def test_fx_symbolic_trace_function_and_module():
+    def f(x, w):
+        return NF.rms_norm(x, (1024,), w) + NF.layer_norm(x, (1024,))
+
+    gm = torch.fx.symbolic_trace(f)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert NF.rms_norm in targets and NF.layer_norm in targets
+    x, w = _randn(4, 1024, seed=100), _randn(1024, seed=101)
+    assert torch.equal(gm(x, w), f(x, w))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = normkit.RMSNorm(1024)
+            self.gn = normkit.GroupNorm(2, 4)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    m = M()
+    gm = torch.fx.symbolic_trace(m)
+    assert torch.equal(gm(x), m(x))
+
+
+def test_torch_function_mode_logs_call():
+    seen = []
+
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, w = _randn(4, 1024, seed=102), _randn(1024, seed=103)
+    with Log():
+        y = NF.rms_norm(x, (1024,), w)
+    assert NF.rms_norm in seen
+    torch.testing.assert_close(y, F.rms_norm(x, (1024,), w), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_subclass_sees_call():
+    seen = []
+
+    class Sub(Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = _randn(4, 1024, seed=104).as_subclass(Sub)
+    y = NF.rms_norm(x, (1024,))
+    assert NF.rms_norm in seen and isinstance(y, Sub)
+    torch.testing.assert_close(y.as_subclass(Tensor), F.rms_norm(x.as_subclass(Tensor), (1024,)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kwargs_only_calls():
+    x, w, b = _randn(4, 1024, seed=105), _randn(1024, seed=106), _randn(1024, seed=107)
+    torch.testing.assert_close(NF.rms_norm(input=x, normalized_shape=(1024,), weight=w, eps=1e-6),
+                               F.rms_norm(input=x, normalized_shape=(1024,), weight=w, eps=1e-6))
+    torch.testing.assert_close(NF.layer_norm(input=x, normalized_shape=[1024], weight=w, bias=b),
+                               F.layer_norm(input=x, normalized_shape=[1024], weight=w, bias=b))
+    xg = _randn(2, 4, 3, 3, seed=108)
+    torch.testing.assert_close(NF.group_norm(input=xg, num_groups=2), F.group_norm(input=xg, num_groups=2))
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.rms_norm(),
+    lambda m: m.rms_norm(_randn(4, 8)),
+    lambda m: m.rms_norm(_randn(4, 8), (8,), bogus=1),
+    lambda m: m.layer_norm(_randn(4, 8), (8,), None, None, 1e-5, 7),
+    lambda m: m.group_norm(_randn(2, 4, 3)),
+], ids=["no args", "missing shape", "unknown kwarg", "too many positional", "group_norm missing groups"])
+def test_wrong_args_raise_torch_errors(call):
+    with pytest.raises(TypeError) as theirs:
+        call(F)
+    with pytest.raises(TypeError) as ours:
+        call(NF)
+    assert "__torch_function__" not in str(ours.value)
+    assert "handle_torch_function" not in "".join(str(t) for t in ours.traceback[-1:])
+
+
+# ---- 4. BatchNorm training on ATen ----------------------------------------------------------
+
+
+def _bn_pair(momentum, affine=True, track=True):
+    torch.manual_seed(0)
+    ours = normkit.BatchNorm2d(4, momentum=momentum, affine=affine, track_running_stats=track)
+    theirs = nn.BatchNorm2d(4, momentum=momentum, affine=affine, track_running_stats=track)
+    if affine:
+        with torch.no_grad():
+            ours.weight.copy_(_randn(4, seed=110))
+            ours.bias.copy_(_randn(4, seed=111))
+    if track:
+        ours.running_mean.copy_(_randn(4, seed=112))
+        ours.running_var.copy_(_randn(4, seed=113).abs() + 0.5)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+def test_batchnorm2d_running_stats(momentum):
+    ours, theirs = _bn_pair(momentum)
+    for step in range(3):
+        x = _randn(3, 4, 5, 5, seed=120 + step)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        dy = _randn(3, 4, 5, 5, seed=130 + step)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa.grad, xb.grad)
+    for name, buf in theirs.named_buffers():
+        assert torch.equal(dict(ours.named_buffers())[name], buf), name
+    assert ours.num_batches_tracked.item() == 3
+    assert torch.equal(ours.weight.grad, theirs.weight.grad) and torch.equal(ours.bias.grad, theirs.bias.grad)
+
+
+@pytest.mark.parametrize("bad", ["one value per channel", "wrong channels", "3-d input", "weight dtype"])
+def test_batchnorm2d_refused_call_changes_nothing(bad):
+    ours, theirs = _bn_pair(0.1)
+    x = {"one value per channel": _randn(1, 4, 1, 1), "wrong channels": _randn(2, 3, 4, 4),
+         "3-d input": _randn(2, 4, 5), "weight dtype": _randn(2, 4, 3, 3)}[bad]
+    if bad == "weight dtype":
+        ours.weight.data = ours.weight.data.double()
+        theirs.weight.data = theirs.weight.data.double()
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (ours, theirs)]
+    with pytest.raises(Exception) as te:
+        theirs(x)
+    with pytest.raises(Exception) as oe:
+        ours(x)
+    assert type(oe.value) is type(te.value)
+    assert str(oe.value) == str(te.value)
+    # torch's module counts the batch before ATen refuses it, normkit's does not (documented in
+    # normkit.modules.batchnorm): nothing of normkit's moves, torch's statistics stay
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, states[0][k]), (bad, k)
+    for k, v in theirs.state_dict().items():
+        if k != "num_batches_tracked":
+            assert torch.equal(v, states[1][k]), (bad, k)
+
+
+def test_batchnorm2d_functional_training_matches_aten():
+    x = _randn(3, 4, 5, 5, seed=140)
+    rm, rv = _randn(4, seed=141), _randn(4, seed=142).abs() + 0.5
+    w, b = _randn(4, seed=143), _randn(4, seed=144)
+    ra, va, rb, vb = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    ya = NF.batch_norm(x, ra, va, w, b, True, 0.3, 1e-5)
+    yb = F.batch_norm(x, rb, vb, w, b, True, 0.3, 1e-5)
+    assert torch.equal(ya, yb) and torch.equal(ra, rb) and torch.equal(va, vb)
