@@ -93,6 +93,7 @@ __all__ = [
     "jit",
     "launch",
     "param",
+    "param_tensor",
     "pjit",
     "prefetch_row",
     "row_of",
@@ -295,22 +296,28 @@ def element_like(dtype: torch.dtype) -> np.ndarray:
     return _ELEMENT_LIKE[dtype]
 
 
-def param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
-    """A weight or bias as a contiguous array of the statistics ``dtype`` (exact widening of
-    bf16/fp32 parameters); for None, ``n`` copies of ``fill`` (1 for a weight, 0 for a bias:
-    ``h * 1 + 0`` is ``h`` exactly, so a kernel needs no branch for a missing parameter)."""
+def param_tensor(t: Tensor | None, dtype: torch.dtype, n: int, fill: float) -> Tensor:
+    """A weight or bias as a contiguous tensor of the statistics ``dtype`` (itself where it is
+    one already; exact widening of bf16/fp32 parameters); for None, ``n`` copies of ``fill``
+    (1 for a weight, 0 for a bias: ``h * 1 + 0`` is ``h`` exactly, so a kernel needs no branch
+    for a missing parameter), shared between calls: the kernels only read parameters."""
     if t is None:
         return _filled(n, dtype, fill)
-    if t.dtype == _TORCH_DTYPE[dtype] and t.is_contiguous():
-        return t.detach().numpy().reshape(-1)
-    return t.detach().reshape(-1).to(_TORCH_DTYPE[dtype]).contiguous().numpy()
+    if t.dtype is dtype and t.is_contiguous():
+        return t
+    return t.detach().reshape(-1).to(dtype).contiguous()
+
+
+def param(t: Tensor | None, dtype: type, n: int, fill: float) -> np.ndarray:
+    """:func:`param_tensor` as a flat array, ``dtype`` the statistics' NumPy type."""
+    return param_tensor(t, _TORCH_DTYPE[dtype], n, fill).detach().numpy().reshape(-1)
 
 
 @functools.lru_cache(maxsize=64)
-def _filled(n: int, dtype: type, fill: float) -> np.ndarray:
-    """``n`` copies of ``fill``, shared between calls (kernels only read parameters; left
-    writable: a read-only array would be another numba specialisation of every kernel)."""
-    return np.full(n, fill, dtype)
+def _filled(n: int, dtype: torch.dtype, fill: float) -> Tensor:
+    """``n`` copies of ``fill``, shared between calls (left writable: a read-only array would be
+    another numba specialisation of every kernel)."""
+    return torch.full((n,), fill, dtype=dtype)
 
 
 _TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
@@ -465,16 +472,12 @@ def eager_function(name: str, forward: Callable[..., Any], backward: Callable[..
 
     run_backward = _kernel_or_graph(backward, graph_backward)
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            return forward(ctx, *args)
-
-        backward = staticmethod(run_backward)
-        jvp = staticmethod(_refuse_forward_ad)
-
-    Eager.__name__ = Eager.__qualname__ = name
-    return direct_apply(Eager)
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(lambda ctx, *args: forward(ctx, *args)),
+        "backward": staticmethod(run_backward),
+        "jvp": staticmethod(_refuse_forward_ad),
+    })
+    return direct_apply(function)
 
 
 def _kernel_or_graph(backward: Callable[..., Any], graph_backward: Callable[..., Any] | None) -> Callable[..., Any]:

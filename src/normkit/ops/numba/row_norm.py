@@ -42,6 +42,7 @@ from normkit.ops.numba._engine import (
     eager_function,
     element_like,
     jit,
+    param_tensor,
     split_run,
     split_threads,
 )
@@ -63,10 +64,6 @@ MAX_BLOCKS = 32
 class AddNormOutput(NamedTuple):
     y: Tensor  # norm(residual_out), in x's dtype
     residual_out: Tensor  # x + residual, in x's dtype
-
-
-def _none_rows(like: np.ndarray) -> np.ndarray:
-    return _no_rows(like.shape[1], like.dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,23 +144,6 @@ _TYPES = {
 }
 
 
-@functools.lru_cache(maxsize=64)
-def _filled(n: int, dtype: torch.dtype, fill: float) -> Tensor:
-    """``n`` copies of ``fill`` (a missing weight's ones, a bias's zeros), shared between calls:
-    the kernels only read them."""
-    return torch.full((n,), fill, dtype=dtype)
-
-
-def _param(t: Tensor | None, dtype: torch.dtype, n: int, fill: float) -> Tensor:
-    """A weight or bias as a contiguous tensor of the statistics ``dtype`` (itself where it is
-    one already), ``n`` copies of ``fill`` for None."""
-    if t is None:
-        return _filled(n, dtype, fill)
-    if t.dtype is dtype and t.is_contiguous():
-        return t
-    return t.detach().reshape(-1).to(dtype).contiguous()
-
-
 def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
              is_rms: bool, store_residual: bool, L: int, mean_at: int, rstd_at: int) -> tuple[Tensor, Tensor | None]:
     """``(y, residual_out)`` of rows of ``L`` elements of ``x`` (any shape; ``residual_out``
@@ -178,8 +158,8 @@ def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
     n_res = 0 if residual is None else M
     if n_res and not residual.is_contiguous():
         residual = residual.contiguous()
-    w = _param(weight, t.stat, L, 1.0)
-    b = None if is_rms else _param(bias, t.stat, L, 0.0)  # RMS kernels take no bias
+    w = param_tensor(weight, t.stat, L, 1.0)
+    b = None if is_rms else param_tensor(bias, t.stat, L, 0.0)  # RMS kernels take no bias
     split_run(_FWD_AT[is_rms], M, M * L, x.data_ptr(), residual.data_ptr() if n_res else 0,
               0 if rout is None else rout.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), float(eps),
               y.data_ptr(), mean_at, rstd_at, M, L, n_res, 0 if rout is None else M, t.like, t.acc)
@@ -210,7 +190,7 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean_at: int, rstd
         if dresidual_out.dtype is not x.dtype or not dresidual_out.is_contiguous():
             dresidual_out = dresidual_out.to(x.dtype).contiguous()
     dx = _pages.empty_like(x)
-    w = _param(weight, t.stat, L, 1.0)
+    w = param_tensor(weight, t.stat, L, 1.0)
     kernel = _BWD_AT[is_rms]
     args = (dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean_at, rstd_at,
             dresidual_out.data_ptr() if n_dres else 0, dx.data_ptr())
