@@ -35,11 +35,6 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Te
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
 
 
-def _defect(reason: str) -> pytest.MarkDecorator:
-    """A defect found by this attack: the test fails until the library is fixed."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 def _on_numba(y: Tensor) -> bool:
     """Whether the default path sent the call to numba's eager Function (its grad_fn)."""
     forward = getattr(type(y.grad_fn), "_forward_cls", None)
@@ -668,31 +663,48 @@ def test_hvp_and_per_sample_grads():
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
 
 
-@_defect(
-    "the eager Function's backward reads its upstream gradient by "
-    "data_ptr: under autograd's vmap (is_grads_batched, jacobian(vectorize=True)) it is a "
-    "BatchedTensor without storage -> RuntimeError 'Cannot access data pointer'",
-)
+# Found by this attack (fixed): the eager Function's backward reads its upstream gradient by
+# data_ptr: under autograd's vmap (is_grads_batched, jacobian(vectorize=True)) it is a
+# BatchedTensor without storage -> RuntimeError 'Cannot access data pointer'
+@pytest.mark.parametrize("backend", [None, "numba"])
 @pytest.mark.parametrize("how", ["is_grads_batched", "jacobian vectorize"])
-def test_batched_backward_of_default_path(how):
+def test_batched_backward_of_default_path(how, backend):
     x = _randn(2, 1024, seed=160).requires_grad_()
     w = _randn(1024, seed=161)
+    kw = {} if backend is None else {"backend": backend}
     if how == "is_grads_batched":
         dys = _randn(3, 2, 1024, seed=162)
-        ours = torch.autograd.grad(NF.rms_norm(x, (1024,), w), [x], dys, is_grads_batched=True)[0]
+        ours = torch.autograd.grad(NF.rms_norm(x, (1024,), w, **kw), [x], dys, is_grads_batched=True)[0]
         theirs = torch.autograd.grad(F.rms_norm(x, (1024,), w), [x], dys, is_grads_batched=True)[0]
     else:
         xs = x.detach()[:1]
-        ours = torch.autograd.functional.jacobian(lambda t: NF.rms_norm(t, (1024,), w), xs, vectorize=True)
+        ours = torch.autograd.functional.jacobian(lambda t: NF.rms_norm(t, (1024,), w, **kw), xs, vectorize=True)
         theirs = torch.autograd.functional.jacobian(lambda t: F.rms_norm(t, (1024,), w), xs, vectorize=True)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-@_defect(
-    "torch.jit.trace of normkit.RMSNorm(1024) (weight requires grad: "
-    "the default path now picks numba's eager Function) reaches numba's launcher with traced "
-    "tensors for integers (M, addresses): numba TypingError 'non-precise type pyobject'",
-)
+@pytest.mark.parametrize("backend", [None, "numba"])
+def test_jit_trace_layer_norm_module(backend):
+    """A traced LayerNorm keeps giving layer_norm's values and gradients on new inputs."""
+    import warnings
+
+    m = normkit.LayerNorm(1024, backend=backend)
+    with torch.no_grad():
+        m.weight.copy_(_randn(1024, seed=165))
+        m.bias.copy_(_randn(1024, seed=166))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, _randn(4, 1024, seed=167))
+    x = _randn(6, 1024, seed=168).requires_grad_()
+    dy = _randn(6, 1024, seed=169)
+    ours = torch.autograd.grad(traced(x), [x, m.weight, m.bias], dy)
+    theirs = torch.autograd.grad(F.layer_norm(x, (1024,), m.weight, m.bias), [x, m.weight, m.bias], dy)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+# Found by this attack (fixed): torch.jit.trace of normkit.RMSNorm(1024) (weight requires grad:
+# the default path picked numba's eager Function) reaches numba's launcher with traced tensors for
+# integers (M, addresses): numba TypingError 'non-precise type pyobject'
 def test_jit_trace_rms_norm_module():
     import warnings
 
@@ -823,11 +835,10 @@ def test_batchnorm2d_eval_after_training_and_no_tracking(momentum):
     assert torch.equal(a(x), b(x))
 
 
-@_defect(
-    "an inference tensor as input, only the weight requiring grad: torch's rms_norm (a composition "
-    "saving x * rstd) runs and gives the weight's gradient; the default path's numba eager Function "
-    "saves x itself and raises 'Inference tensors cannot be saved for backward'"
-)
+# Found by this attack (fixed): an inference tensor as input, only the weight requiring grad:
+# torch's rms_norm (a composition saving x * rstd) runs and gives the weight's gradient; the
+# default path's numba eager Function saves x itself and raised 'Inference tensors cannot be saved
+# for backward'
 def test_inference_tensor_input_weight_requires_grad():
     with torch.inference_mode():
         x = _randn(8, 4096, seed=190) * 1

@@ -42,8 +42,10 @@ def eager_plain(*tensors: Tensor | None) -> bool:
     its custom op and, without autograd recording, its autograd Function: not traced by
     torch.compile, no torch.func transform active, no forward-mode ``dual_level`` open (a
     tangent needs the Function's refusal), and none of ``tensors`` a functorch wrapper left
-    behind by a finished transform (it has no storage to read). About half a microsecond."""
-    if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0 or torch.compiler.is_compiling():
+    behind by a finished transform (it has no storage to read), not recorded by
+    ``torch.jit.trace`` (its sizes are traced values). About half a microsecond."""
+    if (torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0 or torch.compiler.is_compiling()
+            or torch._C._get_tracing_state() is not None):
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for t in tensors:

@@ -440,7 +440,7 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
     fast_fwd, fast_bwd = direct_apply(Forward), direct_apply(Backward)
 
     def forward_call(*args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return Forward.apply(*args)
@@ -449,7 +449,7 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
         return fast_fwd(*args)
 
     def backward_call(*args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return bwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return Backward.apply(*args)
@@ -470,7 +470,7 @@ def eager_function(name: str, forward: Callable[..., Any], backward: Callable[..
     as :func:`autograd_pair`'s: the backward when it must build a graph. Forward mode
     raises."""
 
-    run_backward = _kernel_or_graph(backward, graph_backward)
+    run_backward = _kernel_or_graph(backward, graph_backward, by_address=True)
 
     function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(lambda ctx, *args: forward(ctx, *args)),
@@ -480,11 +480,20 @@ def eager_function(name: str, forward: Callable[..., Any], backward: Callable[..
     return direct_apply(function)
 
 
-def _kernel_or_graph(backward: Callable[..., Any], graph_backward: Callable[..., Any] | None) -> Callable[..., Any]:
+_has_storage = torch._C._has_storage
+
+
+def _kernel_or_graph(backward: Callable[..., Any], graph_backward: Callable[..., Any] | None,
+                     by_address: bool = False) -> Callable[..., Any]:
     """A Function's backward: ``backward(ctx, *grads)`` (the kernel), or ``graph_backward``
-    where autograd needs a graph of the backward itself (:func:`records_graph`)."""
+    where autograd needs a graph of the backward itself (:func:`records_graph`) or, for a
+    ``backward`` reading its gradients by address (``by_address``), where they have no storage."""
 
     def run(ctx, *grads):
+        if by_address and graph_backward is not None and not all(g is None or _has_storage(g) for g in grads):
+            # Autograd's own vmap over the backward (``is_grads_batched``, ``jacobian(...,
+            # vectorize=True)``): the upstream gradients are batched tensors without storage.
+            return graph_backward(ctx, *grads)
         if graph_backward is not None and torch.is_grad_enabled():
             ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
             if records_graph(ctx.saved_tensors, grads):

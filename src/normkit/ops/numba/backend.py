@@ -348,8 +348,8 @@ def _preferred(op: str):
 
     def preferred(*args, **kwargs) -> bool:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-        if not may_prefer(x):
-            return False
+        if not may_prefer(x) or torch._C._get_tracing_state() is not None:
+            return False  # (torch.jit.trace records torch's own op)
         # The kernels have no forward-mode rule: a call carrying tangents stays on a backend with
         # one. Tangents exist only inside a dual_level (unpacking each argument: ~1 us apiece).
         if fwAD._current_level >= 0 and not torch.compiler.is_compiling() and any(
@@ -364,6 +364,8 @@ def _preferred(op: str):
                 if isinstance(a, Tensor) and a.requires_grad:
                     autograd = True
                     break
+            if autograd and not torch.compiler.is_compiling() and x.is_inference():
+                return False  # (torch decides, op by op, whether an inference tensor may be saved)
         group = args[4] if gated and len(args) > 4 else kwargs.get("group_size")
         return shape_class(op, x, training, autograd, group_size=group) in MEASURED_FASTER[op]
 
