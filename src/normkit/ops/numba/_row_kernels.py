@@ -46,18 +46,27 @@ Numerics (the same for every row, whatever the batch or the thread count):
 from __future__ import annotations
 
 import math
-import platform
 
 import numpy as np
-from llvmlite import ir
 from llvmlite.binding import get_host_cpu_name
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
 
-from normkit.ops.numba._engine import decode, encode, jit, prefetch_row, row_of, staging, sum_jit
+from normkit.ops.numba._engine import (
+    STREAM_MIN_BYTES,
+    decode,
+    encode,
+    jit,
+    prefetch_row,
+    row_of,
+    staging,
+    store_fence,
+    stream_row,
+    streams,
+    sum_jit,
+)
 
-__all__ = ["ROW_BWD", "ROW_FWD", "row_bwd_ln", "row_bwd_rms", "row_fwd_ln", "row_fwd_rms", "sum_blocks"]
+# (STREAM_MIN_BYTES, where the kernels' outputs start to be streamed, is _engine's; named here too.)
+__all__ = ["ROW_BWD", "ROW_FWD", "STREAM_MIN_BYTES", "row_bwd_ln", "row_bwd_rms", "row_fwd_ln", "row_fwd_rms",
+           "sum_blocks"]
 
 
 # Row sums in chunks of CHUNK elements: each chunk a vectorized sum in the statistics dtype,
@@ -77,100 +86,6 @@ CHUNK = 4096
 # loop that waits on each line), so it keeps them. Fixed per machine: numba compiles for, and
 # caches per, the host CPU.
 PREFETCH = not get_host_cpu_name().startswith("znver")
-
-# Outputs (y, dx) of at least this many bytes are written with non-temporal stores
-# (:func:`_stream_row`): straight to memory, without first reading each line into the cache
-# and without evicting the rows being read. Below it an output may still be in the
-# last-level cache (32 MiB on the machines measured) when the next operation reads it, and
-# streaming was no faster there. AMD Zen 4, kernel CPU time per row, each call with cold
-# caches: 4096x4096 float32 LayerNorm/RMSNorm forward and backward 1.12-1.18x faster
-# streamed; 4096x1024 float32 (16 MiB) 0.9-1.1x; bf16 1.0x. The stored bits are the same.
-STREAM_MIN_BYTES = 1 << 25
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
-@intrinsic
-def _stream_copy(typingctx, src, dst):
-    """``dst[:] = src[:]`` (two contiguous 1-D arrays of one dtype and length), the 64-byte
-    aligned middle of ``dst`` with non-temporal 64-byte stores, its ends element by element.
-    Such stores are weakly ordered: :func:`_store_fence` before the kernel returns."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
-        return None
-
-    def codegen(context, builder, sig, args):
-        sa = context.make_array(sig.args[0])(context, builder, args[0])
-        da = context.make_array(sig.args[1])(context, builder, args[1])
-        n = cgutils.unpack_tuple(builder, da.shape, 1)[0]
-        elt = context.get_data_type(sig.args[1].dtype)
-        size = context.get_abi_sizeof(elt)
-        lanes = 64 // size
-        i64 = ir.IntType(64)
-        lead = builder.urem(builder.sub(i64(0), builder.ptrtoint(da.data, i64)), i64(64))
-        head = builder.udiv(lead, i64(size))
-        head = builder.select(builder.icmp_unsigned("<", head, n), head, n)
-        vectors = builder.udiv(builder.sub(n, head), i64(lanes))
-        tail = builder.add(head, builder.mul(vectors, i64(lanes)))
-
-        def copy_one(j):
-            builder.store(builder.load(builder.gep(sa.data, [j])), builder.gep(da.data, [j]))
-
-        with cgutils.for_range(builder, head) as loop:
-            copy_one(loop.index)
-        vec = ir.VectorType(elt, lanes)
-        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        with cgutils.for_range(builder, vectors) as loop:
-            j = builder.add(head, builder.mul(loop.index, i64(lanes)))
-            value = builder.load(builder.bitcast(builder.gep(sa.data, [j]), vec.as_pointer()), align=size)
-            store = builder.store(value, builder.bitcast(builder.gep(da.data, [j]), vec.as_pointer()), align=64)
-            store.set_metadata("nontemporal", nontemporal)
-        with cgutils.for_range(builder, builder.sub(n, tail)) as loop:
-            copy_one(builder.add(tail, loop.index))
-        return context.get_dummy_value()
-
-    return types.void(src, dst), codegen
-
-
-@intrinsic
-def _store_fence(typingctx):
-    """``sfence`` on x86 (elsewhere a full fence): the non-temporal stores before it are
-    visible to every core before any store after it (so before the kernel's caller learns it
-    has returned). LLVM's own fence may be a locked instruction, which x86 does not promise to
-    order non-temporal stores with."""
-
-    def codegen(context, builder, sig, args):
-        if _X86:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                "llvm.x86.sse.sfence")
-            builder.call(fn, [])
-        else:
-            builder.fence("seq_cst")
-        return context.get_dummy_value()
-
-    return types.void(), codegen
-
-
-def _stream_row(buf, bits, row):  # pragma: no cover - replaced by the overload inside kernels
-    """Store ``buf`` (the statistics dtype) into ``row`` with :func:`_stream_copy`, through
-    ``bits`` (a scratch row of ``row``'s dtype) when ``row`` is bf16."""
-
-
-@overload(_stream_row)
-def _stream_row_impl(buf, bits, row):
-    if isinstance(row.dtype, types.Float):
-        return lambda buf, bits, row: _stream_copy(buf, row)
-
-    def narrow_then_stream(buf, bits, row):
-        encode(buf, bits)
-        _stream_copy(bits, row)
-
-    return narrow_then_stream
-
-
-@jit(inline="always")
-def _streams(out):
-    """Whether the kernel writes ``out`` (a whole output array) with non-temporal stores."""
-    return out.size * out.itemsize >= STREAM_MIN_BYTES
-
 
 @sum_jit
 def _chunk_sum(v, shift):
@@ -448,14 +363,14 @@ def _scaled_stats(v, shift, is_rms, eps):
 @jit(inline="always")
 def _normalize_row(v, shift, mu, r_std, w, b, is_rms, y_row, ybuf, bits, stream):
     """Row ``y_row`` of :func:`_row_fwd` from its statistics: through ``ybuf`` for bf16 or
-    when streamed (``stream``: :func:`_stream_row`, via ``bits``)."""
+    when streamed (``stream``: :func:`~normkit.ops.numba._engine.stream_row`, via ``bits``)."""
     out = ybuf if stream else staging(y_row, ybuf)
     if is_rms:
         _scale(v, r_std, w, out)
     else:
         _affine(v, shift, mu, r_std, w, b, out)
     if stream:
-        _stream_row(out, bits, y_row)
+        stream_row(out, bits, y_row)
     else:
         encode(out, y_row)
 
@@ -487,7 +402,7 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
     rbuf = np.empty(L, w.dtype)
     ybuf = np.empty(L, w.dtype)
     bits = np.empty(L, y.dtype)
-    stream = _streams(y)
+    stream = streams(y)
     unusual = 0
     for i in range(lo, hi):
         ahead = PREFETCH and i + 1 < hi
@@ -527,7 +442,7 @@ def _row_fwd(x, res, rout, w, b, eps, is_rms, y, mean, rstd, lo, hi):
                 prefetch_row(row_of(rout, i + 1))
         _normalize_row(v, shift, mu, r_std, w, b, is_rms, row_of(y, i), ybuf, bits, stream)
     if stream:
-        _store_fence()
+        store_fence()
     if unusual == 0:
         return
     for i in range(lo, hi):
@@ -561,7 +476,7 @@ def _row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block, lo, hi):
     gbuf = np.empty(L, w.dtype)
     obuf = np.empty(L, w.dtype)
     bits = np.empty(L, dx.dtype)
-    stream = _streams(dx)
+    stream = streams(dx)
     for blk in range(lo, hi):
         dw = row_of(dwp, blk)
         db = row_of(dbp, blk)
@@ -595,13 +510,13 @@ def _row_bwd(dy, x, w, mean, rstd, is_rms, dres, dx, dwp, dbp, block, lo, hi):
                 for j in range(L):
                     out[j] = out[j] + r[j]
             if stream:
-                _stream_row(out, bits, row_of(dx, i))
+                stream_row(out, bits, row_of(dx, i))
             else:
                 encode(out, row_of(dx, i))
                 if ahead:
                     prefetch_row(row_of(dx, i + 1))
     if stream:
-        _store_fence()
+        store_fence()
 
 
 # The kernels called from Python: ``is_rms`` a compile-time constant (a kernel per flag, from
