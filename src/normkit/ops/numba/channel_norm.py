@@ -1,6 +1,6 @@
 """The channel norms on numba kernels: BatchNorm, GroupNorm, InstanceNorm, with an activation.
 
-Every call is two ``torch.library`` custom ops over the input's ``(N, C, S)`` view, read in
+Every norm is two ``torch.library`` custom ops over the input's ``(N, C, S)`` view, read in
 place (contiguous NC*, channels_last(_3d), ``(N, C)`` and ``(N, C, L)``; any other strides are
 made contiguous first) and written in the input's memory format:
 
@@ -15,14 +15,19 @@ made contiguous first) and written in the input's memory format:
 The running statistics are updated outside the ops, by :func:`normkit.numerics.update_running_stats`
 (all or none, in their own dtype), from the forward op's statistics. Both ops have fake
 implementations, so ``torch.compile(fullgraph=True)`` traces a norm without a graph break.
+torch.func transforms and ``torch.jit.trace`` go through the ops too; eager calls on plain
+tensors run the ops' implementations without the custom-op dispatch, under one autograd
+Function where autograd records (tens of microseconds less a call at small shapes).
 
 Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kernels`): tasks
 are (sample, channel) segments (BatchNorm, NC*), (sample, group) rows (GroupNorm,
 InstanceNorm, NC*) or fixed blocks of channels_last rows (GroupNorm and InstanceNorm with
-enough samples for the threads: one task per sample, the same blocks inside), on
-``torch.get_num_threads()`` threads; partial sums (statistics, weight and bias gradients)
-are kept per task and added in a fixed order, so results are bit-identical at any thread
-count, and a GroupNorm or InstanceNorm sample's result does not depend on the other samples.
+enough samples for the threads: one task per sample, the same blocks inside), cut into one
+range of tasks per thread of ``torch.get_num_threads()`` (one range on the calling thread
+below ``_engine.PARALLEL_MIN_ELEMENTS``: :func:`~normkit.ops.numba._engine.split_run`);
+partial sums (statistics, weight and bias gradients) are kept per task and added in a fixed
+order, so results are bit-identical at any thread count, and a GroupNorm or InstanceNorm
+sample's result does not depend on the other samples.
 
 Numerics: statistics from float64 sums of ``x - pivot`` (one element of the statistic's own)
 and its square; the output and input gradient in float32 (float64 for float64 input; bf16
@@ -47,7 +52,7 @@ from torch import Tensor
 
 from normkit import reference
 from normkit.numerics import acc_dtype, unbiased, update_running_stats
-from normkit.ops._autograd import check_saveable, refuse_forward_ad_early, vmap_by_loop
+from normkit.ops._autograd import check_saveable, eager_plain, refuse_forward_ad_early, vmap_by_loop
 from normkit.ops.numba import _graph_backward, _pages
 from normkit.ops.numba import channel_kernels as k
 from normkit.ops.numba._engine import (
@@ -55,8 +60,8 @@ from normkit.ops.numba._engine import (
     acc_np_dtype,
     as_array,
     autograd_pair,
-    launch,
-    threads,
+    eager_function,
+    split_run,
 )
 from normkit.ops.numba.backend import _CHANNEL_OPS
 
@@ -133,7 +138,7 @@ def _per_sample(N: int) -> bool:
     statistics and output while it is in cache) rather than blocks of rows over all samples
     (two passes over memory; enough tasks for every thread at small N). Both give the same
     bits, so the choice may follow the thread count."""
-    n = threads()
+    n = torch.get_num_threads()
     return N % n == 0 or N >= 4 * n
 
 
@@ -172,8 +177,8 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
     xa, ya = _flat(x), _flat(y)
     if not columns and groups:
-        launch(k.seg_fwd, xa, ya, *_seg_geometry(N, C, S, groups), w, b, k.FULL, float(eps), act,
-               pivot, mean, var, rstd)
+        split_run(k.seg_fwd, rows, x.numel(), xa, ya, *_seg_geometry(N, C, S, groups), w, b, k.FULL,
+                  float(eps), act, pivot, mean, var, rstd)
         return y, *stats
     if not columns:
         geometry = _seg_geometry(N, C, S, 0)
@@ -181,17 +186,17 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
             # Partial sums per (sample, channel) segment, in memory order, merged per channel.
             pivot[:] = x.detach()[0].reshape(C, S)[:, 0].double().numpy()
             s1p, s2p = np.empty(N * C), np.empty(N * C)
-            launch(k.seg_fwd, xa, ya, *geometry, w, b, k.SUMS, 0.0, act, _tile(pivot, N), s1p,
-                   s2p, s2p)
+            split_run(k.seg_fwd, N * C, x.numel(), xa, ya, *geometry, w, b, k.SUMS, 0.0, act,
+                      _tile(pivot, N), s1p, s2p, s2p)
             _moments(s1p.reshape(1, N, C), s2p.reshape(1, N, C), C, N * S, float(eps), mean, var,
                      rstd)
-        launch(k.seg_fwd, xa, ya, *geometry, w, b, k.APPLY, 0.0, act, _tile(pivot, N),
-               _tile(mean, N), _tile(var, N), _tile(rstd, N))
+        split_run(k.seg_fwd, N * C, x.numel(), xa, ya, *geometry, w, b, k.APPLY, 0.0, act,
+                  _tile(pivot, N), _tile(mean, N), _tile(var, N), _tile(rstd, N))
         return y, *stats
     N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
     if groups and _per_sample(N):
-        launch(k.col_group_fwd, xa, ya, R, sample_stride, block, w, b, float(eps), act,
-               *(s.reshape(N, groups) for s in (pivot, mean, var, rstd)))
+        split_run(k.col_group_fwd, N, x.numel(), xa, ya, R, sample_stride, block, w, b, float(eps),
+                  act, *(s.reshape(N, groups) for s in (pivot, mean, var, rstd)))
         return y, *stats
     cg = 1 if groups == 0 else C // groups  # channels per statistic
     x3 = x.detach().reshape(N, C, S)
@@ -200,15 +205,15 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         piv = (x3[:1, :, 0] if groups == 0 else x3[:, ::cg, 0]).to(torch.float64)
         pc = piv.repeat_interleave(cg, 1).numpy().astype(acc)
         s1p, s2p = (np.empty((N2, -(-R // block), C)) for _ in range(2))
-        launch(k.col_sums, xa, xa, R, sample_stride, row_stride, block, pc, pc, pc, pc, pc, 0,
-               False, s1p, s2p)
+        split_run(k.col_sums, N2 * s1p.shape[1], x.numel(), xa, xa, R, sample_stride, row_stride,
+                  block, pc, pc, pc, pc, pc, 0, False, s1p, s2p)
         pivot[:] = piv.reshape(-1).numpy()
         _moments(s1p, s2p, C // cg, R * cg, float(eps), mean, var, rstd)
     piv, mu, _, wc, bc = _coefficients(N2, cg, pivot, mean, rstd, w, b, acc)
     scale = (_per_channel(rstd, N2, cg) * w.astype(np.float64)).astype(acc)
     one = np.ones_like(scale)
-    launch(k.col_out, xa, xa, ya, R, sample_stride, row_stride, block, piv, mu, scale, one, bc,
-           one, one, one, act, False)
+    split_run(k.col_out, N2 * -(-R // block), x.numel(), xa, xa, ya, R, sample_stride, row_stride,
+              block, piv, mu, scale, one, bc, one, one, one, act, False)
     return y, *stats
 
 
@@ -279,13 +284,13 @@ def _seg_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
     s1p, s2p = np.empty((rows, nseg)), np.empty((rows, nseg))
     none = np.empty(0)
     if groups:
-        launch(k.seg_bwd, ga, xa, dxa, *geometry, w, b, batch_stats, act, p, m, r,
-               np.empty((0, 3)), s1p, s2p)
+        split_run(k.seg_bwd, rows, rows * nseg * S, ga, xa, dxa, *geometry, w, b, batch_stats, act,
+                  p, m, r, np.empty((0, 3)), s1p, s2p)
     else:
         p, m, r = _tile(p, N), _tile(m, N), _tile(r, N)
         first = dxa if not batch_stats else dxa[:0]
-        launch(k.seg_bwd, ga, xa, first, *geometry, w, b, False, act, p, m, r, np.empty((0, 3)),
-               s1p, s2p)
+        split_run(k.seg_bwd, rows, rows * S, ga, xa, first, *geometry, w, b, False, act, p, m, r,
+                  np.empty((0, 3)), s1p, s2p)
     # (N * G, C / G) is (N, C); BatchNorm's (N * C, 1) too: summed over the samples.
     k.merge(s1p.reshape(1, N, C), C, none, sums[0])
     k.merge(s2p.reshape(1, N, C), C, none, sums[1])
@@ -293,8 +298,8 @@ def _seg_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
         w64, n = w.astype(np.float64), N * S
         rs = r[:C]
         coef = np.stack([rs * w64, -rs * w64 * sums[1, 0] / n, -rs * w64 * sums[0, 0] / n], 1)
-        launch(k.seg_bwd, ga, xa, dxa, *geometry, w, b, True, act, p, m, r,
-               np.tile(coef, (N, 1)), s1p, s2p)
+        split_run(k.seg_bwd, rows, rows * S, ga, xa, dxa, *geometry, w, b, True, act, p, m, r,
+                  np.tile(coef, (N, 1)), s1p, s2p)
 
 
 def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S: int, groups: int,
@@ -307,8 +312,8 @@ def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
     none = np.empty(0)
     if groups and _per_sample(N):
         s1, s2 = np.empty((N, C)), np.empty((N, C))
-        launch(k.col_group_bwd, ga, xa, dxa, R, sample_stride, block, w, b, batch_stats, act,
-               *(s.reshape(N, groups) for s in (p, m, r)), s1, s2)
+        split_run(k.col_group_bwd, N, N * C * S, ga, xa, dxa, R, sample_stride, block, w, b,
+                  batch_stats, act, *(s.reshape(N, groups) for s in (p, m, r)), s1, s2)
         k.merge(s1.reshape(1, N, C), C, none, sums[0])
         k.merge(s2.reshape(1, N, C), C, none, sums[1])
         return
@@ -319,7 +324,7 @@ def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
     if batch_stats and want_dx or want_params:
         nblk = -(-R // block)
         s1p, s2p = np.empty((N2, nblk, C)), np.empty((N2, nblk, C))
-        launch(k.col_sums, ga, xa, *geometry, act, True, s1p, s2p)
+        split_run(k.col_sums, N2 * nblk, N * C * S, ga, xa, *geometry, act, True, s1p, s2p)
         s1, s2 = np.empty((N2, C)), np.empty((N2, C))
         k.merge(s1p, C, none, s1)
         k.merge(s2p, C, none, s2)
@@ -340,8 +345,8 @@ def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
         k3 = -rstd_c * _per_channel(g1.reshape(-1), N2, cg) / n
     else:
         k2 = k3 = np.zeros((N2, C))
-    launch(k.col_out, ga, xa, dxa, *geometry, k1.astype(acc), k2.astype(acc), k3.astype(acc), act,
-           True)
+    split_run(k.col_out, N2 * -(-R // block), N * C * S, ga, xa, dxa, *geometry, k1.astype(acc),
+              k2.astype(acc), k3.astype(acc), act, True)
 
 
 # ---- custom ops: what torch.compile sees -------------------------------------------------------
@@ -388,19 +393,76 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
-def _backward(ctx, dy, *_stats):
+def _grads(ctx, dy: Tensor, bwd: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor | None, ...]:
+    """The gradients of ``channel_fwd``'s inputs from ``bwd`` (the backward op, or its
+    implementation for the eager Function), the parameters' in their own dtypes."""
     x, weight, bias, pivot, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     w_dtype, b_dtype = ctx.dtypes
-    dx, dw, db = _bwd(dy, x, weight, bias, pivot, mean, rstd, ctx.groups, ctx.batch_stats, ctx.act,
-                      bool(need[0]), bool(need[1]), bool(need[2]))
+    dx, dw, db = bwd(dy, x, weight, bias, pivot, mean, rstd, ctx.groups, ctx.batch_stats, ctx.act,
+                     bool(need[0]), bool(need[1]), bool(need[2]))
     return (dx if need[0] else None, dw.to(w_dtype) if need[1] else None,
             db.to(b_dtype) if need[2] else None, None, None, None, None, None, None)
 
 
+def _backward(ctx, dy, *_stats):
+    return _grads(ctx, dy, _bwd)
+
+
 vmap_by_loop(_fwd_op)
 vmap_by_loop(_bwd_op)
-_fwd, _bwd = autograd_pair(_fwd_op, _setup_context, _backward, _bwd_op, graph_backward=_graph_backward.channel)
+_fwd, _bwd = autograd_pair(_fwd_op, _setup_context, _backward, _bwd_op, _fwd_impl, _bwd_impl,
+                           graph_backward=_graph_backward.channel)
+
+
+# ---- eager calls: one autograd Function, no custom op ------------------------------------------
+
+
+def _eager_forward(ctx, *inputs):
+    """Forward of the channel norms' eager Function (``channel_fwd``'s inputs and results): the
+    op's implementation and ``setup_context``, the statistics without a gradient."""
+    out = _fwd_impl(*inputs)
+    _setup_context(ctx, inputs, out)
+    ctx.mark_non_differentiable(*out[1:])
+    ctx.set_materialize_grads(False)
+    return out
+
+
+def _eager_backward(ctx, dy, *_stats):
+    if dy is None:  # (only the statistics, which have no gradient, reached the loss)
+        return (None,) * 9
+    return _grads(ctx, dy, _bwd_impl)
+
+
+def _eager_graph_backward(ctx, dy, *stats):
+    """The eager Function's backward where its kernel cannot run: upstream gradients without
+    storage (autograd's vmap of ``is_grads_batched`` and ``jacobian(vectorize=True)``) go to
+    the backward op, whose vmap rule runs the kernel per gradient; a backward that builds a
+    graph (double backward) to the torch composition."""
+    if dy is not None and not torch._C._has_storage(dy):
+        return _grads(ctx, dy, _bwd_op)
+    return _graph_backward.channel(ctx, dy, *stats)
+
+
+# ``channel_fwd`` for eager calls on plain tensors that autograd records: the kernels under one
+# autograd Function, without the custom-op dispatch. torch.func needs the custom ops' Function
+# (their vmap rules), and torch.compile and torch.jit.trace record the ops themselves.
+_apply_channel_norm = eager_function("ChannelNorm", _eager_forward, _eager_backward, _eager_graph_backward)
+
+
+def _channel(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+             running_var: Tensor | None, groups: int, training: bool, eps: float,
+             act: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``channel_fwd``'s results ``(y, pivot, mean, var, rstd)``: eager calls on plain tensors
+    run the kernels directly (under :data:`_apply_channel_norm` where autograd records),
+    others go through the custom ops."""
+    args = (x, weight, bias, running_mean, running_var, groups, training, eps, act)
+    if not eager_plain(x, weight, bias, running_mean, running_var):
+        return _fwd(*args)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _apply_channel_norm(*args)
+    return _fwd_impl(*args)
 
 
 # ---- the norms, with torch.nn.functional's signatures ------------------------------------------
@@ -428,8 +490,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     x = _dense(input)
     if training:
         refuse_forward_ad_early(_refuse_forward_ad, input, weight, bias)
-    y, pivot, mean, var, _ = _fwd(x, weight, bias, running_mean, running_var, 0, bool(training),
-                                  float(eps), ACT_CODES[act])
+    y, pivot, mean, var, _ = _channel(x, weight, bias, running_mean, running_var, 0, bool(training),
+                                      float(eps), ACT_CODES[act])
     if training and (running_mean is not None or running_var is not None):
         n = input.numel() // input.shape[1]
         dtype = acc_dtype(input.dtype)
@@ -451,8 +513,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
     channels and the spatial axes. Numerics as :func:`batch_norm`; a sample's output and input
     gradient do not depend on the other samples (its sums run in an order fixed by C, G and
     the spatial size)."""
-    return _fwd(_dense(input), weight, bias, None, None, int(num_groups), True, float(eps),
-                ACT_CODES[act])[0]
+    return _channel(_dense(input), weight, bias, None, None, int(num_groups), True, float(eps),
+                    ACT_CODES[act])[0]
 
 
 def group_norm_act(input: Tensor, num_groups: int, weight: Tensor | None = None,
@@ -471,7 +533,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     x = _dense(input)
     if running_mean is not None or running_var is not None:
         refuse_forward_ad_early(_refuse_forward_ad, input, weight, bias)
-    y, pivot, mean, var, _ = _fwd(x, weight, bias, None, None, C, True, float(eps), 0)
+    y, pivot, mean, var, _ = _channel(x, weight, bias, None, None, C, True, float(eps), 0)
     if running_mean is not None or running_var is not None:
         n = input[0, 0].numel()
         dtype = acc_dtype(input.dtype)
