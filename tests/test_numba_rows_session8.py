@@ -1,6 +1,6 @@
 """The numba row norms' weight/bias gradient blocks (:mod:`normkit.ops.numba.row_norm`,
-``_bwd_block``: at most ``MAX_BLOCKS`` blocks of at least ``MIN_BLOCK_ROWS`` rows), and the
-block norms that share them (:mod:`normkit.ops.numba.blocks`):
+``_bwd_block``: one up to ``MAX_BLOCKS`` rows, else at most ``MAX_BLOCKS`` blocks of at least
+``MIN_BLOCK_ROWS`` rows), and the block norms that share them (:mod:`normkit.ops.numba.blocks`):
 
 * ``dw``/``db`` are exactly the documented sums: each block's per-row terms added in row order
   from zero, then the blocks added in block order; at 1, 2 and 3 threads (every call split,
@@ -34,10 +34,10 @@ row_norm = pytest.importorskip("normkit.ops.numba.row_norm")
 blocks = pytest.importorskip("normkit.ops.numba.blocks")
 pytestmark = pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered")
 
-# Row counts: one block (1, 16), just past it (17), two blocks of 16 plus a remainder (40), the
-# 64-row case the minimum was made for, uneven blocks (300), the last size with 16-row blocks
-# (512) and the first past it (513: 32 blocks of 17 rows and a short last one).
-ROWS = (1, 16, 17, 40, 64, 300, 512, 513)
+# Row counts: one block (1, 17, 32), just past it (33: 16 + 16 + 1), two blocks of 16 plus a
+# remainder (40), the 64-row case the minimum was made for, uneven blocks (300), the last size
+# with 16-row blocks (512) and the first past it (513: 32 blocks of 17 rows and a short last one).
+ROWS = (1, 17, 32, 33, 40, 64, 300, 512, 513)
 THREADS = (1, 2, 3)
 
 
@@ -186,7 +186,7 @@ def _grads(leaves: dict[str, Tensor], call, backend: str, seed: int) -> list[Ten
     return [*out, *torch.autograd.grad(out, list(leaves.values()), dys)]
 
 
-@pytest.mark.parametrize("M", (20, 64, 200))
+@pytest.mark.parametrize("M", (20, 36, 64, 200))
 @pytest.mark.parametrize("name", ("modulated per sample", "modulated per token", "gated", "sandwich", "dyt"))
 def test_block_norms_at_the_new_block_sizes(name: str, M: int, split_every_call) -> None:
     """Same bits at 1, 2, 3 threads (float32), and the reference backend's results in float64."""

@@ -23,8 +23,8 @@ the backend's ``unsupported`` check (:mod:`normkit.ops.numba.backend`). Numerics
 :mod:`normkit.ops.numba._block_kernels` (statistics in float32, float64 for float64 input;
 each result rounded once; deterministic at any thread count; a row's results do not depend on
 the other rows). The parameter gradients are summed per block of rows as the row norms' are
-(:func:`~normkit.ops.numba.row_norm._bwd_block`: at least 16 rows a block, so from 17 to 511
-rows their last bits differ from versions with smaller blocks).
+(:func:`~normkit.ops.numba.row_norm._bwd_block`: one block up to 32 rows, else at least 16
+rows a block, so from 33 to 511 rows their last bits differ from versions with smaller blocks).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _mod_fwd_impl(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None
 
 def _mod_blocks(M: int, rows: int) -> tuple[int, int, int]:
     """``(cpb, spb, blocks)`` of :func:`~normkit.ops.numba._block_kernels.mod_bwd`: blocks of
-    about the row norms' size (:func:`~normkit.ops.numba.row_norm._bwd_block`: at most
-    :data:`MAX_BLOCKS` blocks of at least 16 rows), none crossing a modulation row of ``rows``
+    about the row norms' size (:func:`~normkit.ops.numba.row_norm._bwd_block`: one up to 32
+    rows, else at most :data:`MAX_BLOCKS` blocks of at least 16 rows), none crossing a modulation row of ``rows``
     rows unless it holds whole ones (from the shape alone, never the threads)."""
     target = row_norm._bwd_block(M)
     if rows >= target:
