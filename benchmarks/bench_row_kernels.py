@@ -4,11 +4,19 @@ preallocated outputs (no allocation, no page zeroing, no autograd: the kernel al
 
     python benchmarks/bench_row_kernels.py                 # against HEAD
     python benchmarks/bench_row_kernels.py --base HEAD~3 --e2e
+    python benchmarks/bench_row_kernels.py --base-blocks rows32 --rows 64 --widths 4096 --kernels "ln bwd"
+    python benchmarks/bench_row_kernels.py --no-kernels --e2e --base-blocks rows32 --shapes 8x4096 64x4096
 
-``--e2e`` adds LayerNorm forward+backward end to end (torch eager, torch.compile, normkit's
-numba backend with the revision's kernels and with the tree's), the same interleaving.
-Prints ns per row: median over ``--repeats`` calls, min-max in brackets, and the load; by
-default in CPU time (``--clock wall`` for wall-clock time).
+The backward kernels are timed with the launcher's second kernel (the weight/bias partials
+summed over the blocks) where there is more than one block; ``--base-blocks`` picks the
+revision's rows per block (``tree``: the tree's ``row_norm._bwd_block``; ``rows32``: the
+policy before 16-row blocks, ``ceil(M / 32)`` rows, and all rows in one block up to 32 rows
+on one thread). ``--e2e`` adds LayerNorm forward+backward end to end (torch eager,
+torch.compile, normkit's numba backend with the base's block policy and with the tree's; the
+tree's kernels in both), the same interleaving, on ``--shapes`` (default ``--rows`` by each
+of ``--widths``). Prints ns per row (kernels) or us per call (end to end): median over
+``--repeats`` calls, min-max in brackets, and the load; by default in CPU time (``--clock
+wall`` for wall-clock time).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -30,11 +39,25 @@ import torch.nn.functional as TF
 
 import normkit.functional as NF
 from normkit.ops.numba import _row_kernels as tree
-from normkit.ops.numba._engine import split_run
+from normkit.ops.numba import row_norm
+from normkit.ops.numba._engine import split_run, split_threads
 
 KERNELS = ("ln fwd", "ln bwd", "rms fwd", "rms bwd")
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_PATH = "src/normkit/ops/numba/_row_kernels.py"
+
+
+def rows32_block(M: int, L: int) -> int:
+    """Rows per backward block before 16-row blocks: ``ceil(M / 32)``, and all rows in one block
+    up to 32 rows where the call ran on one thread."""
+    if M <= 32 and split_threads(M, M * L) == 1:
+        return M
+    return max(1, -(-M // 32))
+
+
+_TREE_BLOCK = row_norm._bwd_block
+# Rows per backward block, (M, L) -> rows, by --base-blocks.
+BLOCKS = {"tree": lambda M, L: _TREE_BLOCK(M), "rows32": rows32_block}
 
 
 def load_revision(rev: str):
@@ -69,12 +92,16 @@ flush: Callable[[], object] | None = None
 
 
 def timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each call, ``repeats`` times, the calls alternating (after one warm-up each)."""
+    """Seconds of each call, ``repeats`` times, the calls alternating (after one warm-up each),
+    in a new (seeded) random order each round: no call always follows the same one (a numba
+    call right after torch.compile's ran 15% slower at 8x4096 than the same call elsewhere)."""
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order, rng = list(calls.items()), random.Random(0)
     for _ in range(repeats):
-        for name, call in calls.items():
+        rng.shuffle(order)
+        for name, call in order:
             if flush is not None:
                 flush()
             t0 = clock()
@@ -92,17 +119,30 @@ def as_bits(a: np.ndarray, bf16: bool) -> np.ndarray:
     return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if bf16 else a
 
 
-def kernel_calls(module, M: int, L: int, bf16: bool, threads: int, arrays: dict) -> dict[str, Callable[[], object]]:
-    """The four kernels of ``module`` on ``arrays`` (shared by every module: same inputs, outputs)."""
+def kernel_calls(
+    module, M: int, L: int, bf16: bool, threads: int, arrays: dict, bwd_block: int
+) -> dict[str, Callable[[], object]]:
+    """The four kernels of ``module`` on ``arrays`` (shared by every module: same inputs, outputs),
+    the backward's in blocks of ``bwd_block`` rows, followed by the partials' sum where there is
+    more than one block (as the launcher runs them)."""
     a = arrays
     none = a["none"]
-    bwd_block = max(1, -(-M // 32))
     blocks = -(-M // bwd_block)
 
     def run(kernel, n_items, *args):
         if threads == 1:
-            return lambda: kernel(*args, 0, n_items)
-        return lambda: split_run(kernel, n_items, M * L, *args)
+            call = lambda: kernel(*args, 0, n_items)  # noqa: E731
+        else:
+            call = lambda: split_run(kernel, n_items, M * L, *args)  # noqa: E731
+        if kernel not in (module.row_bwd_ln, module.row_bwd_rms) or blocks == 1:
+            return call
+        dbp = a["dbp"][:blocks] if kernel is module.row_bwd_ln else a["dbp"][:blocks, :0]
+
+        def with_sum():
+            call()
+            split_run(tree.sum_blocks, L, blocks * L, a["dwp"][:blocks], dbp, a["dw"], a["db"])
+
+        return with_sum
 
     return {
         "ln fwd": run(module.row_fwd_ln, M, a["x"], none, none, a["w"], a["b"], 1e-5, a["y"], a["mean"], a["rstd"]),
@@ -141,16 +181,21 @@ def kernel_calls(module, M: int, L: int, bf16: bool, threads: int, arrays: dict)
 
 
 def kernels(
-    base, M: int, widths: list[int], repeats: int, dtypes: list[str], names: list[str], thread_counts: list[int]
+    base,
+    M: int,
+    widths: list[int],
+    repeats: int,
+    dtypes: list[str],
+    names: list[str],
+    thread_counts: list[int],
+    base_blocks: str,
 ) -> None:
     g = np.random.default_rng(0)
-    print(f"kernel ns/row, M={M}, median (min-max) over {repeats}; base vs tree, interleaved")
+    print(f"kernel ns/row, M={M}, median (min-max) over {repeats}; base ({base_blocks} blocks) vs tree, interleaved")
     for L in widths:
         for bf16 in [d == "bf16" for d in dtypes]:
             x = (g.standard_normal((M, L), np.float32) * 2 + 3).astype(np.float32)
             dy = g.standard_normal((M, L), np.float32)
-            bwd_block = max(1, -(-M // 32))
-            blocks = -(-M // bwd_block)
             arrays = {
                 "x": as_bits(x, bf16),
                 "dy": as_bits(dy, bf16),
@@ -162,20 +207,23 @@ def kernels(
                 "rstd": np.empty(M, np.float32),
                 "mean2": np.empty(M, np.float32),
                 "rstd2": np.empty(M, np.float32),
-                "dwp": np.empty((blocks, L), np.float32),
-                "dbp": np.empty((blocks, L), np.float32),
+                "dwp": np.empty((M, L), np.float32),  # room for any blocks (first rows used)
+                "dbp": np.empty((M, L), np.float32),
+                "dw": np.empty(L, np.float32),
+                "db": np.empty(L, np.float32),
                 "none": np.empty((0, L), np.uint16 if bf16 else np.float32),
             }
             for threads in thread_counts:
                 torch.set_num_threads(threads)
+                old_block, new_block = BLOCKS[base_blocks](M, L), BLOCKS["tree"](M, L)
                 for name in names:
                     calls = {
-                        "base": kernel_calls(base, M, L, bf16, threads, arrays)[name],
-                        "tree": kernel_calls(tree, M, L, bf16, threads, arrays)[name],
+                        "base": kernel_calls(base, M, L, bf16, threads, arrays, old_block)[name],
+                        "tree": kernel_calls(tree, M, L, bf16, threads, arrays, new_block)[name],
                     }
                     # The backward reads the forward's statistics: run that first.
                     stats = "ln fwd" if name.startswith("ln") else "rms fwd"
-                    kernel_calls(tree, M, L, bf16, threads, arrays)[stats]()
+                    kernel_calls(tree, M, L, bf16, threads, arrays, new_block)[stats]()
                     t = timed(calls, repeats)
                     ratio = statistics.median(t["base"]) / statistics.median(t["tree"])
                     print(
@@ -187,11 +235,12 @@ def kernels(
 
 
 def end_to_end(
-    base, shapes: list[tuple[int, int]], repeats: int, dtypes: list[torch.dtype], thread_counts: list[int]
+    shapes: list[tuple[int, int]], repeats: int, dtypes: list[torch.dtype], thread_counts: list[int], base_blocks: str
 ) -> None:
-    """LayerNorm forward+backward, ms: eager, torch.compile, numba with the base and tree kernels."""
+    """LayerNorm forward+backward, us: eager, torch.compile, numba with the base's block policy
+    and with the tree's (the tree's kernels in both: the jitted launchers call them directly)."""
     compiled = torch.compile(TF.layer_norm)
-    print(f"LayerNorm fwd+bwd ms, median (min-max) over {repeats}")
+    print(f"LayerNorm fwd+bwd us, median (min-max) over {repeats}; x/eager time in each entry")
     for M, L in shapes:
         for dtype in dtypes:
             x = torch.randn(M, L, dtype=dtype).requires_grad_()
@@ -207,34 +256,35 @@ def end_to_end(
 
                 return call
 
-            def numba_with(module):
+            def numba_with(policy, L=L):
                 def fn(*args):
-                    tree.ROW_FWD[False], tree.ROW_BWD[False] = module.row_fwd_ln, module.row_bwd_ln
+                    row_norm._bwd_block = lambda rows: BLOCKS[policy](rows, L)
                     return NF.layer_norm(*args, backend="numba")
 
                 return fn
 
-            new = (tree.row_fwd_ln, tree.row_bwd_ln)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 calls = {
                     "eager": step(TF.layer_norm),
                     "compile": step(compiled),
-                    "numba base": step(numba_with(base)),
-                    "numba tree": step(numba_with(tree)),
+                    f"numba {base_blocks}": step(numba_with(base_blocks)),
+                    "numba tree": step(numba_with("tree")),
                 }
                 try:
                     t = timed(calls, repeats)
                 finally:
-                    tree.ROW_FWD[False], tree.ROW_BWD[False] = new
+                    row_norm._bwd_block = _TREE_BLOCK
                 eager = statistics.median(t["eager"])
-                parts = "  ".join(f"{n} {summary(s, 1e3)} {eager / statistics.median(s):.2f}x" for n, s in t.items())
+                parts = "  ".join(f"{n} {summary(s, 1e6)} {eager / statistics.median(s):.2f}x" for n, s in t.items())
                 print(f"{M}x{L} {str(dtype)[6:]} t={threads}: {parts}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the kernels to compare with")
+    parser.add_argument("--base-blocks", choices=sorted(BLOCKS), default="tree", help="the base's rows per block")
+    parser.add_argument("--shapes", nargs="+", default=None, help="MxL shapes of --e2e (default rows x widths)")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--repeats", type=int, default=15)
@@ -255,11 +305,14 @@ def main() -> None:
     print(f"load {os.getloadavg()}, clock {args.clock}, torch {torch.__version__}, {sys.platform}")
     base = load_revision(args.base)
     if not args.no_kernels:
-        kernels(base, args.rows, args.widths, args.repeats, args.dtypes, args.kernels, args.threads)
+        kernels(base, args.rows, args.widths, args.repeats, args.dtypes, args.kernels, args.threads, args.base_blocks)
     if args.e2e:
-        shapes = [(args.rows, L) for L in args.widths]
+        if args.shapes:
+            shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+        else:
+            shapes = [(args.rows, L) for L in args.widths]
         torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        end_to_end(base, shapes, args.repeats, [torch_dtypes[d] for d in args.dtypes], args.threads)
+        end_to_end(shapes, args.repeats, [torch_dtypes[d] for d in args.dtypes], args.threads, args.base_blocks)
     print(f"load {os.getloadavg()}")
 
 
