@@ -1,16 +1,18 @@
 """The numba channel kernels against torch eager and torch.compile, forward, backward and both,
 with the kernels' own time apart from the output's allocation.
 
-    python benchmarks/bench_channel_kernels.py [--threads 1 2] [--compile] [--old DIR] [--repeats 15]
+    python benchmarks/bench_channel_kernels.py [--threads 1 2] [--compile] [--old DIR] [--repeats 15] [--small]
 
 Cases: BatchNorm 32x64x56x56 (NCHW and channels_last), GroupNorm 32x64x56x56 G=32, the U-Net
 GroupNorm 8x320x64x64 G=32 and InstanceNorm 1x64x256x256 (GroupNorm with G = C), float32,
-training, random weight, bias and upstream gradient. Providers are interleaved call by call;
+training, random weight, bias and upstream gradient. ``--small`` runs the per-call cases
+instead (BatchNorm and GroupNorm G=32 at 8x64x8x8, NCHW and channels_last: what a call costs
+besides its kernels; times in microseconds). Providers are interleaved call by call;
 each figure is the median over the repeats with its min-max.
 
 ``kernel`` rows time the launcher (``_fwd_impl`` / ``_bwd_impl``) with its output buffers
-allocated once and reused: the kernels' time without the page faults of a fresh 25-40 MB
-output, which eager torch and numba pay alike on every call. ``--old DIR`` adds the same
+allocated once and reused (``_pages.empty_like`` replaced): the kernels' time without the
+page faults of a fresh 25-40 MB output, which eager torch and numba pay alike on every call. ``--old DIR`` adds the same
 launcher from a copy of an earlier ``channel_norm.py`` (as ``old_channel_norm`` in DIR,
 its custom ops renamed) for an A/B comparison in one process.
 """
@@ -30,6 +32,13 @@ import torch.nn.functional as F
 
 from normkit.ops.numba import channel_norm as cn
 
+SMALL_CASES = {
+    "bn 8x64x8x8": ((8, 64, 8, 8), 0, False),
+    "bn 8x64x8x8 cl": ((8, 64, 8, 8), 0, True),
+    "gn 8x64x8x8 G=32": ((8, 64, 8, 8), 32, False),
+    "gn 8x64x8x8 G=32 cl": ((8, 64, 8, 8), 32, True),
+}
+
 CASES = {
     "bn 32x64x56x56": ((32, 64, 56, 56), 0, False),
     "bn 32x64x56x56 cl": ((32, 64, 56, 56), 0, True),
@@ -40,14 +49,11 @@ CASES = {
 
 
 class _Reuse:
-    """``torch`` for a launcher module, whose ``empty_like`` hands back one buffer per shape,
+    """``_pages`` for a launcher module, whose ``empty_like`` hands back one buffer per shape,
     allocated once (its pages already touched)."""
 
     def __init__(self) -> None:
         self._bufs: dict[Any, torch.Tensor] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
 
     def empty_like(self, t: torch.Tensor, **kw: Any) -> torch.Tensor:
         key = (tuple(t.shape), t.stride(), t.dtype)
@@ -107,11 +113,11 @@ def _kernel_timers(mod: Any, groups: int, x, w, b, dy) -> dict[str, Callable[[],
 
     def reusing(f: Callable[[], None]) -> Callable[[], None]:
         def call() -> None:
-            real, mod.torch = mod.torch, _Reuse.shared
+            real, mod._pages = mod._pages, _Reuse.shared
             try:
                 f()
             finally:
-                mod.torch = real
+                mod._pages = real
 
         return call
 
@@ -128,10 +134,12 @@ def run(
     repeats: int,
     only: list[str] | None,
     clock: Callable[[], float] = time.perf_counter,
+    small: bool = False,
 ) -> None:
     torch.set_num_threads(threads)
     torch._dynamo.config.recompile_limit = 64  # one compiled function per case, grad mode and thread count
-    for name, (shape, groups, cl) in CASES.items():
+    unit, scale = ("us", 1e6) if small else ("ms", 1e3)
+    for name, (shape, groups, cl) in (SMALL_CASES if small else CASES).items():
         if only and not any(o in name for o in only):
             continue
         g = torch.Generator().manual_seed(0)
@@ -165,11 +173,11 @@ def run(
                     t0 = clock()
                     f()
                     times.setdefault((pname, d), []).append(clock() - t0)
-        print(f"\n{name}, {threads} thread(s), ms median (min-max)")
+        print(f"\n{name}, {threads} thread(s), {unit} median (min-max)")
         for pname in providers:
             cells = []
             for d in ("fwd", "bwd", "fwd+bwd"):
-                ts = [t * 1e3 for t in times[(pname, d)]]
+                ts = [t * scale for t in times[(pname, d)]]
                 cells.append(f"{d} {statistics.median(ts):7.2f} ({min(ts):.2f}-{max(ts):.2f})")
             print(f"  {pname:11s} " + "  ".join(cells))
         sys.stdout.flush()
@@ -182,6 +190,7 @@ def main() -> None:
     ap.add_argument("--old", help="directory holding old_channel_norm.py")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--small", action="store_true", help="the per-call cases (8x64x8x8) instead")
     ap.add_argument(
         "--cpu-time",
         action="store_true",
@@ -194,7 +203,8 @@ def main() -> None:
         sys.path.insert(0, args.old)
         old = importlib.import_module("old_channel_norm")
     for t in args.threads:
-        run(t, args.compile, old, args.repeats, args.only, time.process_time if args.cpu_time else time.perf_counter)
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        run(t, args.compile, old, args.repeats, args.only, clock, args.small)
 
 
 if __name__ == "__main__":
