@@ -358,6 +358,9 @@ def split_run(kernel: Callable[..., Any], n_items: int, elements: int, *args: An
     one range per thread of ``torch.get_num_threads()`` (at most ``n_items``), the first on the
     calling thread; a single call ``kernel(*args, 0, n_items)`` when ``elements`` (the call's
     size) is below :data:`PARALLEL_MIN_ELEMENTS` or one thread is allowed."""
+    if elements < PARALLEL_MIN_ELEMENTS:  # (before split_threads: small calls are the common ones)
+        kernel(*args, 0, n_items)
+        return
     n = split_threads(n_items, elements)
     if n <= 1:
         kernel(*args, 0, n_items)
@@ -567,22 +570,26 @@ def autograd_pair(fwd_op, setup, backward, bwd_op, fwd_impl=None, bwd_impl=None,
 
 def eager_function(name: str, forward: Callable[..., Any], backward: Callable[..., Any],
                    graph_backward: Callable[..., Any] | None = None) -> Callable[..., Any]:
-    """The apply (:func:`~normkit.ops._autograd.direct_apply`) of an autograd Function named
-    ``name`` for eager calls on plain tensors (:func:`~normkit.ops._autograd.eager_plain`):
+    """The C++ apply of an autograd Function named ``name`` for eager calls on plain tensors:
     ``forward(ctx, *args)`` runs the kernels and saves what ``backward(ctx, *grads)`` reads,
     without a custom op, so a call costs the Function alone (the custom ops and
     :func:`autograd_pair`'s Function serve torch.compile and torch.func). ``graph_backward``
     as :func:`autograd_pair`'s: the backward when it must build a graph. Forward mode
-    raises."""
+    raises.
+
+    Call it only where :func:`~normkit.ops._autograd.eager_plain` holds for every tensor
+    argument: that check already refuses the functorch wrappers a finished transform leaves
+    behind, so the apply skips the unwrapping :func:`~normkit.ops._autograd.direct_apply`
+    does (9 arguments: about 1 us a call)."""
 
     run_backward = _kernel_or_graph(backward, graph_backward, by_address=True)
 
     function = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(lambda ctx, *args: forward(ctx, *args)),
+        "forward": staticmethod(forward),
         "backward": staticmethod(run_backward),
         "jvp": staticmethod(_refuse_forward_ad),
     })
-    return direct_apply(function)
+    return super(torch.autograd.Function, function).apply
 
 
 _has_storage = torch._C._has_storage
