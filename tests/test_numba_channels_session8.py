@@ -129,6 +129,28 @@ def test_batched_upstream_gradients_take_the_graph_backward(op: str) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_batched_upstream_gradients_with_create_graph_differentiate_again(op: str) -> None:
+    """``is_grads_batched`` with ``create_graph``: the batched gradients are differentiable (the
+    graph backward, not the backward op, which has no derivative). torch's own GroupNorm fails
+    here, so the oracle is one unbatched double backward per upstream gradient."""
+    x, w, b, _ = _data((3, 6, 4, 5), f"batched twice {op}", torch.float64)
+    g = torch.Generator().manual_seed(seed_of("batched twice dys", op))
+    dys = torch.randn((3, *x.shape), generator=g, dtype=torch.float64)
+    mine, torch_fn = OPS[op]
+
+    def second(fn, dy, batched):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(fn(xs, ws, b), xs, dy, create_graph=True, is_grads_batched=batched)
+        return torch.autograd.grad((dx * dx).sum(), (xs, ws), materialize_grads=True)
+
+    ours = second(mine, dys, True)
+    unbatched = [second(torch_fn, dy, False) for dy in dys]
+    for got, name, i in ((ours[0], "x", 0), (ours[1], "w", 1)):
+        want = sum(r[i] for r in unbatched)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize("op", ["batch_norm", "group_norm", "instance_norm"])
 def test_torch_func_goes_through_the_custom_ops(op: str) -> None:
     x, w, b, dy = _data((3, 6, 4, 5), f"func {op}", torch.float64)

@@ -6,9 +6,8 @@ path it stands in for:
   outputs and every gradient are bit-identical to the custom-op path's (forced here), for
   every row norm, dtype, leading shape, ``normalized_shape`` of one or two dims, and
   non-contiguous input, residual and upstream gradient;
-* up to ``MAX_BLOCKS`` rows on one thread the backward sums the weight/bias gradients over
-  all rows in one block: bit-identical to the per-row blocks summed in order (the path at
-  several threads);
+* up to ``MAX_BLOCKS`` rows the backward sums the weight/bias gradients over all rows in one
+  block at any thread count: the same bits at 1, 2 and 3 threads;
 * what the fast paths must not change: a no-grad result has no graph; forward mode still
   raises; a functorch wrapper left behind by a transform, torch.func and torch.compile
   (fullgraph) still take the custom ops; double backward through that Function (two-dim
@@ -157,8 +156,8 @@ def test_partial_gradients_and_unused_outputs_match_the_custom_op_path(op, op_pa
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("M", (1, 7, 32))
 def test_one_block_backward_equals_per_row_blocks_at_any_thread_count(op, M, dtype, monkeypatch) -> None:
-    """Up to MAX_BLOCKS rows: one thread sums all rows in one block; several threads (every call
-    split) keep one block per row, summed in order. The same bits."""
+    """Up to MAX_BLOCKS rows: one block of all rows whatever the threads (every call split).
+    The same bits."""
     assert M <= row_norm.MAX_BLOCKS
     shape = (300,)
     inputs = _inputs(op, (M, 300), shape, dtype)

@@ -160,7 +160,7 @@ def test_scaled_path_rows_among_ordinary_ones(op: str, L: int, monkeypatch) -> N
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_long_rows_bits_do_not_depend_on_thread_count(op: str, dtype: torch.dtype, monkeypatch) -> None:
     monkeypatch.setattr(_engine, "PARALLEL_MIN_ELEMENTS", 0)
-    L, M = CHUNK + 5, 70  # chunked sums; 35 blocks of 2 rows for the weight/bias partials
+    L, M = CHUNK + 5, 70  # chunked sums; 5 blocks (4 of 16 rows, 1 of 6) for the weight/bias partials
     g = torch.Generator().manual_seed(seed_of(op, dtype, "long"))
     inputs = {
         "x": torch.randn(M, L, generator=g, dtype=torch.float64),

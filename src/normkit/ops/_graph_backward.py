@@ -125,12 +125,14 @@ def channel(
     def norm(x, weight, bias):
         acc = acc_dtype(x.dtype)
         xa, w, b = x.to(acc), _to(weight, acc), _to(bias, acc)
-        if groups:
-            y = F.group_norm(xa, groups, w, b, eps)
-        elif centre is None and eps is not None:
+        if centre is None and not groups and eps is not None:
             y = F.batch_norm(xa, None, None, w, b, True, 0.0, eps)
         else:
-            if centre is None:
+            if groups:  # (not F.group_norm: its double backward fails under autograd's vmap)
+                xg = xa.reshape(xa.shape[0], groups, -1)
+                xc = xg - xg.mean(-1, keepdim=True)
+                y = (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).reshape(xa.shape)
+            elif centre is None:
                 xc = xa - xa.mean(dims, keepdim=True)
                 var = xc.pow(2).mean(dims, keepdim=True)
                 y = xc * torch.rsqrt(var - var.detach() + rstd.detach().to(acc).view(shape).pow(-2))

@@ -445,9 +445,9 @@ def _eager_backward(ctx, dy, *_stats):
 def _eager_graph_backward(ctx, dy, *stats):
     """The eager Function's backward where its kernel cannot run: upstream gradients without
     storage (autograd's vmap of ``is_grads_batched`` and ``jacobian(vectorize=True)``) go to
-    the backward op, whose vmap rule runs the kernel per gradient; a backward that builds a
-    graph (double backward) to the torch composition."""
-    if dy is not None and not torch._C._has_storage(dy):
+    the backward op, whose vmap rule runs the kernel per gradient, unless the backward builds a
+    graph (double backward, batched or not): that goes to the torch composition."""
+    if dy is not None and not torch._C._has_storage(dy) and not torch.is_grad_enabled():
         return _grads(ctx, dy, _bwd_op)
     return _graph_backward.channel(ctx, dy, *stats)
 
