@@ -1,8 +1,10 @@
-"""Huge pages for the numba backend's large outputs (:mod:`normkit.ops.numba._pages`): what the
-page faults of a fresh output cost, and what advising huge pages saves, from the allocation alone
-up to whole LayerNorm / RMSNorm calls.
+"""Fresh pages under the numba backend's outputs (:mod:`normkit.ops.numba._pages`): what the
+page faults of a fresh output cost, and what huge pages and prefaulting save, from the allocation
+alone up to whole LayerNorm / RMSNorm / GroupNorm / BatchNorm calls.
 
     python benchmarks/bench_pages.py [--quick] [--rounds 15]
+    python benchmarks/bench_pages.py --sections heap norms --ops "LayerNorm 4096x1024" BatchNorm \
+        --out /tmp/mid.md     # the mid-size outputs (16-25 MiB) alone
 
 Writes ``benchmarks/results/pages_cpu.md``. Every table alternates its variants call by call in
 one process (one round = one call of each) and gives the median and the min..max spread over the
@@ -11,17 +13,24 @@ rounds, with the minor page faults (``ru_minflt``) of a median call. Variants:
 * allocation: ``torch.empty`` (glibc), design (a) ``_pages.advise`` on torch's block (what the
   backend uses), design (b) an anonymous mmap aligned to 2 MiB, advised and wrapped with
   ``torch.frombuffer`` (evaluated, not used: its storage cannot grow, see the results);
-* norms: numba without and with huge pages, torch eager, torch.compile; forward (no autograd),
-  backward alone (``autograd.grad`` of a kept graph), forward+backward, at 1 and 2 threads.
+* regrown heap: LayerNorm 4096x1024 with glibc's heap trimmed (``malloc_trim(0)``) before each
+  call, so that its 16 MiB outputs land in fresh heap pages, as every other call of a training
+  loop's finds one (the norms table shows how often): numba with and without the prefault, torch;
+* norms: numba with 4 KiB faults (neither huge pages nor prefault), with the prefault only, as
+  shipped (both), torch eager, torch.compile; forward (no autograd), backward alone
+  (``autograd.grad`` of a kept graph), forward+backward, at 1 and 2 threads. The faults come in
+  bursts (a regrown heap one call, none the next), so the mean is given beside the median.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import mmap
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -51,14 +60,16 @@ def _rss() -> int:
 
 
 @contextlib.contextmanager
-def huge_pages(on: bool) -> Iterator[None]:
-    """Huge pages for the numba outputs on or off (``MIN_BYTES`` out of reach turns them off)."""
-    saved = _pages.MIN_BYTES
-    _pages.MIN_BYTES = saved if on else 1 << 62
+def pages(huge: bool, prefault: bool) -> Iterator[None]:
+    """Huge pages and the prefault for the numba outputs on or off (a threshold out of reach turns
+    one off)."""
+    saved = _pages.MIN_BYTES, _pages.PREFAULT_MIN_BYTES
+    _pages.MIN_BYTES = saved[0] if huge else 1 << 62
+    _pages.PREFAULT_MIN_BYTES = saved[1] if prefault else 1 << 62
     try:
         yield
     finally:
-        _pages.MIN_BYTES = saved
+        _pages.MIN_BYTES, _pages.PREFAULT_MIN_BYTES = saved
 
 
 def _wire_launchers() -> str:
@@ -113,12 +124,15 @@ def _timed(fn: Callable[[], object]) -> tuple[float, int]:
 
 
 def _row(label: str, runs: dict[str, list[tuple[float, int]]], scale: float = 1e3) -> list[str]:
+    """Median (min..max) and mean time, and the mean faults per call, of each variant."""
     cells = []
     for r in runs.values():
         ts = sorted(t for t, _ in r)
-        med = statistics.median(ts)
-        flt = int(statistics.median(f for _, f in r))
-        cells.append(f"{med * scale:.3g} ({ts[0] * scale:.3g}..{ts[-1] * scale:.3g}), {flt} flt")
+        med, mean = statistics.median(ts), statistics.fmean(ts)
+        flt = round(statistics.fmean(f for _, f in r))
+        cells.append(
+            f"{med * scale:.3g} ({ts[0] * scale:.3g}..{ts[-1] * scale:.3g}) mean {mean * scale:.3g}, {flt} flt"
+        )
     return [f"| {label} | " + " | ".join(cells) + " |"]
 
 
@@ -140,7 +154,7 @@ def bench_alloc(rounds: int, sizes: list[int]) -> list[str]:
 def bench_small(rounds: int) -> list[str]:
     """Per-call cost of the helper below and above its threshold, the data never touched."""
     lines = ["| tensor | torch.empty_like us | _pages.empty_like us |", "|---|---|---|"]
-    for shape in ((8, 4096), (4096, 4096)):
+    for shape in ((8, 4096), (4096, 1024), (4096, 4096)):
         x = torch.empty(shape)
         fns = {"torch": lambda: torch.empty_like(x), "pages": lambda: _pages.empty_like(x)}  # noqa: B023
         per = {k: [] for k in fns}
@@ -220,10 +234,12 @@ def check_b() -> list[str]:
 
 
 def _cases(M: int) -> dict[str, tuple[tuple[int, ...], Callable, Callable, tuple]]:
-    """op -> (input shape, normkit call(x, backend), torch call(x), parameters)."""
+    """op -> (input shape, normkit call(x, backend), torch call(x), parameters): the large outputs
+    (M x 4096, huge pages) and the mid-size ones (16-25 MiB: heap memory, the prefault)."""
     N, C = 4096, 320
     w, b = torch.randn(N, requires_grad=True), torch.randn(N, requires_grad=True)
     gw, gb = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    bw, bb = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
     F = torch.nn.functional
     return {
         f"LayerNorm {M}x{N}": (
@@ -244,42 +260,96 @@ def _cases(M: int) -> dict[str, tuple[tuple[int, ...], Callable, Callable, tuple
             lambda x: F.group_norm(x, 32, gw, gb, 1e-5),
             (gw, gb),
         ),
+        f"LayerNorm {M}x1024": (
+            (M, 1024),
+            lambda x, backend: NF.layer_norm(x, (1024,), w[:1024], b[:1024], 1e-5, backend=backend),
+            lambda x: F.layer_norm(x, (1024,), w[:1024], b[:1024], 1e-5),
+            (w, b),
+        ),
+        f"BatchNorm2d train {M // 128}x64x56x56": (
+            (M // 128, 64, 56, 56),
+            lambda x, backend: NF.batch_norm(x, None, None, bw, bb, True, 0.1, 1e-5, backend=backend),
+            lambda x: F.batch_norm(x, None, None, bw, bb, True, 0.1, 1e-5),
+            (bw, bb),
+        ),
     }
 
 
-def bench_norms(rounds: int, M: int) -> list[str]:
-    providers = ("numba", "numba+huge", "torch", "torch.compile")
+# numba variants: (huge pages, prefault)
+NUMBA = {"numba 4K faults": (False, False), "numba prefault": (False, True), "numba": (True, True)}
+
+
+def _phase(phase: str, fn: Callable, x: torch.Tensor, xg: torch.Tensor, dy: torch.Tensor, params: tuple):
+    """One timed call of ``fn`` in ``phase``: (seconds, minor faults)."""
+    if phase == "fwd":
+        with torch.no_grad():
+            return _timed(lambda: fn(x))
+    if phase == "bwd":
+        y = fn(xg)
+        res = _timed(lambda: torch.autograd.grad(y, (xg, *params), dy, retain_graph=True))
+        del y
+        return res
+    return _timed(lambda: torch.autograd.grad(fn(xg), (xg, *params), dy))
+
+
+def bench_norms(rounds: int, M: int, ops: list[str] | None) -> list[str]:
+    providers = (*NUMBA, "torch", "torch.compile")
     lines = ["| op, phase, threads | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
+    rng = random.Random(0)
     for op, (shape, norm, eager, params) in _cases(M).items():
+        if ops and not any(o in op for o in ops):
+            continue
         x = torch.randn(shape)
         xg = x.clone().requires_grad_()
         dy = torch.randn(shape)
-        calls = {
-            "numba": lambda t: norm(t, backend="numba"),  # noqa: B023
-            "numba+huge": lambda t: norm(t, backend="numba"),  # noqa: B023
-            "torch": eager,
-            "torch.compile": torch.compile(eager, dynamic=False),
-        }
+        numba = lambda t: norm(t, backend="numba")  # noqa: B023, E731
+        calls = {**dict.fromkeys(NUMBA, numba), "torch": eager, "torch.compile": torch.compile(eager, dynamic=False)}
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for phase in ("fwd", "bwd", "fwd+bwd"):
                 runs: dict[str, list[tuple[float, int]]] = {p: [] for p in providers}
                 for r in range(rounds + 2):
-                    for p in providers:
-                        with huge_pages(p == "numba+huge"):
-                            fn = calls[p]
-                            if phase == "fwd":
-                                with torch.no_grad():
-                                    res = _timed(lambda: fn(x))  # noqa: B023
-                            elif phase == "bwd":
-                                y = fn(xg)
-                                res = _timed(lambda: torch.autograd.grad(y, (xg, *params), dy, retain_graph=True))  # noqa: B023
-                                del y
-                            else:
-                                res = _timed(lambda: torch.autograd.grad(fn(xg), (xg, *params), dy))  # noqa: B023
+                    order = list(providers)
+                    rng.shuffle(order)  # a call right after another's allocations meets its heap
+                    for p in order:
+                        with pages(*NUMBA.get(p, (True, True))):
+                            res = _phase(phase, calls[p], x, xg, dy, params)
                         if r >= 2:
                             runs[p].append(res)
                 lines += _row(f"{op} {phase}, {threads} thr", runs)
+    return lines
+
+
+def bench_regrown(rounds: int, M: int = 4096, N: int = 1024) -> list[str]:
+    """LayerNorm MxN with glibc's heap trimmed before every call: the outputs in fresh heap pages."""
+    trim = ctypes.CDLL(None).malloc_trim
+    trim.argtypes = (ctypes.c_size_t,)
+    w, b = torch.randn(N, requires_grad=True), torch.randn(N, requires_grad=True)
+    x = torch.randn(M, N)
+    xg = x.clone().requires_grad_()
+    dy = torch.randn(M, N)
+    numba = lambda t: NF.layer_norm(t, (N,), w, b, 1e-5, backend="numba")  # noqa: E731
+    calls = {
+        "numba 4K faults": numba,
+        "numba prefault": numba,
+        "torch": lambda t: torch.nn.functional.layer_norm(t, (N,), w, b, 1e-5),
+    }
+    lines = ["| phase, threads | " + " | ".join(calls) + " |", "|---" * (len(calls) + 1) + "|"]
+    rng = random.Random(1)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for phase in ("fwd", "fwd+bwd"):
+            runs: dict[str, list[tuple[float, int]]] = {p: [] for p in calls}
+            for r in range(rounds + 2):
+                order = list(calls)
+                rng.shuffle(order)
+                for p in order:
+                    trim(0)
+                    with pages(False, p == "numba prefault"):
+                        res = _phase(phase, calls[p], x, xg, dy, (xg, w, b)[1:])
+                    if r >= 2:
+                        runs[p].append(res)
+            lines += _row(f"LayerNorm {M}x{N} {phase}, {threads} thr", runs)
     return lines
 
 
@@ -317,7 +387,9 @@ def _machine() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="3 rounds, 1024x4096 norms: checks that it runs")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 1024-row norms: checks that it runs")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--ops", nargs="+", default=None, help="norms whose name contains one of these")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "pages_cpu.md")
     a = ap.parse_args()
     rounds = 3 if a.quick else a.rounds
@@ -326,11 +398,20 @@ def main() -> None:
         sys.exit("huge pages are not offered here (not Linux, or THP 'never'): nothing to measure")
     wiring = _wire_launchers()
     load0 = os.getloadavg()
+    run = {
+        "alloc": lambda: bench_alloc(rounds, [8 * MiB, 16 * MiB, 32 * MiB, 42_000_000, 64 * MiB]),
+        "small": lambda: bench_small(rounds),
+        "rss": bench_rss,
+        "heap": bench_heap,
+        "b": lambda: [f"- {s}" for s in check_b()],
+        "regrown": lambda: bench_regrown(rounds),
+        "norms": lambda: bench_norms(rounds, M, a.ops),
+    }
     sections = [
-        "# Huge pages for the numba backend's outputs (CPU)",
+        "# Fresh pages under the numba backend's outputs (CPU)",
         "",
-        "Written by `python benchmarks/bench_pages.py`. Times in ms: median (min..max) over "
-        f"{rounds} interleaved rounds, and the minor page faults of the median call.",
+        "Written by `python benchmarks/bench_pages.py`. Times in ms: median (min..max) and mean over "
+        f"{rounds} interleaved rounds, and the mean minor page faults per call.",
         "",
         *_machine(),
         f"- {wiring}",
@@ -338,39 +419,29 @@ def main() -> None:
         "What to read: the fault counts are exact, the times are as loaded as the load average says. "
         "Design (a) advises torch's own block; (b) maps its own, aligned, so it also saves the ~540 "
         "faults of (a)'s unaligned head and tail, but its storage cannot grow (below). Below 32 MiB "
-        "glibc hands back heap blocks with their pages present (0 faults in the steady state), so "
-        "`_pages` advises nothing there (`MIN_BYTES`).",
-        "",
-        "## Allocate + first write (`fill_`), steady state",
-        "",
-        *bench_alloc(rounds, [8 * MiB, 16 * MiB, 32 * MiB, 42_000_000, 64 * MiB]),
-        "",
-        "## Cost per call of the helper (data not touched), us",
-        "",
-        *bench_small(rounds),
-        "",
-        "## Resident memory",
-        "",
-        *bench_rss(),
-        "",
-        "## Mappings and memory over 1000 allocations",
-        "",
-        *bench_heap(),
-        "",
-        "## Design (b) differs",
-        "",
-        *(f"- {s}" for s in check_b()),
-        "",
-        "## Norms, float32",
-        "",
-        *bench_norms(rounds, M),
+        "glibc hands back heap blocks, mostly with their pages present, so `_pages` advises nothing "
+        "there (`MIN_BYTES`); it prefaults the pages a trimmed and regrown heap lacks "
+        "(`PREFAULT_MIN_BYTES`, 4 MiB), which `ru_minflt` counts as faults too (taken in one call).",
         "",
     ]
+    for name in a.sections:
+        sections += [f"## {SECTIONS[name]}", "", *run[name](), ""]
     load1 = os.getloadavg()
     sections.insert(6, f"- load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(sections))
     print("\n".join(sections))
+
+
+SECTIONS = {
+    "alloc": "Allocate + first write (`fill_`), steady state",
+    "small": "Cost per call of the helper (data not touched), us",
+    "rss": "Resident memory",
+    "heap": "Mappings and memory over 1000 allocations",
+    "b": "Design (b) differs",
+    "regrown": "Regrown heap: LayerNorm 4096x1024 float32 after `malloc_trim(0)`, ms",
+    "norms": "Norms, float32",
+}
 
 
 if __name__ == "__main__":

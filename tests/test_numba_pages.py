@@ -1,22 +1,29 @@
-"""normkit.ops.numba._pages: large numba outputs in transparent huge pages, and otherwise exactly
-torch.empty_like's tensors.
+"""normkit.ops.numba._pages: large numba outputs in transparent huge pages, mid-size ones with their
+missing pages made resident in one call (the prefault), and otherwise exactly torch.empty_like's
+tensors.
 
 Tests of layouts lower the threshold to 4 MiB (8 MiB tensors, cheap). Tests that check the advice
 was taken use tensors above the real threshold (:data:`BIG`, 40 MiB): below 32 MiB glibc may hand
 back recycled heap memory, which is rightly left alone. They are skipped where the OS does not
-offer huge pages; the fallback tests simulate such systems.
+offer huge pages; the fallback tests simulate such systems. The prefault tests use 40 MiB blocks
+with the huge page threshold out of reach (a fresh mapping, none of it resident) and glibc's heap
+in a fresh process; they are skipped where the kernel predates ``MADV_POPULATE_WRITE``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import mmap
 import pickle
+import subprocess
 import sys
 
 import pytest
 import torch
 
+import normkit.functional as NF
 import normkit.functional_blocks as FB
 from normkit.ops.numba import _pages
 
@@ -66,6 +73,46 @@ def _rss() -> int:
 def _map_count() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for _ in f)
+
+
+PAGE = mmap.PAGESIZE
+
+
+def _resident(lo: int, hi: int) -> bytes:
+    """One byte per page of ``[lo, hi)`` (page-aligned): 1 where the page is resident."""
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    vec = ctypes.create_string_buffer((hi - lo) // PAGE)
+    assert libc.mincore(lo, hi - lo, vec) == 0
+    return bytes(b & 1 for b in vec.raw)
+
+
+def _pages_of(t: torch.Tensor) -> tuple[int, int]:
+    """The page-aligned interior of ``t``'s data."""
+    return -(-t.data_ptr() // PAGE) * PAGE, (t.data_ptr() + t.nbytes) // PAGE * PAGE
+
+
+def _populate_works() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    m = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    libc = ctypes.CDLL(None)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    ok = libc.madvise(addr, PAGE, 23) == 0  # MADV_POPULATE_WRITE
+    m.close()
+    return ok and _pages._one_node()
+
+
+needs_populate = pytest.mark.skipif(
+    not _populate_works(), reason="no MADV_POPULATE_WRITE (Linux < 5.14) or several NUMA nodes"
+)
+
+
+@pytest.fixture
+def no_huge(monkeypatch):
+    """Huge pages out of reach: 40 MiB blocks stay fresh 4 KiB-page mappings for the prefault."""
+    monkeypatch.setattr(_pages, "MIN_BYTES", 1 << 62)
 
 
 # (label, make input): every layout empty_like distinguishes, each 8 MiB or more (advised with
@@ -124,15 +171,16 @@ def test_advise_only_what_the_tensor_owns(low_threshold):
     assert not _pages.advise(t)  # resident already: nothing to save
 
 
-@needs_thp
-def test_below_threshold_never_advised(monkeypatch):
+@pytest.mark.parametrize("step, threshold", [("advise", "MIN_BYTES"), ("prefault", "PREFAULT_MIN_BYTES")])
+def test_below_threshold_never_called(step, threshold, monkeypatch):
     def fail(t):
-        raise AssertionError("advise called below the threshold")
+        raise AssertionError(f"{step} called below {threshold}")
 
-    monkeypatch.setattr(_pages, "advise", fail)
+    monkeypatch.setattr(_pages, step, fail)
+    n = getattr(_pages, threshold)
     _pages.empty_like(torch.empty(8, 4096))
-    _pages.empty((_pages.MIN_BYTES - 1,), torch.uint8)
-    _pages.empty_like(torch.empty(_pages.MIN_BYTES // 4 - 1))
+    _pages.empty((n - 1,), torch.uint8)
+    _pages.empty_like(torch.empty(n // 8 - 1, dtype=torch.float64))
 
 
 @needs_thp
@@ -295,14 +343,162 @@ def test_block_outputs_advised_and_exact(op, monkeypatch):
 def test_heap_memory_left_alone():
     """With glibc told to serve large blocks from its heap, nothing is advised (in a fresh process:
     the setting is process-wide)."""
-    import subprocess
+    assert _on_glibc_heap("print([_pages.advise(t) for t in ts])") == "[False, False, False]"
 
+
+def _on_glibc_heap(code: str) -> str:
+    """What ``code`` prints in a fresh process where glibc serves even 64 MiB from its heap and
+    ``ts`` holds three fresh 64 MiB tensors (``grown``: /proc/self/maps once they exist)."""
     probe = (
         "import ctypes, torch\n"
         "from normkit.ops.numba import _pages\n"
         "ctypes.CDLL(None).mallopt(-3, 1 << 30)\n"  # M_MMAP_THRESHOLD
+        "maps = lambda: open('/proc/self/maps').read()\n"
         "ts = [torch.empty(64 << 20, dtype=torch.uint8) for _ in range(3)]\n"
-        "print([_pages.advise(t) for t in ts])\n"
+        "grown = maps()\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[False, False, False]"
+    return subprocess.run(
+        [sys.executable, "-c", probe + code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+# ---- the prefault ---------------------------------------------------------------------------
+
+
+@needs_populate
+def test_prefault_makes_the_interior_resident(no_huge):
+    """A fresh block's interior becomes resident in one call; the partial pages at its ends, which
+    it may share with other memory, are left to the kernel; the mapping is not changed (no advice,
+    no split)."""
+    t = torch.empty(BIG)  # 40 MiB: a mapping of its own, nothing resident
+    lo, hi = _pages_of(t)
+    assert not any(_resident(lo, hi))
+    maps, flags = _map_count(), _vm_flags(lo)
+    assert _pages.prefault(t)
+    assert all(_resident(lo, hi))
+    if (t.data_ptr() + t.nbytes) % PAGE:
+        assert _resident(hi, hi + PAGE) == b"\x00"  # the tail page holds bytes past the tensor
+    assert _map_count() == maps and _vm_flags(lo) == flags
+    assert not _pages.prefault(t)  # nothing missing now
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view_as(t))
+    assert t[-1, -1] == t.numel() - 1
+
+
+@needs_populate
+def test_prefault_only_the_missing_span(no_huge, monkeypatch):
+    """A block whose head was written (a heap that grew under its tail) gets one call, from its
+    first missing page to its last; a block with its last page resident gets none."""
+    t = torch.empty(BIG)
+    lo, hi = _pages_of(t)
+    t.view(-1)[: t.numel() // 3].fill_(1)
+    madvise, mincore, sbrk, huge = _pages._libc()
+    calls = []
+
+    def spy(addr, size, advice):
+        calls.append((addr, size, advice))
+        return madvise(addr, size, advice)
+
+    monkeypatch.setattr(_pages, "_libc", lambda: (spy, mincore, sbrk, huge))
+    assert _pages.prefault(t)
+    ((addr, size, advice),) = calls
+    written_end = (t.data_ptr() + t.nbytes // 3) // PAGE * PAGE
+    assert advice == 23 and written_end <= addr <= written_end + PAGE and addr + size == hi
+    calls.clear()
+    u = torch.empty(BIG).fill_(2)
+    assert not _pages.prefault(u) and calls == []
+
+
+@needs_populate
+def test_multi_node_machines_not_prefaulted(no_huge, monkeypatch):
+    monkeypatch.setattr(_pages, "_one_node", lambda: False)
+    t = _pages.empty_like(torch.empty(BIG))
+    lo, hi = _pages_of(t)
+    assert not _pages.prefault(t) and not any(_resident(lo, hi))
+
+
+@pytest.mark.parametrize(
+    "nodes, one", [(["node0", "cpu", "possible"], True), (["node0", "node1"], False), (None, True)]
+)
+def test_node_count(nodes, one, monkeypatch, tmp_path):
+    d = tmp_path / "node"
+    if nodes is not None:
+        for n in nodes:
+            (d / n).mkdir(parents=True)
+    monkeypatch.setattr(_pages, "NODES", str(d))
+    _pages._one_node.cache_clear()
+    try:
+        assert _pages._one_node() is one
+    finally:
+        _pages._one_node.cache_clear()
+
+
+def test_prefault_refused_by_an_old_kernel(monkeypatch, no_huge):
+    """EINVAL (Linux < 5.14) turns the prefault off for the process; the tensors stay valid."""
+    if _pages._libc() is None or not _pages._one_node():
+        pytest.skip("no madvise here, or several NUMA nodes")
+    _, mincore, sbrk, huge = _pages._libc()
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(_pages, "_prefault_refused", False)
+    monkeypatch.setattr(_pages, "_libc", lambda: (refuse, mincore, sbrk, huge))
+    t = _pages.empty_like(torch.empty(BIG))
+    assert _pages._prefault_refused and len(calls) == 1
+    assert not _pages.prefault(_pages.empty_like(torch.empty(BIG))) and len(calls) == 1
+    assert t.fill_(2).sum() == 2 * t.numel()
+
+
+@needs_thp
+def test_huge_pages_not_prefaulted(monkeypatch):
+    """An advised block faults in 2 MiB at a time: it is not prefaulted as well."""
+
+    def fail(t):
+        raise AssertionError("an advised block prefaulted")
+
+    monkeypatch.setattr(_pages, "prefault", fail)
+    assert "hg" in _vm_flags(_interior(_pages.empty_like(torch.empty(4096, 4096))))
+
+
+@needs_populate
+def test_prefault_on_heap_memory_leaves_no_trace():
+    """glibc serving 64 MiB blocks from its heap (as it does 8-32 MiB ones): each fresh block is
+    prefaulted, not advised, and the heap keeps its mappings and flags (in a fresh process: the
+    setting is process-wide)."""
+    out = _on_glibc_heap("print([_pages.advise(t) for t in ts], [_pages.prefault(t) for t in ts], maps() == grown)")
+    assert out == "[False, False, False] [True, True, True] True"
+
+
+@needs_populate
+def test_layer_norm_on_regrown_heap(monkeypatch):
+    """LayerNorm 4096x1024 (16 MiB outputs) on a heap trimmed before each call: the outputs are
+    prefaulted, and forward and backward are bit-identical with the prefault off, and match float64
+    torch on random weights, biases and upstream gradients."""
+    g = torch.Generator().manual_seed(5)
+    M, N = 4096, 1024
+    x, dy = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g)
+    w, b = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    trim = ctypes.CDLL(None).malloc_trim
+    trim.argtypes = (ctypes.c_size_t,)
+    real, done = _pages.prefault, []
+    monkeypatch.setattr(_pages, "prefault", lambda t: done.append(real(t)) or done[-1])
+
+    def run(dtype=torch.float32, backend="numba"):
+        xx, ww, bb = (t.to(dtype).requires_grad_() for t in (x, w, b))
+        trim(0)
+        y = NF.layer_norm(xx, (N,), ww, bb, 1e-5, backend=backend)
+        trim(0)
+        grads = torch.autograd.grad(y, (xx, ww, bb), dy.to(dtype))
+        return y.detach(), *grads
+
+    on = run()
+    assert any(done)
+    monkeypatch.setattr(_pages, "PREFAULT_MIN_BYTES", 1 << 62)
+    off = run()
+    assert all(torch.equal(a, c) for a, c in zip(on, off))
+    ref = run(torch.float64, "torch")
+    for a, r, tol in zip(on, ref, (1e-5, 1e-4, 1e-3, 1e-3)):
+        torch.testing.assert_close(a, r.float(), rtol=tol, atol=tol)
