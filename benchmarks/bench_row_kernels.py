@@ -6,6 +6,7 @@ preallocated outputs (no allocation, no page zeroing, no autograd: the kernel al
     python benchmarks/bench_row_kernels.py --base HEAD~3 --e2e
     python benchmarks/bench_row_kernels.py --base-blocks rows32 --rows 64 --widths 4096 --kernels "ln bwd"
     python benchmarks/bench_row_kernels.py --no-kernels --e2e --base-blocks rows32 --shapes 8x4096 64x4096
+    python benchmarks/bench_row_kernels.py --base-stream-min 4194304 --widths 1024 --dtypes fp32 --flush
 
 The backward kernels are timed with the launcher's second kernel (the weight/bias partials
 summed over the blocks) where there is more than one block; ``--base-blocks`` picks the
@@ -60,11 +61,18 @@ _TREE_BLOCK = row_norm._bwd_block
 BLOCKS = {"tree": lambda M, L: _TREE_BLOCK(M), "rows32": rows32_block}
 
 
-def load_revision(rev: str):
-    """The row kernels module as it was at git revision ``rev`` (imported from a temporary file)."""
+def load_revision(rev: str, stream_min: int | None = None):
+    """The row kernels module as it was at git revision ``rev`` (imported from a temporary file),
+    its outputs streamed from ``stream_min`` bytes where given (``_engine.STREAM_MIN_BYTES``, a
+    constant compiled into the kernels, otherwise)."""
     source = subprocess.run(
         ["git", "show", f"{rev}:{KERNEL_PATH}"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
+    if stream_min is not None:  # the kernels compile on first call: they find this streams()
+        source += (
+            "\n\n@jit(inline='always')\ndef streams(out):\n"
+            f"    return out.size * out.itemsize >= {stream_min}\n"
+        )
     folder = Path(tempfile.gettempdir()) / f"normkit_rows_{os.getuid()}"
     folder.mkdir(exist_ok=True)
     path = folder / "_row_kernels_base.py"
@@ -284,6 +292,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the kernels to compare with")
     parser.add_argument("--base-blocks", choices=sorted(BLOCKS), default="tree", help="the base's rows per block")
+    parser.add_argument(
+        "--base-stream-min", type=int, default=None, help="bytes from which the base's kernels stream their outputs"
+    )
     parser.add_argument("--shapes", nargs="+", default=None, help="MxL shapes of --e2e (default rows x widths)")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
@@ -303,7 +314,7 @@ def main() -> None:
         src, dst = torch.empty(FLUSH_BYTES // 4), torch.empty(FLUSH_BYTES // 4)
         flush = lambda: dst.copy_(src)  # noqa: E731
     print(f"load {os.getloadavg()}, clock {args.clock}, torch {torch.__version__}, {sys.platform}")
-    base = load_revision(args.base)
+    base = load_revision(args.base, args.base_stream_min)
     if not args.no_kernels:
         kernels(base, args.rows, args.widths, args.repeats, args.dtypes, args.kernels, args.threads, args.base_blocks)
     if args.e2e:
