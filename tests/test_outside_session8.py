@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -884,13 +885,13 @@ def test_channel_norm_on_subclass_runs_or_declines(case, subclass):
         "eager_plain does not refuse subclasses)"
     ),
 )
-@pytest.mark.parametrize("case", ["default rms_norm grad", "numba layer_norm no_grad"])
-def test_row_norm_on_subclass_does_not_crash(case):
-    backend = "" if case.startswith("default") else ", backend='numba'"
-    fn = "rms_norm" if "rms" in case else "layer_norm"
-    grad = case.endswith(" grad")
-    code = textwrap.dedent(f"""
-        import torch, torch.nn.functional as F, normkit.functional as NF, sys, types, unittest
+def test_row_norm_on_subclass_does_not_crash():
+    """In a child process (the crash would take the test worker with it): the default path's
+    rms_norm under autograd and numba's layer_norm without grad, each on a LoggingTensor; a
+    BackendError is an acceptable answer for the explicit backend, a crash is not."""
+    code = textwrap.dedent("""
+        import sys, types, unittest
+        import torch, torch.nn.functional as F, normkit, normkit.functional as NF
         if 'expecttest' not in sys.modules:
             try:
                 import expecttest
@@ -899,18 +900,92 @@ def test_row_norm_on_subclass_does_not_crash(case):
                 sys.modules['expecttest'] = m
         from torch.testing._internal.logging_tensor import LoggingTensor
         x, w = torch.randn(8, 4096), torch.randn(4096)
-        xs = LoggingTensor(x.clone()).requires_grad_({grad})
-        try:
-            y = NF.{fn}(xs, (4096,), w{backend})
-        except Exception as e:  # a BackendError is an acceptable answer, a crash is not
-            print('raised', type(e).__name__)
-            sys.exit(0 if 'BackendError' in type(e).__name__ else 3)
-        ref = F.{fn}(x, (4096,), w)
-        print('ok', float((y.elem - ref).abs().max()))
-        sys.exit(0 if float((y.elem - ref).abs().max()) < 1e-4 else 4)
+        for fn, kw, grad in (('rms_norm', {}, True), ('layer_norm', {'backend': 'numba'}, False)):
+            xs = LoggingTensor(x.clone()).requires_grad_(grad)
+            try:
+                y = getattr(NF, fn)(xs, (4096,), w, **kw)
+            except normkit.BackendError:
+                assert kw, 'the default path must run the call'
+                continue
+            err = float((y.elem - getattr(F, fn)(x, (4096,), w)).abs().max())
+            assert err < 1e-4, (fn, err)
+        print('ok')
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-500:], proc.stderr[-500:])
+
+
+# Defect (before session 8 too): the numba channel norms' backward reads the saved input by its
+# flat storage (channel_norm._bwd_impl -> _flat(x), no _dense(x) as the forward has): a
+# saved_tensors_hooks unpack that returns the same values in a non-dense layout (a strided view,
+# e.g. of a padded offload buffer) gives silently wrong gradients (off by ~10-30 here). The row
+# norms make x contiguous in their backward and are right; torch is right.
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: torch.cat([t, t], -1)[..., ::2]): "
+        "NF.batch_norm(x, None, None, w, b, True, backend='numba') backward -> wrong dx/dw (channel_norm._bwd_impl "
+        "reads the unpacked x through _flat without _dense)"
+    ),
+)
+@pytest.mark.parametrize("op", ["batch_norm", "group_norm", "instance_norm", "batch_norm_act"])
+def test_saved_tensor_unpacked_non_dense(op):
+    x, w, b = _channel_data(op)
+    dy = _randn(*SHAPE, seed=(op, "dy"))
+    ins = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: torch.cat([t, t], -1)[..., ::2]):
+        y = CHANNEL_OPS[op][0](*ins, backend="numba")
+    got = torch.autograd.grad(y, ins, dy)
+    _, want = _torch_grads(op, x, w, b, dy)
+    for a, r in zip(got, want):
+        _close(a, r, 1e-4)
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "group_norm", "instance_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_tensors_modified_in_place_raise_torchs_error(op, backend):
+    """An input changed in place between forward and backward: the error torch gives (or none
+    where torch saves something else, as instance_norm's repeated weight)."""
+    x, w, b = _channel_data(op)
+
+    def attempt(fn, target, **kw):
+        ins = [t.clone().requires_grad_() * 1 for t in (x, w, b)]
+        y = fn(*ins, **kw)
+        ins[target].mul_(2)
+        try:
+            y.backward(torch.ones_like(y))
+        except RuntimeError as e:
+            return "modified by an inplace operation" in str(e)
+        return False
+
+    # (the weight: torch's instance_norm saves a repeated copy and does not notice; numba saves
+    # the weight itself and refuses, a stricter answer that is not checked here)
+    for target in (0,) if op == "instance_norm" else (0, 1):
+        assert attempt(CHANNEL_OPS[op][0], target, **_kw(backend)) == attempt(CHANNEL_OPS[op][1], target)
+
+
+# Defect (before session 8 too): an infinite element makes the numba BatchNorm's moments warn
+# (channel_norm._moments: s2 / n - mean * mean is inf - inf): RuntimeWarning 'invalid value
+# encountered in subtract' reaches the user (an error under -W error / filterwarnings=error);
+# torch returns the same NaN channel silently. The default path gives numba float32 NCHW
+# training calls of 2**18 elements or more without autograd, so it warns there too.
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "x = torch.randn(4,6,5,3); x[1,2,3,1] = inf; NF.batch_norm(x, None, None, training=True, backend='numba') "
+        "-> RuntimeWarning 'invalid value encountered in subtract' (numpy in channel_norm._moments, no np.errstate)"
+    ),
+)
+@pytest.mark.parametrize("case", ["numba small", "default large no-grad"])
+def test_infinite_input_no_numpy_warning(case):
+    shape = (8, 64, 32, 32) if case.startswith("default") else SHAPE
+    x = _randn(*shape, seed="inf")
+    x[1, 2, 3, 1] = float("inf")
+    kw = {"backend": "numba"} if case.startswith("numba") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = NF.batch_norm(x, None, None, None, None, True, **kw)
+    assert torch.equal(y.isnan(), F.batch_norm(x, None, None, None, None, True).isnan())
 
 
 # ---- 7. numba row norms: the backward's blocks, add_* residual gradients ------------------------
