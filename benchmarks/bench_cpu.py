@@ -64,12 +64,13 @@ def first_call_s(cache_dir: str) -> float:
 
 def auto_classes(rows: Sequence[dict]) -> dict[str, list[str]]:
     """Per op, the (dtype/size/layout) problems where numba beat torch eager (their sample
-    ranges apart) at every thread count, for the forward and for forward+backward."""
+    ranges apart) at every thread count, for the inference forward (no autograd), the training
+    forward and forward+backward."""
     wins: dict[tuple[str, str, str], list[bool]] = {}
     for r in rows:
         if r["provider"] != "normkit-numba" or "error" in r:
             continue
-        for d in ("fwd", "fwd+bwd"):
+        for d in ("infer", "fwd", "fwd+bwd"):
             verdict = r.get(f"{d}_verdict_vs_torch")
             wins.setdefault((r["op"], r["shape"], d), []).append(verdict == "faster")
     out: dict[str, list[str]] = {}

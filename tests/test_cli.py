@@ -387,7 +387,8 @@ def test_seed_replay_numbers_against_torch_directly() -> None:
 def test_bench_json_png_and_bytes_model(tmp_path: Path) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert run_main("bench", "--op", "layer_norm", "--shapes", "64x128,16x512", "--budget", "0.01", "--no-compile",
-                    "--direction", "fwd", "--direction", "bwd", "--json", str(out), "--png", str(png)) == 0
+                    "--direction", "infer", "--direction", "fwd", "--direction", "bwd", "--json", str(out),
+                    "--png", str(png)) == 0
     payload = json.loads(out.read_text())
     copy_gbps = payload["meta"]["copy_GBps"]
     assert copy_gbps > 0
@@ -402,7 +403,8 @@ def test_bench_json_png_and_bytes_model(tmp_path: Path) -> None:
         fwd_bytes = 2 * m * n * 4 + 2 * n * 4 + m * 8
         # read x and dy, write dx, read weight, write dweight and dbias, read the statistics
         bwd_bytes = 3 * m * n * 4 + 3 * n * 4 + m * 8
-        for direction, nbytes in (("fwd", fwd_bytes), ("bwd", bwd_bytes)):
+        # the inference forward (no autograd) is held to the forward's traffic
+        for direction, nbytes in (("infer", fwd_bytes), ("fwd", fwd_bytes), ("bwd", bwd_bytes)):
             assert r[f"{direction}_ms"] > 0
             assert r[f"{direction}_GBps"] == pytest.approx(nbytes / (r[f"{direction}_ms"] * 1e-3) / 1e9)
             assert r[f"{direction}_of_copy"] == pytest.approx(r[f"{direction}_GBps"] / copy_gbps)
@@ -411,6 +413,29 @@ def test_bench_json_png_and_bytes_model(tmp_path: Path) -> None:
         assert "fwd+bwd_ms" not in r
     assert all(r["fwd_speedup_vs_torch"] == pytest.approx(1.0) for r in rows if r["provider"] == "torch")
     assert_png(png)
+
+
+def test_bench_infer_times_the_forward_without_autograd() -> None:
+    """``infer`` calls the op under ``torch.no_grad()`` (an inference call, nothing saved), ``fwd``
+    with autograd recording."""
+    from normkit.tools import bench
+
+    seen: dict[str, list[bool]] = {"grad": [], "graph": []}
+
+    def fn(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(t["x"], t["x"].shape[-1:], t["weight"], t["bias"])
+        seen["grad"].append(torch.is_grad_enabled())
+        seen["graph"].append(y.grad_fn is not None)
+        return y
+
+    (p,) = bench.problems(["layer_norm"], {"rows": [(4, 8)]}, [torch.float32])
+    reference = (fn(p.make("cpu")),)
+    for direction, grad in (("infer", False), ("fwd", True)):
+        seen["grad"].clear(), seen["graph"].clear()
+        _, timers = bench._prepare(p, fn, "cpu", [direction], reference, 1e-4)
+        seen["grad"].clear(), seen["graph"].clear()
+        timers[direction].sample_ms()
+        assert seen["grad"] and set(seen["grad"]) == {grad} and set(seen["graph"]) == {grad}, direction
 
 
 def test_bench_calls_a_speedup_only_outside_the_spread() -> None:

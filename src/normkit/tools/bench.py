@@ -28,8 +28,9 @@ The API:
   (``normkit.functional`` with ``backend=<backend>``, any registered backend; ``normkit-auto``
   is the default call, no backend named, as users make it),
   ``liger`` and ``flash-attn`` (CUDA, when importable); :func:`register_provider` adds one.
-- Directions ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one graph,
-  random upstream gradients) and ``fwd+bwd``; thread counts (CPU): each row says its own.
+- Directions ``infer`` (the forward under ``torch.no_grad()``: inference, nothing saved),
+  ``fwd`` (a training forward: inputs require grad), ``bwd`` (backward of one graph, random
+  upstream gradients) and ``fwd+bwd``; thread counts (CPU): each row says its own.
 - Timing (:func:`run`): per problem, direction and thread count, every provider is warmed up and
   calibrated (a sample is as many calls as last ``budget_s / repeats``), then ``repeats`` rounds
   each take one sample of every provider, the order rotating per round, so that a slow spell of
@@ -42,7 +43,7 @@ Bytes moved (an ideal kernel's traffic; partial-sum buffers not counted). With `
 one activation, ``P`` of one parameter vector and ``S`` the fp32 statistics (two per row, one
 for RMSNorm)::
 
-    fwd:     2X (+2X with a residual) + P (+P with a bias) + S
+    fwd:     2X (+2X with a residual) + P (+P with a bias) + S (infer: the same)
     bwd:     3X (+2X with a residual) + 2P (+P with a bias) + S
     fwd+bwd: the sum
 
@@ -103,7 +104,7 @@ OPS = (*ROW_OPS, "group_norm", *BATCH_OPS)
 # The norms of today's blocks: benchmarks/bench_blocks.py (not in ``normkit bench``'s default run)
 BLOCK_OPS = ("modulated_layer_norm", "modulated_rms_norm", "gated_rms_norm", "qk_rms_norm", "sandwich_rms_norm",
              "dyt", "derf")
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+DIRECTIONS = ("infer", "fwd", "bwd", "fwd+bwd")
 GATE_GROUPS = 8  # Mamba2's n_groups
 HEAD_DIM = 128  # QK-norm's D: Qwen3's, Gemma3's, OLMo2's
 
@@ -205,6 +206,8 @@ class Problem:
         """
         if direction == "fwd+bwd":
             return self.bytes_moved("fwd") + self.bytes_moved("bwd")
+        if direction == "infer":  # (the forward's traffic: ATen writes the statistics without autograd too)
+            direction = "fwd"
         if self.block:
             return self._block_bytes(direction)
         x = math.prod(self.shape) * self.dtype.itemsize
@@ -556,7 +559,12 @@ def _prepare(p: Problem, fn: Callable[[dict[str, Tensor]], Any], device: str, di
                                                    for a, b in zip(outs, reference, strict=True))}
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(device) for o in outs]
+    def infer() -> Any:
+        with torch.no_grad():
+            return fn(t)
+
     calls = {
+        "infer": infer,
         "fwd": lambda: fn(t),  # a training forward: inputs require grad, statistics are saved
         "bwd": lambda: torch.autograd.backward(outs, grads, retain_graph=True),
         "fwd+bwd": lambda: torch.autograd.backward(_as_tuple(fn(t)), grads),

@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--provider", action="append", metavar="NAME",
                        help="torch, torch.compile, normkit-<backend> (normkit-auto, normkit-torch, "
                             "normkit-reference, ...), liger, flash-attn (repeatable; default: all that run here)")
-    bench.add_argument("--direction", action="append", choices=["fwd", "bwd", "fwd+bwd"],
-                       help="(repeatable; default fwd on the CPU, all three on a GPU)")
+    bench.add_argument("--direction", action="append", choices=["infer", "fwd", "bwd", "fwd+bwd"],
+                       help="(repeatable; default fwd on the CPU, all four on a GPU)")
     bench.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bench.add_argument("--threads", type=_int_list, metavar="T[,T...]",
