@@ -92,7 +92,9 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     the transforms on the plain values, as ATen's kernels write them (the statistics carry no
     gradient).
     """
-    pairs = [(r, b) for r, b in ((running_mean, batch_mean), (running_var, batch_var)) if r is not None]
+    # (detached: torch.jit.trace does not record no_grad, so a replayed update would otherwise
+    # make the running statistics require grad)
+    pairs = [(r, b.detach()) for r, b in ((running_mean, batch_mean), (running_var, batch_var)) if r is not None]
     for running, batch in pairs:
         if running.numel() != batch.numel():
             raise RuntimeError(f"running statistics should contain {batch.numel()} elements not {running.numel()}")
@@ -102,8 +104,11 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     inference = below and not torch.is_inference_mode_enabled() and any(r.is_inference() for r, _ in pairs)
     if inference and not inference_ok:
         raise RuntimeError(INFERENCE_INPLACE)
-    # (compiled code has no memory addresses to compare: there, one tensor given as both)
-    shared = _shares_memory([r for r, _ in pairs]) if below else len(pairs) == 2 and pairs[0][0] is pairs[1][0]
+    # (compiled code has no memory addresses to compare: there, one tensor given as both; under
+    # torch.func's grad a running statistic passed in as an input is a wrapper: its memory is the
+    # plain tensor's beneath)
+    shared = (_shares_memory([_without_grad_wrappers(r) for r, _ in pairs]) if below
+              else len(pairs) == 2 and pairs[0][0] is pairs[1][0])
     with torch.no_grad(), (torch._C._DisableFuncTorch() if below else contextlib.nullcontext()):
         with torch.inference_mode() if inference else contextlib.nullcontext():
             if shared and inference_ok:

@@ -16,6 +16,7 @@ __all__ = [
     "eager_plain",
     "forward_ad_refusal",
     "graph_vjp",
+    "plain_tensors",
     "records_graph",
     "refuse_forward_ad_early",
     "unpacked_once",
@@ -42,14 +43,27 @@ def eager_plain(*tensors: Tensor | None) -> bool:
     its custom op and, without autograd recording, its autograd Function: not traced by
     torch.compile, no torch.func transform active, no forward-mode ``dual_level`` open (a
     tangent needs the Function's refusal), and none of ``tensors`` a functorch wrapper left
-    behind by a finished transform (it has no storage to read), not recorded by
-    ``torch.jit.trace`` (its sizes are traced values). About half a microsecond."""
+    behind by a finished transform (it has no storage to read) or a tensor subclass (a wrapper
+    such as a logging or sharded tensor may have no storage either; the custom op hands it to
+    the subclass's ``__torch_dispatch__``), not recorded by ``torch.jit.trace`` (its sizes are
+    traced values). About half a microsecond."""
     if (torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0 or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None):
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for t in tensors:
-        if t is not None and wrapped(t):
+        if t is not None and (type(t) not in _PLAIN_TYPES or wrapped(t)):
+            return False
+    return True
+
+
+_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+
+def plain_tensors(args: tuple) -> bool:
+    """Whether every tensor among ``args`` is a plain one (not a subclass)."""
+    for a in args:
+        if isinstance(a, Tensor) and type(a) not in _PLAIN_TYPES:
             return False
     return True
 

@@ -82,7 +82,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from normkit.ops._autograd import direct_apply, eager_plain, forward_ad_refusal, records_graph, unpacked_once
+from normkit.ops._autograd import (
+    direct_apply,
+    eager_plain,
+    forward_ad_refusal,
+    plain_tensors,
+    records_graph,
+    unpacked_once,
+)
 from normkit.ops.numba._cache import cached_njit
 
 __all__ = [
@@ -627,13 +634,14 @@ def _untracked(args: tuple) -> bool:
 
 
 def _direct(op, impl):
-    """``impl`` where no torch.func transform is active (its tensors are plain), else ``op``
-    (whose vmap rule handles batched tensors)."""
+    """``impl`` where no torch.func transform is active and every tensor is a plain one, else
+    ``op`` (whose vmap rule handles batched tensors, and which hands a tensor subclass to its
+    ``__torch_dispatch__``)."""
     if impl is None:
         return op
 
     def call(*args):
-        if torch._C._are_functorch_transforms_active():
+        if torch._C._are_functorch_transforms_active() or not plain_tensors(args):
             return op(*args)
         return impl(*args)
 

@@ -233,10 +233,12 @@ def _moments(s1p: np.ndarray, s2p: np.ndarray, groups: int, n: int, eps: float, 
     none = np.empty(0)
     k.merge(s1p, groups, none, s1)
     k.merge(s2p, groups, none, s2)
-    mean[:] = s1.reshape(-1) / n
-    var[:] = np.maximum(s2.reshape(-1) / n - mean * mean, 0.0)
-    v = var + eps
-    np.divide(1.0, np.sqrt(v), out=rstd, where=v != 0)
+    # (an inf or nan in the input gives nan statistics, as torch's, without NumPy's warnings)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean[:] = s1.reshape(-1) / n
+        var[:] = np.maximum(s2.reshape(-1) / n - mean * mean, 0.0)
+        v = var + eps
+        np.divide(1.0, np.sqrt(v), out=rstd, where=v != 0)
     rstd[v == 0] = 0.0
 
 
@@ -260,13 +262,15 @@ def _coefficients(N2: int, cg: int, pivot: np.ndarray, mean: np.ndarray, rstd: n
 def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, pivot: Tensor,
               mean: Tensor, rstd: Tensor, groups: int, batch_stats: bool, act: int, want_dx: bool,
               want_dw: bool, want_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    # (x and the statistics as saved; a saved-tensor hook may unpack them in any layout)
+    x = _dense(x)
     N, C, S, columns = _shape(x)
     acc = acc_np_dtype(x.dtype)
     dy = _like(dy, x)
     dx = _pages.empty_like(x) if want_dx else x.new_empty(0)
     w, b = _param(weight, acc, C, 1.0), _param(bias, acc, C, 0.0)
     xa, ga, dxa = _flat(x), _flat(dy), _flat(dx)
-    p, m, r = pivot.numpy(), mean.numpy(), rstd.numpy()
+    p, m, r = (t.detach().contiguous().numpy() for t in (pivot, mean, rstd))
     sums = np.empty((2, 1, C))  # sum(dz), sum(dz * x_hat) per channel
     if not columns:
         _seg_bwd(ga, xa, dxa, N, C, S, groups, w, b, batch_stats, act, p, m, r, acc, sums,
@@ -545,9 +549,10 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     if running_mean is not None or running_var is not None:
         n = input[0, 0].numel()
         dtype = acc_dtype(input.dtype)
+        # (torch ops, not NumPy: torch.jit.trace records them and torch.func's wrappers take them)
         with torch.no_grad():
-            batch_mean = torch.from_numpy((pivot + mean).numpy().reshape(N, C).mean(0))
-            batch_var = torch.from_numpy(unbiased(var, n).numpy().reshape(N, C).mean(0))
+            batch_mean = (pivot + mean).reshape(N, C).mean(0)
+            batch_var = unbiased(var, n).reshape(N, C).mean(0)
         update_running_stats(running_mean, running_var, batch_mean.to(dtype), batch_var.to(dtype),
                              float(momentum), inference_ok=False)
     return y

@@ -172,11 +172,15 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
     return FirstOrder
 
 
+_has_storage = torch._C._has_storage
+
+
 def eager_direct() -> bool:
     """A custom op's Python body may be called directly, skipping the dispatcher (issue 15
-    item 9): neither compiled code (which must see the op) nor a torch.func transform (which
-    needs the op's vmap rule) is running."""
-    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    item 9): neither compiled code nor ``torch.jit.trace`` (which must see the op) nor a
+    torch.func transform (which needs the op's vmap rule) is running."""
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and torch._C._get_tracing_state() is None)
 
 
 def eager_and_compiled(
@@ -199,6 +203,11 @@ def eager_and_compiled(
     first-order backward always runs the kernel."""
 
     def either_backward(ctx, *grads):
+        if not torch._C._are_functorch_transforms_active() and not all(g is None or _has_storage(g) for g in grads):
+            # Autograd's own vmap over the backward (``is_grads_batched``, ``jacobian(...,
+            # vectorize=True)``; not torch.func, whose wrappers the kernels unwrap): batched
+            # upstream gradients, no storage for a kernel to read.
+            return graph_backward(ctx, *grads)
         if torch.is_grad_enabled():
             ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
             if records_graph(ctx.saved_tensors, grads):
@@ -223,15 +232,16 @@ def eager_and_compiled(
     backward_through_op, backward_direct = first_order(bwd_op), first_order(bwd_op, bwd_body)
     fast_direct, fast_backward_direct = direct_apply(direct), direct_apply(backward_direct)
 
+    # Compiled code and torch.jit.trace (whose sizes are traced values) call the custom ops.
     def forward_call(*args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return through_op.apply(*args)
         return fast_direct(*args)
 
     def backward_call(*args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return bwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return backward_through_op.apply(*args)
