@@ -632,6 +632,41 @@ def test_deepcopy_pickle_and_buffers_shared_with_copies(cls, backend):
         assert torch.equal(c(x), expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lazy_untracked_exported_and_fx_batchnorm(backend):
+    x = _randn(4, 6, 5, 3, seed="lazy")
+    lazy, theirs = normkit.LazyBatchNorm2d(backend=backend), nn.LazyBatchNorm2d()
+    _close(lazy(x), theirs(x), 1e-5, "lazy")
+    assert type(lazy) is normkit.BatchNorm2d and lazy.state_dict().keys() == theirs.state_dict().keys()
+    _close(lazy.running_var, theirs.running_var, 1e-6, "lazy running_var")
+    untracked = normkit.BatchNorm2d(6, track_running_stats=False, backend=backend).eval()
+    _close(untracked(x), nn.BatchNorm2d(6, track_running_stats=False).eval()(x), 1e-5, "untracked eval")
+    for m, t in (
+        (normkit.BatchNorm2d(6, backend=backend), nn.BatchNorm2d(6)),
+        (normkit.GroupNorm(3, 6, backend=backend), nn.GroupNorm(3, 6)),
+    ):
+        _close(torch.export.export(m, (x,)).module()(x), t(x), 1e-5, f"export {type(m).__name__}")
+    model = nn.Sequential(normkit.BatchNorm2d(6, backend=backend), nn.ReLU()).eval()
+    assert torch.equal(torch.fx.symbolic_trace(model)(x), model(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["batch_norm", "group_norm", "instance_norm"])
+def test_double_backward_through_the_upstream_gradient(op, backend):
+    """A gradient penalty that differentiates the first gradients with respect to dy too."""
+    x, w, b = (t.double() for t in _channel_data(op))
+    dy0 = _randn(*SHAPE, seed=(op, "dy"), dtype=F64)
+    v = _randn(*SHAPE, seed=(op, "v"), dtype=F64)
+
+    def run(fn, **kw):
+        xs, ws, dy = x.clone().requires_grad_(), w.clone().requires_grad_(), dy0.clone().requires_grad_()
+        gx, gw = torch.autograd.grad(fn(xs, ws, b, **kw), [xs, ws], dy, create_graph=True)
+        return torch.autograd.grad((gx * v).sum() + gw.pow(2).sum(), [dy, xs, ws])
+
+    for a, c in zip(run(CHANNEL_OPS[op][0], **_kw(backend)), run(CHANNEL_OPS[op][1])):
+        _close(a, c, 1e-9)
+
+
 # ---- 5. torch.func, torch.compile, torch.jit.trace ---------------------------------------------
 
 
