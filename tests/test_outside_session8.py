@@ -11,7 +11,8 @@ upstream gradients throughout; material nobody here wrote: torch's ``module_db``
 ``op_db`` samples, hypothesis strategies, torch's own tensor subclasses (``LoggingTensor``,
 ``TwoTensor``).
 
-Each defect found is a strict xfail whose reason is the minimal repro and the suspected cause.
+Each defect found is a strict xfail whose reason is the minimal repro and the suspected cause;
+those fixed since (95f10ff) stay as ordinary tests, marked "Found by this attack".
 """
 
 from __future__ import annotations
@@ -708,19 +709,12 @@ def test_func_grad_of_functional_call_parameters(cls, backend):
     _close(jac(mo)(), jac(mt)(), 1e-4, "jacrev")
 
 
-# Defect: running statistics that are torch.func.grad's inputs (functional_call with the
+# Found by this attack (fixed in 95f10ff).
+# Running statistics that are torch.func.grad's inputs (functional_call with the
 # buffers as an argument, the usual "functional model" idiom) are GradTrackingTensor wrappers;
 # update_running_stats (numerics.py) asks their data_ptr in _shares_memory (line ~163):
 # RuntimeError 'Cannot access data pointer of Tensor that doesn't have storage'. torch updates
 # them. The reference backend fails the same way; the default path too where it picks numba.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "torch.func.grad(lambda w, rm, rv: NF.batch_norm(x, rm, rv, w, None, True, backend='numba')"
-        ".sum())(w, rm, rv) -> RuntimeError 'Cannot access data pointer of Tensor that doesn't have "
-        "storage' in numerics._shares_memory (running stats are grad-transform wrappers); torch works"
-    ),
-)
 @pytest.mark.parametrize(
     "case",
     ["numba batch_norm", "reference batch_norm", "numba instance_norm", "default batch_norm large channels_last"],
@@ -813,21 +807,13 @@ def test_jit_trace_channel_module_records_op_and_keeps_gradients(cls):
         _close(a, r, 1e-6)
 
 
-# Defect: a torch.jit.trace'd normkit.BatchNorm2d(backend="numba") in training: each traced call
+# Found by this attack (fixed in 95f10ff).
+# A torch.jit.trace'd normkit.BatchNorm2d(backend="numba") in training: each traced call
 # leaves running_mean/running_var requiring grad (the traced running-statistics update replays
 # outside update_running_stats' no_grad: the tracer does not record no_grad, so the copy_ of a
 # value computed from channel_fwd's statistics outputs records autograd); the next eager call
 # then raises torch's "'native_batch_norm' is not differentiable with respect to argument
 # 'running_mean'". torch's traced BatchNorm2d leaves them plain. (Also before session 8.)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "m = normkit.BatchNorm2d(6, backend='numba'); t = torch.jit.trace(m, x); t(x) -> "
-        "m.running_mean.requires_grad is True; m.eval()(x) then raises 'not differentiable with respect "
-        "to argument running_mean' (traced stats update replays with grad; channel_norm.batch_norm's "
-        "(pivot + mean) not detached)"
-    ),
-)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_jit_trace_batchnorm_training_keeps_running_stats_plain(momentum):
     ours = _random_bn(normkit.BatchNorm2d, 6, momentum=momentum, backend="numba")
@@ -846,7 +832,8 @@ def test_jit_trace_batchnorm_training_keeps_running_stats_plain(momentum):
     _close(ours(x), theirs(x), 1e-5)
 
 
-# Defect (before session 8 too): numba's instance_norm computes the batch average of the
+# Found by this attack (fixed in 95f10ff; older than session 8).
+# Numba's instance_norm computes the batch average of the
 # per-instance statistics for the running statistics through NumPy (channel_norm.py,
 # instance_norm: torch.from_numpy((pivot + mean).numpy().reshape(N, C).mean(0))):
 # * torch.jit.trace records that value as a constant: a traced InstanceNorm2d(track_running_stats)
@@ -854,15 +841,6 @@ def test_jit_trace_batchnorm_training_keeps_running_stats_plain(momentum):
 # * under torch.func (grad with captured statistics, vmap over ensembles of statistics) the
 #   statistics are functorch wrappers: RuntimeError 'Cannot access data pointer of Tensor that
 #   doesn't have storage'. torch (and normkit's reference backend) compute them all.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "numba instance_norm with running stats: torch.jit.trace freezes the batch statistics as constants "
-        "(traced InstanceNorm2d(6, track_running_stats=True, backend='numba') on a new batch: running_var off "
-        "by ~1); torch.func.grad/vmap raise 'Cannot access data pointer' (channel_norm.instance_norm's "
-        ".numpy() of pivot + mean)"
-    ),
-)
 @pytest.mark.parametrize("how", ["jit.trace", "func.grad captured", "vmap ensemble"])
 def test_numba_instance_norm_running_stats_under_trace_and_transforms(how):
     x = _randn(4, 6, 5, 3, seed="inrs x", scale=2.0)
@@ -918,20 +896,13 @@ def test_default_path_small_channel_norm_on_subclass(op, subclass):
     _close(unwrap(y), CHANNEL_OPS[op][1](x.double(), w.double(), b.double()), 1e-5)
 
 
-# Defect (regression of 6613124): the eager route (channel_norm._channel) takes a tensor subclass
+# Found by this attack (fixed in 95f10ff; a regression of 6613124).
+# The eager route (channel_norm._channel) takes a tensor subclass
 # as a plain tensor (eager_plain checks functorch wrappers only) and _fwd_impl calls .numpy() on
 # it: RuntimeError '.numpy() is not supported for tensor subclasses'. Before, the custom op's
 # dispatch ran it (LoggingTensor / TwoTensor results). With backend='numba' the README's promise
 # is 'runs the call or raises normkit.BackendError'; on the default path (a large channels_last
 # training BatchNorm that auto gives numba) torch's F.batch_norm works.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "NF.batch_norm(LoggingTensor(torch.randn(4,6,5,3)), None, None, w, None, True, backend='numba') "
-        "-> RuntimeError '.numpy() is not supported for tensor subclasses' (channel_norm._channel: "
-        "eager_plain lets subclasses through; custom-op path worked before 6613124)"
-    ),
-)
 @pytest.mark.parametrize("subclass", ["LoggingTensor", "TwoTensor"])
 @pytest.mark.parametrize("case", ["numba batch_norm", "numba group_norm", "default batch_norm large channels_last"])
 def test_channel_norm_on_subclass_runs_or_declines(case, subclass):
@@ -951,17 +922,10 @@ def test_channel_norm_on_subclass_runs_or_declines(case, subclass):
     _close(unwrap(y), CHANNEL_OPS[op][1](x.double(), w.double(), b.double()), 1e-5)
 
 
-# Defect (before session 8 too): numba's row launchers pass x.data_ptr() of a tensor subclass
+# Found by this attack (fixed in 95f10ff; older than session 8).
+# Numba's row launchers pass x.data_ptr() of a tensor subclass
 # without storage to the kernel: a segmentation fault. Default path: float32 (8, 4096) rms_norm
 # under autograd (auto picks numba's eager Function); explicit numba: any row norm, grad or not.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "NF.rms_norm(LoggingTensor(torch.randn(8,4096)).requires_grad_(), (4096,), w) -> SIGSEGV "
-        "(row_norm._launch_fwd passes x.data_ptr() of a storage-less wrapper subclass; "
-        "eager_plain does not refuse subclasses)"
-    ),
-)
 def test_row_norm_on_subclass_does_not_crash():
     """In a child process (the crash would take the test worker with it): the default path's
     rms_norm under autograd and numba's layer_norm without grad, each on a LoggingTensor; a
@@ -992,19 +956,12 @@ def test_row_norm_on_subclass_does_not_crash():
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-500:], proc.stderr[-500:])
 
 
-# Defect (before session 8 too): the numba channel norms' backward reads the saved input by its
+# Found by this attack (fixed in 95f10ff; older than session 8).
+# The numba channel norms' backward reads the saved input by its
 # flat storage (channel_norm._bwd_impl -> _flat(x), no _dense(x) as the forward has): a
 # saved_tensors_hooks unpack that returns the same values in a non-dense layout (a strided view,
 # e.g. of an interleaved offload buffer) gives silently wrong gradients (off by ~10-25 here). The row
 # norms make x contiguous in their backward and are right; torch is right.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: torch.stack([t, t], -1)[..., 0]): "
-        "NF.batch_norm(x, None, None, w, b, True, backend='numba') backward -> wrong dx/dw (channel_norm._bwd_impl "
-        "reads the unpacked x through _flat without _dense)"
-    ),
-)
 @pytest.mark.parametrize("op", ["batch_norm", "group_norm", "instance_norm", "batch_norm_act"])
 def test_saved_tensor_unpacked_non_dense(op):
     x, w, b = _channel_data(op)
@@ -1041,18 +998,12 @@ def test_saved_tensors_modified_in_place_raise_torchs_error(op, backend):
         assert attempt(CHANNEL_OPS[op][0], target, **_kw(backend)) == attempt(CHANNEL_OPS[op][1], target)
 
 
-# Defect (before session 8 too): an infinite element makes the numba BatchNorm's moments warn
+# Found by this attack (fixed in 95f10ff; older than session 8).
+# An infinite element makes the numba BatchNorm's moments warn
 # (channel_norm._moments: s2 / n - mean * mean is inf - inf): RuntimeWarning 'invalid value
 # encountered in subtract' reaches the user (an error under -W error / filterwarnings=error);
 # torch returns the same NaN channel silently. The default path gives numba float32 NCHW
 # training calls of 2**18 elements or more without autograd, so it warns there too.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "x = torch.randn(4,6,5,3); x[1,2,3,1] = inf; NF.batch_norm(x, None, None, training=True, backend='numba') "
-        "-> RuntimeWarning 'invalid value encountered in subtract' (numpy in channel_norm._moments, no np.errstate)"
-    ),
-)
 @pytest.mark.parametrize("case", ["numba small", "default large no-grad"])
 def test_infinite_input_no_numpy_warning(case):
     shape = (8, 64, 32, 32) if case.startswith("default") else SHAPE
@@ -1248,20 +1199,13 @@ def test_triton_create_graph_and_batched_create_graph(op):
             _close_or_zero(a, c, 1e-3)
 
 
-# Defect: the Triton eager Functions' backward reads the upstream gradient's storage; under
+# Found by this attack (fixed in 95f10ff).
+# The Triton eager Functions' backward reads the upstream gradient's storage; under
 # autograd's vmap (is_grads_batched, jacobian(vectorize=True)) it is a BatchedTensor:
 # NotImplementedError 'Cannot access storage of BatchedTensorImpl' (layer/rms/group/instance
 # norm) or RuntimeError 'Cannot access data pointer' (batch_norm). Session 8 fixed this for
 # numba only (_kernel_or_graph's by_address check); create_graph already takes the graph.
 @needs_triton
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "torch.autograd.grad(NF.layer_norm(x, (16,), w, b, backend='triton'), x, dys, is_grads_batched=True) "
-        "-> NotImplementedError 'Cannot access storage of BatchedTensorImpl' (triton backward reads "
-        "dy's storage; numba's by_address fallback to the graph backward not applied to triton)"
-    ),
-)
 @pytest.mark.parametrize("how", ["is_grads_batched", "jacobian vectorize"])
 @pytest.mark.parametrize("op", list(TRITON_OPS))
 def test_triton_batched_upstream_gradients(op, how):
@@ -1281,19 +1225,12 @@ def test_triton_batched_upstream_gradients(op, how):
     _close(ours, theirs, 1e-4)
 
 
-# Defect: torch.jit.trace of a Triton-backend call: the host code computes launch sizes from
+# Found by this attack (fixed in 95f10ff).
+# Torch.jit.trace of a Triton-backend call: the host code computes launch sizes from
 # traced shapes (tensors under the tracer): AttributeError "'Tensor' object has no attribute
 # 'bit_length'" (triton next_power_of_2 of a traced size). numba's launchers refuse tracing and
 # record their custom ops since 5fc77e4; the Triton ones do not.
 @needs_triton
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "torch.jit.trace(lambda t: NF.layer_norm(t, (16,), w, b, backend='triton'), (x,)) -> "
-        "AttributeError \"'Tensor' object has no attribute 'bit_length'\" (traced sizes reach "
-        "next_power_of_2 in the triton host code; no tracing check as numba's eager_plain has)"
-    ),
-)
 @pytest.mark.parametrize("op", list(TRITON_OPS))
 def test_triton_jit_trace(op):
     x, w, b = _triton_data(op)
