@@ -814,9 +814,12 @@ def test_jit_trace_channel_module_records_op_and_keeps_gradients(cls):
 # value computed from channel_fwd's statistics outputs records autograd); the next eager call
 # then raises torch's "'native_batch_norm' is not differentiable with respect to argument
 # 'running_mean'". torch's traced BatchNorm2d leaves them plain. (Also before session 8.)
+@pytest.mark.parametrize(
+    "backend", ["numba", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_jit_trace_batchnorm_training_keeps_running_stats_plain(momentum):
-    ours = _random_bn(normkit.BatchNorm2d, 6, momentum=momentum, backend="numba")
+def test_jit_trace_batchnorm_training_keeps_running_stats_plain(momentum, backend):
+    ours = _random_bn(normkit.BatchNorm2d, 6, momentum=momentum, backend=backend)
     theirs = _random_bn(nn.BatchNorm2d, 6, momentum=momentum)
     x = _randn(4, 6, 5, 3, seed="tbn")
     to = torch.jit.trace(ours, (x,), check_trace=False)
