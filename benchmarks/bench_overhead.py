@@ -9,7 +9,8 @@ composition users write without normkit (``h = x + r`` then torch's norm). Time 
 thread's CPU time by default (``--timer cpu``): on a shared machine the wall clock also counts
 the time other processes hold the core; ``--timer wall`` reads the wall clock.
 
-    .venv/bin/python benchmarks/bench_overhead.py [--rounds 60] [--number 2000] [--timer cpu] [--threads 1] [--out FILE]
+    .venv/bin/python benchmarks/bench_overhead.py [--rounds 60] [--number 2000] [--timer cpu] [--threads 1]
+        [--cases add_] [--out FILE]
 
 Writes a markdown table (stdout, and ``--out`` if given).
 """
@@ -83,12 +84,15 @@ def _cases():
 TIMERS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
-def measure(rounds: int, number: int, timer: str = "cpu") -> list[tuple[str, float, float, float, float]]:
-    """Per case: normkit min, torch min, normkit median, torch median (microseconds per call)."""
+def measure(
+    rounds: int, number: int, timer: str = "cpu", only: str = ""
+) -> list[tuple[str, float, float, float, float]]:
+    """Per case (those whose name contains ``only``): normkit min, torch min, normkit median,
+    torch median (microseconds per call)."""
     clock = TIMERS[timer]
     rows = []
     with torch.no_grad():
-        cases = _cases()
+        cases = [case for case in _cases() if only in case[0]]
     for name, ours, theirs in cases:
         ours(), theirs()  # warm up (lazy backend lookup, first-call allocations)
         a, b = [], []
@@ -123,11 +127,12 @@ def main() -> None:
     parser.add_argument("--number", type=int, default=2000)
     parser.add_argument("--timer", choices=sorted(TIMERS), default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     before = os.getloadavg()[0]
-    rows = measure(args.rounds, args.number, args.timer)
+    rows = measure(args.rounds, args.number, args.timer, args.cases)
     text = table(rows, args.rounds, args.number, args.timer, (before, os.getloadavg()[0]))
     print(text, end="")
     if args.out:

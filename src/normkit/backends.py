@@ -195,12 +195,19 @@ class OpImpl(NamedTuple):
     could say yes to any call with that input (``False``: it would say no, whatever the other
     arguments). It is asked before the argument checks (any tensor, nothing else checked), so
     that :func:`auto_choice` can settle the common call without them; ``None``: not known.
+
+    ``plain``, where given, computes what ``fn`` computes, for the ordinary call only: checked
+    arguments, every tensor of an exact tensor type (no ``__torch_function__`` to honour) and of
+    the input's dtype and device, no option that converts (``residual_dtype``), not compiling.
+    It may skip what only other calls need (casts, torch.nn.functional's Python wrapper); the
+    default path calls it where it knows the call is that one (``auto_choice(..., plain=True)``).
     """
 
     fn: Callable[..., Any]
     unsupported: Callable[..., str | None] = _never
     preferred: Callable[..., bool] = _always
     may_prefer: Callable[[torch.Tensor], bool] | None = None
+    plain: Callable[..., Any] | None = None
 
 
 def _available() -> bool:
@@ -260,11 +267,13 @@ class _Plan(NamedTuple):
     """What settles "auto" for one op before its checks (:func:`auto_choice`): the function of
     the first backend that takes every call (``fn``, with its ``is_available`` where that is not
     always true), after asking each kernel backend before it whether it may prefer the input
-    (``asks``: its ``may_prefer`` and ``is_available``). ``fn`` None: never settled early."""
+    (``asks``: its ``may_prefer`` and ``is_available``). ``fn`` None: never settled early.
+    ``plain``: that backend's function for the ordinary call (:attr:`OpImpl.plain`, else ``fn``)."""
 
     fn: Callable[..., Any] | None
     asks: tuple[tuple[Callable[[torch.Tensor], bool], Callable[[], bool]], ...] = ()
     available: Callable[[], bool] | None = None
+    plain: Callable[..., Any] | None = None
 
 
 # op -> its plan, built from _CANDIDATES on the op's first call; emptied with it.
@@ -494,7 +503,7 @@ def _find_candidates() -> tuple[Backend, ...]:
     return found
 
 
-def auto_choice(op: str, input: torch.Tensor) -> Callable[..., Any] | None:
+def auto_choice(op: str, input: torch.Tensor, plain: bool = False) -> Callable[..., Any] | None:
     """The function a call of ``op`` with this input and no ``backend=`` runs, where that is
     settled before its other arguments are looked at; else ``None`` (:func:`resolve` decides,
     after the checks). Settled means: not compiling or probing, no ``use_backend`` block, no
@@ -502,19 +511,22 @@ def auto_choice(op: str, input: torch.Tensor) -> Callable[..., Any] | None:
     the first that takes every call of ``op`` (``preferred`` and ``unsupported`` the defaults:
     ``"torch"``) sure from ``input`` that it would not prefer the call (``may_prefer``) or
     unavailable. The common small call on the CPU, where "auto" always runs ATen, is settled
-    here in a few attribute reads (the walk over the backends is worked out once per op)."""
+    here in a few attribute reads (the walk over the backends is worked out once per op).
+
+    ``plain=True`` (the caller knows the call is the ordinary one, :attr:`OpImpl.plain`): that
+    backend's function for it."""
     if torch.compiler.is_compiling() or _ACTIVE.get() or _PROBING.get():  # (dynamo cannot read a ContextVar)
         return None
     env = _ENV.get()
     if env and env != "auto":
         return None
-    plan = _PLANS.get(op) or _plan(op)
-    for may_prefer, is_available in plan.asks:
+    fn, asks, available, plain_fn = _PLANS.get(op) or _plan(op)
+    for may_prefer, is_available in asks:
         if may_prefer(input) and is_available():
             return None
-    if plan.available is not None and not plan.available():
+    if available is not None and not available():
         return None
-    return plan.fn
+    return plain_fn if plain else fn
 
 
 def _plan(op: str) -> _Plan:
@@ -526,7 +538,7 @@ def _plan(op: str) -> _Plan:
             continue
         if entry.preferred is _always and entry.unsupported is _never:
             available = None if impl.is_available is _available else impl.is_available
-            plan = _Plan(entry.fn, tuple(asks), available)
+            plan = _Plan(entry.fn, tuple(asks), available, entry.plain or entry.fn)
             break
         if entry.may_prefer is None:  # not known from the input: resolve() asks after the checks
             break

@@ -511,7 +511,14 @@ def add_layer_norm(
     ``x.dtype``. ``residual=None`` means a zero residual. Gradients reach ``x`` and
     ``residual``. The triton backend does it in one pass; the others compose the two steps.
     """
-    plain = _plain_add(x, residual, residual_dtype, normalized_shape, type(eps) is float, weight, bias)
+    plain = _checks.plain_add(x, residual, residual_dtype, normalized_shape, type(eps) is float, weight, bias)
+    if plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5):
+        fn = auto_choice("add_layer_norm", x, plain=True)
+        # The ordinary call where "auto" is settled by x alone: what _dispatch runs for it, in the
+        # backend's form for ordinary calls (a 4-D or 5-D x takes _dispatch, which keeps its
+        # memory format), without its bookkeeping.
+        if fn is not None:
+            return fn(x, residual, normalized_shape, weight, bias, eps, None)
     if not plain:
         _checks.check_layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
         _check_residual(x, residual)
@@ -536,7 +543,11 @@ def add_rms_norm(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
-    plain = _plain_add(x, residual, residual_dtype, normalized_shape, eps is None or type(eps) is float, weight)
+    plain = _checks.plain_add(x, residual, residual_dtype, normalized_shape, eps is None or type(eps) is float, weight)
+    if plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5):
+        fn = auto_choice("add_rms_norm", x, plain=True)
+        if fn is not None:  # (as in add_layer_norm)
+            return fn(x, residual, normalized_shape, weight, eps, None)
     if not plain:
         _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
         _check_residual(x, residual)
@@ -550,20 +561,6 @@ def add_rms_norm(
 
 def _float(eps: float | None) -> float | None:
     return None if eps is None else float(eps)
-
-
-def _plain_add(
-    x: Tensor, residual: Tensor | None, residual_dtype: object, normalized_shape: object, eps_ok: bool,
-    *params: Tensor | None,
-) -> bool:
-    """Whether an add-norm call is the ordinary one (:func:`normkit._checks.plain_trailing` for
-    ``x``, a residual absent or a plain tensor of ``x``'s shape, no ``residual_dtype``): no
-    check can refuse it and nothing needs converting, so the checks are skipped."""
-    return (
-        residual_dtype is None
-        and _checks.plain_trailing(x, normalized_shape, eps_ok, *params)
-        and (residual is None or (type(residual) in _PLAIN and residual.shape == x.shape))
-    )
 
 
 def _plain_pair(x: Tensor, residual: Tensor | None) -> bool:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import blocks, masked, numerics, reference  # noqa: F401  (masked: declares its ops)
 from ..backends import Backend, OpImpl, _never, register_backend, register_lazy_backend
-from ..functional import activate
+from ..functional import _cudnn, activate
 from ..norms import NORMS, NormSpec
 
 __all__: list[str] = []
@@ -40,6 +40,23 @@ def _torch_add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, re
     eps = numerics.rms_eps(eps, residual_out.dtype)
     weight = None if weight is None else reference._as(weight, residual_out.dtype)
     return reference._as(F.rms_norm(residual_out, normalized_shape, weight, eps), x.dtype), residual_out
+
+
+# The add-norms' ordinary call (OpImpl.plain: checked, plain tensors of one dtype and device, no
+# residual_dtype): every cast above returns its tensor unchanged, and no argument overrides
+# __torch_function__, so this is what users write without normkit, minus torch.nn.functional's
+# Python wrapper. (ATen's rms_norm takes eps=None as numerics.default_rms_eps: float32's machine
+# epsilon for fp16/bf16 input; tests/test_overhead_session9.py holds it to that.)
+
+
+def _plain_add_layer_norm(x, residual, normalized_shape, weight, bias, eps, residual_dtype):
+    residual_out = x if residual is None else x + residual
+    return torch.layer_norm(residual_out, normalized_shape, weight, bias, eps, _cudnn()), residual_out
+
+
+def _plain_add_rms_norm(x, residual, normalized_shape, weight, eps, residual_dtype):
+    residual_out = x if residual is None else x + residual
+    return torch.rms_norm(residual_out, normalized_shape, weight, eps), residual_out
 
 
 def _torch_normalize(input, dims, weight=None, bias=None, eps=1e-5, center=True):
@@ -124,8 +141,8 @@ register_backend(
         {
             **_table_ops(lambda spec: OpImpl(spec.torch_op)),
             "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
-            "add_layer_norm": OpImpl(_torch_add_layer_norm),
-            "add_rms_norm": OpImpl(_torch_add_rms_norm),
+            "add_layer_norm": OpImpl(_torch_add_layer_norm, plain=_plain_add_layer_norm),
+            "add_rms_norm": OpImpl(_torch_add_rms_norm, plain=_plain_add_rms_norm),
             "normalize": OpImpl(_torch_normalize),
             "batch_norm_act": OpImpl(_then_act(F.batch_norm)),
             "group_norm_act": OpImpl(_then_act(F.group_norm)),
