@@ -148,14 +148,14 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
-    stats = (running_mean, running_var)
-    aten = _settled_on_aten("batch_norm", input, backend, stats_dtype, out_dtype, *stats, weight, bias)
+    tensors = (input, running_mean, running_var, weight, bias)
+    aten = _settled_on_aten("batch_norm", backend, stats_dtype, out_dtype, tensors)
     # In eval ATen only reads the running statistics: as layer_norm, no state to protect. In
     # training it writes them, and refuses a few calls only after that: those take normkit's
     # checks first (_checks.batch_norm_refuses_first).
     if aten is not None and (
         training is False
-        or (training is True and _checks.batch_norm_refuses_first(input, *stats, weight, bias))
+        or (training is True and _checks.batch_norm_refuses_first(*tensors))
     ):
         if training:  # torch.nn.functional.batch_norm's own Python checks, in its order
             _checks.verify_batch_size(input.size())
@@ -190,7 +190,7 @@ def instance_norm(
     of the per-instance statistics. See :class:`torch.nn.InstanceNorm2d`.
     """
     if running_mean is None and running_var is None:  # no state to update: as layer_norm
-        aten = _settled_on_aten("instance_norm", input, backend, stats_dtype, out_dtype, weight, bias)
+        aten = _settled_on_aten("instance_norm", backend, stats_dtype, out_dtype, (input, weight, bias))
         if aten is not None and input.numel():  # (an empty batch is normkit's own, below)
             _checks.check_instance_norm_python(input, use_input_stats)
             return aten(input, None, None, weight, bias, use_input_stats, momentum, eps)
@@ -220,7 +220,7 @@ def layer_norm(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` axes. See :class:`torch.nn.LayerNorm`."""
-    aten = _settled_on_aten("layer_norm", input, backend, stats_dtype, out_dtype, weight, bias)
+    aten = _settled_on_aten("layer_norm", backend, stats_dtype, out_dtype, (input, weight, bias))
     if aten is not None:
         return aten(input, normalized_shape, weight, bias, eps)
     plain = _checks.plain_trailing(input, normalized_shape, type(eps) is float, weight, bias)
@@ -246,7 +246,7 @@ def rms_norm(
     """Root-mean-square normalization over the trailing axes (not centred); ``eps=None`` means
     machine epsilon of the statistics' dtype (float32 for fp16/bf16 input, as torch computes it).
     See :class:`torch.nn.RMSNorm`."""
-    aten = _settled_on_aten("rms_norm", input, backend, stats_dtype, out_dtype, weight)
+    aten = _settled_on_aten("rms_norm", backend, stats_dtype, out_dtype, (input, weight))
     if aten is not None:
         return aten(input, normalized_shape, weight, eps)
     plain = _checks.plain_trailing(input, normalized_shape, eps is None or type(eps) is float, weight)
@@ -307,7 +307,7 @@ def group_norm(
 ) -> Tensor:
     """Group normalization: each sample's channels split into ``num_groups`` groups, each group
     normalized over its channels and spatial axes. See :class:`torch.nn.GroupNorm`."""
-    aten = _settled_on_aten("group_norm", input, backend, stats_dtype, out_dtype, weight, bias)
+    aten = _settled_on_aten("group_norm", backend, stats_dtype, out_dtype, (input, weight, bias))
     if aten is not None:
         _checks.check_group_norm_python(input, num_groups)
         return aten(input, num_groups, weight, bias, eps)
@@ -598,22 +598,24 @@ _ATEN: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
 
 def _settled_on_aten(
     op: str,
-    input: Tensor,
     backend: str | None,
     stats_dtype: torch.dtype | None,
     out_dtype: torch.dtype | None,
-    *params: Tensor | None,
+    tensors: tuple[Tensor | None, ...],
 ) -> Callable[..., Tensor] | None:
     """ATen's function for a call of ``op`` (one with no running statistics to update) that is settled,
     before its checks, to run torch.nn.functional's op on plain tensors (no option set, an input
-    of an exact tensor type, :func:`normkit.backends.auto_choice`, no ``__torch_function__``);
-    else None. That call is then ATen's: it checks every argument itself, raising torch's own
-    errors (normkit's checks copy them), and with no state to update there is nothing a failed
-    call could leave changed, so normkit's checks are not repeated before it."""
+    ``tensors[0]`` of an exact tensor type, :func:`normkit.backends.auto_choice`, no
+    ``__torch_function__`` on any of ``tensors``); else None. That call is then ATen's: it checks
+    every argument itself, raising torch's own errors (normkit's checks copy them), and with no
+    state to update there is nothing a failed call could leave changed, so normkit's checks are
+    not repeated before it. (The tensors come as one tuple: built once by the caller, it is what
+    the ``__torch_function__`` check reads.)"""
+    input = tensors[0]
     if backend is not None or stats_dtype is not None or out_dtype is not None or type(input) not in _PLAIN:
         return None
     aten = _ATEN.get(auto_choice(op, input))  # type: ignore[arg-type]
-    if aten is None or torch._C._has_torch_function((input, *params)):
+    if aten is None or torch._C._has_torch_function(tensors):
         return None
     return aten
 
