@@ -164,13 +164,16 @@ class unpacked_once:  # noqa: N801  (stands in for a ctx, read as one)
     ``ctx.saved_tensors`` unpacks them again, and non-reentrant activation checkpointing
     (``torch.utils.checkpoint(..., use_reentrant=False)``) refuses a second unpack: a double
     backward through a checkpointed kernel op raised its CheckpointError. Every other attribute
-    is the ctx's own."""
+    is the ctx's own. ``prepare``, if given, is applied to each saved tensor (not None) once."""
 
     __slots__ = ("_ctx", "saved_tensors")
 
-    def __init__(self, ctx: object) -> None:
+    def __init__(self, ctx: object, prepare: Callable[[Tensor], Tensor] | None = None) -> None:
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        if prepare is not None:
+            saved = tuple(None if t is None else prepare(t) for t in saved)
         object.__setattr__(self, "_ctx", ctx)
-        object.__setattr__(self, "saved_tensors", ctx.saved_tensors)  # type: ignore[attr-defined]
+        object.__setattr__(self, "saved_tensors", saved)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._ctx, name)

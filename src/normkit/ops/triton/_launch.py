@@ -175,6 +175,16 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
 _has_storage = torch._C._has_storage
 
 
+def _dense_saved(t: Tensor) -> Tensor:
+    """A saved tensor as the kernels read it: itself where some axis has unit stride (every
+    layout a forward saves: contiguous, channels_last, a channel slice of a channels_last image
+    read in place, an expanded parameter), else a contiguous copy. A saved-tensor hook may hand
+    back the same values as a strided view with no unit-stride axis (every other element of a
+    buffer twice as large), which the kernels, reading by address, would misread."""
+    strides = [st for size, st in zip(t.shape, t.stride()) if size != 1 and st != 0]
+    return t if not strides or min(strides) == 1 else t.contiguous()
+
+
 def eager_direct() -> bool:
     """A custom op's Python body may be called directly, skipping the dispatcher (issue 15
     item 9): neither compiled code nor ``torch.jit.trace`` (which must see the op) nor a
@@ -203,14 +213,18 @@ def eager_and_compiled(
     first-order backward always runs the kernel."""
 
     def either_backward(ctx, *grads):
-        if not torch._C._are_functorch_transforms_active() and not all(g is None or _has_storage(g) for g in grads):
-            # Autograd's own vmap over the backward (``is_grads_batched``, ``jacobian(...,
-            # vectorize=True)``; not torch.func, whose wrappers the kernels unwrap): batched
-            # upstream gradients, no storage for a kernel to read.
-            return graph_backward(ctx, *grads)
-        if torch.is_grad_enabled():
-            ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)
-            if records_graph(ctx.saved_tensors, grads):
+        # The saved tensors unpacked once (a checkpointed op's unpack once only), each in a
+        # dense layout: the kernels read them by address, and a saved-tensor hook may hand
+        # back a strided view of the same values.
+        ctx = unpacked_once(ctx, _dense_saved)
+        if graph_backward is not None:
+            if not torch._C._are_functorch_transforms_active() and not all(
+                    g is None or _has_storage(g) for g in grads):
+                # Autograd's own vmap over the backward (``is_grads_batched``, ``jacobian(...,
+                # vectorize=True)``; not torch.func, whose wrappers the kernels unwrap): batched
+                # upstream gradients, no storage for a kernel to read.
+                return graph_backward(ctx, *grads)
+            if torch.is_grad_enabled() and records_graph(ctx.saved_tensors, grads):
                 return graph_backward(ctx, *grads)
         return bwd(ctx, *grads)
 
@@ -219,7 +233,7 @@ def eager_and_compiled(
             generate_vmap_rule = True
             forward = staticmethod(fwd)
             setup_context = staticmethod(setup)
-            backward = staticmethod(bwd if graph_backward is None else either_backward)
+            backward = staticmethod(either_backward)
             jvp = staticmethod(refuse_forward_ad)
 
         Kernel.__name__ = Kernel.__qualname__ = name
