@@ -96,7 +96,9 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
     for name in BUILTIN:
         backend = _REGISTRY[name]
-        ops = {op: impl._replace(fn=spy(name, op, impl.fn)) for op, impl in backend.ops.items()}
+        # (the ordinary call's form too, OpImpl.plain, where the default path calls it)
+        ops = {op: impl._replace(fn=spy(name, op, impl.fn), plain=impl.plain and spy(name, op, impl.plain))
+               for op, impl in backend.ops.items()}
         monkeypatch.setitem(_REGISTRY, name, dataclasses.replace(backend, ops=ops))
     return log
 

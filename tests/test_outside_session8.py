@@ -467,19 +467,12 @@ def test_threads_calling_modules_concurrently(backend, restore_threads):
             assert torch.equal(a, c)
 
 
-# Defect: the lazy numba backend's first load races. backends._lookup marks the name tried
-# (_TRIED.add) before loader() has registered it: a second thread asking meanwhile finds it
-# tried and unregistered and gets None -> BackendError "normkit backend 'numba' is not available
-# on this machine" (explicit backend) or a backends() list without numba; the default path
-# silently takes another backend. Needs a fresh process (the load happens once).
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "fresh process, 4 threads at a barrier each calling NF.layer_norm(x, (8,), backend='numba') -> 3 of them "
-        "raise BackendError 'not available on this machine' (backends._lookup: _TRIED.add before loader(), "
-        "no lock)"
-    ),
-)
+# Found by this attack (fixed): the lazy numba backend's first load raced. backends._lookup
+# marked the name tried (_TRIED.add) before loader() had registered it: a second thread asking
+# meanwhile found it tried and unregistered and got None -> BackendError "normkit backend
+# 'numba' is not available on this machine" (explicit backend) or a backends() list without
+# numba; the default path silently took another backend. Needs a fresh process (the load
+# happens once); one loader now runs under a lock while the others wait.
 def test_first_use_of_numba_from_several_threads():
     code = textwrap.dedent("""
         import threading

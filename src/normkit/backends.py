@@ -342,8 +342,19 @@ def _lookup(name: str) -> Backend | None:
     if name in _REGISTRY:
         return _REGISTRY[name]
     probe, loader = _LAZY.get(name, (None, None))
-    if probe is None or name in _TRIED or _ABSENT.get(name) is probe:
+    if probe is None or _ABSENT.get(name) is probe:
         return None
+    if torch.compiler.is_compiling():  # (dynamo cannot trace a lock; the first call loads eagerly)
+        return _load(name, probe, loader)
+    # One thread loads a backend; threads asking meanwhile wait for its registration (without
+    # the lock they found it tried but not yet registered, and called it unavailable).
+    with _LOAD_LOCK:
+        return _REGISTRY.get(name) or _load(name, probe, loader)
+
+
+def _load(name: str, probe: Callable[[], bool], loader: Callable[[], object]) -> Backend | None:
+    if name in _TRIED:
+        return _REGISTRY.get(name)
     if not probe():
         # Asked once per probe: whether a backend could run here is a property of the machine,
         # and "auto" asks on every call (a probe reads the environment and the CUDA runtime).
@@ -352,6 +363,9 @@ def _lookup(name: str) -> Backend | None:
     _TRIED.add(name)
     loader()
     return _REGISTRY.get(name)
+
+
+_LOAD_LOCK = threading.RLock()  # (reentrant: a loader registers through this module)
 
 
 def _known() -> list[str]:
