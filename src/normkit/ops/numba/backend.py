@@ -272,19 +272,22 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
 # op -> the shape classes where the committed CPU benchmark (benchmarks/results/cpu.md, 1 and
 # 2 threads, float32) shows these kernels faster than torch eager at every benchmarked shape of
 # the class and both thread counts, the samples' ranges apart ("train": the forward+backward
-# column; otherwise the forward). "auto" picks numba there and nowhere else.
+# column; otherwise the inference column, the forward under torch.no_grad()). "auto" picks numba
+# there and nowhere else.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
-    # benchmarks/results/cpu.md of 2026-12-02 19:32 (commit 9209373, AMD EPYC, 2 cores, load
-    # about 1): 4096x1024 and 4096x4096, fwd+bwd 6.3-12.8x and 10.8-11.4x torch eager, forward
-    # 1.85x and 6.0-7.7x; 8x4096 fwd+bwd 1.7-1.8x (its forward alone is not claimed: 0.86x at
-    # one thread).
-    "rms_norm": frozenset({"float32/large/train", "float32/large", "float32/small/train"}),
-    # the same large shapes: fwd+bwd 3.7-5.5x and 4.7-5.9x. The forward is no longer claimed:
-    # 4096x1024 was 0.96x at two threads in that run (1.9-2.5x in the earlier Intel run);
-    # 8x4096 fwd+bwd (1.7-1.8x by the medians) had overlapping ranges.
-    "add_rms_norm": frozenset({"float32/large/train"}),
-    # 32x64x56x56 training, channels_last, fwd+bwd 5.0-5.8x; NCHW training forward without
-    # autograd 1.5-2.3x (fwd+bwd: 1.7x at one thread, 0.9x at two: not claimed).
+    # benchmarks/results/cpu.md of 2026-12-03 03:41 (commit 97cf9d3, AMD EPYC, 2 cores, load
+    # under 1): fwd+bwd 8.2-9.6x (4096x1024) and 10.5-10.8x (4096x4096) torch eager, 2.0-2.4x at
+    # 8x4096. Without autograd (the inference column) not claimed: 4096x4096 5.1-6.3x, but
+    # 4096x1024 2.3x at two threads had overlapping ranges (the earlier claim rested on the
+    # training forward's column), and 8x4096 1.1x at one thread.
+    "rms_norm": frozenset({"float32/large/train", "float32/small/train"}),
+    # the same run: fwd+bwd 1.7-7.9x (4096x1024), 5.0-6.0x (4096x4096), 1.7-1.8x (8x4096).
+    # Inference not claimed: 1.4-5.2x by the medians, ranges overlapping at two threads (and at
+    # one for 8x4096).
+    "add_rms_norm": frozenset({"float32/large/train", "float32/small/train"}),
+    # the same run: channels_last training fwd+bwd 4.2-6.2x; NCHW training without autograd
+    # (inference column) 2.3-2.5x. NCHW fwd+bwd (1.2x, overlapping) and channels_last without
+    # autograd (0.6-0.75x) not claimed.
     "batch_norm": frozenset({"float32/large/channels_last/train", "float32/large"}),
     # The block norms against their torch composition (benchmarks/results/blocks_numba_cpu.md of
     # 2026-12-02 11:00, a loaded machine): DiT (8,1024,1152) per-sample and (4,1024,1024)
@@ -308,16 +311,17 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
 }
 
 
-def _claims_small(classes: frozenset[str]) -> tuple[bool, bool]:
-    """Whether a class of ``classes`` is small, and whether one of those is also short."""
+def _claims_small(classes: frozenset[str]) -> tuple[bool, bool, bool]:
+    """Whether a class of ``classes`` is small, whether one of those is also short, and whether
+    every one of those is a ``/train`` class (autograd recording)."""
     small = [c for c in classes if "/small" in c]
-    return bool(small), any("/short" in c for c in small)
+    return bool(small), any("/short" in c for c in small), all(c.endswith("/train") for c in small)
 
 
 # MEASURED_FASTER's sets of classes -> _claims_small of them (asked per call). Filled at import,
 # never after: torch.compile guards what it reads here, and a memo filled on the first call would
 # make a module compiled before it recompile on its second call.
-_CLAIMS_SMALL: dict[frozenset[str], tuple[bool, bool]] = {
+_CLAIMS_SMALL: dict[frozenset[str], tuple[bool, bool, bool]] = {
     classes: _claims_small(classes) for classes in MEASURED_FASTER.values()}
 
 
@@ -326,8 +330,9 @@ def _may_prefer(op: str):
 
     def may_prefer(x: Tensor) -> bool:
         # "auto" asks this first, on every call: a small CPU tensor, the common case where no
-        # class claims small calls (or, for the row norms, none claims short small rows), is
-        # answered without building its class.
+        # class claims small calls (or, for the row norms, none claims short small rows, or
+        # every small claim is for autograd and grad mode is off), is answered without building
+        # its class.
         classes = MEASURED_FASTER.get(op)
         if not classes:
             return False
@@ -336,8 +341,10 @@ def _may_prefer(op: str):
         claims = _CLAIMS_SMALL.get(classes)
         if claims is None:  # a table changed since import: asked, not kept
             claims = _claims_small(classes)
-        small, short = claims
-        return small and (short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT)
+        small, short, train_only = claims
+        if not small or (train_only and not torch.is_grad_enabled()):
+            return False
+        return short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT
 
     return may_prefer
 
