@@ -708,6 +708,36 @@ def test_saved_tensor_hooks_same_values_other_layouts(hook, op, backend, request
     _hooked_grads(op, backend, unpack)
 
 
+_ADD_DEFECT = (
+    "triton add-norm backward with a gradient reaching residual_out and a saved-tensor hook that "
+    "unpacks the saved (M, 1, N) residual_out column-major (t.permute(2,1,0).contiguous()"
+    ".permute(2,1,0)): x (2, 8), y, res = NF.add_rms_norm(x, r, (8,), None, 1e-5, backend='triton'); "
+    "autograd.grad((y, res), (x, r), (dy, dres)) gives dx, dr of 1e19-1e25 or nan (memory never "
+    "written); without dres, or with numba, exact. Suspected: _dense_saved (ops/triton/_launch.py) "
+    "keeps the saved tensor (it has a unit-stride axis) and ops/triton/row_norm.py's backward "
+    "allocates a gradient like it (empty_like keeps the hook's strides) that the kernel fills row-major"
+)
+
+
+@pytest.mark.parametrize("backend", _HOOK_BACKENDS)
+@pytest.mark.parametrize("op", ADD_OPS)
+@pytest.mark.parametrize("hook", ["offload", "colmajor", "padded"])
+def test_add_norm_saved_tensor_hooks(hook, op, backend, request):
+    if backend == "triton" and hook == "colmajor":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_ADD_DEFECT))
+    unpack = {"offload": _offload, "colmajor": _colmajor, "padded": _padded}[hook]
+    x, r, dy, dres = (_randn(4, 6, 8, seed=(op, "ah", k)) for k in range(4))
+    w, b = _randn(8, seed=(op, "ahw")), _randn(8, seed=(op, "ahb"))
+    grads = []
+    for be, dt, h in ((backend, torch.float32, unpack), ("torch", F64, lambda t: t)):
+        ins = [t.to(dt).requires_grad_() for t in (x, r, w, b)]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, h):
+            y, res = _add_call(op, ins[0], ins[1], (8,), ins[2], ins[3], 1e-5, backend=be)
+        grads.append(torch.autograd.grad((y, res), ins, (dy.to(dt), dres.to(dt)), allow_unused=True))
+    for name, a, e in zip(("x", "residual", "weight", "bias"), *grads):
+        _close(a, e, 2e-4, f"{op} {backend} {hook} d{name}")
+
+
 @needs_triton
 @pytest.mark.xfail(strict=True, reason=_STATS_DEFECT)
 def test_triton_batch_norm_stats_hook_alone():
