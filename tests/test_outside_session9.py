@@ -72,6 +72,14 @@ def _outcome(fn: Callable[[], object]) -> tuple[str, object]:
         return "err", f"{type(e).__name__}: {e}"
 
 
+def _in_threads(target: Callable[..., None], args: list[tuple]) -> None:
+    threads = [threading.Thread(target=target, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # ---- 1. numba outputs' prefault (_pages) -----------------------------------------------------
 
 _pages = pytest.importorskip("normkit.ops.numba._pages")
@@ -220,11 +228,7 @@ def test_threads_allocating_outputs_concurrently():
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(run, [(k,) for k in range(3)])
     assert not errors, errors
     for i in range(6):
         assert torch.equal(got[i], expected[i]), i
@@ -441,6 +445,33 @@ def test_add_norm_backend_selection_still_honoured(op, monkeypatch):
     assert type(y.grad_fn).__name__ != "RowNormBackward"
 
 
+@pytest.mark.parametrize("op", ADD_OPS)
+def test_add_norm_env_backend_honoured(op, monkeypatch):
+    x, r = _randn(4, 8, seed="env x").requires_grad_(), _randn(4, 8, seed="env r")
+    monkeypatch.setenv("NORMKIT_BACKEND", "numba")
+    y, _ = _add_call(op, x, r, (8,), None, None, 1e-5)
+    assert type(y.grad_fn).__name__ == "RowNormBackward", y.grad_fn
+    monkeypatch.setenv("NORMKIT_BACKEND", "torch")
+    y, _ = _add_call(op, x, r, (8,), None, None, 1e-5)
+    assert type(y.grad_fn).__name__ != "RowNormBackward"
+
+
+def test_lazy_numba_first_loaded_inside_compile():
+    """A fresh process whose first numba call is inside torch.compile(fullgraph=True): the
+    backend loads there (no lock traced) and computes torch's values."""
+    code = textwrap.dedent("""
+        import torch, normkit.functional as NF, torch.nn.functional as F
+        def f(x):
+            return NF.rms_norm(x, (8,), None, 1e-6, backend="numba")
+        x = torch.randn(4, 8)
+        y = torch.compile(f, fullgraph=True, backend="eager")(x)
+        assert (y - F.rms_norm(x, (8,), None, 1e-6)).abs().max() < 1e-5
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-800:]
+
+
 def test_fused_add_modules_like_torch_composition():
     m = normkit.FusedAddRMSNorm(16, eps=1e-6)
     with torch.no_grad():
@@ -603,11 +634,7 @@ def test_lazy_backend_slow_loader_from_threads(lazy_name):
         barrier.wait()
         results.append(_outcome(lambda: NF.rms_norm(torch.ones(2, 4), (4,), backend=lazy_name)))
 
-    threads = [threading.Thread(target=run) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(run, [()] * 6)
     assert len(loads) == 1 and [r[0] for r in results] == ["ok"] * 6, results
 
 
