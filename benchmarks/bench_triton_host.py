@@ -87,7 +87,8 @@ class _SeenFrom(types.ModuleType):
     def __init__(self, compiling: bool, functorch: bool) -> None:
         super().__init__("torch")
         self.compiler = types.SimpleNamespace(is_compiling=lambda: compiling)
-        self._C = types.SimpleNamespace(_are_functorch_transforms_active=lambda: functorch)
+        self._C = types.SimpleNamespace(_are_functorch_transforms_active=lambda: functorch,
+                                        _get_tracing_state=torch._C._get_tracing_state)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)

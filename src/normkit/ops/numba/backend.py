@@ -342,7 +342,9 @@ def _may_prefer(op: str):
         if claims is None:  # a table changed since import: asked, not kept
             claims = _claims_small(classes)
         small, short, train_only = claims
-        if not small or (train_only and not torch.is_grad_enabled()):
+        # (torch.jit.trace: its check reruns the call under no_grad, which must take the path
+        # the trace took; the traced call stays on torch's op either way)
+        if not small or (train_only and (not torch.is_grad_enabled() or torch._C._get_tracing_state() is not None)):
             return False
         return short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT
 
