@@ -3,6 +3,7 @@ needs around it to behave under ``torch.func``, whatever computes it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "plain_tensors",
     "records_graph",
     "refuse_forward_ad_early",
+    "saved_tensor_hooks_active",
     "unpacked_once",
     "vmap_by_loop",
     "without_graph",
@@ -207,6 +209,8 @@ def graph_vjp(
     wrt = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.requires_grad]
     if not wrt:
         return (None,) * len(args)
+    if _saved_tensor_hooks() is not None and not torch._C._are_functorch_transforms_active():
+        return _graph_vjp_under_hooks(fn, args, grads, wrt)
 
     def of(*primals: Tensor) -> tuple[Tensor, ...]:
         full = list(args)
@@ -220,5 +224,34 @@ def graph_vjp(
         found = pullback(
             tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outs, grads, strict=True))
         )
+    got = dict(zip(wrt, found, strict=True))
+    return tuple(got.get(i) for i in range(len(args)))
+
+
+_saved_tensor_hooks = functools.partial(torch._C._autograd._top_saved_tensors_default_hooks, False)
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether ``torch.autograd.graph.saved_tensors_hooks`` (``save_on_cpu``, non-reentrant
+    checkpointing, offloading) are in force: saved tensors may come back from their unpack hook
+    in another layout."""
+    return _saved_tensor_hooks() is not None
+
+
+def _graph_vjp_under_hooks(fn, args, grads, wrt: list[int]) -> tuple[Tensor | None, ...]:
+    """:func:`graph_vjp` where saved-tensor hooks are in force (``save_on_cpu``, offloading),
+    which ``torch.func`` refuses: ``torch.autograd.grad`` with ``create_graph``, taken at views
+    of the arguments, so that it stops there and never reruns the node whose backward is
+    running (an argument may be that node's saved output)."""
+    with torch.enable_grad():
+        full = list(args)
+        for i in wrt:
+            full[i] = args[i].view_as(args[i])
+        outs = fn(*full)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, torch.zeros_like(o) if g is None else g.to(o.dtype))
+                 for o, g in zip(outs, grads, strict=True) if o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], [full[i] for i in wrt], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True, materialize_grads=True)
     got = dict(zip(wrt, found, strict=True))
     return tuple(got.get(i) for i in range(len(args)))

@@ -17,6 +17,7 @@ from normkit.ops._autograd import (
     direct_apply,
     forward_ad_refusal,
     records_graph,
+    saved_tensor_hooks_active,
     unpacked_once,
     vmap_by_loop,
 )
@@ -175,14 +176,48 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
 _has_storage = torch._C._has_storage
 
 
-def _dense_saved(t: Tensor) -> Tensor:
-    """A saved tensor as the kernels read it: itself where some axis has unit stride (every
-    layout a forward saves: contiguous, channels_last, a channel slice of a channels_last image
-    read in place, an expanded parameter), else a contiguous copy. A saved-tensor hook may hand
-    back the same values as a strided view with no unit-stride axis (every other element of a
-    buffer twice as large), which the kernels, reading by address, would misread."""
-    strides = [st for size, st in zip(t.shape, t.stride()) if size != 1 and st != 0]
-    return t if not strides or min(strides) == 1 else t.contiguous()
+def _recording_layouts(setup: Callable[..., None]) -> Callable[..., None]:
+    """``setup`` (a Function's ``setup_context``) that, where saved-tensor hooks are in force,
+    also records the strides of each tensor it saves (``ctx.saved_layouts``): an unpack hook may
+    hand a tensor back in another layout (``save_on_cpu``, a compression or offload hook), and the
+    kernels read saved tensors by address in the layout the forward saved. Without hooks the
+    saved tensors come back as they were: nothing is recorded."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        if not saved_tensor_hooks_active():
+            return setup(ctx, inputs, output)
+        save = ctx.save_for_backward
+
+        def save_for_backward(*tensors: Tensor | None) -> None:
+            ctx.saved_layouts = [t.stride() for t in tensors if t is not None]
+            save(*tensors)
+
+        ctx.save_for_backward = save_for_backward
+        try:
+            setup(ctx, inputs, output)
+        finally:
+            del ctx.save_for_backward
+
+    return setup_context
+
+
+def _unpacked(ctx) -> unpacked_once:
+    """``ctx``'s saved tensors unpacked once, each in the layout the forward saved it in (a copy
+    only where an unpack hook changed it; one expanded along an axis comes back contiguous)."""
+    layouts = getattr(ctx, "saved_layouts", None)
+    if layouts is None:
+        return unpacked_once(ctx)
+    strides = iter(layouts)
+
+    def as_saved(t: Tensor) -> Tensor:
+        stride = next(strides)
+        if t.stride() == stride:
+            return t
+        if 0 in stride:
+            return t.contiguous()
+        return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+    return unpacked_once(ctx, as_saved)
 
 
 def eager_direct() -> bool:
@@ -213,10 +248,9 @@ def eager_and_compiled(
     first-order backward always runs the kernel."""
 
     def either_backward(ctx, *grads):
-        # The saved tensors unpacked once (a checkpointed op's unpack once only), each in a
-        # dense layout: the kernels read them by address, and a saved-tensor hook may hand
-        # back a strided view of the same values.
-        ctx = unpacked_once(ctx, _dense_saved)
+        # The saved tensors unpacked once (a checkpointed op's unpack once only), each in the
+        # layout the forward saved: the kernels read them by address.
+        ctx = _unpacked(ctx)
         if graph_backward is not None:
             if not torch._C._are_functorch_transforms_active() and not all(
                     g is None or _has_storage(g) for g in grads):
@@ -232,7 +266,7 @@ def eager_and_compiled(
         class Kernel(torch.autograd.Function):
             generate_vmap_rule = True
             forward = staticmethod(fwd)
-            setup_context = staticmethod(setup)
+            setup_context = staticmethod(_recording_layouts(setup))
             backward = staticmethod(either_backward)
             jvp = staticmethod(refuse_forward_ad)
 
