@@ -504,6 +504,18 @@ def test_first_use_of_numba_from_several_threads():
 # ---- 4. modules: convert, train/eval, running statistics, state_dict, copies -----------------
 
 
+def _train_step(ours, theirs, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """One forward and backward of each module on its own copy of ``x``: outputs and input
+    gradients compared (parameter gradients accumulate for the caller to compare)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    ya.backward(dy)
+    yb.backward(dy)
+    _close(ya, yb, 1e-5, "y")
+    _close(xa.grad, xb.grad, 1e-4, "dx")
+    return ya, yb
+
+
 def _random_bn(cls: type, *args, **kwargs) -> nn.Module:
     m = cls(*args, **kwargs)
     with torch.no_grad():
@@ -523,13 +535,7 @@ def test_converted_batchnorm_training_then_eval(layout, momentum, backend):
     ours.backend = backend
     for step in range(3):
         x = LAYOUT[layout](_randn(4, 6, 5, 3, seed=("bn step", step), scale=step + 1.0, shift=step))
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(xa), theirs(xb)
-        dy = _randn(4, 6, 5, 3, seed=("bn dy", step))
-        ya.backward(dy)
-        yb.backward(dy)
-        _close(ya, yb, 1e-5, "y")
-        _close(xa.grad, xb.grad, 1e-4, "dx")
+        ya, yb = _train_step(ours, theirs, x, _randn(4, 6, 5, 3, seed=("bn dy", step)))
         assert ya.stride() == yb.stride()
     _close(ours.weight.grad, theirs.weight.grad, 1e-4, "dw")
     _close(ours.running_mean, theirs.running_mean, 1e-6, "running_mean")
@@ -766,13 +772,7 @@ def test_compile_fullgraph_trains_like_eager(cls, backend):
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     for step in range(2):
         x = LAYOUT["channels_last" if step else "contiguous"](_randn(4, 6, 5, 3, seed=("c", step)))
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = compiled(xa), ref(xb)
-        dy = _randn(4, 6, 5, 3, seed=("c dy", step))
-        ya.backward(dy)
-        yb.backward(dy)
-        _close(ya, yb, 1e-5, "y")
-        _close(xa.grad, xb.grad, 1e-4, "dx")
+        _train_step(compiled, ref, x, _randn(4, 6, 5, 3, seed=("c dy", step)))
     for a, b in zip(m.buffers(), ref.buffers()):
         _close(a.double(), b.double(), 1e-6, "buffers")
 

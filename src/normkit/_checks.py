@@ -27,6 +27,7 @@ __all__ = [
     "check_local_response_norm",
     "check_precision",
     "check_rms_norm",
+    "PLAIN_TYPES",
     "plain_add",
     "plain_trailing",
     "verify_batch_size",
@@ -451,8 +452,9 @@ def _ordinary(input: Tensor, normalized_shape: Sequence[int], *params: Tensor | 
     return _plain_params(input, shape, *params)
 
 
-# The exact types of a tensor argument in the ordinary call (subclasses take the full checks).
-_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+# The exact types of a plain tensor argument: a subclass may override torch functions or have no
+# storage, so it takes the full checks, and the kernels' by-address paths refuse it.
+PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 # The dtypes whose tensors are floating point (``dtype in`` answers ``is_floating_point()`` for
 # a dtype already read, in a third of its time).
 _FLOATING = frozenset(d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point)
@@ -465,14 +467,14 @@ def _plain_params(input: Tensor, shape: tuple[int, ...], *params: Tensor | None)
     if input.is_cpu:  # (no device object built per tensor: the common case, answered by a flag)
         for p in params:
             if p is not None and (
-                type(p) not in _TENSOR_TYPES or p.dtype is not dtype or p.shape != shape or not p.is_cpu
+                type(p) not in PLAIN_TYPES or p.dtype is not dtype or p.shape != shape or not p.is_cpu
             ):
                 return False
         return True
     device = input.device
     for p in params:
         if p is not None and (
-            type(p) not in _TENSOR_TYPES or p.dtype is not dtype or p.shape != shape or p.device != device
+            type(p) not in PLAIN_TYPES or p.dtype is not dtype or p.shape != shape or p.device != device
         ):
             return False
     return True
@@ -506,7 +508,7 @@ def plain_add(
     if (
         residual_dtype is not None
         or not eps_ok
-        or type(x) not in _TENSOR_TYPES
+        or type(x) not in PLAIN_TYPES
         or type(normalized_shape) is not tuple
         or not normalized_shape
     ):
@@ -519,7 +521,7 @@ def plain_add(
     if shape[-len(normalized_shape) :] != normalized_shape or dtype not in _FLOATING:
         return False
     if residual is not None and (
-        type(residual) not in _TENSOR_TYPES or residual.dtype is not dtype or residual.shape != shape  # type: ignore[attr-defined]
+        type(residual) not in PLAIN_TYPES or residual.dtype is not dtype or residual.shape != shape  # type: ignore[attr-defined]
     ):
         return False
     if not x.is_cpu:  # type: ignore[attr-defined]
@@ -528,9 +530,9 @@ def plain_add(
     tail = normalized_shape
     return (
         weight is None
-        or (type(weight) in _TENSOR_TYPES and weight.dtype is dtype and weight.shape == tail and weight.is_cpu)
+        or (type(weight) in PLAIN_TYPES and weight.dtype is dtype and weight.shape == tail and weight.is_cpu)
     ) and (
-        bias is None or (type(bias) in _TENSOR_TYPES and bias.dtype is dtype and bias.shape == tail and bias.is_cpu)
+        bias is None or (type(bias) in PLAIN_TYPES and bias.dtype is dtype and bias.shape == tail and bias.is_cpu)
     )
 
 
@@ -550,7 +552,7 @@ def _plain_channels(
     training) that do not require grad, every per-channel tensor absent or a plain ``(C,)``
     tensor of the input's dtype and device."""
     if (
-        type(input) not in _TENSOR_TYPES
+        type(input) not in PLAIN_TYPES
         or type(use_batch) is not bool
         or type(momentum) is not float
         or type(eps) is not float
@@ -642,7 +644,7 @@ def check_group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias
     check_group_norm_python(input, num_groups)
     channels = input.shape[1]
     if (
-        type(input) in _TENSOR_TYPES
+        type(input) in PLAIN_TYPES
         and type(num_groups) is int
         and type(eps) is float
         and num_groups > 0

@@ -575,7 +575,7 @@ def _cudnn() -> bool:
     return torch._C._get_cudnn_enabled()
 
 
-_PLAIN = frozenset({Tensor, torch.nn.Parameter})  # exact types: a subclass may override torch functions
+_PLAIN = _checks.PLAIN_TYPES
 
 # torch.nn.functional's norms, each as the ATen call it ends in. Where every argument is a plain
 # tensor (no ``__torch_function__`` override, no torch function mode in force) and normkit's

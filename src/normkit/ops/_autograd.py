@@ -11,7 +11,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
+from normkit._checks import PLAIN_TYPES as _PLAIN_TYPES
+
 __all__ = [
+    "batched_by_autograd",
     "check_saveable",
     "direct_apply",
     "eager_plain",
@@ -59,7 +62,13 @@ def eager_plain(*tensors: Tensor | None) -> bool:
     return True
 
 
-_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+def batched_by_autograd(grads: tuple[Tensor | None, ...]) -> bool:
+    """Whether a backward's upstream gradients come from autograd's own vmap over it
+    (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``; not
+    torch.func, whose wrappers the kernels unwrap): batched tensors without storage, which a
+    kernel reading by address cannot take."""
+    return not torch._C._are_functorch_transforms_active() and not all(
+        g is None or torch._C._has_storage(g) for g in grads)
 
 
 def plain_tensors(args: tuple) -> bool:

@@ -83,6 +83,7 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from normkit.ops._autograd import (
+    batched_by_autograd,
     direct_apply,
     eager_plain,
     forward_ad_refusal,
@@ -599,9 +600,6 @@ def eager_function(name: str, forward: Callable[..., Any], backward: Callable[..
     return super(torch.autograd.Function, function).apply
 
 
-_has_storage = torch._C._has_storage
-
-
 def _kernel_or_graph(backward: Callable[..., Any], graph_backward: Callable[..., Any] | None,
                      by_address: bool = False) -> Callable[..., Any]:
     """A Function's backward: ``backward(ctx, *grads)`` (the kernel), or ``graph_backward``
@@ -609,9 +607,7 @@ def _kernel_or_graph(backward: Callable[..., Any], graph_backward: Callable[...,
     ``backward`` reading its gradients by address (``by_address``), where they have no storage."""
 
     def run(ctx, *grads):
-        if by_address and graph_backward is not None and not all(g is None or _has_storage(g) for g in grads):
-            # Autograd's own vmap over the backward (``is_grads_batched``, ``jacobian(...,
-            # vectorize=True)``): the upstream gradients are batched tensors without storage.
+        if by_address and graph_backward is not None and batched_by_autograd(grads):
             return graph_backward(ctx, *grads)
         if graph_backward is not None and torch.is_grad_enabled():
             ctx = unpacked_once(ctx)  # (a checkpointed op's tensors unpack once only)

@@ -52,7 +52,13 @@ from torch import Tensor
 
 from normkit import reference
 from normkit.numerics import acc_dtype, unbiased, update_running_stats
-from normkit.ops._autograd import check_saveable, eager_plain, refuse_forward_ad_early, vmap_by_loop
+from normkit.ops._autograd import (
+    batched_by_autograd,
+    check_saveable,
+    eager_plain,
+    refuse_forward_ad_early,
+    vmap_by_loop,
+)
 from normkit.ops.numba import _graph_backward, _pages
 from normkit.ops.numba import channel_kernels as k
 from normkit.ops.numba._engine import (
@@ -451,7 +457,7 @@ def _eager_graph_backward(ctx, dy, *stats):
     storage (autograd's vmap of ``is_grads_batched`` and ``jacobian(vectorize=True)``) go to
     the backward op, whose vmap rule runs the kernel per gradient, unless the backward builds a
     graph (double backward, batched or not): that goes to the torch composition."""
-    if dy is not None and not torch._C._has_storage(dy) and not torch.is_grad_enabled():
+    if batched_by_autograd((dy,)) and not torch.is_grad_enabled():
         return _grads(ctx, dy, _bwd_op)
     return _graph_backward.channel(ctx, dy, *stats)
 

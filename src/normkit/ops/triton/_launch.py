@@ -13,6 +13,7 @@ from torch import Tensor
 
 from normkit._environ import EnvWatch
 from normkit.ops._autograd import (
+    batched_by_autograd,
     check_saveable,
     direct_apply,
     forward_ad_refusal,
@@ -173,9 +174,6 @@ def first_order(op, body: Callable[..., Any] | None = None) -> type[torch.autogr
     return FirstOrder
 
 
-_has_storage = torch._C._has_storage
-
-
 def _recording_layouts(setup: Callable[..., None]) -> Callable[..., None]:
     """``setup`` (a Function's ``setup_context``) that, where saved-tensor hooks are in force,
     also records the strides of each tensor it saves (``ctx.saved_layouts``): an unpack hook may
@@ -252,11 +250,7 @@ def eager_and_compiled(
         # layout the forward saved: the kernels read them by address.
         ctx = _unpacked(ctx)
         if graph_backward is not None:
-            if not torch._C._are_functorch_transforms_active() and not all(
-                    g is None or _has_storage(g) for g in grads):
-                # Autograd's own vmap over the backward (``is_grads_batched``, ``jacobian(...,
-                # vectorize=True)``; not torch.func, whose wrappers the kernels unwrap): batched
-                # upstream gradients, no storage for a kernel to read.
+            if batched_by_autograd(grads):
                 return graph_backward(ctx, *grads)
             if torch.is_grad_enabled() and records_graph(ctx.saved_tensors, grads):
                 return graph_backward(ctx, *grads)
