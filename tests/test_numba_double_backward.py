@@ -197,7 +197,7 @@ def _runs_numba(case: Case, backend: str | None, tensors: list[Tensor]) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(getattr(node, "_forward_cls", None), "__module__", "") == "normkit.ops.numba._engine":
+        if getattr(getattr(node, "_forward_cls", None), "__module__", "") == "normkit.ops.numba._functions":
             return True
         todo.extend(n for n, _ in node.next_functions)
     return False

@@ -38,7 +38,8 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Te
 def _on_numba(y: Tensor) -> bool:
     """Whether the default path sent the call to numba's eager Function (its grad_fn)."""
     forward = getattr(type(y.grad_fn), "_forward_cls", None)
-    return forward is not None and forward.__module__ == "normkit.ops.numba._engine" and forward.__name__ == "RowNorm"
+    return (forward is not None and forward.__module__ == "normkit.ops.numba._functions"
+            and forward.__name__ == "RowNorm")
 
 
 def _ref_grads(x: Tensor, w: Tensor | None, dy: Tensor, eps: float | None = None):

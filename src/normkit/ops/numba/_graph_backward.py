@@ -1,7 +1,7 @@
 """The numba ops' backward for a backward that must build a graph: each function reads what its
 op's ``setup_context`` saved (and ``ctx.eps``) and calls the op's torch composition in
 :mod:`normkit.ops._graph_backward`. The ops' modules pass them to
-:func:`~normkit.ops.numba._engine.autograd_pair`'s ``graph_backward=``.
+:func:`~normkit.ops.numba._functions.autograd_pair`'s ``graph_backward=``.
 """
 
 from __future__ import annotations

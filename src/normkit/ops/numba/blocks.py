@@ -3,7 +3,7 @@ and the normalization-free DyT and Derf.
 
 Each op is one pair of ``torch.library`` custom ops over ``(M, D)`` row views (fake
 implementations for ``torch.compile(fullgraph=True)``; eager calls go straight to the kernels
-through :func:`~normkit.ops.numba._engine.autograd_pair`):
+through :func:`~normkit.ops.numba._functions.autograd_pair`):
 
 * ``normkit_numba::mod_fwd(x, shift, scale, weight, bias, eps, is_rms) -> (y, mean, rstd)`` and
   ``mod_bwd``: ``shift``/``scale`` as ``(S, D)`` modulation rows (per sample ``S = N``, per
@@ -40,7 +40,8 @@ from normkit.numerics import acc_dtype, rms_eps
 from normkit.ops._autograd import vmap_by_loop, without_graph
 from normkit.ops.numba import _block_kernels as k
 from normkit.ops.numba import _graph_backward, _pages, row_norm
-from normkit.ops.numba._engine import acc_np_dtype, as_array, autograd_pair, param, split_run
+from normkit.ops.numba._engine import acc_np_dtype, as_array, param, split_run
+from normkit.ops.numba._functions import autograd_pair
 from normkit.ops.numba._row_kernels import sum_blocks
 from normkit.ops.numba.backend import modulation_rows
 

@@ -61,14 +61,8 @@ from normkit.ops._autograd import (
 )
 from normkit.ops.numba import _graph_backward, _pages
 from normkit.ops.numba import channel_kernels as k
-from normkit.ops.numba._engine import (
-    _refuse_forward_ad,
-    acc_np_dtype,
-    as_array,
-    autograd_pair,
-    eager_function,
-    split_run,
-)
+from normkit.ops.numba._engine import acc_np_dtype, as_array, split_run
+from normkit.ops.numba._functions import autograd_pair, eager_function, refuse_forward_ad
 from normkit.ops.numba.backend import _CHANNEL_OPS
 
 __all__ = [
@@ -507,7 +501,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     check_saveable((input, weight, bias), (input, weight, running_mean, running_var))
     x = _dense(input)
     if training:
-        refuse_forward_ad_early(_refuse_forward_ad, input, weight, bias)
+        refuse_forward_ad_early(refuse_forward_ad, input, weight, bias)
     y, pivot, mean, var, _ = _channel(x, weight, bias, running_mean, running_var, 0, bool(training),
                                       float(eps), ACT_CODES[act])
     if training and (running_mean is not None or running_var is not None):
@@ -550,7 +544,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     N, C = input.shape[:2]
     x = _dense(input)
     if running_mean is not None or running_var is not None:
-        refuse_forward_ad_early(_refuse_forward_ad, input, weight, bias)
+        refuse_forward_ad_early(refuse_forward_ad, input, weight, bias)
     y, pivot, mean, var, _ = _channel(x, weight, bias, None, None, C, True, float(eps), 0)
     if running_mean is not None or running_var is not None:
         n = input[0, 0].numel()

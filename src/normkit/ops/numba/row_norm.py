@@ -36,15 +36,8 @@ from normkit.numerics import rms_eps
 from normkit.ops._autograd import eager_plain, vmap_by_loop
 from normkit.ops.numba import _graph_backward, _pages
 from normkit.ops.numba import _row_kernels as k
-from normkit.ops.numba._engine import (
-    array_at,
-    autograd_pair,
-    eager_function,
-    element_like,
-    jit,
-    param_tensor,
-    split_run,
-)
+from normkit.ops.numba._engine import array_at, element_like, jit, param_tensor, split_run
+from normkit.ops.numba._functions import autograd_pair, eager_function
 
 __all__ = [
     "AddNormOutput",
