@@ -5,7 +5,9 @@ and its torch twin is the Python dispatch: argument checks, backend resolution, 
 case runs normkit and torch interleaved (one timeit block of each per round, so a noisy moment
 hits both), on ``--threads`` torch threads (default 1), and reports the minimum and the median
 per call over the rounds. The add-norms run at one transformer row (8 x 4096) against the
-composition users write without normkit (``h = x + r`` then torch's norm). Time is this
+composition users write without normkit (``h = x + r`` then torch's norm); the "no_grad" cases
+are the benchmark's inference column (``make bench-cpu``: under ``torch.no_grad()``, every tensor
+requiring grad, ``normalized_shape`` a list). Time is this
 thread's CPU time by default (``--timer cpu``): on a shared machine the wall clock also counts
 the time other processes hold the core; ``--timer wall`` reads the wall clock.
 
@@ -54,6 +56,23 @@ def _cases():
     def add_ln(h):
         return F.layer_norm(h, (4096,), wa, ba), h
 
+    # the inference column of benchmarks/bench_cpu.py: leaves that require grad, used under no_grad
+    xg, rg, wg, bg = (t.clone().requires_grad_() for t in (xa, ra, wa, ba))
+
+    def no_grad(call):
+        def run():
+            with torch.no_grad():
+                return call()
+
+        return run
+
+    def add_then(norm):
+        def run():
+            h = xg + rg
+            return norm(h), h
+
+        return no_grad(run)
+
     return [
         ("LayerNorm(64) (8, 64)", lambda: ln(x2), lambda: tln(x2)),
         ("RMSNorm(64) (8, 64)", lambda: rms(x2), lambda: trms(x2)),
@@ -78,6 +97,21 @@ def _cases():
         ("instance_norm (2, 8, 4, 4)", lambda: NF.instance_norm(x4), lambda: F.instance_norm(x4)),
         ("add_rms_norm (8, 4096)", lambda: NF.add_rms_norm(xa, ra, (4096,), wa), lambda: add_rms(xa + ra)),
         ("add_layer_norm (8, 4096)", lambda: NF.add_layer_norm(xa, ra, (4096,), wa, ba), lambda: add_ln(xa + ra)),
+        (
+            "rms_norm (8, 4096) no_grad",
+            no_grad(lambda: NF.rms_norm(xg, [4096], wg, 1e-6)),
+            no_grad(lambda: F.rms_norm(xg, [4096], wg, 1e-6)),
+        ),
+        (
+            "add_rms_norm (8, 4096) no_grad",
+            no_grad(lambda: NF.add_rms_norm(xg, rg, [4096], wg, 1e-6)),
+            add_then(lambda h: F.rms_norm(h, [4096], wg, 1e-6)),
+        ),
+        (
+            "add_layer_norm (8, 4096) no_grad",
+            no_grad(lambda: NF.add_layer_norm(xg, rg, [4096], wg, bg, 1e-6)),
+            add_then(lambda h: F.layer_norm(h, [4096], wg, bg, 1e-6)),
+        ),
     ]
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "check_precision",
     "check_rms_norm",
     "PLAIN_TYPES",
+    "SHAPE_TYPES",
     "plain_add",
     "plain_trailing",
     "verify_batch_size",
@@ -452,6 +453,9 @@ def _ordinary(input: Tensor, normalized_shape: Sequence[int], *params: Tensor | 
     return _plain_params(input, shape, *params)
 
 
+# The exact types of a ``normalized_shape`` the ordinary call may spell, ints inside: torch.nn's
+# modules keep a tuple, a functional call often passes a list (``[4096]``) or ``x.shape[-1:]``.
+SHAPE_TYPES = frozenset({tuple, list, torch.Size})
 # The exact types of a plain tensor argument: a subclass may override torch functions or have no
 # storage, so it takes the full checks, and the kernels' by-address paths refuse it.
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
@@ -484,7 +488,7 @@ def plain_trailing(
     input: object, normalized_shape: object, eps_ok: bool, weight: Tensor | None = None, bias: Tensor | None = None
 ) -> bool:
     """Whether this is the ordinary trailing-axis call (:func:`_ordinary`) with its argument
-    types exact (a tensor input, a tuple of ints, ``eps_ok``): no check can refuse it and no
+    types exact (a tensor input, a tuple, list or torch.Size of ints, ``eps_ok``): no check can refuse it and no
     argument needs converting, so the op skips :func:`check_layer_norm` / :func:`check_rms_norm`
     (answered in about a microsecond: each attribute of a tensor read costs 0.05-0.1)."""
     return plain_add(input, None, None, normalized_shape, eps_ok, weight, bias)
@@ -509,25 +513,26 @@ def plain_add(
         residual_dtype is not None
         or not eps_ok
         or type(x) not in PLAIN_TYPES
-        or type(normalized_shape) is not tuple
+        or type(normalized_shape) not in SHAPE_TYPES
         or not normalized_shape
     ):
         return False
-    for d in normalized_shape:
+    for d in normalized_shape:  # type: ignore[attr-defined]
         if type(d) is not int:
             return False
+    # (a list compares unequal to a tuple of the same ints: compared as one)
+    tail = normalized_shape if type(normalized_shape) is not list else tuple(normalized_shape)
     # _ordinary's test, for a tuple (an input of fewer dims has a shorter tail: unequal)
     shape, dtype = x.shape, x.dtype  # type: ignore[attr-defined]
-    if shape[-len(normalized_shape) :] != normalized_shape or dtype not in _FLOATING:
+    if shape[-len(tail) :] != tail or dtype not in _FLOATING:
         return False
     if residual is not None and (
         type(residual) not in PLAIN_TYPES or residual.dtype is not dtype or residual.shape != shape  # type: ignore[attr-defined]
     ):
         return False
     if not x.is_cpu:  # type: ignore[attr-defined]
-        return _plain_params(x, normalized_shape, weight, bias)  # type: ignore[arg-type]
+        return _plain_params(x, tail, weight, bias)  # type: ignore[arg-type]
     # _plain_params for a CPU input, unrolled (a loop over a tuple of two costs a fifth more)
-    tail = normalized_shape
     return (
         weight is None
         or (type(weight) in PLAIN_TYPES and weight.dtype is dtype and weight.shape == tail and weight.is_cpu)

@@ -201,6 +201,13 @@ class OpImpl(NamedTuple):
     the input's dtype and device, no option that converts (``residual_dtype``), not compiling.
     It may skip what only other calls need (casts, torch.nn.functional's Python wrapper); the
     default path calls it where it knows the call is that one (``auto_choice(..., plain=True)``).
+
+    ``may_prefer_unrecorded(input)``, where given, is ``may_prefer`` for a call autograd will not
+    record (grad mode off, or no tensor argument requiring grad): a backend whose claims are for
+    training calls only says no there. :func:`auto_choice` asks it only after ``may_prefer`` said
+    yes, and only where the caller passed the call's tensors. It must give a call that
+    ``torch.jit.trace`` records ``may_prefer``'s answer (the trace's check reruns the call under
+    ``torch.no_grad()``, and must take the route the trace took).
     """
 
     fn: Callable[..., Any]
@@ -208,6 +215,7 @@ class OpImpl(NamedTuple):
     preferred: Callable[..., bool] = _always
     may_prefer: Callable[[torch.Tensor], bool] | None = None
     plain: Callable[..., Any] | None = None
+    may_prefer_unrecorded: Callable[[torch.Tensor], bool] | None = None
 
 
 def _available() -> bool:
@@ -267,11 +275,14 @@ class _Plan(NamedTuple):
     """What settles "auto" for one op before its checks (:func:`auto_choice`): the function of
     the first backend that takes every call (``fn``, with its ``is_available`` where that is not
     always true), after asking each kernel backend before it whether it may prefer the input
-    (``asks``: its ``may_prefer`` and ``is_available``). ``fn`` None: never settled early.
-    ``plain``: that backend's function for the ordinary call (:attr:`OpImpl.plain`, else ``fn``)."""
+    (``asks``: its ``may_prefer``, ``may_prefer_unrecorded`` and ``is_available``). ``fn`` None:
+    never settled early. ``plain``: that backend's function for the ordinary call
+    (:attr:`OpImpl.plain`, else ``fn``)."""
 
     fn: Callable[..., Any] | None
-    asks: tuple[tuple[Callable[[torch.Tensor], bool], Callable[[], bool]], ...] = ()
+    asks: tuple[
+        tuple[Callable[[torch.Tensor], bool], Callable[[torch.Tensor], bool] | None, Callable[[], bool]], ...
+    ] = ()
     available: Callable[[], bool] | None = None
     plain: Callable[..., Any] | None = None
 
@@ -517,7 +528,9 @@ def _find_candidates() -> tuple[Backend, ...]:
     return found
 
 
-def auto_choice(op: str, input: torch.Tensor, plain: bool = False) -> Callable[..., Any] | None:
+def auto_choice(
+    op: str, input: torch.Tensor, plain: bool = False, tensors: tuple[Any, ...] = ()
+) -> Callable[..., Any] | None:
     """The function a call of ``op`` with this input and no ``backend=`` runs, where that is
     settled before its other arguments are looked at; else ``None`` (:func:`resolve` decides,
     after the checks). Settled means: not compiling or probing, no ``use_backend`` block, no
@@ -528,19 +541,38 @@ def auto_choice(op: str, input: torch.Tensor, plain: bool = False) -> Callable[.
     here in a few attribute reads (the walk over the backends is worked out once per op).
 
     ``plain=True`` (the caller knows the call is the ordinary one, :attr:`OpImpl.plain`): that
-    backend's function for it."""
+    backend's function for it. ``tensors``: the call's arguments (those that are not tensors
+    are passed over), where the caller has them at hand: a backend whose ``may_prefer`` says yes
+    is then also asked its ``may_prefer_unrecorded`` where autograd will not record the call."""
     if torch.compiler.is_compiling() or _ACTIVE.get() or _PROBING.get():  # (dynamo cannot read a ContextVar)
         return None
     env = _ENV.get()
     if env and env != "auto":
         return None
     fn, asks, available, plain_fn = _PLANS.get(op) or _plan(op)
-    for may_prefer, is_available in asks:
-        if may_prefer(input) and is_available():
+    for may_prefer, unrecorded, is_available in asks:
+        if (
+            may_prefer(input)
+            and is_available()
+            and (unrecorded is None or _recorded(tensors) or unrecorded(input))
+        ):
             return None
     if available is not None and not available():
         return None
     return plain_fn if plain else fn
+
+
+def _recorded(tensors: tuple[Any, ...]) -> bool:
+    """Whether autograd may record a call with these arguments: grad mode on and one of them a
+    tensor that requires grad; True for ``()`` (not known)."""
+    if not tensors:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop, not any() over a generator: asked on the default path)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def _plan(op: str) -> _Plan:
@@ -556,7 +588,7 @@ def _plan(op: str) -> _Plan:
             break
         if entry.may_prefer is None:  # not known from the input: resolve() asks after the checks
             break
-        asks.append((entry.may_prefer, impl.is_available))
+        asks.append((entry.may_prefer, entry.may_prefer_unrecorded, impl.is_available))
     _PLANS[op] = plan
     return plan
 

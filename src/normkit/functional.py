@@ -227,6 +227,8 @@ def layer_norm(
     if not plain:
         _checks.check_layer_norm(input, normalized_shape, weight, bias, eps)
         normalized_shape, eps = _shape(normalized_shape), float(eps)
+    elif type(normalized_shape) is not tuple:  # a list or torch.Size: the backends get a tuple
+        normalized_shape = tuple(normalized_shape)
     args = (input, normalized_shape, weight, bias, eps)
     return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype, plain)
 
@@ -253,6 +255,8 @@ def rms_norm(
     if not plain:
         _checks.check_rms_norm(input, normalized_shape, weight, eps)
         normalized_shape, eps = _shape(normalized_shape), _float(eps)
+    elif type(normalized_shape) is not tuple:  # (as in layer_norm)
+        normalized_shape = tuple(normalized_shape)
     if stats_dtype is not None:  # the formula's eps does not move with the precision
         eps = numerics.rms_eps(eps, input.dtype)
     return _dispatch("rms_norm", (input, normalized_shape, weight, eps), backend, stats_dtype, out_dtype, plain)
@@ -513,7 +517,7 @@ def add_layer_norm(
     """
     plain = _checks.plain_add(x, residual, residual_dtype, normalized_shape, type(eps) is float, weight, bias)
     if plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5):
-        fn = auto_choice("add_layer_norm", x, plain=True)
+        fn = auto_choice("add_layer_norm", x, plain=True, tensors=(x, residual, weight, bias))
         # The ordinary call where "auto" is settled by x alone: what _dispatch runs for it, in the
         # backend's form for ordinary calls (a 4-D or 5-D x takes _dispatch, which keeps its
         # memory format), without its bookkeeping.
@@ -524,6 +528,8 @@ def add_layer_norm(
         _check_residual(x, residual)
         _checks.check_dtype_option("residual_dtype", residual_dtype)
         normalized_shape, eps, plain = _shape(normalized_shape), float(eps), _plain_pair(x, residual)
+    elif type(normalized_shape) is not tuple:  # (as in layer_norm)
+        normalized_shape = tuple(normalized_shape)
     args = (x, residual, normalized_shape, weight, bias, eps, residual_dtype)
     return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype, plain)
 
@@ -545,7 +551,7 @@ def add_rms_norm(
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
     plain = _checks.plain_add(x, residual, residual_dtype, normalized_shape, eps is None or type(eps) is float, weight)
     if plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5):
-        fn = auto_choice("add_rms_norm", x, plain=True)
+        fn = auto_choice("add_rms_norm", x, plain=True, tensors=(x, residual, weight))
         if fn is not None:  # (as in add_layer_norm)
             return fn(x, residual, normalized_shape, weight, eps, None)
     if not plain:
@@ -553,6 +559,8 @@ def add_rms_norm(
         _check_residual(x, residual)
         _checks.check_dtype_option("residual_dtype", residual_dtype)
         normalized_shape, eps, plain = _shape(normalized_shape), _float(eps), _plain_pair(x, residual)
+    elif type(normalized_shape) is not tuple:  # (as in layer_norm)
+        normalized_shape = tuple(normalized_shape)
     if stats_dtype is not None:
         eps = numerics.rms_eps(eps, residual_dtype or x.dtype)
     args = (x, residual, normalized_shape, weight, eps, residual_dtype)
@@ -614,7 +622,7 @@ def _settled_on_aten(
     input = tensors[0]
     if backend is not None or stats_dtype is not None or out_dtype is not None or type(input) not in _PLAIN:
         return None
-    aten = _ATEN.get(auto_choice(op, input))  # type: ignore[arg-type]
+    aten = _ATEN.get(auto_choice(op, input, tensors=tensors))  # type: ignore[arg-type]
     if aten is None or torch._C._has_torch_function(tensors):
         return None
     return aten
@@ -635,7 +643,7 @@ def _dispatch(
     spec = OPS[op]
     x = args[spec.input_at]
     if stats_dtype is None and out_dtype is None:  # the default path: nothing to check or cast
-        fn = (plain and backend is None and auto_choice(op, x)) or resolve(op, backend, *args)
+        fn = (plain and backend is None and auto_choice(op, x, tensors=args)) or resolve(op, backend, *args)
         # (compiled code keeps torch.nn.functional's op: dynamo traces it as it always has)
         aten = _ATEN.get(fn) if plain and not torch.compiler.is_compiling() else None
         if aten is not None and not torch._C._has_torch_function(args):

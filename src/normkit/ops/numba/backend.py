@@ -325,6 +325,19 @@ _CLAIMS_SMALL: dict[frozenset[str], tuple[bool, bool, bool]] = {
     classes: _claims_small(classes) for classes in MEASURED_FASTER.values()}
 
 
+def _claims_unrecorded(classes: frozenset[str]) -> tuple[bool, bool, bool]:
+    """Of the classes of ``classes`` that are not ``/train`` (calls autograd does not record):
+    whether one is large, whether one is small, and whether one of those is also short."""
+    small = [c for c in classes if "/small" in c and not c.endswith("/train")]
+    large = any("/large" in c and not c.endswith("/train") for c in classes)
+    return large, bool(small), any("/short" in c for c in small)
+
+
+# MEASURED_FASTER's sets of classes -> _claims_unrecorded of them (filled at import, as _CLAIMS_SMALL)
+_CLAIMS_UNRECORDED: dict[frozenset[str], tuple[bool, bool, bool]] = {
+    classes: _claims_unrecorded(classes) for classes in MEASURED_FASTER.values()}
+
+
 def _may_prefer(op: str):
     rows = op in _ROW_OPS
 
@@ -349,6 +362,31 @@ def _may_prefer(op: str):
         return short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT
 
     return may_prefer
+
+
+def _may_prefer_unrecorded(op: str):
+    rows = op in _ROW_OPS
+
+    def may_prefer_unrecorded(x: Tensor) -> bool:
+        # "auto" asks this after may_prefer said yes, for a call autograd will not record (grad
+        # mode off, or no tensor argument requiring grad): where every claim of the input's size
+        # is a "/train" one (the forward+backward column), ATen runs it, answered from the input.
+        if torch._C._get_tracing_state() is not None:
+            return True  # (torch.jit.trace's check reruns the call under no_grad: may_prefer's route)
+        classes = MEASURED_FASTER.get(op)
+        if not classes:
+            return False
+        claims = _CLAIMS_UNRECORDED.get(classes)
+        if claims is None:  # a table changed since import: asked, not kept
+            claims = _claims_unrecorded(classes)
+        large, small, short = claims
+        if x.numel() >= SMALL_ELEMENTS:
+            return large
+        if not small:
+            return False
+        return short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT
+
+    return may_prefer_unrecorded
 
 
 def _preferred(op: str):
@@ -410,15 +448,17 @@ def register() -> None:
         return
     from normkit.ops.numba import blocks, row_norm
 
-    ops = {op: OpImpl(getattr(row_norm, op), check, _preferred(op), _may_prefer(op))
+    ops = {op: OpImpl(getattr(row_norm, op), check, _preferred(op), _may_prefer(op),
+                      may_prefer_unrecorded=_may_prefer_unrecorded(op))
            for op, check in _ROW_OPS.items()}
-    ops.update({op: OpImpl(getattr(blocks, op), check, _preferred(op), _may_prefer(op))
+    ops.update({op: OpImpl(getattr(blocks, op), check, _preferred(op), _may_prefer(op),
+                           may_prefer_unrecorded=_may_prefer_unrecorded(op))
                 for op, check in _BLOCK_OPS.items()})
     channel = _channel_module()
     if channel is not None:
         for op in _CHANNEL_OPS:
             if hasattr(channel, op):
                 ops[op] = OpImpl(getattr(channel, op), channel.UNSUPPORTED.get(op, _CHANNEL_OPS[op]),
-                                 _preferred(op), _may_prefer(op))
+                                 _preferred(op), _may_prefer(op), may_prefer_unrecorded=_may_prefer_unrecorded(op))
     register_backend(Backend("numba", ops=ops, is_available=is_available,
                              description="fused CPU kernels compiled by numba (normkit.ops.numba)"))
