@@ -15,9 +15,15 @@ policy before 16-row blocks, ``ceil(M / 32)`` rows, and all rows in one block up
 on one thread). ``--e2e`` adds LayerNorm forward+backward end to end (torch eager,
 torch.compile, normkit's numba backend with the base's block policy and with the tree's; the
 tree's kernels in both), the same interleaving, on ``--shapes`` (default ``--rows`` by each
-of ``--widths``). Prints ns per row (kernels) or us per call (end to end): median over
-``--repeats`` calls, min-max in brackets, and the load; by default in CPU time (``--clock
-wall`` for wall-clock time).
+of ``--widths``). ``--aten`` adds ATen's fused CPU ops (``native_layer_norm``,
+``_fused_rms_norm``, ``native_layer_norm_backward``; RMSNorm's backward is autograd's through
+torch's composite, which has no fused CPU kernel) against numba's launchers (``row_norm._launch_fwd`` /
+``_launch_bwd``), forward and backward apart, both allocating their outputs each call and
+neither recording autograd: what each library does per call below its autograd layer. Prints ns
+per row (kernels) or us per call (end to end, ATen): median over ``--repeats`` calls, min-max in
+brackets, and the load; by default in CPU time (``--clock wall`` for wall-clock time).
+
+    python benchmarks/bench_row_kernels.py --no-kernels --aten --shapes 8x4096 4096x1024 --dtypes fp32
 """
 
 from __future__ import annotations
@@ -288,6 +294,66 @@ def end_to_end(
                 print(f"{M}x{L} {str(dtype)[6:]} t={threads}: {parts}", flush=True)
 
 
+def aten_pairs(M: int, L: int, dtype: torch.dtype) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """``{name: (ATen's op, numba's launcher)}`` on the same random rows, weight, bias and ``dy``;
+    each backward from its own forward's statistics."""
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(M, L, generator=g).to(dtype) for _ in range(2))
+    w, b = (torch.randn(L, generator=g).to(dtype) for _ in range(2))
+    mean, rstd = aten.native_layer_norm(x, [L], w, b, 1e-5)[1:]
+    # torch has no fused RMSNorm backward on the CPU: its rms_norm's gradient is autograd's
+    # through the composite forward (recorded once, replayed each call).
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    rms_y = torch.nn.functional.rms_norm(xg, (L,), wg, 1e-6)
+    stat = row_norm._TYPES[dtype].stat
+    # The statistics' addresses are taken in each call (as the autograd Function does): the
+    # tensors must live as long as the calls.
+    stats, rms_stats = torch.empty(2 * M, dtype=stat), torch.empty(2 * M, dtype=stat)
+    step = M * stats.element_size()
+
+    def ln_fwd():
+        at = stats.data_ptr()
+        return row_norm._launch_fwd(x, None, w, b, 1e-5, False, False, L, at, at + step)
+
+    def ln_bwd():
+        at = stats.data_ptr()
+        return row_norm._launch_bwd(dy, x, w, at, at + step, None, False, True, True, L, (L,))
+
+    def rms_fwd():
+        at = rms_stats.data_ptr()
+        return row_norm._launch_fwd(x, None, w, None, 1e-6, True, False, L, at, at + step)
+
+    def rms_bwd():
+        at = rms_stats.data_ptr()
+        return row_norm._launch_bwd(dy, x, w, at, at + step, None, True, True, False, L, (L,))
+
+    ln_fwd()  # (statistics for the backwards)
+    rms_fwd()
+    return {
+        "ln fwd": (lambda: aten.native_layer_norm(x, [L], w, b, 1e-5), ln_fwd),
+        "ln bwd": (lambda: aten.native_layer_norm_backward(dy, x, [L], mean, rstd, w, b, [True, True, True]), ln_bwd),
+        "rms fwd": (lambda: aten._fused_rms_norm(x, [L], w, 1e-6), rms_fwd),
+        "rms bwd": (lambda: torch.autograd.grad(rms_y, (xg, wg), dy, retain_graph=True), rms_bwd),
+    }
+
+
+def aten_vs_launchers(shapes: list[tuple[int, int]], repeats: int, dtypes: list[torch.dtype],
+                      thread_counts: list[int]) -> None:
+    """ATen's fused row-norm ops against numba's launchers, us per call (see the module docstring)."""
+    print(f"ATen op vs numba launcher, us per call, median (min-max) over {repeats}; numba's speedup")
+    for M, L in shapes:
+        for dtype in dtypes:
+            pairs = aten_pairs(M, L, dtype)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                for name, (ref, ours) in pairs.items():
+                    t = timed({"aten": ref, "numba": ours}, repeats)
+                    ratio = statistics.median(t["aten"]) / statistics.median(t["numba"])
+                    print(f"{name:8s} {M}x{L} {str(dtype)[6:]} t={threads}: aten {summary(t['aten'], 1e6)}  "
+                          f"numba {summary(t['numba'], 1e6)}  numba {ratio:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the kernels to compare with")
@@ -295,7 +361,7 @@ def main() -> None:
     parser.add_argument(
         "--base-stream-min", type=int, default=None, help="bytes from which the base's kernels stream their outputs"
     )
-    parser.add_argument("--shapes", nargs="+", default=None, help="MxL shapes of --e2e (default rows x widths)")
+    parser.add_argument("--shapes", nargs="+", default=None, help="MxL shapes of --e2e, --aten (default rows x widths)")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--repeats", type=int, default=15)
@@ -303,6 +369,7 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--e2e", action="store_true", help="also LayerNorm fwd+bwd end to end")
+    parser.add_argument("--aten", action="store_true", help="also ATen's fused ops vs numba's launchers")
     parser.add_argument("--no-kernels", action="store_true")
     parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
     parser.add_argument("--flush", action="store_true", help="start each timed call with cold caches")
@@ -317,12 +384,14 @@ def main() -> None:
     base = load_revision(args.base, args.base_stream_min)
     if not args.no_kernels:
         kernels(base, args.rows, args.widths, args.repeats, args.dtypes, args.kernels, args.threads, args.base_blocks)
+    if args.shapes:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+    else:
+        shapes = [(args.rows, L) for L in args.widths]
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if args.aten:
+        aten_vs_launchers(shapes, args.repeats, [torch_dtypes[d] for d in args.dtypes], args.threads)
     if args.e2e:
-        if args.shapes:
-            shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
-        else:
-            shapes = [(args.rows, L) for L in args.widths]
-        torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         end_to_end(shapes, args.repeats, [torch_dtypes[d] for d in args.dtypes], args.threads, args.base_blocks)
     print(f"load {os.getloadavg()}")
 
