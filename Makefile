@@ -34,7 +34,7 @@ demo: $(DEMO_STAMP)
 check: demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_norms.py

@@ -217,6 +217,7 @@ def test_empty(backend: str, shape: tuple[int, int]) -> None:
 # ---- the Triton kernels: determinism, layouts, compile, refusals ----------------------------------
 
 
+@pytest.mark.gpu_schedule
 @needs_triton
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_backward_is_deterministic(mode: str) -> None:

@@ -270,6 +270,7 @@ needs_triton = pytest.mark.skipif("triton" not in BACKEND_NAMES,
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
+@pytest.mark.gpu_schedule
 @needs_triton
 @pytest.mark.parametrize("block_n", [None, 8])
 @pytest.mark.parametrize("mod", [(3, 1, 24), (24,), (3, 5, 24)], ids=str)

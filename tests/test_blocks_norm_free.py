@@ -236,6 +236,7 @@ def test_triton_tanh_is_accurate_in_relative_terms() -> None:
 # ---- the Triton kernels: determinism, transforms, compile -----------------------------------------
 
 
+@pytest.mark.gpu_schedule
 @needs_triton
 @pytest.mark.parametrize("op", OPS)
 def test_triton_backward_is_deterministic(op: str, monkeypatch: pytest.MonkeyPatch) -> None:

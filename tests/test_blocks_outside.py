@@ -1106,6 +1106,7 @@ def test_convert_tiny_hf_qwen3_gemma3(arch: str, dtype: torch.dtype) -> None:
     _assert_same(before, after, 1e-4 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.gpu_schedule
 def test_triton_bitwise_deterministic_run_twice() -> None:
     """Expectation: the fused kernels' outputs and gradients (parameter and shift/scale reductions
     included) are bitwise equal run twice."""

@@ -231,6 +231,7 @@ def test_composition_is_gemma3_decoder_layer() -> None:
     assert torch.equal(q_out, qn(q)) and torch.equal(k_out, qn(k))
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("case", [c for c in CASES if c.block_n and c.shapes[0][-1] == 8], ids=str)
 def test_triton_backward_is_deterministic(case: Case, block_n: None) -> None:

@@ -146,6 +146,7 @@ def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> 
             assert got[name].is_contiguous(memory_format=getattr(torch, case.layout)), name
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("case", [
     Case((4, 6, 5, 5), bf16, param_dtype=f32, block_n=16),
     Case((3, 5, 4, 4), f16, layout="channels_last", block_n=8),

@@ -274,6 +274,7 @@ def test_matches_float64_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> 
             assert got[name].is_contiguous(memory_format=torch.channels_last), name
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("case", [
     Case("layer_norm", (40, 96), bf16, param_dtype=f32),
     Case("add_rms_norm", (24, 80), f16, residual=True, residual_dtype=f32, block_n=32),
