@@ -63,9 +63,9 @@ def first_call_s(cache_dir: str) -> float:
 
 
 def auto_classes(rows: Sequence[dict]) -> dict[str, list[str]]:
-    """Per op, the (dtype/size/layout) problems where numba beat torch eager (their sample
-    ranges apart) at every thread count, for the inference forward (no autograd), the training
-    forward and forward+backward."""
+    """Per op, the (dtype/size/layout) problems where numba beat torch eager (the samples'
+    trimmed ranges apart: :func:`normkit.tools.bench.trimmed_range`) at every thread count, for
+    the inference forward (no autograd), the training forward and forward+backward."""
     wins: dict[tuple[str, str, str], list[bool]] = {}
     for r in rows:
         if r["provider"] != "normkit-numba" or "error" in r:
@@ -83,7 +83,7 @@ def auto_classes(rows: Sequence[dict]) -> dict[str, list[str]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     shapes = QUICK if args.quick else SHAPES
@@ -114,10 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"LayerNorm and RMSNorm, forward+backward, float32 and bfloat16, in a fresh process: {cold:.1f} s "
         f"with an empty kernel cache (compiling), {warm:.1f} s with the on-disk cache filled "
         "(numba import, loading, custom-op registration).", "",
-        "## Where numba beat torch eager at every thread count (samples' ranges apart)", "",
+        "## Where numba beat torch eager at every thread count (samples' trimmed ranges apart)", "",
         *(f"- {op}: {', '.join(v)}" for op, v in sorted(wins.items())), "",
-        "Noise: a shared 2-core machine (other jobs running); each cell's min-max range is over "
-        "interleaved samples, and a speedup is claimed only where the ranges do not overlap.", "",
+        "Noise: a shared 2-core machine; each cell's min-max range is over interleaved samples. A "
+        "speedup is claimed only where the trimmed ranges (second fastest to second slowest sample) "
+        "do not overlap: one load spike on either side cannot make or break a claim.", "",
     ]
     md.write_text(md.read_text() + "\n".join(extra))
     points = [{"op": r["op"], "dtype": f"{r['dtype']}, {r['threads']} thr", "direction": d,

@@ -453,6 +453,27 @@ def test_bench_calls_a_speedup_only_outside_the_spread() -> None:
                         "fast": (5.88, "faster"), "slow": (0.59, "slower")}
 
 
+def test_bench_verdict_leaves_out_one_spike_on_each_side() -> None:
+    """From five samples on, the range behind a verdict runs from the second fastest to the second
+    slowest sample: one load spike (or one lucky sample) cannot decide it, two can."""
+    from normkit.tools.bench import add_speedups, trimmed_range
+
+    assert trimmed_range([3.0, 1.0, 2.0, 9.0]) == (1.0, 9.0)
+    assert trimmed_range([5.0, 1.0, 2.0, 3.0, 4.0]) == (2.0, 4.0)
+
+    def row(provider: str, samples: list[float]) -> dict[str, object]:
+        lo, hi = trimmed_range(samples)
+        return {"op": "rms_norm", "shape": "64x64", "groups": 0, "dtype": "float32", "threads": 1,
+                "provider": provider, "fwd_ms": sorted(samples)[len(samples) // 2], "fwd_ms_min": min(samples),
+                "fwd_ms_max": max(samples), "fwd_ms_lo": lo, "fwd_ms_hi": hi}
+
+    torch_samples = [2.0, 2.1, 2.2, 2.3, 0.9]  # one lucky sample of the baseline
+    rows = add_speedups([row("torch", torch_samples), row("spiked", [1.0, 1.1, 1.2, 1.3, 3.5]),
+                         row("twice", [1.0, 1.1, 1.2, 3.0, 3.5])])
+    verdicts = {r["provider"]: r["fwd_verdict_vs_torch"] for r in rows}
+    assert verdicts == {"torch": "within spread", "spiked": "faster", "twice": "within spread"}
+
+
 def test_bench_interleaves_providers_and_rotates_the_order() -> None:
     from normkit.tools.bench import _interleaved
 

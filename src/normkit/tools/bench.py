@@ -35,8 +35,11 @@ The API:
   calibrated (a sample is as many calls as last ``budget_s / repeats``), then ``repeats`` rounds
   each take one sample of every provider, the order rotating per round, so that a slow spell of
   a shared machine hits all providers alike. A row has the median, min and max of its samples
-  (``fwd_ms``, ``fwd_ms_min``, ``fwd_ms_max``); :func:`add_speedups` calls a provider faster
-  than a baseline only when their ranges do not overlap.
+  (``fwd_ms``, ``fwd_ms_min``, ``fwd_ms_max``) and its trimmed range (``fwd_ms_lo``,
+  ``fwd_ms_hi``: from the second fastest to the second slowest sample, once there are five or
+  more, so that one load spike of a shared machine on either side does not decide);
+  :func:`add_speedups` calls a provider faster than a baseline only when their trimmed ranges do
+  not overlap.
 - :func:`copy_bandwidth`: ``y.copy_(x)`` measured the same way, what ``of_copy`` is relative to.
 
 Bytes moved (an ideal kernel's traffic; partial-sum buffers not counted). With ``X`` the bytes of
@@ -84,6 +87,7 @@ __all__ = [
     "QUICK_SHAPES",
     "ROW_OPS",
     "SHAPES",
+    "TRIM_FROM",
     "Problem",
     "add_speedups",
     "copy_bandwidth",
@@ -94,6 +98,7 @@ __all__ = [
     "register_provider",
     "run",
     "threads",
+    "trimmed_range",
     "width",
 ]
 
@@ -105,6 +110,7 @@ OPS = (*ROW_OPS, "group_norm", *BATCH_OPS)
 BLOCK_OPS = ("modulated_layer_norm", "modulated_rms_norm", "gated_rms_norm", "qk_rms_norm", "sandwich_rms_norm",
              "dyt", "derf")
 DIRECTIONS = ("infer", "fwd", "bwd", "fwd+bwd")
+TRIM_FROM = 5  # samples from which a range leaves out the fastest and the slowest one
 GATE_GROUPS = 8  # Mamba2's n_groups
 HEAD_DIM = 128  # QK-norm's D: Qwen3's, Gemma3's, OLMo2's
 
@@ -656,19 +662,29 @@ def _run_problem(p: Problem, factories: dict[str, Any], device: str, directions:
         for n, text in errors.items():
             rows[n]["error"] = text
         for n, values in samples.items():
+            lo, hi = trimmed_range(values)
             rows[n].update({f"{d}_ms": statistics.median(values), f"{d}_ms_min": min(values),
-                            f"{d}_ms_max": max(values)})
+                            f"{d}_ms_max": max(values), f"{d}_ms_lo": lo, f"{d}_ms_hi": hi})
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return list(rows.values())
+
+
+def trimmed_range(values: Sequence[float]) -> tuple[float, float]:
+    """``(lo, hi)`` of ``values``: the second smallest and second largest from :data:`TRIM_FROM`
+    values on, else the smallest and the largest."""
+    ordered = sorted(values)
+    k = 1 if len(ordered) >= TRIM_FROM else 0
+    return ordered[k], ordered[-1 - k]
 
 
 def add_speedups(rows: list[dict[str, Any]],
                  baselines: Sequence[str] = ("torch", "torch.compile")) -> list[dict[str, Any]]:
     """Add ``<d>_speedup_vs_<baseline>`` (the baseline's median time over this provider's; above
     1: faster) and ``<d>_verdict_vs_<baseline>``: ``"faster"`` / ``"slower"`` only when the two
-    ranges of samples (min to max) do not overlap, else ``"within spread"``. Baselines are
-    matched on op, shape, dtype and thread count; ``torch.compile`` is spelled ``compile``."""
+    trimmed ranges of samples (``<d>_ms_lo`` to ``<d>_ms_hi``, see :func:`trimmed_range`; min to
+    max in rows without them) do not overlap, else ``"within spread"``. Baselines are matched on
+    op, shape, dtype and thread count; ``torch.compile`` is spelled ``compile``."""
     def key(r: dict[str, Any], d: str) -> tuple[Any, ...]:
         return r["op"], r["shape"], r["groups"], r["dtype"], r.get("threads"), d
 
@@ -685,9 +701,11 @@ def add_speedups(rows: list[dict[str, Any]],
             for name, b in base.get(key(r, d), {}).items():
                 suffix = "torch" if name == "torch" else name.removeprefix("torch.")
                 r[f"{d}_speedup_vs_{suffix}"] = b[f"{d}_ms"] / r[f"{d}_ms"]
-                if r[f"{d}_ms_max"] < b[f"{d}_ms_min"]:
+                lo, hi = r.get(f"{d}_ms_lo", r[f"{d}_ms_min"]), r.get(f"{d}_ms_hi", r[f"{d}_ms_max"])
+                b_lo, b_hi = b.get(f"{d}_ms_lo", b[f"{d}_ms_min"]), b.get(f"{d}_ms_hi", b[f"{d}_ms_max"])
+                if hi < b_lo:
                     verdict = "faster"
-                elif r[f"{d}_ms_min"] > b[f"{d}_ms_max"]:
+                elif lo > b_hi:
                     verdict = "slower"
                 else:
                     verdict = "within spread"

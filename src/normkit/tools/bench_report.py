@@ -81,7 +81,8 @@ def _speedup(r: dict[str, Any], d: str) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], directions: Sequence[str] | None = None) -> str:
     """One markdown table of ``rows``: per direction the median ms with its min-max over the
     repeats, GB/s with the fraction of the copy bandwidth, and the speedup against torch eager
-    (marked "within spread" where the ranges overlap: no speedup can be claimed)."""
+    (marked "within spread" where the trimmed ranges overlap: no speedup can be claimed; see
+    :func:`normkit.tools.bench.trimmed_range`)."""
     directions = directions or [d for d in DIRECTIONS if any(f"{d}_ms" in r for r in rows)]
     head = ["op", "shape", "dtype", "threads", "provider"]
     for d in directions:
@@ -118,7 +119,9 @@ def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: 
     if "copy_GBps" in meta:
         lines += [f"Copy bandwidth (y.copy_(x), read + write) {meta['copy_GBps']:.1f} GB/s; each GB/s figure is "
                   "followed by its fraction of it. Times: median over the repeats (min-max in brackets), "
-                  "providers interleaved. Bytes moved: normkit.tools.bench.", ""]
+                  "providers interleaved; a speedup is marked \"(within spread)\" where the trimmed ranges "
+                  "(second fastest to second slowest sample, from five samples on) overlap. Bytes moved: "
+                  "normkit.tools.bench.", ""]
     for op in dict.fromkeys(r["op"] for r in rows):
         lines += [f"## {op}", "", markdown_table([r for r in rows if r["op"] == op])]
     md.write_text("\n".join(lines))
