@@ -303,3 +303,30 @@ def test_compile_fullgraph_and_func_take_lists(op: str) -> None:
     expected = torch.func.grad(loss, argnums=(0, 1))(x, w, _call, backend="torch")
     for mine, theirs in zip(grads, expected, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dims", [2, 4], ids=["2-D", "4-D"])
+@pytest.mark.parametrize("op", OPS)
+def test_auto_choice_is_asked_once_per_call(op: str, dims: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call a kernel backend claims asks auto_choice once (the front end's answer is passed to
+    _dispatch, not asked again) and runs that backend; an unclaimed one runs torch's op."""
+    seen: list[str] = []
+    monkeypatch.setitem(_REGISTRY, AUTO_ORDER[0], Backend(AUTO_ORDER[0], {op: _claimer(seen)}))
+    asked: list[str] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args[0])
+        return auto_choice(*args, **kwargs)
+
+    monkeypatch.setattr(NF, "auto_choice", counted)
+    shape = (2, 3, 4, D) if dims == 4 else (12, D)
+    x, r = _randn(*shape, seed=("once", op, "x")), _randn(*shape, seed=("once", op, "r"))
+    w, b = _randn(D, seed=("once", op, "w")).requires_grad_(), _randn(D, seed=("once", op, "b"))
+    _call(op, x, r, [D], w, b, None)
+    assert (asked, seen) == ([op], ["claimer"])
+    with torch.no_grad():
+        got = _call(op, x, r, [D], w, b, None)
+    want = _call(op, x, r, (D,), w.detach(), b, None, backend="torch")
+    assert (asked, seen) == ([op, op], ["claimer"])
+    for mine, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

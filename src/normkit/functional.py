@@ -230,7 +230,7 @@ def layer_norm(
     elif type(normalized_shape) is not tuple:  # a list or torch.Size: the backends get a tuple
         normalized_shape = tuple(normalized_shape)
     args = (input, normalized_shape, weight, bias, eps)
-    return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype, plain)
+    return _dispatch("layer_norm", args, backend, stats_dtype, out_dtype, plain, asked=True)
 
 
 @define_op()
@@ -259,7 +259,8 @@ def rms_norm(
         normalized_shape = tuple(normalized_shape)
     if stats_dtype is not None:  # the formula's eps does not move with the precision
         eps = numerics.rms_eps(eps, input.dtype)
-    return _dispatch("rms_norm", (input, normalized_shape, weight, eps), backend, stats_dtype, out_dtype, plain)
+    args = (input, normalized_shape, weight, eps)
+    return _dispatch("rms_norm", args, backend, stats_dtype, out_dtype, plain, asked=True)
 
 
 @define_op()
@@ -516,7 +517,8 @@ def add_layer_norm(
     ``residual``. The triton backend does it in one pass; the others compose the two steps.
     """
     plain = _checks.plain_add(x, residual, residual_dtype, normalized_shape, type(eps) is float, weight, bias)
-    if plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5):
+    asked = plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5)
+    if asked:
         fn = auto_choice("add_layer_norm", x, plain=True, tensors=(x, residual, weight, bias))
         # The ordinary call where "auto" is settled by x alone: what _dispatch runs for it, in the
         # backend's form for ordinary calls (a 4-D or 5-D x takes _dispatch, which keeps its
@@ -531,7 +533,7 @@ def add_layer_norm(
     elif type(normalized_shape) is not tuple:  # (as in layer_norm)
         normalized_shape = tuple(normalized_shape)
     args = (x, residual, normalized_shape, weight, bias, eps, residual_dtype)
-    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype, plain)
+    return _dispatch("add_layer_norm", args, backend, stats_dtype, out_dtype, plain, asked=asked)
 
 
 @define_op(input="x", residual_dtype="residual_dtype")
@@ -550,7 +552,8 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` with RMS normalization. Returns ``(y, residual_out)``."""
     plain = _checks.plain_add(x, residual, residual_dtype, normalized_shape, eps is None or type(eps) is float, weight)
-    if plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5):
+    asked = plain and backend is None and stats_dtype is None and out_dtype is None and x.dim() not in (4, 5)
+    if asked:
         fn = auto_choice("add_rms_norm", x, plain=True, tensors=(x, residual, weight))
         if fn is not None:  # (as in add_layer_norm)
             return fn(x, residual, normalized_shape, weight, eps, None)
@@ -564,7 +567,7 @@ def add_rms_norm(
     if stats_dtype is not None:
         eps = numerics.rms_eps(eps, residual_dtype or x.dtype)
     args = (x, residual, normalized_shape, weight, eps, residual_dtype)
-    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype, plain)
+    return _dispatch("add_rms_norm", args, backend, stats_dtype, out_dtype, plain, asked=asked)
 
 
 def _float(eps: float | None) -> float | None:
@@ -635,15 +638,21 @@ def _dispatch(
     stats_dtype: torch.dtype | None,
     out_dtype: torch.dtype | None,
     plain: bool = False,
+    asked: bool = False,
 ):
     """Resolve the backend for ``op`` and run it, at the precision asked for; the result in
     the input's memory format. ``plain``: the checks passed with every tensor argument of an
     exact type (:func:`normkit._checks.plain_trailing`), so torch.nn.functional's op, where it
-    is what runs, may be called as its ATen function (:data:`_ATEN`)."""
+    is what runs, may be called as its ATen function (:data:`_ATEN`). ``asked``: the caller
+    already asked :func:`normkit.backends.auto_choice` about this call (where it settles the call,
+    resolve gives the same function), so it is not asked again: on the route to a kernel
+    backend that claims the call, the second answer cost a microsecond or more."""
     spec = OPS[op]
     x = args[spec.input_at]
     if stats_dtype is None and out_dtype is None:  # the default path: nothing to check or cast
-        fn = (plain and backend is None and auto_choice(op, x, tensors=args)) or resolve(op, backend, *args)
+        fn = (plain and backend is None and not asked and auto_choice(op, x, tensors=args)) or resolve(
+            op, backend, *args
+        )
         # (compiled code keeps torch.nn.functional's op: dynamo traces it as it always has)
         aten = _ATEN.get(fn) if plain and not torch.compiler.is_compiling() else None
         if aten is not None and not torch._C._has_torch_function(args):
