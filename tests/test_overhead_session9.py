@@ -67,7 +67,9 @@ CASES: dict[str, tuple[tuple[Any, ...], bool]] = {
     "residual list": ((_x, [1.0] * 8, (8,), _w, _b, 1e-5, None), False),
     "x subclass": ((_x.as_subclass(_Sub), _r, (8,), _w, _b, 1e-5, None), False),
     "x int": ((_x.long(), _r.long(), (8,), None, None, 1e-5, None), False),
-    "shape list": ((_x, _r, [8], _w, _b, 1e-5, None), False),
+    "shape list": ((_x, _r, [8], _w, _b, 1e-5, None), True),  # (a list or torch.Size: ordinary, 4a78479)
+    "shape Size": ((_x, _r, torch.Size([8]), _w, _b, 1e-5, None), True),
+    "shape list of a wrong length": ((_x, _r, [4, 8], _w, _b, 1e-5, None), False),
     "shape int": ((_x, _r, 8, _w, _b, 1e-5, None), False),
     "shape empty": ((_x, _r, (), None, None, 1e-5, None), False),
     "shape of a tensor": ((_x, _r, (torch.tensor(8),), _w, _b, 1e-5, None), False),
