@@ -157,3 +157,34 @@ def test_small_call_parameter_gradients(kind, dtype, shape, with_weight, with_bi
     if kind == "layer_norm" and with_weight and with_bias:
         assert w.grad.untyped_storage().data_ptr() != b.grad.untyped_storage().data_ptr()
         assert w.grad._base is None and b.grad._base is None
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "strided"))
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_parameters_read_as_float32(kind, x_dtype, layout):
+    """bf16 weights and biases (widened by the launchers, or converted first where strided) give
+    the bits of the same values passed as float32: outputs, dx, and dw/db before their rounding
+    to bf16."""
+    x, residual, w, b, dy = _inputs(kind, x_dtype, seed_of("bf16 params", kind, x_dtype), SMALL_ROWS)
+    w16, b16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
+    if layout == "strided":  # every other element of a longer parameter
+        w16 = torch.stack((w16, -w16), 1).reshape(-1)[::2]
+        b16 = torch.stack((b16, -b16), 1).reshape(-1)[::2]
+        assert not w16.is_contiguous()
+    results = []
+    for wp, bp in ((w16, b16), (w16.float(), b16.float())):
+        xr = x.clone().requires_grad_()
+        wr, br = wp.detach().clone().requires_grad_(), bp.detach().clone().requires_grad_()
+        y = _norm(kind, xr, residual, wr, br, (WIDTH,))
+        y.backward(dy)
+        dw = wr.grad.float()
+        db = br.grad.float() if br.grad is not None else None
+        results.append((y.detach(), xr.grad, dw, db))
+    (y16, dx16, dw16, db16), (y32, dx32, dw32, db32) = results
+    assert torch.equal(y16, y32) and torch.equal(dx16, dx32)
+    # bf16 parameters get their gradients rounded once from the float32 sums
+    assert torch.equal(dw16, dw32.to(torch.bfloat16).float())
+    if db32 is not None:
+        assert torch.equal(db16, db32.to(torch.bfloat16).float())
+    assert dw32.abs().sum() > 0

@@ -30,13 +30,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from numba import types
+from numba.extending import overload
 from torch import Tensor
 
 from normkit.numerics import rms_eps
 from normkit.ops._autograd import eager_plain, vmap_by_loop
 from normkit.ops.numba import _engine, _graph_backward, _pages
 from normkit.ops.numba import _row_kernels as k
-from normkit.ops.numba._engine import array_at, element_like, jit, param_tensor, split_run
+from normkit.ops.numba._engine import array_at, decode, element_like, jit, param_tensor, split_run
 from normkit.ops.numba._functions import autograd_pair, eager_function
 
 __all__ = [
@@ -90,6 +92,25 @@ def _stats_at(address, M, acc):
     return array_at(address, (M,), acc)
 
 
+def _widened(p, acc):  # pragma: no cover - replaced by the overload inside the launchers
+    """A weight or bias row as the kernels read it: itself when float (the statistics dtype),
+    else its bf16 bits widened into a new float32 row."""
+
+
+@overload(_widened)
+def _widened_impl(p, acc):
+    if isinstance(p.dtype, types.Float):
+        return lambda p, acc: p
+    return lambda p, acc: decode(p, np.empty(p.shape[0], acc.dtype))
+
+
+@jit(inline="always")
+def _param_at(address, n, plike, acc):
+    """The weight or bias of ``n`` elements at ``address`` (``plike``: element_like of its dtype,
+    ``acc``'s or bf16's) in the statistics dtype."""
+    return _widened(array_at(address, (n,), plike), acc)
+
+
 @jit(inline="always")
 def _partials_at(address, blocks, n, acc):
     if address == 0:  # a gradient not asked for: scratch for the kernel to write
@@ -98,30 +119,30 @@ def _partials_at(address, blocks, n, acc):
 
 
 @jit
-def _row_fwd_ln_at(x, res, rout, w, b, eps, y, mean, rstd, M, L, n_res, n_rout, like, acc, lo, hi):
+def _row_fwd_ln_at(x, res, rout, w, b, eps, y, mean, rstd, M, L, n_res, n_rout, like, acc, wlike, blike, lo, hi):
     k.row_fwd_ln(array_at(x, (M, L), like), array_at(res, (n_res, L), like), array_at(rout, (n_rout, L), like),
-                 array_at(w, (L,), acc), array_at(b, (L,), acc), eps, array_at(y, (M, L), like),
+                 _param_at(w, L, wlike, acc), _param_at(b, L, blike, acc), eps, array_at(y, (M, L), like),
                  _stats_at(mean, M, acc), _stats_at(rstd, M, acc), lo, hi)
 
 
 @jit
-def _row_fwd_rms_at(x, res, rout, w, b, eps, y, mean, rstd, M, L, n_res, n_rout, like, acc, lo, hi):
+def _row_fwd_rms_at(x, res, rout, w, b, eps, y, mean, rstd, M, L, n_res, n_rout, like, acc, wlike, blike, lo, hi):
     k.row_fwd_rms(array_at(x, (M, L), like), array_at(res, (n_res, L), like), array_at(rout, (n_rout, L), like),
-                  array_at(w, (L,), acc), array_at(b, (0,), acc), eps, array_at(y, (M, L), like),
+                  _param_at(w, L, wlike, acc), array_at(b, (0,), acc), eps, array_at(y, (M, L), like),
                   _stats_at(mean, M, acc), _stats_at(rstd, M, acc), lo, hi)
 
 
 @jit
-def _row_bwd_ln_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, blocks, block, like, acc, lo, hi):
-    k.row_bwd_ln(array_at(dy, (M, L), like), array_at(x, (M, L), like), array_at(w, (L,), acc),
+def _row_bwd_ln_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, blocks, block, like, acc, wlike, lo, hi):
+    k.row_bwd_ln(array_at(dy, (M, L), like), array_at(x, (M, L), like), _param_at(w, L, wlike, acc),
                  array_at(mean, (M,), acc), array_at(rstd, (M,), acc), array_at(dres, (n_dres, L), like),
                  array_at(dx, (M, L), like), _partials_at(dwp, blocks, L, acc), _partials_at(dbp, blocks, L, acc),
                  block, lo, hi)
 
 
 @jit
-def _row_bwd_rms_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, blocks, block, like, acc, lo, hi):
-    k.row_bwd_rms(array_at(dy, (M, L), like), array_at(x, (M, L), like), array_at(w, (L,), acc),
+def _row_bwd_rms_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, blocks, block, like, acc, wlike, lo, hi):
+    k.row_bwd_rms(array_at(dy, (M, L), like), array_at(x, (M, L), like), _param_at(w, L, wlike, acc),
                   array_at(mean, (M,), acc), array_at(rstd, (M,), acc), array_at(dres, (n_dres, L), like),
                   array_at(dx, (M, L), like), _partials_at(dwp, blocks, L, acc), _partials_at(dbp, blocks, 0, acc),
                   block, lo, hi)
@@ -129,6 +150,7 @@ def _row_bwd_rms_at(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, L, n_dres, bloc
 
 _FWD_AT = {False: _row_fwd_ln_at, True: _row_fwd_rms_at}
 _BWD_AT = {False: _row_bwd_ln_at, True: _row_bwd_rms_at}
+_BF16_LIKE = element_like(torch.bfloat16)
 
 
 class _Types(NamedTuple):
@@ -143,6 +165,16 @@ _TYPES = {
     for dtype, stat in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                         (torch.float64, torch.float64))
 }
+
+
+def _param(p: Tensor | None, t: _Types, L: int, fill: float) -> tuple[Tensor, np.ndarray]:
+    """``(tensor, like)``: a weight or bias as a launcher passes it. A contiguous bf16 one under
+    float32 statistics as it is (its launcher widens it: a bf16 ``.to(float32)`` of each
+    parameter costs 4-5 us a call, half of LayerNorm's forward at 8x4096); any other through
+    :func:`~normkit.ops.numba._engine.param_tensor`, in the statistics dtype."""
+    if p is not None and p.dtype is torch.bfloat16 and t.stat is torch.float32 and p.is_contiguous():
+        return p, _BF16_LIKE
+    return param_tensor(p, t.stat, L, fill), t.acc
 
 
 def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -164,11 +196,11 @@ def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
     n_res = 0 if residual is None else M
     if n_res and not residual.is_contiguous():
         residual = residual.contiguous()
-    w = param_tensor(weight, t.stat, L, 1.0)
-    b = None if is_rms else param_tensor(bias, t.stat, L, 0.0)  # RMS kernels take no bias
+    w, wlike = _param(weight, t, L, 1.0)
+    b, blike = (None, t.acc) if is_rms else _param(bias, t, L, 0.0)  # RMS kernels take no bias
     args = (x.data_ptr(), residual.data_ptr() if n_res else 0, 0 if rout is None else rout.data_ptr(), w.data_ptr(),
             0 if b is None else b.data_ptr(), float(eps), y.data_ptr(), mean_at, rstd_at, M, L, n_res,
-            0 if rout is None else M, t.like, t.acc)
+            0 if rout is None else M, t.like, t.acc, wlike, blike)
     if small:
         _FWD_AT[is_rms](*args, 0, M)
     else:
@@ -204,7 +236,7 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean_at: int, rstd
         if dresidual_out.dtype is not x.dtype or not dresidual_out.is_contiguous():
             dresidual_out = dresidual_out.to(x.dtype).contiguous()
     dx = torch.empty_like(x) if n < _engine.PARALLEL_MIN_ELEMENTS else _pages.empty_like(x)  # (as _launch_fwd's)
-    w = param_tensor(weight, t.stat, L, 1.0)
+    w, wlike = _param(weight, t, L, 1.0)
     kernel = _BWD_AT[is_rms]
     args = (dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean_at, rstd_at,
             dresidual_out.data_ptr() if n_dres else 0, dx.data_ptr())
@@ -214,20 +246,20 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean_at: int, rstd
         # empty_like of the weight as the kernel reads it, where it has their shape: with dx's
         # plain empty_like, 1.5-3 us of the launcher's 7-9 us at (8, 64) (torch.empty(shape,
         # dtype=...) parses its arguments).
-        like = w.shape == param_shape
+        like = w.dtype is t.stat and w.shape == param_shape  # (a bf16 weight is passed as it is)
         dw = db = None
         if want_dw:
             dw = torch.empty_like(w) if like else torch.empty(param_shape, dtype=t.stat)
         if want_db and not is_rms:
             db = torch.empty_like(w) if like else torch.empty(param_shape, dtype=t.stat)
         kernel(*args, 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(),
-               M, L, n_dres, 1, M, t.like, t.acc, 0, 1)
+               M, L, n_dres, 1, M, t.like, t.acc, wlike, 0, 1)
         return dx, dw, db
     # RMS has no bias: no bias partials (the kernel never touches them).
     dwp = torch.empty((blocks, L), dtype=t.stat)
     dbp = torch.empty((blocks, 0 if is_rms else L), dtype=t.stat)
     split_run(kernel, blocks, M * L, *args, dwp.data_ptr(), dbp.data_ptr(), M, L, n_dres, blocks, block,
-              t.like, t.acc)
+              t.like, t.acc, wlike)
     if not (want_dw or want_db):
         return dx, None, None
     dw = torch.empty(param_shape, dtype=t.stat)
