@@ -625,7 +625,7 @@ def _settled_on_aten(
     input = tensors[0]
     if backend is not None or stats_dtype is not None or out_dtype is not None or type(input) not in _PLAIN:
         return None
-    aten = _ATEN.get(auto_choice(op, input, tensors=tensors))  # type: ignore[arg-type]
+    aten = _ATEN.get(auto_choice(op, input, False, tensors))  # type: ignore[arg-type]
     if aten is None or torch._C._has_torch_function(tensors):
         return None
     return aten
