@@ -8,10 +8,11 @@ kernels load, widen to float32 and narrow on store; only the pointer's element t
 
 So under the interpreter a triton case runs float32 (and float64, which the kernels decline at
 once), plus ONE of its low-precision variants (bfloat16, float16, each with float32 parameters or
-not), the one picked by a hash of the case's other parameters: across a table every low precision
-runs on many cases and every case runs one low precision. Nothing is dropped on a GPU
-(no ``TRITON_INTERPRET``) or with ``NORMKIT_TEST_ALL_PRECISIONS=1``; the dropped items are
-reported as deselected. The choice depends on the collected items alone, so every pytest-xdist
+not), spread over the test function's cases (taken in a fixed order, each keeps the variant the
+function has run least so far): every case runs one low precision and every low precision the
+function has runs on some of its cases (a function with fewer cases than variants keeps more).
+Nothing is dropped on a GPU (no ``TRITON_INTERPRET``) or with ``NORMKIT_TEST_ALL_PRECISIONS=1``;
+the dropped items are reported as deselected. The choice depends on the collected items alone, so every pytest-xdist
 worker makes the same one.
 
 Tests marked ``gpu_schedule`` check what only a GPU's parallel schedule can break (two runs give
@@ -23,7 +24,6 @@ skipped, and ``make gpu-check`` runs them on a device.
 from __future__ import annotations
 
 import os
-import zlib
 from collections import defaultdict
 from typing import Any
 
@@ -51,6 +51,12 @@ def _stable(value: Any) -> str:
     return type(value).__name__ if " at 0x" in text else text
 
 
+def _variant(item: Any) -> str:
+    """The precision of a parametrized item, as text: its precision parameters' values."""
+    params = item.callspec.params
+    return "/".join(f"{k}={params[k]}" for k in sorted(PRECISION_PARAMS & params.keys()))
+
+
 def deselected(items: list[Any]) -> list[Any]:
     """The items of ``items`` that the interpreter leaves out (empty unless :data:`ACTIVE`)."""
     if not ACTIVE:
@@ -68,9 +74,22 @@ def deselected(items: list[Any]) -> list[Any]:
             *sorted(f"{k}={_stable(v)}" for k, v in params.items() if k not in PRECISION_PARAMS),
         )
         groups[key].append(item)
+    by_function: dict[tuple[str, str], list[tuple[str, ...]]] = defaultdict(list)
+    for key in groups:
+        by_function[key[:2]].append(key)
     out = []
-    for key, members in groups.items():
-        members.sort(key=lambda item: item.nodeid)
-        keep = zlib.crc32("\0".join(key).encode()) % len(members)
-        out += [m for i, m in enumerate(members) if i != keep]
+    for keys in by_function.values():
+        # Case by case (in a fixed order) keep the variant this function has kept least so far
+        # (the earliest in a fixed order on a tie), then add back any variant no case kept.
+        kept: dict[str, int] = {}
+        chosen = []
+        for key in sorted(keys):
+            members = sorted(groups[key], key=_variant)
+            pick = min(members, key=lambda item: kept.get(_variant(item), 0))
+            kept[_variant(pick)] = kept.get(_variant(pick), 0) + 1
+            chosen.append((members, pick))
+        missing = {_variant(m) for members, _ in chosen for m in members} - kept.keys()
+        for members, pick in chosen:
+            out += [m for m in members if m is not pick and _variant(m) not in missing]
+            missing -= {_variant(m) for m in members}
     return out

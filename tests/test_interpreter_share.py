@@ -55,6 +55,15 @@ def test_one_low_precision_per_triton_case_and_every_one_somewhere(active: None)
     assert low_kept == set(LOW)
 
 
+def test_every_variant_runs_even_with_few_or_uneven_cases(active: None) -> None:
+    """Two cases of four variants each and one of two: every variant still runs on a case."""
+    items = [_item(f"case{i}", d, p, "triton") for i in range(2) for d, p in ALL]
+    items += [_item("case9", d, p, "triton") for d, p in ALL[:4]]
+    dropped = {id(i) for i in interpreter_share.deselected(items)}
+    kept = {(i.callspec.params["dtype"], i.callspec.params["param_dtype"]) for i in items if id(i) not in dropped}
+    assert kept == set(ALL)
+
+
 def test_same_choice_in_any_order(active: None) -> None:
     items = _table()
     first = {i.nodeid for i in interpreter_share.deselected(items)}
