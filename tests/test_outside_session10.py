@@ -45,6 +45,7 @@ import normkit.functional as NF
 from _outside import op_db
 from cases import seed_of
 from normkit.backends import ENV_VAR
+from normkit.testing import assert_within_bound
 
 pytestmark = [
     pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered"),
@@ -484,17 +485,10 @@ def test_a_rows_bits_do_not_depend_on_the_batch(op: str, shape: tuple[int, int],
         torch.set_num_threads(before)
 
 
-# one unit in the last place; float64's is 64 of them: torch's float64 is the float64 reference
-# itself (its error 0), and numba sums a row in another order (about sqrt(n) ulps apart)
-LOW = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24, torch.float64: 2**-47}
-
-
-def _bound_check(mine: Tensor, theirs: Tensor, ref: Tensor, dtype: torch.dtype, what: object) -> None:
-    """|mine - ref| <= 2 |theirs - ref| + LOW at the reference's magnitude (maxima over elements)."""
-    err = (mine.double() - ref).abs().max().item()
-    torch_err = (theirs.double() - ref).abs().max().item()
-    ulp = LOW[dtype] * max(1.0, ref.abs().max().item())
-    assert err <= 2 * torch_err + ulp, (what, err, torch_err)
+def _bound_check(mine: Tensor, theirs: Tensor, ref: Tensor, what: object) -> None:
+    """The library's self-calibrating bound (normkit.testing.assert_within_bound): the error
+    against float64 at most twice torch's in the same dtype, plus the tolerance table's floor."""
+    assert_within_bound({str(what): mine}, {str(what): ref}, {str(what): theirs})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
@@ -518,7 +512,7 @@ def test_small_and_split_calls_within_twice_torchs_error(op: str, shape: tuple[i
     assert len(mine) == len(theirs) == len(refs)
     for k, (m, t, ref_k) in enumerate(zip(mine, theirs, refs, strict=True)):
         assert m.shape == ref_k.shape and m.dtype == t.dtype, k
-        _bound_check(m, t, ref_k, dtype, (op, k))
+        _bound_check(m, t, ref_k, (op, k))
 
 
 NONCONTIG = {
@@ -706,3 +700,48 @@ def test_every_case_keeps_a_low_precision(collections: dict) -> None:
     every = {(f, c) for f, c, _ in _triton_low(collections["all"]["kept"])}
     kept = {(f, c) for f, c, _ in _triton_low(collections["seed 0"]["kept"])}
     assert len(every) > 100 and every == kept
+
+
+# ---- 5. numba BatchNorm's one task per channel (0e34253): its route moves with the thread count
+
+
+def _bn_step(x: Tensor, w: Tensor, b: Tensor, dy: Tensor, threads: int, training: bool) -> list[Tensor]:
+    """y, dx, dw, db and the running statistics of one numba BatchNorm call at ``threads``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rm, rv = _randn(x.shape[1], seed="rm"), _randn(x.shape[1], seed="rv").abs() + 0.5
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = NF.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5, backend="numba")
+        return [y.detach(), *torch.autograd.grad(y, leaves, dy), rm, rv]
+    finally:
+        torch.set_num_threads(before)
+
+
+# (N, C, H, W): a channel's segment just under and at 4 KiB, its samples at and over 1 MiB both
+# ways (x; x and dy), and C below and at the thread count
+BN_SHAPES = [(4, 1, 32, 32), (4, 1, 31, 33), (4, 2, 32, 32), (128, 2, 32, 32), (256, 2, 32, 32), (3, 5, 17, 61)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_batch_norm_bits_do_not_move_with_the_thread_count(shape: tuple[int, ...], training: bool) -> None:
+    """One and two threads (by channel at one, by segment at two where C is 1): the same bits of
+    y, dx, dw, db and the running statistics (the numerics contract), and within twice torch's
+    float32 error of float64."""
+    x = _randn(*shape, seed=("bn", shape)) * 3 + 1
+    w, b = _randn(shape[1], seed=("bn", "w")), _randn(shape[1], seed=("bn", "b"))
+    dy = _randn(*shape, seed=("bn", shape, "dy"))
+    one, two = _bn_step(x, w, b, dy, 1, training), _bn_step(x, w, b, dy, 2, training)
+    for k, (a, c) in enumerate(zip(one, two, strict=True)):
+        assert torch.equal(a, c), k
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    rm, rv = _randn(shape[1], seed="rm").double(), (_randn(shape[1], seed="rv").abs() + 0.5).double()
+    y = F.batch_norm(ref[0], rm, rv, ref[1], ref[2], training, 0.1, 1e-5)
+    refs = [y.detach(), *torch.autograd.grad(y, ref, dy.double()), rm, rv]
+    lt = [t.clone().requires_grad_() for t in (x, w, b)]
+    rmt, rvt = _randn(shape[1], seed="rm"), _randn(shape[1], seed="rv").abs() + 0.5
+    yt = F.batch_norm(lt[0], rmt, rvt, lt[1], lt[2], training, 0.1, 1e-5)
+    theirs = [yt.detach(), *torch.autograd.grad(yt, lt, dy), rmt, rvt]
+    for k, (m, t, r) in enumerate(zip(one, theirs, refs, strict=True)):
+        _bound_check(m, t, r, ("batch_norm", k))
