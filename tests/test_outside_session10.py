@@ -771,3 +771,47 @@ def test_batch_norm_bits_do_not_move_with_the_thread_count(shape: tuple[int, ...
     theirs = [yt.detach(), *torch.autograd.grad(yt, lt, dy), rmt, rvt]
     for k, (m, t, r) in enumerate(zip(one, theirs, refs, strict=True)):
         _bound_check(m, t, r, ("batch_norm", k))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_layer_norm", "normalize"])
+def test_numba_calls_from_four_threads_give_sequential_bits(op: str) -> None:
+    """Four Python threads calling numba's row norms at once, small (direct kernel) and split
+    calls mixed, forward and backward: each result is the bits of the same call run alone."""
+    shapes = [(8, 64), (300, 257), (2, 32769), (1, 7)]
+    data = {s: (*_leaves(op, s, ("threads4", op, s)), _randn(*s, seed=("threads4", op, s, "dy"))) for s in shapes}
+    alone = {s: _numba_step(op, *data[s]) for s in shapes}
+    bad: list[object] = []
+
+    def work(k: int) -> None:
+        for i in range(6):
+            s = shapes[(k + i) % len(shapes)]
+            got = _numba_step(op, *data[s])
+            if not all(torch.equal(a, b) for a, b in zip(got, alone[s], strict=True)):
+                bad.append((k, s))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "grad on, nothing requires grad"])
+@pytest.mark.parametrize("name", ["RMSNorm", "LayerNorm"])
+def test_modules_without_autograd_give_torch_nns_bits(name: str, context: str) -> None:
+    """normkit's module with torch.nn's state (random weights), at the claimed size, where
+    autograd records nothing: torch.nn's bits (its parameters require grad; the call is not
+    recorded)."""
+    theirs = getattr(torch.nn, name)(4096, eps=1e-6)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(_randn(*p.shape, seed=("module", name, p.shape)))
+    mine = getattr(normkit, name)(4096, eps=1e-6)
+    mine.load_state_dict(theirs.state_dict())
+    x = _randn(*CLAIMED, seed=("module", name, "x"))
+    with CONTEXTS[context]():
+        if context.startswith("grad on"):
+            for m in (mine, theirs):
+                m.requires_grad_(False)
+        assert torch.equal(mine(x), theirs(x))
