@@ -1,7 +1,7 @@
-"""BatchNorm NC* one task per channel (``channel_kernels.bn_seg_fwd`` / ``bn_seg_bwd``, session 10).
+"""BatchNorm NC* backward, one task per channel (``channel_kernels.bn_seg_bwd``, session 10).
 
-Where a channel's segments are long and the channel fits in ``CHANNEL_CACHE_BYTES``, the
-launchers take one task per channel (its sums, then its output while it is in cache) instead of
+Where a channel's segments are long and its x and dy fit in ``CHANNEL_CACHE_BYTES``, the
+backward takes one task per channel (its sums, then its dx while it is in cache) instead of
 the two passes over (sample, channel) segments. Checked here, for random weights, biases and
 upstream gradients:
 
@@ -78,11 +78,11 @@ def test_chosen_where_the_channel_fits(monkeypatch):
     for dtype, (N, C, *sp) in SHAPES.items():
         S = sp[0] * sp[1]
         item = torch.empty(0, dtype=dtype).element_size()
-        assert cn._by_channel(N, C, S, item, 1) and cn._by_channel(N, C, S, item, 2), dtype
+        assert cn._by_channel(N, C, S, item, 2), dtype
     assert cn._by_channel(32, 64, 56 * 56, 4, 2)  # the ResNet shape: 800 KB a channel
-    assert not cn._by_channel(32, 64, 28 * 28, 4, 1)  # 3 KB segments
+    assert not cn._by_channel(32, 64, 28 * 28, 4, 2)  # 3 KB segments
     assert not cn._by_channel(128, 64, 56 * 56, 4, 2)  # 3.2 MB a channel
-    assert not cn._by_channel(4, 1, 4096, 4, 1)  # fewer channels than threads
+    assert not cn._by_channel(4, 1, 4096, 4, 2)  # fewer channels than threads
 
 
 @pytest.mark.parametrize("dtype", list(SHAPES), ids=str)

@@ -11,10 +11,12 @@ and without a copy:
   (sample, channel) segment for BatchNorm, whose statistics span the batch: a first pass of
   partial sums per segment, merged per channel, then a second pass (a channel's segments are
   ``C * S`` apart: walking them channel by channel ran at half the speed of memory order).
-  Where a channel's segments are long and all of them fit in a core's L2 cache,
-  :func:`bn_seg_fwd` and :func:`bn_seg_bwd` take one task per channel instead: its sums, then
-  its output while its segments are still in cache (one pass over memory fewer each way; the
-  same sums in the same order, so the same bits).
+  The backward, where a channel's segments are long and all of them (x and dy) fit in a core's
+  L2 cache, takes one task per channel instead (:func:`bn_seg_bwd`): its sums, then its dx
+  while the segments are still in cache (x and dy read once from memory, not twice; the same
+  sums in the same order, so the same bits). The forward keeps its two passes in memory order:
+  one task per channel measured 3-10% slower there (its statistics pass, walking the channel's
+  segments, lost more than the second read of x saved).
 * **columns** (channels_last(_3d), ``(N, C)``): each (sample, position) is ``C`` contiguous
   channels. The rows of a matrix (all ``N * S`` positions for BatchNorm, one sample's ``S``
   for GroupNorm) are cut into blocks of ``block`` rows, a size fixed by the shape;
@@ -60,7 +62,7 @@ from numba.extending import intrinsic, overload
 
 from normkit.ops.numba._engine import decode, encode, jit, staging, sum_jit
 
-__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "bn_seg_bwd", "bn_seg_fwd", "col_group_bwd", "col_group_fwd",
+__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "bn_seg_bwd", "col_group_bwd", "col_group_fwd",
            "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
 
 # Activation codes (normkit.functional.ACTIVATIONS by name): 0 none, 1 relu, 2 silu, 3 gelu (erf).
@@ -284,18 +286,6 @@ def _dx_stream(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act, buf):
 
 
 @jit(inline="always")
-def _seg_out(x, y, start, S, pt, mt, k1, k0, act, zero, stream, xbuf, ybuf, sbuf):
-    """The output of the segment at ``start``: :func:`_apply` (streamed where ``stream``),
-    through the staging buffer for bf16."""
-    out = staging(y[start:start + S], ybuf)
-    if stream:
-        _apply_stream(decode(x[start:start + S], xbuf), out, pt, mt, k1, k0, act, zero, sbuf)
-    else:
-        _apply(decode(x[start:start + S], xbuf), out, pt, mt, k1, k0, act, zero)
-    encode(out, y[start:start + S])
-
-
-@jit(inline="always")
 def _seg_dx(dy, x, dx, start, S, pt, mt, rt, wc, bc, k1, k2, k3, act, stream, xbuf, gbuf, obuf, sbuf):
     """The input gradient of the segment at ``start``: :func:`_dx` (streamed where ``stream``),
     through the staging buffer for bf16."""
@@ -307,13 +297,6 @@ def _seg_dx(dy, x, dx, start, S, pt, mt, rt, wc, bc, k1, k2, k3, act, stream, xb
     else:
         _dx(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act)
     encode(out, dx[start:start + S])
-
-
-@jit(inline="always")
-def _seg_buffers(w, S, stream):
-    """A task range's scratch in the statistics dtype (``w``'s): two segments (an input
-    decoded from bf16, an output staged for it) and a STREAM_BLOCK for non-temporal stores."""
-    return np.empty(S, w.dtype), np.empty(S, w.dtype), np.empty(STREAM_BLOCK if stream else 0, w.dtype)
 
 
 # seg_fwd's modes: what a task does with its row.
@@ -336,7 +319,9 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
     T = w.dtype.type
     zero = T(0.0)
     stream = streams(y)
-    xbuf, ybuf, sbuf = _seg_buffers(w, S, stream)
+    xbuf = np.empty(S, w.dtype)
+    ybuf = np.empty(S, w.dtype)
+    sbuf = np.empty(STREAM_BLOCK if stream else 0, w.dtype)
     for r in range(lo, hi):
         base, bi = _row_start(r, nb, stride_a, stride_b)
         if mode != APPLY:
@@ -356,8 +341,15 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
         pt, mt = T(pivot[r]), T(mean[r])
         for j in range(nseg):
             c = bi * cpr + j * cps
-            _seg_out(x, y, base + j * seg_stride, S, pt, mt, T(rstd[r] * w[c]), b[c], act, zero,
-                     stream, xbuf, ybuf, sbuf)
+            start = base + j * seg_stride
+            out = staging(y[start:start + S], ybuf)
+            if stream:
+                _apply_stream(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]),
+                              b[c], act, zero, sbuf)
+            else:
+                _apply(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c],
+                       act, zero)
+            encode(out, y[start:start + S])
     if stream:
         _store_fence()
 
@@ -409,45 +401,12 @@ def seg_bwd(dy, x, dx, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w,
 
 
 @jit
-def bn_seg_fwd(x, y, N, C, S, w, b, eps, act, pivot, mean, var, rstd, lo, hi):
-    """BatchNorm's NC* training forward, channels ``[lo, hi)``, one task each: the channel's
-    pivot (its first element), sums over its ``N`` segments (each by :func:`_sums`, added in
-    sample order: the bits of seg_fwd's SUMS pass and :func:`merge`), its statistics as the
-    launcher's moments compute them, then ``y`` while the segments are still in cache."""
-    T = w.dtype.type
-    zero = T(0.0)
-    stream = streams(y)
-    xbuf, ybuf, sbuf = _seg_buffers(w, S, stream)
-    n_el = N * S
-    for c in range(lo, hi):
-        pivot[c] = np.float64(decode(x[c * S:c * S + 1], xbuf[:1])[0])
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(N):
-            start = (n * C + c) * S
-            a1, a2 = _sums(decode(x[start:start + S], xbuf), pivot[c])
-            s1 += a1
-            s2 += a2
-        mu = s1 / n_el
-        v = s2 / n_el - mu * mu
-        var[c] = 0.0 if v < 0.0 else v  # (np.maximum(v, 0): NaN stays NaN)
-        ve = var[c] + eps
-        rstd[c] = 0.0 if ve == 0 else 1.0 / math.sqrt(ve)
-        mean[c] = mu
-        pt, mt, k1 = T(pivot[c]), T(mu), T(rstd[c] * w[c])
-        for n in range(N):
-            _seg_out(x, y, (n * C + c) * S, S, pt, mt, k1, b[c], act, zero, stream, xbuf, ybuf, sbuf)
-    if stream:
-        _store_fence()
-
-
-@jit
 def bn_seg_bwd(dy, x, dx, N, C, S, w, b, batch_stats, act, pivot, mean, rstd, s1, s2, lo, hi):
-    """The backward of :func:`bn_seg_fwd` (or of eval BatchNorm, ``batch_stats`` False),
-    channels ``[lo, hi)``: ``s1[c]`` and ``s2[c]`` get ``sum(dz)`` and ``sum(dz * x_hat)``
-    (segment sums added in sample order), then (unless ``dx`` is 0-length) the channel's ``dx``
-    while its segments are still in cache, with seg_bwd's coefficients computed as the
-    launcher computes them (the same bits)."""
+    """BatchNorm's NC* backward (training, or eval with ``batch_stats`` False), channels
+    ``[lo, hi)``, one task each: ``s1[c]`` and ``s2[c]`` get ``sum(dz)`` and ``sum(dz * x_hat)``
+    (segment sums added in sample order, as seg_bwd's partial sums and :func:`merge`), then
+    (unless ``dx`` is 0-length) the channel's ``dx`` while its segments are still in cache,
+    with seg_bwd's coefficients computed as the launcher computes them (the same bits)."""
     T = w.dtype.type
     want_dx = dx.shape[0] > 0
     stream = streams(dx)

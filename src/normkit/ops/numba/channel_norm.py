@@ -81,17 +81,18 @@ ACT_CODES = k.ACT_CODES
 BLOCK_ELEMENTS = 16384
 
 
-# BatchNorm NC* walks a channel's segments channel by channel, its sums then its output while
-# they are still in a core's cache (one pass over memory fewer each way: kernels.bn_seg_fwd and
-# bn_seg_bwd), where each segment is at least SEGMENT_MIN_BYTES (shorter ones, read out of
-# memory order, stall on memory) and the channel's inputs, all samples (x; x and dy backward),
-# fit in CHANNEL_CACHE_BYTES (1 MiB: an AMD Zen 4 core's L2). Both ways give the same bits.
+# BatchNorm NC*'s backward walks the channels one by one, a channel's sums then its dx while
+# its segments are still in a core's cache (x and dy read once from memory, not twice:
+# kernels.bn_seg_bwd), where each segment is at least SEGMENT_MIN_BYTES (shorter ones, read
+# out of memory order, stall on memory) and the channel's x and dy over all samples fit in
+# CHANNEL_CACHE_BYTES (1 MiB: an AMD Zen 4 core's L2). Both ways give the same bits.
 SEGMENT_MIN_BYTES = 4096
 CHANNEL_CACHE_BYTES = 1 << 20
 
 
 def _by_channel(N: int, C: int, S: int, itemsize: int, inputs: int) -> bool:
-    """Whether BatchNorm NC* takes one task per channel (see :data:`CHANNEL_CACHE_BYTES`)."""
+    """Whether BatchNorm NC* takes one task per channel for ``inputs`` tensors of
+    ``itemsize`` bytes (see :data:`CHANNEL_CACHE_BYTES`)."""
     seg = S * itemsize
     return (seg >= SEGMENT_MIN_BYTES and inputs * N * seg <= CHANNEL_CACHE_BYTES
             and C >= torch.get_num_threads())
@@ -198,10 +199,6 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     if not columns and groups:
         split_run(k.seg_fwd, rows, x.numel(), xa, ya, *_seg_geometry(N, C, S, groups), w, b, k.FULL,
                   float(eps), act, pivot, mean, var, rstd)
-        return y, *stats
-    if not columns and not given and _by_channel(N, C, S, xa.itemsize, 1):
-        split_run(k.bn_seg_fwd, C, x.numel(), xa, ya, N, C, S, w, b, float(eps), act, pivot, mean,
-                  var, rstd)
         return y, *stats
     if not columns:
         geometry = _seg_geometry(N, C, S, 0)
