@@ -136,6 +136,15 @@ def _same_outcome(auto: Callable[[], Any], torch_: Callable[[], Any], what: obje
             assert torch.equal(mine.nan_to_num(0.0), theirs.nan_to_num(0.0)), what
 
 
+def _in_threads(targets: list[Callable[[], None]]) -> None:
+    """Run each of ``targets`` in its own thread, all at once, and wait for them."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _leaves(op: str, shape: tuple[int, ...], seed: object, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     d = shape[-1]
     return [
@@ -258,11 +267,7 @@ def test_threads_with_and_without_autograd(op: str) -> None:
             if not torch.equal(_call(op, x, r, w.clone().requires_grad_(), b)[0].detach(), want_train):
                 bad.append("train")
 
-    threads = [threading.Thread(target=plain), threading.Thread(target=train)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads([plain, train])
     assert not bad
 
 
@@ -789,11 +794,7 @@ def test_numba_calls_from_four_threads_give_sequential_bits(op: str) -> None:
             if not all(torch.equal(a, b) for a, b in zip(got, alone[s], strict=True)):
                 bad.append((k, s))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads([lambda k=k: work(k) for k in range(4)])
     assert not bad
 
 
