@@ -58,7 +58,8 @@ ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "normaliz
 CLAIMED = (8, 4096)  # numba's committed claim: float32 rms_norm / add_rms_norm, training only
 
 
-# The defects found, each a strict xfail below: the minimal repro, the suspected cause, the fix.
+# The defects found, each a strict xfail below until fixed (then a plain regression test): the
+# minimal repro, the suspected cause, the fix.
 DEFECTS = {
     "inference mode": (
         "Under torch.inference_mode() with torch.enable_grad() inside, a tensor that requires grad "
@@ -385,7 +386,6 @@ def test_unrecorded_calls_of_any_size_give_torchs_bits(rows, width, lead, dtype,
         _same_outcome(calls[op], lambda: calls[op](backend="torch"), (shape, dtype, spelling, context, op))
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECTS["list to backend"])
 @pytest.mark.parametrize("spelling", ["list", "torch.Size"])
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
 def test_the_settled_add_norm_gets_a_tuple(op: str, spelling: str, monkeypatch: pytest.MonkeyPatch) -> None:

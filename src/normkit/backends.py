@@ -563,11 +563,12 @@ def auto_choice(
 
 
 def _recorded(tensors: tuple[Any, ...]) -> bool:
-    """Whether autograd may record a call with these arguments: grad mode on and one of them a
-    tensor that requires grad; True for ``()`` (not known)."""
+    """Whether autograd may record a call with these arguments: grad mode on outside inference
+    mode (which records nothing even under ``enable_grad``) and one of them a tensor that
+    requires grad; True for ``()`` (not known)."""
     if not tensors:
         return True
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return False
     for t in tensors:  # (a loop, not any() over a generator: asked on the default path)
         if isinstance(t, torch.Tensor) and t.requires_grad:

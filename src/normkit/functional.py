@@ -524,6 +524,8 @@ def add_layer_norm(
         # backend's form for ordinary calls (a 4-D or 5-D x takes _dispatch, which keeps its
         # memory format), without its bookkeeping.
         if fn is not None:
+            if type(normalized_shape) is not tuple:  # a list or torch.Size: the backends get a tuple
+                normalized_shape = tuple(normalized_shape)
             return fn(x, residual, normalized_shape, weight, bias, eps, None)
     if not plain:
         _checks.check_layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
@@ -556,6 +558,8 @@ def add_rms_norm(
     if asked:
         fn = auto_choice("add_rms_norm", x, plain=True, tensors=(x, residual, weight))
         if fn is not None:  # (as in add_layer_norm)
+            if type(normalized_shape) is not tuple:
+                normalized_shape = tuple(normalized_shape)
             return fn(x, residual, normalized_shape, weight, eps, None)
     if not plain:
         _checks.check_rms_norm(x, normalized_shape, weight, eps, residual=residual)
