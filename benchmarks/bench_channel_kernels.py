@@ -2,6 +2,7 @@
 with the kernels' own time apart from the output's allocation.
 
     python benchmarks/bench_channel_kernels.py [--threads 1 2] [--compile] [--old DIR] [--repeats 15] [--small]
+        [--faults]
 
 Cases: BatchNorm 32x64x56x56 (NCHW and channels_last), GroupNorm 32x64x56x56 G=32, the U-Net
 GroupNorm 8x320x64x64 G=32 and InstanceNorm 1x64x256x256 (GroupNorm with G = C), float32,
@@ -15,12 +16,19 @@ allocated once and reused (``_pages.empty_like`` replaced): the kernels' time wi
 page faults of a fresh 25-40 MB output, which eager torch and numba pay alike on every call. ``--old DIR`` adds the same
 launcher from a copy of an earlier ``channel_norm.py`` (as ``old_channel_norm`` in DIR,
 its custom ops renamed) for an A/B comparison in one process.
+
+``--faults`` adds each cell's minor page faults per call (``getrusage``): where a provider's
+fwd+bwd is slower than its fwd plus its bwd, these show whether its outputs landed in pages the
+C library's heap had just returned to the system and grown into again (glibc trims the top of
+its heap once twice its mmap threshold lies free there: at 32x64x56x56 the y and dx of one
+fwd+bwd, 2 x 25.7 MB, just pass that line, so one call in two to four refaults both).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import resource
 import statistics
 import sys
 import time
@@ -135,6 +143,7 @@ def run(
     only: list[str] | None,
     clock: Callable[[], float] = time.perf_counter,
     small: bool = False,
+    show_faults: bool = False,
 ) -> None:
     torch.set_num_threads(threads)
     torch._dynamo.config.recompile_limit = 64  # one compiled function per case, grad mode and thread count
@@ -163,6 +172,7 @@ def run(
         if old is not None:
             providers["kernel-old"] = _kernel_timers(old, groups, x, w, b, dy)
         times: dict[tuple[str, str], list[float]] = {}
+        faults: dict[tuple[str, str], int] = {}
         for _ in range(2):  # warm-up (compilation, first-touch of buffers)
             for p in providers.values():
                 for f in p.values():
@@ -170,15 +180,20 @@ def run(
         for _ in range(repeats):
             for pname, p in providers.items():
                 for d, f in p.items():
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0 = clock()
                     f()
                     times.setdefault((pname, d), []).append(clock() - t0)
+                    flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+                    faults[(pname, d)] = faults.get((pname, d), 0) + flt
         print(f"\n{name}, {threads} thread(s), {unit} median (min-max)")
         for pname in providers:
             cells = []
             for d in ("fwd", "bwd", "fwd+bwd"):
                 ts = [t * scale for t in times[(pname, d)]]
                 cells.append(f"{d} {statistics.median(ts):7.2f} ({min(ts):.2f}-{max(ts):.2f})")
+                if show_faults:
+                    cells[-1] += f" flt {faults[(pname, d)] / repeats:6.0f}"
             print(f"  {pname:11s} " + "  ".join(cells))
         sys.stdout.flush()
 
@@ -191,6 +206,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--small", action="store_true", help="the per-call cases (8x64x8x8) instead")
+    ap.add_argument("--faults", action="store_true", help="add minor page faults per call to each cell")
     ap.add_argument(
         "--cpu-time",
         action="store_true",
@@ -204,7 +220,7 @@ def main() -> None:
         old = importlib.import_module("old_channel_norm")
     for t in args.threads:
         clock = time.process_time if args.cpu_time else time.perf_counter
-        run(t, args.compile, old, args.repeats, args.only, clock, args.small)
+        run(t, args.compile, old, args.repeats, args.only, clock, args.small, args.faults)
 
 
 if __name__ == "__main__":
