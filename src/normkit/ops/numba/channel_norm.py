@@ -20,7 +20,8 @@ tensors run the ops' implementations without the custom-op dispatch, under one a
 Function where autograd records (tens of microseconds less a call at small shapes).
 
 Parallelism and numerics are the kernels' (:mod:`normkit.ops.numba.channel_kernels`): tasks
-are (sample, channel) segments (BatchNorm, NC*), (sample, group) rows (GroupNorm,
+are (sample, channel) segments (BatchNorm, NC*; its backward one task per channel where the
+channel fits in a core's cache: :data:`CHANNEL_CACHE_BYTES`), (sample, group) rows (GroupNorm,
 InstanceNorm, NC*) or fixed blocks of channels_last rows (GroupNorm and InstanceNorm with
 enough samples for the threads: one task per sample, the same blocks inside), cut into one
 range of tasks per thread of ``torch.get_num_threads()`` (one range on the calling thread
