@@ -72,7 +72,8 @@ DEFECTS = {
         "Fix: both answer 'not recorded' when torch.is_inference_mode_enabled() (in _recorded: "
         "`if not torch.is_grad_enabled() or torch.is_inference_mode_enabled(): return False`; in "
         "preferred: `autograd = ... and not torch.is_inference_mode_enabled()`); backend='numba' itself "
-        "should run its kernels without the Function there"
+        "should run its kernels without the Function there. Fixed: _autograd.recording / inference_mode "
+        "in the numba and triton eager routes, reference.apply_traced under no_grad there"
     ),
     "list to backend": (
         "add_layer_norm / add_rms_norm hand a list or torch.Size normalized_shape unconverted to the "
@@ -81,7 +82,7 @@ DEFECTS = {
         "the backends get a tuple (layer_norm / rms_norm and the unsettled route convert). Cause: "
         "functional.py's early `return fn(x, residual, normalized_shape, ...)` after auto_choice(plain=True) "
         "runs before the `elif type(normalized_shape) is not tuple` conversion. Fix: convert just before "
-        "that early return (only on the settled route, so the common tuple call pays nothing)"
+        "that early return (only on the settled route, so the common tuple call pays nothing). Fixed (a20cbc8)"
     ),
 }
 
@@ -238,14 +239,45 @@ def test_one_leaf_requiring_grad_is_recorded(op: str, leaf: str) -> None:
         torch.testing.assert_close(mine, theirs, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECTS["inference mode"])
+@pytest.mark.parametrize("backend", [None, "numba"])
 @pytest.mark.parametrize("leaf", ["x", "w"])
-@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
-def test_inference_mode_with_grad_enabled_inside(op: str, leaf: str) -> None:
-    x, r, w, b = _leaves(op, CLAIMED, ("inference+grad", op))
+@pytest.mark.parametrize("shape", [CLAIMED, (64, 4096)], ids=str)
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "layer_norm"])
+def test_inference_mode_with_grad_enabled_inside(op: str, shape: tuple[int, ...], leaf: str,
+                                                 backend: str | None) -> None:
+    """(DEFECTS["inference mode"], fixed.) Nothing is recorded: torch's values, an inference
+    tensor without grad_fn, by "auto" and by naming numba."""
+    x, r, w, b = _leaves(op, shape, ("inference+grad", op))
     (x if leaf == "x" else w).requires_grad_()
+    kw = {} if backend is None else {"backend": backend}
     with torch.inference_mode(), torch.enable_grad():
-        _same_outcome(lambda: _call(op, x, r, w, b), lambda: _call(op, x, r, w, b, backend="torch"), leaf)
+        got = _call(op, x, r, w, b, **kw)
+        want = _call(op, x, r, w, b, backend="torch")
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.is_inference() and mine.grad_fn is None and not mine.requires_grad
+        torch.testing.assert_close(mine, theirs, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", [None, "numba"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", ["batch_norm", "group_norm"])
+def test_channel_norms_in_inference_mode_with_grad_enabled_inside(op: str, layout: str,
+                                                                  backend: str | None) -> None:
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = _randn(32, 8, 64, 64, seed=("inference+grad", op, "x")).contiguous(memory_format=fmt)
+    w = _randn(8, seed=("inference+grad", op, "w")).requires_grad_()
+    b = _randn(8, seed=("inference+grad", op, "b"))
+    kw = {} if backend is None else {"backend": backend}
+
+    def call(**k: Any) -> Tensor:
+        if op == "batch_norm":
+            return NF.batch_norm(x, None, None, w, b, training=True, **k)
+        return NF.group_norm(x, 4, w, b, **k)
+
+    with torch.inference_mode(), torch.enable_grad():
+        got, want = call(**kw), call(backend="torch")
+    assert got.is_inference() and got.grad_fn is None
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
@@ -816,3 +848,28 @@ def test_modules_without_autograd_give_torch_nns_bits(name: str, context: str) -
             for m in (mine, theirs):
                 m.requires_grad_(False)
         assert torch.equal(mine(x), theirs(x))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "batch_norm", "group_norm", "modulated_layer_norm", "dyt"])
+def test_every_kernel_backend_records_nothing_in_inference_mode(op: str, backend: str) -> None:
+    """(DEFECTS["inference mode"]: triton's and the reference's block-norm Functions raised too.) Inside
+    torch.inference_mode() with grad enabled, an input requiring grad: an inference tensor, no
+    grad_fn, torch's values."""
+    if backend not in normkit.backends():
+        pytest.skip(f"{backend} is not available here")
+    x = _randn(2, 6, 32, seed=("inference", op, "x")).requires_grad_()
+    p = [_randn(n, seed=("inference", op, i)) for i, n in enumerate((32, 32, 6, 6))]
+    calls = {
+        "rms_norm": lambda **k: NF.rms_norm(x, [32], p[0], **k),
+        "add_rms_norm": lambda **k: NF.add_rms_norm(x, x.detach() * 2, [32], p[0], **k)[0],
+        "batch_norm": lambda **k: NF.batch_norm(x, None, None, p[2], p[3], training=True, **k),
+        "group_norm": lambda **k: NF.group_norm(x, 3, p[2], p[3], **k),
+        "modulated_layer_norm": lambda **k: NF.modulated_layer_norm(x, x.detach()[:, :1], x.detach()[:, 1:2] * 0.1,
+                                                                    p[0], p[1], **k),
+        "dyt": lambda **k: NF.dyt(x, torch.tensor(0.7), p[0], p[1], **k),
+    }
+    with torch.inference_mode(), torch.enable_grad():
+        got, want = calls[op](backend=backend), calls[op](backend="reference")
+    assert got.is_inference() and got.grad_fn is None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -568,7 +568,7 @@ def _recorded(tensors: tuple[Any, ...]) -> bool:
     requires grad; True for ``()`` (not known)."""
     if not tensors:
         return True
-    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():  # (never under compile)
         return False
     for t in tensors:  # (a loop, not any() over a generator: asked on the default path)
         if isinstance(t, torch.Tensor) and t.requires_grad:

@@ -236,8 +236,14 @@ def _x_hat(xa: Tensor, dims: tuple[int, ...], eps: float, center: bool, given_me
 def apply_traced(fn: type[torch.autograd.Function], traced: type[torch.autograd.Function], *args: object):
     """``fn.apply(*args)``; under torch.compile ``traced.apply`` (``fn`` without its jvp: see
     :func:`_without_jvp`), a tensor given in two slots (tied weights, ``shift is scale``) passed as
-    a view of itself in the later ones: dynamo refuses one tensor as two inputs of a Function."""
+    a view of itself in the later ones: dynamo refuses one tensor as two inputs of a Function.
+    Inside ``torch.inference_mode()`` (autograd records nothing there, even under
+    ``torch.enable_grad()``) the Function runs under ``no_grad``: recording it would save
+    inference tensors, which autograd refuses."""
     if not torch.compiler.is_compiling():
+        if torch.is_inference_mode_enabled() and torch.is_grad_enabled():
+            with torch.no_grad():
+                return fn.apply(*args)
         return fn.apply(*args)
     distinct: list[object] = []
     for a in args:

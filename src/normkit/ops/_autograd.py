@@ -20,8 +20,10 @@ __all__ = [
     "eager_plain",
     "forward_ad_refusal",
     "graph_vjp",
+    "inference_mode",
     "plain_tensors",
     "records_graph",
+    "recording",
     "refuse_forward_ad_early",
     "saved_tensor_hooks_active",
     "unpacked_once",
@@ -132,6 +134,23 @@ def refuse_forward_ad_early(refuse: Callable[..., None], *tensors: Tensor | None
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         refuse(None)
+
+
+def inference_mode() -> bool:
+    """``torch.inference_mode()`` is on (autograd records nothing there, even under
+    ``torch.enable_grad()``); False while torch.compile traces (dynamo cannot read the mode)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
+def recording(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` now: grad mode on outside inference mode
+    (which records nothing, even under ``torch.enable_grad()``) and one of them requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop, not any() over a generator: asked on every eager call)
+        if t is not None and t.requires_grad:
+            return not inference_mode()
+    return False
 
 
 def check_saveable(inputs: tuple[Tensor | None, ...], saved: tuple[Tensor | None, ...]) -> None:

@@ -31,6 +31,7 @@ from normkit.ops._autograd import (
     eager_plain,
     forward_ad_refusal,
     plain_tensors,
+    recording,
     records_graph,
     unpacked_once,
 )
@@ -172,11 +173,10 @@ def _kernel_or_graph(
 
 def _untracked(args: tuple) -> bool:
     """An eager call on ``args`` that autograd would not record (grad mode off, as in every
-    first-order backward, or no tensor requiring grad) and :func:`eager_plain`: its autograd
+    first-order backward, inference mode, or no tensor requiring grad) and :func:`eager_plain`: its autograd
     Function would only add its cost (4-8 us a call), so the launcher runs the kernel itself."""
-    grad = torch.is_grad_enabled()
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if grad and any(t.requires_grad for t in tensors):
+    if recording(*tensors):
         return False
     return eager_plain(*tensors)
 

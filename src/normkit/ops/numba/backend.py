@@ -64,6 +64,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from normkit.backends import Backend, OpImpl, register_backend
+from normkit.ops._autograd import inference_mode
 
 __all__ = [
     "DTYPES",
@@ -264,7 +265,7 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
         parts.append("channels_last")
     if not training:
         parts.append("eval")
-    if torch.is_grad_enabled() and (x.requires_grad if autograd is None else autograd):
+    if torch.is_grad_enabled() and (x.requires_grad if autograd is None else autograd) and not inference_mode():
         parts.append("train")
     return "/".join(parts)
 
@@ -357,7 +358,8 @@ def _may_prefer(op: str):
         small, short, train_only = claims
         # (torch.jit.trace: its check reruns the call under no_grad, which must take the path
         # the trace took; the traced call stays on torch's op either way)
-        if not small or (train_only and (not torch.is_grad_enabled() or torch._C._get_tracing_state() is not None)):
+        if not small or (train_only and (not torch.is_grad_enabled() or inference_mode()
+                                         or torch._C._get_tracing_state() is not None)):
             return False
         return short or not rows or x.dim() == 0 or x.shape[-1] >= SHORT_EXTENT
 
@@ -403,13 +405,14 @@ def _preferred(op: str):
                 isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None for a in (*args, *kwargs.values())):
             return False
         training = bool(args[5] if len(args) > 5 else kwargs.get("training", False)) if batch else True
-        # Autograd records the call if grad mode is on and any tensor argument (the input, a
-        # weight) requires grad (a loop: this runs on every call "auto" may send here).
+        # Autograd records the call if grad mode is on outside inference mode and any tensor
+        # argument (the input, a weight) requires grad (a loop: this runs on every call "auto"
+        # may send here).
         autograd = False
         if torch.is_grad_enabled():
             for a in (*args, *kwargs.values()) if kwargs else args:
                 if isinstance(a, Tensor) and a.requires_grad:
-                    autograd = True
+                    autograd = not inference_mode()
                     break
             if autograd and not torch.compiler.is_compiling() and x.is_inference():
                 return False  # (torch decides, op by op, whether an inference tensor may be saved)

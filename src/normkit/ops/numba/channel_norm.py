@@ -57,6 +57,7 @@ from normkit.ops._autograd import (
     batched_by_autograd,
     check_saveable,
     eager_plain,
+    recording,
     refuse_forward_ad_early,
     vmap_by_loop,
 )
@@ -493,8 +494,7 @@ def _channel(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean
     args = (x, weight, bias, running_mean, running_var, groups, training, eps, act)
     if not eager_plain(x, weight, bias, running_mean, running_var):
         return _fwd(*args)
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
+    if recording(x, weight, bias):
         return _apply_channel_norm(*args)
     return _fwd_impl(*args)
 

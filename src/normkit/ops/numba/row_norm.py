@@ -35,7 +35,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from normkit.numerics import rms_eps
-from normkit.ops._autograd import eager_plain, vmap_by_loop
+from normkit.ops._autograd import eager_plain, recording, vmap_by_loop
 from normkit.ops.numba import _engine, _graph_backward, _pages
 from normkit.ops.numba import _row_kernels as k
 from normkit.ops.numba._engine import array_at, decode, element_like, jit, param_tensor, split_run
@@ -429,9 +429,7 @@ def _trailing_norm(x: Tensor, residual: Tensor | None, normalized_shape: Sequenc
     """``(y, residual_out)`` (``residual_out`` None unless ``store_residual``)."""
     L = math.prod(normalized_shape)
     if eager_plain(x, residual, weight, bias):
-        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
-                                        or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad)):
+        if recording(x, residual, weight, bias):
             if not x.is_contiguous():  # (recorded: the copy's gradient flows back to x)
                 x = x.contiguous()
             if residual is not None and not residual.is_contiguous():

@@ -17,6 +17,7 @@ from normkit.ops._autograd import (
     check_saveable,
     direct_apply,
     forward_ad_refusal,
+    inference_mode,
     records_graph,
     saved_tensor_hooks_active,
     unpacked_once,
@@ -280,6 +281,8 @@ def eager_and_compiled(
             return fwd_op(*args)
         if torch._C._are_functorch_transforms_active():
             return through_op.apply(*args)
+        if inference_mode():  # nothing is recorded, and a Function would try to save
+            return fwd_body(*args)
         return fast_direct(*args)
 
     def backward_call(*args):
