@@ -272,24 +272,22 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
 
 # op -> the shape classes where the committed CPU benchmark (benchmarks/results/cpu.md, 1 and
 # 2 threads, float32) shows these kernels faster than torch eager at every benchmarked shape of
-# the class and both thread counts, the samples' ranges apart ("train": the forward+backward
+# the class and both thread counts, the samples' trimmed ranges apart ("train": the forward+backward
 # column; otherwise the inference column, the forward under torch.no_grad()). "auto" picks numba
 # there and nowhere else.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
-    # benchmarks/results/cpu.md of 2026-12-03 03:41 (commit 97cf9d3, AMD EPYC, 2 cores, load
-    # under 1): fwd+bwd 8.2-9.6x (4096x1024) and 10.5-10.8x (4096x4096) torch eager, 2.0-2.4x at
-    # 8x4096. Without autograd (the inference column) not claimed: 4096x4096 5.1-6.3x, but
-    # 4096x1024 2.3x at two threads had overlapping ranges (the earlier claim rested on the
-    # training forward's column), and 8x4096 1.1x at one thread.
-    "rms_norm": frozenset({"float32/large/train", "float32/small/train"}),
-    # the same run: fwd+bwd 1.7-7.9x (4096x1024), 5.0-6.0x (4096x4096), 1.7-1.8x (8x4096).
-    # Inference not claimed: 1.4-5.2x by the medians, ranges overlapping at two threads (and at
-    # one for 8x4096).
+    # benchmarks/results/cpu.md (commit 4c84e31 run, AMD EPYC, 2 cores, quiet box; verdicts on
+    # the trimmed ranges of 7 samples): fwd+bwd 6.4-6.7x (4096x1024), 2.4-3.7x (4096x4096) and
+    # 1.8-6.6x (8x4096) torch eager; without autograd 1.4-1.7x at 8x4096. Without autograd at
+    # the large shapes not claimed: 4096x1024 at two threads 1.06x, ranges overlapping.
+    "rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/small"}),
+    # the same run: fwd+bwd 2.5-3.4x (4096x1024), 4.2-5.3x (4096x4096), 1.9-2.4x (8x4096).
+    # Without autograd not claimed: 8x4096 at one thread and 4096x4096 at two overlapped.
     "add_rms_norm": frozenset({"float32/large/train", "float32/small/train"}),
-    # the same run: channels_last training fwd+bwd 4.2-6.2x; NCHW training without autograd
-    # (inference column) 2.3-2.5x. NCHW fwd+bwd (1.2x, overlapping) and channels_last without
-    # autograd (0.6-0.75x) not claimed.
-    "batch_norm": frozenset({"float32/large/channels_last/train", "float32/large"}),
+    # the same run: NCHW fwd+bwd 2.0x / 1.4x (one / two threads; one pass fewer over memory in
+    # the backward since this session), NCHW without autograd 2.9-3.3x, channels_last fwd+bwd
+    # 4.0-6.3x. channels_last without autograd (0.6-1.0x) not claimed.
+    "batch_norm": frozenset({"float32/large/channels_last/train", "float32/large", "float32/large/train"}),
     # The block norms against their torch composition (benchmarks/results/blocks_numba_cpu.md of
     # 2026-12-02 11:00, a loaded machine): DiT (8,1024,1152) per-sample and (4,1024,1024)
     # per-token adaLN, fwd+bwd 1.7-3.6x (LN) and 3.3-9.3x (RMS), forward 2.4-4.3x and 2.8-7.7x.
