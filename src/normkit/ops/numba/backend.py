@@ -276,17 +276,21 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
 # column; otherwise the inference column, the forward under torch.no_grad()). "auto" picks numba
 # there and nowhere else.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
-    # benchmarks/results/cpu.md (commit 4c84e31 run, AMD EPYC, 2 cores, quiet box; verdicts on
-    # the trimmed ranges of 7 samples): fwd+bwd 6.4-6.7x (4096x1024), 2.4-3.7x (4096x4096) and
-    # 1.8-6.6x (8x4096) torch eager; without autograd 1.4-1.7x at 8x4096. Without autograd at
-    # the large shapes not claimed: 4096x1024 at two threads 1.06x, ranges overlapping.
-    "rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/small"}),
-    # the same run: fwd+bwd 2.5-3.4x (4096x1024), 4.2-5.3x (4096x4096), 1.9-2.4x (8x4096).
-    # Without autograd not claimed: 8x4096 at one thread and 4096x4096 at two overlapped.
-    "add_rms_norm": frozenset({"float32/large/train", "float32/small/train"}),
-    # the same run: NCHW fwd+bwd 2.0x / 1.4x (one / two threads; one pass fewer over memory in
-    # the backward since this session), NCHW without autograd 2.9-3.3x, channels_last fwd+bwd
-    # 4.0-6.3x. channels_last without autograd (0.6-1.0x) not claimed.
+    # benchmarks/results/cpu.md (run at commit 86a8c3b, AMD EPYC, 2 cores, quiet box, copy 22.1
+    # GB/s; verdicts on the trimmed ranges of 7 samples): fwd+bwd 7.2-7.7x (4096x1024),
+    # 9.5-10.0x (4096x4096: at two threads numba's own row overlaps from two transparent-huge-page
+    # allocation stalls, 286-325 ms samples; the auto row, the same numba route, 25-32 ms against
+    # torch's 245-298) and 1.8-2.1x (8x4096) torch eager; without autograd 1.4-2.1x (4096x1024)
+    # and 5.8-6.5x (4096x4096). Without autograd at 8x4096 not claimed: 1.8x by the medians,
+    # trimmed ranges touching at one thread (claimed in the run before, at 4c84e31).
+    "rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/large"}),
+    # the same run: fwd+bwd 2.8-3.6x (4096x1024), 6.8-8.1x (4096x4096), 1.8x (8x4096); without
+    # autograd 1.6-1.9x at 8x4096. Without autograd at the large shapes not claimed: 4096x1024 at
+    # two threads 1.13x, ranges overlapping.
+    "add_rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/small"}),
+    # the same run: NCHW fwd+bwd 1.8x / 1.7x (one / two threads; one pass fewer over memory in
+    # the backward since this session), NCHW without autograd 3.0-4.1x, channels_last fwd+bwd
+    # 2.9-5.5x. channels_last without autograd (0.6-0.8x) not claimed.
     "batch_norm": frozenset({"float32/large/channels_last/train", "float32/large", "float32/large/train"}),
     # The block norms against their torch composition (benchmarks/results/blocks_numba_cpu.md of
     # 2026-12-02 11:00, a loaded machine): DiT (8,1024,1152) per-sample and (4,1024,1024)
