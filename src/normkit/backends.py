@@ -203,7 +203,7 @@ class OpImpl(NamedTuple):
     default path calls it where it knows the call is that one (``auto_choice(..., plain=True)``).
 
     ``may_prefer_unrecorded(input)``, where given, is ``may_prefer`` for a call autograd will not
-    record (grad mode off, or no tensor argument requiring grad): a backend whose claims are for
+    record (grad mode off, inference mode, or no tensor argument requiring grad): a backend whose claims are for
     training calls only says no there. :func:`auto_choice` asks it only after ``may_prefer`` said
     yes, and only where the caller passed the call's tensors. It must give a call that
     ``torch.jit.trace`` records ``may_prefer``'s answer (the trace's check reruns the call under
