@@ -177,6 +177,13 @@ def _param(p: Tensor | None, t: _Types, L: int, fill: float) -> tuple[Tensor, np
     return param_tensor(p, t.stat, L, fill), t.acc
 
 
+def _empty_like(x: Tensor, n: int) -> Tensor:
+    """An output like ``x`` (``n`` elements): below ``_engine.PARALLEL_MIN_ELEMENTS`` (read at
+    each call: tests lower it) a plain ``torch.empty_like``, far below :mod:`._pages`' thresholds
+    (0.5 us less of a 3.5-4 us launch at (8, 64)); else :func:`._pages.empty_like`."""
+    return torch.empty_like(x) if n < _engine.PARALLEL_MIN_ELEMENTS else _pages.empty_like(x)
+
+
 def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
              is_rms: bool, store_residual: bool, L: int, mean_at: int, rstd_at: int) -> tuple[Tensor, Tensor | None]:
     """``(y, residual_out)`` of rows of ``L`` elements of ``x`` (any shape; ``residual_out``
@@ -187,12 +194,8 @@ def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
         x = x.contiguous()
     n = x.numel()
     M = n // L
-    # A small call (one thread, outputs far below _pages' thresholds) skips _pages and
-    # split_run: 0.5-0.6 us of its 3.5-4 us at (8, 64).
-    small = n < _engine.PARALLEL_MIN_ELEMENTS  # (read at each call: tests lower it to split every call)
-    empty = torch.empty_like if small else _pages.empty_like
-    y = empty(x)
-    rout = empty(x) if store_residual else None
+    y = _empty_like(x, n)
+    rout = _empty_like(x, n) if store_residual else None
     n_res = 0 if residual is None else M
     if n_res and not residual.is_contiguous():
         residual = residual.contiguous()
@@ -201,10 +204,7 @@ def _launch_fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
     args = (x.data_ptr(), residual.data_ptr() if n_res else 0, 0 if rout is None else rout.data_ptr(), w.data_ptr(),
             0 if b is None else b.data_ptr(), float(eps), y.data_ptr(), mean_at, rstd_at, M, L, n_res,
             0 if rout is None else M, t.like, t.acc, wlike, blike)
-    if small:
-        _FWD_AT[is_rms](*args, 0, M)
-    else:
-        split_run(_FWD_AT[is_rms], M, n, *args)
+    split_run(_FWD_AT[is_rms], M, n, *args)  # (a small call: one call on this thread, no pool)
     return y, rout
 
 
@@ -235,7 +235,7 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean_at: int, rstd
         n_dres = M
         if dresidual_out.dtype is not x.dtype or not dresidual_out.is_contiguous():
             dresidual_out = dresidual_out.to(x.dtype).contiguous()
-    dx = torch.empty_like(x) if n < _engine.PARALLEL_MIN_ELEMENTS else _pages.empty_like(x)  # (as _launch_fwd's)
+    dx = _empty_like(x, n)
     w, wlike = _param(weight, t, L, 1.0)
     kernel = _BWD_AT[is_rms]
     args = (dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean_at, rstd_at,
