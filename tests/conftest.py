@@ -10,6 +10,8 @@ import numba_warmup
 # a loaded 2-core CI machine it turns 0.1 ms calls into 5-30 ms ones.
 torch.set_num_threads(1)
 
+interpreter_share.patch_language_once()
+
 
 def pytest_sessionstart(session) -> None:
     numba_warmup.from_xdist()
