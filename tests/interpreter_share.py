@@ -157,8 +157,12 @@ def once_per_launch(patch: Any, languages: tuple[Any, ...]) -> Any:
     it sees a language module (one of ``languages`` among ``fn.__globals__``) that no patch since
     the launch began has covered."""
 
+    seen: dict[Any, frozenset[int]] = {}  # by function: a module's imports stay as they are
+
     def seen_by(fn: Any) -> frozenset[int]:
-        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in languages)
+        if fn not in seen:
+            seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in languages)
+        return seen[fn]
 
     def patch_lang(fn: Any) -> Any:
         covered = getattr(_launch, "covered", None)

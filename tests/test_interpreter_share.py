@@ -4,6 +4,7 @@ always, one low precision per case, every low precision somewhere, the same choi
 from __future__ import annotations
 
 import itertools
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -94,19 +95,18 @@ class _Counting:
 
 
 def _fn(name: str, **globals_):
-    return SimpleNamespace(__name__=name, __globals__=globals_)
+    """A function named ``name`` whose module globals are ``globals_``."""
+    return types.FunctionType((lambda: None).__code__, globals_, name)
 
 
 def test_device_calls_skip_the_patch_only_when_the_launch_covers_their_modules() -> None:
-    import types
-
     tl, core = types.ModuleType("tl"), types.ModuleType("core")
     plain = _Counting()
     patch = interpreter_share.once_per_launch(plain, (tl, core))
     launch = patch(_fn("kernel", tl=tl, x=1))
     assert isinstance(patch(_fn("helper", tl=tl)), interpreter_share._Nothing)
     patch(_fn("other", core=core))  # a module the launch did not patch: Triton's own patch
-    patch(_fn("other_again", core=core, tl=tl))  # patched by the call before, in this launch
+    patch(_fn("again", core=core, tl=tl))  # patched by the call before, in this launch
     assert plain.calls == ["kernel", "other"]
     launch.restore()
     assert plain.restored == 1
