@@ -25,7 +25,8 @@ and without a copy:
   input gradient) from per-channel coefficients. GroupNorm with enough samples for the
   threads takes one task per sample instead (:func:`col_group_fwd`, :func:`col_group_bwd`):
   the same blocks and sums in the same order, then the output while the sample is in cache
-  (one pass over memory fewer; 10-20% less CPU time at the ResNet and U-Net shapes).
+  (one pass over memory fewer; 10-20% less CPU time at the ResNet and U-Net shapes). Rows are
+  read and written through 2-D views of the flat storage (:func:`_rows`), not per-row slices.
 
 Every kernel is serial over a range of its tasks, ``[lo, hi)`` (its last two arguments), with
 its scratch buffers allocated once per range: the launcher cuts the tasks into one range per
@@ -60,7 +61,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from normkit.ops.numba._engine import decode, encode, jit, staging, sum_jit
+from normkit.ops.numba._engine import decode, encode, jit, row_of, staging, sum_jit
 
 __all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "bn_seg_bwd", "col_group_bwd", "col_group_fwd",
            "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
@@ -449,25 +450,33 @@ def _block_rows(t, nblk, block, R):
 
 
 @jit(inline="always")
-def _col_block_sums(dy, x, base, row_stride, r0, r1, p, m, rs, wc, bc, act, grads, a1, a2):
+def _rows(a, C):
+    """The flat array ``a`` as its rows of ``C`` channels, for :func:`row_of`: a row without a
+    reference counted (a slice of ``a`` per row counts one, two atomic operations on a cache
+    line that every thread of the call shares, for a row of as few as C elements)."""
+    return a.reshape((a.shape[0] // C, C))
+
+
+@jit(inline="always")
+def _col_block_sums(dy, x, base, r0, r1, p, m, rs, wc, bc, act, grads, a1, a2, scratch):
     """Adds rows ``[r0, r1)`` of the matrix at ``base`` into ``a1[c]`` and ``a2[c]``, each
     column in row order: ``d = x - p`` and ``d^2``, or with ``grads`` ``dz`` and ``dz * x_hat``
-    (see :func:`col_sums`)."""
+    (see :func:`col_sums`); ``scratch``: :func:`_col_scratch`'s rows."""
     C = a1.shape[0]
     zero = p.dtype.type(0.0)
-    xbuf = np.empty(C, p.dtype)
-    gbuf = np.empty(C, p.dtype)
-    ubuf = np.empty(C, p.dtype)
-    qbuf = np.empty(C, p.dtype)
+    xbuf = row_of(scratch, 0)
+    gbuf = row_of(scratch, 1)
+    ubuf = row_of(scratch, 3)
+    qbuf = row_of(scratch, 4)
+    xs, gs, row0 = _rows(x, C), _rows(dy, C), base // C
     first = r0  # the first row left for the one-row loops below
     while grads and act == 0 and first + 1 < r1:
         # The gradient sums two rows per pass too (the same additions in the same order).
-        start = base + first * row_stride
-        nxt = start + row_stride
-        v = decode(x[start:start + C], xbuf)
-        g = decode(dy[start:start + C], gbuf)
-        u = decode(x[nxt:nxt + C], ubuf)
-        q = decode(dy[nxt:nxt + C], qbuf)
+        i = row0 + first
+        v = decode(row_of(xs, i), xbuf)
+        g = decode(row_of(gs, i), gbuf)
+        u = decode(row_of(xs, i + 1), ubuf)
+        q = decode(row_of(gs, i + 1), qbuf)
         for c in range(C):
             a1[c] = (a1[c] + g[c]) + q[c]
             a2[c] = ((a2[c] + np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c]))
@@ -476,9 +485,9 @@ def _col_block_sums(dy, x, base, row_stride, r0, r1, p, m, rs, wc, bc, act, grad
     while not grads and first + 1 < r1:
         # Statistics two rows per pass over the accumulators (1.4x faster; the additions in
         # the same order as one row at a time).
-        start = base + first * row_stride
-        v = decode(x[start:start + C], xbuf)
-        u = decode(x[start + row_stride:start + row_stride + C], gbuf)
+        i = row0 + first
+        v = decode(row_of(xs, i), xbuf)
+        u = decode(row_of(xs, i + 1), gbuf)
         for c in range(C):
             pc = np.float64(p[c])
             d = np.float64(v[c]) - pc
@@ -487,15 +496,15 @@ def _col_block_sums(dy, x, base, row_stride, r0, r1, p, m, rs, wc, bc, act, grad
             a2[c] = (a2[c] + d * d) + e * e
         first += 2
     for r in range(first, r1):
-        start = base + r * row_stride
-        v = decode(x[start:start + C], xbuf)
+        i = row0 + r
+        v = decode(row_of(xs, i), xbuf)
         if grads and act == 0:
-            g = decode(dy[start:start + C], gbuf)
+            g = decode(row_of(gs, i), gbuf)
             for c in range(C):
                 a1[c] += g[c]
                 a2[c] += np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c])
         elif grads and act == 1:
-            g = decode(dy[start:start + C], gbuf)
+            g = decode(row_of(gs, i), gbuf)
             for c in range(C):
                 h = ((v[c] - p[c]) - m[c]) * rs[c]
                 gc = g[c]
@@ -503,7 +512,7 @@ def _col_block_sums(dy, x, base, row_stride, r0, r1, p, m, rs, wc, bc, act, grad
                 a1[c] += dz
                 a2[c] += np.float64(dz) * h
         elif grads:
-            g = decode(dy[start:start + C], gbuf)
+            g = decode(row_of(gs, i), gbuf)
             for c in range(C):
                 h = ((v[c] - p[c]) - m[c]) * rs[c]
                 dz = _act_grad(g[c], h * wc[c] + bc[c], act)
@@ -517,46 +526,47 @@ def _col_block_sums(dy, x, base, row_stride, r0, r1, p, m, rs, wc, bc, act, grad
 
 
 @jit(inline="always")
-def _col_block_out(dy, x, out, base, row_stride, r0, r1, p, m, rs, wc, bc, a, e, f, act, grads):
-    """Rows ``[r0, r1)`` of the matrix at ``base`` of :func:`col_out`'s output."""
+def _col_block_out(dy, x, out, base, r0, r1, p, m, rs, wc, bc, a, e, f, act, grads, scratch):
+    """Rows ``[r0, r1)`` of the matrix at ``base`` of :func:`col_out`'s output; ``scratch``:
+    :func:`_col_scratch`'s rows (bf16 rows widened or narrowed there)."""
     C = p.shape[0]
     zero = p.dtype.type(0.0)
-    xbuf = np.empty(C, p.dtype)
-    gbuf = np.empty(C, p.dtype)
-    obuf = np.empty(C, p.dtype)
-    ubuf = np.empty(C, p.dtype)
-    qbuf = np.empty(C, p.dtype)
+    xbuf = row_of(scratch, 0)
+    gbuf = row_of(scratch, 1)
+    obuf = row_of(scratch, 2)
+    ubuf = row_of(scratch, 3)
+    qbuf = row_of(scratch, 4)
+    xs, gs, ys, row0 = _rows(x, C), _rows(dy, C), _rows(out, C), base // C
     first = r0  # the first row left for the one-row loop below
     while not grads and act == 0 and first + 1 < r1:
         # Two rows per pass over the coefficients (elementwise: the same bits).
-        start = base + first * row_stride
-        nxt = start + row_stride
-        v = decode(x[start:start + C], xbuf)
-        u = decode(x[nxt:nxt + C], ubuf)
-        o = staging(out[start:start + C], obuf)
-        q = staging(out[nxt:nxt + C], qbuf)
+        i = row0 + first
+        v = decode(row_of(xs, i), xbuf)
+        u = decode(row_of(xs, i + 1), ubuf)
+        o = staging(row_of(ys, i), obuf)
+        q = staging(row_of(ys, i + 1), qbuf)
         for c in range(C):
             o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
             q[c] = ((u[c] - p[c]) - m[c]) * rs[c] + bc[c]
-        encode(o, out[start:start + C])
-        encode(q, out[nxt:nxt + C])
+        encode(o, row_of(ys, i))
+        encode(q, row_of(ys, i + 1))
         first += 2
     for r in range(first, r1):
-        start = base + r * row_stride
-        v = decode(x[start:start + C], xbuf)
-        o = staging(out[start:start + C], obuf)
+        i = row0 + r
+        v = decode(row_of(xs, i), xbuf)
+        o = staging(row_of(ys, i), obuf)
         if grads and act == 0:
-            g = decode(dy[start:start + C], gbuf)
+            g = decode(row_of(gs, i), gbuf)
             for c in range(C):
                 o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
         elif grads and act == 1:
-            g = decode(dy[start:start + C], gbuf)
+            g = decode(row_of(gs, i), gbuf)
             for c in range(C):
                 h = ((v[c] - p[c]) - m[c]) * rs[c]
                 gc = g[c]
                 o[c] = a[c] * (zero if h * wc[c] + bc[c] <= zero else gc) + e[c] * h + f[c]
         elif grads:
-            g = decode(dy[start:start + C], gbuf)
+            g = decode(row_of(gs, i), gbuf)
             for c in range(C):
                 h = ((v[c] - p[c]) - m[c]) * rs[c]
                 o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
@@ -570,48 +580,57 @@ def _col_block_out(dy, x, out, base, row_stride, r0, r1, p, m, rs, wc, bc, a, e,
         else:
             for c in range(C):
                 o[c] = _act(((v[c] - p[c]) - m[c]) * rs[c] + bc[c], act, zero)
-        encode(o, out[start:start + C])
+        encode(o, row_of(ys, i))
+
+
+@jit(inline="always")
+def _col_scratch(p):
+    """The five scratch rows of :func:`_col_block_sums` and :func:`_col_block_out` (bf16 rows
+    widened or narrowed), allocated once per kernel call, not per block of rows."""
+    return np.empty((5, p.shape[-1]), p.dtype)
+
 
 
 @jit
-def col_sums(dy, x, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, act, grads, s1p,
-             s2p, lo, hi):
+def col_sums(dy, x, R, sample_stride, block, piv, mu, rstd, w, b, act, grads, s1p, s2p, lo, hi):
     """Tasks ``[lo, hi)`` of ``N2 * blocks``: per (matrix n, block of ``block`` rows, channel
     c), into ``s1p[n, blk, c]`` and ``s2p``, each column summed in row order: ``sum(d)`` and
     ``sum(d^2)`` of ``d = x - piv`` (the statistics), or with ``grads`` ``sum(dz)`` and
     ``sum(dz * x_hat)``, ``x_hat = ((x - piv) - mu) * rstd``, ``dz = dy * act'(x_hat * w + b)``.
-    Matrix n has ``R`` rows of ``C`` channels, ``row_stride`` apart, from ``n *
+    Matrix n has ``R`` rows of ``C`` channels, each row's channels contiguous, from ``n *
     sample_stride``; coefficients are per (matrix, channel)."""
     N2, nblk, C = s1p.shape
     a1 = np.empty(C, np.float64)
     a2 = np.empty(C, np.float64)
+    scratch = _col_scratch(piv)
     for t in range(lo, hi):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
         a1[:] = 0.0
         a2[:] = 0.0
-        _col_block_sums(dy, x, n * sample_stride, row_stride, r0, r1, piv[n], mu[n], rstd[n], w[n],
-                        b[n], act, grads, a1, a2)
+        _col_block_sums(dy, x, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], w[n], b[n], act,
+                        grads, a1, a2, scratch)
         s1p[n, blk, :] = a1
         s2p[n, blk, :] = a2
 
 
 @jit
-def col_out(dy, x, out, R, sample_stride, row_stride, block, piv, mu, rstd, w, b, k1, k2, k3, act,
-            grads, lo, hi):
+def col_out(dy, x, out, R, sample_stride, block, piv, mu, rstd, w, b, k1, k2, k3, act, grads, lo,
+            hi):
     """Tasks ``[lo, hi)`` of ``N2 * blocks`` (as :func:`col_sums`). Per-(matrix, channel)
     coefficients, ``x_hat = ((x - piv) - mu) * rstd`` and ``z = x_hat * w + b``: ``out =
     act(((x - piv) - mu) * rstd + b)`` (the forward: ``rstd`` is then ``w * rstd``), or with
     ``grads`` ``out = k1 * dz + k2 * x_hat + k3``, ``dz = dy * act'(z)`` (dx)."""
     N2, C = piv.shape
     nblk = (R + block - 1) // block
+    scratch = _col_scratch(piv)
     for t in range(lo, hi):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
-        _col_block_out(dy, x, out, n * sample_stride, row_stride, r0, r1, piv[n], mu[n], rstd[n],
-                       w[n], b[n], k1[n], k2[n], k3[n], act, grads)
+        _col_block_out(dy, x, out, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], w[n], b[n],
+                       k1[n], k2[n], k3[n], act, grads, scratch)
 
 
 @jit(inline="always")
-def _sample_sums(dy, x, base, row_stride, R, block, p, m, rs, wc, bc, act, grads, cg, s1, s2):
+def _sample_sums(dy, x, base, R, block, p, m, rs, wc, bc, act, grads, cg, s1, s2, scratch):
     """One sample's column sums, block by block as :func:`col_sums` cuts them, each block's
     added into ``s1[c // cg]`` and ``s2[c // cg]`` in block then channel order, as
     :func:`merge` adds them."""
@@ -621,8 +640,8 @@ def _sample_sums(dy, x, base, row_stride, R, block, p, m, rs, wc, bc, act, grads
     for r0 in range(0, R, block):
         a1[:] = 0.0
         a2[:] = 0.0
-        _col_block_sums(dy, x, base, row_stride, r0, min(R, r0 + block), p, m, rs, wc, bc, act,
-                        grads, a1, a2)
+        _col_block_sums(dy, x, base, r0, min(R, r0 + block), p, m, rs, wc, bc, act, grads, a1, a2,
+                        scratch)
         for c in range(C):
             s1[c // cg] += a1[c]
             s2[c // cg] += a2[c]
@@ -638,6 +657,7 @@ def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, va
     C = w.shape[0]
     cg = C // G
     T = w.dtype.type
+    scratch = _col_scratch(w)
     for n in range(lo, hi):
         base = n * sample_stride
         first = decode(x[base:base + C], np.empty(C, w.dtype))
@@ -647,7 +667,7 @@ def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, va
             p[c] = T(pivot[n, c // cg])
         s1 = np.zeros(G, np.float64)
         s2 = np.zeros(G, np.float64)
-        _sample_sums(x, x, base, C, R, block, p, p, p, p, p, 0, False, cg, s1, s2)
+        _sample_sums(x, x, base, R, block, p, p, p, p, p, 0, False, cg, s1, s2, scratch)
         m = np.empty(C, w.dtype)
         scale = np.empty(C, w.dtype)
         for g in range(G):
@@ -660,7 +680,7 @@ def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, va
                 m[c] = T(mu)
                 scale[c] = T(rstd[n, g] * np.float64(w[c]))
         one = np.ones(C, w.dtype)
-        _col_block_out(x, x, y, base, C, 0, R, p, m, scale, one, b, one, one, one, act, False)
+        _col_block_out(x, x, y, base, 0, R, p, m, scale, one, b, one, one, one, act, False, scratch)
 
 
 @jit
@@ -675,6 +695,7 @@ def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pi
     cg = C // G
     T = w.dtype.type
     want_dx = dx.shape[0] > 0
+    scratch = _col_scratch(w)
     for n in range(lo, hi):
         base = n * sample_stride
         p = np.empty(C, w.dtype)
@@ -686,7 +707,7 @@ def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pi
             r[c] = T(rstd[n, c // cg])
         s1[n, :] = 0.0
         s2[n, :] = 0.0
-        _sample_sums(dy, x, base, C, R, block, p, m, r, w, b, act, True, 1, s1[n], s2[n])
+        _sample_sums(dy, x, base, R, block, p, m, r, w, b, act, True, 1, s1[n], s2[n], scratch)
         if not want_dx:
             continue
         k1 = np.empty(C, w.dtype)
@@ -704,7 +725,7 @@ def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pi
                 if batch_stats:
                     k2[c] = T(-rs * g2 / (R * cg))
                     k3[c] = T(-rs * g1 / (R * cg))
-        _col_block_out(dy, x, dx, base, C, 0, R, p, m, r, w, b, k1, k2, k3, act, True)
+        _col_block_out(dy, x, dx, base, 0, R, p, m, r, w, b, k1, k2, k3, act, True, scratch)
 
 
 @jit

@@ -169,13 +169,13 @@ def _tile(stat: np.ndarray, N: int) -> np.ndarray:
     return out.reshape(-1)
 
 
-def _col_geometry(N: int, C: int, S: int, groups: int) -> tuple[int, int, int, int, int]:
-    """``(matrices, rows, sample_stride, row_stride, block)`` of the column kernels: BatchNorm
-    is one matrix of all N * S positions, GroupNorm one per sample."""
+def _col_geometry(N: int, C: int, S: int, groups: int) -> tuple[int, int, int, int]:
+    """``(matrices, rows, sample_stride, block)`` of the column kernels (rows of C channels):
+    BatchNorm is one matrix of all N * S positions, GroupNorm one per sample."""
     block = max(1, BLOCK_ELEMENTS // C)
     if groups == 0:
-        return 1, N * S, 0, C, block
-    return N, S, S * C, C, block
+        return 1, N * S, 0, block
+    return N, S, S * C, block
 
 
 # ---- forward ----------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         split_run(k.seg_fwd, N * C, x.numel(), xa, ya, *geometry, w, b, k.APPLY, 0.0, act,
                   _tile(pivot, N), mt, mt, _tile(rstd, N))
         return y, *stats
-    N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
+    N2, R, sample_stride, block = _col_geometry(N, C, S, groups)
     if groups and _per_sample(N):
         split_run(k.col_group_fwd, N, x.numel(), xa, ya, R, sample_stride, block, w, b, float(eps),
                   act, *(s.reshape(N, groups) for s in (pivot, mean, var, rstd)))
@@ -231,15 +231,15 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         piv = (x3[:1, :, 0] if groups == 0 else x3[:, ::cg, 0]).to(torch.float64)
         pc = piv.repeat_interleave(cg, 1).numpy().astype(acc)
         s1p, s2p = (np.empty((N2, -(-R // block), C)) for _ in range(2))
-        split_run(k.col_sums, N2 * s1p.shape[1], x.numel(), xa, xa, R, sample_stride, row_stride,
-                  block, pc, pc, pc, pc, pc, 0, False, s1p, s2p)
+        split_run(k.col_sums, N2 * s1p.shape[1], x.numel(), xa, xa, R, sample_stride, block, pc,
+                  pc, pc, pc, pc, 0, False, s1p, s2p)
         pivot[:] = piv.reshape(-1).numpy()
         _moments(s1p, s2p, C // cg, R * cg, float(eps), mean, var, rstd)
     piv, mu, _, wc, bc = _coefficients(N2, cg, pivot, mean, rstd, w, b, acc)
     scale = (_per_channel(rstd, N2, cg) * w.astype(np.float64)).astype(acc)
     one = np.ones_like(scale)
-    split_run(k.col_out, N2 * -(-R // block), x.numel(), xa, xa, ya, R, sample_stride, row_stride,
-              block, piv, mu, scale, one, bc, one, one, one, act, False)
+    split_run(k.col_out, N2 * -(-R // block), x.numel(), xa, xa, ya, R, sample_stride, block, piv,
+              mu, scale, one, bc, one, one, one, act, False)
     return y, *stats
 
 
@@ -343,7 +343,7 @@ def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
              want_params: bool) -> None:
     """The channels_last backward: partial sums per block, merged per (matrix, channel), then
     the per-channel coefficients of ``dx`` and one more pass for it."""
-    N2, R, sample_stride, row_stride, block = _col_geometry(N, C, S, groups)
+    N2, R, sample_stride, block = _col_geometry(N, C, S, groups)
     none = np.empty(0)
     if groups and _per_sample(N):
         s1, s2 = np.empty((N, C)), np.empty((N, C))
@@ -354,7 +354,7 @@ def _col_bwd(ga: np.ndarray, xa: np.ndarray, dxa: np.ndarray, N: int, C: int, S:
         return
     cg = 1 if groups == 0 else C // groups
     piv, mu, rs, wc, bc = _coefficients(N2, cg, p, m, r, w, b, acc)
-    geometry = (R, sample_stride, row_stride, block, piv, mu, rs, wc, bc)
+    geometry = (R, sample_stride, block, piv, mu, rs, wc, bc)
     s1 = s2 = np.zeros((N2, C))
     if batch_stats and want_dx or want_params:
         nblk = -(-R // block)
