@@ -1,8 +1,8 @@
 """The numba channel kernels against torch eager and torch.compile, forward, backward and both,
 with the kernels' own time apart from the output's allocation.
 
-    python benchmarks/bench_channel_kernels.py [--threads 1 2] [--compile] [--old DIR] [--repeats 15] [--small]
-        [--faults]
+    python benchmarks/bench_channel_kernels.py [--threads 1 2] [--compile] [--old DIR | --old-rev REV]
+        [--repeats 15] [--small] [--faults] [--cpu-time]
 
 Cases: BatchNorm 32x64x56x56 (NCHW and channels_last), GroupNorm 32x64x56x56 G=32, the U-Net
 GroupNorm 8x320x64x64 G=32 and InstanceNorm 1x64x256x256 (GroupNorm with G = C), float32,
@@ -15,7 +15,9 @@ each figure is the median over the repeats with its min-max.
 allocated once and reused (``_pages.empty_like`` replaced): the kernels' time without the
 page faults of a fresh 25-40 MB output, which eager torch and numba pay alike on every call. ``--old DIR`` adds the same
 launcher from a copy of an earlier ``channel_norm.py`` (as ``old_channel_norm`` in DIR,
-its custom ops renamed) for an A/B comparison in one process.
+its custom ops renamed) for an A/B comparison in one process; ``--old-rev REV`` writes that
+copy from git revision REV, with REV's ``channel_kernels.py`` beside it (as
+``old_channel_kernels``: the old kernels, not only the old launcher).
 
 ``--faults`` adds each cell's minor page faults per call (``getrusage``): where a provider's
 fwd+bwd is slower than its fwd plus its bwd, these show whether its outputs landed in pages the
@@ -30,9 +32,12 @@ import argparse
 import importlib
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,11 +203,30 @@ def run(
         sys.stdout.flush()
 
 
+def _old_from_git(rev: str) -> str:
+    """A directory holding revision ``rev``'s launcher and kernels as ``old_channel_norm`` and
+    ``old_channel_kernels`` (the launcher's custom ops renamed, so that both register)."""
+    root = Path(__file__).resolve().parents[1]
+    src = "src/normkit/ops/numba/"
+
+    def show(name: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{src}{name}"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout
+
+    out = Path(tempfile.mkdtemp(prefix="bench_channel_old_"))
+    (out / "old_channel_kernels.py").write_text(show("channel_kernels.py"))
+    launcher = show("channel_norm.py").replace(
+        "from normkit.ops.numba import channel_kernels as k", "import old_channel_kernels as k")
+    (out / "old_channel_norm.py").write_text(launcher.replace("normkit_numba::", "normkit_numba_old::"))
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--old", help="directory holding old_channel_norm.py")
+    ap.add_argument("--old-rev", help="git revision whose channel_norm.py and channel_kernels.py are the old ones")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--small", action="store_true", help="the per-call cases (8x64x8x8) instead")
@@ -215,6 +239,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     old = None
+    if args.old_rev:
+        args.old = _old_from_git(args.old_rev)
     if args.old:
         sys.path.insert(0, args.old)
         old = importlib.import_module("old_channel_norm")
