@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -441,11 +442,23 @@ def _fresh(
     info: Any, sample: Any, state: dict[str, Tensor], training: bool, backend: str | None, dtype: torch.dtype
 ) -> torch.nn.Module:
     """A module of the sample's constructor with ``state``: torch's own (backend None) or
-    ``normkit.convert``'s on ``backend``."""
-    m = info.module_cls(*sample.constructor_input.args, **sample.constructor_input.kwargs)
+    ``normkit.convert``'s on ``backend``; where convert leaves it (its probe: see
+    test_convert_takes_groupnorm_with_small_groups), normkit's twin built directly, so the
+    sample still judges the kernels."""
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    m = info.module_cls(*args, **kwargs)
     m.load_state_dict(state)
     m = m.to(dtype).train(training)
-    return m if backend is None else normkit.convert(m, backend=backend)
+    if backend is None:
+        return m
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = normkit.convert(m, backend=backend)
+    if type(mine) is torch.nn.GroupNorm:  # (InstanceNorm in eval with running stats: declined)
+        mine = getattr(normkit, info.module_cls.__name__)(*args, **kwargs, backend=backend)
+        mine.load_state_dict(state)
+        mine = mine.to(dtype).train(training)
+    return mine
 
 
 @pytest.mark.parametrize("name", CHANNEL_MODULES)
@@ -503,3 +516,39 @@ def test_module_db_samples_in_channels_last_on_numba(name: str) -> None:
             assert_within_bound(results["mine"], {k: v for k, v in ref.items() if k in results["mine"]}, results["low"])
             seen += 1
     assert seen, f"no 4-D/5-D sample of {name}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "normkit.convert(torch.nn.GroupNorm(32, 64), backend='numba') leaves the module unconverted "
+        "(also backend='reference'; GroupNorm(16, 32), (32, 128), (3, 6, eps=1e-3) too): the probe "
+        "(_probe.compare) asks float32 normkit to equal float32 torch within 2e-5 of the largest "
+        "magnitude, and on its [2, 64] input (2 elements per group) torch's own float32 input "
+        "gradient is 1.6e-4 from float64 while numba's is 3.8e-6: the more accurate twin is refused. "
+        "Fix: where the float32 difference fails, judge both against the original run in float64 "
+        "(the 2x-torch-error bound)."
+    ),
+)
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("args", [(32, 64), (16, 32)], ids=str)
+def test_convert_takes_groupnorm_with_small_groups(args: tuple[int, int], backend: str) -> None:
+    C = args[1]
+    g = torch.Generator().manual_seed(seed_of("convert", args))
+    x = torch.randn(2, C, generator=g, dtype=F64) * 2 + 0.5
+    w, b, dy = (torch.randn(s, generator=g, dtype=F64) for s in (C, C, (2, C)))
+
+    def dx(fn: Callable[..., Tensor], dtype: torch.dtype, **kw: Any) -> Tensor:
+        xi = x.to(dtype).requires_grad_()
+        return torch.autograd.grad(fn(xi, args[0], w.to(dtype), b.to(dtype), **kw), xi, dy.to(dtype))[0]
+
+    # (the premise: normkit's float32 input gradient is within the bound, torch's is the far one)
+    assert_within_bound(
+        {"dx": dx(NF.group_norm, torch.float32, backend=backend)},
+        {"dx": dx(F.group_norm, F64)},
+        {"dx": dx(F.group_norm, torch.float32)},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = normkit.convert(torch.nn.GroupNorm(*args), backend=backend)
+    assert isinstance(converted, normkit.GroupNorm), "convert left torch's GroupNorm"
