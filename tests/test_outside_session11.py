@@ -74,6 +74,8 @@ def _layout(base: Tensor, kind: str, fmt: torch.memory_format) -> Tensor:
     if kind == "reversed":
         order = tuple(range(base.dim() - 1, -1, -1))
         return base.permute(order).contiguous().permute(order)
+    if kind == "offset":  # dense in fmt, at a non-zero storage offset
+        return torch.cat([base, base]).contiguous(memory_format=fmt)[base.shape[0] :]
     if kind == "expanded":  # the last axis from a size-1 axis (base's first slice broadcast)
         return base[..., :1].expand(base.shape)
     raise ValueError(kind)
@@ -93,7 +95,8 @@ def channel_calls(draw: st.DrawFn) -> dict[str, Any]:
         "op": op,
         "shape": (N, C, *spatial),
         "fmt": torch.channels_last if dims == 2 else torch.channels_last_3d,
-        "layout": draw(st.sampled_from(["dense", "dense", "slice", "reversed", "expanded"])),
+        "layout": draw(st.sampled_from(["dense", "dense", "offset", "slice", "reversed", "expanded"])),
+        "dy_layout": draw(st.sampled_from(["like y", "contiguous", "offset", "reversed"])),
         "dtype": draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, F64])),
         "training": draw(st.booleans()),
         "momentum": draw(st.sampled_from([0.1, None])),
@@ -151,7 +154,12 @@ def _run(call: dict[str, Any], leaves: dict[str, Tensor], dtype: torch.dtype, ba
         y = fn(x, None, None, w, b, True, **kw)
     if backend is None and act is not None:
         y = ACTS[act](y)
-    grads = torch.autograd.grad(y, [x0, *params], leaves["dy"].to(dtype))
+    dy = leaves["dy"].to(dtype)
+    if call.get("dy_layout", "like y") == "like y":
+        dy = torch.empty_like(y).copy_(dy)
+    else:
+        dy = _layout(dy, "dense" if call["dy_layout"] == "contiguous" else call["dy_layout"], torch.contiguous_format)
+    grads = torch.autograd.grad(y, [x0, *params], dy)
     out = {"y": y.detach(), "dx": grads[0]}
     out.update(zip(("dw", "db"), grads[1:]))
     if op.startswith("batch_norm"):
@@ -258,6 +266,33 @@ def test_a_samples_bits_do_not_depend_on_the_batch(op: str, layout: str, restore
     for n, threads in ((2, 2), (5, 2), (5, 1), (3, 3)):
         y, dx = sample0(n, threads)
         assert torch.equal(y, first[0]) and torch.equal(dx, first[1]), (n, threads)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compiled_fullgraph_channels_last_batch_norm_has_eagers_bits(training: bool) -> None:
+    """torch.compile(fullgraph=True) (aot_eager) of a channels_last BatchNorm2d + relu on numba
+    gives eager's y, dx, dw and running statistics, bit for bit."""
+    g = torch.Generator().manual_seed(seed_of("compile", training))
+    x = (torch.randn(3, 65, 11, 13, generator=g) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+
+    def step(fn: Callable[..., Tensor]) -> list[Tensor]:
+        m = normkit.BatchNorm2d(65, backend="numba").train(training)
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(65, generator=torch.Generator().manual_seed(1)))
+            m.bias.copy_(torch.randn(65, generator=torch.Generator().manual_seed(2)))
+        xi = x.clone().requires_grad_()
+        y = fn(m, xi)
+        grads = torch.autograd.grad(y, [xi, m.weight, m.bias], dy)
+        return [y.detach(), *grads, m.running_mean, m.running_var]
+
+    def eager(m: torch.nn.Module, t: Tensor) -> Tensor:
+        return F.relu(m(t))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
+    for a, b in zip(step(eager), step(compiled)):
+        assert torch.equal(a, b)
 
 
 # ---- failed calls leave the running statistics alone ------------------------------------------
@@ -395,6 +430,41 @@ def test_auto_under_jit_trace_fx_and_function_mode(op: str, shape: tuple[int, in
     with Counting() as mode, torch.no_grad():
         _close(mine(x), theirs(x), "TorchFunctionMode")
     assert mode.calls > 0
+
+
+@pytest.mark.parametrize("context", sorted(CONTEXTS))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(2, 64, 32, 32), (4, 64, 32, 32), (4, 63, 33, 32)], ids=str)
+def test_auto_channels_last_batch_norm_is_torchs(shape: tuple[int, ...], training: bool, context: str) -> None:
+    """normkit.BatchNorm2d on "auto" (numba claims large float32 channels_last training calls)
+    against torch.nn.BatchNorm2d: y and running statistics within twice torch's error of
+    float64, the same layout, inference-ness and grad_fn presence."""
+    g = torch.Generator().manual_seed(seed_of("auto-bn", shape))
+    x = (torch.randn(shape, generator=g, dtype=F64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    state = {
+        "weight": torch.randn(shape[1], generator=g),
+        "bias": torch.randn(shape[1], generator=g),
+        "running_mean": torch.randn(shape[1], generator=g),
+        "running_var": torch.rand(shape[1], generator=g) + 0.5,
+        "num_batches_tracked": torch.tensor(0),
+    }
+    outs = {}
+    for who, cls, dtype in (
+        ("mine", normkit.BatchNorm2d, torch.float32),
+        ("low", torch.nn.BatchNorm2d, torch.float32),
+        ("ref", torch.nn.BatchNorm2d, F64),
+    ):
+        m = cls(shape[1])
+        m.load_state_dict(state)
+        m = m.to(dtype).train(training)
+        with CONTEXTS[context]():
+            y = m(x.to(dtype))
+        if who != "ref":
+            assert y.is_contiguous(memory_format=torch.channels_last), who
+            outs.setdefault("kind", []).append((y.is_inference(), y.requires_grad))
+        outs[who] = {"y": y.detach(), "rm": m.running_mean, "rv": m.running_var}
+    assert outs["kind"][0] == outs["kind"][1]
+    assert_within_bound(outs["mine"], outs["ref"], outs["low"])
 
 
 @pytest.mark.parametrize("width", [1023, 1025])
