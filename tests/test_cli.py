@@ -460,6 +460,11 @@ def test_bench_verdict_leaves_out_one_spike_on_each_side() -> None:
 
     assert trimmed_range([3.0, 1.0, 2.0, 9.0]) == (1.0, 9.0)
     assert trimmed_range([5.0, 1.0, 2.0, 3.0, 4.0]) == (2.0, 4.0)
+    # more samples, the same share of spikes left out: three at each end of 21
+    spiky = [0.1, 0.2, 0.3] + [1.0 + i / 8 for i in range(15)] + [7.0, 8.0, 9.0]
+    assert trimmed_range(spiky) == (1.0, 2.75)
+    assert trimmed_range(spiky[1:-1]) == (1.0, 2.75)  # 19 samples: two at each end
+    assert trimmed_range(spiky + [6.0]) == (1.0, 6.0)  # 22 samples, four slow spikes: one stays
 
     def row(provider: str, samples: list[float]) -> dict[str, object]:
         lo, hi = trimmed_range(samples)

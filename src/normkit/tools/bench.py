@@ -88,6 +88,7 @@ __all__ = [
     "ROW_OPS",
     "SHAPES",
     "TRIM_FROM",
+    "TRIM_PER",
     "Problem",
     "add_speedups",
     "copy_bandwidth",
@@ -111,6 +112,7 @@ BLOCK_OPS = ("modulated_layer_norm", "modulated_rms_norm", "gated_rms_norm", "qk
              "dyt", "derf")
 DIRECTIONS = ("infer", "fwd", "bwd", "fwd+bwd")
 TRIM_FROM = 5  # samples from which a range leaves out the fastest and the slowest one
+TRIM_PER = 7  # ...and one more at each end for each further 7 samples (14: two, 21: three)
 GATE_GROUPS = 8  # Mamba2's n_groups
 HEAD_DIM = 128  # QK-norm's D: Qwen3's, Gemma3's, OLMo2's
 
@@ -564,7 +566,12 @@ def _prepare(p: Problem, fn: Callable[[dict[str, Tensor]], Any], device: str, di
                            "max_err_vs_torch": max((a.float() - b.float()).abs().max().item()
                                                    for a, b in zip(outs, reference, strict=True))}
     gen = torch.Generator().manual_seed(1)
-    grads = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(device) for o in outs]
+    # Each upstream gradient in its output's layout, as the next layer of a network hands it back
+    # (a channels_last output gets a channels_last gradient: a contiguous one would time torch's
+    # mixed-layout backward, ten times slower than its channels_last one).
+    grads = [torch.empty_like(o, device="cpu").copy_(torch.randn(o.shape, generator=gen, dtype=o.dtype)).to(device)
+             for o in outs]
+
     def infer() -> Any:
         with torch.no_grad():
             return fn(t)
@@ -671,10 +678,12 @@ def _run_problem(p: Problem, factories: dict[str, Any], device: str, directions:
 
 
 def trimmed_range(values: Sequence[float]) -> tuple[float, float]:
-    """``(lo, hi)`` of ``values``: the second smallest and second largest from :data:`TRIM_FROM`
-    values on, else the smallest and the largest."""
+    """``(lo, hi)`` of ``values``: from :data:`TRIM_FROM` values on, the range less the ``k``
+    fastest and ``k`` slowest, ``k = max(1, len // TRIM_PER)`` (7 samples: the second smallest to
+    the second largest, 21: the fourth of each end), else the smallest and the largest. The same
+    share of spikes is left out however many samples a problem takes."""
     ordered = sorted(values)
-    k = 1 if len(ordered) >= TRIM_FROM else 0
+    k = max(1, len(ordered) // TRIM_PER) if len(ordered) >= TRIM_FROM else 0
     return ordered[k], ordered[-1 - k]
 
 

@@ -120,7 +120,8 @@ def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: 
         lines += [f"Copy bandwidth (y.copy_(x), read + write) {meta['copy_GBps']:.1f} GB/s; each GB/s figure is "
                   "followed by its fraction of it. Times: median over the repeats (min-max in brackets), "
                   "providers interleaved; a speedup is marked \"(within spread)\" where the trimmed ranges "
-                  "(second fastest to second slowest sample, from five samples on) overlap. Bytes moved: "
+                  "(from five samples on, the samples less the fastest and the slowest of each seven) overlap. "
+                  "Bytes moved: "
                   "normkit.tools.bench.", ""]
     for op in dict.fromkeys(r["op"] for r in rows):
         lines += [f"## {op}", "", markdown_table([r for r in rows if r["op"] == op])]
