@@ -4,8 +4,9 @@ Every numba kernel compiles on its first call in a process (seconds each) unless
 cache has it. Under xdist each worker would otherwise meet, and compile, nearly every kernel
 itself, the two of them side by side. At the start of the session each worker here compiles its
 share of the kernels the suite calls (one call of each op of :data:`double_backward_cases.CASES`,
-forward and backward, in each dtype and layout), written to the shared cache, and loads the
-other workers' share from it when a test first needs it.
+forward and backward, in each dtype and layout, and the kernels that only larger shapes reach:
+:data:`LARGER`), written to the shared cache, and loads the other workers' share from it when a
+test first needs it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import torch
 from double_backward_cases import CASES, tensors
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# Ops whose cases above are too small for one of their kernels: BatchNorm NCHW's backward one
+# channel per task (channel_kernels.bn_seg_bwd, segments of at least 4 KiB; about 40 s of
+# compiling per dtype, which one worker would otherwise meet late in the run, the other idle).
+LARGER = {"batch_norm": (2, 4, 32, 64)}
 
 
-def _items() -> list[tuple[str, torch.dtype, bool]]:
+def _items() -> list[tuple[str, torch.dtype, bool | None]]:
     """(op, dtype, channels_last) of every warm-up call, in a fixed order."""
     out = []
     for op, dtype in itertools.product(CASES, DTYPES):
@@ -28,11 +33,16 @@ def _items() -> list[tuple[str, torch.dtype, bool]]:
         if len(CASES[op].shapes[0]) == 4 and op != "normalize":
             layouts |= {False, True}
         out += [(op, dtype, cl) for cl in sorted(layouts)]
-    return out
+    # (first: the slowest compiles start before the many short ones)
+    return [(op, dtype, None) for op, dtype in itertools.product(LARGER, DTYPES)] + out
 
 
-def _call(op: str, dtype: torch.dtype, channels_last: bool) -> None:
-    case = CASES[op]._replace(channels_last=channels_last)
+def _call(op: str, dtype: torch.dtype, channels_last: bool | None) -> None:
+    """One warm-up call; ``channels_last`` None: the contiguous call at :data:`LARGER`'s shape."""
+    case = CASES[op]._replace(channels_last=bool(channels_last))
+    if channels_last is None:
+        shape = LARGER[op]
+        case = case._replace(shapes=(shape, *((shape[1],),) * (len(case.shapes) - 1)))
     leaves = [t.requires_grad_() for t in tensors(case, dtype, seed=0)]
     out = case.call("numba", *leaves)
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
