@@ -148,6 +148,8 @@ def batch_norm(
     the unbiased variance for ``running_var``. In eval the running statistics normalize.
     See :class:`torch.nn.BatchNorm2d`.
     """
+    if type(input) in _PLAIN and not input.is_contiguous():
+        input = canonical_strides(input)
     tensors = (input, running_mean, running_var, weight, bias)
     aten = _settled_on_aten("batch_norm", backend, stats_dtype, out_dtype, tensors)
     # In eval ATen only reads the running statistics: as layer_norm, no state to protect. In
@@ -349,6 +351,8 @@ def batch_norm_act(
     """
     check_act(act)
     _checks.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, momentum)
+    if type(input) in _PLAIN and not input.is_contiguous():
+        input = canonical_strides(input)
     args = (input, running_mean, running_var, weight, bias, training, float(momentum), float(eps), act)
     return _dispatch("batch_norm_act", args, backend, stats_dtype, out_dtype)
 
@@ -669,6 +673,30 @@ def _dispatch(
     if type(out) is tuple:
         return tuple(keep_layout(x, t) for t in out)
     return keep_layout(x, out)
+
+
+def canonical_strides(x: Tensor) -> Tensor:
+    """``x``, or where it is dense in channels_last(_3d) order with other strides than that
+    format's on its size-1 axes, the same memory viewed with the format's own strides (autograd
+    intact). torch 2.13's CPU batch_norm backward computes a wrong input gradient (errors of
+    order 1) for such an input, e.g. ``torch.randn(1, 4, 1, 5).permute(3, 2, 1, 0).contiguous()
+    .permute(3, 2, 1, 0)``, strides (1, 1, 4, 4); with the format's strides it is right."""
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is None or not x.is_contiguous(memory_format=fmt):
+        return x
+    # the format's strides: channels fastest, then the spatial axes from the last, then the batch
+    order = (1, *range(x.dim() - 1, 1, -1), 0)
+    strides = [0] * x.dim()
+    step = 1
+    for d in order:
+        strides[d] = step
+        step *= x.shape[d]
+    if list(x.stride()) == strides:
+        return x
+    return x.as_strided(x.shape, strides)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def keep_layout(x: Tensor, y: Tensor) -> Tensor:
