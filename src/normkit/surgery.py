@@ -27,6 +27,7 @@ from ._probe import (
     Outcome,
     compare,
     compare_inputs,
+    nearer_truth,
     probe_inputs,
     random_copy,
     tensor_home,
@@ -159,7 +160,7 @@ def _probe_swap(m: nn.Module, twin: type[BackendMixin], backend: str | None) -> 
         return "not probed: a training SyncBatchNorm would run a collective"
     shadow = twin.adopt(copy.copy(m), backend=backend)  # shares m's parameter and buffer dicts
     outcome = compare_inputs(m.forward, shadow.forward, probe_inputs(m, device, dtype), dict(m.named_parameters()),
-                             dict(m.named_buffers()))
+                             dict(m.named_buffers()), truth=_truth_without_state(m, dtype))
     return outcome if outcome.reason is not None else _check_text(outcome)
 
 
@@ -187,6 +188,13 @@ def _in_float64(m: nn.Module, dtype: torch.dtype) -> Callable[..., Any]:
     return forward
 
 
+def _truth_without_state(m: nn.Module, dtype: torch.dtype) -> Callable[..., Any] | None:
+    """:func:`_in_float64` of ``m`` for :func:`~normkit._probe.nearer_truth`, where ``m`` has no
+    buffers (its float64 run would leave running statistics in copies, not where the probe
+    reads them); else None."""
+    return None if any(True for _ in m.buffers()) else _in_float64(m, dtype)
+
+
 def _compare_probes(m: nn.Module, new: nn.Module, probes: list[Probe], gradients: bool) -> Outcome:
     """The worst agreement of ``new`` with ``m`` on a candidate's own probes (inputs the module
     takes by construction), or the first disagreement, naming the probe.
@@ -203,13 +211,11 @@ def _compare_probes(m: nn.Module, new: nn.Module, probes: list[Probe], gradients
         for probe in probes:
             old_fn, new_fn = (lambda x, p=probe: p.call(m.forward, x)), (lambda x, p=probe: p.call(new.forward, x))
             outcome = compare(old_fn, new_fn, probe.x, params, buffers, gradients=gradients)
-            if outcome.reason is not None and probe.x.dtype in (torch.float16, torch.bfloat16):
+            if probe.x.dtype in (torch.float16, torch.bfloat16):
                 truth = _in_float64(m, probe.x.dtype)
                 truth_fn = lambda x, p=probe, f=truth: p.call(f, x)  # noqa: E731
-                mine = compare(truth_fn, new_fn, probe.x, params, buffers, gradients=gradients)
-                theirs = compare(truth_fn, old_fn, probe.x, params, buffers, gradients=gradients)
-                if mine.reason is None or mine.error <= 2 * theirs.error < float("inf"):
-                    outcome = Outcome(outcome.error, None)
+                outcome = nearer_truth(outcome, truth_fn, old_fn, new_fn, probe.x, params, buffers,
+                                       gradients=gradients)
             if outcome.reason is not None:
                 return Outcome(outcome.error, f"on probe {probe.label}: {outcome.reason}")
             worst = max(worst, outcome, key=lambda o: o.error)
