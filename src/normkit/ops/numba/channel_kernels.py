@@ -258,32 +258,55 @@ def _stream_head(out):
 
 
 @jit(inline="always")
-def _apply_stream(v, out, pt, mt, k1, k0, act, zero, buf):
-    """:func:`_apply` with the aligned middle of ``out`` stored non-temporally, ``buf`` a
-    STREAM_BLOCK-element scratch (the same values: only the stores differ)."""
-    n = v.shape[0]
-    i0 = _stream_head(out)
-    _apply(v[:i0], out[:i0], pt, mt, k1, k0, act, zero)
-    while i0 + STREAM_BLOCK <= n:
-        _apply(v[i0:i0 + STREAM_BLOCK], buf, pt, mt, k1, k0, act, zero)
-        _store_stream(out, i0, buf)
-        i0 += STREAM_BLOCK
-    _apply(v[i0:], out[i0:], pt, mt, k1, k0, act, zero)
+def _next_chunk(i, n, head, stream):
+    """``(end, streamed)`` of the chunk of a segment's output starting at ``i`` (``n`` its
+    length, ``head`` the elements before its first 32-byte aligned one): without ``stream``
+    the whole segment; else the head and the tail stored plainly, the middle in STREAM_BLOCK
+    chunks computed into a scratch buffer and stored non-temporally."""
+    if not stream:
+        return n, False
+    if i < head:
+        return head, False
+    if i + STREAM_BLOCK <= n:
+        return i + STREAM_BLOCK, True
+    return n, False
+
+
+# _apply_out and _dx_out cut a segment into chunks and inline their loops once, whatever the
+# stores: with a copy of the loops per kind of chunk (head, streamed middle, tail, unstreamed)
+# seg_fwd, seg_bwd and bn_seg_bwd held four copies each, 2.2x their compile time now (46 s
+# against 21 s for their three dtypes), for the same loops. The loops stay inlined: called
+# instead, the forwards ran 1.4-1.8x slower (32x64x56x56 NCHW, one thread).
 
 
 @jit(inline="always")
-def _dx_stream(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act, buf):
-    """:func:`_dx` with the aligned middle of ``out`` stored non-temporally (see
-    :func:`_apply_stream`)."""
+def _apply_out(v, out, pt, mt, k1, k0, act, zero, stream, buf):
+    """:func:`_apply`, the aligned middle of ``out`` stored non-temporally where ``stream``
+    (``buf``: a STREAM_BLOCK-element scratch; the same values, only the stores differ)."""
     n = v.shape[0]
-    i0 = _stream_head(out)
-    _dx(v[:i0], g[:i0], out[:i0], pt, mt, rt, wc, bc, k1, k2, k3, act)
-    while i0 + STREAM_BLOCK <= n:
-        _dx(v[i0:i0 + STREAM_BLOCK], g[i0:i0 + STREAM_BLOCK], buf, pt, mt, rt, wc, bc, k1, k2, k3,
-            act)
-        _store_stream(out, i0, buf)
-        i0 += STREAM_BLOCK
-    _dx(v[i0:], g[i0:], out[i0:], pt, mt, rt, wc, bc, k1, k2, k3, act)
+    head = _stream_head(out) if stream else 0
+    i = 0
+    while i < n:
+        j, streamed = _next_chunk(i, n, head, stream)
+        _apply(v[i:j], buf if streamed else out[i:j], pt, mt, k1, k0, act, zero)
+        if streamed:
+            _store_stream(out, i, buf)
+        i = j
+
+
+@jit(inline="always")
+def _dx_out(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act, stream, buf):
+    """:func:`_dx`, the aligned middle of ``out`` stored non-temporally where ``stream`` (as
+    :func:`_apply_out`)."""
+    n = v.shape[0]
+    head = _stream_head(out) if stream else 0
+    i = 0
+    while i < n:
+        j, streamed = _next_chunk(i, n, head, stream)
+        _dx(v[i:j], g[i:j], buf if streamed else out[i:j], pt, mt, rt, wc, bc, k1, k2, k3, act)
+        if streamed:
+            _store_stream(out, i, buf)
+        i = j
 
 
 @jit(inline="always")
@@ -293,10 +316,7 @@ def _seg_dx(dy, x, dx, start, S, pt, mt, rt, wc, bc, k1, k2, k3, act, stream, xb
     out = staging(dx[start:start + S], obuf)
     v = decode(x[start:start + S], xbuf)
     g = decode(dy[start:start + S], gbuf)
-    if stream:
-        _dx_stream(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act, sbuf)
-    else:
-        _dx(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act)
+    _dx_out(v, g, out, pt, mt, rt, wc, bc, k1, k2, k3, act, stream, sbuf)
     encode(out, dx[start:start + S])
 
 
@@ -344,12 +364,8 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
             c = bi * cpr + j * cps
             start = base + j * seg_stride
             out = staging(y[start:start + S], ybuf)
-            if stream:
-                _apply_stream(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]),
-                              b[c], act, zero, sbuf)
-            else:
-                _apply(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c],
-                       act, zero)
+            _apply_out(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c], act,
+                       zero, stream, sbuf)
             encode(out, y[start:start + S])
     if stream:
         _store_fence()
@@ -457,11 +473,47 @@ def _rows(a, C):
     return a.reshape((a.shape[0] // C, C))
 
 
-@jit(inline="always")
-def _col_block_sums(dy, x, base, r0, r1, p, m, rs, wc, bc, act, grads, a1, a2, scratch):
+# The column helpers below are called, not inlined (each compiled once per signature; the
+# kernel's time unchanged at the benchmark shapes), and statistics and gradients, output and
+# input gradient, are apart: GroupNorm's one-task-per-sample kernels hold only the loops they
+# run (the four column kernels compiled in 31 s for three dtypes, against 44 s inlined).
+
+
+@jit
+def _col_block_stats(x, base, r0, r1, p, a1, a2, scratch):
     """Adds rows ``[r0, r1)`` of the matrix at ``base`` into ``a1[c]`` and ``a2[c]``, each
-    column in row order: ``d = x - p`` and ``d^2``, or with ``grads`` ``dz`` and ``dz * x_hat``
-    (see :func:`col_sums`); ``scratch``: :func:`_col_scratch`'s rows."""
+    column in row order: ``sum(d)`` and ``sum(d^2)`` of ``d = x - p`` (see :func:`col_sums`);
+    ``scratch``: :func:`_col_scratch`'s rows."""
+    C = a1.shape[0]
+    xbuf = row_of(scratch, 0)
+    ubuf = row_of(scratch, 1)
+    xs, row0 = _rows(x, C), base // C
+    first = r0  # the first row left for the one-row loop below
+    while first + 1 < r1:
+        # Two rows per pass over the accumulators (1.4x faster; the additions in the same
+        # order as one row at a time).
+        i = row0 + first
+        v = decode(row_of(xs, i), xbuf)
+        u = decode(row_of(xs, i + 1), ubuf)
+        for c in range(C):
+            pc = np.float64(p[c])
+            d = np.float64(v[c]) - pc
+            e = np.float64(u[c]) - pc
+            a1[c] = (a1[c] + d) + e
+            a2[c] = (a2[c] + d * d) + e * e
+        first += 2
+    for r in range(first, r1):
+        v = decode(row_of(xs, row0 + r), xbuf)
+        for c in range(C):
+            d = np.float64(v[c]) - np.float64(p[c])
+            a1[c] += d
+            a2[c] += d * d
+
+
+@jit
+def _col_block_grads(dy, x, base, r0, r1, p, m, rs, wc, bc, act, a1, a2, scratch):
+    """Adds rows ``[r0, r1)`` of the matrix at ``base`` into ``a1[c]`` and ``a2[c]``, each
+    column in row order: ``sum(dz)`` and ``sum(dz * x_hat)`` (see :func:`col_sums`)."""
     C = a1.shape[0]
     zero = p.dtype.type(0.0)
     xbuf = row_of(scratch, 0)
@@ -469,9 +521,9 @@ def _col_block_sums(dy, x, base, r0, r1, p, m, rs, wc, bc, act, grads, a1, a2, s
     ubuf = row_of(scratch, 3)
     qbuf = row_of(scratch, 4)
     xs, gs, row0 = _rows(x, C), _rows(dy, C), base // C
-    first = r0  # the first row left for the one-row loops below
-    while grads and act == 0 and first + 1 < r1:
-        # The gradient sums two rows per pass too (the same additions in the same order).
+    first = r0  # the first row left for the one-row loop below
+    while act == 0 and first + 1 < r1:
+        # Two rows per pass, as the statistics (the same additions in the same order).
         i = row0 + first
         v = decode(row_of(xs, i), xbuf)
         g = decode(row_of(gs, i), gbuf)
@@ -482,63 +534,43 @@ def _col_block_sums(dy, x, base, r0, r1, p, m, rs, wc, bc, act, grads, a1, a2, s
             a2[c] = ((a2[c] + np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c]))
                      + np.float64(q[c]) * (((u[c] - p[c]) - m[c]) * rs[c]))
         first += 2
-    while not grads and first + 1 < r1:
-        # Statistics two rows per pass over the accumulators (1.4x faster; the additions in
-        # the same order as one row at a time).
-        i = row0 + first
-        v = decode(row_of(xs, i), xbuf)
-        u = decode(row_of(xs, i + 1), gbuf)
-        for c in range(C):
-            pc = np.float64(p[c])
-            d = np.float64(v[c]) - pc
-            e = np.float64(u[c]) - pc
-            a1[c] = (a1[c] + d) + e
-            a2[c] = (a2[c] + d * d) + e * e
-        first += 2
     for r in range(first, r1):
         i = row0 + r
         v = decode(row_of(xs, i), xbuf)
-        if grads and act == 0:
-            g = decode(row_of(gs, i), gbuf)
+        g = decode(row_of(gs, i), gbuf)
+        if act == 0:
             for c in range(C):
                 a1[c] += g[c]
                 a2[c] += np.float64(g[c]) * (((v[c] - p[c]) - m[c]) * rs[c])
-        elif grads and act == 1:
-            g = decode(row_of(gs, i), gbuf)
+        elif act == 1:
             for c in range(C):
                 h = ((v[c] - p[c]) - m[c]) * rs[c]
                 gc = g[c]
                 dz = zero if h * wc[c] + bc[c] <= zero else gc
                 a1[c] += dz
                 a2[c] += np.float64(dz) * h
-        elif grads:
-            g = decode(row_of(gs, i), gbuf)
+        else:
             for c in range(C):
                 h = ((v[c] - p[c]) - m[c]) * rs[c]
                 dz = _act_grad(g[c], h * wc[c] + bc[c], act)
                 a1[c] += dz
                 a2[c] += np.float64(dz) * h
-        else:
-            for c in range(C):
-                d = np.float64(v[c]) - np.float64(p[c])
-                a1[c] += d
-                a2[c] += d * d
 
 
-@jit(inline="always")
-def _col_block_out(dy, x, out, base, r0, r1, p, m, rs, wc, bc, a, e, f, act, grads, scratch):
-    """Rows ``[r0, r1)`` of the matrix at ``base`` of :func:`col_out`'s output; ``scratch``:
-    :func:`_col_scratch`'s rows (bf16 rows widened or narrowed there)."""
+@jit
+def _col_block_y(x, out, base, r0, r1, p, m, rs, bc, act, scratch):
+    """Rows ``[r0, r1)`` of the matrix at ``base`` of the forward's output, ``out = act(((x -
+    p) - m) * rs + bc)`` (see :func:`col_out`); ``scratch``: :func:`_col_scratch`'s rows (bf16
+    rows widened or narrowed there)."""
     C = p.shape[0]
     zero = p.dtype.type(0.0)
     xbuf = row_of(scratch, 0)
-    gbuf = row_of(scratch, 1)
     obuf = row_of(scratch, 2)
     ubuf = row_of(scratch, 3)
     qbuf = row_of(scratch, 4)
-    xs, gs, ys, row0 = _rows(x, C), _rows(dy, C), _rows(out, C), base // C
+    xs, ys, row0 = _rows(x, C), _rows(out, C), base // C
     first = r0  # the first row left for the one-row loop below
-    while not grads and act == 0 and first + 1 < r1:
+    while act == 0 and first + 1 < r1:
         # Two rows per pass over the coefficients (elementwise: the same bits).
         i = row0 + first
         v = decode(row_of(xs, i), xbuf)
@@ -555,22 +587,7 @@ def _col_block_out(dy, x, out, base, r0, r1, p, m, rs, wc, bc, a, e, f, act, gra
         i = row0 + r
         v = decode(row_of(xs, i), xbuf)
         o = staging(row_of(ys, i), obuf)
-        if grads and act == 0:
-            g = decode(row_of(gs, i), gbuf)
-            for c in range(C):
-                o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
-        elif grads and act == 1:
-            g = decode(row_of(gs, i), gbuf)
-            for c in range(C):
-                h = ((v[c] - p[c]) - m[c]) * rs[c]
-                gc = g[c]
-                o[c] = a[c] * (zero if h * wc[c] + bc[c] <= zero else gc) + e[c] * h + f[c]
-        elif grads:
-            g = decode(row_of(gs, i), gbuf)
-            for c in range(C):
-                h = ((v[c] - p[c]) - m[c]) * rs[c]
-                o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
-        elif act == 0:
+        if act == 0:
             for c in range(C):
                 o[c] = ((v[c] - p[c]) - m[c]) * rs[c] + bc[c]
         elif act == 1:
@@ -583,10 +600,40 @@ def _col_block_out(dy, x, out, base, r0, r1, p, m, rs, wc, bc, a, e, f, act, gra
         encode(o, row_of(ys, i))
 
 
+@jit
+def _col_block_dx(dy, x, out, base, r0, r1, p, m, rs, wc, bc, a, e, f, act, scratch):
+    """Rows ``[r0, r1)`` of the matrix at ``base`` of the input gradient, ``out = a * dz + e *
+    x_hat + f`` (see :func:`col_out`)."""
+    C = p.shape[0]
+    zero = p.dtype.type(0.0)
+    xbuf = row_of(scratch, 0)
+    gbuf = row_of(scratch, 1)
+    obuf = row_of(scratch, 2)
+    xs, gs, ys, row0 = _rows(x, C), _rows(dy, C), _rows(out, C), base // C
+    for r in range(r0, r1):
+        i = row0 + r
+        v = decode(row_of(xs, i), xbuf)
+        g = decode(row_of(gs, i), gbuf)
+        o = staging(row_of(ys, i), obuf)
+        if act == 0:
+            for c in range(C):
+                o[c] = a[c] * g[c] + e[c] * (((v[c] - p[c]) - m[c]) * rs[c]) + f[c]
+        elif act == 1:
+            for c in range(C):
+                h = ((v[c] - p[c]) - m[c]) * rs[c]
+                gc = g[c]
+                o[c] = a[c] * (zero if h * wc[c] + bc[c] <= zero else gc) + e[c] * h + f[c]
+        else:
+            for c in range(C):
+                h = ((v[c] - p[c]) - m[c]) * rs[c]
+                o[c] = a[c] * _act_grad(g[c], h * wc[c] + bc[c], act) + e[c] * h + f[c]
+        encode(o, row_of(ys, i))
+
+
 @jit(inline="always")
 def _col_scratch(p):
-    """The five scratch rows of :func:`_col_block_sums` and :func:`_col_block_out` (bf16 rows
-    widened or narrowed), allocated once per kernel call, not per block of rows."""
+    """The five scratch rows of the column helpers above (bf16 rows widened or narrowed),
+    allocated once per kernel call, not per block of rows."""
     return np.empty((5, p.shape[-1]), p.dtype)
 
 
@@ -607,8 +654,11 @@ def col_sums(dy, x, R, sample_stride, block, piv, mu, rstd, w, b, act, grads, s1
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
         a1[:] = 0.0
         a2[:] = 0.0
-        _col_block_sums(dy, x, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], w[n], b[n], act,
-                        grads, a1, a2, scratch)
+        if grads:
+            _col_block_grads(dy, x, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], w[n], b[n],
+                             act, a1, a2, scratch)
+        else:
+            _col_block_stats(x, n * sample_stride, r0, r1, piv[n], a1, a2, scratch)
         s1p[n, blk, :] = a1
         s2p[n, blk, :] = a2
 
@@ -625,26 +675,21 @@ def col_out(dy, x, out, R, sample_stride, block, piv, mu, rstd, w, b, k1, k2, k3
     scratch = _col_scratch(piv)
     for t in range(lo, hi):
         n, blk, r0, r1 = _block_rows(t, nblk, block, R)
-        _col_block_out(dy, x, out, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], w[n], b[n],
-                       k1[n], k2[n], k3[n], act, grads, scratch)
+        if grads:
+            _col_block_dx(dy, x, out, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], w[n], b[n],
+                          k1[n], k2[n], k3[n], act, scratch)
+        else:
+            _col_block_y(x, out, n * sample_stride, r0, r1, piv[n], mu[n], rstd[n], b[n], act,
+                         scratch)
 
 
 @jit(inline="always")
-def _sample_sums(dy, x, base, R, block, p, m, rs, wc, bc, act, grads, cg, s1, s2, scratch):
-    """One sample's column sums, block by block as :func:`col_sums` cuts them, each block's
-    added into ``s1[c // cg]`` and ``s2[c // cg]`` in block then channel order, as
-    :func:`merge` adds them."""
-    C = p.shape[0]
-    a1 = np.empty(C, np.float64)
-    a2 = np.empty(C, np.float64)
-    for r0 in range(0, R, block):
-        a1[:] = 0.0
-        a2[:] = 0.0
-        _col_block_sums(dy, x, base, r0, min(R, r0 + block), p, m, rs, wc, bc, act, grads, a1, a2,
-                        scratch)
-        for c in range(C):
-            s1[c // cg] += a1[c]
-            s2[c // cg] += a2[c]
+def _add_block(a1, a2, cg, s1, s2):
+    """Adds one block's column sums into ``s1[c // cg]`` and ``s2[c // cg]``, in channel order:
+    a sample's blocks added in block then channel order, as :func:`merge` adds them."""
+    for c in range(a1.shape[0]):
+        s1[c // cg] += a1[c]
+        s2[c // cg] += a2[c]
 
 
 @jit
@@ -658,6 +703,8 @@ def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, va
     cg = C // G
     T = w.dtype.type
     scratch = _col_scratch(w)
+    a1 = np.empty(C, np.float64)
+    a2 = np.empty(C, np.float64)
     for n in range(lo, hi):
         base = n * sample_stride
         first = decode(x[base:base + C], np.empty(C, w.dtype))
@@ -667,7 +714,11 @@ def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, va
             p[c] = T(pivot[n, c // cg])
         s1 = np.zeros(G, np.float64)
         s2 = np.zeros(G, np.float64)
-        _sample_sums(x, x, base, R, block, p, p, p, p, p, 0, False, cg, s1, s2, scratch)
+        for r0 in range(0, R, block):  # the blocks of col_sums
+            a1[:] = 0.0
+            a2[:] = 0.0
+            _col_block_stats(x, base, r0, min(R, r0 + block), p, a1, a2, scratch)
+            _add_block(a1, a2, cg, s1, s2)
         m = np.empty(C, w.dtype)
         scale = np.empty(C, w.dtype)
         for g in range(G):
@@ -679,8 +730,7 @@ def col_group_fwd(x, y, R, sample_stride, block, w, b, eps, act, pivot, mean, va
             for c in range(g * cg, (g + 1) * cg):
                 m[c] = T(mu)
                 scale[c] = T(rstd[n, g] * np.float64(w[c]))
-        one = np.ones(C, w.dtype)
-        _col_block_out(x, x, y, base, 0, R, p, m, scale, one, b, one, one, one, act, False, scratch)
+        _col_block_y(x, y, base, 0, R, p, m, scale, b, act, scratch)
 
 
 @jit
@@ -696,6 +746,8 @@ def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pi
     T = w.dtype.type
     want_dx = dx.shape[0] > 0
     scratch = _col_scratch(w)
+    a1 = np.empty(C, np.float64)
+    a2 = np.empty(C, np.float64)
     for n in range(lo, hi):
         base = n * sample_stride
         p = np.empty(C, w.dtype)
@@ -707,7 +759,11 @@ def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pi
             r[c] = T(rstd[n, c // cg])
         s1[n, :] = 0.0
         s2[n, :] = 0.0
-        _sample_sums(dy, x, base, R, block, p, m, r, w, b, act, True, 1, s1[n], s2[n], scratch)
+        for r0 in range(0, R, block):  # the blocks of col_sums
+            a1[:] = 0.0
+            a2[:] = 0.0
+            _col_block_grads(dy, x, base, r0, min(R, r0 + block), p, m, r, w, b, act, a1, a2, scratch)
+            _add_block(a1, a2, 1, s1[n], s2[n])
         if not want_dx:
             continue
         k1 = np.empty(C, w.dtype)
@@ -725,7 +781,7 @@ def col_group_bwd(dy, x, dx, R, sample_stride, block, w, b, batch_stats, act, pi
                 if batch_stats:
                     k2[c] = T(-rs * g2 / (R * cg))
                     k3[c] = T(-rs * g1 / (R * cg))
-        _col_block_out(dy, x, dx, base, 0, R, p, m, r, w, b, k1, k2, k3, act, True, scratch)
+        _col_block_dx(dy, x, dx, base, 0, R, p, m, r, w, b, k1, k2, k3, act, scratch)
 
 
 @jit
