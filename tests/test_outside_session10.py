@@ -846,6 +846,7 @@ def test_numba_calls_from_four_threads_give_sequential_bits(op: str) -> None:
     assert not bad
 
 
+@pytest.mark.usefixtures("training_claims_only")
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "grad on, nothing requires grad"])
 @pytest.mark.parametrize("name", ["RMSNorm", "LayerNorm"])
 def test_modules_without_autograd_give_torch_nns_bits(name: str, context: str) -> None:
