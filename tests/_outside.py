@@ -17,19 +17,30 @@ import unittest
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor
 
+import normkit
 from cases import LOW_PRECISION, TOLERANCES, assert_close_to_reference
 from kernel_bound import ATOL
 
 __all__ = [
+    "NUMBA_ATTACK_MARKS",
     "assert_same_error",
     "assert_same_numbers",
     "clone_tree",
     "module_db",
     "op_db",
     "raised",
+]
+
+# The marks of an outside attack on the numba backend: skipped without numba; jit.trace's
+# warnings and torch's user warnings are the attacked calls' own, not the test's.
+NUMBA_ATTACK_MARKS = [
+    pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 
 

@@ -42,16 +42,12 @@ from torch.testing._internal.two_tensor import TwoTensor
 
 import normkit
 import normkit.functional as NF
-from _outside import op_db
+from _outside import NUMBA_ATTACK_MARKS, op_db
 from cases import seed_of
 from normkit.backends import ENV_VAR
 from normkit.testing import assert_within_bound
 
-pytestmark = [
-    pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered"),
-    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = NUMBA_ATTACK_MARKS
 
 F64 = torch.float64
 ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "normalize")

@@ -31,15 +31,11 @@ from torch.overrides import TorchFunctionMode
 
 import normkit
 import normkit.functional as NF
-from _outside import assert_same_error, clone_tree, module_db, raised
+from _outside import NUMBA_ATTACK_MARKS, assert_same_error, clone_tree, module_db, raised
 from cases import seed_of
 from normkit.testing import assert_within_bound
 
-pytestmark = [
-    pytest.mark.skipif("numba" not in normkit.backends(), reason="numba backend not registered"),
-    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = NUMBA_ATTACK_MARKS
 
 F64 = torch.float64
 FUZZ = settings(
