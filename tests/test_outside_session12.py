@@ -28,8 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings
 from torch import Tensor, nn
 
 import normkit
@@ -42,8 +41,12 @@ pytestmark = NUMBA_ATTACK_MARKS
 
 F64 = torch.float64
 BACKEND_NAMES = [None, "auto", "torch", "numba", "reference"]
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _randn(*shape: int, seed: object, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -62,11 +65,16 @@ MODULES: dict[str, tuple[Callable[[], nn.Module], Callable[..., nn.Module], tupl
     "BatchNorm1d": (lambda: nn.BatchNorm1d(12), lambda **kw: normkit.BatchNorm1d(12, **kw), (6, 12, 5)),
     "BatchNorm1d 2-d": (lambda: nn.BatchNorm1d(12), lambda **kw: normkit.BatchNorm1d(12, **kw), (9, 12)),
     "BatchNorm2d": (lambda: nn.BatchNorm2d(12), lambda **kw: normkit.BatchNorm2d(12, **kw), (3, 12, 5, 7)),
-    "InstanceNorm1d": (lambda: nn.InstanceNorm1d(12, affine=True),
-                       lambda **kw: normkit.InstanceNorm1d(12, affine=True, **kw), (3, 12, 17)),
-    "InstanceNorm2d": (lambda: nn.InstanceNorm2d(12, affine=True, track_running_stats=True),
-                       lambda **kw: normkit.InstanceNorm2d(12, affine=True, track_running_stats=True, **kw),
-                       (3, 12, 5, 7)),
+    "InstanceNorm1d": (
+        lambda: nn.InstanceNorm1d(12, affine=True),
+        lambda **kw: normkit.InstanceNorm1d(12, affine=True, **kw),
+        (3, 12, 17),
+    ),
+    "InstanceNorm2d": (
+        lambda: nn.InstanceNorm2d(12, affine=True, track_running_stats=True),
+        lambda **kw: normkit.InstanceNorm2d(12, affine=True, track_running_stats=True, **kw),
+        (3, 12, 5, 7),
+    ),
 }
 
 
@@ -79,8 +87,9 @@ def _pair(name: str, backend: str | None, seed: object) -> tuple[nn.Module, nn.M
     return theirs, ours
 
 
-def _run(module: nn.Module, inputs: list[Tensor], seed: object, ctx: Callable[[], Any] = contextlib.nullcontext
-         ) -> dict[str, Tensor]:
+def _run(
+    module: nn.Module, inputs: list[Tensor], seed: object, ctx: Callable[[], Any] = contextlib.nullcontext
+) -> dict[str, Tensor]:
     """Output(s), input and parameter gradients under a random upstream gradient, and the
     module's buffers after the call."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
@@ -91,9 +100,15 @@ def _run(module: nn.Module, inputs: list[Tensor], seed: object, ctx: Callable[[]
     dys = [_randn(*y.shape, seed=(seed, "dy", i), dtype=y.dtype) for i, y in enumerate(outs)]
     grads = torch.autograd.grad(outs, leaves + params, dys)
     got = {f"y{i}": y.detach() for i, y in enumerate(outs)}
-    got.update({f"dx{i}": g for i, g in enumerate(grads[:len(leaves)])})
-    got.update({f"d.{n}": g for (n, p), g in zip(
-        [(n, p) for n, p in module.named_parameters() if p.requires_grad], grads[len(leaves):], strict=True)})
+    got.update({f"dx{i}": g for i, g in enumerate(grads[: len(leaves)])})
+    got.update(
+        {
+            f"d.{n}": g
+            for (n, p), g in zip(
+                [(n, p) for n, p in module.named_parameters() if p.requires_grad], grads[len(leaves) :], strict=True
+            )
+        }
+    )
     got.update({f"buf.{n}": b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()})
     return got
 
@@ -119,8 +134,7 @@ AUTOCAST = (torch.bfloat16, torch.float16)
 MIXES = ("f32 in, f32 params", "low in, f32 params", "low in, low params")
 
 
-def _mixed(theirs: nn.Module, ours: nn.Module, x: Tensor, mix: str, low: torch.dtype, backend: str | None
-           ) -> Tensor:
+def _mixed(theirs: nn.Module, ours: nn.Module, x: Tensor, mix: str, low: torch.dtype, backend: str | None) -> Tensor:
     if backend == "numba" and low == torch.float16 and mix != "f32 in, f32 params":
         pytest.skip("numba declines float16 by design (BackendError, documented)")
     if mix == "low in, low params":
@@ -146,10 +160,14 @@ def test_modules_under_cpu_autocast_match_torch(name: str, backend: str | None, 
 
 
 ADD_NORMS = {
-    "add_layer_norm": (lambda x, r, w, b: NF.add_layer_norm(x, r, (x.shape[-1],), w, b, 1e-5),
-                       lambda x, r, w, b: (F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5), x + r)),
-    "add_rms_norm": (lambda x, r, w, b: NF.add_rms_norm(x, r, (x.shape[-1],), w, 1e-6),
-                     lambda x, r, w, b: (F.rms_norm(x + r, (x.shape[-1],), w, 1e-6), x + r)),
+    "add_layer_norm": (
+        lambda x, r, w, b: NF.add_layer_norm(x, r, (x.shape[-1],), w, b, 1e-5),
+        lambda x, r, w, b: (F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5), x + r),
+    ),
+    "add_rms_norm": (
+        lambda x, r, w, b: NF.add_rms_norm(x, r, (x.shape[-1],), w, 1e-6),
+        lambda x, r, w, b: (F.rms_norm(x + r, (x.shape[-1],), w, 1e-6), x + r),
+    ),
 }
 
 
@@ -189,3 +207,280 @@ def test_add_norms_under_cpu_autocast_match_torch(op: str, backend: str | None, 
 def _with_backend(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
     with normkit.use_backend(backend):
         return fn(*args)
+
+
+# ---- 2. real models from HF transformers and diffusers configs --------------------------------
+
+_GROUPS_OF_TWO = (
+    "convert's probe refuses a numba (and reference) GroupNorm with 2-element groups in float32: "
+    "normkit.convert(nn.GroupNorm(8, 16), backend='numba', strict=True) raises (also (2, 4), (3, 6), "
+    "(4, 8), (6, 12); diffusers' UNet2DModel(norm_num_groups=8, block_out_channels=(16, 32)) keeps 3 "
+    "of 21). On probe [2, 16] offset by 64 torch's own float32 output is 2.9e-5 off float64 and its "
+    "input gradient 8.7e-2 off; numba's are 6.0e-8 and 1.1e-4. _probe.nearer_truth compares numba's "
+    "worst error (its input gradient, 1.1e-4) with twice torch's error on the first quantity that "
+    "fails (its output, 2.9e-5): compare() returns at the first failure, so torch's far larger "
+    "input-gradient error is never measured. Fix: let compare() measure every quantity for the "
+    "original's error in nearer_truth (see the report's diff)."
+)
+
+
+def _llm(config: str, model: str, **extra: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        transformers = pytest.importorskip("transformers")
+        cfg = getattr(transformers, config)(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            attention_dropout=0.0,
+            **extra,
+        )
+        cfg._attn_implementation = "eager"
+        return getattr(transformers, model)(cfg)
+
+    return build
+
+
+def _bert() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _unet() -> nn.Module:
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+IDS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(12))
+LABELS = torch.tensor([0, 2])
+IMAGE, TARGET = _randn(2, 3, 8, 8, seed="unet x"), _randn(2, 3, 8, 8, seed="unet target")
+
+
+def _lm_loss(model: nn.Module) -> tuple[Tensor, Tensor]:
+    out = model(input_ids=IDS, labels=IDS)
+    return out.loss, out.logits
+
+
+def _bert_loss(model: nn.Module) -> tuple[Tensor, Tensor]:
+    out = model(input_ids=IDS, labels=LABELS)
+    return out.loss, out.logits
+
+
+def _unet_loss(model: nn.Module) -> tuple[Tensor, Tensor]:
+    y = model(IMAGE.to(next(model.parameters()).dtype), 3).sample
+    return F.mse_loss(y.double(), TARGET.double()), y
+
+
+# name: (builder, loss of a model, decoder that can generate)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], tuple[Tensor, Tensor]], bool]] = {
+    "llama": (_llm("LlamaConfig", "LlamaForCausalLM"), _lm_loss, True),
+    "qwen2": (_llm("Qwen2Config", "Qwen2ForCausalLM"), _lm_loss, True),
+    "gemma (1 + weight)": (_llm("GemmaConfig", "GemmaForCausalLM", head_dim=8), _lm_loss, True),
+    "bert": (_bert, _bert_loss, False),
+    "unet GroupNorm": (_unet, _unet_loss, False),
+}
+
+
+def _random_norms_(model: nn.Module, seed: object) -> nn.Module:
+    """Random norm weights and biases (HF starts them at 1 or 0, Gemma's weight at 0: a wrong
+    formula hides there)."""
+    gen = torch.Generator().manual_seed(seed_of(seed))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (0.0 if p.abs().max() == 0 else 1.0))
+    return model
+
+
+def _train_step(model: nn.Module, loss_of: Callable[[nn.Module], tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """One SGD step with momentum: the loss and output before, every parameter gradient, and the
+    loss after the step."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss, y = loss_of(model)
+    loss.backward()
+    got = {"loss": loss.detach().reshape(1), "y": y.detach()}
+    got.update({f"d.{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    opt.step()
+    with torch.no_grad():
+        got["loss after step"] = loss_of(model)[0].detach().reshape(1)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["numba", None])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_model_trains_like_the_original(
+    name: str, backend: str | None, dtype: torch.dtype, request: pytest.FixtureRequest
+) -> None:
+    """A tiny HF / diffusers model converted (strict) to numba or "auto": loss, output, every
+    parameter gradient and the loss after one optimizer step within twice the unconverted
+    model's own error of the float64 model's."""
+    if name == "unet GroupNorm" and backend == "numba" and dtype == torch.float32:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_GROUPS_OF_TWO))
+    if dtype == torch.bfloat16 and MODELS[name][2]:
+        pytest.skip("the decoders' bf16 run adds time, not reach: bert and the UNet cover bf16")
+    build, loss_of, _ = MODELS[name]
+    torch.manual_seed(seed_of("model", name))
+    model = _random_norms_(build(), ("model", name))
+    truth = _train_step(copy.deepcopy(model).double(), loss_of)
+    model = model.to(dtype)
+    converted = normkit.convert(copy.deepcopy(model), backend=backend, strict=True)
+    assert any(type(m).__module__.startswith("normkit") for m in converted.modules())
+    _judge(_train_step(converted, loss_of), _train_step(model, loss_of), truth)
+
+
+@pytest.mark.parametrize("backend", ["numba", None])
+@pytest.mark.parametrize("name", [n for n, (_, _, decoder) in MODELS.items() if decoder])
+def test_converted_decoder_generates_saves_and_reloads(name: str, backend: str | None) -> None:
+    """generate() gives the original's greedy tokens; the converted model's state_dict (through
+    torch.save / torch.load(weights_only=True)) loads into a fresh unconverted model that then
+    gives the original's logits to the bit; the pickled converted model keeps its backend."""
+    build, _, _ = MODELS[name]
+    torch.manual_seed(seed_of("generate", name))
+    model = _random_norms_(build().eval(), ("generate", name))
+    converted = normkit.convert(copy.deepcopy(model), backend=backend, strict=True)
+    prompt = IDS[:, :5]
+    options = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(prompt), "pad_token_id": 0}
+    assert torch.equal(converted.generate(prompt, **options), model.generate(prompt, **options))
+
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = build().eval()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+    copied = pickle.loads(pickle.dumps(converted))
+    norms = [m for m in copied.modules() if type(m).__module__.startswith("normkit")]
+    assert norms and all(m.backend == backend for m in norms)
+    with torch.no_grad():
+        assert torch.equal(copied(input_ids=IDS).logits, converted(input_ids=IDS).logits)
+
+
+@pytest.mark.xfail(strict=True, reason=_GROUPS_OF_TWO)
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("groups", [(2, 4), (3, 6), (4, 8), (8, 16)], ids=str)
+def test_convert_takes_a_group_norm_of_two_element_groups(groups: tuple[int, int], backend: str) -> None:
+    """normkit.convert(strict=True) takes a float32 GroupNorm whose groups hold two channels on
+    backends nearer float64 than torch itself (the minimal repro of the UNet's leftovers)."""
+    normkit.convert(nn.GroupNorm(*groups), backend=backend, strict=True)
+
+
+# ---- 3. numba kernels from several Python threads at once -------------------------------------
+
+# One call each of the numba kernels' families: (x's shape, call(x, weight, bias, residual)).
+THREADED: dict[str, tuple[tuple[int, ...], Callable[..., Any]]] = {
+    "layer_norm": ((33, 1031), lambda x, w, b, r: NF.layer_norm(x, (1031,), w, b, backend="numba")),
+    "rms_norm 8x4096": ((8, 4096), lambda x, w, b, r: NF.rms_norm(x, (4096,), w, backend="numba")),
+    "add_rms_norm": ((17, 257), lambda x, w, b, r: NF.add_rms_norm(x, r, (257,), w, backend="numba")),
+    "add_layer_norm": ((17, 257), lambda x, w, b, r: NF.add_layer_norm(x, r, (257,), w, b, backend="numba")),
+    "group_norm": ((3, 32, 9, 11), lambda x, w, b, r: NF.group_norm(x, 8, w, b, backend="numba")),
+    "group_norm channels_last": (
+        (3, 32, 9, 11),
+        lambda x, w, b, r: NF.group_norm(x.to(memory_format=torch.channels_last), 4, w, b, backend="numba"),
+    ),
+    "batch_norm training": (
+        (5, 32, 7, 6),
+        lambda x, w, b, r: NF.batch_norm(x, None, None, w, b, True, backend="numba"),
+    ),
+    "instance_norm": ((3, 32, 13), lambda x, w, b, r: NF.instance_norm(x, weight=w, bias=b, backend="numba")),
+}
+
+
+def _threaded_job(kind: str, dtype: torch.dtype, seed: int) -> list[Tensor]:
+    """Forward and backward of one call with its own random inputs: y, dx, dw (and d residual)."""
+    shape, call = THREADED[kind]
+    width = shape[-1] if len(shape) == 2 else shape[1]
+    x = _randn(*shape, seed=(kind, seed, "x"), dtype=dtype).requires_grad_()
+    r = _randn(*shape, seed=(kind, seed, "r"), dtype=dtype).requires_grad_()
+    w = _randn(width, seed=(kind, seed, "w")).requires_grad_()
+    b = _randn(width, seed=(kind, seed, "b")).requires_grad_()
+    out = call(x, w, b, r)
+    outs = out if isinstance(out, tuple) else (out,)
+    dys = [_randn(*y.shape, seed=(kind, seed, "dy", i), dtype=y.dtype) for i, y in enumerate(outs)]
+    grads = torch.autograd.grad(outs, (x, w, b, r), dys, allow_unused=True)
+    return [y.detach() for y in outs] + [g for g in grads if g is not None]
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_from_many_python_threads_gives_the_serial_bits(threads: int, restore_threads: None) -> None:
+    """Every kernel family, both dtypes, run from a pool of 4 Python threads all at once (the
+    jobs interleaved): each job's results equal its serial run to the bit; no deadlock (each
+    job must end within 120 s)."""
+    torch.set_num_threads(threads)
+    jobs = [(kind, dtype, seed) for seed in range(2) for dtype in (torch.float32, torch.bfloat16) for kind in THREADED]
+    serial = [_threaded_job(*job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(_threaded_job, *job) for job in jobs]
+        threaded = [f.result(timeout=120) for f in futures]
+    for job, want, got in zip(jobs, serial, threaded, strict=True):
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(a, b), f"{job} result {i}: threaded differs by {(a.double() - b.double()).abs().max()}"
+
+
+def test_numba_forward_in_one_thread_while_backward_in_another(restore_threads: None) -> None:
+    """Thread A builds graphs (forwards) while thread B runs the backward of graphs built before,
+    and a third flips torch's thread count between 1 and 2: every result equals the serial one
+    to the bit (numba's contract: the same bits whatever the thread count)."""
+    kinds = list(THREADED)
+    want = {kind: _threaded_job(kind, torch.float32, 7) for kind in kinds}
+
+    def forwards() -> dict[str, Tensor]:
+        out = {}
+        for kind in kinds * 2:
+            shape, call = THREADED[kind]
+            width = shape[-1] if len(shape) == 2 else shape[1]
+            x, r = (_randn(*shape, seed=(kind, 7, n)) for n in ("x", "r"))
+            w, b = (_randn(width, seed=(kind, 7, n)) for n in ("w", "b"))
+            y = call(x, w, b, r)
+            out[kind] = (y if isinstance(y, tuple) else (y,))[0].detach()
+        return out
+
+    def backwards() -> dict[str, list[Tensor]]:
+        return {kind: _threaded_job(kind, torch.float32, 7) for kind in kinds * 2}
+
+    def flip() -> None:
+        for i in range(40):
+            torch.set_num_threads(1 + i % 2)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        f, b, t = pool.submit(forwards), pool.submit(backwards), pool.submit(flip)
+        got_y, got_all = f.result(timeout=120), b.result(timeout=120)
+        t.result(timeout=120)
+    for kind in kinds:
+        assert torch.equal(got_y[kind], want[kind][0]), f"{kind}: forward differs under a concurrent backward"
+        for a, c in zip(want[kind], got_all[kind], strict=True):
+            assert torch.equal(a, c), f"{kind}: backward differs under a concurrent forward"
