@@ -11,12 +11,14 @@ and without a copy:
   (sample, channel) segment for BatchNorm, whose statistics span the batch: a first pass of
   partial sums per segment, merged per channel, then a second pass (a channel's segments are
   ``C * S`` apart: walking them channel by channel ran at half the speed of memory order).
-  The backward, where a channel's segments are long and all of them (x and dy) fit in a core's
-  L2 cache, takes one task per channel instead (:func:`bn_seg_bwd`): its sums, then its dx
-  while the segments are still in cache (x and dy read once from memory, not twice; the same
-  sums in the same order, so the same bits). The forward keeps its two passes in memory order:
-  one task per channel measured 3-10% slower there (its statistics pass, walking the channel's
-  segments, lost more than the second read of x saved).
+  Where a channel's segments are long and all of them (x and dy) fit in a core's L2 cache,
+  the training forward and the backward take one task per block of channels instead
+  (:func:`bn_seg_fwd`, :func:`bn_seg_bwd`): the block's sums, then its output while its
+  segments are still in cache (x and dy read once from memory, not twice; the same sums in
+  the same order, so the same bits). A block's segments of one sample are one contiguous
+  run, read in memory order: one channel per task had measured 3-10% slower than the two
+  passes in the forward (its statistics pass, walking the channel's segments, lost more than
+  the second read of x saved).
 * **columns** (channels_last(_3d), ``(N, C)``): each (sample, position) is ``C`` contiguous
   channels. The rows of a matrix (all ``N * S`` positions for BatchNorm, one sample's ``S``
   for GroupNorm) are cut into blocks of ``block`` rows, a size fixed by the shape;
@@ -63,7 +65,7 @@ from numba.extending import intrinsic, overload
 
 from normkit.ops.numba._engine import decode, encode, jit, row_of, staging, sum_jit
 
-__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "bn_seg_bwd", "col_group_bwd", "col_group_fwd",
+__all__ = ["ACT_CODES", "APPLY", "FULL", "SUMS", "bn_seg_bwd", "bn_seg_fwd", "col_group_bwd", "col_group_fwd",
            "col_out", "col_sums", "merge", "seg_bwd", "seg_fwd"]
 
 # Activation codes (normkit.functional.ACTIVATIONS by name): 0 none, 1 relu, 2 silu, 3 gelu (erf).
@@ -320,6 +322,23 @@ def _seg_dx(dy, x, dx, start, S, pt, mt, rt, wc, bc, k1, k2, k3, act, stream, xb
     encode(out, dx[start:start + S])
 
 
+@jit(inline="always")
+def _seg_scratch(w, S, stream):
+    """A segment's decode and staging buffers (bf16 widened or narrowed there) and the
+    STREAM_BLOCK-element buffer of its streamed chunks (0-length without ``stream``)."""
+    return (np.empty(S, w.dtype), np.empty(S, w.dtype),
+            np.empty(STREAM_BLOCK if stream else 0, w.dtype))
+
+
+@jit(inline="always")
+def _seg_y(x, y, start, S, pt, mt, k1, k0, act, zero, stream, xbuf, ybuf, sbuf):
+    """The output of the segment at ``start``: :func:`_apply` (streamed where ``stream``),
+    through the staging buffer for bf16."""
+    out = staging(y[start:start + S], ybuf)
+    _apply_out(decode(x[start:start + S], xbuf), out, pt, mt, k1, k0, act, zero, stream, sbuf)
+    encode(out, y[start:start + S])
+
+
 # seg_fwd's modes: what a task does with its row.
 FULL, SUMS, APPLY = 0, 1, 2
 
@@ -340,9 +359,7 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
     T = w.dtype.type
     zero = T(0.0)
     stream = streams(y)
-    xbuf = np.empty(S, w.dtype)
-    ybuf = np.empty(S, w.dtype)
-    sbuf = np.empty(STREAM_BLOCK if stream else 0, w.dtype)
+    xbuf, ybuf, sbuf = _seg_scratch(w, S, stream)
     for r in range(lo, hi):
         base, bi = _row_start(r, nb, stride_a, stride_b)
         if mode != APPLY:
@@ -362,11 +379,44 @@ def seg_fwd(x, y, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w, b, m
         pt, mt = T(pivot[r]), T(mean[r])
         for j in range(nseg):
             c = bi * cpr + j * cps
-            start = base + j * seg_stride
-            out = staging(y[start:start + S], ybuf)
-            _apply_out(decode(x[start:start + S], xbuf), out, pt, mt, T(rstd[r] * w[c]), b[c], act,
-                       zero, stream, sbuf)
-            encode(out, y[start:start + S])
+            _seg_y(x, y, base + j * seg_stride, S, pt, mt, T(rstd[r] * w[c]), b[c], act, zero, stream,
+                   xbuf, ybuf, sbuf)
+    if stream:
+        _store_fence()
+
+
+@jit
+def bn_seg_fwd(x, y, N, C, S, w, b, eps, act, pivot, mean, var, rstd, cb, lo, hi):
+    """BatchNorm's NC* training forward, channels ``[lo, hi)`` in blocks of ``cb``, one task
+    each: each channel's statistics (``pivot`` its first element, ``mean`` of ``x - pivot``,
+    ``var`` biased, ``rstd``), then ``y = act(((x - pivot) - mean) * w * rstd + b)`` while the
+    block's segments are still in cache: x read once from memory, not twice. The same segment
+    sums added in sample order as :func:`seg_fwd`'s SUMS and :func:`merge`, the same moments as
+    the launcher's and the same output as APPLY: the same bits as those two passes."""
+    T = w.dtype.type
+    zero = T(0.0)
+    stream = streams(y)
+    xbuf, ybuf, sbuf = _seg_scratch(w, S, stream)
+    s1 = np.empty(cb)
+    s2 = np.empty(cb)
+    for c0 in range(lo, hi, cb):
+        c1 = min(hi, c0 + cb)
+        for c in range(c0, c1):
+            pivot[c] = np.float64(decode(x[c * S:c * S + 1], xbuf[:1])[0])
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for n in range(N):
+            for c in range(c0, c1):
+                start = (n * C + c) * S
+                a1, a2 = _sums(decode(x[start:start + S], xbuf), pivot[c])
+                s1[c - c0] += a1
+                s2[c - c0] += a2
+        for c in range(c0, c1):
+            mean[c], var[c], rstd[c] = _moments(s1[c - c0], s2[c - c0], N * S, eps)
+        for n in range(N):
+            for c in range(c0, c1):
+                _seg_y(x, y, (n * C + c) * S, S, T(pivot[c]), T(mean[c]), T(rstd[c] * w[c]), b[c],
+                       act, zero, stream, xbuf, ybuf, sbuf)
     if stream:
         _store_fence()
 
@@ -418,12 +468,15 @@ def seg_bwd(dy, x, dx, nb, stride_a, stride_b, nseg, seg_stride, S, cpr, cps, w,
 
 
 @jit
-def bn_seg_bwd(dy, x, dx, N, C, S, w, b, batch_stats, act, pivot, mean, rstd, s1, s2, lo, hi):
+def bn_seg_bwd(dy, x, dx, N, C, S, w, b, batch_stats, act, pivot, mean, rstd, s1, s2, cb, lo, hi):
     """BatchNorm's NC* backward (training, or eval with ``batch_stats`` False), channels
-    ``[lo, hi)``, one task each: ``s1[c]`` and ``s2[c]`` get ``sum(dz)`` and ``sum(dz * x_hat)``
-    (segment sums added in sample order, as seg_bwd's partial sums and :func:`merge`), then
-    (unless ``dx`` is 0-length) the channel's ``dx`` while its segments are still in cache,
-    with seg_bwd's coefficients computed as the launcher computes them (the same bits)."""
+    ``[lo, hi)`` in blocks of ``cb``, one task each: ``s1[c]`` and ``s2[c]`` get ``sum(dz)`` and
+    ``sum(dz * x_hat)`` (segment sums added in sample order, as seg_bwd's partial sums and
+    :func:`merge`), then (unless ``dx`` is 0-length) the block's ``dx`` while its segments are
+    still in cache, with seg_bwd's coefficients computed as the launcher computes them (the
+    same bits). Both passes walk the block sample by sample, its ``cb`` segments of a sample
+    being one contiguous run: one channel at a time (``cb = 1``), the hardware prefetchers
+    restart on every 12.5 KB segment and the sums ran at half the speed of memory order."""
     T = w.dtype.type
     want_dx = dx.shape[0] > 0
     stream = streams(dx)
@@ -431,28 +484,31 @@ def bn_seg_bwd(dy, x, dx, N, C, S, w, b, batch_stats, act, pivot, mean, rstd, s1
     gbuf = np.empty(S, w.dtype)
     obuf = np.empty(S, w.dtype)
     sbuf = np.empty(STREAM_BLOCK if stream else 0, w.dtype)
+    coef = np.empty((cb, 3), w.dtype)
     n_el = N * S
-    for c in range(lo, hi):
-        pt, mt, rt = T(pivot[c]), T(mean[c]), T(rstd[c])
-        g1 = 0.0
-        g2 = 0.0
+    for c0 in range(lo, hi, cb):
+        c1 = min(hi, c0 + cb)
+        s1[c0:c1] = 0.0
+        s2[c0:c1] = 0.0
         for n in range(N):
-            start = (n * C + c) * S
-            a1, a2 = _grad_sums(decode(x[start:start + S], xbuf), decode(dy[start:start + S], gbuf),
-                                pt, mt, rt, w[c], b[c], act)
-            g1 += a1
-            g2 += a2
-        s1[c] = g1
-        s2[c] = g2
+            for c in range(c0, c1):
+                start = (n * C + c) * S
+                a1, a2 = _grad_sums(decode(x[start:start + S], xbuf), decode(dy[start:start + S], gbuf),
+                                    T(pivot[c]), T(mean[c]), T(rstd[c]), w[c], b[c], act)
+                s1[c] += a1
+                s2[c] += a2
         if not want_dx:
             continue
-        w64 = np.float64(w[c])
-        k1 = T(rstd[c] * w64)
-        k2 = T(-rstd[c] * w64 * g2 / n_el) if batch_stats else T(0.0)
-        k3 = T(-rstd[c] * w64 * g1 / n_el) if batch_stats else T(0.0)
+        for c in range(c0, c1):
+            w64 = np.float64(w[c])
+            coef[c - c0, 0] = T(rstd[c] * w64)
+            coef[c - c0, 1] = T(-rstd[c] * w64 * s2[c] / n_el) if batch_stats else T(0.0)
+            coef[c - c0, 2] = T(-rstd[c] * w64 * s1[c] / n_el) if batch_stats else T(0.0)
         for n in range(N):
-            _seg_dx(dy, x, dx, (n * C + c) * S, S, pt, mt, rt, w[c], b[c], k1, k2, k3, act, stream,
-                    xbuf, gbuf, obuf, sbuf)
+            for c in range(c0, c1):
+                k1, k2, k3 = coef[c - c0, 0], coef[c - c0, 1], coef[c - c0, 2]
+                _seg_dx(dy, x, dx, (n * C + c) * S, S, T(pivot[c]), T(mean[c]), T(rstd[c]), w[c],
+                        b[c], k1, k2, k3, act, stream, xbuf, gbuf, obuf, sbuf)
     if stream:
         _store_fence()
 
