@@ -606,13 +606,63 @@ _ATEN: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
     F.layer_norm: lambda x, shape, w, b, eps: keep_layout(x, torch.layer_norm(x, shape, w, b, eps, _cudnn())),
     F.rms_norm: torch.rms_norm,
     F.group_norm: lambda x, groups, w, b, eps: torch.group_norm(x, groups, w, b, eps, _cudnn()),
-    F.batch_norm: lambda x, rm, rv, w, b, training, momentum, eps: torch.batch_norm(
-        x, w, b, rm, rv, training, momentum, eps, _cudnn()
+    F.batch_norm: lambda x, rm, rv, w, b, training, momentum, eps: aten_batch_norm_grads(
+        torch.batch_norm(x, w, b, rm, rv, training, momentum, eps, _cudnn())
     ),
     F.instance_norm: lambda x, rm, rv, w, b, use_input_stats, momentum, eps: keep_layout(
-        x, torch.instance_norm(x, w, b, rm, rv, use_input_stats, momentum, eps, _cudnn())
+        x, aten_instance_norm_grads(torch.instance_norm(x, w, b, rm, rv, use_input_stats, momentum, eps, _cudnn()))
     ),
 }
+
+
+# torch 2.13's CPU backward of batch_norm and instance_norm computes wrong gradients (errors of
+# order 1 in dx, dweight and dbias, no error raised) for some layouts of the upstream gradient:
+# batch_norm for one dense in channels_last order whose size-1 axes have other strides than that
+# format's (an input x contiguous, its gradient e.g. ``g.permute(3, 2, 1, 0).contiguous()
+# .permute(3, 2, 1, 0)`` of shape (1, 4, 1, 5)); instance_norm for a channels_last gradient of a
+# batch of one (InstanceNorm2d on a channels_last image: all three gradients wrong) and for some
+# permuted ones. The forward is right. ATen's output hands its backward the gradient in a layout
+# it gets right (the same values): through a hook in eager mode (about a microsecond), through
+# an autograd Function under torch.compile (traced: dynamo does not take a hook on an
+# intermediate tensor into a full graph; Inductor's own backward is right, aot_eager's is ATen's).
+def aten_batch_norm_grads(y: Tensor) -> Tensor:
+    """``y``, ATen's batch_norm output, with its upstream gradient viewed with canonical strides
+    (:func:`canonical_strides`, no copy) before ATen's backward reads it. Only an output with a
+    size-1 axis can receive such a gradient."""
+    if not y.requires_grad or 1 not in y.shape:
+        return y
+    if torch.compiler.is_compiling():
+        return _GradThrough.apply(y, canonical_strides)
+    y.register_hook(canonical_strides)
+    return y
+
+
+def aten_instance_norm_grads(y: Tensor) -> Tensor:
+    """``y``, ATen's instance_norm output (contiguous), with its upstream gradient made contiguous
+    too (a copy only where it was not) before ATen's backward reads it."""
+    if not y.requires_grad:
+        return y
+    if torch.compiler.is_compiling():
+        return _GradThrough.apply(y, _contiguous)
+    y.register_hook(_contiguous)
+    return y
+
+
+def _contiguous(g: Tensor) -> Tensor:
+    return g.contiguous()
+
+
+class _GradThrough(torch.autograd.Function):
+    """The identity, its backward passing ``fix(gradient)``."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, fix: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        ctx.fix = fix
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.fix(g), None
 
 
 def _settled_on_aten(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import blocks, masked, numerics, reference  # noqa: F401  (masked: declares its ops)
 from ..backends import Backend, OpImpl, _never, register_backend, register_lazy_backend
-from ..functional import _cudnn, activate
+from ..functional import _cudnn, activate, aten_batch_norm_grads, aten_instance_norm_grads
 from ..norms import NORMS, NormSpec
 
 __all__: list[str] = []
@@ -130,6 +130,17 @@ def _reference_complex_unsupported(*args, **kwargs):
     return None
 
 
+def _guarded(fn: Callable[..., Tensor], guard: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    """``guard(fn(...))``: torch's function with the guard on its output (see
+    :func:`normkit.functional.aten_batch_norm_grads`)."""
+
+    def run(*args: object, **kwargs: object) -> Tensor:
+        return guard(fn(*args, **kwargs))
+
+    run.__name__ = fn.__name__
+    return run
+
+
 def _table_ops(impl: Callable[[NormSpec], OpImpl]) -> dict[str, OpImpl]:
     """One op per row of :data:`normkit.norms.NORMS`."""
     return {name: impl(spec) for name, spec in NORMS.items()}
@@ -140,11 +151,14 @@ register_backend(
         "torch",
         {
             **_table_ops(lambda spec: OpImpl(spec.torch_op)),
+            # with the guard on the layout of the upstream gradient ATen's backward reads
+            "batch_norm": OpImpl(_guarded(F.batch_norm, aten_batch_norm_grads)),
+            "instance_norm": OpImpl(_guarded(F.instance_norm, aten_instance_norm_grads)),
             "local_response_norm": OpImpl(F.local_response_norm, _torch_lrn_unsupported),
             "add_layer_norm": OpImpl(_torch_add_layer_norm, plain=_plain_add_layer_norm),
             "add_rms_norm": OpImpl(_torch_add_rms_norm, plain=_plain_add_rms_norm),
             "normalize": OpImpl(_torch_normalize),
-            "batch_norm_act": OpImpl(_then_act(F.batch_norm)),
+            "batch_norm_act": OpImpl(_then_act(_guarded(F.batch_norm, aten_batch_norm_grads))),
             "group_norm_act": OpImpl(_then_act(F.group_norm)),
             "masked_batch_norm": OpImpl(_torch_masked_batch_norm),
             "masked_instance_norm": OpImpl(_torch_masked_instance_norm),
