@@ -484,3 +484,117 @@ def test_numba_forward_in_one_thread_while_backward_in_another(restore_threads: 
         assert torch.equal(got_y[kind], want[kind][0]), f"{kind}: forward differs under a concurrent backward"
         for a, c in zip(want[kind], got_all[kind], strict=True):
             assert torch.equal(a, c), f"{kind}: backward differs under a concurrent forward"
+
+
+# ---- 4. a module's life outside a plain forward ----------------------------------------------
+
+
+def _saved_and_loaded(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "torch.save": _saved_and_loaded,
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("backend", [None, "numba", "reference"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_copies_keep_backend_state_and_bits(name: str, backend: str | None, how: str) -> None:
+    """deepcopy / pickle / torch.save+load of a module with a backend set, in training mode after
+    one step: the copy keeps its backend and state, and its next training call gives the
+    original's bits (output, gradients, running statistics)."""
+    seed = ("copies", name, backend, how)
+    _, ours = _pair(name, backend, seed)
+    x = _randn(*MODULES[name][2], seed=seed)
+    _run(ours, [x], seed)
+    copied = COPIES[how](ours)
+    assert copied.backend == backend and copied.training
+    for key, value in ours.state_dict().items():
+        assert torch.equal(copied.state_dict()[key], value), key
+    want, got = _run(ours, [x], (seed, 2)), _run(copied, [x], (seed, 2))
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", [None, "numba"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_cast_after_construction_matches_torch(name: str, backend: str | None, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` after construction (and after loading torch's state): normkit's
+    results in ``dtype`` within the bound of torch.nn's twin cast the same way."""
+    seed = ("cast", name, backend, str(dtype))
+    theirs, ours = _pair(name, backend, seed)
+    x = _randn(*MODULES[name][2], seed=seed)
+    truth = _float64_truth(theirs, [x], seed)
+    theirs.to(dtype), ours.to(dtype)
+    _judge(_run(ours, [x.to(dtype)], seed), _run(theirs, [x.to(dtype)], seed), truth)
+
+
+@pytest.mark.parametrize("backend", [None, "numba"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_state_dict_from_and_to_torch_twin(name: str, backend: str | None) -> None:
+    """normkit loads torch.nn's twin's state_dict (strict), and torch loads normkit's; an extra
+    key gives torch's error (strict) or torch's result (strict=False); a state of a wrong
+    shape gives torch's error and changes nothing."""
+    seed = ("state", name, backend)
+    theirs, ours = _pair(name, backend, seed)
+    fresh = MODULES[name][0]()
+    fresh.load_state_dict(ours.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    extra = {**theirs.state_dict(), "extra.weight": torch.ones(2)}
+    loose = copy.deepcopy(theirs).load_state_dict(extra, strict=False)
+    assert str(ours.load_state_dict(extra, strict=False)) == str(loose)
+    with pytest.raises(RuntimeError) as torch_error:
+        copy.deepcopy(theirs).load_state_dict(extra)
+    with pytest.raises(RuntimeError) as our_error:
+        ours.load_state_dict(extra)
+    assert str(our_error.value).replace(type(ours).__name__, "?") == str(torch_error.value).replace(
+        type(theirs).__name__, "?"
+    )
+    wrong = {k: torch.zeros(v.numel() + 1) if v.dim() else v for k, v in theirs.state_dict().items()}
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        ours.load_state_dict(wrong)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed by a failed load_state_dict"
+
+
+TRACERS: dict[str, Callable[[nn.Module, Tensor], Callable[[Tensor], Tensor]]] = {
+    "torch.export": lambda m, x: torch.export.export(m, (x,)).module(),
+    "jit.trace": lambda m, x: torch.jit.trace(m, (x,), check_trace=False),
+    "fx in a model": lambda m, x: torch.fx.symbolic_trace(nn.Sequential(nn.Identity(), m)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("tracer", list(TRACERS))
+@pytest.mark.parametrize("backend", [None, "numba"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_traced_module_runs_like_torch(name: str, backend: str | None, tracer: str, training: bool) -> None:
+    """torch.export / jit.trace / fx of a normkit module (train and eval): two calls on new
+    inputs give torch.nn's twin's outputs and running statistics (float32 tolerance)."""
+    seed = ("traced", name, backend, tracer, training)
+    theirs, ours = _pair(name, backend, seed)
+    theirs.train(training), ours.train(training)
+    shape = MODULES[name][2]
+    if backend == "numba" and not training and name == "InstanceNorm2d":
+        with pytest.raises(normkit.BackendError, match="use_input_stats=False"):
+            ours(_randn(*shape, seed=seed))  # declined by design, eager as traced
+        return
+    graph = TRACERS[tracer](ours, _randn(*shape, seed=(seed, 0)))
+    if tracer == "jit.trace":  # tracing ran one real call (and its statistics update): torch's too
+        theirs(_randn(*shape, seed=(seed, 0)))
+    for step in (1, 2):
+        x = _randn(*shape, seed=(seed, step))
+        torch.testing.assert_close(graph(x), theirs(x))
+    theirs_buffers = dict(theirs.named_buffers())
+    for key, value in ours.named_buffers() if tracer != "torch.export" else graph.named_buffers():
+        torch.testing.assert_close(value, theirs_buffers[key.split(".")[-1]], msg=key)
