@@ -167,3 +167,26 @@ def test_gradients_on_odd_layouts_under_compile(kind: str, compiler: str) -> Non
     got = _grads(m, lambda mod, t: compiled(t), _in_order(x, x_order), _in_order(dy, dy_order), F64)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("kind", ["batch_norm", "instance_norm", "group_norm"])
+def test_per_sample_gradients_of_a_channels_last_batch(kind: str, backend: str | None) -> None:
+    """vmap(grad) through functional_call (per-sample gradients) over a channels_last batch: each
+    sample's parameter gradients equal those of its own call (BatchNorm in eval)."""
+    from torch.func import functional_call, grad, vmap
+
+    m = _module(kind, 3, 4, backend).float().eval()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    g = torch.Generator().manual_seed(11)
+    xs = torch.randn(4, 3, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    up = torch.randn(3, 5, 6, generator=g)
+
+    def loss(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return (functional_call(m, p, (x[None],))[0] * up).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(xs.shape[0]):
+        one = grad(loss)(params, xs[i])
+        for name in params:
+            torch.testing.assert_close(per_sample[name][i], one[name], msg=f"sample {i} d{name}")

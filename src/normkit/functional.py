@@ -633,7 +633,7 @@ def aten_batch_norm_grads(y: Tensor) -> Tensor:
         return y
     if torch.compiler.is_compiling():
         return _GradThrough.apply(y, canonical_strides)
-    y.register_hook(canonical_strides)
+    y.register_hook(_canonical_grad)
     return y
 
 
@@ -648,8 +648,12 @@ def aten_instance_norm_grads(y: Tensor) -> Tensor:
     return y
 
 
-def _contiguous(g: Tensor) -> Tensor:
-    return g.contiguous()
+def _contiguous(g: Tensor | None) -> Tensor | None:
+    return None if g is None else g.contiguous()  # None: an undefined gradient, passed on
+
+
+def _canonical_grad(g: Tensor | None) -> Tensor | None:
+    return None if g is None else canonical_strides(g)
 
 
 class _GradThrough(torch.autograd.Function):
@@ -752,11 +756,13 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 def keep_layout(x: Tensor, y: Tensor) -> Tensor:
     """``y`` in ``x``'s memory format: a channels_last(_3d) input gives a channels_last(_3d)
     output whatever the backend (ATen's instance_norm and layer_norm return contiguous output
-    for it, and a kernel may have read a copy). Costs a copy only where the layout was lost."""
+    for it, and a kernel may have read a copy). Costs a copy only where the layout was lost.
+    Under ``torch.func.vmap`` ``y`` stays as it is (vmap refuses a channels_last copy, and a
+    sample has no memory format of its own)."""
     if x.dim() not in (4, 5) or x.is_contiguous() or y.shape != x.shape:
         return y
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    if x.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt):
+    if x.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt) and not numerics._is_batched(y):
         return y.contiguous(memory_format=fmt)
     return y
 
