@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 import normkit
 import normkit.functional as NF
-from _outside import NUMBA_ATTACK_MARKS
-from cases import randomize_, seed_of
-from normkit.testing import assert_within_bound
+from _outside import NUMBA_ATTACK_MARKS, assert_same_error, module_db, raised
+from cases import randomize_, run_or_skip, seed_of
+from normkit.testing import assert_within_bound, bound
 
 pytestmark = NUMBA_ATTACK_MARKS
 
@@ -598,3 +598,72 @@ def test_traced_module_runs_like_torch(name: str, backend: str | None, tracer: s
     theirs_buffers = dict(theirs.named_buffers())
     for key, value in ours.named_buffers() if tracer != "torch.export" else graph.named_buffers():
         torch.testing.assert_close(value, theirs_buffers[key.split(".")[-1]], msg=key)
+
+
+# ---- 5. torch's module_db samples in bfloat16 on numba and "auto" -----------------------------
+# tests/test_module_db.py runs them in float64 and float32 on every backend; here in bfloat16,
+# and bfloat16 input into float32 parameters (what an autocast model feeds its norms).
+
+
+def _module_db_samples() -> list[Any]:
+    torch.manual_seed(0)  # module_inputs_func draws with the global generator
+    out = []
+    for info in module_db():
+        twin = getattr(normkit, info.module_cls.__name__, None)
+        if not (isinstance(twin, type) and issubclass(twin, info.module_cls)):
+            continue
+        for training in (True, False) if info.train_and_eval_differ else (True,):
+            for s in info.module_inputs_func(
+                info, device="cpu", dtype=torch.float32, requires_grad=True, training=training
+            ):
+                x = s.forward_input.args[0]
+                if x.numel() > 4096:  # torch's large-batch samples: time, not reach
+                    continue
+                args = (tuple(s.constructor_input.args), tuple(s.constructor_input.kwargs.items()))
+                out.append(
+                    pytest.param(
+                        info.module_cls.__name__,
+                        args,
+                        x.detach(),
+                        training,
+                        id=f"{info.module_cls.__name__}-{s.desc or 'default'}-{training}",
+                    )
+                )
+    return out
+
+
+@pytest.mark.parametrize("mix", ["bf16", "bf16 in, f32 params"])
+@pytest.mark.parametrize("backend", ["numba", None])
+@pytest.mark.parametrize(("name", "args", "x", "training"), _module_db_samples())
+def test_module_db_samples_in_bfloat16(
+    name: str, args: tuple, x: Tensor, training: bool, backend: str | None, mix: str
+) -> None:
+    """Each of torch's module_db samples for a norm with a normkit twin, in bfloat16 (or bfloat16
+    input into float32 parameters): torch's dtypes and the bound against float64, or torch's
+    error where torch refuses the sample."""
+    seed = ("module_db bf16", name, args, training)
+    theirs = randomize_(getattr(nn, name)(*args[0], **dict(args[1])), seed_of(seed)).train(training)
+    ours = getattr(normkit, name)(*args[0], **dict(args[1]), backend=backend).train(training)
+    ours.load_state_dict(theirs.state_dict())
+    try:
+        truth = _float64_truth(theirs, [x], seed)
+    except Exception:  # noqa: BLE001 - torch's error samples: compared below in bf16
+        truth = None
+    if mix == "bf16":
+        theirs.to(torch.bfloat16), ours.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    try:
+        low = _run(theirs, [x], seed)
+    except NotImplementedError as e:
+        # ATen has no CPU bf16 avg_pool3d (4-D+ LocalResponseNorm): normkit computes it anyway
+        # (README's support table, note [10]): judged against float64 alone.
+        assert "not implemented for 'BFloat16'" in str(e) and name == "LocalResponseNorm"
+        got = run_or_skip(backend, lambda: _run(ours, [x], seed))
+        assert got["y0"].dtype == torch.bfloat16
+        assert bound(got["y0"], truth["y0"], None).ok
+        return
+    except Exception as e:  # noqa: BLE001 - torch refuses: normkit must say the same
+        assert_same_error(e, raised(lambda: _run(ours, [x], seed)), f"{name} on {tuple(x.shape)}")
+        return
+    assert truth is not None
+    _judge(run_or_skip(backend, lambda: _run(ours, [x], seed)), low, truth)
