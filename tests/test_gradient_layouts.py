@@ -5,10 +5,10 @@ torch 2.13's CPU batch_norm and instance_norm backward compute wrong gradients (
 non-canonical strides on its size-1 axes (batch_norm), a channels_last gradient of a batch of one
 (InstanceNorm2d on a channels_last image). normkit hands ATen's backward the gradient in a layout
 it gets right (normkit.functional.aten_batch_norm_grads / aten_instance_norm_grads) and its own
-kernels read any layout. Here every memory order of the input, with the upstream gradient
-contiguous, in the input's order or in the reversed order, on every CPU backend, in eager mode
-and under torch.compile: each gradient within twice torch's own float32 error (on contiguous
-tensors) of float64.
+kernels read any layout. Here every memory order of the input (every third of a 5-D input's),
+with the upstream gradient contiguous, in the input's order or in the reversed order, on every
+CPU backend, in eager mode and under torch.compile: each gradient within twice torch's own
+float32 error (on contiguous tensors) of float64.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SHAPES = {
 }
 
 
-def _module(kind: str, C: int, ndim: int, backend: str | None) -> torch.nn.Module:
+def _module(kind: str, C: int, ndim: int, backend: str | None, last: int = 0) -> torch.nn.Module:
     rank = ndim - 2
     make = {
         "batch_norm": lambda: getattr(normkit, f"BatchNorm{rank}d")(C, backend=backend),
@@ -42,6 +42,8 @@ def _module(kind: str, C: int, ndim: int, backend: str | None) -> torch.nn.Modul
             C, affine=True, track_running_stats=True, backend=backend
         ),
         "group_norm": lambda: normkit.GroupNorm(1, C, backend=backend),
+        "layer_norm": lambda: normkit.LayerNorm(last, backend=backend),
+        "rms_norm": lambda: normkit.RMSNorm(last, backend=backend),
     }[kind]
     m = make()
     g = torch.Generator().manual_seed(C * 7 + ndim)
@@ -73,15 +75,19 @@ CASES = [
     ("instance_norm_running", True),
     ("instance_norm_running", False),
     ("group_norm", True),
+    ("layer_norm", True),
+    ("rms_norm", True),
 ]
 
 
 def _layouts(shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(memory order of x, memory order of dy): every order of x, dy contiguous, in x's order or
-    reversed (an order lists the dims from the slowest to the fastest)."""
+    """(memory order of x, memory order of dy): every order of x (every third of a 5-D input's
+    120), dy contiguous, in x's order or reversed (an order lists the dims from the slowest to
+    the fastest)."""
     nd = len(shape)
     ident, rev = tuple(range(nd)), tuple(reversed(range(nd)))
-    return [(o, d) for o in itertools.permutations(range(nd)) for d in dict.fromkeys((ident, o, rev))]
+    orders = list(itertools.permutations(range(nd)))[:: 3 if nd == 5 else 1]
+    return [(o, d) for o in orders for d in dict.fromkeys((ident, o, rev))]
 
 
 def _in_order(t: Tensor, order: tuple[int, ...]) -> Tensor:
@@ -109,7 +115,7 @@ def test_gradients_on_every_layout(kind: str, training: bool, ndim: int, backend
     for shape in SHAPES[ndim]:
         C = shape[1]
         norm = "batch_norm" if kind == "batch_norm_act" else kind
-        m = _module(norm, C, ndim, backend).train(training)
+        m = _module(norm, C, ndim, backend, shape[-1]).train(training)
         run = _act(backend) if kind == "batch_norm_act" else (lambda mod, t: mod(t))
         spatial = torch.Size(shape[2:]).numel()
         if (training and "batch_norm" in kind and shape[0] * spatial < 2) or ("instance" in kind and spatial < 2):
@@ -118,12 +124,12 @@ def test_gradients_on_every_layout(kind: str, training: bool, ndim: int, backend
         x = torch.randn(shape, generator=g, dtype=F64)
         dy = torch.randn(shape, generator=g, dtype=F64)
         state = {k: v.clone() for k, v in m.state_dict().items()}
-        ref_m = _module(norm, C, ndim, "reference").train(training)
+        ref_m = _module(norm, C, ndim, "reference", shape[-1]).train(training)
         ref_m.load_state_dict(state)
         ref = _grads(ref_m, _act("reference") if kind == "batch_norm_act" else run, x, dy, F64)
-        low = _grads(
-            _copy(ref_m, state, "torch"), _act("torch") if kind == "batch_norm_act" else run, x, dy, torch.float32
-        )
+        on_torch = _module(norm, C, ndim, "torch", shape[-1]).train(training)
+        on_torch.load_state_dict(state)
+        low = _grads(on_torch, _act("torch") if kind == "batch_norm_act" else run, x, dy, torch.float32)
         for order, dorder in _layouts(shape):
             m.load_state_dict(state)
             got = _grads(m, run, _in_order(x, order), _in_order(dy, dorder), torch.float32)
@@ -133,25 +139,11 @@ def test_gradients_on_every_layout(kind: str, training: bool, ndim: int, backend
                 raise AssertionError(f"{kind} {shape} x in order {order}, dy in order {dorder}: {e}") from None
 
 
-def _copy(m: torch.nn.Module, state: dict[str, Tensor], backend: str) -> torch.nn.Module:
-    other = type(m)(*_ctor_args(m), backend=backend)
-    other.load_state_dict(state)
-    return other.train(m.training)
-
-
-def _ctor_args(m: torch.nn.Module) -> tuple:
-    if isinstance(m, torch.nn.GroupNorm):
-        return (m.num_groups, m.num_channels)
-    if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
-        return (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-    return (m.num_features,)
-
-
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager"])
 @pytest.mark.parametrize("kind", ["batch_norm", "instance_norm"])
 def test_gradients_on_odd_layouts_under_compile(kind: str, compiler: str) -> None:
     """The layouts ATen gets wrong, through torch.compile (fullgraph): aot_eager runs ATen's
-    backward on the traced layouts."""
+    backward on the traced layouts (Inductor generates its own, right, backward)."""
     shape = (1, 4, 1, 5) if kind == "batch_norm" else (1, 4, 3, 5)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g, dtype=F64)
