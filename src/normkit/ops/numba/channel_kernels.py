@@ -475,8 +475,9 @@ def bn_seg_bwd(dy, x, dx, N, C, S, w, b, batch_stats, act, pivot, mean, rstd, s1
     :func:`merge`), then (unless ``dx`` is 0-length) the block's ``dx`` while its segments are
     still in cache, with seg_bwd's coefficients computed as the launcher computes them (the
     same bits). Both passes walk the block sample by sample, its ``cb`` segments of a sample
-    being one contiguous run: one channel at a time (``cb = 1``), the hardware prefetchers
-    restart on every 12.5 KB segment and the sums ran at half the speed of memory order."""
+    being one contiguous run: one channel at a time (``cb = 1``), 12.5 KB segments 800 KB
+    apart at 32x64x56x56, the sums took 3.1 ms at one thread against 1.6 ms for the same sums
+    in memory order."""
     T = w.dtype.type
     want_dx = dx.shape[0] > 0
     stream = streams(dx)

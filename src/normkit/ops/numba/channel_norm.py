@@ -87,16 +87,17 @@ BLOCK_ELEMENTS = 16384
 # sums then its output while its segments are still in cache (x and dy read once from memory,
 # not twice: kernels.bn_seg_fwd, kernels.bn_seg_bwd), where each segment is at least
 # SEGMENT_MIN_BYTES (shorter ones, read out of memory order, stall on memory) and the
-# channel's x (and dy) over all samples fit in CHANNEL_CACHE_BYTES (1 MiB: an AMD Zen 4
-# core's L2). Both ways give the same bits.
+# channel's x and dy over all samples fit in CHANNEL_CACHE_BYTES (1 MiB: an AMD Zen 4 core's
+# L2). Both ways give the same bits.
 SEGMENT_MIN_BYTES = 4096
 CHANNEL_CACHE_BYTES = 1 << 20
-# x (and dy) of one block of channels: as many channels as fit in this (at least one). A
-# block's segments of one sample are contiguous, so its first pass reads runs of that many
-# segments in memory order; its second pass finds them in L2 and the shared L3 (32 MiB on the
-# machine measured). 32x64x56x56 float32, kernels alone at one thread: backward 5.4 -> 4.0 ms
-# (5 channels a block against one; 2 MiB gave 4.9, 8 MiB the same as 4), forward 3.7 -> 2.9
-# ms (10 channels a block against two passes). Any block size gives the same bits.
+# x and dy (x alone in the forward) of one block of channels: as many channels as fit in this
+# (at least one). A block's segments of one sample are contiguous, so its first pass reads
+# runs of that many segments in memory order; its second pass finds them in L2 and the shared
+# L3 (32 MiB on the machine measured). 32x64x56x56 float32, kernels alone at one thread:
+# backward 5.4 -> 4.0 ms (5 channels a block against one; 2 MiB gave 4.9, 8 MiB the same as
+# 4), forward 3.7 -> 2.9 ms (10 channels a block against two passes). Any block size gives
+# the same bits.
 CHANNEL_BLOCK_BYTES = 4 << 20
 
 
@@ -215,7 +216,9 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         split_run(k.seg_fwd, rows, x.numel(), xa, ya, *_seg_geometry(N, C, S, groups), w, b, k.FULL,
                   float(eps), act, pivot, mean, var, rstd)
         return y, *stats
-    if not columns and not given and N > 0 and _by_channel(N, C, S, xa.itemsize, 1):
+    # (x and dy, as the backward: with 800 KB of x a channel, 64x64x56x56, the forward's blocks
+    # measured 1.01-1.09x the two passes' time; 0.80-0.94x at 400 KB, 32x64x56x56)
+    if not columns and not given and N > 0 and _by_channel(N, C, S, xa.itemsize, 2):
         split_run(k.bn_seg_fwd, C, x.numel(), xa, ya, N, C, S, w, b, float(eps), act, pivot, mean,
                   var, rstd, _channel_block(N, S, xa.itemsize, 1))
         return y, *stats
