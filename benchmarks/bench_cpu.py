@@ -86,6 +86,22 @@ def auto_classes(rows: Sequence[dict]) -> dict[str, list[str]]:
     return out
 
 
+def faults_table(rows: Sequence[dict], direction: str = "fwd+bwd") -> list[str]:
+    """Markdown lines: the minor page faults per call (median over the samples) of each provider,
+    one line per problem and thread count, for problems where some provider faults at all."""
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if f"{direction}_faults" in r:
+            key = (r["op"], r["shape"], r["threads"])
+            cells.setdefault(key, {})[r["provider"]] = r[f"{direction}_faults"]
+    lines = ["| op | shape | threads | " + " | ".join(PROVIDERS) + " |", "|---" * (3 + len(PROVIDERS)) + "|"]
+    for (op, shape, threads), by in cells.items():
+        if max(by.values()) >= 1:
+            lines.append(f"| {op} | {shape} | {threads} | "
+                         + " | ".join(f"{by[p]:,.0f}" if p in by else "-" for p in PROVIDERS) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
@@ -128,6 +144,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(numba import, loading, custom-op registration).", "",
         "## Where numba beat torch eager at every thread count (samples' trimmed ranges apart)", "",
         *(f"- {op}: {', '.join(v)}" for op, v in sorted(wins.items())), "",
+        "## Page faults per call (fwd+bwd, median over the samples)", "",
+        "Minor page faults of the process per call: one per 4 KiB page written for the first time "
+        "(a fresh allocation, or memory the allocator returned to the system and took back), one "
+        "per 2 MiB huge page. Where a provider faults thousands of times a call, those faults are "
+        "most of its time and of its spread.", "",
+        *faults_table(rows), "",
         "Noise: a shared 2-core machine; each cell's min-max range is over interleaved samples "
         f"({args.repeats}; {args.repeats * SMALL_SAMPLES} of the same length for inputs up to "
         f"{SMALL_BYTES >> 20} MiB). A speedup is claimed only where the trimmed ranges (less the "

@@ -37,7 +37,10 @@ The API:
   a shared machine hits all providers alike. A row has the median, min and max of its samples
   (``fwd_ms``, ``fwd_ms_min``, ``fwd_ms_max``) and its trimmed range (``fwd_ms_lo``,
   ``fwd_ms_hi``: from the second fastest to the second slowest sample, once there are five or
-  more, so that one load spike of a shared machine on either side does not decide);
+  more, so that one load spike of a shared machine on either side does not decide), and on
+  POSIX the process's minor page faults per call, the median over its samples (``fwd_faults``):
+  a call that writes its output into freshly mapped memory faults once per 4 KiB page, which
+  is what most of a large call's spread is made of on the CPU;
   :func:`add_speedups` calls a provider faster than a baseline only when their trimmed ranges do
   not overlap.
 - :func:`copy_bandwidth`: ``y.copy_(x)`` measured the same way, what ``of_copy`` is relative to.
@@ -485,12 +488,24 @@ def threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def minor_faults() -> int | None:
+    """The minor page faults of this process so far (all its threads), None where the platform
+    does not count them (no ``resource`` module: Windows)."""
+    try:
+        import resource  # noqa: PLC0415  (POSIX only)
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class _Timer:
-    """Samples of ``fn``: each ``inner`` calls long, ``inner`` chosen so that one lasts ~``sample_s``."""
+    """Samples of ``fn``: each ``inner`` calls long, ``inner`` chosen so that one lasts ~``sample_s``;
+    ``faults``: the minor page faults per call of each sample (empty where not counted)."""
 
     def __init__(self, fn: Callable[[], Any], device: str, sample_s: float,
                  before: Callable[[], None] = lambda: None) -> None:
         self.fn, self.sync, self.before = fn, _sync(device), before
+        self.faults: list[float] = []
         self.calls(2)  # warm-up
         self.inner = max(1, int(sample_s / max(self.calls(1), 1e-7)))
 
@@ -504,7 +519,11 @@ class _Timer:
         return time.perf_counter() - start
 
     def sample_ms(self) -> float:
-        return self.calls(self.inner) / self.inner * 1e3
+        faults = minor_faults()
+        ms = self.calls(self.inner) / self.inner * 1e3
+        if faults is not None:
+            self.faults.append((minor_faults() - faults) / self.inner)  # type: ignore[operator]
+        return ms
 
 
 def _interleaved(timers: dict[str, _Timer], repeats: int,
@@ -672,6 +691,9 @@ def _run_problem(p: Problem, factories: dict[str, Any], device: str, directions:
             lo, hi = trimmed_range(values)
             rows[n].update({f"{d}_ms": statistics.median(values), f"{d}_ms_min": min(values),
                             f"{d}_ms_max": max(values), f"{d}_ms_lo": lo, f"{d}_ms_hi": hi})
+            faults = timers[n][d].faults
+            if faults:
+                rows[n][f"{d}_faults"] = statistics.median(faults)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return list(rows.values())
