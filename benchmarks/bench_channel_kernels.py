@@ -15,7 +15,9 @@ each figure is the median over the repeats with its min-max.
 allocated once and reused (``_pages.empty_like`` replaced): the kernels' time without the
 page faults of a fresh 25-40 MB output, which eager torch and numba pay alike on every call. ``--old DIR`` adds the same
 launcher from a copy of an earlier ``channel_norm.py`` (as ``old_channel_norm`` in DIR,
-its custom ops renamed) for an A/B comparison in one process; ``--old-rev REV`` writes that
+its custom ops renamed) for an A/B comparison in one process (rows ``numba/old`` and
+``kernel/old``: the median and quartiles of the new/old ratio of calls made one after the
+other); ``--old-rev REV`` writes that
 copy from git revision REV, with REV's ``channel_kernels.py`` beside it (as
 ``old_channel_kernels``: the old kernels, not only the old launcher).
 
@@ -182,12 +184,16 @@ def run(
             for p in providers.values():
                 for f in p.values():
                     f()
-        for _ in range(repeats):
-            for pname, p in providers.items():
-                for d, f in p.items():
+        for rep in range(repeats):
+            # Direction by direction, so that a provider and its old copy run one after the other,
+            # in the reverse order every other repeat, so that neither always runs first (after
+            # the other providers' calls, in the cache and heap state they leave).
+            order = list(providers.items())[::-1 if rep % 2 else 1]
+            for d in ("fwd", "bwd", "fwd+bwd"):
+                for pname, p in order:
                     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0 = clock()
-                    f()
+                    p[d]()
                     times.setdefault((pname, d), []).append(clock() - t0)
                     flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
                     faults[(pname, d)] = faults.get((pname, d), 0) + flt
@@ -200,7 +206,20 @@ def run(
                 if show_faults:
                     cells[-1] += f" flt {faults[(pname, d)] / repeats:6.0f}"
             print(f"  {pname:11s} " + "  ".join(cells))
+        for pname in ("numba", "kernel"):
+            if f"{pname}-old" in providers:
+                cells = [_paired(times, pname, d) for d in ("fwd", "bwd", "fwd+bwd")]
+                print(f"  {pname + '/old':11s} " + "  ".join(cells))
         sys.stdout.flush()
+
+
+def _paired(times: dict[tuple[str, str], list[float]], pname: str, d: str) -> str:
+    """The median and quartiles of new/old time ratios of calls made one after the other: on a
+    box shared with other work, load that drifts over seconds moves both calls of a pair alike
+    and cancels in the ratio, where the medians of each column apart may swap places."""
+    ratios = sorted(a / b for a, b in zip(times[(pname, d)], times[(f"{pname}-old", d)]))
+    q = len(ratios) // 4
+    return f"{d} x{statistics.median(ratios):.3f} ({ratios[q]:.3f}-{ratios[-1 - q]:.3f})"
 
 
 def _old_from_git(rev: str) -> str:
