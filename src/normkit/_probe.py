@@ -214,7 +214,24 @@ def compare(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor]
     ``params`` (which both must use) for one random upstream gradient (``gradients=False``:
     not), and the values the calls leave in ``buffers`` (restored afterwards). Both runs start
     from the caller's random state (dropout draws the same mask), which is restored after. An
-    exception of the original or of the replacement is a refusal with its message."""
+    exception of the original or of the replacement is a refusal with its message. The first
+    quantity that disagrees is the outcome, else the worst agreement."""
+    each = _compare_each(original, replacement, x, params, buffers, seed, gradients)
+    if isinstance(each, Outcome):
+        return each
+    worst = Outcome(0.0, None)
+    for outcome in each:
+        if outcome.reason is not None:
+            return outcome
+        worst = max(worst, outcome, key=lambda o: o.error)
+    return worst
+
+
+def _compare_each(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor], Tensor], x: Tensor,
+                  params: dict[str, Tensor], buffers: dict[str, Tensor], seed: int,
+                  gradients: bool) -> Outcome | list[Outcome]:
+    """:func:`compare`'s outcome for each quantity, in a fixed order (output, input gradient,
+    parameter gradients, buffers), or the refusal where a call raised."""
     names, tensors = list(params), list(params.values())
     buffer_names, buffer_list = list(buffers), list(buffers.values())
     state = _rng_state(x.device)
@@ -232,38 +249,33 @@ def compare(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor]
                                          f"{type(exc).__name__}: {exc}")
     finally:
         _set_rng_state(x.device, state)
-    worst = difference(ref.out, new.out, "output")
-    if worst.reason is not None:
-        return worst
     labels = ["input gradient", *(f"gradient of {n}" for n, t in zip(names, tensors, strict=True) if t.requires_grad)]
-    pairs = [*zip(ref.grads, new.grads, labels, strict=True),
+    pairs = [(ref.out, new.out, "output"), *zip(ref.grads, new.grads, labels, strict=True),
              *zip(ref.buffers, new.buffers, [f"{n} after the call" for n in buffer_names], strict=True)]
-    for expected, actual, what in pairs:
-        outcome = difference(expected, actual, what)
-        if outcome.reason is not None:
-            return outcome
-        worst = max(worst, outcome, key=lambda o: o.error)
-    return worst
+    return [difference(expected, actual, what) for expected, actual, what in pairs]
 
 
 def nearer_truth(outcome: Outcome, truth: Callable[[Tensor], Tensor] | None, original: Callable[[Tensor], Tensor],
                  replacement: Callable[[Tensor], Tensor], x: Tensor, params: dict[str, Tensor],
                  buffers: dict[str, Tensor], seed: int = 0, *, gradients: bool = True) -> Outcome:
     """``outcome`` (``original`` against ``replacement`` on ``x``), its disagreement forgiven
-    where ``truth`` (the original computed in float64, rounded to ``x``'s dtype) finds the
-    replacement within tolerance, or within twice the original's own error (the tests' bound):
-    rounding in another order, or a more accurate statistic, differs from the original by more
-    than the tolerance where the original itself is that far from exact (a group of two
-    elements: torch's float32 GroupNorm input gradient is 1.6e-4 off), a wrong formula is O(1)
-    off the truth. ``truth`` must leave the buffers the probe reads as the original does (a
-    module without buffers)."""
+    where ``truth`` (the original computed in float64, rounded to ``x``'s dtype) finds each
+    quantity of the replacement (output, each gradient, each buffer) within tolerance, or within
+    twice the original's own error on that quantity (the tests' bound): rounding in another
+    order, or a more accurate statistic, differs from the original by more than the tolerance
+    where the original itself is that far from exact (a group of two elements: torch's float32
+    GroupNorm input gradient is 1.6e-4 off), a wrong formula is O(1) off the truth. ``truth``
+    must leave the buffers the probe reads as the original does (a module without buffers)."""
     if outcome.reason is None or truth is None or not x.is_floating_point():
         return outcome
-    mine = compare(truth, replacement, x, params, buffers, seed, gradients=gradients)
-    theirs = compare(truth, original, x, params, buffers, seed, gradients=gradients)
-    if mine.reason is None or mine.error <= 2 * theirs.error < float("inf"):
-        return Outcome(outcome.error, None)
-    return outcome
+    mine = _compare_each(truth, replacement, x, params, buffers, seed, gradients)
+    theirs = _compare_each(truth, original, x, params, buffers, seed, gradients)
+    if isinstance(mine, Outcome) or isinstance(theirs, Outcome):
+        return outcome
+    for m, t in zip(mine, theirs, strict=True):
+        if m.reason is not None and not m.error <= 2 * t.error < float("inf"):
+            return outcome
+    return Outcome(outcome.error, None)
 
 
 def compare_inputs(original: Callable[[Tensor], Tensor], replacement: Callable[[Tensor], Tensor],

@@ -626,13 +626,13 @@ _ATEN: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
 # an autograd Function under torch.compile (traced: dynamo does not take a hook on an
 # intermediate tensor into a full graph; Inductor's own backward is right, aot_eager's is ATen's).
 def aten_batch_norm_grads(y: Tensor) -> Tensor:
-    """``y``, ATen's batch_norm output, with its upstream gradient viewed with canonical strides
-    (:func:`canonical_strides`, no copy) before ATen's backward reads it. Only an output with a
-    size-1 axis can receive such a gradient."""
+    """``y``, ATen's batch_norm output, with its upstream gradient, where not contiguous, viewed
+    with canonical strides (:func:`canonical_strides`, no copy) before ATen's backward reads it.
+    Only an output with a size-1 axis can receive such a gradient."""
     if not y.requires_grad or 1 not in y.shape:
         return y
     if torch.compiler.is_compiling():
-        return _GradThrough.apply(y, canonical_strides)
+        return _GradThrough.apply(y, _canonical_grad)
     y.register_hook(_canonical_grad)
     return y
 
@@ -653,7 +653,9 @@ def _contiguous(g: Tensor | None) -> Tensor | None:
 
 
 def _canonical_grad(g: Tensor | None) -> Tensor | None:
-    return None if g is None else canonical_strides(g)
+    # a contiguous gradient (ATen gets it right) stays as it is: restrided, a (N, C, 1, 1) one
+    # would take ATen's channels_last kernel, which rounds otherwise than torch's own call
+    return g if g is None or g.is_contiguous() else canonical_strides(g)
 
 
 class _GradThrough(torch.autograd.Function):
