@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import pickle
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import normkit
@@ -673,3 +675,118 @@ def test_module_db_samples_in_bfloat16(
         return
     assert truth is not None
     _judge(run_or_skip(backend, lambda: _run(ours, [x], seed)), low, truth)
+
+
+# ---- 6. generated calls under CPU autocast: shapes, layouts, dtypes ---------------------------
+
+_RESTRIDED_GRADIENT = (
+    "the default path's batch_norm (and backend='torch') restrides a contiguous upstream gradient "
+    "of an (N, C, 1, 1) or (N, C, 1, 1, 1) output: functional.canonical_strides views dy of strides "
+    "(6, 1, 1, 1) as (6, 1, 6, 6) because it is channels_last-dense too, so ATen's backward takes "
+    "its channels_last kernel where torch's own call does not. The gradients are not torch's bits "
+    "in any dtype, and for bf16 input with float32 parameters (an autocast model's BatchNorm after "
+    "global pooling) x (2, 6, 1, 1): dx is 1.9e-2 off float64 where F.batch_norm's is 1.3e-5 "
+    "(bound 7.8e-3). Fix: canonical_strides returns x unchanged when x.is_contiguous()."
+)
+
+
+def _restrided_by_the_defect(op: str, shape: tuple[int, ...], layout: str, backend: str | None) -> bool:
+    """The generated calls _RESTRIDED_GRADIENT covers (excluded from the fuzz until it is fixed)."""
+    return (
+        op == "batch_norm"
+        and backend is None
+        and layout == "contiguous"
+        and len(shape) in (4, 5)
+        and all(n == 1 for n in shape[2:])
+    )
+
+
+@pytest.mark.xfail(strict=True, reason=_RESTRIDED_GRADIENT)
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)], ids=str
+)
+@pytest.mark.parametrize("shape", [(2, 6, 1, 1), (16, 32, 1, 1), (4, 8, 1, 1, 1)], ids=str)
+def test_batch_norm_of_size_one_spatial_axes_gives_torch_gradients(
+    shape: tuple[int, ...], dtypes: tuple, backend: str | None
+) -> None:
+    """normkit's batch_norm settled on ATen gives F.batch_norm's gradients to the bit on a plain
+    contiguous input whose spatial axes have size 1 (a BatchNorm2d after global pooling)."""
+    seed = ("size-1 spatial", shape, dtypes, backend)
+    x = _randn(*shape, seed=(seed, "x"), dtype=dtypes[0])
+    w, b = _randn(shape[1], seed=(seed, "w"), dtype=dtypes[1]), _randn(shape[1], seed=(seed, "b"), dtype=dtypes[1])
+    dy = _randn(*shape, seed=(seed, "dy"), dtype=dtypes[0])
+    results = []
+    for call in (F.batch_norm, lambda *a: NF.batch_norm(*a, backend=backend)):
+        xs, ws, bs = (t.detach().requires_grad_() for t in (x, w, b))
+        y = call(xs, None, None, ws, bs, True)
+        results.append([y.detach(), *torch.autograd.grad(y, (xs, ws, bs), dy)])
+    for name, theirs, ours in zip(("y", "dx", "dw", "db"), *results, strict=True):
+        assert torch.equal(ours, theirs), f"{name}: {(ours.double() - theirs.double()).abs().max():.3g} off torch's"
+
+
+@st.composite
+def _autocast_calls(draw: st.DrawFn) -> tuple[str, tuple[int, ...], str, torch.dtype, str | None]:
+    op = draw(st.sampled_from(["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"]))
+    if op in ("layer_norm", "rms_norm"):
+        shape = (*draw(st.lists(st.integers(1, 5), min_size=0, max_size=2)), draw(st.integers(1, 300)))
+        layouts = ["contiguous", "transposed"] if len(shape) >= 2 else ["contiguous"]
+    else:
+        groups = draw(st.integers(1, 4))
+        channels = groups * draw(st.integers(1, 5)) if op == "group_norm" else draw(st.integers(1, 12))
+        spatial = draw(st.lists(st.integers(1, 9), min_size=1 if op == "instance_norm" else 0, max_size=2))
+        shape = (draw(st.integers(2 if op == "batch_norm" else 1, 4)), channels, *spatial)
+        layouts = ["contiguous", "transposed"] + (["channels_last"] if len(shape) == 4 else [])
+    layout = draw(st.sampled_from(layouts))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    return op, shape, layout, dtype, draw(st.sampled_from(["numba", None]))
+
+
+def _functional_call(op: str, lib: Any, x: Tensor, w: Tensor, b: Tensor, backend: str | None) -> Tensor:
+    kw = {} if lib is F else {"backend": backend}
+    if op == "layer_norm":
+        return lib.layer_norm(x, (x.shape[-1],), w, b, 1e-5, **kw)
+    if op == "rms_norm":
+        return lib.rms_norm(x, (x.shape[-1],), w, 1e-6, **kw)
+    if op == "group_norm":
+        groups = math.gcd(x.shape[1], 4) if x.shape[1] % 4 == 0 else 1
+        return lib.group_norm(x, groups, w, b, 1e-5, **kw)
+    if op == "batch_norm":
+        return lib.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, **kw)
+    return lib.instance_norm(x, weight=w, bias=b, eps=1e-5, **kw)
+
+
+@FUZZ
+@given(call=_autocast_calls())
+def test_generated_functional_calls_under_cpu_autocast(call: tuple) -> None:
+    """normkit.functional under ``torch.autocast("cpu", dtype=torch.bfloat16)`` on generated
+    shapes, layouts and input dtypes (float32 parameters): torch's dtypes, values and input /
+    weight gradients within the bound against float64."""
+    op, shape, layout, dtype, backend = call
+    assume(not _restrided_by_the_defect(op, shape, layout, backend))  # (its own xfail test above)
+    seed = ("autocast fuzz", call)
+    width = shape[-1] if op in ("layer_norm", "rms_norm") else shape[1]
+    base = _randn(*shape, seed=(seed, "x"), dtype=dtype)
+    if layout == "transposed":
+        x = base.transpose(0, -1).contiguous().transpose(0, -1)
+    elif layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    else:
+        x = base
+    w, b = _randn(width, seed=(seed, "w")), _randn(width, seed=(seed, "b"))
+
+    def run(lib: Any, cast: torch.dtype | None, autocast: bool) -> dict[str, Tensor]:
+        xs = (x if cast is None else x.to(cast)).detach().requires_grad_()
+        ws = (w if cast is None else w.to(cast)).detach().requires_grad_()
+        bs = (b if cast is None else b.to(cast)).detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = _functional_call(op, lib, xs, ws, bs, backend)
+        dy = _randn(*y.shape, seed=(seed, "dy"), dtype=y.dtype)
+        grads = torch.autograd.grad(y, (xs, ws), dy)
+        return {"y": y.detach(), "dx": grads[0], "dw": grads[1]}
+
+    error = raised(lambda: run(F, None, True))
+    if error is not None:  # torch refuses (a single value per group or channel): normkit too
+        assert_same_error(error, raised(lambda: run(NF, None, True)), str(call))
+        return
+    _judge(run(NF, None, True), run(F, None, True), run(F, F64, False))
