@@ -11,8 +11,8 @@ and without a copy:
   (sample, channel) segment for BatchNorm, whose statistics span the batch: a first pass of
   partial sums per segment, merged per channel, then a second pass (a channel's segments are
   ``C * S`` apart: walking them channel by channel ran at half the speed of memory order).
-  Where a channel's segments are long and all of them (x and dy) fit in a core's L2 cache,
-  the training forward and the backward take one task per block of channels instead
+  Where a channel's segments (x and dy) fit in a core's L2 cache, the training forward and,
+  for long segments, the backward take one task per block of channels instead
   (:func:`bn_seg_fwd`, :func:`bn_seg_bwd`): the block's sums, then its output while its
   segments are still in cache (x and dy read once from memory, not twice; the same sums in
   the same order, so the same bits). A block's segments of one sample are one contiguous

@@ -86,9 +86,9 @@ BLOCK_ELEMENTS = 16384
 # BatchNorm NC*'s training forward and its backward walk the channels in blocks, a block's
 # sums then its output while its segments are still in cache (x and dy read once from memory,
 # not twice: kernels.bn_seg_fwd, kernels.bn_seg_bwd), where each segment is at least
-# SEGMENT_MIN_BYTES (shorter ones, read out of memory order, stall on memory) and the
-# channel's x and dy over all samples fit in CHANNEL_CACHE_BYTES (1 MiB: an AMD Zen 4 core's
-# L2). Both ways give the same bits.
+# SEGMENT_MIN_BYTES (shorter ones, read out of memory order, stall on memory; the forward's
+# blocks read a run of segments: _fwd_by_block) and the channel's x and dy over all samples
+# fit in CHANNEL_CACHE_BYTES (1 MiB: an AMD Zen 4 core's L2). Both ways give the same bits.
 SEGMENT_MIN_BYTES = 4096
 CHANNEL_CACHE_BYTES = 1 << 20
 # x and dy (x alone in the forward) of one block of channels: as many channels as fit in this
@@ -107,6 +107,23 @@ def _by_channel(N: int, C: int, S: int, itemsize: int, inputs: int) -> bool:
     seg = S * itemsize
     return (seg >= SEGMENT_MIN_BYTES and inputs * N * seg <= CHANNEL_CACHE_BYTES
             and C >= torch.get_num_threads())
+
+
+def _fwd_by_block(N: int, C: int, S: int, itemsize: int) -> bool:
+    """Whether BatchNorm NC*'s training forward takes blocks of channels (kernels.bn_seg_fwd):
+    where a channel's x and dy fit in :data:`CHANNEL_CACHE_BYTES` (as the backward), with
+    segments shorter than SEGMENT_MIN_BYTES too where a block's run of them (a thread's share
+    of the channels at most) is not. The blocks' time against the two passes' (launcher and
+    kernels, medians of paired calls at 1 and 2 threads, loaded 2-core box): 8x64x8x8
+    0.58-0.59x (85 against 144 us), 32x512x7x7 0.65-0.66x, 32x256x14x14 0.57-0.59x,
+    32x128x28x28 0.73-0.86x, 32x64x56x56 0.83-0.84x; with 800 KB of x a channel (64x64x56x56)
+    1.01-1.09x, hence the x-and-dy bound. (The backward keeps its two passes for short
+    segments: its blocks measured 0.84-1.05x there.)"""
+    threads = torch.get_num_threads()
+    seg = S * itemsize
+    if N * seg == 0 or C < threads or 2 * N * seg > CHANNEL_CACHE_BYTES:
+        return False
+    return min(_channel_block(N, S, itemsize, 1), C // threads) * seg >= SEGMENT_MIN_BYTES
 
 
 def _channel_block(N: int, S: int, itemsize: int, inputs: int) -> int:
@@ -216,9 +233,7 @@ def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         split_run(k.seg_fwd, rows, x.numel(), xa, ya, *_seg_geometry(N, C, S, groups), w, b, k.FULL,
                   float(eps), act, pivot, mean, var, rstd)
         return y, *stats
-    # (x and dy, as the backward: with 800 KB of x a channel, 64x64x56x56, the forward's blocks
-    # measured 1.01-1.09x the two passes' time; 0.80-0.94x at 400 KB, 32x64x56x56)
-    if not columns and not given and N > 0 and _by_channel(N, C, S, xa.itemsize, 2):
+    if not columns and not given and _fwd_by_block(N, C, S, xa.itemsize):
         split_run(k.bn_seg_fwd, C, x.numel(), xa, ya, N, C, S, w, b, float(eps), act, pivot, mean,
                   var, rstd, _channel_block(N, S, xa.itemsize, 1))
         return y, *stats
