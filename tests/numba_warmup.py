@@ -19,8 +19,8 @@ import torch
 from double_backward_cases import CASES, tensors
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-# Ops whose cases above are too small for one of their kernels: BatchNorm NCHW's backward one
-# channel per task (channel_kernels.bn_seg_bwd, segments of at least 4 KiB; about 40 s of
+# Ops whose cases above are too small for one of their kernels: BatchNorm NCHW's blocks of
+# channels (channel_kernels.bn_seg_bwd, bn_seg_fwd; segments of at least 4 KiB; about 40 s of
 # compiling per dtype, which one worker would otherwise meet late in the run, the other idle).
 LARGER = {"batch_norm": (2, 4, 32, 64)}
 
