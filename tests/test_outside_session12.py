@@ -12,7 +12,8 @@ call's bits for the threaded ones. Material nobody here wrote: HF ``LlamaConfig`
 ``Qwen2Config`` / ``GemmaConfig`` / ``BertConfig`` models, diffusers' ``UNet2DModel``, torch's
 ``export`` / ``jit`` / ``fx``, hypothesis strategies.
 
-Each defect found is a strict xfail whose reason is the minimal repro and the suspected cause.
+Each defect found was a strict xfail whose reason is the minimal repro and the suspected cause;
+both are fixed (dd6d7e1), their texts kept beside the tests (_GROUPS_OF_TWO, _RESTRIDED_GRADIENT).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -335,15 +336,11 @@ def _train_step(model: nn.Module, loss_of: Callable[[nn.Module], tuple[Tensor, T
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "autocast bf16"])
 @pytest.mark.parametrize("backend", ["numba", None])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_converted_model_trains_like_the_original(
-    name: str, backend: str | None, precision: str, request: pytest.FixtureRequest
-) -> None:
+def test_converted_model_trains_like_the_original(name: str, backend: str | None, precision: str) -> None:
     """A tiny HF / diffusers model converted (strict) to numba or "auto", in float32, in
     bfloat16, or in float32 trained under CPU autocast to bfloat16: loss, output, every parameter
     gradient and the loss after one optimizer step within twice the unconverted model's own
     error (under the same precision) of the float64 model's."""
-    if name == "unet GroupNorm" and backend == "numba" and precision != "bfloat16":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_GROUPS_OF_TWO))
     if precision == "bfloat16" and MODELS[name][2]:
         pytest.skip("the decoders' bf16 run adds time, not reach: bert and the UNet cover bf16")
     build, loss_of, _ = MODELS[name]
@@ -391,12 +388,12 @@ def test_converted_decoder_generates_saves_and_reloads(name: str, backend: str |
         assert torch.equal(copied(input_ids=IDS).logits, converted(input_ids=IDS).logits)
 
 
-@pytest.mark.xfail(strict=True, reason=_GROUPS_OF_TWO)
 @pytest.mark.parametrize("backend", ["numba", "reference"])
 @pytest.mark.parametrize("groups", [(2, 4), (3, 6), (4, 8), (8, 16)], ids=str)
 def test_convert_takes_a_group_norm_of_two_element_groups(groups: tuple[int, int], backend: str) -> None:
     """normkit.convert(strict=True) takes a float32 GroupNorm whose groups hold two channels on
-    backends nearer float64 than torch itself (the minimal repro of the UNet's leftovers)."""
+    backends nearer float64 than torch itself (the minimal repro of the UNet's leftovers).
+    Found by this attack (_GROUPS_OF_TWO), fixed in dd6d7e1."""
     normkit.convert(nn.GroupNorm(*groups), backend=backend, strict=True)
 
 
@@ -686,22 +683,10 @@ _RESTRIDED_GRADIENT = (
     "its channels_last kernel where torch's own call does not. The gradients are not torch's bits "
     "in any dtype, and for bf16 input with float32 parameters (an autocast model's BatchNorm after "
     "global pooling) x (2, 6, 1, 1): dx is 1.9e-2 off float64 where F.batch_norm's is 1.3e-5 "
-    "(bound 7.8e-3). Fix: canonical_strides returns x unchanged when x.is_contiguous()."
+    "(bound 7.8e-3)."
 )
 
 
-def _restrided_by_the_defect(op: str, shape: tuple[int, ...], layout: str, backend: str | None) -> bool:
-    """The generated calls _RESTRIDED_GRADIENT covers (excluded from the fuzz until it is fixed)."""
-    return (
-        op == "batch_norm"
-        and backend is None
-        and layout == "contiguous"
-        and len(shape) in (4, 5)
-        and all(n == 1 for n in shape[2:])
-    )
-
-
-@pytest.mark.xfail(strict=True, reason=_RESTRIDED_GRADIENT)
 @pytest.mark.parametrize("backend", [None, "torch"])
 @pytest.mark.parametrize(
     "dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)], ids=str
@@ -711,7 +696,8 @@ def test_batch_norm_of_size_one_spatial_axes_gives_torch_gradients(
     shape: tuple[int, ...], dtypes: tuple, backend: str | None
 ) -> None:
     """normkit's batch_norm settled on ATen gives F.batch_norm's gradients to the bit on a plain
-    contiguous input whose spatial axes have size 1 (a BatchNorm2d after global pooling)."""
+    contiguous input whose spatial axes have size 1 (a BatchNorm2d after global pooling).
+    Found by this attack's autocast fuzz (_RESTRIDED_GRADIENT), fixed in dd6d7e1."""
     seed = ("size-1 spatial", shape, dtypes, backend)
     x = _randn(*shape, seed=(seed, "x"), dtype=dtypes[0])
     w, b = _randn(shape[1], seed=(seed, "w"), dtype=dtypes[1]), _randn(shape[1], seed=(seed, "b"), dtype=dtypes[1])
@@ -763,7 +749,6 @@ def test_generated_functional_calls_under_cpu_autocast(call: tuple) -> None:
     shapes, layouts and input dtypes (float32 parameters): torch's dtypes, values and input /
     weight gradients within the bound against float64."""
     op, shape, layout, dtype, backend = call
-    assume(not _restrided_by_the_defect(op, shape, layout, backend))  # (its own xfail test above)
     seed = ("autocast fuzz", call)
     width = shape[-1] if op in ("layer_norm", "rms_norm") else shape[1]
     base = _randn(*shape, seed=(seed, "x"), dtype=dtype)
