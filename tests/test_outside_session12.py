@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -728,6 +728,10 @@ def _autocast_calls(draw: st.DrawFn) -> tuple[str, tuple[int, ...], str, torch.d
     return op, shape, layout, dtype, draw(st.sampled_from(["numba", None]))
 
 
+def _groups(channels: int) -> int:
+    return 4 if channels % 4 == 0 else 1
+
+
 def _functional_call(op: str, lib: Any, x: Tensor, w: Tensor, b: Tensor, backend: str | None) -> Tensor:
     kw = {} if lib is F else {"backend": backend}
     if op == "layer_norm":
@@ -735,8 +739,7 @@ def _functional_call(op: str, lib: Any, x: Tensor, w: Tensor, b: Tensor, backend
     if op == "rms_norm":
         return lib.rms_norm(x, (x.shape[-1],), w, 1e-6, **kw)
     if op == "group_norm":
-        groups = math.gcd(x.shape[1], 4) if x.shape[1] % 4 == 0 else 1
-        return lib.group_norm(x, groups, w, b, 1e-5, **kw)
+        return lib.group_norm(x, _groups(x.shape[1]), w, b, 1e-5, **kw)
     if op == "batch_norm":
         return lib.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, **kw)
     return lib.instance_norm(x, weight=w, bias=b, eps=1e-5, **kw)
@@ -749,6 +752,10 @@ def test_generated_functional_calls_under_cpu_autocast(call: tuple) -> None:
     shapes, layouts and input dtypes (float32 parameters): torch's dtypes, values and input /
     weight gradients within the bound against float64."""
     op, shape, layout, dtype, backend = call
+    # A group of one element: the exact input gradient is 0 and every float32 result is eps-sized
+    # noise amplified by rstd = 1/sqrt(eps) (torch 3e-5, numba 3e-5 or 6e-5 by the draw): two
+    # noises, not a bound to judge by.
+    assume(op != "group_norm" or shape[1] // _groups(shape[1]) * math.prod(shape[2:]) > 1)
     seed = ("autocast fuzz", call)
     width = shape[-1] if op in ("layer_norm", "rms_norm") else shape[1]
     base = _randn(*shape, seed=(seed, "x"), dtype=dtype)
