@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -782,3 +783,25 @@ def test_generated_functional_calls_under_cpu_autocast(call: tuple) -> None:
         assert_same_error(error, raised(lambda: run(NF, None, True)), str(call))
         return
     _judge(run(NF, None, True), run(F, None, True), run(F, F64, False))
+
+
+@pytest.mark.parametrize("backend", ["numba", None])
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm"])
+def test_checkpoint_recompute_under_cpu_autocast_gives_the_same_bits(name: str, backend: str | None) -> None:
+    """A Linear (or 1x1 conv) and a normkit norm under CPU autocast bf16, run through
+    ``torch.utils.checkpoint`` (the backward recomputes the forward under the saved autocast
+    state): output and every gradient equal the plain run's bits."""
+    make_torch, make_ours, shape = MODULES[name]
+    seed = ("checkpoint autocast", name, backend)
+    head = nn.Linear(shape[-1], shape[-1]) if name != "GroupNorm" else nn.Conv2d(shape[1], shape[1], 1)
+    model = nn.Sequential(head, randomize_(make_ours(backend=backend), seed_of(seed)))
+    x = _randn(*shape, seed=seed)
+    results = []
+    for checkpointed in (False, True):
+        copied, xs = copy.deepcopy(model), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = checkpoint.checkpoint(copied, xs, use_reentrant=False) if checkpointed else copied(xs)
+        dy = _randn(*y.shape, seed=(seed, "dy"), dtype=y.dtype)
+        results.append([y.detach(), *torch.autograd.grad(y, [xs, *copied.parameters()], dy)])
+    for i, (plain, recomputed) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(plain, recomputed), f"result {i} differs after checkpoint's recompute"
