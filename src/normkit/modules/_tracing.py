@@ -12,8 +12,9 @@ runs (dispatch stays resolved at call time).
   (``torch.fx`` would emit ``get_attr('')``, which fails). The node then gets the root's
   parameters and buffers as ``get_attr`` nodes (so ``graph.to(device)`` and
   ``load_state_dict`` act) and a snapshot of its other attributes (``training``, ``eps``,
-  ``backend``, ...) taken when tracing: they are constants of the graph, as they are when fx
-  traces torch's own ``BatchNorm2d`` as the root. Such a graph cannot be pickled (its node
+  ``backend``, ...) taken when tracing: they are constants of the graph (``.eval()`` on it
+  does not change them; torch's own ``BatchNorm2d`` cannot be traced as the root at all, fx
+  raises ``TraceError`` on its control flow). Such a graph cannot be pickled (its node
   calls a closure over the snapshot); ``copy.deepcopy`` works.
 
 ``torch.jit.script`` cannot compile the Python dispatch of a forward; scripting a model that
