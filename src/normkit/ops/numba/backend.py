@@ -276,23 +276,23 @@ def shape_class(op: str, x: Tensor, training: bool = True, autograd: bool | None
 # column; otherwise the inference column, the forward under torch.no_grad()). "auto" picks numba
 # there and nowhere else.
 MEASURED_FASTER: dict[str, frozenset[str]] = {
-    # benchmarks/results/cpu.md (run at commit 6841344, AMD EPYC, 2 cores, quiet box, copy 22.1
-    # GB/s; verdicts on trimmed ranges of 7 samples, 21 for 8x4096): fwd+bwd 5.2-5.8x (4096x1024),
-    # 11.0x and 8.9x (4096x4096: at one thread numba's own row has transparent-huge-page
-    # allocation stalls, samples of 580-660 ms; the auto row, the same numba route, 34-105 ms
-    # against torch's 345-540) and 2.0-2.1x (8x4096) torch eager; without autograd 1.4-2.7x
-    # (4096x1024), 6.2-6.5x (4096x4096) and 1.7-2.0x (8x4096, within spread in the run before).
-    "rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/large", "float32/small"}),
-    # the same run: fwd+bwd 3.6x (4096x1024 one thread; two: 11.7x against a loaded torch row),
-    # 6.6-9.8x (4096x4096), 1.7-1.9x (8x4096); without autograd 1.2-1.7x (4096x1024), 4.7-5.3x
-    # (4096x4096). Without autograd at 8x4096 not claimed: 1.28x at one thread, ranges overlapping.
+    # benchmarks/results/cpu.md (run at commit 369a46c, AMD EPYC, 2 cores, no other load, copy
+    # 16.7 GB/s on this VM that day; verdicts on trimmed ranges of 7 samples, 21 for 8x4096; a
+    # claimed class may take its verdict from the numba row or the auto row, which run the same
+    # kernels there): fwd+bwd 5.9-8.7x (4096x1024), 9.2-11.3x (4096x4096) and 1.9-2.4x
+    # (8x4096) torch eager; without autograd 1.4-3.1x (4096x1024) and 5.0-7.5x (4096x4096).
+    # Without autograd at 8x4096 not claimed: 1.23-1.49x at one thread, ranges overlapping (a
+    # run of the same commit 8 minutes before had 1.68x apart).
+    "rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/large"}),
+    # the same run: fwd+bwd 2.9-3.3x (4096x1024), 5.1-8.0x (4096x4096), 1.6-1.9x (8x4096);
+    # without autograd 1.3-1.9x (4096x1024), 4.5-4.9x (4096x4096). Without autograd at 8x4096 not
+    # claimed: the numba row 1.5-1.8x with overlapping ranges at one thread, the auto row 0.8x.
     "add_rms_norm": frozenset({"float32/large/train", "float32/small/train", "float32/large"}),
-    # the same run: NCHW without autograd 2.1-4.0x. Not claimed: NCHW fwd+bwd (2.0x at one
-    # thread, 1.3x at two with ranges overlapping; 1.7-1.8x in the run before), channels_last
-    # fwd+bwd (1.5x at one thread, 0.96x at two: its 2.9-5.5x of the run before was against
-    # torch's mixed-layout backward, a contiguous upstream gradient; the benchmark now hands each
-    # output its own layout), channels_last without autograd (0.5-0.8x).
-    "batch_norm": frozenset({"float32/large"}),
+    # the same run: NCHW without autograd 2.0-3.5x, NCHW fwd+bwd 2.4x (one thread) and 1.75x
+    # (two; 1.14x with overlapping ranges in the run 8 minutes before), numba's NCHW kernels now
+    # one task per block of channels. Not claimed: channels_last fwd+bwd (1.7-2.1x at one thread,
+    # 0.5-1.0x at two, ranges overlapping), channels_last without autograd (0.6-1.0x).
+    "batch_norm": frozenset({"float32/large", "float32/large/train"}),
     # The block norms against their torch composition (benchmarks/results/blocks_numba_cpu.md of
     # 2026-12-02 11:00, a loaded machine): DiT (8,1024,1152) per-sample and (4,1024,1024)
     # per-token adaLN, fwd+bwd 1.7-3.6x (LN) and 3.3-9.3x (RMS), forward 2.4-4.3x and 2.8-7.7x.
