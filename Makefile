@@ -90,7 +90,7 @@ gpu-check:
 		tests/test_blocks_norm_free.py tests/test_blocks_outside.py tests/test_triton_split.py
 	-PYTHONPATH=src timeout -s INT 130 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton" \
 		tests/test_triton_kernels.py tests/test_triton_batch_norm.py tests/test_triton_batch_norm_unaligned.py \
-		tests/test_triton_edges.py tests/test_parity.py tests/test_transforms.py tests/test_support.py
+		tests/test_triton_edges.py tests/test_triton_layouts.py tests/test_parity.py tests/test_transforms.py tests/test_support.py
 	-TRITON_DEBUG=1 PYTHONPATH=src timeout -s INT 70 $(GPU_PY) -m pytest -q -p no:cacheprovider \
 		tests/test_triton_large.py
 	-PYTHONPATH=src timeout 75 $(GPU_PY) benchmarks/bench_norms.py --out benchmarks/results
