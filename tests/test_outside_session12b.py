@@ -1,0 +1,476 @@
+"""An outside user's attack on session 12's changes to the default path (helper H-C2).
+
+1. The default call ("auto") now runs numba's BatchNorm for NCHW float32 calls of at least 2^18
+   elements that autograd records, through new block kernels (``bn_seg_fwd``/``bn_seg_bwd``):
+   the BatchNorm modules a CPU ResNet trains with (2d/3d/1d, Lazy, Sync on one process, Act,
+   converted torch.nn models), their options (momentum=None, no running statistics, no
+   affine, a weight-only gradient), train/eval switching, double backward, retain_graph,
+   ``torch.compile(fullgraph=True)``, ``vmap(grad)`` per-sample gradients, NaN and infinity,
+   odd channel counts, a batch of one, non-contiguous inputs, 1/2/3 threads, failed calls.
+2. The hooks that hand ATen's BatchNorm/InstanceNorm backward a gradient layout it gets right:
+   user hooks and ``retain_grad`` on the output, an in-place ReLU after it, outputs used twice,
+   checkpointing, ``jit.trace``, fx, undefined gradients.
+3. ``convert(strict=True)``'s probe against custom norms with subtly different formulas.
+
+Oracles: torch.nn's twin in float32 and in float64 (normkit.testing's bound: at most twice
+torch's float32 error against float64), torch's errors, the one-thread bits. The route to the
+numba kernels is asserted by spying on them, so a test of "the default path" tests that path.
+Each defect found is a strict xfail whose reason is the minimal repro.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import normkit
+import normkit.functional as NF
+from _outside import NUMBA_ATTACK_MARKS
+from cases import seed_of
+from normkit.testing import assert_within_bound
+
+pytestmark = NUMBA_ATTACK_MARKS
+cn = pytest.importorskip("normkit.ops.numba.channel_norm")
+
+F64 = torch.float64
+KERNELS = ("bn_seg_fwd", "bn_seg_bwd", "seg_fwd", "seg_bwd")
+FUZZ = settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture
+def numba_calls(monkeypatch) -> list[str]:
+    """The names of the numba channel kernels called during the test, in order."""
+    calls: list[str] = []
+    for name in KERNELS:
+        kernel = getattr(cn.k, name)
+
+        def spy(*args, _kernel=kernel, _name=name):
+            calls.append(_name)
+            return _kernel(*args)
+
+        monkeypatch.setattr(cn.k, name, spy)
+    return calls
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _randn(*shape: int, seed: object, dtype: torch.dtype = F64) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed)), dtype=F64).to(dtype)
+
+
+def _randomize(m: nn.Module, seed: object) -> nn.Module:
+    """Random weight and bias (both signs), running statistics away from 0/1, 2 batches tracked."""
+    gen = torch.Generator().manual_seed(seed_of(seed))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64))
+        for name, b in m.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=F64) * 0.5)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen, dtype=F64) + 0.5)
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(2)
+    return m
+
+
+# ---- 1. the default path's numba BatchNorm against torch.nn's twin --------------------------------
+
+# name: (torch.nn's module, normkit's twin, input shape of at least 2^18 elements: odd channel
+# counts, a batch of one with a big image, a 5-D and a 3-D input)
+MODULES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[int, ...]]] = {
+    "bn2d": (lambda: nn.BatchNorm2d(5), lambda: normkit.BatchNorm2d(5), (2, 5, 163, 163)),
+    "bn2d-momentum-None": (
+        lambda: nn.BatchNorm2d(5, momentum=None),
+        lambda: normkit.BatchNorm2d(5, momentum=None),
+        (2, 5, 163, 163),
+    ),
+    "bn2d-no-stats": (
+        lambda: nn.BatchNorm2d(7, track_running_stats=False),
+        lambda: normkit.BatchNorm2d(7, track_running_stats=False),
+        (3, 7, 111, 113),
+    ),
+    "bn2d-no-affine": (
+        lambda: nn.BatchNorm2d(3, affine=False),
+        lambda: normkit.BatchNorm2d(3, affine=False),
+        (1, 3, 300, 301),
+    ),
+    "bn3d": (lambda: nn.BatchNorm3d(3), lambda: normkit.BatchNorm3d(3), (2, 3, 17, 61, 67)),
+    "bn1d": (lambda: nn.BatchNorm1d(7), lambda: normkit.BatchNorm1d(7), (4, 7, 9601)),
+    "sync": (lambda: nn.SyncBatchNorm(5), lambda: normkit.SyncBatchNorm(5), (2, 5, 163, 163)),
+    "lazy": (lambda: nn.LazyBatchNorm2d(), lambda: normkit.LazyBatchNorm2d(), (2, 5, 163, 163)),
+    "act": (
+        lambda: nn.Sequential(nn.BatchNorm2d(5), nn.ReLU(inplace=True)),
+        lambda: normkit.BatchNormAct2d(5),
+        (2, 5, 163, 163),
+    ),
+    "converted": (
+        lambda: nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU()),
+        lambda: None,
+        (2, 3, 163, 163),
+    ),
+}
+# how the input reaches the module: contiguous, a slice, an expanded batch, transposed H/W
+LAYOUTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "contiguous": lambda x: x,
+    "slice": lambda x: torch.cat([x, x[..., :7]], -1)[..., : x.shape[-1]],
+    "expand": lambda x: x[:1].expand(x.shape),
+    "transposed": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2),
+}
+
+
+def _build(name: str, which: str, seed: object) -> nn.Module:
+    theirs, ours, shape = MODULES[name]
+    m = theirs()
+    if which == "ours":
+        m = ours() if name != "converted" else normkit.convert(copy.deepcopy(m), strict=True)
+    if name == "lazy":  # materialize before randomizing, as a user who loads weights would
+        with torch.no_grad():
+            m(torch.zeros(2, shape[1], 2, 2))
+        m.reset_running_stats()
+    return _randomize(m, seed)
+
+
+def _train_steps(
+    m: nn.Module,
+    x: Tensor,
+    seed: object,
+    *,
+    steps: int = 2,
+    x_grad: bool = True,
+    layout: Callable[[Tensor], Tensor] = LAYOUTS["contiguous"],
+    modes: tuple[bool, ...] = (),
+) -> dict[str, Tensor]:
+    """Outputs and gradients (input and parameters, random upstream gradients) of ``steps``
+    calls, in training mode (``modes``: the mode of each step instead), and the buffers after."""
+    got: dict[str, Tensor] = {}
+    dtype = next(iter(m.buffers()), next(iter(m.parameters()), x)).dtype
+    for step, mode in enumerate(modes or (True,) * steps):
+        m.train(mode)
+        xi = layout((x + step).to(dtype)).detach().requires_grad_(x_grad)
+        y = m(xi)
+        wrt = [p for p in m.parameters() if p.requires_grad] + ([xi] if x_grad else [])
+        dy = _randn(*y.shape, seed=(seed, step), dtype=dtype)
+        grads = torch.autograd.grad(y, wrt, dy)
+        got[f"y{step}"] = y.detach()
+        got.update({f"d{step}.{i}": g for i, g in enumerate(grads)})
+    got.update({n.rsplit(".", 1)[-1]: b.clone() for n, b in m.named_buffers() if b.is_floating_point()})
+    return got
+
+
+def _against_twin(name: str, seed: object, **kw) -> tuple[dict[str, Tensor], nn.Module, nn.Module]:
+    shape = MODULES[name][2]
+    x = _randn(*shape, seed=(seed, "x")) * 2 + 1
+    theirs32, ours = _build(name, "theirs", seed), _build(name, "ours", seed)
+    theirs64 = copy.deepcopy(theirs32).double()
+    ref, low = _train_steps(theirs64, x, seed, **kw), _train_steps(theirs32, x, seed, **kw)
+    got = _train_steps(ours, x, seed, **kw)
+    assert_within_bound(got, ref, low)
+    for (n, a), b in zip(ours.named_buffers(), theirs32.buffers(), strict=True):
+        if not a.is_floating_point():
+            assert torch.equal(a, b), (n, a, b)
+    return got, ours, theirs32
+
+
+# every module contiguous, the other layouts on three of them (time)
+TWIN_CASES = [(name, "contiguous") for name in MODULES] + [
+    (name, layout) for name in ("bn2d", "bn2d-no-affine", "act") for layout in LAYOUTS if layout != "contiguous"
+]
+
+
+@pytest.mark.parametrize(("name", "layout"), TWIN_CASES)
+def test_default_batch_norm_trains_like_torch_on_numba(numba_calls, name: str, layout: str) -> None:
+    _against_twin(name, ("twin", name, layout), layout=LAYOUTS[layout])
+    # BatchNormAct2d's fused op (batch_norm_act) is not a class auto claims: ATen runs it
+    assert bool(numba_calls) == (name != "act"), numba_calls
+
+
+@pytest.mark.parametrize("name", ["bn2d", "bn2d-momentum-None", "act"])
+def test_weight_only_gradient_and_mode_switching(numba_calls, name: str) -> None:
+    _against_twin(name, ("weight-only", name), x_grad=False)
+    _against_twin(name, ("modes", name), modes=(True, False, True, False, True))
+    assert bool(numba_calls) == (name != "act"), numba_calls
+
+
+@given(
+    n=st.integers(1, 3),
+    c=st.sampled_from([1, 2, 3, 5, 9]),
+    h=st.integers(150, 260),
+    w=st.integers(150, 260),
+    momentum=st.sampled_from([0.1, None, 0.9]),
+)
+@FUZZ
+def test_generated_batch_norm2d_shapes(numba_calls, n: int, c: int, h: int, w: int, momentum: float | None) -> None:
+    while n * c * h * w < 1 << 18:
+        n += 1
+    x = _randn(n, c, h, w, seed=("gen", n, c, h, w)) * 3 - 1
+    mods = [_randomize(M(c, momentum=momentum), ("gen", c)) for M in (nn.BatchNorm2d, normkit.BatchNorm2d)]
+    ref = _train_steps(copy.deepcopy(mods[0]).double(), x, "gen")
+    low, got = (_train_steps(m, x, "gen") for m in mods)
+    assert_within_bound(got, ref, low)
+    assert torch.equal(mods[0].num_batches_tracked, mods[1].num_batches_tracked)
+    assert numba_calls
+
+
+def _bits(threads: int, x: Tensor, seed: object) -> dict[str, Tensor]:
+    torch.set_num_threads(threads)
+    return _train_steps(_randomize(normkit.BatchNorm2d(x.shape[1]), seed), x, seed)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 163, 163), (1, 3, 300, 301), (16, 12, 47, 45)], ids=str)
+def test_default_batch_norm_same_bits_at_1_2_3_threads(numba_calls, restore_threads, shape) -> None:
+    x = _randn(*shape, seed=("threads", shape)) * 2 + 1
+    one = _bits(1, x, shape)
+    for threads in (2, 3):
+        for key, value in _bits(threads, x, shape).items():
+            assert torch.equal(value, one[key]), (key, threads)
+    assert numba_calls
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_give_torch_outputs_and_running_stats(numba_calls, bad: float) -> None:
+    x = _randn(2, 5, 163, 163, seed=("bad", bad)) * 2 + 1
+    x[1, 2, 5, 7] = bad
+    ours, theirs = (_randomize(M(5), "bad") for M in (normkit.BatchNorm2d, nn.BatchNorm2d))
+    got, exp = (_train_steps(m, x, "bad", steps=1) for m in (ours, theirs))
+    for key, value in exp.items():
+        assert torch.equal(got[key].isnan(), value.isnan()), key
+        assert torch.equal(got[key].isinf(), value.isinf()), key
+        finite = value.isfinite()
+        torch.testing.assert_close(got[key][finite], value[finite], rtol=1e-4, atol=1e-4)
+    assert numba_calls
+
+
+def _double_backward(m: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    xi = x.detach().requires_grad_()
+    y = m(xi)
+    dy = _randn(*y.shape, seed="dbl-dy", dtype=x.dtype)
+    v = _randn(*y.shape, seed="dbl-v", dtype=x.dtype)
+    gx, gw = torch.autograd.grad(y, (xi, m.weight), dy, create_graph=True)
+    hx, hw = torch.autograd.grad((gx * v).sum() + (gw * gw).sum(), (xi, m.weight))
+    return {"y": y.detach(), "gx": gx.detach(), "gw": gw.detach(), "hx": hx, "hw": hw}
+
+
+def test_double_backward_and_retain_graph(numba_calls) -> None:
+    x = _randn(2, 5, 163, 163, seed="dbl") * 2 + 1
+    mods = [_randomize(M(5), "dbl") for M in (nn.BatchNorm2d, normkit.BatchNorm2d)]
+    ref = _double_backward(copy.deepcopy(mods[0]).double(), x)
+    low, got = (_double_backward(m, x.float()) for m in mods)
+    assert_within_bound(got, ref, low)
+    xi = x.float().requires_grad_()
+    y = mods[1](xi)
+    dy = _randn(*y.shape, seed="retain", dtype=y.dtype)
+    first = torch.autograd.grad(y, xi, dy, retain_graph=True)[0]
+    assert torch.equal(first, torch.autograd.grad(y, xi, dy)[0])
+    assert numba_calls
+
+
+def test_compile_fullgraph_default_backend(numba_calls) -> None:
+    x = _randn(2, 5, 163, 163, seed="compile") * 2 + 1
+    theirs, ours = (_randomize(M(5), "compile") for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    ref = _train_steps(copy.deepcopy(theirs).double(), x, "compile")
+    low = _train_steps(theirs, x, "compile")
+    got = _train_steps(torch.compile(ours, fullgraph=True), x, "compile")
+    assert_within_bound(got, ref, low)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+def _per_sample_grads(cls: type[nn.Module], xs: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    m = _randomize(cls(xs.shape[2], track_running_stats=False), "vmap").to(dtype)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    dy = _randn(*xs.shape[1:], seed="vmap-dy", dtype=dtype)
+
+    def loss(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return (torch.func.functional_call(m, p, (x,)) * dy).sum()
+
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs.to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 5, 300, 300), (2, 2, 3, 4, 5), (3, 1, 4, 1, 5)], ids=str)
+def test_vmap_grad_per_sample_gradients(shape) -> None:
+    xs = _randn(*shape, seed=("vmap", shape)) * 2 + 1
+    ref = _per_sample_grads(nn.BatchNorm2d, xs, F64)
+    low = _per_sample_grads(nn.BatchNorm2d, xs, torch.float32)
+    got = _per_sample_grads(normkit.BatchNorm2d, xs, torch.float32)
+    assert_within_bound(got, ref, low)
+    cl = xs.float().flatten(0, 1).contiguous(memory_format=torch.channels_last).view(xs.shape)
+    got_cl = _per_sample_grads(normkit.BatchNorm2d, cl, torch.float32)
+    assert_within_bound(got_cl, ref, low)
+
+
+# name: a call both torch.nn and normkit refuse; normkit's must leave the statistics untouched
+FAILING = {
+    "wrong channels": lambda: _randn(2, 6, 163, 163, seed="fail").float(),
+    "one value per channel": lambda: torch.randn(1, 5, 1, 1),
+    "float64 input, float32 module": lambda: _randn(2, 5, 163, 163, seed="fail"),
+    "3-D input": lambda: _randn(5, 163, 163, seed="fail").float(),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILING))
+def test_failed_call_raises_torch_error_and_leaves_stats(case: str) -> None:
+    x = FAILING[case]().requires_grad_()
+    ours, theirs = (_randomize(M(5), "fail") for M in (normkit.BatchNorm2d, nn.BatchNorm2d))
+    before = {n: b.clone() for n, b in ours.named_buffers()}
+    with pytest.raises(Exception) as theirs_raised:
+        theirs(x)
+    with pytest.raises(type(theirs_raised.value)) as ours_raised:
+        ours(x)
+    assert str(ours_raised.value) == str(theirs_raised.value)
+    for n, b in ours.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+# ---- 2. the hooks on ATen's output that fix the upstream gradient's layout ------------------------
+
+
+# the layout torch 2.13's CPU backward gets wrong: the upstream gradient restrided (its size-1
+# axes' strides not channels_last's), or channels_last for InstanceNorm of a batch of one
+def _bad_layout(g: Tensor) -> Tensor:
+    order = list(reversed(range(g.dim())))
+    return g.permute(order).contiguous().permute(order)
+
+
+OPS: dict[str, Callable[..., Tensor]] = {
+    "batch_norm": lambda x, w, b, backend: NF.batch_norm(x, None, None, w, b, True, backend=backend),
+    "batch_norm_act": lambda x, w, b, backend: NF.batch_norm_act(x, None, None, w, b, True, act=None, backend=backend),
+    "instance_norm": lambda x, w, b, backend: NF.instance_norm(x, weight=w, bias=b, backend=backend),
+}
+SIZE_ONE_SHAPES = [(1, 4, 1, 5), (6, 4, 1, 1), (3, 4, 1), (1, 3, 5, 1)]
+# InstanceNorm needs more than one spatial element; a 4-D batch of one goes channels_last
+SHAPES = {
+    "batch_norm": SIZE_ONE_SHAPES,
+    "batch_norm_act": SIZE_ONE_SHAPES,
+    "instance_norm": [(1, 4, 3, 5), (2, 3, 1, 7), (1, 3, 5, 1), (3, 4, 6)],
+}
+
+
+def _hooked_call(
+    op: str, backend: str | None, x: Tensor, w: Tensor, b: Tensor, g: Tensor, how: str
+) -> dict[str, Tensor]:
+    """Gradients through ``op`` when the user also hooks its output, retains its gradient,
+    uses it twice, or applies an in-place ReLU to it; the gradient its output received."""
+    xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = OPS[op](xi, wi, bi, backend)
+    seen: list[Tensor] = []
+    if how == "inplace relu":
+        z = F.relu(y.clone(), inplace=True) + y
+    else:
+        y.register_hook(lambda grad: seen.append(grad.clone()))
+        y.retain_grad()
+        z = F.silu(y) * 2 + y if how == "used twice" else y
+    z.backward(g)
+    got = {"dx": xi.grad, "dw": wi.grad, "db": bi.grad}
+    if how != "inplace relu":
+        got.update(hook=seen[0], retained=y.grad)
+    return got
+
+
+@pytest.mark.parametrize("how", ["plain", "used twice", "inplace relu"])
+@pytest.mark.parametrize("backend", [None, "torch", "auto"])
+@pytest.mark.parametrize(("op", "shape"), [(op, s) for op, shapes in SHAPES.items() for s in shapes], ids=str)
+def test_user_hooks_and_gradient_layouts_on_the_aten_route(op: str, backend: str | None, how: str, shape) -> None:
+    x = _randn(*shape, seed=("hook", shape)) * 2 + 1
+    if op == "instance_norm" and shape[0] == 1 and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (_randn(shape[1], seed=("hook", k)) for k in "wb")
+    g = _randn(*shape, seed=("hook-g", shape))
+    # the truth: the reference backend in float64 with a contiguous upstream gradient
+    ref = _hooked_call(op, "reference", x, w, b, g, how)
+    got = _hooked_call(op, backend, x, w, b, _bad_layout(g), how)
+    for key, value in ref.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("shape", SIZE_ONE_SHAPES[:2], ids=str)
+def test_checkpointed_module_gets_right_gradients(shape, reentrant: bool) -> None:
+    x = _randn(*shape, seed=("ckpt", shape))
+    m = _randomize(normkit.BatchNorm2d(4) if x.dim() == 4 else normkit.BatchNorm1d(4), "ckpt").double()
+    truth, twin = copy.deepcopy(m), _randomize(nn.BatchNorm2d(4), "ckpt").double()
+    g = _randn(*shape, seed=("ckpt-g", shape))
+    xi, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    checkpoint.checkpoint(m, xi, use_reentrant=reentrant).backward(_bad_layout(g))
+    NF.batch_norm(
+        xr, truth.running_mean, truth.running_var, truth.weight, truth.bias, True, backend="reference"
+    ).backward(g)
+    for a, e in ((xi.grad, xr.grad), (m.weight.grad, truth.weight.grad), (m.bias.grad, truth.bias.grad)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+    # the recompute updates the running statistics as torch.nn's does under the same checkpoint
+    checkpoint.checkpoint(twin, x.clone().requires_grad_(), use_reentrant=reentrant).backward(g)
+    for a, e in ((m.running_mean, twin.running_mean), (m.running_var, twin.running_var)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=0)
+
+
+_EARLY_STOP = (
+    "not session 12 (batch_norm_forward increments num_batches_tracked after the call): under "
+    "torch.utils.checkpoint(m, x, use_reentrant=False) the recompute stops early after ATen's "
+    "batch_norm, which already updated running_mean/var a second time, so normkit.BatchNorm2d counts "
+    "one batch where torch.nn.BatchNorm2d counts two; with momentum=None the next step's factor "
+    "differs and running stats diverge from torch's. Repro: m = normkit.BatchNorm2d(4, momentum=None); "
+    "checkpoint(m, x, use_reentrant=False).sum().backward(); m.num_batches_tracked -> 1 (torch: 2). "
+    "Fix: counter.add_(1) before the call, counter.sub_(1) in an except that re-raises"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_EARLY_STOP)
+def test_non_reentrant_checkpoint_counts_batches_as_torch() -> None:
+    x = _randn(4, 3, 5, 6, seed="early")
+    ours, theirs = (_randomize(M(3, momentum=None), "early").double() for M in (normkit.BatchNorm2d, nn.BatchNorm2d))
+    for step in range(2):
+        for m in (ours, theirs):
+            checkpoint.checkpoint(m, (x + step).requires_grad_(), use_reentrant=False).backward(x)
+    for (n, a), e in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=0, msg=n)
+
+
+def test_fx_traced_functional_call_gets_right_gradients() -> None:
+    shape = (1, 4, 1, 5)
+    x, g = _randn(*shape, seed="fx"), _randn(*shape, seed="fx-g")
+    w, b = (_randn(4, seed=("fx", k)) for k in "wb")
+    gm = torch.fx.symbolic_trace(lambda x, w, b: NF.batch_norm(x, None, None, w, b, True))
+    xi, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gm(xi, w, b).backward(_bad_layout(g))
+    NF.batch_norm(xr, None, None, w, b, True, backend="reference").backward(g)
+    torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-9, atol=1e-9)
+
+
+_TRACE_CHECK = (
+    "session 12 regression (3eff4b2 traced fine): torch.jit.trace(normkit.BatchNorm2d(4), torch.randn(2, 4, "
+    "3, 5)) raises TracingCheckError ('Graphs differed across invocations': the first trace names "
+    "ATen's output %y, the check's retrace %10), train and eval, also BatchNorm1d, SyncBatchNorm, "
+    "BatchNormAct2d; torch.nn's twin traces. Cause: aten_batch_norm_grads(y) holds the output in a "
+    "local named y while tracing reads it (y.requires_grad / y.shape / register_hook: a hook is not "
+    "part of a trace anyway). Fix: 'if torch.jit.is_tracing() or not y.requires_grad or 1 not in "
+    "y.shape: return y' (and the same first test in aten_instance_norm_grads): verified on a copy of src"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_TRACE_CHECK)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "make", [lambda: normkit.BatchNorm2d(4), lambda: normkit.BatchNormAct2d(4)], ids=["BatchNorm2d", "BatchNormAct2d"]
+)
+def test_jit_trace_with_its_default_check(make, training: bool) -> None:
+    x = _randn(2, 4, 3, 5, seed="trace").float()
+    traced = torch.jit.trace(make().train(training), (x,))
+    theirs = nn.BatchNorm2d(4).train(training)
+    torch.testing.assert_close(traced(x), theirs(x))
