@@ -316,6 +316,152 @@ def test_vmap_grad_per_sample_gradients(shape) -> None:
     assert_within_bound(got_cl, ref, low)
 
 
+# an in-place op on the output (ResNet's ReLU(inplace=True)): autograd must not read a saved y
+INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu_": lambda y: F.relu(y, inplace=True),
+    "mul_": lambda y: y.mul_(2),
+    "add_": lambda y: y.add_(1),
+}
+
+
+class _Then(nn.Module):
+    def __init__(self, norm: nn.Module, op: str) -> None:
+        super().__init__()
+        self.norm, self.op = norm, op
+
+    def forward(self, x: Tensor) -> Tensor:
+        return INPLACE[self.op](self.norm(x))
+
+
+@pytest.mark.parametrize("op", list(INPLACE))
+def test_inplace_op_on_the_numba_output(numba_calls, op: str) -> None:
+    x = _randn(2, 5, 163, 163, seed=("inplace", op)) * 2 + 1
+    theirs, ours = (_Then(_randomize(M(5), "inplace"), op) for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    ref = _train_steps(copy.deepcopy(theirs).double(), x, "inplace", steps=1)
+    low, got = (_train_steps(m, x, "inplace", steps=1) for m in (theirs, ours))
+    assert_within_bound(got, ref, low)
+    assert numba_calls
+
+
+@pytest.mark.parametrize(("forward", "backward"), [(3, 1), (1, 3), (2, 3)])
+def test_thread_count_changed_between_forward_and_backward(numba_calls, restore_threads, forward, backward) -> None:
+    x = _randn(2, 5, 163, 163, seed="switch").float()
+    dy = _randn(*x.shape, seed="switch-dy").float()
+    got = []
+    for threads in ((1, 1), (forward, backward)):
+        torch.set_num_threads(threads[0])
+        m, xi = _randomize(normkit.BatchNorm2d(5), "switch"), x.clone().requires_grad_()
+        y = m(xi)
+        torch.set_num_threads(threads[1])
+        got.append([y, *torch.autograd.grad(y, (xi, m.weight, m.bias), dy), m.running_mean, m.running_var])
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+    assert numba_calls
+
+
+def _functional_odd_arguments(dtype: torch.dtype, fn: Callable[..., Tensor]) -> dict[str, Tensor]:
+    """batch_norm with every second element of wider statistics, weight and bias (strided views
+    updated in place), then with no weight and a bias alone."""
+    x = (_randn(2, 5, 163, 163, seed="odd") * 2 + 1).to(dtype).requires_grad_()
+    rm, rv = _randn(10, seed="odd-rm", dtype=dtype), _randn(10, seed="odd-rv", dtype=dtype).abs() + 0.5
+    w, b = (_randn(10, seed=("odd", k), dtype=dtype).requires_grad_() for k in "wb")
+    dy = _randn(*x.shape, seed="odd-dy", dtype=dtype)
+    y = fn(x, rm[::2], rv[::2], w[::2], b[1::2], True, 0.3, 1e-3)
+    got = dict(zip(("dx", "dw", "db"), torch.autograd.grad(y, (x, w, b), dy), strict=True))
+    y2 = fn(x, None, None, None, b[::2], True, 0.1, 1e-5)
+    got.update(y=y.detach(), rm=rm, rv=rv, y2=y2.detach(), db2=torch.autograd.grad(y2, b, dy)[0])
+    return got
+
+
+def test_functional_strided_statistics_and_bias_without_weight(numba_calls) -> None:
+    ref = _functional_odd_arguments(F64, F.batch_norm)
+    low = _functional_odd_arguments(torch.float32, F.batch_norm)
+    got = _functional_odd_arguments(torch.float32, NF.batch_norm)
+    assert_within_bound(got, ref, low)
+    assert "bn_seg_fwd" in numba_calls
+
+
+@pytest.mark.parametrize(("momentum", "eps"), [(0.0, 1e-5), (1.0, 1e-5), (0.1, 10.0)])
+def test_momentum_and_eps_edges(numba_calls, momentum: float, eps: float) -> None:
+    x = _randn(2, 5, 163, 163, seed="edges") * 2 + 1
+    theirs, ours = (_randomize(M(5, eps, momentum), "edges") for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    ref = _train_steps(copy.deepcopy(theirs).double(), x, "edges")
+    low, got = (_train_steps(m, x, "edges") for m in (theirs, ours))
+    assert_within_bound(got, ref, low)
+    assert numba_calls
+
+
+def test_training_forward_under_inference_mode() -> None:
+    x = _randn(2, 5, 163, 163, seed="inference").float()
+    theirs, ours = (_randomize(M(5), "inference") for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    with torch.inference_mode():
+        y, expected = ours(x), theirs(x)
+    torch.testing.assert_close(y, expected)
+    for (n, a), b in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+class _BasicBlock(nn.Module):
+    """A ResNet basic block as torchvision writes it: in-place ReLUs, the residual added in place."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1, self.bn2, self.relu = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def test_converted_resnet_block_trains_two_steps_like_torch(numba_calls) -> None:
+    torch.manual_seed(seed_of("block"))
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _BasicBlock(8), _BasicBlock(8))
+    _randomize(theirs, "block")
+    ours = normkit.convert(copy.deepcopy(theirs), strict=True)
+    x = _randn(2, 3, 131, 127, seed="block")
+    ref = _train_steps(copy.deepcopy(theirs).double(), x, "block")
+    low, got = (_train_steps(m, x, "block") for m in (theirs, ours))
+    assert_within_bound(got, ref, low)
+    assert numba_calls.count("bn_seg_fwd") == 8, numba_calls
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_compiled_fullgraph_aten_route_gets_right_gradients(op: str, backend: str | None) -> None:
+    shape = SHAPES[op][0]
+    x = _randn(*shape, seed=("compiled", op))
+    if op == "instance_norm":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (_randn(shape[1], seed=("compiled", k)) for k in "wb")
+    g = _randn(*shape, seed=("compiled-g", op))
+    ref = _hooked_call(op, "reference", x, w, b, g, "inplace relu")
+    compiled = torch.compile(OPS[op], fullgraph=True, backend="aot_eager")
+    xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+    y = compiled(xi, wi, bi, backend)
+    (F.relu(y.clone(), inplace=True) + y).backward(_bad_layout(g))
+    for got, key in ((xi.grad, "dx"), (wi.grad, "dw"), (bi.grad, "db")):
+        torch.testing.assert_close(got, ref[key], rtol=1e-9, atol=1e-9, msg=key)
+
+
+def test_vmap_grad_instance_norm_on_channels_last_samples() -> None:
+    xs = _randn(4, 1, 3, 5, 6, seed="vmap-in")
+    cl = xs.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(xs.shape)
+
+    def grads(cls: type[nn.Module], batch: Tensor) -> dict[str, Tensor]:
+        m = _randomize(cls(3, affine=True), "vmap-in").double()
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        dy = _randn(*xs.shape[1:], seed="vmap-in-dy")
+        loss = lambda p, x: (torch.func.functional_call(m, p, (x,)) * dy).sum()  # noqa: E731
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, batch)
+
+    ref = grads(nn.InstanceNorm2d, xs)
+    for key, value in grads(normkit.InstanceNorm2d, cl).items():
+        torch.testing.assert_close(value, ref[key], rtol=1e-9, atol=1e-9, msg=key)
+
+
 # name: a call both torch.nn and normkit refuse; normkit's must leave the statistics untouched
 FAILING = {
     "wrong channels": lambda: _randn(2, 6, 163, 163, seed="fail").float(),
