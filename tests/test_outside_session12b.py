@@ -235,7 +235,11 @@ def _bits(threads: int, x: Tensor, seed: object) -> dict[str, Tensor]:
     return _train_steps(_randomize(normkit.BatchNorm2d(x.shape[1]), seed), x, seed)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 163, 163), (1, 3, 300, 301), (16, 12, 47, 45)], ids=str)
+# blocks of channels; a batch of one; short segments; a channel too big for the cache (the two
+# passes); fewer channels than threads
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 163, 163), (1, 3, 300, 301), (16, 12, 47, 45), (1, 2, 600, 601), (2, 1, 400, 401)], ids=str
+)
 def test_default_batch_norm_same_bits_at_1_2_3_threads(numba_calls, restore_threads, shape) -> None:
     x = _randn(*shape, seed=("threads", shape)) * 2 + 1
     one = _bits(1, x, shape)
@@ -314,6 +318,48 @@ def test_vmap_grad_per_sample_gradients(shape) -> None:
     cl = xs.float().flatten(0, 1).contiguous(memory_format=torch.channels_last).view(xs.shape)
     got_cl = _per_sample_grads(normkit.BatchNorm2d, cl, torch.float32)
     assert_within_bound(got_cl, ref, low)
+
+
+def test_compile_dynamic_shapes_across_the_size_threshold(numba_calls) -> None:
+    theirs, ours = (_randomize(M(5), "dynamic") for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    for shape, large in (
+        ((2, 5, 100, 100), False),
+        ((2, 5, 163, 163), True),
+        ((3, 5, 170, 171), True),
+        ((2, 5, 90, 91), False),
+    ):
+        numba_calls.clear()
+        x = _randn(*shape, seed=("dynamic", shape)).float()
+        low, got = (_train_steps(m, x, ("dynamic", shape), steps=1) for m in (theirs, compiled))
+        for key, value in low.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4, msg=key)
+        assert bool(numba_calls) == large, (shape, numba_calls)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+# name: (running_mean, running_var, weight, bias) of a large training call that torch refuses
+BAD_ARGUMENTS: dict[str, Callable[[], tuple[Tensor | None, ...]]] = {
+    "float64 statistics": lambda: (torch.zeros(5, dtype=F64), torch.ones(5, dtype=F64), torch.ones(5), None),
+    "weight of 6": lambda: (torch.zeros(5), torch.ones(5), torch.ones(6), None),
+    "running_var of 4": lambda: (torch.zeros(5), torch.ones(4), None, None),
+    "float64 weight": lambda: (torch.zeros(5), torch.ones(5), torch.ones(5, dtype=F64), torch.zeros(5)),
+    "2-D running_mean": lambda: (torch.zeros(5, 1), torch.ones(5), None, None),
+    "running_mean alone": lambda: (torch.zeros(5), None, None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_functional_refusals_are_torch_errors_and_change_nothing(case: str) -> None:
+    x = _randn(2, 5, 163, 163, seed="bad-args").float().requires_grad_()
+    theirs, ours = BAD_ARGUMENTS[case](), BAD_ARGUMENTS[case]()
+    with pytest.raises(Exception) as expected:
+        F.batch_norm(x, *theirs[:2], *theirs[2:], True)
+    with pytest.raises(type(expected.value)) as raised:
+        NF.batch_norm(x, *ours[:2], *ours[2:], True)
+    assert str(raised.value) == str(expected.value)
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 # an in-place op on the output (ResNet's ReLU(inplace=True)): autograd must not read a saved y
