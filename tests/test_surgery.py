@@ -346,7 +346,7 @@ def test_a_wrong_adapter_is_refused_by_the_probe(monkeypatch: pytest.MonkeyPatch
     report = normkit.ConvertReport()
     normkit.convert(model, report=report)
     assert type(model[0]) is _TwiceLayerNorm
-    assert "forgets_the_bias: on probe input [2, 6] of ordinary values: output differs" in report.left[0].reason
+    assert "forgets_the_bias: on probe input [3, 6] of ordinary values: output differs" in report.left[0].reason
 
 
 def test_a_failing_twin_is_left_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,7 +356,7 @@ def test_a_failing_twin_is_left_in_place(monkeypatch: pytest.MonkeyPatch) -> Non
     report = normkit.ConvertReport()
     normkit.convert(model, report=report)
     assert type(model[0]) is nn.GroupNorm
-    assert "twin fails the probe: on probe input [2, 6] of ordinary values: output differs" in report.left[0].reason
+    assert "twin fails the probe: on probe input [3, 6] of ordinary values: output differs" in report.left[0].reason
     assert "act" not in vars(model[0])
 
 
@@ -484,7 +484,7 @@ def test_a_replacement_must_take_every_input_rank_the_original_takes() -> None:
     report = normkit.ConvertReport()
     normkit.convert(model, report=report)
     assert type(model[0]) is _RankDependentLayerNorm
-    assert "LayerNorm: on probe input [2, 8, 3, 2] of ordinary values: the replacement fails" in report.left[0].reason
+    assert "LayerNorm: on probe input [3, 8, 4, 3] of ordinary values: the replacement fails" in report.left[0].reason
     assert model(torch.randn(2, 8, 3, 3)).shape == (2, 8, 3, 3)
 
 

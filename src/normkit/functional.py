@@ -628,8 +628,9 @@ _ATEN: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
 def aten_batch_norm_grads(y: Tensor) -> Tensor:
     """``y``, ATen's batch_norm output, with its upstream gradient, where not contiguous, viewed
     with canonical strides (:func:`canonical_strides`, no copy) before ATen's backward reads it.
-    Only an output with a size-1 axis can receive such a gradient."""
-    if not y.requires_grad or 1 not in y.shape:
+    Only an output with a size-1 axis can receive such a gradient. Not while ``torch.jit.trace``
+    records (a hook is no part of a trace, and reading the output would be)."""
+    if torch.jit.is_tracing() or not y.requires_grad or 1 not in y.shape:
         return y
     if torch.compiler.is_compiling():
         return _GradThrough.apply(y, _canonical_grad)
@@ -639,8 +640,9 @@ def aten_batch_norm_grads(y: Tensor) -> Tensor:
 
 def aten_instance_norm_grads(y: Tensor) -> Tensor:
     """``y``, ATen's instance_norm output (contiguous), with its upstream gradient made contiguous
-    too (a copy only where it was not) before ATen's backward reads it."""
-    if not y.requires_grad:
+    too (a copy only where it was not) before ATen's backward reads it (not while
+    ``torch.jit.trace`` records)."""
+    if torch.jit.is_tracing() or not y.requires_grad:
         return y
     if torch.compiler.is_compiling():
         return _GradThrough.apply(y, _contiguous)
