@@ -508,6 +508,49 @@ def test_vmap_grad_instance_norm_on_channels_last_samples() -> None:
         torch.testing.assert_close(value, ref[key], rtol=1e-9, atol=1e-9, msg=key)
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        return checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+_CHECKPOINT_ROUTES = (
+    "session 12 (the default route turned numba for large NCHW float32 training calls): under "
+    "torch.utils.checkpoint(m, x, use_reentrant=False) torch.nn.BatchNorm2d updates the running "
+    "statistics twice a step (the forward and the recompute), normkit's ATen route too, the numba "
+    "route once: channel_norm.batch_norm updates them after the custom op, and the recompute stops "
+    "early at the op's save_for_backward. So m = normkit.BatchNorm2d(5); checkpoint(m, x, "
+    "use_reentrant=False).backward(g) with x of 2x5x163x163 leaves running_mean 0.9 r + 0.1 mean where "
+    "torch.nn leaves 0.81 r + 0.19 mean (with 2x5x10x10 its running statistics are torch's): the statistics "
+    "depend on the input's size. Outputs and gradients agree. Fix: a decision for the lead (make the "
+    "numba route update inside the op, before the save, as ATen; or document the single update and "
+    "make the ATen route's recompute skip it)"
+)
+
+
+def test_checkpointed_numba_batch_norm_gradients_like_torch(numba_calls) -> None:
+    x = _randn(2, 5, 163, 163, seed="ckpt-numba") * 2 + 1
+    theirs, ours = (_Checkpointed(_randomize(M(5), "ckpt-numba"), False) for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    ref = _train_steps(copy.deepcopy(theirs).double(), x, "ckpt-numba")
+    low, got = (_train_steps(m, x, "ckpt-numba") for m in (theirs, ours))
+    outputs = lambda results: {k: v for k, v in results.items() if not k.startswith("running")}  # noqa: E731
+    assert_within_bound(outputs(got), outputs(ref), outputs(low))
+    assert "bn_seg_bwd" in numba_calls
+
+
+@pytest.mark.xfail(strict=True, reason=_CHECKPOINT_ROUTES)
+def test_checkpointed_numba_batch_norm_running_stats_like_torch() -> None:
+    x = _randn(2, 5, 163, 163, seed="ckpt-stats").float()
+    theirs, ours = (_Checkpointed(_randomize(M(5), "ckpt-stats"), False) for M in (nn.BatchNorm2d, normkit.BatchNorm2d))
+    for m in (theirs, ours):
+        m(x.clone().requires_grad_()).backward(x)
+    for (n, a), b in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=n)
+
+
 # name: a call both torch.nn and normkit refuse; normkit's must leave the statistics untouched
 FAILING = {
     "wrong channels": lambda: _randn(2, 6, 163, 163, seed="fail").float(),
