@@ -362,6 +362,46 @@ def test_functional_refusals_are_torch_errors_and_change_nothing(case: str) -> N
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_lazy_batch_norm_first_call_is_a_large_training_call(numba_calls) -> None:
+    x = _randn(2, 5, 163, 163, seed="lazy-first").float()
+    dy = _randn(*x.shape, seed="lazy-first-dy").float()
+    got = []
+    for m in (nn.LazyBatchNorm2d(), normkit.LazyBatchNorm2d()):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        assert isinstance(m, nn.BatchNorm2d) and not isinstance(m, nn.modules.lazy.LazyModuleMixin)
+        got.append([y, torch.autograd.grad(y, xi, dy)[0], *m.buffers()])
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b)
+    assert numba_calls
+
+
+def test_frozen_batch_norm_on_a_large_input_requiring_grad(numba_calls) -> None:
+    x = _randn(2, 5, 163, 163, seed="frozen") * 2 + 1
+    frozen, twin = _randomize(normkit.FrozenBatchNorm2d(5), "frozen"), nn.BatchNorm2d(5).eval()
+    twin.load_state_dict(frozen.state_dict())
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    ref, low, got = (
+        {k: v for k, v in _train_steps(m, x, "frozen", modes=(False,)).items() if k in ("y0", "d0.0")}
+        for m in (copy.deepcopy(twin).double(), twin, frozen)
+    )
+    assert_within_bound(got, ref, low)
+
+
+def test_func_grad_of_a_training_batch_norm_raises_torch_error() -> None:
+    x = _randn(2, 5, 163, 163, seed="func-grad").float()
+    raised = []
+    for m in (nn.BatchNorm2d(5), normkit.BatchNorm2d(5)):
+        before = [b.clone() for b in m.buffers()]
+        with pytest.raises(RuntimeError) as info:
+            torch.func.grad(lambda t, m=m: m(t).square().sum())(x)
+        raised.append(str(info.value))
+        if isinstance(m, normkit.BatchNorm2d):
+            assert all(torch.equal(a, b) for a, b in zip(m.buffers(), before, strict=True))
+    assert raised[0] == raised[1]
+
+
 # an in-place op on the output (ResNet's ReLU(inplace=True)): autograd must not read a saved y
 INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
     "relu_": lambda y: F.relu(y, inplace=True),
