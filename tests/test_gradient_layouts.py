@@ -4,7 +4,7 @@ torch 2.13's CPU batch_norm and instance_norm backward compute wrong gradients (
 1, no error raised) for some layouts of the upstream gradient: a channels_last gradient with
 non-canonical strides on its size-1 axes (batch_norm), a channels_last gradient of a batch of one
 (InstanceNorm2d on a channels_last image). normkit hands ATen's backward the gradient in a layout
-it gets right (normkit.functional.aten_batch_norm_grads / aten_instance_norm_grads) and its own
+it gets right (normkit._layouts.aten_batch_norm_grads / aten_instance_norm_grads) and its own
 kernels read any layout. Here every memory order of the input (every third of a 5-D input's),
 with the upstream gradient contiguous, in the input's order or in the reversed order, on every
 CPU backend, in eager mode and under torch.compile: each gradient within twice torch's own

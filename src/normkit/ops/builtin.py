@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import blocks, masked, numerics, reference  # noqa: F401  (masked: declares its ops)
+from .._layouts import aten_batch_norm_grads, aten_instance_norm_grads
 from ..backends import Backend, OpImpl, _never, register_backend, register_lazy_backend
-from ..functional import _cudnn, activate, aten_batch_norm_grads, aten_instance_norm_grads
+from ..functional import _cudnn, activate
 from ..norms import NORMS, NormSpec
 
 __all__: list[str] = []
@@ -132,7 +133,7 @@ def _reference_complex_unsupported(*args, **kwargs):
 
 def _guarded(fn: Callable[..., Tensor], guard: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
     """``guard(fn(...))``: torch's function with the guard on its output (see
-    :func:`normkit.functional.aten_batch_norm_grads`)."""
+    :func:`normkit._layouts.aten_batch_norm_grads`)."""
 
     def run(*args: object, **kwargs: object) -> Tensor:
         return guard(fn(*args, **kwargs))

@@ -81,6 +81,11 @@ from torch import Tensor
 from .. import functional as nkf
 from ..backends import backends, get_backend
 
+try:
+    import resource  # POSIX only: the page-fault count
+except ImportError:
+    resource = None  # type: ignore[assignment]
+
 __all__ = [
     "BATCH_OPS",
     "BLOCK_OPS",
@@ -491,9 +496,7 @@ def threads(count: int | None) -> Iterator[None]:
 def minor_faults() -> int | None:
     """The minor page faults of this process so far (all its threads), None where the platform
     does not count them (no ``resource`` module: Windows)."""
-    try:
-        import resource  # noqa: PLC0415  (POSIX only)
-    except ImportError:
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

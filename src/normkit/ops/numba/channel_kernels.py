@@ -481,10 +481,8 @@ def bn_seg_bwd(dy, x, dx, N, C, S, w, b, batch_stats, act, pivot, mean, rstd, s1
     T = w.dtype.type
     want_dx = dx.shape[0] > 0
     stream = streams(dx)
-    xbuf = np.empty(S, w.dtype)
+    xbuf, obuf, sbuf = _seg_scratch(w, S, stream)
     gbuf = np.empty(S, w.dtype)
-    obuf = np.empty(S, w.dtype)
-    sbuf = np.empty(STREAM_BLOCK if stream else 0, w.dtype)
     coef = np.empty((cb, 3), w.dtype)
     n_el = N * S
     for c0 in range(lo, hi, cb):
